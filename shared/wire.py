@@ -1,0 +1,491 @@
+"""The wire format: compact msgpack deltas between agent and aggregator.
+
+A *stream* is one agent instance's output for one profile type. Each stream keeps a
+dictionary of five tables — strings, mappings, functions, locations, stacks — whose
+entries get consecutive integer ids starting at 1 (0 means "none"). An entry is sent
+once, in a *dict message*; *samples messages* then refer to stacks and strings by id.
+
+Dict message (map)::
+
+    v: PROTOCOL_VERSION   kind: "dict"   host: str   type: str   agent: str (instance id)
+    epoch: int      bumps when the agent starts a fresh dictionary (ids are reassigned)
+    seq: int        dict message counter within the epoch
+    full: bool      true when this message re-sends the whole dictionary (resync)
+    strings:   [base_id, [str, ...]]
+    mappings:  [base_id, [[start, limit, offset, filename_sid, build_id_sid], ...]]
+    functions: [base_id, [[name_sid, filename_sid], ...]]
+    locations: [base_id, [[mapping_id, address, function_id, line, frame_type_sid], ...]]
+    stacks:    [base_id, [[location_id, ...] (leaf first), ...]]
+
+Entries with ids ``base_id, base_id+1, ...``. A receiver applies a table delta only when
+``base_id <= known + 1`` (re-sent entries overwrite identically); a larger base is a gap:
+it asks for a resync on :data:`shared.subjects.RESYNC_SUBJECT`.
+
+Samples message (map, columnar so msgpack packs small ints tightly)::
+
+    v, kind: "samples", host, type, agent, epoch, seq
+    t0: int         unix ns of the first sample; ``ts`` holds offsets from it
+    period: int     sampling period in the type's period unit
+    ts, cpu, pid, tid, thread, process, stack: [int, ...]  (thread/process are string ids)
+    values: [[int, ...], ...]   one list per sample, in PROFILE_TYPES order
+    attrs:  [[key_sid, value_sid, ...], ...]  optional, one list per sample
+
+Everything received is validated (types, sizes, id bounds) before use: a bad message is
+rejected with :class:`WireError`, never applied halfway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from shared.model import Frame, FrameType, Mapping, Sample
+from shared.profile_types import PROFILE_TYPES, ProfileType
+
+PROTOCOL_VERSION = 1
+
+# Bounds applied to every received message: generous for real agents, small enough that
+# a hostile publisher cannot make the aggregator allocate without limit.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_ENTRIES_PER_TABLE = 200_000
+MAX_SAMPLES_PER_MESSAGE = 200_000
+MAX_STRING_BYTES = 4096
+MAX_STACK_DEPTH = 512
+MAX_VALUES = 8
+MAX_ATTRS = 16
+
+_FRAME_TYPES = tuple(FrameType)
+_TABLES = ("strings", "mappings", "functions", "locations", "stacks")
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format; carries a short reason for counters."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def new_agent_id() -> str:
+    """A random instance id: a restarted agent is a new stream, never confused with the old one."""
+    return os.urandom(8).hex()
+
+
+# --------------------------------------------------------------------------- encoding (agent)
+
+
+@dataclass
+class _Table:
+    """One id-assigning table of the encoder; ``sent`` is how many ids the receiver has."""
+
+    ids: dict[Any, int] = field(default_factory=dict)
+    rows: list[Any] = field(default_factory=list)
+    sent: int = 0
+
+    def intern(self, key: Any, row: Any) -> int:
+        found = self.ids.get(key)
+        if found is not None:
+            return found
+        self.rows.append(row)
+        new_id = len(self.rows)
+        self.ids[key] = new_id
+        return new_id
+
+    def pending(self) -> list[Any]:
+        return [self.sent + 1, self.rows[self.sent :]]
+
+
+class StreamEncoder:
+    """Turns symbolized samples of one stream into dict + samples messages.
+
+    Not thread-safe; one per actor. The dictionary is bounded: when it holds more than
+    ``max_entries`` entries in any table, the encoder starts a new epoch (fresh ids), so a
+    long-running agent's memory stays flat however many distinct stacks it sees.
+    """
+
+    def __init__(
+        self, host: str, profile_type: ProfileType, agent_id: str, max_entries: int = 100_000
+    ) -> None:
+        self.host = host
+        self.profile_type = profile_type
+        self.agent_id = agent_id
+        self.max_entries = min(max_entries, MAX_ENTRIES_PER_TABLE)
+        self.epoch = 0
+        self._seq = itertools.count(1)
+        self._dict_seq = 0
+        self._reset_tables()
+
+    def _reset_tables(self) -> None:
+        self.epoch += 1
+        self._dict_seq = 0
+        self._strings = _Table()
+        self._mappings = _Table()
+        self._functions = _Table()
+        self._locations = _Table()
+        self._stacks = _Table()
+        self._full_pending = False
+
+    def request_full(self) -> None:
+        """Mark the whole dictionary for re-sending with the next batch (receiver asked)."""
+        for table in self._tables():
+            table.sent = 0
+        self._full_pending = True
+
+    def _tables(self) -> tuple[_Table, ...]:
+        return (self._strings, self._mappings, self._functions, self._locations, self._stacks)
+
+    def _string(self, s: str) -> int:
+        return self._strings.intern(s, s)
+
+    def _mapping(self, m: Mapping | None) -> int:
+        if m is None:
+            return 0
+        found = self._mappings.ids.get(m)
+        if found is not None:
+            return found
+        row = [m.start, m.limit, m.offset, self._string(m.filename), self._string(m.build_id)]
+        return self._mappings.intern(m, row)
+
+    def _location(self, f: Frame) -> int:
+        found = self._locations.ids.get(f)
+        if found is not None:
+            return found
+        fn_key = (f.function, f.filename)
+        fn_id = self._functions.ids.get(fn_key)
+        if fn_id is None:
+            fn_id = self._functions.intern(fn_key, [self._string(f.function), self._string(f.filename)])
+        row = [self._mapping(f.mapping), f.address, fn_id, f.line, self._string(f.frame_type.value)]
+        return self._locations.intern(f, row)
+
+    def _stack(self, frames: tuple[Frame, ...]) -> int:
+        found = self._stacks.ids.get(frames)
+        if found is not None:
+            return found
+        return self._stacks.intern(frames, [self._location(f) for f in frames[:MAX_STACK_DEPTH]])
+
+    def encode(self, samples: Sequence[Sample], period: int) -> tuple[bytes | None, bytes | None]:
+        """Encode a batch: returns (dict message or None if nothing new, samples message or None)."""
+        if any(len(t.rows) > self.max_entries for t in self._tables()):
+            self._reset_tables()
+        ts: list[int] = []
+        cpu: list[int] = []
+        pid: list[int] = []
+        tid: list[int] = []
+        thread: list[int] = []
+        process: list[int] = []
+        stack: list[int] = []
+        values: list[list[int]] = []
+        attrs: list[list[int]] = []
+        any_attrs = False
+        t0 = min((s.timestamp_ns for s in samples), default=0)
+        for s in samples:
+            ts.append(s.timestamp_ns - t0)
+            cpu.append(s.cpu)
+            pid.append(s.pid)
+            tid.append(s.tid)
+            thread.append(self._string(s.thread_name))
+            process.append(self._string(s.process_name))
+            stack.append(self._stack(s.frames))
+            values.append(list(s.values))
+            if s.attributes:
+                any_attrs = True
+                flat: list[int] = []
+                for k, v in list(s.attributes.items())[:MAX_ATTRS]:
+                    flat.append(self._string(k))
+                    flat.append(self._string(v))
+                attrs.append(flat)
+            else:
+                attrs.append([])
+        dict_msg = self._dict_message()
+        if not samples:
+            return dict_msg, None
+        body: dict[str, Any] = {
+            **self._header("samples"),
+            "seq": next(self._seq),
+            "t0": t0,
+            "period": period,
+            "ts": ts,
+            "cpu": cpu,
+            "pid": pid,
+            "tid": tid,
+            "thread": thread,
+            "process": process,
+            "stack": stack,
+            "values": values,
+        }
+        if any_attrs:
+            body["attrs"] = attrs
+        return dict_msg, msgpack.packb(body, use_bin_type=True)
+
+    def flush_dictionary(self) -> bytes | None:
+        """The pending dict message on its own (e.g. answering a resync with no samples)."""
+        return self._dict_message()
+
+    def _header(self, kind: str) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": kind,
+            "host": self.host,
+            "type": self.profile_type.value,
+            "agent": self.agent_id,
+            "epoch": self.epoch,
+        }
+
+    def _dict_message(self) -> bytes | None:
+        if all(t.sent == len(t.rows) for t in self._tables()) and not self._full_pending:
+            return None
+        self._dict_seq += 1
+        body: dict[str, Any] = {**self._header("dict"), "seq": self._dict_seq, "full": self._full_pending}
+        for name, table in zip(_TABLES, self._tables(), strict=True):
+            body[name] = table.pending()
+            table.sent = len(table.rows)
+        self._full_pending = False
+        return msgpack.packb(body, use_bin_type=True)
+
+
+# --------------------------------------------------------------------------- decoding (aggregator)
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    """Unpack one message with size limits; raises WireError on anything but a well-formed map."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError("too_large", f"{len(data)} bytes")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_STRING_BYTES * 16,
+            max_bin_len=MAX_STRING_BYTES,
+            max_array_len=MAX_SAMPLES_PER_MESSAGE,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise WireError("not_msgpack", type(exc).__name__) from None
+    if not isinstance(obj, dict):
+        raise WireError("not_a_map")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise WireError("bad_version", repr(obj.get("v"))[:32])
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """Identity of a stream: one agent instance's output of one profile type."""
+
+    host: str
+    profile_type: ProfileType
+    agent: str
+
+
+def header(msg: dict[str, Any], kind: str) -> tuple[StreamKey, int, int]:
+    """Validate the common header; returns (stream key, epoch, seq)."""
+    if msg.get("kind") != kind:
+        raise WireError("bad_kind", repr(msg.get("kind"))[:32])
+    host, ptype, agent = msg.get("host"), msg.get("type"), msg.get("agent")
+    if not isinstance(host, str) or not 0 < len(host) <= 255:
+        raise WireError("bad_host")
+    if not isinstance(agent, str) or not 0 < len(agent) <= 64:
+        raise WireError("bad_agent")
+    try:
+        profile_type = ProfileType(str(ptype))
+    except ValueError:
+        raise WireError("bad_type", repr(ptype)[:32]) from None
+    epoch, seq = msg.get("epoch"), msg.get("seq")
+    if not isinstance(epoch, int) or not isinstance(seq, int) or not (_is_uint(epoch) and _is_uint(seq)):
+        raise WireError("bad_header")
+    return StreamKey(host, profile_type, agent), epoch, seq
+
+
+def _is_uint(x: object) -> bool:
+    return type(x) is int and 0 <= x < 2**64
+
+
+def _uint_row(row: object, n: int, what: str) -> list[int]:
+    if not isinstance(row, list) or len(row) != n or not all(_is_uint(x) for x in row):
+        raise WireError(f"bad_{what}")
+    return row
+
+
+class StreamDictionary:
+    """The receiver's copy of one stream's dictionary, rebuilt from dict messages.
+
+    Decoded objects (Mapping, Frame, stacks as Frame tuples) are materialized once when
+    their entry arrives, so decoding a sample is a list lookup.
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.strings: list[str] = [""]
+        self.mappings: list[Mapping | None] = [None]
+        self.functions: list[tuple[str, str]] = [("", "")]
+        self.locations: list[Frame] = [Frame("", "", 0, 0, FrameType.NATIVE)]
+        self.stacks: list[tuple[Frame, ...]] = [()]
+
+    def apply(self, msg: dict[str, Any]) -> None:
+        """Apply a validated-header dict message; raises WireError (gap or bad entry) atomically.
+
+        Every table is checked before anything is written, so a rejected message leaves the
+        dictionary exactly as it was.
+        """
+        deltas: list[tuple[str, int, list[Any]]] = []
+        for name in _TABLES:
+            part = msg.get(name)
+            if part is None:
+                continue
+            if not isinstance(part, list) or len(part) != 2 or not _is_uint(part[0]) or part[0] < 1:
+                raise WireError("bad_table", name)
+            base, rows = part
+            if not isinstance(rows, list) or len(rows) > MAX_ENTRIES_PER_TABLE:
+                raise WireError("bad_table", name)
+            current = len(getattr(self, name))
+            if base > current:
+                raise WireError("dict_gap", f"{name} base {base} > known {current - 1}")
+            if base - 1 + len(rows) > MAX_ENTRIES_PER_TABLE:
+                raise WireError("dict_too_large", name)
+            deltas.append((name, base, rows))
+        # Validate and materialize into staged rows first, in dependency order; commit at the end.
+        staged: dict[str, tuple[int, list[Any]]] = {}
+        for name, base, rows in deltas:
+            materialize = getattr(self, f"_make_{name[:-1]}")
+            new_rows: list[Any] = []
+            staged[name] = (base, new_rows)
+            for row in rows:
+                new_rows.append(materialize(row, staged))
+        for name, (base, new_rows) in staged.items():
+            table = getattr(self, name)
+            del table[base:]
+            table.extend(new_rows)
+
+    def _ref(self, staged: dict[str, tuple[int, list[Any]]], name: str, idx: int,
+             allow_zero: bool = False) -> Any:
+        """Resolve an id against staged rows of this message, then the committed table."""
+        if idx == 0 and not allow_zero:
+            raise WireError("bad_ref", f"{name} 0")
+        part = staged.get(name)
+        if part is not None and idx >= part[0]:
+            base, rows = part
+            if idx - base < len(rows):
+                return rows[idx - base]
+            raise WireError("unknown_id", f"{name} {idx}")
+        table = getattr(self, name)
+        if idx >= len(table):
+            raise WireError("unknown_id", f"{name} {idx}")
+        return table[idx]
+
+    def _make_string(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> str:
+        if not isinstance(row, str) or len(row) > MAX_STRING_BYTES:
+            raise WireError("bad_string")
+        return row
+
+    def _make_mapping(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> Mapping:
+        start, limit, offset, fname, build_id = _uint_row(row, 5, "mapping")
+        return Mapping(start, limit, offset, self._ref(staged, "strings", fname, True),
+                       self._ref(staged, "strings", build_id, True))
+
+    def _make_function(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[str, str]:
+        name, fname = _uint_row(row, 2, "function")
+        return (self._ref(staged, "strings", name, True), self._ref(staged, "strings", fname, True))
+
+    def _make_location(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> Frame:
+        mapping_id, address, function_id, line, ftype = _uint_row(row, 5, "location")
+        mapping = self._ref(staged, "mappings", mapping_id, True)
+        name, fname = self._ref(staged, "functions", function_id, True)
+        try:
+            frame_type = FrameType(self._ref(staged, "strings", ftype, True))
+        except ValueError:
+            raise WireError("bad_frame_type") from None
+        return Frame(name, fname, line, address, frame_type, mapping)
+
+    def _make_stack(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[Frame, ...]:
+        if not isinstance(row, list) or len(row) > MAX_STACK_DEPTH:
+            raise WireError("bad_stack")
+        frames = []
+        for loc in row:
+            if not _is_uint(loc):
+                raise WireError("bad_stack")
+            frames.append(self._ref(staged, "locations", loc))
+        return tuple(frames)
+
+
+@dataclass(slots=True)
+class DecodedSamples:
+    """A validated samples message, resolved against the stream dictionary."""
+
+    stream: StreamKey
+    period: int
+    samples: list[Sample]
+
+
+def decode_samples(msg: dict[str, Any], stream: StreamKey, dictionary: StreamDictionary) -> DecodedSamples:
+    """Resolve a samples message against ``dictionary``.
+
+    Raises WireError("unknown_id") when the message refers to ids the dictionary does not
+    have yet (the caller may park it until the dict message arrives) and other WireErrors
+    for malformed content.
+    """
+    columns = ("ts", "cpu", "pid", "tid", "thread", "process", "stack", "values")
+    cols = [msg.get(c) for c in columns]
+    if not all(isinstance(c, list) for c in cols):
+        raise WireError("bad_columns")
+    n = len(cols[0])  # type: ignore[arg-type]
+    if n > MAX_SAMPLES_PER_MESSAGE or any(len(c) != n for c in cols):  # type: ignore[arg-type]
+        raise WireError("bad_columns", "length mismatch")
+    attrs = msg.get("attrs")
+    if attrs is not None and (not isinstance(attrs, list) or len(attrs) != n):
+        raise WireError("bad_attrs")
+    t0, period = msg.get("t0"), msg.get("period")
+    if not isinstance(t0, int) or not isinstance(period, int) or not (_is_uint(t0) and _is_uint(period)):
+        raise WireError("bad_header", "t0/period")
+    ts, cpu, pid, tid, thread, process, stack, values = cols
+    n_values = len(PROFILE_TYPES[stream.profile_type].sample_types)
+    strings, stacks = dictionary.strings, dictionary.stacks
+    n_strings, n_stacks = len(strings), len(stacks)
+    out: list[Sample] = []
+    for i in range(n):
+        t, c, p, th, tn, pn, st, vals = (ts[i], cpu[i], pid[i], tid[i], thread[i], process[i],  # type: ignore[index]
+                                         stack[i], values[i])  # type: ignore[index]
+        if not (_is_uint(t) and _is_uint(c) and _is_uint(p) and _is_uint(th)):
+            raise WireError("bad_sample")
+        if not (_is_uint(tn) and _is_uint(pn) and _is_uint(st)):
+            raise WireError("bad_sample")
+        if tn >= n_strings or pn >= n_strings or st >= n_stacks or st == 0:
+            raise WireError("unknown_id", "sample reference")
+        if not isinstance(vals, list) or len(vals) != n_values or not all(_is_uint(v) for v in vals):
+            raise WireError("bad_values")
+        sample_attrs: dict[str, str] = {}
+        if attrs is not None:
+            flat = attrs[i]
+            if not isinstance(flat, list) or len(flat) % 2 or len(flat) > 2 * MAX_ATTRS:
+                raise WireError("bad_attrs")
+            for k, v in zip(flat[::2], flat[1::2], strict=True):
+                if not (_is_uint(k) and _is_uint(v)) or k >= n_strings or v >= n_strings:
+                    raise WireError("unknown_id", "attribute")
+                sample_attrs[strings[k]] = strings[v]
+        out.append(Sample(t0 + t, c, p, th, strings[tn], strings[pn], stacks[st], tuple(vals), sample_attrs))
+    return DecodedSamples(stream, period, out)
+
+
+def resync_request(host: str, profile_types: Iterable[ProfileType] | None = None, reason: str = "") -> bytes:
+    """Payload asking agent(s) on ``host`` ("*" for all) to re-send full dictionaries."""
+    types = [t.value for t in profile_types] if profile_types else []
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "resync", "host": host, "types": types,
+                          "reason": reason[:200]}, use_bin_type=True)
+
+
+def parse_resync(data: bytes) -> tuple[str, set[ProfileType]]:
+    """Validate a resync request: returns (host or "*", requested types; empty = all)."""
+    msg = unpack(data)
+    host, types = msg.get("host"), msg.get("types", [])
+    if msg.get("kind") != "resync" or not isinstance(host, str) or not isinstance(types, list):
+        raise WireError("bad_resync")
+    try:
+        return host, {ProfileType(t) for t in types}
+    except ValueError:
+        raise WireError("bad_resync", "type") from None

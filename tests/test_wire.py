@@ -1,0 +1,180 @@
+"""Wire format: round trip, delta behaviour, resync and validation of hostile input."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.model import Frame, FrameType, Mapping, Sample
+from shared.profile_types import ProfileType
+from shared.wire import (
+    StreamDictionary,
+    StreamEncoder,
+    WireError,
+    decode_samples,
+    header,
+    parse_resync,
+    resync_request,
+    unpack,
+)
+
+LIBC = Mapping(0x7F0000000000, 0x7F0000200000, 0, "/usr/lib/libc.so.6", "abcd")
+EXE = Mapping(0x400000, 0x500000, 0, "/usr/bin/app", "")
+
+
+def frames(*names: str) -> tuple[Frame, ...]:
+    return tuple(
+        Frame(n, "app.c", 10 + i, 0x401000 + 16 * i, FrameType.NATIVE, EXE) for i, n in enumerate(names)
+    ) + (Frame("__libc_start_main", "", 0, 0x7F0000001234, FrameType.NATIVE, LIBC),)
+
+
+def sample(ts: int, stack: tuple[Frame, ...], tid: int = 11, attrs: dict[str, str] | None = None) -> Sample:
+    return Sample(ts, 1, 10, tid, "worker", "app", stack, (10_101_010,), attrs or {})
+
+
+def receive(dictionary: StreamDictionary | None, dict_msg: bytes | None, samples_msg: bytes) -> tuple[
+    StreamDictionary, list[Sample]
+]:
+    if dict_msg is not None:
+        d = unpack(dict_msg)
+        _, epoch, _ = header(d, "dict")
+        dictionary = dictionary or StreamDictionary(epoch)
+        dictionary.apply(d)
+    assert dictionary is not None
+    s = unpack(samples_msg)
+    key, _, _ = header(s, "samples")
+    return dictionary, decode_samples(s, key, dictionary).samples
+
+
+def test_round_trip_preserves_every_field() -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    batch = [sample(1_000, frames("leaf", "mid", "main")), sample(2_000, frames("other", "main"), tid=12,
+                                                                     attrs={"k": "v"})]
+    dict_msg, samples_msg = enc.encode(batch, period=10_101_010)
+    assert samples_msg is not None
+    _, got = receive(None, dict_msg, samples_msg)
+    assert got == batch
+
+
+def test_known_entries_are_not_sent_again() -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    stack = frames("leaf", "mid", "main")
+    first_dict, first = enc.encode([sample(1, stack)], 1)
+    second_dict, second = enc.encode([sample(2, stack), sample(3, stack)], 1)
+    assert first_dict is not None and second_dict is None
+    assert first is not None and second is not None
+    d, got1 = receive(None, first_dict, first)
+    _, got2 = receive(d, None, second)
+    assert [s.frames for s in got2] == [stack, stack]
+    # only new entries travel: a new stack sharing frames adds one stack and few locations
+    third_dict, _ = enc.encode([sample(4, frames("leaf2", "mid", "main"))], 1)
+    assert third_dict is not None
+    delta = unpack(third_dict)
+    assert len(delta["stacks"][1]) == 1
+    assert len(delta["locations"][1]) == 2  # "leaf2" and a "mid" at a new line/address
+
+
+def test_missing_dictionary_is_detected_and_resync_repairs_it() -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    stack = frames("leaf", "main")
+    enc.encode([sample(1, stack)], 1)  # receiver missed this dict message
+    _, samples_msg = enc.encode([sample(2, stack)], 1)
+    assert samples_msg is not None
+    fresh = StreamDictionary(epoch=1)
+    with pytest.raises(WireError) as err:
+        decode_samples(unpack(samples_msg), header(unpack(samples_msg), "samples")[0], fresh)
+    assert err.value.reason == "unknown_id"
+    enc.request_full()
+    full = enc.flush_dictionary()
+    assert full is not None and unpack(full)["full"] is True
+    fresh.apply(unpack(full))
+    _, got = receive(fresh, None, samples_msg)
+    assert got[0].frames == stack
+
+
+def test_gap_in_dictionary_is_rejected_without_partial_apply() -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    enc.encode([sample(1, frames("a"))], 1)
+    later, _ = enc.encode([sample(2, frames("b"))], 1)
+    d = StreamDictionary(epoch=1)
+    before = (list(d.strings), list(d.stacks))
+    with pytest.raises(WireError) as err:
+        d.apply(unpack(later))  # type: ignore[arg-type]
+    assert err.value.reason == "dict_gap"
+    assert (d.strings, d.stacks) == before
+
+
+def test_dictionary_is_bounded_by_epochs() -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1", max_entries=10)
+    for i in range(30):
+        enc.encode([sample(i, frames(f"fn{i}"))], 1)
+    assert enc.epoch > 1
+    assert all(len(t.rows) <= 10 + 8 for t in enc._tables())
+
+
+def test_resync_request_round_trip() -> None:
+    host, types = parse_resync(resync_request("*", [ProfileType.CPU]))
+    assert host == "*" and types == {ProfileType.CPU}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 99, "kind": "samples"}),
+        msgpack.packb({"v": 1, "kind": "samples", "host": "h", "type": "nope", "agent": "a", "epoch": 1, "seq": 1}),
+        msgpack.packb({"v": 1, "kind": "samples", "host": "h", "type": "cpu", "agent": "a", "epoch": -1, "seq": 1}),
+    ],
+)
+def test_malformed_headers_raise_wire_error(payload: bytes) -> None:
+    with pytest.raises(WireError):
+        header(unpack(payload), "samples")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"v": st.just(1), "kind": st.just("dict"), "host": st.just("h"), "type": st.just("cpu"),
+         "agent": st.just("a"), "epoch": st.just(1), "seq": st.just(1)},
+        optional={k: _json for k in ("strings", "mappings", "functions", "locations", "stacks")},
+    ),
+    st.fixed_dictionaries(
+        {"v": st.just(1), "kind": st.just("samples"), "host": st.just("h"), "type": st.just("cpu"),
+         "agent": st.just("a"), "epoch": st.just(1), "seq": st.just(1)},
+        optional={k: _json for k in ("t0", "period", "ts", "cpu", "pid", "tid", "thread", "process",
+                                     "stack", "values", "attrs")},
+    ),
+)
+def test_fuzzed_messages_never_raise_anything_but_wire_error(dict_body: dict, samples_body: dict) -> None:
+    d = StreamDictionary(epoch=1)
+    try:
+        d.apply(unpack(msgpack.packb(dict_body)))
+    except WireError:
+        pass
+    try:
+        msg = unpack(msgpack.packb(samples_body))
+        decode_samples(msg, header(msg, "samples")[0], d)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
+    try:
+        msg = unpack(data)
+        header(msg, "dict")
+        StreamDictionary(1).apply(msg)
+    except WireError:
+        pass
