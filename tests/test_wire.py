@@ -73,7 +73,8 @@ def test_known_entries_are_not_sent_again() -> None:
     assert third_dict is not None
     delta = unpack(third_dict)
     assert len(delta["stacks"][1]) == 1
-    assert len(delta["locations"][1]) == 2  # "leaf2" and a "mid" at a new line/address
+    assert len(delta["locations"][1]) == 1  # only "leaf2": "mid" and "main" are known
+    assert delta["strings"][1] == ["leaf2"]
 
 
 def test_missing_dictionary_is_detected_and_resync_repairs_it() -> None:
