@@ -1,0 +1,13 @@
+"""One actor per profile type. ``ACTORS`` maps each implemented type to its actor class."""
+
+from __future__ import annotations
+
+from agent.actors.base import ActorContext, ProfileActor
+from agent.actors.cpu import CpuActor
+from shared.profile_types import ProfileType
+
+ACTORS: dict[ProfileType, type[ProfileActor]] = {
+    ProfileType.CPU: CpuActor,
+}
+
+__all__ = ["ACTORS", "ActorContext", "ProfileActor"]

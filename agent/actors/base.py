@@ -1,0 +1,171 @@
+"""The actor contract and the common machinery of BPF ring-buffer actors.
+
+An actor owns one profile type: it loads its BPF program, drains events, symbolizes them
+while the processes are alive, and hands symbolized samples to the publisher. The
+supervisor runs each actor as its own asyncio task and restarts it when it fails.
+
+Threads and the event loop: bcc's ring-buffer poll blocks (in epoll), so each BPF actor
+runs one poll thread whose callback only copies raw records into a bounded deque. The
+event loop wakes once per flush interval, swaps the deque out and sends the batch to the
+shared symbolization thread. Nothing blocking runs on the loop, and an idle host costs one
+epoll wake-up per poll timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from agent.bpf_loader import load_program
+from agent.clock import MonotonicToUnix
+from agent.settings import AgentSettings
+from agent.symbols import Symbolizer
+from shared.counters import Counters
+from shared.model import Sample
+from shared.profile_types import ProfileType
+
+log = logging.getLogger("stackfleet.agent")
+
+
+class SampleSink:
+    """Where actors deliver samples (the publisher implements it)."""
+
+    async def submit(self, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class ActorContext:
+    """What every actor shares: settings, the symbolizer and its thread, the sink, counters."""
+
+    settings: AgentSettings
+    symbolizer: Symbolizer
+    symbol_executor: Executor
+    sink: SampleSink
+    counters: Counters
+    clock: MonotonicToUnix
+
+
+class ProfileActor(ABC):
+    """One profile type's collector. ``run`` returns only when cancelled (or raises on failure)."""
+
+    profile_type: ClassVar[ProfileType]
+
+    def __init__(self, ctx: ActorContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Collect until cancelled; on cancellation detach everything and flush the last batch."""
+
+
+class RingBufferActor(ProfileActor):
+    """Base for actors whose BPF program writes records to a ring buffer named ``events``."""
+
+    bpf_source: ClassVar[str]
+    poll_timeout_ms: ClassVar[int] = 250
+
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        self._pending: deque[bytes] = deque(maxlen=ctx.settings.max_pending_events)
+        self._stop_polling = threading.Event()
+        self.bpf: Any = None
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def bpf_defines(self) -> dict[str, int | str]:
+        return {"RINGBUF_PAGES": _pow2(self.ctx.settings.ringbuf_pages)}
+
+    @abstractmethod
+    def attach(self, bpf: Any) -> None:
+        """Attach the loaded program's events (blocking; runs in a worker thread)."""
+
+    @abstractmethod
+    def to_samples(self, records: list[bytes]) -> list[Sample]:
+        """Turn raw records into symbolized samples (runs on the symbolization thread)."""
+
+    @abstractmethod
+    def period(self) -> int:
+        """The sampling period reported with each batch, in the type's period unit."""
+
+    def read_bpf_counters(self) -> None:
+        """Fold in-kernel counters into ``ctx.counters`` (called on the symbolization thread)."""
+
+    # -- machinery ---------------------------------------------------------------------------
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        if len(self._pending) == self._pending.maxlen:
+            self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="agent_queue_full")
+        self._pending.append(ctypes.string_at(data, size))
+        return 0
+
+    def _poll_loop(self) -> None:
+        while not self._stop_polling.is_set():
+            self.bpf.ring_buffer_poll(self.poll_timeout_ms)
+
+    def _load_and_attach(self) -> None:
+        bpf = load_program(self.bpf_source, self.bpf_defines())
+        try:
+            bpf["events"].open_ring_buffer(self._on_record)
+            self.attach(bpf)
+        except Exception:
+            bpf.cleanup()
+            raise
+        self.bpf = bpf
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        name = self.profile_type.value
+        load = asyncio.ensure_future(asyncio.to_thread(self._load_and_attach))
+        try:
+            await asyncio.shield(load)
+        except asyncio.CancelledError:
+            # The compile thread cannot be interrupted: let it finish, then undo what it attached.
+            await asyncio.gather(load, return_exceptions=True)
+            if self.bpf is not None:
+                await asyncio.to_thread(self.bpf.cleanup)
+            raise
+        log.info("%s actor: BPF program %s attached", name, self.bpf_source)
+        poller = threading.Thread(target=self._poll_loop, name=f"poll-{name}", daemon=True)
+        poller.start()
+        try:
+            while True:
+                await asyncio.sleep(self.ctx.settings.flush_interval_s)
+                await self._flush(loop)
+        finally:
+            self._stop_polling.set()
+            await asyncio.shield(asyncio.to_thread(poller.join))
+            try:
+                await asyncio.shield(self._flush(loop))
+            finally:
+                bpf, self.bpf = self.bpf, None
+                await asyncio.shield(asyncio.to_thread(bpf.cleanup))
+                log.info("%s actor: BPF detached", name)
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        # popleft is atomic against the poll thread's append: nothing slips between read and clear.
+        pending = self._pending
+        records = [pending.popleft() for _ in range(len(pending))]
+        self.ctx.clock.refresh()
+        samples = await loop.run_in_executor(self.ctx.symbol_executor, self._convert, records)
+        if samples:
+            await self.ctx.sink.submit(self.profile_type, samples, self.period())
+
+    def _convert(self, records: list[bytes]) -> list[Sample]:
+        self.read_bpf_counters()
+        samples = self.to_samples(records)
+        self.ctx.counters.inc("samples_collected", len(samples), type=self.profile_type.value)
+        return samples
+
+
+def _pow2(n: int) -> int:
+    """Ring buffer sizes must be a power of two pages."""
+    p = 1
+    while p < n:
+        p <<= 1
+    return p

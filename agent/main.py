@@ -1,0 +1,52 @@
+"""The agent's top level: publisher, shared symbolizer thread, supervisor of actors."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from agent.actors import ACTORS, ActorContext, ProfileActor
+from agent.clock import MonotonicToUnix
+from agent.publisher import Publisher
+from agent.settings import AgentSettings
+from agent.supervisor import Supervisor
+from agent.symbols import Symbolizer
+from shared.counters import Counters
+from shared.profile_types import ProfileType
+
+log = logging.getLogger("stackfleet.agent")
+
+
+async def run_agent(settings: AgentSettings, stop: asyncio.Event, counters: Counters | None = None) -> Counters:
+    """Run until ``stop`` is set; returns the counters (for tests and the final log line)."""
+    counters = counters or Counters()
+    unknown = [t for t in settings.types if t not in ACTORS]
+    if unknown:
+        raise ValueError(f"profile types not implemented yet: {', '.join(unknown)}")
+    publisher = Publisher(settings, counters)
+    await publisher.start()
+    # One thread owns the symbolizer: its caches need no locks and actors share them.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize")
+    ctx = ActorContext(settings, Symbolizer(), executor, publisher, counters, MonotonicToUnix())
+
+    factories: dict[ProfileType, Callable[[], ProfileActor]] = {
+        t: functools.partial(ACTORS[t], ctx) for t in settings.types
+    }
+    supervisor = Supervisor(
+        factories,
+        counters,
+        settings.restart_backoff_initial_s,
+        settings.restart_backoff_max_s,
+    )
+    log.info("agent on %s: profiling %s at %d Hz", settings.host_name,
+             ",".join(t.value for t in settings.types), settings.frequency_hz)
+    try:
+        await supervisor.run(stop)
+    finally:
+        await publisher.close()
+        executor.shutdown(wait=True)
+        log.info("agent stopped: %s", counters.snapshot())
+    return counters

@@ -1,0 +1,59 @@
+"""Agent configuration: every option from ``STACKFLEET_*`` env vars, a TOML file or the CLI."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from shared.config_file import file_source
+from shared.nats_connection import NatsSettings
+from shared.profile_types import ProfileType
+
+
+class AgentSettings(BaseSettings):
+    """Settings of one host agent. Nested NATS options: ``STACKFLEET_NATS__URL`` etc."""
+
+    model_config = SettingsConfigDict(env_prefix="STACKFLEET_", env_nested_delimiter="__", extra="ignore")
+
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    host_name: str = Field(default_factory=socket.gethostname)
+    # Comma-separated in env/CLI ("cpu,wall"); NoDecode stops pydantic-settings expecting JSON.
+    types: Annotated[list[ProfileType], NoDecode] = Field(default_factory=lambda: [ProfileType.CPU])
+    frequency_hz: int = Field(default=99, ge=1, le=1000)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
+    max_pending_events: int = Field(default=50_000, ge=100)
+    ringbuf_pages: int = Field(default=256, ge=8)
+    # Outgoing NATS messages waiting to be published; beyond this the oldest are dropped and counted.
+    max_outgoing_messages: int = Field(default=1_000, ge=10)
+    max_dictionary_entries: int = Field(default=100_000, ge=100)
+    restart_backoff_initial_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _split_types(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [t.strip() for t in v.split(",") if t.strip()]
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """CLI/init beats env beats the TOML file named by $STACKFLEET_CONFIG."""
+        return (init_settings, env_settings, file_source(settings_cls, "agent"))
+

@@ -1,0 +1,26 @@
+"""From a raw BPF stack event to symbolized frames, with every stack failure counted."""
+
+from __future__ import annotations
+
+import errno
+
+from agent.bpf_events import RawStackEvent
+from agent.symbols import Symbolizer
+from shared.counters import Counters
+from shared.model import Frame
+
+
+def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, type_name: str) -> tuple[Frame, ...]:
+    """Leaf-first frames: the kernel part (if any) on top of the user part.
+
+    A failed user or kernel stack read is counted by errno and the sample is kept with what
+    was captured; kernel threads simply have no user stack (that is not an error).
+    """
+    if ev.user_error and ev.user_error != -errno.EFAULT:
+        counters.inc("stack_errors", type=type_name, part="user", errno=errno.errorcode.get(-ev.user_error, "?"))
+    if ev.kernel_error:
+        counters.inc("stack_errors", type=type_name, part="kernel",
+                     errno=errno.errorcode.get(-ev.kernel_error, "?"))
+    kernel = symbolizer.symbolize_kernel(ev.kernel) if ev.kernel else ()
+    user = symbolizer.symbolize_user(ev.pid, ev.user) if ev.user else ()
+    return tuple(kernel) + tuple(user)

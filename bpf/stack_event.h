@@ -1,0 +1,44 @@
+/* Shared layout of stack-carrying events sent from BPF to the agent via ring buffer.
+ *
+ * Stacks are copied with bpf_get_stack() straight into the reserved ring-buffer record:
+ * no BPF_STACK_TRACE map, so no stack-id collisions and nothing to clear (see
+ * docs/design/001-stack-capture.md). Lengths are in bytes; a negative length is the
+ * helper's error code and is counted by the agent.
+ *
+ * The same header is parsed in agent/bpf_events.py: keep the two in step.
+ */
+#ifndef STACKFLEET_STACK_EVENT_H
+#define STACKFLEET_STACK_EVENT_H
+
+#ifndef MAX_STACK_DEPTH
+#define MAX_STACK_DEPTH 127
+#endif
+
+struct stack_event {
+    u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    u64 value;          /* type-specific: period for cpu, ns blocked for wall, ... */
+    u64 aux;            /* type-specific: lock address, state, ... */
+    u32 pid;            /* tgid */
+    u32 tid;
+    u32 cpu;
+    s32 user_len;
+    s32 kernel_len;
+    u32 kind;           /* type-specific sub-kind (e.g. on-cpu / off-cpu) */
+    char comm[16];      /* thread name */
+    u64 user[MAX_STACK_DEPTH];
+    u64 kernel[MAX_STACK_DEPTH];
+};
+
+/* Fill pid/tid/cpu/comm/ts and both stacks into a reserved event. */
+static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, u64 pid_tgid)
+{
+    ev->ts_ns = bpf_ktime_get_ns();
+    ev->pid = pid_tgid >> 32;
+    ev->tid = (u32)pid_tgid;
+    ev->cpu = bpf_get_smp_processor_id();
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    ev->user_len = bpf_get_stack(ctx, ev->user, sizeof(ev->user), BPF_F_USER_STACK);
+    ev->kernel_len = bpf_get_stack(ctx, ev->kernel, sizeof(ev->kernel), 0);
+}
+
+#endif

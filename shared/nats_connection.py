@@ -1,0 +1,82 @@
+"""NATS connection settings and connect(), shared by agent, aggregator and ad-hoc tools.
+
+Authentication (user/password, token, nkey seed, creds file) and TLS are plain settings so
+every component is configured the same way (``STACKFLEET_NATS_*`` variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel
+
+log = logging.getLogger("stackfleet.nats")
+
+
+class NatsSettings(BaseModel):
+    """How to reach and authenticate to NATS."""
+
+    url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkeys_seed: str | None = None
+    creds_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    connect_timeout_s: float = 5.0
+    # Bytes nats-py may buffer while disconnected before publish() raises; bounded on purpose.
+    pending_bytes: int = 8 * 1024 * 1024
+
+
+def _tls_context(s: NatsSettings) -> ssl.SSLContext | None:
+    if not (s.tls_ca or s.tls_cert or s.url.startswith("tls://")):
+        return None
+    ctx = ssl.create_default_context(cafile=s.tls_ca)
+    if s.tls_cert:
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+    return ctx
+
+
+async def connect(s: NatsSettings, name: str, **callbacks: Any) -> NATS:
+    """Connect with infinite reconnects; errors and state changes are logged, not swallowed."""
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("%s: NATS error: %s", name, exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("%s: disconnected from NATS", name)
+
+    async def reconnected_cb() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in s.url.split(",")],
+        "name": name,
+        "connect_timeout": s.connect_timeout_s,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+        "allow_reconnect": True,
+        "pending_size": s.pending_bytes,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+    }
+    options.update(callbacks)
+    if s.user:
+        options["user"], options["password"] = s.user, s.password
+    if s.token:
+        options["token"] = s.token
+    if s.nkeys_seed:
+        options["nkeys_seed"] = s.nkeys_seed
+    if s.creds_file:
+        options["user_credentials"] = s.creds_file
+    tls = _tls_context(s)
+    if tls is not None:
+        options["tls"] = tls
+    return await nats.connect(**options)
