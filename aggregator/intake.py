@@ -1,0 +1,202 @@
+"""Intake: NATS messages in, validated and decoded samples out.
+
+Per stream (host, profile type, agent instance) the intake keeps the dictionary rebuilt
+from dict messages. A samples message whose ids are not known yet — its dict message is
+still in flight on the other subscription, or was lost — is *parked* (bounded, with a
+timeout) and retried when the dictionary grows; a missing or gapped dictionary triggers a
+rate-limited resync request. Every rejected message is counted by reason and by the host
+it claims to come from; one bad sender never affects another's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.counters import Counters
+from shared.profile_types import ProfileType
+from shared.subjects import host_token
+from shared.wire import DecodedSamples, StreamDictionary, StreamKey, WireError, decode_samples, header, unpack
+
+log = logging.getLogger("stackfleet.aggregator.intake")
+
+RESYNC_MIN_INTERVAL_S = 2.0
+STREAM_IDLE_TIMEOUT_S = 600.0
+MAX_STREAMS = 200_000
+
+
+@dataclass
+class _Parked:
+    arrived: float
+    stream: StreamKey
+    epoch: int
+    body: dict[str, Any]
+
+
+@dataclass
+class StreamState:
+    """What the intake knows of one stream."""
+
+    dictionary: StreamDictionary
+    last_seen: float = field(default_factory=time.monotonic)
+    last_resync: float = 0.0
+
+
+class Intake:
+    """Validates and decodes messages; hands decoded batches to ``deliver``."""
+
+    def __init__(
+        self,
+        counters: Counters,
+        deliver: Callable[[DecodedSamples], None],
+        request_resync: Callable[[str, ProfileType, str], Awaitable[None]],
+        max_parked: int = 10_000,
+        park_timeout_s: float = 5.0,
+    ) -> None:
+        self.counters = counters
+        self.deliver = deliver
+        self.request_resync = request_resync
+        self.max_parked = max_parked
+        self.park_timeout_s = park_timeout_s
+        self.streams: dict[StreamKey, StreamState] = {}
+        self.parked: deque[_Parked] = deque()
+        self._last_resync_at: dict[tuple[str, ProfileType], float] = {}
+        self._logged_senders: set[tuple[str, str]] = set()
+
+    # -- message entry points (NATS callbacks call these with subject + data) -----------
+    async def on_dict(self, subject: str, data: bytes) -> None:
+        try:
+            body = unpack(data)
+            key, epoch, _seq = header(body, "dict")
+            self._check_subject(subject, key)
+        except WireError as exc:
+            self._reject(subject, exc)
+            return
+        state = self.streams.get(key)
+        if state is None or epoch > state.dictionary.epoch:
+            if state is None and len(self.streams) >= MAX_STREAMS:
+                self._reject(subject, WireError("too_many_streams"))
+                return
+            state = StreamState(StreamDictionary(epoch))
+            self.streams[key] = state
+        elif epoch < state.dictionary.epoch:
+            self.counters.inc("messages_stale", kind="dict", host=key.host)
+            return
+        state.last_seen = time.monotonic()
+        try:
+            state.dictionary.apply(body)
+        except WireError as exc:
+            if exc.reason == "dict_gap":
+                self.counters.inc("dictionary_gaps", host=key.host, type=key.profile_type.value)
+                await self._resync(key, state, "dictionary gap")
+            else:
+                self._reject(subject, exc)
+            return
+        self.counters.inc("dict_messages", type=key.profile_type.value)
+        await self._retry_parked(key)
+
+    async def on_samples(self, subject: str, data: bytes) -> None:
+        try:
+            body = unpack(data)
+            key, epoch, _seq = header(body, "samples")
+            self._check_subject(subject, key)
+        except WireError as exc:
+            self._reject(subject, exc)
+            return
+        await self._decode_or_park(key, epoch, body, subject)
+
+    # -- internals ------------------------------------------------------------------------
+    def _check_subject(self, subject: str, key: StreamKey) -> None:
+        parts = subject.split(".")
+        if len(parts) < 5 or parts[-1] != host_token(key.host) or parts[-2] != key.profile_type.value:
+            raise WireError("subject_mismatch", subject)
+
+    async def _decode_or_park(self, key: StreamKey, epoch: int, body: dict[str, Any], subject: str) -> bool:
+        state = self.streams.get(key)
+        if state is not None and epoch < state.dictionary.epoch:
+            self.counters.inc("messages_stale", kind="samples", host=key.host)
+            return True
+        if state is None or epoch > state.dictionary.epoch:
+            self._park(key, epoch, body)
+            if state is None:
+                await self._resync(key, None, "unknown stream")
+            return False
+        try:
+            decoded = decode_samples(body, key, state.dictionary)
+        except WireError as exc:
+            if exc.reason == "unknown_id":
+                self._park(key, epoch, body)
+                return False
+            self._reject(subject, exc)
+            return True
+        state.last_seen = time.monotonic()
+        self.counters.inc("samples_received", len(decoded.samples), type=key.profile_type.value)
+        self.deliver(decoded)
+        return True
+
+    def _park(self, key: StreamKey, epoch: int, body: dict[str, Any]) -> None:
+        if len(self.parked) >= self.max_parked:
+            old = self.parked.popleft()
+            self.counters.inc("messages_dropped", reason="park_overflow", host=old.stream.host)
+        self.parked.append(_Parked(time.monotonic(), key, epoch, body))
+        self.counters.inc("messages_parked", type=key.profile_type.value)
+
+    async def _retry_parked(self, key: StreamKey) -> None:
+        if not self.parked:
+            return
+        keep: deque[_Parked] = deque()
+        mine: list[_Parked] = []
+        for p in self.parked:
+            (mine if p.stream == key else keep).append(p)
+        if not mine:
+            return
+        self.parked = keep
+        for p in mine:
+            state = self.streams.get(key)
+            if state is None or p.epoch != state.dictionary.epoch:
+                keep.append(p)
+                continue
+            try:
+                decoded = decode_samples(p.body, key, state.dictionary)
+            except WireError as exc:
+                if exc.reason == "unknown_id":
+                    keep.append(p)
+                else:
+                    self._reject(f"parked:{key.host}", exc)
+                continue
+            self.counters.inc("samples_received", len(decoded.samples), type=key.profile_type.value)
+            self.deliver(decoded)
+
+    async def sweep(self) -> None:
+        """Expire parked messages whose dictionary never came, and forget idle streams."""
+        now = time.monotonic()
+        while self.parked and now - self.parked[0].arrived > self.park_timeout_s:
+            p = self.parked.popleft()
+            self.counters.inc("messages_dropped", reason="dictionary_missing", host=p.stream.host)
+            log.warning("dropped a samples message from %s/%s: its dictionary never arrived",
+                        p.stream.host, p.stream.profile_type.value)
+            await self._resync(p.stream, self.streams.get(p.stream), "dictionary missing")
+        for key in [k for k, s in self.streams.items() if now - s.last_seen > STREAM_IDLE_TIMEOUT_S]:
+            del self.streams[key]
+
+    async def _resync(self, key: StreamKey, state: StreamState | None, reason: str) -> None:
+        now = time.monotonic()
+        slot = (key.host, key.profile_type)
+        if now - self._last_resync_at.get(slot, 0.0) < RESYNC_MIN_INTERVAL_S:
+            return
+        self._last_resync_at[slot] = now
+        self.counters.inc("resync_requests", host=key.host, type=key.profile_type.value)
+        log.info("asking %s for its %s dictionary (%s)", key.host, key.profile_type.value, reason)
+        await self.request_resync(key.host, key.profile_type, reason)
+
+    def _reject(self, subject: str, exc: WireError) -> None:
+        sender = subject.rsplit(".", 1)[-1]
+        self.counters.inc("messages_rejected", reason=exc.reason, sender=sender)
+        if (sender, exc.reason) not in self._logged_senders and len(self._logged_senders) < 10_000:
+            self._logged_senders.add((sender, exc.reason))
+            log.warning("rejected a message on %s: %s (further ones from this sender are only counted)",
+                        subject, exc)

@@ -1,0 +1,82 @@
+"""Aggregator configuration: ``STACKFLEET_*`` env vars, the ``[aggregator]`` TOML table, CLI.
+
+The OTLP destination also honours the standard OpenTelemetry variables
+(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) when
+the stackfleet-specific ones are not set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.config_file import file_source
+from shared.nats_connection import NatsSettings
+
+DEFAULT_OTLP_ENDPOINT = "http://localhost:4317"
+
+
+def _env_default(name: str, fallback: str) -> str:
+    return os.environ.get(name) or fallback
+
+
+def parse_resource_attributes(text: str) -> dict[str, str]:
+    """Parse ``OTEL_RESOURCE_ATTRIBUTES`` (``k=v,k2=v2``, values percent-decoded)."""
+    from urllib.parse import unquote
+
+    out = {}
+    for part in text.split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            if k.strip():
+                out[k.strip()] = unquote(v.strip())
+    return out
+
+
+class AggregatorSettings(BaseSettings):
+    """Settings of the central aggregator."""
+
+    model_config = SettingsConfigDict(env_prefix="STACKFLEET_", env_nested_delimiter="__", extra="ignore")
+
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    otlp_endpoint: str | None = Field(
+        default_factory=lambda: _env_default("OTEL_EXPORTER_OTLP_ENDPOINT", DEFAULT_OTLP_ENDPOINT)
+    )
+    # Empty string disables the OTLP exporter (local outputs only).
+    service_name: str = Field(default_factory=lambda: _env_default("OTEL_SERVICE_NAME", "stackfleet"))
+    service_version: str = Field(default_factory=lambda: _version())
+    resource_attributes: dict[str, str] = Field(
+        default_factory=lambda: parse_resource_attributes(os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    )
+    output_dir: Path | None = Path("profiles")
+    export_interval_s: float = Field(default=10.0, gt=0.1, le=3600)
+    keep_files: int = Field(default=360, ge=1)
+    queue_group: str = "stackfleet-aggregators"
+    # Samples messages waiting for their dictionary (per aggregator) and how long they may wait.
+    max_parked_messages: int = Field(default=10_000, ge=10)
+    park_timeout_s: float = Field(default=5.0, gt=0)
+    # Exports waiting for the OTLP endpoint; beyond this the oldest is dropped (and was still written locally).
+    max_export_queue: int = Field(default=30, ge=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, file_source(settings_cls, "aggregator"))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stackfleet")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
