@@ -1,0 +1,153 @@
+"""The aggregator service: NATS subscriptions -> intake -> merge -> periodic export.
+
+Intake runs on the event loop and never waits for export: each interval's merged profiles
+are encoded and written to local files in a worker thread, and handed to the OTLP sender
+through a bounded queue (oldest dropped and counted when the collector is away for long;
+the local files still have every interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+
+from aggregator.exporters.files import LocalFileWriter
+from aggregator.exporters.grpc import OtlpGrpcExporter
+from aggregator.intake import Intake
+from aggregator.merge import Merger
+from aggregator.otlp import encode_request
+from aggregator.profile import FleetProfiles
+from aggregator.settings import AggregatorSettings
+from shared.counters import Counters
+from shared.nats_connection import connect
+from shared.profile_types import ProfileType
+from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS, RESYNC_SUBJECT
+from shared.wire import resync_request
+
+log = logging.getLogger("stackfleet.aggregator")
+
+ExportHook = Callable[[FleetProfiles, ExportProfilesServiceRequest], None]
+
+
+class OtlpSender:
+    """Delivers export requests to the OTLP endpoint from a bounded queue, in its own task."""
+
+    def __init__(self, exporter: OtlpGrpcExporter, max_queue: int, counters: Counters) -> None:
+        self.exporter = exporter
+        self.counters = counters
+        self.queue: asyncio.Queue[ExportProfilesServiceRequest] = asyncio.Queue(max_queue)
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop(), name="otlp-sender")
+
+    def offer(self, request: ExportProfilesServiceRequest) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.counters.inc("exports_dropped", reason="otlp_queue_full")
+            log.warning("OTLP endpoint is behind: dropped the oldest queued export (it is in the local files)")
+        self.queue.put_nowait(request)
+
+    async def _loop(self) -> None:
+        while True:
+            request = await self.queue.get()
+            started = time.monotonic()
+            ok = await self.exporter.export(request)
+            self.counters.inc("otlp_exports", result="ok" if ok else "failed")
+            if ok:
+                self.counters.inc("otlp_export_ms", int((time.monotonic() - started) * 1000))
+
+    async def close(self, timeout_s: float) -> None:
+        """Give queued exports ``timeout_s`` to go out, then stop."""
+        deadline = time.monotonic() + timeout_s
+        while not self.queue.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.task:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.exporter.close()
+
+
+async def run_aggregator(
+    settings: AggregatorSettings,
+    stop: asyncio.Event,
+    counters: Counters | None = None,
+    on_export: ExportHook | None = None,
+) -> Counters:
+    """Run until ``stop`` is set, then export the last interval and return the counters."""
+    counters = counters or Counters()
+    merger = Merger()
+    nc = await connect(settings.nats, name="stackfleet-aggregator")
+
+    async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
+        await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
+
+    intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s)
+
+    async def on_dict(msg: Msg) -> None:
+        await intake.on_dict(msg.subject, msg.data)
+
+    async def on_samples(msg: Msg) -> None:
+        await intake.on_samples(msg.subject, msg.data)
+
+    await nc.subscribe(ALL_DICT_SUBJECTS, cb=on_dict)
+    await nc.subscribe(ALL_SAMPLE_SUBJECTS, queue=settings.queue_group, cb=on_samples)
+    # Agents already running hold dictionaries we have never seen: ask everyone once.
+    await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
+    await nc.flush()
+
+    writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files) if settings.output_dir else None
+    sender = None
+    if settings.otlp_endpoint:
+        sender = OtlpSender(OtlpGrpcExporter(endpoint=settings.otlp_endpoint), settings.max_export_queue, counters)
+        sender.start()
+    log.info("aggregator: NATS %s, export every %gs to %s%s", settings.nats.url, settings.export_interval_s,
+             settings.otlp_endpoint or "(no OTLP)", f" and {settings.output_dir}" if writer else "")
+
+    async def export_once() -> None:
+        fleet = merger.rotate()
+        if not fleet.hosts:
+            return
+        request = await asyncio.to_thread(
+            encode_request, fleet, settings.service_name, settings.service_version, settings.resource_attributes
+        )
+        counters.inc("exports")
+        if writer is not None:
+            try:
+                await asyncio.to_thread(writer.write, fleet, request)
+            except OSError as exc:
+                counters.inc("local_write_errors")
+                log.error("writing local profiles failed: %s", exc)
+        if sender is not None:
+            sender.offer(request)
+        if on_export is not None:
+            on_export(fleet, request)
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await intake.sweep()
+
+    sweep_task = asyncio.create_task(sweeper(), name="intake-sweep")
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.export_interval_s)
+            await export_once()
+    finally:
+        sweep_task.cancel()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await export_once()
+        if sender is not None:
+            await sender.close(timeout_s=5.0)
+        log.info("aggregator stopped: %s", counters.snapshot())
+    return counters

@@ -1,0 +1,173 @@
+"""The ``stackfleet`` command line: agent, aggregator, and the all-in-one ``run``.
+
+Every option can also be set with a ``STACKFLEET_*`` environment variable or in the TOML
+file named by ``STACKFLEET_CONFIG``; options given here win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from stackfleet.logging_setup import setup_logging
+
+app = typer.Typer(help="stackfleet: eBPF continuous profiler for a fleet of Linux hosts.", no_args_is_help=True,
+                  add_completion=False)
+console = Console(stderr=True)
+
+NatsOpt = Annotated[str | None, typer.Option("--nats", help="NATS URL(s), comma separated [env: STACKFLEET_NATS__URL]")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")]
+TypesOpt = Annotated[str | None, typer.Option(help="profile types, comma separated (cpu,wall,lock,heap,goroutine)")]
+
+
+def _overrides(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _nats_override(url: str | None) -> dict[str, Any]:
+    if url is None:
+        return {}
+    from shared.nats_connection import NatsSettings
+
+    return {"nats": NatsSettings(url=url)}
+
+
+def _run_async(main: Any, duration: float | None) -> None:
+    """Run ``main(stop)`` on uvloop until Ctrl-C/SIGTERM or ``duration`` seconds."""
+    import uvloop
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if duration:
+            loop.call_later(duration, stop.set)
+        await main(stop)
+
+    uvloop.run(runner())
+
+
+def _types(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+@app.command()
+def agent(
+    nats: NatsOpt = None,
+    types: TypesOpt = None,
+    frequency: Annotated[int | None, typer.Option(help="sampling frequency in Hz (default 99)")] = None,
+    host_name: Annotated[str | None, typer.Option(help="host name to report (default: this host's)")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run the host agent: BPF actors -> symbolization -> NATS."""
+    setup_logging(log_level)
+    from agent.main import run_agent
+    from agent.settings import AgentSettings
+
+    settings = AgentSettings(**_overrides(types=_types(types), frequency_hz=frequency, host_name=host_name),
+                             **_nats_override(nats))
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_agent(settings, stop)
+
+    _run_async(main, duration)
+
+
+@app.command()
+def aggregator(
+    nats: NatsOpt = None,
+    otlp_endpoint: Annotated[str | None, typer.Option(
+        help="OTLP gRPC endpoint (default $OTEL_EXPORTER_OTLP_ENDPOINT or http://localhost:4317); '' disables")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="directory for .otlp.pb and pprof files")] = None,
+    export_interval: Annotated[float | None, typer.Option(help="seconds between exports (default 10)")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run the aggregator: NATS -> fleet-wide merge -> OTLP + local files."""
+    setup_logging(log_level)
+    from aggregator.service import run_aggregator
+    from aggregator.settings import AggregatorSettings
+
+    settings = AggregatorSettings(**_overrides(otlp_endpoint=otlp_endpoint, output_dir=output_dir,
+                                               export_interval_s=export_interval), **_nats_override(nats))
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_aggregator(settings, stop)
+
+    _run_async(main, duration)
+
+
+@app.command()
+def run(
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds (default: until Ctrl-C)")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where profiles are written")] = Path("profiles"),
+    nats: NatsOpt = None,
+    types: TypesOpt = None,
+    frequency: Annotated[int | None, typer.Option(help="sampling frequency in Hz")] = None,
+    otlp_endpoint: Annotated[str | None, typer.Option(help="OTLP gRPC endpoint; '' disables")] = None,
+    export_interval: Annotated[float | None, typer.Option(help="seconds between exports")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """All in one: an embedded nats-server (unless --nats), the aggregator and this host's agent."""
+    setup_logging(log_level)
+    from agent.main import run_agent
+    from agent.settings import AgentSettings
+    from aggregator.service import run_aggregator
+    from aggregator.settings import AggregatorSettings
+    from stackfleet.nats_server import NatsServer
+
+    server = None
+    if nats is None:
+        server = NatsServer().start()
+        nats = server.url
+        console.print(f"[bold]embedded nats-server[/] at {nats} (monitoring {server.monitor_url})")
+    agg_settings = AggregatorSettings(**_overrides(otlp_endpoint=otlp_endpoint, output_dir=output_dir,
+                                                   export_interval_s=export_interval), **_nats_override(nats))
+    agent_settings = AgentSettings(**_overrides(types=_types(types), frequency_hz=frequency), **_nats_override(nats))
+    console.print(f"profiles will be written to [bold]{output_dir.resolve()}[/] every "
+                  f"{agg_settings.export_interval_s:g}s (OTLP to {agg_settings.otlp_endpoint or 'disabled'})")
+    started = time.monotonic()
+
+    async def main(stop: asyncio.Event) -> None:
+        agent_stop = asyncio.Event()
+        agg = asyncio.create_task(run_aggregator(agg_settings, stop))
+        agt = asyncio.create_task(run_agent(agent_settings, agent_stop))
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({agg, agt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        # Stop the agent first so its last batch reaches the aggregator's final export.
+        agent_stop.set()
+        with contextlib.suppress(Exception):
+            await agt
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(agg, return_exceptions=False)
+        for t in done:
+            if t is not stop_wait and t.exception():
+                raise t.exception()  # type: ignore[misc]
+
+    try:
+        _run_async(main, duration)
+    finally:
+        if server:
+            server.stop()
+    files = sorted(output_dir.glob("*")) if output_dir.exists() else []
+    console.print(f"ran {time.monotonic() - started:.0f}s; {len(files)} files in {output_dir.resolve()}")
+    for f in files[-6:]:
+        console.print(f"  {f}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
