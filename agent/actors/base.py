@@ -131,6 +131,7 @@ class RingBufferActor(ProfileActor):
                 await asyncio.to_thread(self.bpf.cleanup)
             raise
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
+        self.ctx.counters.inc("actor_started", type=name)
         poller = threading.Thread(target=self._poll_loop, name=f"poll-{name}", daemon=True)
         poller.start()
         try:
