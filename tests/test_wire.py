@@ -198,3 +198,23 @@ def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
         StreamDictionary(1).apply(msg)
     except WireError:
         pass
+
+
+def test_large_messages_are_compressed_and_decompression_is_bounded() -> None:
+    import zstandard
+
+    from shared.wire import MAX_MESSAGE_BYTES, ZSTD_MAGIC
+
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    batch = [sample(i * 10_000_000, frames("leaf", "mid", "main"), tid=i % 7) for i in range(200)]
+    dict_msg, samples_msg = enc.encode(batch, period=10_101_010)
+    assert samples_msg is not None and samples_msg[:4] == ZSTD_MAGIC
+    _, got = receive(None, dict_msg, samples_msg)
+    assert got == batch
+    bomb = zstandard.ZstdCompressor().compress(b"\x80" * (MAX_MESSAGE_BYTES + 10))
+    with pytest.raises(WireError) as err:
+        unpack(bomb)
+    assert err.value.reason == "too_large"
+    with pytest.raises(WireError) as err:
+        unpack(ZSTD_MAGIC + b"\x00" * 20)
+    assert err.value.reason in ("bad_compression", "not_msgpack")  # a truncated frame may decode to nothing
