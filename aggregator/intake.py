@@ -134,7 +134,7 @@ class Intake:
             self._reject(subject, exc)
             return True
         state.last_seen = time.monotonic()
-        self.counters.inc("samples_received", len(decoded.samples), type=key.profile_type.value)
+        self.counters.inc("samples_received", len(decoded.rows), type=key.profile_type.value)
         self.deliver(decoded)
         return True
 
@@ -168,7 +168,7 @@ class Intake:
                 else:
                     self._reject(f"parked:{key.host}", exc)
                 continue
-            self.counters.inc("samples_received", len(decoded.samples), type=key.profile_type.value)
+            self.counters.inc("samples_received", len(decoded.rows), type=key.profile_type.value)
             self.deliver(decoded)
 
     async def sweep(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from aggregator.profile import FleetProfiles, HostProfile
+from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from shared.wire import DecodedSamples
 
 
@@ -21,18 +21,39 @@ class Merger:
         self.samples_in_interval = 0
 
     def add(self, batch: DecodedSamples) -> None:
-        key = (batch.stream.host, batch.stream.profile_type)
-        profile = self._current.hosts.get(key)
+        host_key = (batch.stream.host, batch.stream.profile_type)
+        profile = self._current.hosts.get(host_key)
         if profile is None:
             start = self._current.start_ns
             profile = HostProfile(batch.stream.host, batch.stream.profile_type, start, start, batch.period,
                                   {"host.name": batch.stream.host})
-            self._current.hosts[key] = profile
+            self._current.hosts[host_key] = profile
         profile.period = batch.period
-        for s in batch.samples:
-            profile.add(s.frames, s.pid, s.tid, s.thread_name, s.process_name, s.cpu,
-                        tuple(sorted(s.attributes.items())), s.values, s.timestamp_ns)
-        self.samples_in_interval += len(batch.samples)
+        # Hot path (every sample of the fleet): key on wire ids, resolve strings and stacks
+        # only when a new key appears.
+        stream = (batch.stream.agent, batch.dictionary.epoch)
+        strings, stacks = batch.dictionary.strings, batch.dictionary.stacks
+        samples = profile.samples
+        lo, hi = profile.start_ns, profile.end_ns
+        for row in batch.rows:
+            t, c, p, th, tn, pn, st, vals, attrs = row
+            sample_key = (stream, st, p, th, tn, pn, c, attrs)
+            agg = samples.get(sample_key)
+            if agg is None:
+                samples[sample_key] = AggregatedSample(
+                    stacks[st], p, th, strings[tn], strings[pn], c,
+                    tuple(sorted((strings[k], strings[v]) for k, v in attrs)), list(vals), [t])
+            else:
+                agg_values = agg.values
+                for i, v in enumerate(vals):
+                    agg_values[i] += v
+                agg.timestamps_ns.append(t)
+            if t < lo:
+                lo = t
+            elif t > hi:
+                hi = t
+        profile.start_ns, profile.end_ns = lo, hi
+        self.samples_in_interval += len(batch.rows)
 
     def rotate(self) -> FleetProfiles:
         """Close the current interval (end = now) and return it."""

@@ -10,11 +10,14 @@ memory grows with distinct stacks, not with sample count.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.model import Frame
 from shared.profile_types import ProfileType
 
-SampleKey = tuple[tuple[Frame, ...], int, int, str, str, int, tuple[tuple[str, str], ...]]
+# Any hashable identity of "the same sample": the merger uses wire ids (cheap to hash),
+# ``HostProfile.add`` uses the resolved values.
+SampleKey = tuple[Any, ...]
 
 
 @dataclass(slots=True)
