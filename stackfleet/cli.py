@@ -165,6 +165,35 @@ def run(
         console.print(f"  {f}")
 
 
+@app.command()
+def top(
+    nats: NatsOpt = None,
+    profile_type: Annotated[str, typer.Option("--type", help="profile type to show")] = "cpu",
+    host: Annotated[str | None, typer.Option(help="only this host (default: the whole fleet)")] = None,
+    rows: Annotated[int, typer.Option(help="how many functions to list")] = 25,
+    window: Annotated[float, typer.Option(help="sliding window in seconds")] = 10.0,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+) -> None:
+    """Live view of the hottest functions, straight from the NATS subjects (an ad-hoc subscriber)."""
+    setup_logging("WARNING")
+    from shared.nats_connection import NatsSettings
+    from shared.profile_types import ProfileType
+    from stackfleet.top import run_top
+
+    settings = NatsSettings(url=nats) if nats else _default_nats()
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_top(settings, ProfileType(profile_type), host, rows, window, stop)
+
+    _run_async(main, duration)
+
+
+def _default_nats() -> Any:
+    from agent.settings import AgentSettings
+
+    return AgentSettings().nats
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
