@@ -15,6 +15,7 @@ from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer
 from shared.counters import Counters
+from shared.metrics_server import MetricsServer, parse_address
 from shared.profile_types import ProfileType
 
 log = logging.getLogger("stackfleet.agent")
@@ -41,11 +42,25 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event, counters: Coun
         settings.restart_backoff_initial_s,
         settings.restart_backoff_max_s,
     )
+    metrics = None
+    if settings.metrics_address:
+        host, port = parse_address(settings.metrics_address)
+
+        def health() -> tuple[bool, str]:
+            states = {t.value: ("running" if t in supervisor.current and not supervisor.current[t].done()
+                                else "down") for t in settings.types}
+            ok = all(v == "running" for v in states.values()) and publisher.connected
+            return ok, " ".join(f"{k}={v}" for k, v in states.items()) + f" nats={publisher.connected}"
+
+        metrics = MetricsServer(host, port, lambda: counters.prometheus("stackfleet_agent"), health)
+        await metrics.start()
     log.info("agent on %s: profiling %s at %d Hz", settings.host_name,
              ",".join(t.value for t in settings.types), settings.frequency_hz)
     try:
         await supervisor.run(stop)
     finally:
+        if metrics is not None:
+            await metrics.close()
         await publisher.close()
         executor.shutdown(wait=True)
         log.info("agent stopped: %s", counters.snapshot())

@@ -132,5 +132,9 @@ class Publisher(SampleSink):
             log.warning("closing publisher: %s (%d messages not sent)", type(exc).__name__, left)
             await self._nc.close()
 
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
     def stats(self) -> dict[str, Any]:
         return {"outgoing_queue": len(self._outgoing), "agent_id": self.agent_id}

@@ -35,6 +35,8 @@ class AgentSettings(BaseSettings):
     # Outgoing NATS messages waiting to be published; beyond this the oldest are dropped and counted.
     max_outgoing_messages: int = Field(default=1_000, ge=10)
     max_dictionary_entries: int = Field(default=100_000, ge=100)
+    # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
+    metrics_address: str | None = None
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
 

@@ -27,6 +27,7 @@ from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
+from shared.metrics_server import MetricsServer, parse_address
 from shared.nats_connection import connect
 from shared.profile_types import ProfileType
 from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS, RESYNC_SUBJECT
@@ -137,6 +138,12 @@ async def run_aggregator(
             await intake.sweep()
 
     sweep_task = asyncio.create_task(sweeper(), name="intake-sweep")
+    metrics = None
+    if settings.metrics_address:
+        mhost, mport = parse_address(settings.metrics_address)
+        metrics = MetricsServer(mhost, mport, lambda: counters.prometheus("stackfleet_aggregator"),
+                                lambda: (nc.is_connected, f"nats={nc.is_connected} streams={len(intake.streams)}"))
+        await metrics.start()
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -144,6 +151,8 @@ async def run_aggregator(
             await export_once()
     finally:
         sweep_task.cancel()
+        if metrics is not None:
+            await metrics.close()
         with contextlib.suppress(Exception):
             await nc.drain()
         await export_once()

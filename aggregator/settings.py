@@ -55,6 +55,8 @@ class AggregatorSettings(BaseSettings):
     export_interval_s: float = Field(default=10.0, gt=0.1, le=3600)
     keep_files: int = Field(default=360, ge=1)
     queue_group: str = "stackfleet-aggregators"
+    # "host:port" for /metrics and /healthz; None disables.
+    metrics_address: str | None = None
     # Samples messages waiting for their dictionary (per aggregator) and how long they may wait.
     max_parked_messages: int = Field(default=10_000, ge=10)
     park_timeout_s: float = Field(default=5.0, gt=0)
