@@ -1,0 +1,66 @@
+"""Reading ``/proc/PID/maps`` and a process's identity.
+
+Identity is (pid, start time in clock ticks): a recycled PID gets a new start time, so
+caches keyed by identity never attribute one process's addresses to another's maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.perms
+
+    @property
+    def file_backed(self) -> bool:
+        return self.inode != 0 and self.path.startswith("/")
+
+
+def parse_maps(text: str) -> list[MapEntry]:
+    """Parse the text of /proc/PID/maps (lines we cannot parse are skipped)."""
+    entries = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        try:
+            lo, hi = parts[0].split("-")
+            entries.append(MapEntry(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), int(parts[4]),
+                                    parts[5].strip() if len(parts) > 5 else ""))
+        except ValueError:
+            continue
+    entries.sort(key=lambda e: e.start)
+    return entries
+
+
+def read_maps(pid: int) -> list[MapEntry]:
+    """Executable mappings of a live process; raises OSError when it is gone or unreadable."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [e for e in parse_maps(f.read()) if e.executable]
+
+
+def start_time(pid: int) -> int:
+    """Process start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2 :].split()
+    return int(rest[19])
+
+
+def read_comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()

@@ -1,0 +1,238 @@
+"""The host symbolizer: raw addresses of a live process -> Frames with function, file, line.
+
+Caches, all bounded (LRU):
+- per process identity (pid + start time): its executable mappings, re-read when an
+  address falls outside them (dlopen, exec) at most once per ``maps_ttl_s``;
+- per file identity (device, inode, size, mtime): parsed ELF symbols and lines, shared by
+  every process mapping the file — libc is parsed once for the whole host;
+- per (file identity, vaddr): the resulting (function, file, line), since the same hot
+  addresses recur sample after sample.
+
+Files are opened through ``/proc/PID/map_files/`` first, which works for files inside
+containers' mount namespaces and for deleted-but-mapped binaries.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.symbols.elf import ElfSymbols
+from agent.symbols.kallsyms import KernelSymbols
+from agent.symbols.procmaps import MapEntry, read_comm, read_maps, start_time
+from shared.model import KERNEL_MAPPING, Frame, FrameType, Mapping
+
+log = logging.getLogger("stackfleet.symbols")
+
+FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+IDENTITY_CHECK_S = 1.0
+
+
+class _Lru(OrderedDict[object, object]):
+    """OrderedDict with a size bound; ``hit`` moves a key to the young end."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.evictions = 0
+
+    def put(self, key: object, value: object) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            _, evicted = self.popitem(last=False)
+            self.evictions += 1
+            close = getattr(evicted, "close", None)
+            if close is not None:
+                close()
+
+    def hit(self, key: object) -> object | None:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+@dataclass
+class _Region:
+    """An executable mapping with what symbolizing it needs."""
+
+    entry: MapEntry
+    mapping: Mapping
+    file_key: FileKey | None
+
+
+@dataclass
+class _Process:
+    identity: tuple[int, int]
+    comm: str
+    regions: list[_Region]
+    starts: list[int]
+    refreshed: float
+    checked: float = 0.0
+
+
+class Symbolizer:
+    """Symbolizes user and kernel addresses; never raises for dead processes or bad files."""
+
+    def __init__(self, max_files: int = 512, max_processes: int = 4096, maps_ttl_s: float = 5.0,
+                 max_cached_addresses: int = 200_000) -> None:
+        self.maps_ttl_s = maps_ttl_s
+        self._processes = _Lru(max_processes)
+        self._files = _Lru(max_files)
+        self._addresses = _Lru(max_cached_addresses)
+        self._bad_files: set[FileKey] = set()
+        self._kernel: KernelSymbols | None = None
+        self._stats = dict.fromkeys(
+            ("lookups", "unknown_frames", "unreadable_processes", "elf_errors", "file_cache_hits",
+             "file_cache_misses", "maps_reads"), 0)
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**self._stats, "evictions": self._processes.evictions + self._files.evictions
+                + self._addresses.evictions, "files_cached": len(self._files), "processes_cached": len(self._processes)}
+
+    def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        if self._kernel is None:
+            self._kernel = KernelSymbols()
+        kernel = self._kernel
+        return tuple(Frame(kernel.lookup(a) if kernel.usable else "", "", 0, a, FrameType.KERNEL, KERNEL_MAPPING)
+                     for a in addresses)
+
+    def symbolize_user(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        process = self._process(pid)
+        frames = []
+        for depth, address in enumerate(addresses):
+            self._stats["lookups"] += 1
+            frame = self._frame(pid, process, address, depth) if process else None
+            if frame is None:
+                self._stats["unknown_frames"] += 1
+                frame = Frame("", "", 0, address, FrameType.NATIVE, None)
+            frames.append(frame)
+        return tuple(frames)
+
+    def process_name(self, pid: int) -> str:
+        process = self._process(pid)
+        return process.comm if process else ""
+
+    def forget(self, pid: int) -> None:
+        self._processes.pop(pid, None)
+
+    # -- processes -------------------------------------------------------------------------
+    def _process(self, pid: int, force: bool = False) -> _Process | None:
+        cached = self._processes.hit(pid)
+        now = time.monotonic()
+        # Identity (PID reuse) is re-checked at most once a second per process: one /proc read
+        # per sample would dominate the cost of symbolizing.
+        if isinstance(cached, _Process) and not force and now - cached.checked < IDENTITY_CHECK_S:
+            return cached
+        try:
+            identity = (pid, start_time(pid))
+        except (OSError, ValueError, IndexError):
+            # Gone: keep using what we read while it lived (the sample predates the exit).
+            return cached if isinstance(cached, _Process) else None
+        if isinstance(cached, _Process) and cached.identity == identity and not force:
+            cached.checked = now
+            return cached
+        try:
+            entries = read_maps(pid)
+            comm = read_comm(pid)
+        except OSError:
+            self._stats["unreadable_processes"] += 1
+            return cached if isinstance(cached, _Process) and cached.identity == identity else None
+        self._stats["maps_reads"] += 1
+        regions = [self._region(pid, e) for e in entries]
+        process = _Process(identity, comm, regions, [r.entry.start for r in regions], now, now)
+        self._processes.put(pid, process)
+        return process
+
+    def _region(self, pid: int, entry: MapEntry) -> _Region:
+        file_key = None
+        if entry.file_backed:
+            try:
+                st = os.stat(self._open_path(pid, entry))
+                file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                file_key = None
+        mapping = Mapping(entry.start, entry.end, entry.offset, entry.path or "[anon]", "")
+        return _Region(entry, mapping, file_key)
+
+    @staticmethod
+    def _open_path(pid: int, entry: MapEntry) -> str:
+        by_range = f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}"
+        return by_range if os.path.exists(by_range) else f"/proc/{pid}/root{entry.path}"
+
+    def _find_region(self, process: _Process, address: int) -> _Region | None:
+        i = bisect.bisect_right(process.starts, address) - 1
+        if i >= 0 and address < process.regions[i].entry.end:
+            return process.regions[i]
+        return None
+
+    # -- frames ----------------------------------------------------------------------------
+    def _frame(self, pid: int, process: _Process, address: int, depth: int) -> Frame | None:
+        region = self._find_region(process, address)
+        if region is None and time.monotonic() - process.refreshed > self.maps_ttl_s:
+            # A library loaded after we read the maps (dlopen) or the process exec'd.
+            refreshed = self._process(pid, force=True)
+            if refreshed is not None:
+                process = refreshed
+                region = self._find_region(process, address)
+        if region is None:
+            return None
+        elf = self._elf(pid, region)
+        if elf is None:
+            return Frame("", "", 0, address, FrameType.NATIVE, region.mapping)
+        mapping = region.mapping if region.mapping.build_id == elf.build_id else Mapping(
+            region.mapping.start, region.mapping.limit, region.mapping.offset, region.mapping.filename, elf.build_id)
+        region.mapping = mapping
+        # Return addresses point after the call instruction, which may already belong to the
+        # next line or even the next function: look up the call site (address - 1) instead.
+        lookup = address if depth == 0 else address - 1
+        vaddr = elf.file_offset_to_vaddr(lookup - region.entry.start + region.entry.offset)
+        if vaddr is None:
+            return Frame("", "", 0, address, FrameType.NATIVE, mapping)
+        key = (region.file_key, vaddr)
+        resolved = self._addresses.hit(key)
+        if resolved is None:
+            function = elf.function(vaddr)
+            filename, line = elf.line(vaddr)
+            resolved = (function, filename, line)
+            self._addresses.put(key, resolved)
+        function, filename, line = resolved  # type: ignore[misc]
+        if not function:
+            self._stats["unknown_frames"] += 1
+        return Frame(function, filename, line, address, FrameType.NATIVE, mapping)
+
+    def _elf(self, pid: int, region: _Region) -> ElfSymbols | None:
+        key = region.file_key
+        if key is None or key in self._bad_files:
+            return None
+        cached = self._files.hit(key)
+        if isinstance(cached, ElfSymbols):
+            self._stats["file_cache_hits"] += 1
+            return cached
+        self._stats["file_cache_misses"] += 1
+        try:
+            stream = open(self._open_path(pid, region.entry), "rb")  # noqa: SIM115 - kept open for lazy DWARF
+        except OSError as exc:
+            self._stats["elf_errors"] += 1
+            log.info("cannot open %s of pid %d: %s", region.entry.path, pid, exc)
+            return None
+        try:
+            elf = ElfSymbols(stream, region.entry.path)
+        except Exception as exc:  # pyelftools raises many types on unusual files
+            stream.close()
+            self._stats["elf_errors"] += 1
+            if len(self._bad_files) > 10_000:
+                self._bad_files.clear()
+            self._bad_files.add(key)
+            log.warning("cannot parse %s: %s (its frames stay unsymbolized)", region.entry.path, exc)
+            return None
+        self._files.put(key, elf)
+        return elf
