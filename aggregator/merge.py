@@ -42,12 +42,13 @@ class Merger:
             if agg is None:
                 samples[sample_key] = AggregatedSample(
                     stacks[st], p, th, strings[tn], strings[pn], c,
-                    tuple(sorted((strings[k], strings[v]) for k, v in attrs)), list(vals), [t])
+                    tuple(sorted((strings[k], strings[v]) for k, v in attrs)), list(vals), [t], [vals])
             else:
                 agg_values = agg.values
                 for i, v in enumerate(vals):
                     agg_values[i] += v
                 agg.timestamps_ns.append(t)
+                agg.series.append(vals)
             if t < lo:
                 lo = t
             elif t > hi:

@@ -31,8 +31,10 @@ class AggregatedSample:
     process_name: str
     cpu: int
     attributes: tuple[tuple[str, str], ...]
-    values: list[int]
+    values: list[int]  # sums, one per sample type
     timestamps_ns: list[int] = field(default_factory=list)
+    # values of each individual observation, parallel to timestamps_ns (OTLP pairs them)
+    series: list[tuple[int, ...]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -64,12 +66,13 @@ class HostProfile:
         agg = self.samples.get(key)
         if agg is None:
             agg = AggregatedSample(frames, pid, tid, thread_name, process_name, cpu, attributes,
-                                   list(values), [])
+                                   list(values), [], [])
             self.samples[key] = agg
         else:
             for i, v in enumerate(values):
                 agg.values[i] += v
         agg.timestamps_ns.append(timestamp_ns)
+        agg.series.append(tuple(values))
         if timestamp_ns < self.start_ns:
             self.start_ns = timestamp_ns
         if timestamp_ns > self.end_ns:
