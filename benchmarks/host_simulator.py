@@ -2,7 +2,7 @@
 
 Each simulated host owns a realistic stack population (a few hundred distinct stacks over
 shared libraries and host-specific binaries, Zipf-distributed popularity, 15-30 frames
-deep) and emits what a real agent would: CPU samples at ``hz`` × ``cpus`` per second,
+deep) and emits what a real agent would: CPU samples at ``hz`` x ``cpus`` per second,
 batched once per second through the real :class:`shared.wire.StreamEncoder`, so message
 sizes and dictionary traffic match the real wire format.
 """

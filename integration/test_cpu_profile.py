@@ -15,13 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from aggregator.otlp import validate_request
-from tests.otlp_server import OtlpTestServer, protoc_decode
 
+from aggregator.otlp import validate_request
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.model import FrameType
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
+from tests.otlp_server import OtlpTestServer, protoc_decode
 
 SECONDS, THREADS, HZ = 5.0, 2, 99
 PPROF = Path(__file__).resolve().parents[1] / ".tools" / "pprof"

@@ -1,0 +1,72 @@
+"""Exporters against real peers: a real gRPC server, Google's pprof, the filesystem."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.exporters.files import LocalFileWriter
+from aggregator.exporters.grpc import OtlpGrpcExporter
+from aggregator.exporters.pprof import write_pprof
+from aggregator.otlp import encode_request
+from shared.profile_types import ProfileType
+from stackfleet.nats_server import free_port
+from tests.otlp_server import OtlpTestServer
+from tests.test_otlp import fleet
+
+PPROF = Path(__file__).resolve().parents[1] / ".tools" / "pprof"
+
+
+async def test_grpc_export_reaches_a_real_server() -> None:
+    req = encode_request(fleet(), "svc", "1")
+    with OtlpTestServer() as server:
+        exporter = OtlpGrpcExporter(server.endpoint, timeout_s=5)
+        assert await exporter.export(req)
+        await exporter.close()
+    assert server.requests == [req]
+
+
+async def test_dead_endpoint_fails_bounded_then_recovers() -> None:
+    port = free_port()
+    exporter = OtlpGrpcExporter(f"http://127.0.0.1:{port}", timeout_s=2)
+    req = encode_request(fleet(), "svc", "1")
+    started = time.monotonic()
+    assert await exporter.export(req) is False
+    assert time.monotonic() - started < 10
+    assert exporter.failed == 1
+    with OtlpTestServer(port) as server:
+        assert await exporter.export(req)
+        assert len(server.requests) == 1
+    await exporter.close()
+
+
+def pprof_top(path: Path, *args: str) -> str:
+    if not PPROF.exists():
+        pytest.fail("Google pprof missing: scripts/setup.sh builds it into .tools/pprof")
+    return subprocess.run([str(PPROF), "-top", *args, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def test_pprof_file_is_read_by_google_pprof(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.pb.gz"
+    write_pprof(str(path), fleet(), ProfileType.CPU)
+    out = pprof_top(path)
+    assert "leaf" in out and "schedule" in out
+    lock = tmp_path / "lock.pb.gz"
+    write_pprof(str(lock), fleet(), ProfileType.LOCK)
+    assert "wait" in pprof_top(lock, "-sample_index=delay")
+
+
+def test_local_writer_is_atomic_and_bounded(tmp_path: Path) -> None:
+    writer = LocalFileWriter(tmp_path, keep=2)
+    f = fleet()
+    req = encode_request(f, "svc", "1")
+    for i in range(4):
+        f.end_ns = 10_000_000_000 + i
+        writer.write(f, req)
+    assert len(list(tmp_path.glob("*.otlp.pb"))) == 2
+    assert len(list(tmp_path.glob("[0-9]*.cpu.pb.gz"))) == 2
+    assert (tmp_path / "latest.cpu.pb.gz").resolve().exists()
+    assert not list(tmp_path.glob("*.tmp"))
