@@ -7,7 +7,6 @@ file named by ``STACKFLEET_CONFIG``; options given here win.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -138,21 +137,25 @@ def run(
     started = time.monotonic()
 
     async def main(stop: asyncio.Event) -> None:
-        agent_stop = asyncio.Event()
-        agg = asyncio.create_task(run_aggregator(agg_settings, stop))
+        # Separate stop events: the agent stops first so its last batch reaches the
+        # aggregator's final export; only then does the aggregator stop.
+        agent_stop, agg_stop = asyncio.Event(), asyncio.Event()
+        agg = asyncio.create_task(run_aggregator(agg_settings, agg_stop))
         agt = asyncio.create_task(run_agent(agent_settings, agent_stop))
         stop_wait = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({agg, agt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        # Stop the agent first so its last batch reaches the aggregator's final export.
+        await asyncio.wait({agg, agt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         agent_stop.set()
-        with contextlib.suppress(Exception):
+        agent_error = None
+        try:
             await agt
-        await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.gather(agg, return_exceptions=False)
-        for t in done:
-            if t is not stop_wait and t.exception():
-                raise t.exception()  # type: ignore[misc]
+        except Exception as exc:
+            agent_error = exc
+        await asyncio.sleep(1.0)
+        agg_stop.set()
+        await agg
+        stop_wait.cancel()
+        if agent_error is not None:
+            raise agent_error
 
     try:
         _run_async(main, duration)

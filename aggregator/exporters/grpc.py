@@ -24,6 +24,31 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_g
 log = logging.getLogger("stackfleet.aggregator.otlp")
 
 
+class _RateLimit(logging.Filter):
+    """Lets one record through per ``interval_s``: a collector that is down for hours would
+    otherwise log an error every export interval. Failures are still counted every time."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.last = 0.0
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            record.msg = f"{record.msg} ({self.suppressed} similar messages suppressed)"
+            self.suppressed = 0
+        self.last = now
+        return True
+
+
+logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").addFilter(_RateLimit())
+
+
 class ExportResult(enum.Enum):
     SUCCESS = 0
     FAILURE = 1
