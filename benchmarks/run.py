@@ -1,0 +1,282 @@
+"""The overhead and scale suite: one command, every figure measured side by side, with targets.
+
+    sudo .venv/bin/python -m benchmarks.run [--repeats 3] [--seconds 15] [--hosts 1000]
+
+Measured in one run on this machine:
+- agent CPU (user+sys of the agent process, plus its BPF programs' run time from the
+  kernel's bpf_stats) while a realistic workload (benchmarks/workloads/host_mix.c) keeps
+  both cores busy;
+- workload slowdown: the same fixed-duration workload, agent off vs on, alternated,
+  compared by units of work completed (a ratio, robust to the machine's noise);
+- network per host: bytes the NATS server received from the agent (/connz), steady state;
+- wire encoding: bytes per host-second for naive (no dictionary), deltas, deltas + zstd;
+- agent resident memory at the end of the run (the soak test watches it for an hour);
+- agent start to first samples, BPF compile included;
+- aggregator intake: N simulated hosts at 99 Hz x 2 CPUs through a real nats-server, and
+  whether the aggregator keeps up (samples received / published) and its CPU.
+Results print as a table and go to benchmarks/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import (
+    Stat,
+    bpf_runtime_ns,
+    connection_in_bytes,
+    enable_bpf_stats,
+    process_cpu_s,
+    process_rss_bytes,
+)
+from stackfleet.nats_server import NatsServer
+
+ROOT = Path(__file__).resolve().parents[1]
+STACKFLEET = str(Path(sys.executable).parent / "stackfleet")
+
+
+def build_workload(tmp: Path) -> Path:
+    out = tmp / "host_mix"
+    subprocess.run(["gcc", "-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o", str(out),
+                    str(ROOT / "benchmarks/workloads/host_mix.c")], check=True)
+    return out
+
+
+def run_workload(exe: Path, seconds: float) -> int:
+    out = subprocess.run([str(exe), str(seconds), "2", "4"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
+def start_agent(nats_url: str, types: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "STACKFLEET_HOST_NAME": "bench-host", **(extra_env or {})}
+    return subprocess.Popen([STACKFLEET, "agent", "--nats", nats_url, "--types", types, "--log-level", "WARNING"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_first_samples(nats: NatsServer, started: float, timeout_s: float = 60) -> float:
+    """Seconds from agent spawn until the NATS server has received its first samples."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if connection_in_bytes(nats.monitor_url, "stackfleet-agent") > 0:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise TimeoutError("agent published nothing")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def agent_overhead(exe: Path, seconds: float, repeats: int, types: str) -> dict[str, Any]:
+    """Alternate workload runs without and with the agent; measure agent cost and slowdown."""
+    off_units: list[float] = []
+    on_units: list[float] = []
+    agent_cpu_pct: list[float] = []
+    bpf_cpu_pct: list[float] = []
+    net_bps: list[float] = []
+    startup_s: list[float] = []
+    rss: list[float] = []
+    with NatsServer() as nats:
+        for _ in range(repeats):
+            off_units.append(run_workload(exe, seconds))
+            started = time.monotonic()
+            agent = start_agent(nats.url, types)
+            try:
+                startup_s.append(wait_first_samples(nats, started))
+                time.sleep(2)  # past start-up: dictionaries sent, caches warm
+                cpu0, bpf0 = process_cpu_s(agent.pid), bpf_runtime_ns(agent.pid)
+                net0, t0 = connection_in_bytes(nats.monitor_url, "stackfleet-agent"), time.monotonic()
+                on_units.append(run_workload(exe, seconds))
+                elapsed = time.monotonic() - t0
+                cpu1, bpf1 = process_cpu_s(agent.pid), bpf_runtime_ns(agent.pid)
+                net1 = connection_in_bytes(nats.monitor_url, "stackfleet-agent")
+                agent_cpu_pct.append(100 * (cpu1 - cpu0) / elapsed)
+                bpf_cpu_pct.append(100 * (bpf1 - bpf0) / 1e9 / elapsed)
+                net_bps.append((net1 - net0) / elapsed)
+                rss.append(process_rss_bytes(agent.pid) / 2**20)
+            finally:
+                stop(agent)
+    slowdown = [100 * (1 - on / off) for on, off in zip(on_units, off_units, strict=True)]
+    return {
+        "agent_cpu_pct_of_core": Stat(agent_cpu_pct),
+        "bpf_cpu_pct_of_core": Stat(bpf_cpu_pct),
+        "agent_total_cpu_pct_of_core": Stat([a + b for a, b in zip(agent_cpu_pct, bpf_cpu_pct, strict=True)]),
+        "workload_slowdown_pct": Stat(slowdown),
+        "network_bytes_per_s": Stat(net_bps),
+        "agent_rss_mb": Stat(rss),
+        "start_to_first_samples_s": Stat(startup_s),
+    }
+
+
+def wire_sizes(seconds: int = 30) -> dict[str, Any]:
+    """Bytes per host-second for three encodings of the same simulated traffic."""
+    from benchmarks.host_simulator import SimulatedHost
+    from shared.wire import StreamEncoder
+
+    host = SimulatedHost(7)
+    t0 = time.time_ns()
+    deltas = compressed = naive = 0
+    for s in range(seconds):
+        batch = host.batch(t0 + s * 10**9, 1, 99, 2)
+        # naive: every batch self-contained (a fresh dictionary each time), uncompressed
+        fresh = StreamEncoder(host.name, host.encoder.profile_type, "x")
+        d, m = fresh.encode(batch, 10_101_010)
+        naive += len(_raw(d)) + len(_raw(m))
+        d, m = host.encoder.encode(batch, 10_101_010)
+        compressed += len(d or b"") + len(m or b"")
+        deltas += len(_raw(d)) + len(_raw(m))
+    return {"naive_bytes_per_host_s": naive / seconds, "delta_bytes_per_host_s": deltas / seconds,
+            "delta_zstd_bytes_per_host_s": compressed / seconds}
+
+
+def _raw(msg: bytes | None) -> bytes:
+    """The msgpack bytes of a message, decompressed if zstd-framed."""
+    if not msg:
+        return b""
+    import zstandard
+
+    from shared.wire import ZSTD_MAGIC
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(msg) if msg[:4] == ZSTD_MAGIC else msg
+
+
+async def _publish_hosts(nats_url: str, hosts: int, seconds: int) -> tuple[int, float]:
+    """Publish pre-encoded traffic of ``hosts`` simulated hosts at real rate.
+
+    Returns (samples sent, seconds the publishing took): when the simulator cannot keep the
+    real rate on this machine, the achieved rate is reported rather than assumed."""
+    import nats
+
+    from benchmarks.host_simulator import SimulatedHost
+    from shared.profile_types import ProfileType
+    from shared.subjects import dict_subject, samples_subject
+
+    nc = await nats.connect(nats_url, name="host-simulator", pending_size=64 * 2**20)
+    sims = [SimulatedHost(i, distinct_stacks=200) for i in range(hosts)]
+    t0 = time.time_ns()
+    # Pre-encode so the simulator's own Python cost does not limit the rate under test.
+    # Every dictionary delta is published before any samples that need it.
+    batches: list[list[bytes]] = []
+    for s in sims:
+        encoded = [s.encode(t0 + k * 10**9, 1, 99, 2) for k in range(3)]
+        for d, _ in encoded:
+            if d:
+                await nc.publish(dict_subject(ProfileType.CPU, s.name), d)
+        batches.append([m or b"" for _, m in encoded])
+    await nc.flush()
+    await asyncio.sleep(1)
+    sent = 0
+    start = time.monotonic()
+    for second in range(seconds):
+        for i, s in enumerate(sims):
+            await nc.publish(samples_subject(ProfileType.CPU, s.name), batches[i][second % 3] or b"")
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        sent += 198 * hosts
+        await nc.flush()
+        delay = start + second + 1 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    duration = time.monotonic() - start
+    await nc.drain()
+    return sent, duration
+
+
+def aggregator_intake(hosts: int, seconds: int) -> dict[str, Any]:
+    """Drive a real aggregator process with ``hosts`` simulated hosts; did it keep up?"""
+    with NatsServer() as nats, tempfile.TemporaryDirectory() as out:
+        agg = subprocess.Popen([STACKFLEET, "aggregator", "--nats", nats.url, "--otlp-endpoint", "",
+                                "--output-dir", out, "--export-interval", "10", "--log-level", "WARNING"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(2)
+            cpu0, t0 = process_cpu_s(agg.pid), time.monotonic()
+            sent, publish_s = asyncio.run(_publish_hosts(nats.url, hosts, seconds))
+            time.sleep(3)  # let the aggregator drain what is queued
+            elapsed = time.monotonic() - t0
+            cpu = process_cpu_s(agg.pid) - cpu0
+        finally:
+            agg.terminate()  # SIGTERM: the aggregator exports its last interval before exiting
+            agg.wait(60)
+        received = _received_from_log(out)
+    return {"hosts": hosts, "samples_published": sent, "samples_exported": received,
+            "achieved_host_seconds_per_s": sent / 198 / publish_s,
+            "kept_up_ratio": received / sent if sent else 0.0,
+            "aggregator_cpu_pct_of_core": 100 * cpu / elapsed}
+
+
+def _received_from_log(out_dir: str) -> int:
+    """Samples that reached the exported profiles (counted from the .otlp.pb files)."""
+    from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+        ExportProfilesServiceRequest,
+    )
+
+    total = 0
+    for f in Path(out_dir).glob("*.otlp.pb"):
+        req = ExportProfilesServiceRequest()
+        req.ParseFromString(f.read_bytes())
+        for rp in req.resource_profiles:
+            for sp in rp.scope_profiles:
+                for p in sp.profiles:
+                    total += sum(len(s.timestamps_unix_nano) or 1 for s in p.samples)
+    return total
+
+
+TARGETS = {
+    "agent_total_cpu_pct_of_core": ("< 1 %", lambda v: v < 1.0),
+    "workload_slowdown_pct": ("< 1 %", lambda v: v < 1.0),
+    "network_bytes_per_s": ("< 10,000 B/s", lambda v: v < 10_000),
+    "agent_rss_mb": ("< 150 MB", lambda v: v < 150),
+    "start_to_first_samples_s": ("< 10 s", lambda v: v < 10),
+    "kept_up_ratio": (">= 0.99 at 1,000 hosts", lambda v: v >= 0.99),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--types", default="cpu")
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--intake-seconds", type=int, default=20)
+    parser.add_argument("--skip-intake", action="store_true")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
+    args = parser.parse_args()
+    if not enable_bpf_stats():
+        print("warning: cannot enable kernel.bpf_stats_enabled; BPF CPU will read 0", file=sys.stderr)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build_workload(Path(tmp))
+        results.update(agent_overhead(exe, args.seconds, args.repeats, args.types))
+    results.update(wire_sizes())
+    if not args.skip_intake:
+        results.update(aggregator_intake(args.hosts, args.intake_seconds))
+    print(f"\n{'measure':34} {'value (median ±half-range)':>30}  {'target':>24}  met")
+    flat: dict[str, Any] = {}
+    for name, value in results.items():
+        median = value.median if isinstance(value, Stat) else value
+        target, ok = TARGETS.get(name, ("", None))
+        met = "" if ok is None else ("yes" if ok(median) else "NO")
+        shown = str(value) if isinstance(value, Stat) else (f"{value:,.3g}" if isinstance(value, float) else value)
+        print(f"{name:34} {shown!s:>30}  {target:>24}  {met}")
+        flat[name] = {"median": value.median, "spread": value.spread, "samples": value.values} \
+            if isinstance(value, Stat) else value
+    Path(args.json).write_text(json.dumps(flat, indent=2))
+    print(f"\nwritten to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
