@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from agent.bpf_loader import load_program
 from agent.clock import MonotonicToUnix
+from agent.memory import release_compiler_memory
 from agent.settings import AgentSettings
 from agent.symbols import Symbolizer
 from shared.counters import Counters
@@ -117,6 +118,7 @@ class RingBufferActor(ProfileActor):
             bpf.cleanup()
             raise
         self.bpf = bpf
+        release_compiler_memory()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -86,6 +86,9 @@ class Symbolizer:
         self._processes = _Lru(max_processes)
         self._files = _Lru(max_files)
         self._addresses = _Lru(max_cached_addresses)
+        # Resolved frames per (process identity, address, is_leaf): hot addresses recur every
+        # sample, and handing out the same Frame object also makes downstream hashing cheaper.
+        self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
         self._kernel: KernelSymbols | None = None
         self._stats = dict.fromkeys(
@@ -107,15 +110,22 @@ class Symbolizer:
 
     def symbolize_user(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
         process = self._process(pid)
+        identity = process.identity if process else (pid, -1)
         frames = []
+        cache = self._frames
         for depth, address in enumerate(addresses):
             self._stats["lookups"] += 1
-            frame = self._frame(pid, process, address, depth) if process else None
+            key = (identity, address, depth == 0)
+            frame = cache.hit(key)
             if frame is None:
-                self._stats["unknown_frames"] += 1
-                frame = Frame("", "", 0, address, FrameType.NATIVE, None)
+                frame = self._frame(pid, process, address, depth) if process else None
+                if frame is None:
+                    self._stats["unknown_frames"] += 1
+                    frame = Frame("", "", 0, address, FrameType.NATIVE, None)
+                elif frame.function or frame.mapping is not None:
+                    cache.put(key, frame)
             frames.append(frame)
-        return tuple(frames)
+        return tuple(frames)  # type: ignore[arg-type]
 
     def process_name(self, pid: int) -> str:
         process = self._process(pid)
