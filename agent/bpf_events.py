@@ -12,9 +12,11 @@ from array import array
 from dataclasses import dataclass
 
 MAX_STACK_DEPTH = 127
+STACK_COPY_BYTES = 512
 _HEADER = struct.Struct("<QQQIIIiiI16s")
 _STACK_BYTES = MAX_STACK_DEPTH * 8
-EVENT_SIZE = _HEADER.size + 2 * _STACK_BYTES
+_TAIL = struct.Struct("<QII")
+EVENT_SIZE = _HEADER.size + 2 * _STACK_BYTES + _TAIL.size + STACK_COPY_BYTES
 
 
 @dataclass(slots=True)
@@ -36,6 +38,8 @@ class RawStackEvent:
     kernel: list[int]
     user_error: int
     kernel_error: int
+    user_sp: int = 0
+    stack_copy: bytes = b""
 
 
 def parse_stack_event(raw: bytes) -> RawStackEvent:
@@ -45,11 +49,15 @@ def parse_stack_event(raw: bytes) -> RawStackEvent:
     ts, value, aux, pid, tid, cpu, ulen, klen, kind, comm = _HEADER.unpack_from(raw)
     user = _addresses(raw, _HEADER.size, ulen)
     kernel = _addresses(raw, _HEADER.size + _STACK_BYTES, klen)
+    tail = _HEADER.size + 2 * _STACK_BYTES
+    user_sp, copy_len, _ = _TAIL.unpack_from(raw, tail)
+    copy_start = tail + _TAIL.size
     return RawStackEvent(
         ts, value, aux, pid, tid, cpu, kind,
         comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
         user, kernel,
         ulen if ulen < 0 else 0, klen if klen < 0 else 0,
+        user_sp, raw[copy_start : copy_start + min(copy_len, STACK_COPY_BYTES)],
     )
 
 

@@ -35,14 +35,22 @@ class AgentSettings(BaseSettings):
     # Outgoing NATS messages waiting to be published; beyond this the oldest are dropped and counted.
     max_outgoing_messages: int = Field(default=1_000, ge=10)
     max_dictionary_entries: int = Field(default=100_000, ge=100)
+    # Process selection for the event-tracing actors (wall, lock, heap); none set = all user processes.
+    target_pids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    target_comm: str | None = None
+    target_cgroup: str | None = None
+    # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
+    lock_min_wait_ns: int = Field(default=10_000, ge=0)
+    # Off-CPU periods shorter than this are summed per thread without a stack.
+    wall_min_block_ns: int = Field(default=1_000_000, ge=0)
     # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
     metrics_address: str | None = None
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
 
-    @field_validator("types", mode="before")
+    @field_validator("types", "target_pids", mode="before")
     @classmethod
-    def _split_types(cls, v: object) -> object:
+    def _split_list(cls, v: object) -> object:
         if isinstance(v, str):
             return [t.strip() for t in v.split(",") if t.strip()]
         return v

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 from agent.bpf_events import RawStackEvent
+from agent.stack_scan import recover_skipped_frames
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame
@@ -22,5 +23,6 @@ def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, 
         counters.inc("stack_errors", type=type_name, part="kernel",
                      errno=errno.errorcode.get(-ev.kernel_error, "?"))
     kernel = symbolizer.symbolize_kernel(ev.kernel) if ev.kernel else ()
-    user = symbolizer.symbolize_user(ev.pid, ev.user) if ev.user else ()
+    addresses = recover_skipped_frames(ev.pid, ev.user, ev.user_sp, ev.stack_copy, symbolizer, counters)
+    user = symbolizer.symbolize_user(ev.pid, addresses) if addresses else ()
     return tuple(kernel) + tuple(user)

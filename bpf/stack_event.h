@@ -13,6 +13,9 @@
 #ifndef MAX_STACK_DEPTH
 #define MAX_STACK_DEPTH 127
 #endif
+#ifndef STACK_COPY_BYTES
+#define STACK_COPY_BYTES 512
+#endif
 
 struct stack_event {
     u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -27,6 +30,13 @@ struct stack_event {
     char comm[16];      /* thread name */
     u64 user[MAX_STACK_DEPTH];
     u64 kernel[MAX_STACK_DEPTH];
+    /* User stack pointer and a copy of the words above it: lets the agent recover the
+     * frames that frame-pointer walking skips when the leaf is in code built without
+     * frame pointers (libc), see agent/stack_scan.py. copy_len is 0 if the read failed. */
+    u64 user_sp;
+    u32 copy_len;
+    u32 _pad;
+    u8 stack_copy[STACK_COPY_BYTES];
 };
 
 /* Fill pid/tid/cpu/comm/ts and both stacks into a reserved event. */
@@ -39,6 +49,17 @@ static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, 
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
     ev->user_len = bpf_get_stack(ctx, ev->user, sizeof(ev->user), BPF_F_USER_STACK);
     ev->kernel_len = bpf_get_stack(ctx, ev->kernel, sizeof(ev->kernel), 0);
+    /* The task's user registers (pt_regs layout is the hardware frame: stable across
+     * kernel versions, unlike task_struct), whether we interrupted user or kernel mode. */
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+    u64 sp = 0;
+    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+    ev->user_sp = sp;
+    ev->_pad = 0;
+    ev->copy_len = 0;
+    if (ev->user_len > 0 && sp && bpf_probe_read_user(ev->stack_copy, STACK_COPY_BYTES, (void *)sp) == 0)
+        ev->copy_len = STACK_COPY_BYTES;
 }
 
 #endif

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Executor
@@ -26,6 +28,7 @@ from typing import Any, ClassVar
 from agent.bpf_loader import load_program
 from agent.clock import MonotonicToUnix
 from agent.memory import release_compiler_memory
+from agent.selectors import ProcessSelector, sync_targets
 from agent.settings import AgentSettings
 from agent.symbols import Symbolizer
 from shared.counters import Counters
@@ -72,16 +75,27 @@ class RingBufferActor(ProfileActor):
 
     bpf_source: ClassVar[str]
     poll_timeout_ms: ClassVar[int] = 250
+    # Actors whose program includes bpf/targets.h: the process selectors apply to them.
+    uses_targets: ClassVar[bool] = False
+    TARGET_SCAN_INTERVAL_S: ClassVar[float] = 2.0
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
         self._pending: deque[bytes] = deque(maxlen=ctx.settings.max_pending_events)
         self._stop_polling = threading.Event()
         self.bpf: Any = None
+        s = ctx.settings
+        self.selector = ProcessSelector(list(s.target_pids), s.target_comm, s.target_cgroup)
+        self._targets: set[int] = set()
+        self._targets_synced = 0.0
 
     # -- hooks for subclasses -------------------------------------------------------------
     def bpf_defines(self) -> dict[str, int | str]:
-        return {"RINGBUF_PAGES": _pow2(self.ctx.settings.ringbuf_pages)}
+        defines: dict[str, int | str] = {"RINGBUF_PAGES": _pow2(self.ctx.settings.ringbuf_pages)}
+        if self.uses_targets:
+            defines["AGENT_TGID"] = os.getpid()
+            defines["TARGET_FILTER"] = int(self.selector.filters)
+        return defines
 
     @abstractmethod
     def attach(self, bpf: Any) -> None:
@@ -118,6 +132,9 @@ class RingBufferActor(ProfileActor):
             bpf.cleanup()
             raise
         self.bpf = bpf
+        if self.uses_targets and self.selector.filters:
+            self._targets = sync_targets(self.selector, bpf["targets"], set(), self.ctx.counters)
+            self._targets_synced = time.monotonic()
         release_compiler_memory()
 
     async def run(self) -> None:
@@ -160,6 +177,11 @@ class RingBufferActor(ProfileActor):
             await self.ctx.sink.submit(self.profile_type, samples, self.period())
 
     def _convert(self, records: list[bytes]) -> list[Sample]:
+        if self.uses_targets and self.selector.filters and self.bpf is not None:
+            now = time.monotonic()
+            if now - self._targets_synced >= self.TARGET_SCAN_INTERVAL_S:
+                self._targets = sync_targets(self.selector, self.bpf["targets"], self._targets, self.ctx.counters)
+                self._targets_synced = now
         self.read_bpf_counters()
         samples = self.to_samples(records)
         self.ctx.counters.inc("samples_collected", len(samples), type=self.profile_type.value)

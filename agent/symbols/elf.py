@@ -109,6 +109,11 @@ class ElfSymbols:
         self._line_rows = [(r[1], r[2]) for r in rows]
         self._has_dwarf = bool(rows)
 
+    def read(self, file_offset: int, size: int) -> bytes:
+        """Raw bytes of the file (e.g. the instruction bytes before a return address)."""
+        self._stream.seek(file_offset)
+        return self._stream.read(size)
+
     def close(self) -> None:
         self._stream.close()
 

@@ -127,6 +127,27 @@ class Symbolizer:
             frames.append(frame)
         return tuple(frames)  # type: ignore[arg-type]
 
+    def code_before(self, pid: int, address: int, size: int) -> bytes | None:
+        """The ``size`` bytes of file-backed executable code just before ``address`` in ``pid``.
+
+        None when ``address`` is not inside an executable file mapping (a stack word that is
+        not a code pointer). Read from the mapped file, not the process, so it is cheap and
+        works after the process exits.
+        """
+        process = self._process(pid)
+        if process is None:
+            return None
+        region = self._find_region(process, address)
+        if region is None or region.file_key is None or address - size < region.entry.start:
+            return None
+        elf = self._elf(pid, region)
+        if elf is None:
+            return None
+        try:
+            return elf.read(address - size - region.entry.start + region.entry.offset, size)
+        except OSError:
+            return None
+
     def process_name(self, pid: int) -> str:
         process = self._process(pid)
         return process.comm if process else ""

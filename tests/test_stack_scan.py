@@ -1,0 +1,25 @@
+"""Stack-scan recovery: call-site validation on real instruction encodings."""
+
+from __future__ import annotations
+
+from agent.stack_scan import looks_like_call_site
+
+
+def test_call_encodings_are_recognised() -> None:
+    pad = b"\x90" * 7
+    assert looks_like_call_site(pad + b"\xe8\x10\x20\x30\x40")  # call rel32
+    assert looks_like_call_site(pad + b"\xff\xd0")  # call rax
+    assert looks_like_call_site(pad + b"\x41\xff\xd3")  # call r11 (REX.B)
+    assert looks_like_call_site(pad + b"\xff\x50\x08")  # call [rax+8]
+    assert looks_like_call_site(pad + b"\xff\x54\x24\x08")  # call [rsp+8] (SIB, disp8)
+    assert looks_like_call_site(pad + b"\xff\x15\x00\x10\x00\x00")  # call [rip+0x1000]
+    assert looks_like_call_site(pad + b"\xff\x94\x24\x00\x01\x00\x00")  # call [rsp+0x100] (SIB, disp32)
+
+
+def test_non_calls_are_rejected() -> None:
+    pad = b"\x90" * 7
+    assert not looks_like_call_site(pad + b"\x90\x90\x90\x90\x90")
+    assert not looks_like_call_site(pad + b"\xff\xe0")  # jmp rax (FF /4)
+    assert not looks_like_call_site(pad + b"\xff\x25\x00\x10\x00\x00")  # jmp [rip+...]
+    assert not looks_like_call_site(pad + b"\x48\x89\xc7")  # mov rdi, rax
+    assert not looks_like_call_site(b"\xe8")  # too short to tell
