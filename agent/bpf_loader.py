@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,28 @@ def _status_field(name: str) -> str:
     raise ValueError(name)
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+\.h)"\s*$', re.MULTILINE)
+
+
+def expand_local_includes(text: str, seen: set[str] | None = None) -> str:
+    """Inline our own ``#include "x.h"`` headers into the program text.
+
+    bcc rewrites map operations (``map.lookup()`` etc.) only in the main source, not in
+    included files, so a header helper that touches a map would compile to an invalid call.
+    Inlining makes every line part of the main source. System headers are left to clang.
+    """
+    seen = set() if seen is None else seen
+
+    def inline(match: re.Match[str]) -> str:
+        header = match.group(1)
+        if header in seen:
+            return ""
+        seen.add(header)
+        return expand_local_includes(bpf_sources.source(header), seen)
+
+    return _LOCAL_INCLUDE.sub(inline, text)
+
+
 def load_program(name: str, defines: dict[str, int | str]) -> Any:
     """Compile ``bpf/<name>`` with ``-D`` defines; raises BpfUnavailable on failure. Blocking."""
     try:
@@ -68,7 +91,7 @@ def load_program(name: str, defines: dict[str, int | str]) -> Any:
     cflags = [f"-I{_include_dir()}", "-Wno-macro-redefined"]
     cflags += [f"-D{k}={v}" for k, v in defines.items()]
     try:
-        return BPF(text=bpf_sources.source(name), cflags=cflags)
+        return BPF(text=expand_local_includes(bpf_sources.source(name)), cflags=cflags)
     except Exception as exc:
         raise BpfUnavailable(f"compiling/loading {name} failed: {exc}") from exc
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from agent.actors.base import ActorContext, ProfileActor
 from agent.actors.cpu import CpuActor
 from agent.actors.lock import LockActor
+from agent.actors.wall import WallActor
 from shared.profile_types import ProfileType
 
 ACTORS: dict[ProfileType, type[ProfileActor]] = {
     ProfileType.CPU: CpuActor,
     ProfileType.LOCK: LockActor,
+    ProfileType.WALL: WallActor,
 }
 
 __all__ = ["ACTORS", "ActorContext", "ProfileActor"]

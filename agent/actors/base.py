@@ -77,7 +77,8 @@ class RingBufferActor(ProfileActor):
     poll_timeout_ms: ClassVar[int] = 250
     # Actors whose program includes bpf/targets.h: the process selectors apply to them.
     uses_targets: ClassVar[bool] = False
-    TARGET_SCAN_INTERVAL_S: ClassVar[float] = 2.0
+    # New processes matching a selector are traced from the next scan on (at most this late).
+    TARGET_SCAN_INTERVAL_S: ClassVar[float] = 1.0
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)

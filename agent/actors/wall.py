@@ -1,0 +1,116 @@
+"""Wall actor: elapsed time per thread and stack, on-CPU plus off-CPU (bpf/wall.bpf.c).
+
+On-CPU time comes from sampling (value = period); off-CPU time from sched_switch, with the
+stack the thread blocked in and why (its task state). Off-CPU periods shorter than
+``wall_min_block_ns`` are summed per thread in the kernel and reported once per flush
+without a stack, so a busy host's millions of tiny waits cost a map update each, not a
+record each. Values are nanoseconds; per thread they add up to its elapsed time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.actors.base import RingBufferActor
+from agent.bpf_events import parse_stack_event
+from agent.bpf_loader import read_percpu_counters
+from agent.stacks import event_frames
+from shared.model import Sample
+from shared.profile_types import ProfileType
+
+# Linux task states as sched_switch reports prev_state (TASK_REPORT bits).
+_STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
+           0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
+MAX_BLOCKED_THREADS = 16384
+
+
+def task_state_name(state: int) -> str:
+    return _STATES.get(state & 0xFF, f"state-{state:#x}")
+
+
+class WallActor(RingBufferActor):
+    """Samples on-CPU stacks and traces off-CPU intervals of target processes."""
+
+    profile_type = ProfileType.WALL
+    bpf_source = "wall.bpf.c"
+    uses_targets = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen = [0, 0, 0, 0]
+
+    def period(self) -> int:
+        return 1_000_000_000 // self.ctx.settings.frequency_hz
+
+    def bpf_defines(self) -> dict[str, int | str]:
+        return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
+                "MIN_BLOCK_NS": self.ctx.settings.wall_min_block_ns, "MAX_BLOCKED_THREADS": MAX_BLOCKED_THREADS}
+
+    def attach(self, bpf: Any) -> None:
+        from bcc import PerfSWConfig, PerfType
+
+        bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
+                              fn_name="on_cpu_sample", sample_freq=self.ctx.settings.frequency_hz)
+
+    def read_bpf_counters(self) -> None:
+        if self.bpf is None:
+            return
+        now = read_percpu_counters(self.bpf["counters"])
+        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
+        self._seen = now
+        if delta[1]:
+            self.ctx.counters.inc("events_dropped", delta[1], type="wall", reason="ringbuf_full")
+        if delta[2]:
+            self.ctx.counters.inc("events_dropped", delta[2], type="wall", reason="blocked_map_full")
+
+    def _short_blocks(self) -> list[Sample]:
+        """Drain the per-thread sums of short off-CPU periods into stackless samples."""
+        table = self.bpf["short_blocks"]
+        now = self.ctx.clock.to_unix_ns(_monotonic_ns())
+        out = []
+        for key, value in list(table.items()):
+            try:
+                del table[key]
+            except KeyError:
+                pass
+            tid, tgid = key.value, value.tgid
+            out.append(Sample(now, 0, tgid, tid, _thread_name(tgid, tid),
+                              self.ctx.symbolizer.process_name(tgid), (), (int(value.ns),),
+                              {"wall.state": "short-off-cpu", "wall.blocks": str(value.count)}))
+        return out
+
+    def to_samples(self, records: list[bytes]) -> list[Sample]:
+        ctx = self.ctx
+        out = self._short_blocks() if self.bpf is not None else []
+        for raw in records:
+            try:
+                ev = parse_stack_event(raw)
+            except ValueError:
+                ctx.counters.inc("events_dropped", type="wall", reason="malformed_record")
+                continue
+            state = "on-cpu" if ev.kind == 0 else task_state_name(ev.aux)
+            out.append(Sample(
+                timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
+                cpu=ev.cpu, pid=ev.pid, tid=ev.tid, thread_name=ev.thread_name,
+                process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
+                frames=event_frames(ev, ctx.symbolizer, ctx.counters, "wall"),
+                values=(ev.value,),
+                attributes={"wall.state": state},
+            ))
+        return out
+
+
+def _monotonic_ns() -> int:
+    import time
+
+    return time.monotonic_ns()
+
+
+def _thread_name(tgid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{tgid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+

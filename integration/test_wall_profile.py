@@ -1,0 +1,90 @@
+"""Wall profile on the real kernel: threads alternating 30 ms busy / 70 ms asleep.
+
+The wall profile of the worker threads must split ~30/70 between busy_part (on-CPU) and
+sleep_part (off-CPU, state "sleeping") within 5 percentage points, and each thread's total
+wall time must be within 5% of the time it existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.otlp import validate_request
+from integration.harness import PipelineRun, build_c, run_pipeline
+from shared.profile_types import ProfileType
+from stackfleet.nats_server import NatsServer
+
+SECONDS, THREADS = 6.0, 2
+PPROF = Path(__file__).resolve().parents[1] / ".tools" / "pprof"
+
+
+@pytest.fixture(scope="module")
+def wall_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int, float, Path]:
+    tmp = tmp_path_factory.mktemp("wall")
+    exe = build_c("wall_split.c", tmp)
+    out_dir = tmp / "profiles"
+    box: list[int] = []
+    lifetime: list[float] = []
+
+    async def workload(run: PipelineRun) -> None:
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(str(exe), str(SECONDS), str(THREADS), "30", "70",
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        box.append(proc.pid)
+        # Let the name selector's /proc scan (1 s) put the process in the BPF target map first.
+        await asyncio.sleep(2.0)
+        await proc.communicate(b"go\n")
+        lifetime.append(time.monotonic() - started)
+        assert proc.returncode == 0
+
+    with NatsServer() as nats:
+        run = asyncio.run(run_pipeline(nats.url, [ProfileType.WALL], workload, output_dir=out_dir,
+                                       export_interval_s=2.0, agent_overrides={"target_comm": "^wall_split$"}))
+    return run, box[0], lifetime[0], out_dir
+
+
+def worker_samples(run: PipelineRun, pid: int) -> list:  # type: ignore[type-arg]
+    return [s for s in run.samples(ProfileType.WALL, pid) if s.tid != pid]
+
+
+def test_busy_and_sleep_split_30_70(wall_run: tuple[PipelineRun, int, float, Path]) -> None:
+    run, pid, _, _ = wall_run
+    samples = worker_samples(run, pid)
+    assert samples, run.agent_counters.snapshot()
+    total = sum(s.values[0] for s in samples)
+    busy = sum(s.values[0] for s in samples if any(f.function == "busy_part" for f in s.frames))
+    asleep = sum(s.values[0] for s in samples if any(f.function == "sleep_part" for f in s.frames))
+    assert abs(100 * busy / total - 30) <= 5, (busy / total, asleep / total)
+    assert abs(100 * asleep / total - 70) <= 5, (busy / total, asleep / total)
+    states = {dict(s.attributes)["wall.state"] for s in samples if any(f.function == "sleep_part" for f in s.frames)}
+    assert "sleeping" in states
+
+
+def test_total_wall_time_per_thread_matches_elapsed(wall_run: tuple[PipelineRun, int, float, Path]) -> None:
+    run, pid, _, _ = wall_run
+    per_thread: dict[int, int] = {}
+    for s in worker_samples(run, pid):
+        per_thread[s.tid] = per_thread.get(s.tid, 0) + s.values[0]
+    assert len(per_thread) == THREADS
+    for tid, ns in per_thread.items():
+        # Each worker runs SECONDS (its loop's own deadline) from thread start to exit.
+        assert abs(ns / 1e9 - SECONDS) <= 0.05 * SECONDS, (tid, ns / 1e9)
+
+
+def test_selector_kept_other_processes_out(wall_run: tuple[PipelineRun, int, float, Path]) -> None:
+    run, pid, _, _ = wall_run
+    assert {s.pid for s in run.samples(ProfileType.WALL)} == {pid}
+
+
+def test_outputs_are_valid(wall_run: tuple[PipelineRun, int, float, Path]) -> None:
+    run, _, _, out_dir = wall_run
+    assert all(validate_request(r) == [] for r in run.requests)
+    pprof_file = max(out_dir.glob("*.wall.pb.gz"), key=lambda f: f.stat().st_size)
+    top = subprocess.run([str(PPROF), "-top", "-cum", str(pprof_file)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "sleep_part" in top and "busy_part" in top
