@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,18 @@ def expand_local_includes(text: str, seen: set[str] | None = None) -> str:
     return _LOCAL_INCLUDE.sub(inline, text)
 
 
+# bcc is not safe to use from several threads at once while compiling and loading (seen:
+# "Could not open ring buffer" when three actors started together), so every load, attach
+# and ring-buffer setup runs under this lock. Polling and map reads do not need it.
+BCC_LOCK = threading.Lock()
+
+
 def load_program(name: str, defines: dict[str, int | str]) -> Any:
-    """Compile ``bpf/<name>`` with ``-D`` defines; raises BpfUnavailable on failure. Blocking."""
+    """Compile ``bpf/<name>`` with ``-D`` defines; raises BpfUnavailable on failure. Blocking.
+
+    Callers that attach or open ring buffers afterwards should hold ``BCC_LOCK`` around the
+    whole sequence (it is reentrant-safe to call this while holding it: see RingBufferActor).
+    """
     try:
         from bcc import BPF
     except ImportError as exc:  # pragma: no cover - depends on the machine

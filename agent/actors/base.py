@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.bpf_loader import load_program
+from agent.bpf_loader import BCC_LOCK, load_program
 from agent.clock import MonotonicToUnix
 from agent.memory import release_compiler_memory
 from agent.selectors import ProcessSelector, sync_targets
@@ -125,13 +125,14 @@ class RingBufferActor(ProfileActor):
             self.bpf.ring_buffer_poll(self.poll_timeout_ms)
 
     def _load_and_attach(self) -> None:
-        bpf = load_program(self.bpf_source, self.bpf_defines())
-        try:
-            bpf["events"].open_ring_buffer(self._on_record)
-            self.attach(bpf)
-        except Exception:
-            bpf.cleanup()
-            raise
+        with BCC_LOCK:
+            bpf = load_program(self.bpf_source, self.bpf_defines())
+            try:
+                bpf["events"].open_ring_buffer(self._on_record)
+                self.attach(bpf)
+            except Exception:
+                bpf.cleanup()
+                raise
         self.bpf = bpf
         if self.uses_targets and self.selector.filters:
             self._targets = sync_targets(self.selector, bpf["targets"], set(), self.ctx.counters)
