@@ -133,11 +133,12 @@ class RingBufferActor(ProfileActor):
             except Exception:
                 bpf.cleanup()
                 raise
+            # Under the lock: a concurrent compile would fault the pages straight back in.
+            release_compiler_memory()
         self.bpf = bpf
         if self.uses_targets and self.selector.filters:
             self._targets = sync_targets(self.selector, bpf["targets"], set(), self.ctx.counters)
             self._targets_synced = time.monotonic()
-        release_compiler_memory()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
