@@ -49,6 +49,8 @@ def recover_skipped_frames(pid: int, user: list[int], user_sp: int, stack_copy: 
     """``user`` with validated return addresses inserted between the leaf and the FP chain."""
     if not user or len(stack_copy) < 16:
         return user
+    if symbolizer.has_frame_pointer_prologue(pid, user[0]):
+        return user  # the leaf keeps a frame pointer: frame-pointer walking skipped nothing
     words = array("Q")
     words.frombytes(stack_copy[: len(stack_copy) - len(stack_copy) % 8])
     if len(user) == 1:

@@ -9,6 +9,7 @@ local files, which protoc and Google's pprof must read.
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import subprocess
 from collections import Counter
@@ -45,11 +46,16 @@ def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int,
     pid_box: list[int] = []
 
     async def workload(run: PipelineRun) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = await asyncio.create_subprocess_exec(str(exe), str(SECONDS), str(THREADS),
                                                     stdout=asyncio.subprocess.PIPE)
         pid_box.append(proc.pid)
         await proc.communicate()
         assert proc.returncode == 0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds the workload really got: on a loaded machine its threads do not run
+        # SECONDS x THREADS, and 99 Hz sampling can only see the time they ran.
+        run.workload_output = str(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
     with NatsServer() as nats, OtlpTestServer() as otlp:
         run = asyncio.run(run_pipeline(nats.url, [ProfileType.CPU], workload, output_dir=out_dir,
@@ -105,7 +111,9 @@ def test_pid_tid_count_and_timestamps(cpu_run: tuple[PipelineRun, int, Path, Otl
     assert len(worker_tids) == THREADS and pid not in worker_tids
     assert all(s.thread_name == "cpu_chain" for s in samples)
     count = sum(len(s.timestamps_ns) for s in samples)
-    expected = HZ * SECONDS * THREADS
+    cpu_seconds = float(run.workload_output)
+    assert cpu_seconds > 0.25 * SECONDS * THREADS, f"workload got only {cpu_seconds:.2f} CPU-s"
+    expected = HZ * cpu_seconds  # = 99 Hz x seconds x busy threads when the machine is otherwise idle
     assert abs(count - expected) <= 0.15 * expected, f"{count} samples, expected ~{expected:.0f}"
     stamps = [t for s in samples for t in s.timestamps_ns]
     slack = 200_000_000  # process start/exit around the window edges

@@ -75,6 +75,17 @@ class ElfSymbols:
             return self._names[i]
         return ""
 
+    def function_start(self, vaddr: int) -> int | None:
+        """Start address of the function symbol containing ``vaddr``."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        return self._starts[i] if i >= 0 and self.function(vaddr) else None
+
+    def vaddr_to_file_offset(self, vaddr: int) -> int | None:
+        for seg in self.segments:
+            if seg.vaddr <= vaddr < seg.vaddr + max(seg.filesz, 1):
+                return vaddr - seg.vaddr + seg.offset
+        return None
+
     def line(self, vaddr: int) -> tuple[str, int]:
         """(source file, line) for ``vaddr`` from DWARF, or ("", 0)."""
         if not self._has_dwarf:

@@ -148,6 +148,35 @@ class Symbolizer:
         except OSError:
             return None
 
+    def has_frame_pointer_prologue(self, pid: int, address: int) -> bool | None:
+        """Whether the function containing ``address`` starts with ``push rbp; mov rbp, rsp``.
+
+        Code built with frame pointers does; Debian's libc does not. None when unknown (no
+        symbol). Cached per (file, function start).
+        """
+        process = self._process(pid)
+        region = self._find_region(process, address) if process else None
+        if region is None or region.file_key is None:
+            return None
+        elf = self._elf(pid, region)
+        if elf is None:
+            return None
+        vaddr = elf.file_offset_to_vaddr(address - region.entry.start + region.entry.offset)
+        start = elf.function_start(vaddr) if vaddr is not None else None
+        if start is None:
+            return None
+        key = ("fp", region.file_key, start)
+        cached = self._addresses.hit(key)
+        if cached is None:
+            offset = elf.vaddr_to_file_offset(start)
+            code = elf.read(offset, 8) if offset is not None else b""
+            # endbr64 (f3 0f 1e fa) may precede the prologue in CET-enabled builds.
+            if code.startswith(b"\xf3\x0f\x1e\xfa"):
+                code = code[4:] + elf.read(offset + 8, 4) if offset is not None else code
+            cached = code.startswith((b"\x55\x48\x89\xe5", b"\x55\x48\x8b\xec"))
+            self._addresses.put(key, cached)
+        return bool(cached)
+
     def process_name(self, pid: int) -> str:
         process = self._process(pid)
         return process.comm if process else ""
