@@ -52,7 +52,7 @@ class Publisher(SampleSink):
         return enc
 
     async def start(self) -> None:
-        self._nc = await connect(self.settings.nats, name=f"stackfleet-agent@{self.host}")
+        self._nc = await connect(self.settings.nats, name=f"stackfleet-agent@{self.host}", counters=self.counters)
         await self._nc.subscribe(RESYNC_SUBJECT, cb=self._on_resync)
         self._sender = asyncio.create_task(self._send_loop(), name="publisher-send")
         log.info("publishing as agent %s for host %s to %s", self.agent_id, self.host, self.settings.nats.url)

@@ -183,6 +183,14 @@ class Intake:
         for key in [k for k, s in self.streams.items() if now - s.last_seen > STREAM_IDLE_TIMEOUT_S]:
             del self.streams[key]
 
+    def drop_parked(self, reason: str) -> int:
+        """Count and discard every parked message (shutdown): nothing leaves uncounted."""
+        n = len(self.parked)
+        for p in self.parked:
+            self.counters.inc("messages_dropped", reason=reason, host=p.stream.host)
+        self.parked.clear()
+        return n
+
     async def _resync(self, key: StreamKey, state: StreamState | None, reason: str) -> None:
         now = time.monotonic()
         slot = (key.host, key.profile_type)

@@ -86,7 +86,7 @@ async def run_aggregator(
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
     merger = Merger()
-    nc = await connect(settings.nats, name="stackfleet-aggregator")
+    nc = await connect(settings.nats, name="stackfleet-aggregator", counters=counters)
 
     async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
         await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
@@ -155,6 +155,7 @@ async def run_aggregator(
             await metrics.close()
         with contextlib.suppress(Exception):
             await nc.drain()
+        intake.drop_parked("shutdown_parked")
         await export_once()
         if sender is not None:
             await sender.close(timeout_s=5.0)

@@ -12,7 +12,10 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.errors import SlowConsumerError
 from pydantic import BaseModel
+
+from shared.counters import Counters
 
 log = logging.getLogger("stackfleet.nats")
 
@@ -43,10 +46,19 @@ def _tls_context(s: NatsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-async def connect(s: NatsSettings, name: str, **callbacks: Any) -> NATS:
-    """Connect with infinite reconnects; errors and state changes are logged, not swallowed."""
+async def connect(s: NatsSettings, name: str, counters: Counters | None = None, **callbacks: Any) -> NATS:
+    """Connect with infinite reconnects; errors and state changes are logged and counted.
+
+    A slow consumer (our subscription's pending buffer full) makes the client drop messages:
+    that is counted as ``messages_dropped{reason=slow_consumer}``, never silent.
+    """
 
     async def error_cb(exc: Exception) -> None:
+        if counters is not None:
+            if isinstance(exc, SlowConsumerError):
+                counters.inc("messages_dropped", reason="slow_consumer", subject=str(exc.subject))
+            else:
+                counters.inc("nats_errors", error=type(exc).__name__)
         log.warning("%s: NATS error: %s", name, exc)
 
     async def disconnected_cb() -> None:
