@@ -42,7 +42,7 @@ class AgentSettings(BaseSettings):
     # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
     lock_min_wait_ns: int = Field(default=10_000, ge=0)
     # Off-CPU periods shorter than this are summed per thread without a stack.
-    wall_min_block_ns: int = Field(default=10_000_000, ge=0)
+    wall_min_block_ns: int = Field(default=1_000_000, ge=0)
     # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
     metrics_address: str | None = None
     restart_backoff_initial_s: float = 1.0
