@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
+from shared.profile_types import PROFILE_TYPES
 from shared.wire import DecodedSamples
 
 
@@ -35,6 +36,7 @@ class Merger:
         strings, stacks = batch.dictionary.strings, batch.dictionary.stacks
         samples = profile.samples
         lo, hi = profile.start_ns, profile.end_ns
+        snapshot = PROFILE_TYPES[batch.stream.profile_type].snapshot
         for row in batch.rows:
             t, c, p, th, tn, pn, st, vals, attrs = row
             sample_key = (stream, st, p, th, tn, pn, c, attrs)
@@ -43,6 +45,9 @@ class Merger:
                 samples[sample_key] = AggregatedSample(
                     stacks[st], p, th, strings[tn], strings[pn], c,
                     tuple(sorted((strings[k], strings[v]) for k, v in attrs)), list(vals), [t], [vals])
+            elif snapshot:  # a gauge: the latest report replaces the earlier one
+                if t >= agg.timestamps_ns[-1]:
+                    agg.values, agg.timestamps_ns, agg.series = list(vals), [t], [vals]
             else:
                 agg_values = agg.values
                 for i, v in enumerate(vals):

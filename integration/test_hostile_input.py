@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 
 import msgpack
 import nats
@@ -17,6 +18,8 @@ from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from shared.subjects import dict_subject, samples_subject
 from stackfleet.nats_server import NatsServer
+
+HOST = socket.gethostname()  # the agent's default host name
 
 BAD_MESSAGES = 10_000
 
@@ -29,7 +32,7 @@ def hostile_payloads(rng: random.Random) -> list[tuple[str, bytes]]:
         lambda: (samples_subject(ProfileType.CPU, evil), rng.randbytes(rng.randint(0, 300))),
         lambda: (samples_subject(ProfileType.CPU, evil), msgpack.packb({**header, "v": 99, "kind": "samples"})),
         lambda: (samples_subject(ProfileType.CPU, evil), msgpack.packb(  # claims to be the real host
-            {**header, "host": "vm", "kind": "samples"})),
+            {**header, "host": HOST, "kind": "samples"})),
         lambda: (dict_subject(ProfileType.CPU, evil), msgpack.packb(
             {**header, "kind": "dict", "strings": [1, ["x"] * 10], "stacks": [1, [[99_999]]]})),
         lambda: (samples_subject(ProfileType.CPU, evil), msgpack.packb(
@@ -69,7 +72,7 @@ def test_hostile_messages_are_counted_and_good_profiles_survive(tmp_path):  # ty
     dropped = counters.get("messages_dropped")
     assert rejected + dropped == BAD_MESSAGES, counters.snapshot()
     assert counters.get("messages_dropped", reason="slow_consumer") == 0
-    assert all(h == "vm" for fleet in run.fleets for (h, _t) in fleet.hosts), "evil host state leaked"
+    assert all(h == HOST for fleet in run.fleets for (h, _t) in fleet.hosts), "evil host state leaked"
     samples = run.samples(ProfileType.CPU, box[0])
     assert sum(len(s.timestamps_ns) for s in samples) > 100
     assert any(f.function == "hot_leaf" for s in samples for f in s.frames)

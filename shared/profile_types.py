@@ -42,6 +42,9 @@ class ProfileTypeSpec:
     sample_types: tuple[ValueType, ...]
     period_type: ValueType
     description: str
+    # True for gauges (live goroutines): each report replaces the previous one for the same
+    # sample instead of adding to it.
+    snapshot: bool = False
 
 
 PROFILE_TYPES: dict[ProfileType, ProfileTypeSpec] = {
@@ -79,6 +82,7 @@ PROFILE_TYPES: dict[ProfileType, ProfileTypeSpec] = {
         sample_types=(ValueType("goroutine", "count"),),
         period_type=ValueType("goroutine", "count"),
         description="live goroutines per stack in Go processes",
+        snapshot=True,
     ),
 }
 

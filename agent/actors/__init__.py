@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent.actors.base import ActorContext, ProfileActor
 from agent.actors.cpu import CpuActor
+from agent.actors.goroutine import GoroutineActor
 from agent.actors.lock import LockActor
 from agent.actors.wall import WallActor
 from shared.profile_types import ProfileType
@@ -12,6 +13,7 @@ ACTORS: dict[ProfileType, type[ProfileActor]] = {
     ProfileType.CPU: CpuActor,
     ProfileType.LOCK: LockActor,
     ProfileType.WALL: WallActor,
+    ProfileType.GOROUTINE: GoroutineActor,
 }
 
 __all__ = ["ACTORS", "ActorContext", "ProfileActor"]

@@ -1,0 +1,213 @@
+"""Goroutine actor: live goroutines per start function and creation stack (bpf/goroutine.bpf.c).
+
+Go processes are discovered by a /proc scan every few seconds; each new Go binary gets
+entry uprobes on ``runtime.newproc1`` and ``runtime.goexit1`` (once per binary: a uprobe on
+a file covers every process running it) and each process its ``runtime.g.startpc`` offset
+in the BPF ``go_procs`` map. Creations arrive with the creator's stack; exits are counted
+per start PC in the kernel. Live = created - exited, per (process, start function,
+creation stack); when a start function was created from several stacks, an exit is taken
+from the stack with the most live goroutines.
+
+Reported as a snapshot every flush (profile type ``goroutine``, value = live count, the
+aggregator keeps the latest): the leaf frame is the goroutine's start function, the rest is
+where the ``go`` statement ran. Goroutines that existed before their process was probed
+are not seen (counted from the moment of probing, like heap in-use after a restart).
+Runtime-internal goroutines (start function in package ``runtime``, except runtime.main)
+carry ``goroutine.system=true``, matching what ``runtime.NumGoroutine`` leaves out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from agent.actors.base import RingBufferActor
+from agent.bpf_events import parse_stack_event
+from agent.bpf_loader import BCC_LOCK, read_percpu_counters
+from agent.go_runtime import GoRuntimeInfo, go_runtime_info
+from agent.stacks import event_frames
+from shared.model import Frame, FrameType, Sample
+from shared.profile_types import ProfileType
+
+DISCOVERY_INTERVAL_S = 2.0
+StackKey = tuple[Frame, ...]
+
+
+@dataclasses.dataclass
+class _GoProcess:
+    info: GoRuntimeInfo
+    comm: str
+    exe_path: str
+    # start PC -> creation stack -> live goroutines
+    live: dict[int, Counter[StackKey]] = dataclasses.field(default_factory=dict)
+    start_frames: dict[int, Frame] = dataclasses.field(default_factory=dict)
+    reported: set[tuple[int, StackKey]] = dataclasses.field(default_factory=set)
+
+
+class GoroutineActor(RingBufferActor):
+    """Tracks goroutine creation/exit in every Go process on the host."""
+
+    profile_type = ProfileType.GOROUTINE
+    bpf_source = "goroutine.bpf.c"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._processes: dict[int, _GoProcess] = {}
+        self._probed_binaries: set[tuple[int, int, int, int]] = set()
+        self._not_go: set[tuple[int, int, int, int]] = set()
+        self._discovered = 0.0
+        self._seen = [0, 0, 0, 0]
+
+    def period(self) -> int:
+        return 1
+
+    def attach(self, bpf: Any) -> None:
+        pass  # uprobes are attached per Go binary as processes are discovered
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _discover(self) -> None:
+        now = time.monotonic()
+        if now - self._discovered < DISCOVERY_INTERVAL_S:
+            return
+        self._discovered = now
+        alive = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            alive.add(pid)
+            if pid in self._processes or pid == os.getpid():
+                continue
+            try:
+                st = os.stat(f"/proc/{pid}/exe")
+                exe = f"/proc/{pid}/exe"
+            except OSError:
+                continue
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if identity in self._not_go:
+                continue
+            info = go_runtime_info(exe, identity)
+            if info is None:
+                self._not_go.add(identity)
+                continue
+            self._probe(pid, info, identity)
+        for pid in set(self._processes) - alive:
+            del self._processes[pid]
+            try:
+                del self.bpf["go_procs"][ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+
+    def _probe(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> None:
+        if not info.has_symbols:
+            # Stripped Go binaries need .gopclntab to find the probe addresses: not yet supported.
+            self.ctx.counters.inc("go_processes_skipped", reason="stripped")
+            self._not_go.add(identity)
+            return
+        path = os.path.realpath(f"/proc/{pid}/exe")
+        if identity not in self._probed_binaries:
+            try:
+                with BCC_LOCK:
+                    self.bpf.attach_uprobe(name=path, sym="runtime.newproc1", fn_name="on_newproc1")
+                    self.bpf.attach_uprobe(name=path, sym="runtime.goexit1", fn_name="on_goexit1")
+            except Exception as exc:
+                self.ctx.counters.inc("go_processes_skipped", reason="uprobe_failed")
+                self._not_go.add(identity)
+                self.ctx.counters.inc("errors", kind=type(exc).__name__)
+                return
+            self._probed_binaries.add(identity)
+        if info.startpc_offset is not None:
+            self.bpf["go_procs"][ctypes.c_uint32(pid)] = ctypes.c_uint32(info.startpc_offset)
+        else:
+            self.ctx.counters.inc("go_processes_without_exit_tracking")
+        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path)
+        self.ctx.counters.inc("go_processes_probed")
+
+    # -- events ------------------------------------------------------------------------------
+    def read_bpf_counters(self) -> None:
+        if self.bpf is None:
+            return
+        now = read_percpu_counters(self.bpf["counters"])
+        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
+        self._seen = now
+        if delta[1]:
+            self.ctx.counters.inc("events_dropped", delta[1], type="goroutine", reason="ringbuf_full")
+        if delta[3]:
+            self.ctx.counters.inc("events_dropped", delta[3], type="goroutine", reason="exit_map_full")
+
+    @staticmethod
+    def _go_frames(frames: tuple[Frame, ...], exe_path: str) -> tuple[Frame, ...]:
+        """Frames in the Go binary itself are Go frames (cgo libraries stay native)."""
+        return tuple(dataclasses.replace(f, frame_type=FrameType.GO)
+                     if f.mapping is not None and f.mapping.filename == exe_path else f for f in frames)
+
+    def to_samples(self, records: list[bytes]) -> list[Sample]:
+        if self.bpf is None:
+            return []
+        self._discover()
+        ctx = self.ctx
+        for raw in records:
+            try:
+                ev = parse_stack_event(raw)
+            except ValueError:
+                ctx.counters.inc("events_dropped", type="goroutine", reason="malformed_record")
+                continue
+            proc = self._processes.get(ev.pid)
+            if proc is None:
+                continue
+            creator = self._go_frames(event_frames(ev, ctx.symbolizer, ctx.counters, "goroutine"), proc.exe_path)
+            # The creator's stack starts inside the runtime (newproc1 <- systemstack <- newproc):
+            # keep from the function with the `go` statement outwards.
+            while len(creator) > 1 and creator[0].function.startswith("runtime."):
+                creator = creator[1:]
+            proc.live.setdefault(ev.aux, Counter())[creator] += 1
+            if ev.aux not in proc.start_frames:
+                (start,) = ctx.symbolizer.symbolize_user(ev.pid, [ev.aux])
+                proc.start_frames[ev.aux] = self._go_frames((start,), proc.exe_path)[0]
+        exits = self.bpf["exits"]
+        for key, value in list(exits.items()):
+            try:
+                del exits[key]
+            except KeyError:
+                pass
+            proc = self._processes.get(key.tgid)
+            stacks = proc.live.get(key.start_pc) if proc else None
+            for _ in range(int(value.value)):
+                if not stacks:
+                    ctx.counters.inc("goroutine_exits_unmatched")  # created before probing
+                    continue
+                stack, _n = stacks.most_common(1)[0]
+                stacks[stack] -= 1
+                if stacks[stack] <= 0:
+                    del stacks[stack]
+        return self._snapshot()
+
+    def _snapshot(self) -> list[Sample]:
+        now = self.ctx.clock.to_unix_ns(time.monotonic_ns())
+        out = []
+        for pid, proc in self._processes.items():
+            current: set[tuple[int, StackKey]] = set()
+            for start_pc, stacks in proc.live.items():
+                start = proc.start_frames.get(start_pc)
+                if start is None:
+                    continue
+                system = start.function.startswith("runtime.") and start.function != "runtime.main"
+                for stack, count in stacks.items():
+                    current.add((start_pc, stack))
+                    out.append(self._sample(now, pid, proc, start, stack, count, system))
+            # A stack whose goroutines all exited reports 0 once, so the latest snapshot is right.
+            for start_pc, stack in proc.reported - current:
+                start = proc.start_frames[start_pc]
+                out.append(self._sample(now, pid, proc, start, stack, 0, start.function.startswith("runtime.")))
+            proc.reported = current
+        return out
+
+    @staticmethod
+    def _sample(now: int, pid: int, proc: _GoProcess, start: Frame, stack: StackKey, count: int,
+                system: bool) -> Sample:
+        return Sample(now, 0, pid, pid, proc.comm, proc.comm, (start, *stack), (count,),
+                      {"goroutine.start": start.function, "goroutine.system": "true" if system else "false"})
