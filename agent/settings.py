@@ -39,6 +39,8 @@ class AgentSettings(BaseSettings):
     target_pids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     target_comm: str | None = None
     target_cgroup: str | None = None
+    # Heap: mean bytes between allocation samples (geometric sampling, as tcmalloc and Go).
+    heap_sample_bytes: int = Field(default=512 * 1024, ge=1)
     # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
     lock_min_wait_ns: int = Field(default=10_000, ge=0)
     # Off-CPU periods shorter than this are summed per thread without a stack.

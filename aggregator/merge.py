@@ -36,7 +36,7 @@ class Merger:
         strings, stacks = batch.dictionary.strings, batch.dictionary.stacks
         samples = profile.samples
         lo, hi = profile.start_ns, profile.end_ns
-        snapshot = PROFILE_TYPES[batch.stream.profile_type].snapshot
+        snapshot = PROFILE_TYPES[batch.stream.profile_type].snapshot_columns
         for row in batch.rows:
             t, c, p, th, tn, pn, st, vals, attrs = row
             sample_key = (stream, st, p, th, tn, pn, c, attrs)
@@ -45,9 +45,15 @@ class Merger:
                 samples[sample_key] = AggregatedSample(
                     stacks[st], p, th, strings[tn], strings[pn], c,
                     tuple(sorted((strings[k], strings[v]) for k, v in attrs)), list(vals), [t], [vals])
-            elif snapshot:  # a gauge: the latest report replaces the earlier one
-                if t >= agg.timestamps_ns[-1]:
-                    agg.values, agg.timestamps_ns, agg.series = list(vals), [t], [vals]
+            elif snapshot:  # gauge columns: the latest report replaces; delta columns add up
+                latest = t >= agg.timestamps_ns[-1]
+                for i, v in enumerate(vals):
+                    if i not in snapshot:
+                        agg.values[i] += v
+                    elif latest:
+                        agg.values[i] = v
+                agg.timestamps_ns.append(t)
+                agg.series.append(vals)
             else:
                 agg_values = agg.values
                 for i, v in enumerate(vals):

@@ -166,12 +166,17 @@ def _profiles_for_host(b: DictionaryBuilder, host: HostProfile) -> Iterable[Prof
             period=host.period,
             profile_id=os.urandom(16),
         )
+        gauge = column in spec.snapshot_columns
         for s, stack_index, attrs in prepared:
-            values = [v[column] for v in s.series] if s.series else [s.values[column]]
+            if gauge or not s.series:
+                # A gauge is its latest value, not a sum over the interval's reports.
+                values, stamps = [s.values[column]], [s.timestamps_ns[-1]] if s.timestamps_ns else []
+            else:
+                values, stamps = [v[column] for v in s.series], s.timestamps_ns
             if not any(values):
                 continue
             profile.samples.append(Sample(stack_index=stack_index, attribute_indices=attrs, values=values,
-                                          timestamps_unix_nano=s.timestamps_ns if s.series else []))
+                                          timestamps_unix_nano=stamps))
         yield profile
 
 

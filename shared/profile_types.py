@@ -42,9 +42,9 @@ class ProfileTypeSpec:
     sample_types: tuple[ValueType, ...]
     period_type: ValueType
     description: str
-    # True for gauges (live goroutines): each report replaces the previous one for the same
-    # sample instead of adding to it.
-    snapshot: bool = False
+    # Value columns that are gauges (live goroutines, in-use heap): each report replaces the
+    # previous one for the same sample instead of adding to it. Other columns are deltas.
+    snapshot_columns: tuple[int, ...] = ()
 
 
 PROFILE_TYPES: dict[ProfileType, ProfileTypeSpec] = {
@@ -76,13 +76,14 @@ PROFILE_TYPES: dict[ProfileType, ProfileTypeSpec] = {
         ),
         period_type=ValueType("space", "bytes"),
         description="sampled allocations and live memory (estimates scaled from byte-based sampling)",
+        snapshot_columns=(2, 3),
     ),
     ProfileType.GOROUTINE: ProfileTypeSpec(
         ProfileType.GOROUTINE,
         sample_types=(ValueType("goroutine", "count"),),
         period_type=ValueType("goroutine", "count"),
         description="live goroutines per stack in Go processes",
-        snapshot=True,
+        snapshot_columns=(0,),
     ),
 }
 

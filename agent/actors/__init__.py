@@ -5,6 +5,7 @@ from __future__ import annotations
 from agent.actors.base import ActorContext, ProfileActor
 from agent.actors.cpu import CpuActor
 from agent.actors.goroutine import GoroutineActor
+from agent.actors.heap import HeapActor
 from agent.actors.lock import LockActor
 from agent.actors.wall import WallActor
 from shared.profile_types import ProfileType
@@ -14,6 +15,7 @@ ACTORS: dict[ProfileType, type[ProfileActor]] = {
     ProfileType.LOCK: LockActor,
     ProfileType.WALL: WallActor,
     ProfileType.GOROUTINE: GoroutineActor,
+    ProfileType.HEAP: HeapActor,
 }
 
 __all__ = ["ACTORS", "ActorContext", "ProfileActor"]

@@ -1,0 +1,214 @@
+"""Heap actor: sampled native allocations and live memory per stack (bpf/heap.bpf.c).
+
+Opt-in: uprobes trap on every malloc/free of a probed process (measured cost in
+benchmarks/), so only processes matched by the selectors (``target_pids``,
+``target_comm``, ``target_cgroup``) are probed; with no selector the actor probes nothing
+and says so. Each target process gets uprobes on its own libc (malloc, calloc, realloc,
+free, posix_memalign, aligned_alloc, memalign; return probes where the address is needed).
+
+Values, like pprof's heap profile: ``alloc_objects``/``alloc_space`` are allocations since
+the previous report (deltas), ``inuse_objects``/``inuse_space`` what is live now (a
+snapshot). A sampled allocation of ``s`` bytes with mean sampling distance ``N`` stands for
+``1 / (1 - exp(-s/N))`` allocations of that size (the estimator tcmalloc and Go use).
+In-use figures count from the moment a process was probed: memory allocated before (or
+before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
+Go programs allocate through the Go runtime, not libc: not covered here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.actors.base import RingBufferActor
+from agent.bpf_events import parse_stack_event
+from agent.bpf_loader import BCC_LOCK, read_percpu_counters
+from agent.stacks import event_frames
+from shared.model import Frame, Sample
+from shared.profile_types import ProfileType
+
+MAX_LIVE = 262144
+_PROBES = (
+    ("malloc", "on_malloc", True),
+    ("calloc", "on_calloc", True),
+    ("realloc", "on_realloc", True),
+    ("posix_memalign", "on_posix_memalign", True),
+    ("aligned_alloc", "on_aligned", True),
+    ("memalign", "on_aligned", True),
+    ("free", "on_free", False),
+)
+
+
+def sample_weight(size: int, mean_bytes: int) -> float:
+    """How many allocations of ``size`` one sample stands for (Poisson sampling estimator)."""
+    if size <= 0:
+        return 1.0
+    return 1.0 / -math.expm1(-size / mean_bytes)
+
+
+def neg_log_table(mean_bytes: int, n: int = 1024) -> list[int]:
+    """-ln(u) x mean for u evenly spread over (0, 1): exponential draws for the BPF sampler."""
+    return [max(1, int(-math.log((i + 0.5) / n) * mean_bytes)) for i in range(n)]
+
+
+@dataclass
+class _HeapProcess:
+    libc: str
+    since_ns: int
+    comm: str
+    live: dict[int, tuple[int, float, tuple[Frame, ...]]] = field(default_factory=dict)  # addr -> size, weight, stack
+    alloc: dict[tuple[Frame, ...], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    reported: set[tuple[Frame, ...]] = field(default_factory=set)
+
+
+class HeapActor(RingBufferActor):
+    """Samples allocations of selected processes and tracks their sampled live set."""
+
+    profile_type = ProfileType.HEAP
+    bpf_source = "heap.bpf.c"
+    uses_targets = False  # selection happens by attaching per process, not in BPF
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mean_bytes = self.ctx.settings.heap_sample_bytes
+        self._processes: dict[int, _HeapProcess] = {}
+        self._scanned = 0.0
+        self._seen = [0, 0, 0, 0]
+        self._warned_no_selector = False
+
+    def period(self) -> int:
+        return self.mean_bytes
+
+    def bpf_defines(self) -> dict[str, int | str]:
+        return {**super().bpf_defines(), "SAMPLE_BYTES": self.mean_bytes, "MAX_LIVE": MAX_LIVE}
+
+    def attach(self, bpf: Any) -> None:
+        table = bpf["neg_log_table"]
+        for i, value in enumerate(neg_log_table(self.mean_bytes)):
+            table[ctypes.c_int(i)] = ctypes.c_uint64(value)
+
+    # -- per-process probes ---------------------------------------------------------------------
+    def _refresh_targets(self) -> None:
+        now = time.monotonic()
+        if now - self._scanned < self.TARGET_SCAN_INTERVAL_S:
+            return
+        self._scanned = now
+        if not self.selector.filters:
+            if not self._warned_no_selector:
+                import logging
+
+                logging.getLogger("stackfleet.agent").warning(
+                    "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
+                    "heap profiling is opt-in, nothing is probed")
+                self._warned_no_selector = True
+            return
+        wanted = self.selector.scan() - {os.getpid()}
+        for pid in wanted - set(self._processes):
+            self._probe(pid)
+        for pid in set(self._processes) - wanted:
+            self._unprobe(pid)
+
+    def _probe(self, pid: int) -> None:
+        libc = _libc_path(pid)
+        if libc is None:
+            self.ctx.counters.inc("heap_processes_skipped", reason="no_libc")
+            return
+        try:
+            with BCC_LOCK:
+                for sym, fn, has_return in _PROBES:
+                    self.bpf.attach_uprobe(name=libc, sym=sym, fn_name=fn, pid=pid)
+                    if has_return:
+                        self.bpf.attach_uretprobe(name=libc, sym=sym, fn_name="on_alloc_return", pid=pid)
+        except Exception as exc:
+            self.ctx.counters.inc("heap_processes_skipped", reason=type(exc).__name__)
+            return
+        self._processes[pid] = _HeapProcess(libc, time.time_ns(), self.ctx.symbolizer.process_name(pid))
+        self.ctx.counters.inc("heap_processes_probed")
+
+    def _unprobe(self, pid: int) -> None:
+        proc = self._processes.pop(pid)
+        with BCC_LOCK:
+            for sym, _fn, has_return in _PROBES:
+                for detach in ([self.bpf.detach_uprobe, self.bpf.detach_uretprobe] if has_return
+                               else [self.bpf.detach_uprobe]):
+                    try:
+                        detach(name=proc.libc, sym=sym, pid=pid)
+                    except Exception:
+                        pass  # the process is gone and the kernel already dropped the probe
+
+    # -- events -----------------------------------------------------------------------------------
+    def read_bpf_counters(self) -> None:
+        if self.bpf is None:
+            return
+        now = read_percpu_counters(self.bpf["counters"])
+        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
+        self._seen = now
+        c = self.ctx.counters
+        if delta[1]:
+            c.inc("events_dropped", delta[1], type="heap", reason="ringbuf_full")
+        if delta[2]:
+            c.inc("events_dropped", delta[2], type="heap", reason="live_map_full")
+        if delta[0]:
+            c.inc("heap_allocations_seen", delta[0])
+
+    def to_samples(self, records: list[bytes]) -> list[Sample]:
+        if self.bpf is None:
+            return []
+        self._refresh_targets()
+        ctx = self.ctx
+        for raw in records:
+            try:
+                ev = parse_stack_event(raw)
+            except ValueError:
+                ctx.counters.inc("events_dropped", type="heap", reason="malformed_record")
+                continue
+            proc = self._processes.get(ev.pid)
+            if proc is None:
+                continue
+            if ev.kind == 0:
+                frames = event_frames(ev, ctx.symbolizer, ctx.counters, "heap")
+                weight = sample_weight(ev.value, self.mean_bytes)
+                proc.live[ev.aux] = (ev.value, weight, frames)
+                totals = proc.alloc[frames]
+                totals[0] += weight
+                totals[1] += weight * ev.value
+            else:
+                proc.live.pop(ev.aux, None)
+        return self._report()
+
+    def _report(self) -> list[Sample]:
+        now = time.time_ns()
+        out = []
+        for pid, proc in self._processes.items():
+            inuse: dict[tuple[Frame, ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for size, weight, frames in proc.live.values():
+                entry = inuse[frames]
+                entry[0] += weight
+                entry[1] += weight * size
+            stacks = set(inuse) | set(proc.alloc) | proc.reported
+            for frames in stacks:
+                ao, aspace = proc.alloc.get(frames, (0.0, 0.0))
+                io, ispace = inuse.get(frames, (0.0, 0.0))
+                out.append(Sample(now, 0, pid, pid, proc.comm, proc.comm, frames,
+                                  (round(ao), round(aspace), round(io), round(ispace)),
+                                  {"heap.inuse_since": str(proc.since_ns)}))
+            proc.reported = set(inuse)
+            proc.alloc.clear()
+        return out
+
+
+def _libc_path(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and ("/libc.so" in parts[5] or "/libc-" in parts[5]):
+                    return f"/proc/{pid}/root{parts[5]}"
+    except OSError:
+        return None
+    return None

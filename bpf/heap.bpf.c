@@ -1,0 +1,131 @@
+/* Heap profile: sampled native allocations and their frees, via uprobes on libc.
+ *
+ * Sampling is byte-based and geometric like tcmalloc's and Go's: each thread counts down
+ * the bytes until its next sample; the next distance is drawn from an exponential
+ * distribution with mean SAMPLE_BYTES using `neg_log_table` (-ln(u) x mean for 1024 values of
+ * u, filled by the agent: no floating point in BPF). Small and large allocations are both
+ * represented without bias; the agent scales each sample back to an estimate.
+ * Only sampled allocations cost more than a counter update: their size is stashed for the
+ * return probe (which sees the address), they get a stack and enter `live`. A free of an
+ * unsampled address costs one hash lookup. Uretprobes are fine here: this is libc, not Go.
+ * Kinds: 0 = sampled allocation (value = size, aux = address), 1 = free of a sampled address.
+ */
+#include <uapi/linux/ptrace.h>
+#include "stack_event.h"
+
+struct pending_alloc {
+    u64 size;
+    u64 memptr; /* posix_memalign: where the address will be written */
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(countdown, u32, s64, 65536);
+BPF_HASH(pending, u32, struct pending_alloc, 65536);
+BPF_HASH(live, u64, u64, MAX_LIVE);
+BPF_ARRAY(neg_log_table, u64, 1024);
+/* 0: allocations seen, 1: ring full, 2: live map full, 3: bytes allocated (all) */
+BPF_PERCPU_ARRAY(counters, u64, 4);
+
+static __always_inline void add(int idx, u64 v)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        *c += v;
+}
+
+/* Returns 1 when this allocation is sampled (and stashes it for the return probe). */
+static __always_inline int account(u64 size, u64 memptr)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    add(0, 1);
+    add(3, size);
+    s64 fresh = 0;
+    s64 *left = countdown.lookup_or_try_init(&tid, &fresh);
+    if (!left)
+        return 0;
+    *left -= (s64)size;
+    if (*left > 0)
+        return 0;
+    u32 idx = bpf_get_prandom_u32() % 1024;
+    u64 *next = neg_log_table.lookup(&idx);
+    *left = next ? (s64)*next : (s64)SAMPLE_BYTES;
+    struct pending_alloc p = {.size = size, .memptr = memptr};
+    pending.update(&tid, &p);
+    return 1;
+}
+
+int on_malloc(struct pt_regs *ctx) { account(PT_REGS_PARM1(ctx), 0); return 0; }
+int on_calloc(struct pt_regs *ctx) { account(PT_REGS_PARM1(ctx) * PT_REGS_PARM2(ctx), 0); return 0; }
+int on_aligned(struct pt_regs *ctx) { account(PT_REGS_PARM2(ctx), 0); return 0; } /* memalign, aligned_alloc */
+int on_posix_memalign(struct pt_regs *ctx) { account(PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx)); return 0; }
+
+static __always_inline void record_free(void *ctx, u64 addr)
+{
+    if (!addr)
+        return;
+    u64 *size = live.lookup(&addr);
+    if (!size)
+        return;
+    u64 freed = *size;
+    live.delete(&addr);
+    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
+    if (!ev) {
+        add(1, 1);
+        return;
+    }
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    ev->ts_ns = bpf_ktime_get_ns();
+    ev->pid = pid_tgid >> 32;
+    ev->tid = (u32)pid_tgid;
+    ev->cpu = bpf_get_smp_processor_id();
+    ev->user_len = 0;
+    ev->kernel_len = 0;
+    ev->copy_len = 0;
+    ev->value = freed;
+    ev->aux = addr;
+    ev->kind = 1;
+    events.ringbuf_submit(ev, 0);
+}
+
+int on_free(struct pt_regs *ctx) { record_free(ctx, PT_REGS_PARM1(ctx)); return 0; }
+
+int on_realloc(struct pt_regs *ctx)
+{
+    record_free(ctx, PT_REGS_PARM1(ctx));
+    account(PT_REGS_PARM2(ctx), 0);
+    return 0;
+}
+
+int on_alloc_return(struct pt_regs *ctx)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending_alloc *p = pending.lookup(&tid);
+    if (!p)
+        return 0;
+    u64 size = p->size, addr = 0;
+    if (p->memptr) {
+        if (PT_REGS_RC(ctx) == 0)
+            bpf_probe_read_user(&addr, sizeof(addr), (void *)p->memptr);
+    } else {
+        addr = PT_REGS_RC(ctx);
+    }
+    pending.delete(&tid);
+    if (!addr)
+        return 0;
+    if (live.update(&addr, &size) != 0) {
+        add(2, 1);
+        return 0;
+    }
+    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
+    if (!ev) {
+        add(1, 1);
+        live.delete(&addr);
+        return 0;
+    }
+    fill_stack_event(ctx, ev, bpf_get_current_pid_tgid());
+    ev->value = size;
+    ev->aux = addr;
+    ev->kind = 0;
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}

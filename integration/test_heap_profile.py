@@ -1,0 +1,76 @@
+"""Heap profile on the real kernel: known live set and known churn.
+
+heap_pattern keeps 64 MiB live from keep_alive and churns short-lived blocks from churn,
+counting the churned bytes itself. With 512 KiB geometric sampling, the scaled estimates
+must give keep_alive's inuse_space within 10% of 64 MiB, churn's alloc_space within 15% of
+the program's own count, and churn's in-use near zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from aggregator.otlp import validate_request
+from integration.harness import PipelineRun, build_c, run_pipeline
+from shared.profile_types import ProfileType
+from stackfleet.nats_server import NatsServer
+
+HOST = socket.gethostname()
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def heap_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int, int, list[int]]:
+    exe = build_c("heap_pattern.c", tmp_path_factory.mktemp("heap"))
+    box: dict[str, int] = {}
+    marks: list[int] = []
+
+    async def workload(run: PipelineRun) -> None:
+        proc = await asyncio.create_subprocess_exec(str(exe), stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE)
+        assert proc.stdin and proc.stdout
+        box["pid"] = proc.pid
+        await proc.stdout.readline()
+        await asyncio.sleep(2.5)  # the name selector's scan probes the process
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        box["churn"] = int((await proc.stdout.readline()).split()[1])
+        await asyncio.sleep(2.5)  # reports while the live set is still live
+        marks.append(len(run.fleets))
+        proc.stdin.write(b"exit\n")
+        await proc.stdin.drain()
+        await proc.wait()
+
+    with NatsServer() as nats:
+        run = asyncio.run(run_pipeline(nats.url, [ProfileType.HEAP], workload, export_interval_s=1.0,
+                                       agent_overrides={"target_comm": "^heap_pattern$"}))
+    return run, box["pid"], box["churn"], marks
+
+
+def by_function(samples: list, fn: str) -> list:  # type: ignore[type-arg]
+    return [s for s in samples if any(f.function == fn for f in s.frames)]
+
+
+def test_inuse_and_alloc_estimates(heap_run: tuple[PipelineRun, int, int, list[int]]) -> None:
+    run, pid, churn_bytes, marks = heap_run
+    live_fleet = run.fleets[marks[0] - 1]
+    samples = [s for s in live_fleet.hosts[(HOST, ProfileType.HEAP)].samples.values() if s.pid == pid]
+    keep_inuse = sum(s.values[3] for s in by_function(samples, "keep_alive"))
+    churn_inuse = sum(s.values[3] for s in by_function(samples, "churn"))
+    assert abs(keep_inuse - 64 * MIB) <= 0.10 * 64 * MIB, keep_inuse / MIB
+    assert churn_inuse <= 0.02 * 64 * MIB, churn_inuse / MIB
+    all_samples = run.samples(ProfileType.HEAP, pid)
+    churn_alloc = sum(s.values[1] for s in by_function(all_samples, "churn"))
+    assert abs(churn_alloc - churn_bytes) <= 0.15 * churn_bytes, (churn_alloc, churn_bytes)
+    keep_alloc = sum(s.values[1] for s in by_function(all_samples, "keep_alive"))
+    assert abs(keep_alloc - 64 * MIB) <= 0.10 * 64 * MIB, keep_alloc / MIB
+
+
+def test_outputs_are_valid(heap_run: tuple[PipelineRun, int, int, list[int]]) -> None:
+    run, _, _, _ = heap_run
+    assert all(validate_request(r) == [] for r in run.requests)
+    strings = {s for r in run.requests for s in r.dictionary.string_table}
+    assert {"alloc_objects", "alloc_space", "inuse_objects", "inuse_space"} <= strings
