@@ -8,7 +8,8 @@
  * Only sampled allocations cost more than a counter update: their size is stashed for the
  * return probe (which sees the address), they get a stack and enter `live`. A free of an
  * unsampled address costs one hash lookup. Uretprobes are fine here: this is libc, not Go.
- * Kinds: 0 = sampled allocation (value = size, aux = address), 1 = free of a sampled address.
+ * Kinds: 0 = sampled allocation (value = size, aux = address), 1 = free of a sampled address,
+ * 2 = sampled Go allocation (no address: Go allocations are sampled at runtime.mallocgc).
  */
 #include <uapi/linux/ptrace.h>
 #include "stack_event.h"
@@ -33,10 +34,9 @@ static __always_inline void add(int idx, u64 v)
         *c += v;
 }
 
-/* Returns 1 when this allocation is sampled (and stashes it for the return probe). */
-static __always_inline int account(u64 size, u64 memptr)
+/* The per-thread countdown: 1 when this allocation is to be sampled. */
+static __always_inline int should_sample(u32 tid, u64 size)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
     add(0, 1);
     add(3, size);
     s64 fresh = 0;
@@ -49,6 +49,15 @@ static __always_inline int account(u64 size, u64 memptr)
     u32 idx = bpf_get_prandom_u32() % 1024;
     u64 *next = neg_log_table.lookup(&idx);
     *left = next ? (s64)*next : (s64)SAMPLE_BYTES;
+    return 1;
+}
+
+/* libc: a sampled allocation is stashed for the return probe, which sees the address. */
+static __always_inline int account(u64 size, u64 memptr)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (!should_sample(tid, size))
+        return 0;
     struct pending_alloc p = {.size = size, .memptr = memptr};
     pending.update(&tid, &p);
     return 1;
@@ -85,6 +94,28 @@ static __always_inline void record_free(void *ctx, u64 addr)
     ev->aux = addr;
     ev->kind = 1;
     events.ringbuf_submit(ev, 0);
+}
+
+/* Go: runtime.mallocgc(size uintptr, typ *_type, needzero bool), size in AX (register ABI).
+ * Entry only: uretprobes corrupt Go stacks, so the address and frees are not seen (kind 2,
+ * allocations only). The goroutine's stack is frame-pointer walkable. */
+int on_mallocgc(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 size = ctx->ax;
+    if (!should_sample((u32)pid_tgid, size))
+        return 0;
+    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
+    if (!ev) {
+        add(1, 1);
+        return 0;
+    }
+    fill_stack_event(ctx, ev, pid_tgid);
+    ev->value = size;
+    ev->aux = 0;
+    ev->kind = 2;
+    events.ringbuf_submit(ev, 0);
+    return 0;
 }
 
 int on_free(struct pt_regs *ctx) { record_free(ctx, PT_REGS_PARM1(ctx)); return 0; }

@@ -12,7 +12,9 @@ snapshot). A sampled allocation of ``s`` bytes with mean sampling distance ``N``
 ``1 / (1 - exp(-s/N))`` allocations of that size (the estimator tcmalloc and Go use).
 In-use figures count from the moment a process was probed: memory allocated before (or
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
-Go programs allocate through the Go runtime, not libc: not covered here.
+Go programs allocate through ``runtime.mallocgc``: an entry uprobe samples those with the
+same countdown (size from the register ABI). Without uretprobes (unsafe on Go) the address
+is unknown, so Go in-use memory is not tracked: Go processes report allocations only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from agent.actors.base import RingBufferActor
 from agent.bpf_events import parse_stack_event
 from agent.bpf_loader import BCC_LOCK, read_percpu_counters
+from agent.go_runtime import go_runtime_info
 from agent.stacks import event_frames
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
@@ -58,9 +61,10 @@ def neg_log_table(mean_bytes: int, n: int = 1024) -> list[int]:
 
 @dataclass
 class _HeapProcess:
-    libc: str
+    libc: str  # the probed file: libc, or the Go executable
     since_ns: int
     comm: str
+    go: bool = False
     live: dict[int, tuple[int, float, tuple[Frame, ...]]] = field(default_factory=dict)  # addr -> size, weight, stack
     alloc: dict[tuple[Frame, ...], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
     reported: set[tuple[Frame, ...]] = field(default_factory=set)
@@ -114,6 +118,8 @@ class HeapActor(RingBufferActor):
             self._unprobe(pid)
 
     def _probe(self, pid: int) -> None:
+        if self._probe_go(pid):
+            return
         libc = _libc_path(pid)
         if libc is None:
             self.ctx.counters.inc("heap_processes_skipped", reason="no_libc")
@@ -130,8 +136,38 @@ class HeapActor(RingBufferActor):
         self._processes[pid] = _HeapProcess(libc, time.time_ns(), self.ctx.symbolizer.process_name(pid))
         self.ctx.counters.inc("heap_processes_probed")
 
+    def _probe_go(self, pid: int) -> bool:
+        """Go programs allocate through runtime.mallocgc (entry probe); True if handled."""
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+            exe = os.path.realpath(f"/proc/{pid}/exe")
+        except OSError:
+            return False
+        info = go_runtime_info(f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        if info is None:
+            return False
+        if not info.has_symbols:
+            self.ctx.counters.inc("heap_processes_skipped", reason="stripped_go")
+            return True
+        try:
+            with BCC_LOCK:
+                self.bpf.attach_uprobe(name=exe, sym="runtime.mallocgc", fn_name="on_mallocgc", pid=pid)
+        except Exception as exc:
+            self.ctx.counters.inc("heap_processes_skipped", reason=type(exc).__name__)
+            return True
+        self._processes[pid] = _HeapProcess(exe, time.time_ns(), self.ctx.symbolizer.process_name(pid), go=True)
+        self.ctx.counters.inc("heap_processes_probed", runtime="go")
+        return True
+
     def _unprobe(self, pid: int) -> None:
         proc = self._processes.pop(pid)
+        if proc.go:
+            with BCC_LOCK:
+                try:
+                    self.bpf.detach_uprobe(name=proc.libc, sym="runtime.mallocgc", pid=pid)
+                except Exception:
+                    pass
+            return
         with BCC_LOCK:
             for sym, _fn, has_return in _PROBES:
                 for detach in ([self.bpf.detach_uprobe, self.bpf.detach_uretprobe] if has_return
@@ -170,10 +206,14 @@ class HeapActor(RingBufferActor):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
-            if ev.kind == 0:
+            if ev.kind in (0, 2):
                 frames = event_frames(ev, ctx.symbolizer, ctx.counters, "heap")
+                if ev.kind == 2:  # Go: skip the runtime frames of mallocgc and its callers' helpers
+                    while len(frames) > 1 and frames[0].function.startswith("runtime."):
+                        frames = frames[1:]
                 weight = sample_weight(ev.value, self.mean_bytes)
-                proc.live[ev.aux] = (ev.value, weight, frames)
+                if ev.kind == 0:
+                    proc.live[ev.aux] = (ev.value, weight, frames)
                 totals = proc.alloc[frames]
                 totals[0] += weight
                 totals[1] += weight * ev.value

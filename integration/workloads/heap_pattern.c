@@ -47,7 +47,7 @@ int main(void)
     if (!fgets(line, sizeof line, stdin))
         return 1;
     keep_alive();
-    unsigned long long churned = churn(20000);
+    unsigned long long churned = churn(5000);
     printf("churn_bytes %llu\n", churned);
     fflush(stdout);
     if (!fgets(line, sizeof line, stdin))
