@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from aggregator.otlp import validate_request
 from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
+from tests.otlp_server import protoc_decode
 
 HOST = socket.gethostname()
 MIB = 1024 * 1024
@@ -30,7 +32,8 @@ SAMPLING = {"heap_sample_bytes": 64 * 1024, "ringbuf_pages": 1024}
 
 @pytest.fixture(scope="module")
 def heap_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int, int, list[int]]:
-    exe = build_c("heap_pattern.c", tmp_path_factory.mktemp("heap"))
+    tmp = tmp_path_factory.mktemp("heap")
+    exe = build_c("heap_pattern.c", tmp)
     box: dict[str, int] = {}
     marks: list[int] = []
 
@@ -52,7 +55,9 @@ def heap_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int
 
     with NatsServer() as nats:
         run = asyncio.run(run_pipeline(nats.url, [ProfileType.HEAP], workload, export_interval_s=1.0,
+                                       output_dir=tmp / "profiles",
                                        agent_overrides={"target_comm": "^heap_pattern$", **SAMPLING}))
+    run.workload_output = str(tmp / "profiles")
     return run, box["pid"], box["churn"], marks
 
 
@@ -81,11 +86,17 @@ def test_outputs_are_valid(heap_run: tuple[PipelineRun, int, int, list[int]]) ->
     assert all(validate_request(r) == [] for r in run.requests)
     strings = {s for r in run.requests for s in r.dictionary.string_table}
     assert {"alloc_objects", "alloc_space", "inuse_objects", "inuse_space"} <= strings
+    out_dir = Path(run.workload_output)
+    assert "keep_alive" in "".join(protoc_decode(f) for f in out_dir.glob("*.otlp.pb"))
+    pprof = Path(__file__).resolve().parents[1] / ".tools" / "pprof"
+    biggest = max(out_dir.glob("*.heap.pb.gz"), key=lambda f: f.stat().st_size)
+    top = subprocess.run([str(pprof), "-top", "-sample_index=alloc_space", str(biggest)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "churn" in top or "keep_alive" in top
 
 
 def test_go_allocations_from_mallocgc(tmp_path: Path) -> None:
     import os
-    import subprocess
 
     from integration.harness import WORKLOADS
 
