@@ -8,10 +8,13 @@ DWARF the actor still counts creations but cannot attribute exits; that is count
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
+
+from agent.symbols.gopclntab import GoSymbolTable
 
 log = logging.getLogger("stackfleet.go")
 
@@ -21,6 +24,18 @@ class GoRuntimeInfo:
     path: str
     startpc_offset: int | None
     has_symbols: bool
+    go_version: str = ""
+    build_id: str = ""  # the Go build id (process.executable.build_id.go)
+    # Entry addresses of the runtime functions the actors probe, from .gopclntab: usable
+    # on stripped binaries, where there is no symbol table to probe by name.
+    entries: tuple[tuple[str, int], ...] = ()
+
+    def entry(self, function: str) -> int | None:
+        return dict(self.entries).get(function)
+
+
+PROBED_FUNCTIONS = ("runtime.newproc1", "runtime.goexit1", "runtime.mallocgc")
+_BUILDINFO_MAGIC = b"\xff Go buildinf:"
 
 
 def is_go_binary(elf: ELFFile) -> bool:
@@ -36,10 +51,54 @@ def go_runtime_info(path: str, identity: tuple[int, int, int, int]) -> GoRuntime
             if not is_go_binary(elf):
                 return None
             has_symbols = elf.get_section_by_name(".symtab") is not None
-            return GoRuntimeInfo(path, _startpc_offset(elf), has_symbols)
+            entries: list[tuple[str, int]] = []
+            section = elf.get_section_by_name(".gopclntab")
+            if section is not None:
+                table = GoSymbolTable(section.data())
+                for name in PROBED_FUNCTIONS:
+                    entry = table.function_entry(name)
+                    if entry is not None:
+                        entries.append((name, entry))
+            return GoRuntimeInfo(path, _startpc_offset(elf), has_symbols, _go_version(elf), _go_build_id(elf),
+                                 tuple(entries))
     except Exception as exc:  # unreadable or unusual file: not profiled, logged once (cached)
         log.info("cannot inspect %s: %s", path, exc)
         return None
+
+
+def _go_version(elf: ELFFile) -> str:
+    """Go version from .go.buildinfo (Go 1.18+ inline-string format: flag bit 2)."""
+    section = elf.get_section_by_name(".go.buildinfo")
+    if section is None:
+        return ""
+    data = section.data()
+    if not data.startswith(_BUILDINFO_MAGIC) or len(data) < 33 or not data[15] & 0x2:
+        return ""
+    length, pos = _uvarint(data, 32)
+    return data[pos : pos + length].decode("utf-8", "replace")
+
+
+def _go_build_id(elf: ELFFile) -> str:
+    """The Go build id from the .note.go.buildid note (name "Go", type 4)."""
+    section = elf.get_section_by_name(".note.go.buildid")
+    if section is None:
+        return ""
+    data = section.data()
+    namesz, descsz, _type = struct.unpack_from("<III", data, 0)
+    desc_start = 12 + (namesz + 3) // 4 * 4
+    return data[desc_start : desc_start + descsz].decode("utf-8", "replace")
+
+
+def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < len(data):
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+    return result, pos
 
 
 def _startpc_offset(elf: ELFFile) -> int | None:

@@ -103,17 +103,12 @@ class GoroutineActor(RingBufferActor):
                 pass
 
     def _probe(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> None:
-        if not info.has_symbols:
-            # Stripped Go binaries need .gopclntab to find the probe addresses: not yet supported.
-            self.ctx.counters.inc("go_processes_skipped", reason="stripped")
-            self._not_go.add(identity)
-            return
         path = os.path.realpath(f"/proc/{pid}/exe")
         if identity not in self._probed_binaries:
             try:
                 with BCC_LOCK:
-                    self.bpf.attach_uprobe(name=path, sym="runtime.newproc1", fn_name="on_newproc1")
-                    self.bpf.attach_uprobe(name=path, sym="runtime.goexit1", fn_name="on_goexit1")
+                    for sym, fn in (("runtime.newproc1", "on_newproc1"), ("runtime.goexit1", "on_goexit1")):
+                        attach_go_probe(self.bpf, path, info, sym, fn, pid=-1)
             except Exception as exc:
                 self.ctx.counters.inc("go_processes_skipped", reason="uprobe_failed")
                 self._not_go.add(identity)
@@ -209,5 +204,20 @@ class GoroutineActor(RingBufferActor):
     @staticmethod
     def _sample(now: int, pid: int, proc: _GoProcess, start: Frame, stack: StackKey, count: int,
                 system: bool) -> Sample:
-        return Sample(now, 0, pid, pid, proc.comm, proc.comm, (start, *stack), (count,),
-                      {"goroutine.start": start.function, "goroutine.system": "true" if system else "false"})
+        attrs = {"goroutine.start": start.function, "goroutine.system": "true" if system else "false"}
+        if proc.info.build_id:
+            attrs["process.executable.build_id.go"] = proc.info.build_id
+        if proc.info.go_version:
+            attrs["process.runtime.version"] = proc.info.go_version
+        return Sample(now, 0, pid, pid, proc.comm, proc.comm, (start, *stack), (count,), attrs)
+
+
+def attach_go_probe(bpf: Any, path: str, info: GoRuntimeInfo, sym: str, fn: str, pid: int) -> None:
+    """Entry uprobe on a Go runtime function: by name, or by pclntab address when stripped."""
+    if info.has_symbols:
+        bpf.attach_uprobe(name=path, sym=sym, fn_name=fn, pid=pid)
+        return
+    addr = info.entry(sym)
+    if addr is None:
+        raise LookupError(f"{sym} not in the pclntab of {path}")
+    bpf.attach_uprobe(name=path, addr=addr, fn_name=fn, pid=pid)

@@ -13,7 +13,8 @@ snapshot). A sampled allocation of ``s`` bytes with mean sampling distance ``N``
 In-use figures count from the moment a process was probed: memory allocated before (or
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
 Go programs allocate through ``runtime.mallocgc``: an entry uprobe samples those with the
-same countdown (size from the register ABI). Without uretprobes (unsafe on Go) the address
+same countdown (size from the register ABI); stripped binaries are probed by the address
+the pclntab gives. Without uretprobes (unsafe on Go) the address
 is unknown, so Go in-use memory is not tracked: Go processes report allocations only.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
+from agent.actors.goroutine import attach_go_probe
 from agent.bpf_events import parse_stack_event
 from agent.bpf_loader import BCC_LOCK, read_percpu_counters
 from agent.go_runtime import go_runtime_info
@@ -146,12 +148,9 @@ class HeapActor(RingBufferActor):
         info = go_runtime_info(f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
         if info is None:
             return False
-        if not info.has_symbols:
-            self.ctx.counters.inc("heap_processes_skipped", reason="stripped_go")
-            return True
         try:
             with BCC_LOCK:
-                self.bpf.attach_uprobe(name=exe, sym="runtime.mallocgc", fn_name="on_mallocgc", pid=pid)
+                attach_go_probe(self.bpf, exe, info, "runtime.mallocgc", "on_mallocgc", pid=pid)
         except Exception as exc:
             self.ctx.counters.inc("heap_processes_skipped", reason=type(exc).__name__)
             return True

@@ -20,6 +20,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
+from agent.symbols.gopclntab import GoSymbolTable
+
 log = logging.getLogger("stackfleet.symbols")
 
 # Files whose DWARF line program is larger than this are symbolized by name only. Measured:
@@ -54,6 +56,8 @@ class ElfSymbols:
         ]
         self._starts, self._ends, self._names = _function_symbols(elf)
         self._has_dwarf = elf.get_section_by_name(".debug_line") is not None
+        self._gopclntab = elf.get_section_by_name(".gopclntab")
+        self._go_table: GoSymbolTable | None = None
         self._line_addrs: array[int] | None = None
         self._line_rows: list[tuple[str, int]] = []
         self.line_table_skipped = False
@@ -74,6 +78,22 @@ class ElfSymbols:
         if vaddr < end or (end == self._starts[i] and (i + 1 == len(self._starts) or vaddr < self._starts[i + 1])):
             return self._names[i]
         return ""
+
+    def go_table(self) -> GoSymbolTable | None:
+        """The Go pclntab of this file (built on first use), or None for non-Go files.
+
+        Go frames are symbolized from it rather than from symtab/DWARF: it exists in stripped
+        binaries too and carries file and line without parsing DWARF."""
+        if self._gopclntab is None:
+            return None
+        if self._go_table is None:
+            try:
+                self._go_table = GoSymbolTable(self._gopclntab.data())
+            except (ValueError, struct.error) as exc:
+                log.warning("%s: unusable .gopclntab: %s", self.path, exc)
+                self._gopclntab = None
+                return None
+        return self._go_table
 
     def function_start(self, vaddr: int) -> int | None:
         """Start address of the function symbol containing ``vaddr``."""

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.kallsyms import KernelSymbols
@@ -260,14 +261,19 @@ class Symbolizer:
         key = (region.file_key, vaddr)
         resolved = self._addresses.hit(key)
         if resolved is None:
-            function = elf.function(vaddr)
-            filename, line = elf.line(vaddr)
-            resolved = (function, filename, line)
+            go = elf.go_table()
+            go_frame = go.lookup(vaddr) if go is not None else None
+            if go_frame is not None:
+                resolved = (go_frame.function, go_frame.file, go_frame.line, FrameType.GO)
+            else:
+                function = elf.function(vaddr)
+                filename, line = elf.line(vaddr)
+                resolved = (function, filename, line, FrameType.NATIVE)
             self._addresses.put(key, resolved)
-        function, filename, line = resolved  # type: ignore[misc]
+        function, filename, line, frame_type = cast(tuple[str, str, int, FrameType], resolved)
         if not function:
             self._stats["unknown_frames"] += 1
-        return Frame(function, filename, line, address, FrameType.NATIVE, mapping)
+        return Frame(function, filename, line, address, frame_type, mapping)
 
     def _elf(self, pid: int, region: _Region) -> ElfSymbols | None:
         key = region.file_key

@@ -1,0 +1,24 @@
+// CPU workload for Go symbolization: spins in main.spin for the given seconds.
+package main
+
+import (
+	"os"
+	"strconv"
+	"time"
+)
+
+var sink uint64
+
+//go:noinline
+func spin(until time.Time) {
+	for time.Now().Before(until) {
+		for i := 0; i < 100000; i++ {
+			sink = sink*6364136223846793005 + 1442695040888963407
+		}
+	}
+}
+
+func main() {
+	seconds, _ := strconv.ParseFloat(os.Args[1], 64)
+	spin(time.Now().Add(time.Duration(seconds * float64(time.Second))))
+}
