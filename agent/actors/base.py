@@ -21,11 +21,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.bpf_loader import BCC_LOCK, load_program
+from agent.bpf_events import RawStackEvent, parse_stack_event
+from agent.bpf_loader import BCC_LOCK, load_program, read_percpu_counters
 from agent.clock import MonotonicToUnix
 from agent.memory import release_compiler_memory
 from agent.selectors import ProcessSelector, sync_targets
@@ -112,6 +114,29 @@ class RingBufferActor(ProfileActor):
 
     def read_bpf_counters(self) -> None:
         """Fold in-kernel counters into ``ctx.counters`` (called on the symbolization thread)."""
+
+    def counter_deltas(self) -> list[int]:
+        """How much each slot of the program's ``counters`` array grew since the last call."""
+        if self.bpf is None:
+            return []
+        now = read_percpu_counters(self.bpf["counters"])
+        seen = getattr(self, "_counters_seen", [0] * len(now))
+        self._counters_seen = now
+        return [n - s for n, s in zip(now, seen, strict=False)]
+
+    def count_drops(self, deltas: list[int], reasons: dict[int, str]) -> None:
+        """Count in-kernel drops: ``reasons`` maps a counters slot to its drop reason."""
+        for slot, reason in reasons.items():
+            if slot < len(deltas) and deltas[slot]:
+                self.ctx.counters.inc("events_dropped", deltas[slot], type=self.profile_type.value, reason=reason)
+
+    def parsed(self, records: list[bytes]) -> Iterator[RawStackEvent]:
+        """Decode records, counting (not raising on) malformed ones."""
+        for raw in records:
+            try:
+                yield parse_stack_event(raw)
+            except ValueError:
+                self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="malformed_record")
 
     # -- machinery ---------------------------------------------------------------------------
     def _on_record(self, _ctx: Any, data: Any, size: int) -> int:

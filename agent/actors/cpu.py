@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_events import parse_stack_event
-from agent.bpf_loader import read_percpu_counters
 from agent.stacks import event_frames
 from shared.model import Sample
 from shared.profile_types import ProfileType
@@ -22,10 +20,6 @@ class CpuActor(RingBufferActor):
 
     profile_type = ProfileType.CPU
     bpf_source = "cpu.bpf.c"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ring_full_seen = 0
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
@@ -44,23 +38,12 @@ class CpuActor(RingBufferActor):
         )
 
     def read_bpf_counters(self) -> None:
-        if self.bpf is None:
-            return
-        _seen, ring_full, *_ = read_percpu_counters(self.bpf["counters"])
-        if ring_full > self._ring_full_seen:
-            self.ctx.counters.inc("events_dropped", ring_full - self._ring_full_seen, type="cpu",
-                                  reason="ringbuf_full")
-            self._ring_full_seen = ring_full
+        self.count_drops(self.counter_deltas(), {1: "ringbuf_full"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         ctx = self.ctx
         out = []
-        for raw in records:
-            try:
-                ev = parse_stack_event(raw)
-            except ValueError:
-                ctx.counters.inc("events_dropped", type="cpu", reason="malformed_record")
-                continue
+        for ev in self.parsed(records):
             frames = event_frames(ev, ctx.symbolizer, ctx.counters, "cpu")
             out.append(Sample(
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),

@@ -26,8 +26,7 @@ from collections import Counter
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_events import parse_stack_event
-from agent.bpf_loader import BCC_LOCK, read_percpu_counters
+from agent.bpf_loader import BCC_LOCK
 from agent.go_runtime import GoRuntimeInfo, go_runtime_info
 from agent.stacks import event_frames
 from shared.model import Frame, FrameType, Sample
@@ -60,7 +59,6 @@ class GoroutineActor(RingBufferActor):
         self._probed_binaries: set[tuple[int, int, int, int]] = set()
         self._not_go: set[tuple[int, int, int, int]] = set()
         self._discovered = 0.0
-        self._seen = [0, 0, 0, 0]
 
     def period(self) -> int:
         return 1
@@ -124,15 +122,7 @@ class GoroutineActor(RingBufferActor):
 
     # -- events ------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
-        if self.bpf is None:
-            return
-        now = read_percpu_counters(self.bpf["counters"])
-        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
-        self._seen = now
-        if delta[1]:
-            self.ctx.counters.inc("events_dropped", delta[1], type="goroutine", reason="ringbuf_full")
-        if delta[3]:
-            self.ctx.counters.inc("events_dropped", delta[3], type="goroutine", reason="exit_map_full")
+        self.count_drops(self.counter_deltas(), {1: "ringbuf_full", 3: "exit_map_full"})
 
     @staticmethod
     def _go_frames(frames: tuple[Frame, ...], exe_path: str) -> tuple[Frame, ...]:
@@ -145,12 +135,7 @@ class GoroutineActor(RingBufferActor):
             return []
         self._discover()
         ctx = self.ctx
-        for raw in records:
-            try:
-                ev = parse_stack_event(raw)
-            except ValueError:
-                ctx.counters.inc("events_dropped", type="goroutine", reason="malformed_record")
-                continue
+        for ev in self.parsed(records):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue

@@ -30,8 +30,7 @@ from typing import Any
 
 from agent.actors.base import RingBufferActor
 from agent.actors.goroutine import attach_go_probe
-from agent.bpf_events import parse_stack_event
-from agent.bpf_loader import BCC_LOCK, read_percpu_counters
+from agent.bpf_loader import BCC_LOCK
 from agent.go_runtime import go_runtime_info
 from agent.stacks import event_frames
 from shared.model import Frame, Sample
@@ -84,7 +83,6 @@ class HeapActor(RingBufferActor):
         self.mean_bytes = self.ctx.settings.heap_sample_bytes
         self._processes: dict[int, _HeapProcess] = {}
         self._scanned = 0.0
-        self._seen = [0, 0, 0, 0]
         self._warned_no_selector = False
 
     def period(self) -> int:
@@ -178,30 +176,17 @@ class HeapActor(RingBufferActor):
 
     # -- events -----------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
-        if self.bpf is None:
-            return
-        now = read_percpu_counters(self.bpf["counters"])
-        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
-        self._seen = now
-        c = self.ctx.counters
-        if delta[1]:
-            c.inc("events_dropped", delta[1], type="heap", reason="ringbuf_full")
-        if delta[2]:
-            c.inc("events_dropped", delta[2], type="heap", reason="live_map_full")
-        if delta[0]:
-            c.inc("heap_allocations_seen", delta[0])
+        delta = self.counter_deltas()
+        self.count_drops(delta, {1: "ringbuf_full", 2: "live_map_full"})
+        if delta and delta[0]:
+            self.ctx.counters.inc("heap_allocations_seen", delta[0])
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         if self.bpf is None:
             return []
         self._refresh_targets()
         ctx = self.ctx
-        for raw in records:
-            try:
-                ev = parse_stack_event(raw)
-            except ValueError:
-                ctx.counters.inc("events_dropped", type="heap", reason="malformed_record")
-                continue
+        for ev in self.parsed(records):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue

@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_events import parse_stack_event
-from agent.bpf_loader import read_percpu_counters
 from agent.stacks import event_frames
 from shared.model import Sample
 from shared.profile_types import ProfileType
@@ -31,7 +29,6 @@ class LockActor(RingBufferActor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._seen = [0, 0, 0, 0]
 
     def period(self) -> int:
         return 1  # every contended wait is recorded: one contention per event
@@ -43,14 +40,11 @@ class LockActor(RingBufferActor):
         pass  # TRACEPOINT_PROBE programs are attached by bcc when loaded
 
     def read_bpf_counters(self) -> None:
-        if self.bpf is None:
+        delta = self.counter_deltas()
+        if not delta:
             return
-        now = read_percpu_counters(self.bpf["counters"])
-        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
-        self._seen = now
+        self.count_drops(delta, {1: "ringbuf_full"})
         c = self.ctx.counters
-        if delta[1]:
-            c.inc("events_dropped", delta[1], type="lock", reason="ringbuf_full")
         if delta[2]:
             c.inc("lock_short_waits", delta[2])
             c.inc("lock_short_wait_ns", delta[3])
@@ -58,12 +52,7 @@ class LockActor(RingBufferActor):
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         ctx = self.ctx
         out = []
-        for raw in records:
-            try:
-                ev = parse_stack_event(raw)
-            except ValueError:
-                ctx.counters.inc("events_dropped", type="lock", reason="malformed_record")
-                continue
+        for ev in self.parsed(records):
             out.append(Sample(
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
                 cpu=ev.cpu, pid=ev.pid, tid=ev.tid, thread_name=ev.thread_name,

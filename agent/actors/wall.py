@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_events import parse_stack_event
-from agent.bpf_loader import read_percpu_counters
 from agent.stacks import event_frames
 from shared.model import Sample
 from shared.profile_types import ProfileType
@@ -37,7 +35,6 @@ class WallActor(RingBufferActor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._seen = [0, 0, 0, 0]
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
@@ -53,15 +50,7 @@ class WallActor(RingBufferActor):
                               fn_name="on_cpu_sample", sample_freq=self.ctx.settings.frequency_hz)
 
     def read_bpf_counters(self) -> None:
-        if self.bpf is None:
-            return
-        now = read_percpu_counters(self.bpf["counters"])
-        delta = [n - s for n, s in zip(now, self._seen, strict=False)]
-        self._seen = now
-        if delta[1]:
-            self.ctx.counters.inc("events_dropped", delta[1], type="wall", reason="ringbuf_full")
-        if delta[2]:
-            self.ctx.counters.inc("events_dropped", delta[2], type="wall", reason="blocked_map_full")
+        self.count_drops(self.counter_deltas(), {1: "ringbuf_full", 2: "blocked_map_full"})
 
     def _short_blocks(self) -> list[Sample]:
         """Drain the per-thread sums of short off-CPU periods into stackless samples."""
@@ -82,12 +71,7 @@ class WallActor(RingBufferActor):
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         ctx = self.ctx
         out = self._short_blocks() if self.bpf is not None else []
-        for raw in records:
-            try:
-                ev = parse_stack_event(raw)
-            except ValueError:
-                ctx.counters.inc("events_dropped", type="wall", reason="malformed_record")
-                continue
+        for ev in self.parsed(records):
             state = "on-cpu" if ev.kind == 0 else task_state_name(ev.aux)
             out.append(Sample(
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
