@@ -191,6 +191,57 @@ def top(
     _run_async(main, duration)
 
 
+@app.command()
+def export(
+    profile_type: Annotated[str, typer.Option("--type", help="profile type to export")] = "cpu",
+    since: Annotated[str, typer.Option(help="how far back: 90s, 10m, 2h")] = "10m",
+    output: Annotated[Path, typer.Option("-o", "--output", help="pprof file to write (.pb.gz)")] = Path("out.pb.gz"),
+    profiles_dir: Annotated[Path, typer.Option("--dir", help="the aggregator's output directory")] = Path("profiles"),
+    host: Annotated[str | None, typer.Option(help="only this host")] = None,
+) -> None:
+    """Merge the aggregator's stored exports of the last --since into one pprof file, for scripts."""
+    from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+        ExportProfilesServiceRequest,
+    )
+
+    from aggregator.exporters.pprof import write_pprof
+    from aggregator.otlp_decode import merge_request
+    from aggregator.profile import FleetProfiles
+    from shared.profile_types import ProfileType
+
+    seconds = _duration_s(since)
+    cutoff = time.time() - seconds
+    files = sorted(f for f in profiles_dir.glob("*.otlp.pb") if f.stat().st_mtime >= cutoff)
+    if not files:
+        console.print(f"[red]no exports newer than {since} in {profiles_dir.resolve()}[/]: is the aggregator "
+                      "writing there (--output-dir)?")
+        raise typer.Exit(1)
+    ptype = ProfileType(profile_type)
+    fleet = FleetProfiles(start_ns=int(cutoff * 1e9), end_ns=time.time_ns())
+    samples = 0
+    for f in files:
+        req = ExportProfilesServiceRequest()
+        try:
+            req.ParseFromString(f.read_bytes())
+        except Exception as exc:  # a damaged file must not stop the export of the others
+            console.print(f"[yellow]skipping unreadable {f.name}: {exc}[/]")
+            continue
+        samples += merge_request(fleet, req, ptype)
+    if host:
+        fleet.hosts = {k: v for k, v in fleet.hosts.items() if k[0] == host}
+    write_pprof(str(output), fleet, ptype)
+    console.print(f"wrote {output} ({ptype.value}, {len(files)} exports, {samples} samples, "
+                  f"{len({h for h, _ in fleet.hosts})} hosts)")
+
+
+def _duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"not a duration: {text!r} (use 90s, 10m, 2h)") from None
+
+
 def _default_nats() -> Any:
     from agent.settings import AgentSettings
 
