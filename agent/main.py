@@ -21,8 +21,16 @@ from shared.profile_types import ProfileType
 log = logging.getLogger("stackfleet.agent")
 
 
-async def run_agent(settings: AgentSettings, stop: asyncio.Event, counters: Counters | None = None) -> Counters:
-    """Run until ``stop`` is set; returns the counters (for tests and the final log line)."""
+async def run_agent(
+    settings: AgentSettings,
+    stop: asyncio.Event,
+    counters: Counters | None = None,
+    on_supervisor: Callable[[Supervisor], None] | None = None,
+) -> Counters:
+    """Run until ``stop`` is set; returns the counters (for tests and the final log line).
+
+    ``on_supervisor`` receives the supervisor once it exists (tests use it to kill actors).
+    """
     counters = counters or Counters()
     unknown = [t for t in settings.types if t not in ACTORS]
     if unknown:
@@ -56,6 +64,8 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event, counters: Coun
         await metrics.start()
     log.info("agent on %s: profiling %s at %d Hz", settings.host_name,
              ",".join(t.value for t in settings.types), settings.frequency_hz)
+    if on_supervisor is not None:
+        on_supervisor(supervisor)
     try:
         await supervisor.run(stop)
     finally:

@@ -70,6 +70,7 @@ async def run_pipeline(
     export_interval_s: float = 1.0,
     agent_overrides: dict[str, Any] | None = None,
     ready_timeout_s: float = 60.0,
+    on_supervisor: Callable[[Any], None] | None = None,
 ) -> PipelineRun:
     """Run aggregator + agent around ``workload`` and return what was exported."""
     run = PipelineRun()
@@ -85,7 +86,7 @@ async def run_pipeline(
 
     agg = asyncio.create_task(run_aggregator(agg_settings, agg_stop, run.aggregator_counters, on_export))
     await asyncio.sleep(0.3)
-    agt = asyncio.create_task(run_agent(agent_settings, agent_stop, run.agent_counters))
+    agt = asyncio.create_task(run_agent(agent_settings, agent_stop, run.agent_counters, on_supervisor))
     try:
         deadline = time.monotonic() + ready_timeout_s
         while not all(run.agent_counters.get("actor_started", type=t.value) for t in types):

@@ -1,0 +1,38 @@
+"""A killed actor comes back under the supervisor while the other actors keep profiling."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from integration.harness import PipelineRun, build_c, run_pipeline
+from shared.profile_types import ProfileType
+from stackfleet.nats_server import NatsServer
+
+
+def test_killed_cpu_actor_restarts_and_lock_is_unaffected(tmp_path: Path) -> None:
+    exe = build_c("lock_contention.c", tmp_path)
+    box: dict[str, Any] = {}
+    lock_during_outage: list[int] = []
+
+    async def workload(run: PipelineRun) -> None:
+        sup = box["supervisor"]
+        proc = await asyncio.create_subprocess_exec(str(exe), "4", "600", "2000", stdout=asyncio.subprocess.PIPE)
+        await asyncio.sleep(1.0)
+        before = run.agent_counters.get("samples_collected", type="lock")
+        sup.current[ProfileType.CPU].cancel()  # kill the CPU actor's task from outside
+        await asyncio.sleep(1.0)  # within the 1 s restart backoff: CPU is down, lock keeps going
+        lock_during_outage.append(run.agent_counters.get("samples_collected", type="lock") - before)
+        await proc.communicate()
+
+    with NatsServer() as nats:
+        run = asyncio.run(run_pipeline(nats.url, [ProfileType.CPU, ProfileType.LOCK], workload,
+                                       export_interval_s=1.0,
+                                       on_supervisor=lambda sup: box.__setitem__("supervisor", sup)))
+    c = run.agent_counters
+    assert c.get("actor_restarts", type="cpu") == 1 and c.get("actor_restarts", type="lock") == 0
+    assert c.get("actor_started", type="cpu") == 2 and c.get("actor_started", type="lock") == 1
+    assert lock_during_outage[0] > 0, "lock actor stopped while the CPU actor was down"
+    last = run.fleets[-1]
+    assert any(t == ProfileType.CPU for _, t in last.hosts), "CPU profile did not come back"
