@@ -111,11 +111,3 @@ async def run_pipeline(
         raise agt.exception()  # type: ignore[misc]
     return run
 
-
-async def run_process(run: PipelineRun, *argv: str) -> int:
-    """Start a workload process, wait for it, keep its output; returns its pid."""
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
-    out, _ = await proc.communicate()
-    run.workload_output = out.decode()
-    assert proc.returncode == 0, f"{argv[0]} exited with {proc.returncode}"
-    return proc.pid
