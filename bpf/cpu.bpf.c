@@ -11,6 +11,9 @@
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 #include "stack_event.h"
+#ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
+#include "unwind.h"
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
@@ -38,6 +41,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         return 0;
     }
     fill_stack_event(ctx, ev, pid_tgid);
+#ifdef NATIVE_UNWINDING
+    unwind_user_stack(ctx, ev);
+#endif
     ev->value = SAMPLE_PERIOD_NS;
     ev->aux = 0;
     ev->kind = 0;

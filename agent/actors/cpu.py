@@ -3,14 +3,20 @@
 BPF side: bpf/cpu.bpf.c on a software ``cpu-clock`` perf event (hardware counters are not
 assumed to exist, e.g. in VMs). Each sample's value is the sampling period in nanoseconds,
 so summed values are CPU time.
+
+With ``native_unwinding`` on, the program also unwinds user stacks from DWARF CFI tables
+(bpf/unwind.h) that a :class:`~agent.unwind.NativeUnwinder` worker loads per process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from agent.actors.base import RingBufferActor
 from agent.stacks import event_frames
+from agent.unwind import BccUnwindMaps, NativeUnwinder
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
@@ -21,15 +27,34 @@ class CpuActor(RingBufferActor):
     profile_type = ProfileType.CPU
     bpf_source = "cpu.bpf.c"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unwinder: NativeUnwinder | None = None
+
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
     def bpf_defines(self) -> dict[str, int | str]:
-        return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period()}
+        defines = {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period()}
+        if self.ctx.settings.native_unwinding:
+            defines |= {"NATIVE_UNWINDING": 1, "UNWIND_MAX_ROWS": self.ctx.settings.unwind_table_rows,
+                        "UNWIND_SELF_TGID": os.getpid()}
+        return defines
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            if self.unwinder is not None:
+                await asyncio.to_thread(self.unwinder.close)
 
     def attach(self, bpf: Any) -> None:
         from bcc import PerfSWConfig, PerfType
 
+        if self.ctx.settings.native_unwinding:
+            # Serving requests before the first sample: a process's tables load while it is young.
+            self.unwinder = NativeUnwinder(BccUnwindMaps(bpf), self.ctx.counters, self.ctx.settings.unwind_table_rows)
+            self.unwinder.start()
         bpf.attach_perf_event(
             ev_type=PerfType.SOFTWARE,
             ev_config=PerfSWConfig.CPU_CLOCK,
@@ -42,6 +67,8 @@ class CpuActor(RingBufferActor):
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         ctx = self.ctx
+        if self.unwinder is not None and self.unwinder.failure is not None:
+            raise RuntimeError("native unwinder failed") from self.unwinder.failure  # supervisor restarts us
         out = []
         for ev in self.parsed(records):
             frames = event_frames(ev, ctx.symbolizer, ctx.counters, "cpu")

@@ -1,0 +1,543 @@
+"""Feeding the in-BPF unwinder (bpf/unwind.h): tables into ``unwind_rows``, processes into
+``unwind_procs``, on request.
+
+BPF asks for a process the first time it samples it (``unwind_requests``: pid -> reason
+and pc), for a file's table the first time a sample lands in a mapping marked pending, and
+again for the process when it meets a pc outside every mapping it was given (dlopen, JIT,
+exec). One worker thread serves the requests: reads ``/proc/PID/maps``, gets tables from
+the :class:`TableCache` (built once per file, cached by build id) only for files that
+samples actually land in, copies tables not yet resident into free row ranges with one
+batch syscall, and writes the process's mapping list. Until then that process's samples
+keep bpf_get_stack()'s frame-pointer stacks. Nothing here runs per sample.
+
+Rows of a table stay resident while any live process maps the file, and after that until
+their space is needed (libc is loaded once per agent, not once per process). A periodic
+sweep drops processes that exited or exec'd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.symbols.procmaps import MapEntry, read_maps, start_time
+from agent.unwind.cache import VDSO, FileKey, FileRef, TableCache, file_ref
+from agent.unwind.table import ROW, UnwindTable
+
+log = logging.getLogger("stackfleet.unwind")
+
+# Mirrors of bpf/unwind.h: keep in step.
+MAX_MAPPINGS = 256
+_MAPPING = struct.Struct("<QQQIIII")  # start, end, bias, table slot, buckets, shift, flags
+MAPPING_PENDING = 1
+_PROC_HEADER = struct.Struct("<II")  # count, flags
+PROC_SIZE = _PROC_HEADER.size + MAX_MAPPINGS * _MAPPING.size
+REQUEST_NEW, REQUEST_UNKNOWN_ADDRESS, REQUEST_TABLE = 1, 2, 3
+_REASON_SHIFT = 56
+_IP_MASK = (1 << _REASON_SHIFT) - 1
+STOP_NAMES = {3: "complete", 4: "unsupported_rule", 5: "read_failed", 6: "bad_frame", 7: "truncated"}
+_SAMPLES, _CFI_FRAMES, _FP_FRAMES, _UNKNOWN_ADDR = 0, 1, 2, 8
+STAT_SLOTS = 9
+CPU_STATE_SIZE = (STAT_SLOTS + 3) * 8  # struct unwind_cpu: counters, then ip, sp, bp
+_PREWARM_PREFIXES = ("libc.so", "ld-linux", "libm.so", "libstdc++.so", "libgcc_s.so")
+# Building tables for binaries new to the agent is bounded to this share of one core on
+# average, after a burst (start-up: the binaries already running). On hosts that start new
+# programs all the time (CI, build machines) tables then arrive later instead of costing more.
+TABLE_CPU_SHARE = 0.005
+TABLE_CPU_BURST_S = 3.0
+
+
+class UnwindMaps(Protocol):
+    """The four BPF maps of bpf/unwind.h (a fake stands in for them in unit tests)."""
+
+    def write_rows(self, start: int, packed: bytes) -> None: ...
+    def write_process(self, pid: int, entry: bytes) -> None: ...
+    def delete_process(self, pid: int) -> None: ...
+    def take_requests(self) -> list[tuple[int, int]]: ...
+    def read_counters(self) -> list[int]: ...
+    def close(self) -> None: ...
+
+
+class BccUnwindMaps:
+    """:class:`UnwindMaps` over a loaded bcc program that includes bpf/unwind.h.
+
+    It holds duplicates of the map fds, so the maps outlive the program's ``cleanup()``
+    until :meth:`close`: the worker thread never races the actor's teardown.
+    """
+
+    def __init__(self, bpf: Any) -> None:
+        from bcc import libbcc
+        from bcc.utils import get_possible_cpus
+
+        self._lib = libbcc.lib
+        self._rows = os.dup(bpf["unwind_rows"].map_fd)
+        self._procs = os.dup(bpf["unwind_procs"].map_fd)
+        self._requests = os.dup(bpf["unwind_requests"].map_fd)
+        self._cpus = os.dup(bpf["unwind_cpus"].map_fd)
+        self._ncpus = len(get_possible_cpus())
+
+    def close(self) -> None:
+        for fd in (self._rows, self._procs, self._requests, self._cpus):
+            os.close(fd)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def write_rows(self, start: int, packed: bytes) -> None:
+        n = len(packed) // ROW.size
+        step = 65536
+        for first in range(0, n, step):
+            count = min(step, n - first)
+            keys = array("I", range(start + first, start + first + count)).tobytes()
+            chunk = packed[first * ROW.size : (first + count) * ROW.size]
+            written = ctypes.c_uint32(count)
+            self._check(self._lib.bpf_update_batch(self._rows, ctypes.create_string_buffer(keys, len(keys)),
+                                                   ctypes.create_string_buffer(chunk, len(chunk)),
+                                                   ctypes.byref(written)), "writing unwind rows")
+
+    def write_process(self, pid: int, entry: bytes) -> None:
+        key = ctypes.c_uint32(pid)
+        value = ctypes.create_string_buffer(entry, len(entry))
+        self._check(self._lib.bpf_update_elem(self._procs, ctypes.byref(key), value, 0), "writing unwind process")
+
+    def delete_process(self, pid: int) -> None:
+        key = ctypes.c_uint32(pid)
+        self._lib.bpf_delete_elem(self._procs, ctypes.byref(key))
+
+    def take_requests(self) -> list[tuple[int, int]]:
+        out = []
+        key, next_key, value = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint64()
+        first = True
+        while self._lib.bpf_get_next_key(self._requests, None if first else ctypes.byref(key),
+                                         ctypes.byref(next_key)) == 0:
+            first = False
+            key.value = next_key.value
+            if self._lib.bpf_lookup_elem(self._requests, ctypes.byref(key), ctypes.byref(value)) == 0:
+                out.append((key.value, value.value))
+        for pid, _ in out:
+            k = ctypes.c_uint32(pid)
+            self._lib.bpf_delete_elem(self._requests, ctypes.byref(k))
+        return out
+
+    def read_counters(self) -> list[int]:
+        # A per-CPU lookup returns one value per possible CPU (each 8-byte aligned).
+        size = CPU_STATE_SIZE
+        buf = ctypes.create_string_buffer(size * self._ncpus)
+        key = ctypes.c_uint32(0)
+        self._check(self._lib.bpf_lookup_elem(self._cpus, ctypes.byref(key), buf), "reading unwind counters")
+        totals = [0] * STAT_SLOTS
+        for cpu in range(self._ncpus):
+            for i, v in enumerate(struct.unpack_from(f"<{STAT_SLOTS}Q", buf.raw, cpu * size)):
+                totals[i] += v
+        return totals
+
+
+class RowAllocator:
+    """First-fit allocation of row ranges in the fixed-size ``unwind_rows`` array."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted, coalesced
+
+    @property
+    def free_rows(self) -> int:
+        return sum(length for _, length in self._free)
+
+    def alloc(self, n: int) -> int | None:
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + n, length - n)
+                return start
+        return None
+
+    def free(self, start: int, n: int) -> None:
+        self._free.append((start, n))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, length in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((s, length))
+        self._free = merged
+
+
+@dataclass
+class _Resident:
+    """A table whose BPF image (bucket entries, then rows) is in ``unwind_rows`` from ``first_slot``."""
+
+    table: UnwindTable
+    first_slot: int
+    users: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Slot:
+    """One executable mapping of a process and what BPF is told about it."""
+
+    entry: MapEntry
+    ref: FileRef | None
+    resident: _Resident | None = None
+    bias: int = 0
+    pending: bool = False  # its file's table is not built yet: built when a sample lands here
+
+    def encoded(self) -> tuple[int, int, int, int, int, int, int]:
+        e = self.entry
+        if self.resident is not None:
+            table = self.resident.table
+            return (e.start, e.end, self.bias, self.resident.first_slot, table.bucket_count(),
+                    table.bucket_shift(), 0)
+        return (e.start, e.end, 0, 0, 0, 0, MAPPING_PENDING if self.pending else 0)
+
+
+@dataclass
+class _Process:
+    identity: tuple[int, int]
+    exe: FileKey | None
+    slots: list[_Slot]
+    loaded_s: float
+
+
+class NativeUnwinder:
+    """Serves BPF's unwind requests from one worker thread; ``start``/``close`` bound its life."""
+
+    def __init__(self, maps: UnwindMaps, counters: Any, max_rows: int, poll_interval_s: float = 0.02,
+                 sweep_interval_s: float = 5.0, reload_after_s: float = 2.0, tables: TableCache | None = None,
+                 table_cpu_share: float = TABLE_CPU_SHARE, table_cpu_burst_s: float = TABLE_CPU_BURST_S) -> None:
+        self.maps = maps
+        self.counters = counters
+        # One file may take a quarter of the rows: a huge C++ library (libLLVM: ~950k rows)
+        # must not crowd out libc and the programs actually running.
+        self.tables = tables or TableCache(max_rows_per_file=max_rows // 4)
+        self.allocator = RowAllocator(max_rows)
+        self.poll_interval_s = poll_interval_s
+        self.sweep_interval_s = sweep_interval_s
+        self.reload_after_s = reload_after_s
+        self._resident: OrderedDict[object, _Resident] = OrderedDict()
+        self._processes: dict[int, _Process] = {}
+        self._retry_after: dict[int, float] = {}
+        self._bpf_counters_seen: list[int] = []
+        self._build_ms_published = 0
+        self._worker_ms_published = 0
+        self._tables_published = (0, 0, 0)
+        self._upload_cpu_s = 0.0
+        # Token bucket of CPU seconds for building tables on request (see TABLE_CPU_SHARE).
+        self.table_cpu_share = table_cpu_share
+        self.table_cpu_burst_s = table_cpu_burst_s
+        self._table_tokens_s = table_cpu_burst_s
+        self._tokens_at = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="unwind-tables", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the worker and release the maps (idempotent); the last counts are published."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if not self._closed:
+            self._closed = True
+            try:
+                self.publish_counters()
+            except OSError:
+                pass
+            self.maps.close()
+
+    def _run(self) -> None:
+        next_sweep = next_counters = time.monotonic()
+        try:
+            self.prewarm()
+            while not self._stop.is_set():
+                self.serve_requests()
+                now = time.monotonic()
+                if now >= next_counters:
+                    self.publish_counters()
+                    next_counters = now + 1.0
+                if now >= next_sweep:
+                    self.sweep()
+                    next_sweep = now + self.sweep_interval_s
+                self._stop.wait(self.poll_interval_s)
+        except Exception as exc:  # seen by the actor (``failure``) and in the log, never silent
+            self.failure = exc
+            log.exception("native unwinder stopped")
+            self.counters.inc("unwind_worker_failures")
+
+    def prewarm(self) -> None:
+        """Load the tables nearly every process needs (libc, the dynamic loader, the vDSO)
+        before the first request, from this process's own mappings: ~150 ms once, instead of
+        the first seconds of every early process falling back to frame pointers."""
+        try:
+            entries = read_maps(os.getpid())
+        except OSError:
+            return
+        for entry in entries:
+            name = os.path.basename(entry.path)
+            if entry.path == VDSO or name.startswith(_PREWARM_PREFIXES):
+                ref = file_ref(os.getpid(), entry.start, entry.end, entry.path)
+                if ref is not None:
+                    self._resident_for(os.getpid(), entry, ref)
+
+    # -- requests --------------------------------------------------------------------------
+    def serve_requests(self) -> int:
+        """Serve every request BPF made since the last call; returns how many there were."""
+        requests = self.maps.take_requests()
+        now = time.monotonic()
+        for pid, value in requests:
+            reason, ip = value >> _REASON_SHIFT, value & _IP_MASK
+            if self._retry_after.get(pid, 0.0) > now:
+                continue  # failed recently (map full, unreadable): BPF asks on every sample
+            known = self._processes.get(pid)
+            if known is not None and reason == REQUEST_TABLE:
+                self.load_table(pid, known, ip)
+            elif known is not None and reason != REQUEST_NEW and now - known.loaded_s < self.reload_after_s:
+                continue  # rate limit: JIT regions appear faster than maps are worth re-reading
+            else:
+                self.load_process(pid)
+        return len(requests)
+
+    def load_process(self, pid: int) -> bool:
+        """(Re)build ``pid``'s mapping list from /proc and hand it to BPF.
+
+        Files whose tables are known are attached now; the others are marked pending and
+        built only when a sample lands in them (``load_table``): a Python process maps a
+        hundred extension modules and runs in a handful."""
+        self._release(pid)
+        try:
+            identity = (pid, start_time(pid))
+            entries = read_maps(pid)
+            exe = _exe_key(pid)
+        except (OSError, ValueError, IndexError):
+            self.counters.inc("unwind_processes", result="gone")
+            self._retry_after[pid] = time.monotonic() + self.reload_after_s
+            return False
+        slots = []
+        for entry in entries:
+            ref = file_ref(pid, entry.start, entry.end, entry.path) if entry.file_backed or entry.path == VDSO \
+                else None
+            slot = _Slot(entry, ref)
+            if ref is not None:
+                known, table = self.tables.peek(ref)
+                if not known:
+                    slot.pending = True
+                elif table is not None:
+                    self._attach(pid, slot)
+            slots.append(slot)
+        process = _Process(identity, exe, slots, time.monotonic())
+        if not self._write(pid, process):
+            return False
+        self._processes[pid] = process
+        self.counters.inc("unwind_processes", result="loaded" if _useful(slots) else "no_tables")
+        return True
+
+    def load_table(self, pid: int, process: _Process, ip: int) -> None:
+        """Build and attach the table of the pending mapping a sample of ``pid`` landed in."""
+        slot = next((s for s in process.slots if s.entry.start <= ip < s.entry.end), None)
+        if slot is None or not slot.pending:
+            return  # already served (requests race the update) or the maps changed
+        now = time.monotonic()
+        self._table_tokens_s = min(self.table_cpu_burst_s,
+                                   self._table_tokens_s + (now - self._tokens_at) * self.table_cpu_share)
+        self._tokens_at = now
+        assert slot.ref is not None
+        if self._table_tokens_s <= 0 and not self.tables.peek(slot.ref)[0]:
+            self.counters.inc("unwind_tables_deferred")  # over budget: BPF asks again on a later sample
+            return
+        started = time.thread_time()
+        self._attach(pid, slot)
+        self._table_tokens_s -= time.thread_time() - started
+        slot.pending = False
+        self._write(pid, process)
+
+    def _attach(self, pid: int, slot: _Slot) -> None:
+        assert slot.ref is not None
+        resident, bias = self._resident_for(pid, slot.entry, slot.ref)
+        if resident is not None:
+            slot.resident, slot.bias = resident, bias
+            resident.users.add(pid)
+
+    def _write(self, pid: int, process: _Process) -> bool:
+        slots = process.slots
+        if len(slots) > MAX_MAPPINGS:
+            # Keep the mappings with tables, then pending ones: the rest walk by frame pointers anyway.
+            self.counters.inc("unwind_mappings_dropped", len(slots) - MAX_MAPPINGS)
+            slots = sorted(sorted(slots, key=lambda s: 0 if s.resident else 1 if s.pending else 2)[:MAX_MAPPINGS],
+                           key=lambda s: s.entry.start)
+        # Nothing to unwind with: BPF's own frame-pointer walk is as good and cheaper (count 0).
+        entry_bytes = encode_process([s.encoded() for s in slots] if _useful(slots) else [])
+        try:
+            self.maps.write_process(pid, entry_bytes)
+        except OSError as exc:
+            self.counters.inc("unwind_processes", result="map_full")
+            log.info("cannot register pid %d for unwinding: %s", pid, exc)
+            self._retry_after[pid] = time.monotonic() + self.sweep_interval_s
+            self._processes[pid] = process
+            self._release(pid)
+            return False
+        return True
+
+    def _resident_for(self, pid: int, entry: MapEntry, ref: FileRef) -> tuple[_Resident | None, int]:
+        """The file's table in BPF (built and uploaded if need be) and the mapping's bias."""
+        table = self.tables.get(ref)
+        if table is None or not len(table):
+            return None, 0
+        load_bias = table.vaddr_bias(entry.start, entry.offset)
+        if load_bias is None:
+            return None, 0
+        resident = self._resident.get(table.key)
+        if resident is None:
+            if table.rows_dropped:  # was resident, evicted since: read the file again
+                table = self.tables.get(ref, with_rows=True)
+                if table is None:
+                    return None, 0
+            resident = self._upload(table)
+            if resident is None:
+                return None, 0
+        self._resident.move_to_end(table.key)
+        return resident, load_bias + table.base
+
+    def _upload(self, table: UnwindTable) -> _Resident | None:
+        started = time.thread_time()
+        try:
+            return self._upload_rows(table)
+        finally:
+            self._upload_cpu_s += time.thread_time() - started
+
+    def _upload_rows(self, table: UnwindTable) -> _Resident | None:
+        start = self.allocator.alloc(table.bpf_len())
+        while start is None and self._evict_one_unused():
+            start = self.allocator.alloc(table.bpf_len())
+        if start is None:
+            self.counters.inc("unwind_rows_full")
+            log.warning("unwind rows full: %s (%d rows) falls back to frame pointers; raise unwind_table_rows",
+                        table.name, len(table))
+            return None
+        try:
+            self.maps.write_rows(start, table.bpf_image(start))
+        except OSError:
+            self.allocator.free(start, table.bpf_len())
+            raise
+        table.drop_rows()
+        resident = _Resident(table, start)
+        self._resident[table.key] = resident
+        self.counters.inc("unwind_rows_loaded", table.bpf_len())
+        return resident
+
+    def _evict_one_unused(self) -> bool:
+        for key, resident in self._resident.items():  # oldest first
+            if not resident.users:
+                del self._resident[key]
+                self.allocator.free(resident.first_slot, resident.table.bpf_len())
+                return True
+        return False
+
+    def _release(self, pid: int) -> None:
+        process = self._processes.pop(pid, None)
+        if process is None:
+            return
+        for slot in process.slots:
+            if slot.resident is not None:
+                slot.resident.users.discard(pid)
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Forget processes that exited (or whose pid was reused); reload those that exec'd."""
+        now = time.monotonic()
+        self._retry_after = {pid: t for pid, t in self._retry_after.items() if t > now}
+        for pid, process in list(self._processes.items()):
+            try:
+                alive = start_time(pid) == process.identity[1]
+                exe = _exe_key(pid) if alive else None
+            except (OSError, ValueError, IndexError):
+                alive, exe = False, None
+            if not alive:
+                self._release(pid)
+                self.maps.delete_process(pid)
+            elif exe != process.exe:
+                self.load_process(pid)
+
+    def publish_counters(self) -> None:
+        """Fold BPF's per-CPU unwind counters into the agent's counters (as deltas)."""
+        values = self.maps.read_counters()
+        seen = self._bpf_counters_seen or [0] * len(values)
+        delta = [v - s for v, s in zip(values, seen, strict=True)]
+        self._bpf_counters_seen = values
+        if delta[_SAMPLES]:
+            self.counters.inc("unwind_samples", delta[_SAMPLES])
+        if delta[_CFI_FRAMES]:
+            self.counters.inc("unwind_frames", delta[_CFI_FRAMES], method="cfi")
+        if delta[_FP_FRAMES]:
+            self.counters.inc("unwind_frames", delta[_FP_FRAMES], method="frame_pointer")
+        if delta[_UNKNOWN_ADDR]:
+            self.counters.inc("unwind_unknown_addresses", delta[_UNKNOWN_ADDR])
+        for slot, name in STOP_NAMES.items():
+            if delta[slot]:
+                self.counters.inc("unwind_stacks", delta[slot], end=name)
+        if threading.current_thread() is self._thread:
+            # All the agent-side CPU the unwinder costs: table builds, /proc reads, map writes.
+            worker_ms = int(time.thread_time() * 1000)
+            if worker_ms > self._worker_ms_published:
+                self.counters.inc("unwind_worker_cpu_ms", worker_ms - self._worker_ms_published)
+                self._worker_ms_published = worker_ms
+        tables = (self.tables.built, self.tables.failed, self.tables.too_large)
+        for result, now, before in zip(("built", "failed", "too_large"), tables, self._tables_published, strict=True):
+            if now > before:
+                self.counters.inc("unwind_tables", now - before, result=result)
+        self._tables_published = tables
+        # Building a table and loading it into BPF: paid once per binary.
+        build_ms = int((self.tables.build_cpu_s + self._upload_cpu_s) * 1000)
+        if build_ms > self._build_ms_published:
+            self.counters.inc("unwind_table_build_ms", build_ms - self._build_ms_published)
+            self._build_ms_published = build_ms
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"processes": len(self._processes), "resident_tables": len(self._resident),
+                "free_rows": self.allocator.free_rows, "tables_built": self.tables.built,
+                "tables_failed": self.tables.failed, "tables_too_large": self.tables.too_large}
+
+
+def encode_process(mappings: list[tuple[int, int, int, int, int, int, int]]) -> bytes:
+    """``struct unwind_proc`` for sorted (start, end, bias, table slot, buckets, shift, flags) mappings."""
+    out = bytearray(PROC_SIZE)
+    _PROC_HEADER.pack_into(out, 0, len(mappings), 0)
+    for i, (start, end, bias, table, buckets, shift, flags) in enumerate(mappings):
+        _MAPPING.pack_into(out, _PROC_HEADER.size + i * _MAPPING.size, start, end, bias & 0xFFFF_FFFF_FFFF_FFFF,
+                           table, buckets, shift, flags)
+    return bytes(out)
+
+
+def encode_request(reason: int, ip: int = 0) -> int:
+    """A value of ``unwind_requests`` as BPF writes it: reason in the top byte, then the pc."""
+    return reason << _REASON_SHIFT | ip
+
+
+def _useful(slots: list[_Slot]) -> bool:
+    return any(s.resident is not None or s.pending for s in slots)
+
+
+def _exe_key(pid: int) -> FileKey | None:
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
