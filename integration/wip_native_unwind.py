@@ -1,10 +1,8 @@
-"""WORK IN PROGRESS, not collected by pytest (the file name does not start with test_).
+"""WORK IN PROGRESS, not collected by pytest (the file name does not start with test_): these
+checks did not pass yet when committed; rename to test_native_unwind.py once they do and turn
+``native_unwinding`` on by default.
 
-These end-to-end checks of native unwinding did not pass yet when this was committed; rename
-the file to test_native_unwind.py once they do, and turn ``native_unwinding`` on by default.
-"""
-
-"""Native unwinding end to end: programs without frame pointers, profiled by the real agent.
+Native unwinding end to end: programs without frame pointers, profiled by the real agent.
 
 Two workloads run side by side for a few seconds, both built with
 ``-O2 -fomit-frame-pointer -g``:
