@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--warmup", type=float, default=4)
+    parser.add_argument("--warmup", type=float, default=8)
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "unwind_overhead.json"))
     args = parser.parse_args()
     if not enable_bpf_stats():

@@ -52,7 +52,7 @@ _PREWARM_PREFIXES = ("libc.so", "ld-linux", "libm.so", "libstdc++.so", "libgcc_s
 # average, after a burst (start-up: the binaries already running). On hosts that start new
 # programs all the time (CI, build machines) tables then arrive later instead of costing more.
 TABLE_CPU_SHARE = 0.005
-TABLE_CPU_BURST_S = 3.0
+TABLE_CPU_BURST_S = 1.5
 
 
 class UnwindMaps(Protocol):
@@ -216,7 +216,8 @@ class NativeUnwinder:
 
     def __init__(self, maps: UnwindMaps, counters: Any, max_rows: int, poll_interval_s: float = 0.02,
                  sweep_interval_s: float = 5.0, reload_after_s: float = 2.0, tables: TableCache | None = None,
-                 table_cpu_share: float = TABLE_CPU_SHARE, table_cpu_burst_s: float = TABLE_CPU_BURST_S) -> None:
+                 table_cpu_share: float = TABLE_CPU_SHARE, table_cpu_burst_s: float = TABLE_CPU_BURST_S,
+                 idle_poll_interval_s: float = 0.16) -> None:
         self.maps = maps
         self.counters = counters
         # One file may take a quarter of the rows: a huge C++ library (libLLVM: ~950k rows)
@@ -224,6 +225,7 @@ class NativeUnwinder:
         self.tables = tables or TableCache(max_rows_per_file=max_rows // 4)
         self.allocator = RowAllocator(max_rows)
         self.poll_interval_s = poll_interval_s
+        self.idle_poll_interval_s = idle_poll_interval_s
         self.sweep_interval_s = sweep_interval_s
         self.reload_after_s = reload_after_s
         self._resident: OrderedDict[object, _Resident] = OrderedDict()
@@ -265,10 +267,17 @@ class NativeUnwinder:
 
     def _run(self) -> None:
         next_sweep = next_counters = time.monotonic()
+        interval = self.poll_interval_s
         try:
             self.prewarm()
             while not self._stop.is_set():
-                self.serve_requests()
+                # Poll fast while requests come (a new process asks for itself, then for a
+                # table per file it runs in), back off when idle: each wake-up costs ~60 µs of
+                # CPU, 0.3 % of a core at a steady 50 Hz.
+                if self.serve_requests():
+                    interval = self.poll_interval_s
+                else:
+                    interval = min(interval * 2, self.idle_poll_interval_s)
                 now = time.monotonic()
                 if now >= next_counters:
                     self.publish_counters()
@@ -276,7 +285,7 @@ class NativeUnwinder:
                 if now >= next_sweep:
                     self.sweep()
                     next_sweep = now + self.sweep_interval_s
-                self._stop.wait(self.poll_interval_s)
+                self._stop.wait(interval)
         except Exception as exc:  # seen by the actor (``failure``) and in the log, never silent
             self.failure = exc
             log.exception("native unwinder stopped")
