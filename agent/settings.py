@@ -45,10 +45,9 @@ class AgentSettings(BaseSettings):
     lock_min_wait_ns: int = Field(default=10_000, ge=0)
     # Off-CPU periods shorter than this are summed per thread without a stack.
     wall_min_block_ns: int = Field(default=1_000_000, ge=0)
-    # CPU profile: unwind user stacks from DWARF CFI inside BPF (docs/design/native-unwinding.md).
-    # Work in progress: off by default until its end-to-end test passes (see wip_native_unwind.py).
-    # unwind_table_rows sizes the BPF row table (12 bytes a row).
-    native_unwinding: bool = False
+    # CPU profile: unwind user stacks from DWARF CFI inside BPF (docs/design/native-unwinding.md);
+    # off = frame pointers only. unwind_table_rows sizes the BPF row table (12 bytes a row).
+    native_unwinding: bool = True
     unwind_table_rows: int = Field(default=1 << 20, ge=1 << 12, le=1 << 24)
     # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
     metrics_address: str | None = None

@@ -3,7 +3,7 @@
  * bpf_get_stack() follows frame pointers only, and Debian's libc and CPython have none.
  * The agent turns each ELF file's .eh_frame into sorted rows (agent/unwind/cfi.py) and
  * loads them into unwind_rows once per file; each process gets one unwind_procs entry
- * listing its executable mappings, their load bias and their file's row range. Per frame
+ * listing its executable mappings, their load bias and where their file's table is. Per frame
  * this code finds the mapping (binary search), the row covering the pc (binary search),
  * computes the CFA and reads the return address and saved rbp from the user stack. Where
  * no row covers a pc (JIT code, files without CFI, gaps between FDEs) it falls back to
@@ -80,7 +80,7 @@ struct unwind_proc {
 enum unwind_request_reason { UNWIND_REQUEST_NEW = 1, UNWIND_REQUEST_UNKNOWN_ADDRESS = 2, UNWIND_REQUEST_TABLE = 3 };
 #define UNWIND_REQUEST(reason, pc) (((u64)(reason) << 56) | (pc))
 
-/* Counter slots, read by agent/unwind/loader.py (UNWIND_COUNTERS there). */
+/* Counter slots, read by agent/unwind/loader.py (STAT_SLOTS, STOP_NAMES there). */
 enum unwind_stat {
     UNWIND_STAT_SAMPLES,       /* samples unwound here */
     UNWIND_STAT_CFI_FRAMES,    /* frames stepped with a CFI row */

@@ -11,6 +11,7 @@ With ``native_unwinding`` on, the program also unwinds user stacks from DWARF CF
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -19,6 +20,8 @@ from agent.stacks import event_frames
 from agent.unwind import BccUnwindMaps, NativeUnwinder
 from shared.model import Sample
 from shared.profile_types import ProfileType
+
+log = logging.getLogger("stackfleet.agent")
 
 
 class CpuActor(RingBufferActor):
@@ -30,16 +33,33 @@ class CpuActor(RingBufferActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.unwinder: NativeUnwinder | None = None
+        self._unwinding = self.ctx.settings.native_unwinding
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
     def bpf_defines(self) -> dict[str, int | str]:
         defines = {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period()}
-        if self.ctx.settings.native_unwinding:
+        if self._unwinding:
             defines |= {"NATIVE_UNWINDING": 1, "UNWIND_MAX_ROWS": self.ctx.settings.unwind_table_rows,
                         "UNWIND_SELF_TGID": os.getpid()}
         return defines
+
+    def _load_and_attach(self) -> None:
+        if not self._unwinding:
+            return super()._load_and_attach()
+        try:
+            super()._load_and_attach()
+        except Exception as exc:
+            # The unwinder is the largest program we load (a verifier on another kernel may
+            # refuse it): CPU profiling carries on with frame pointers rather than not at all.
+            if self.unwinder is not None:
+                self.unwinder.close()
+                self.unwinder = None
+            self._unwinding = False
+            log.warning("CPU profile without native unwinding (frame pointers only): %s", exc)
+            self.ctx.counters.inc("unwind_unavailable")
+            super()._load_and_attach()
 
     async def run(self) -> None:
         try:
@@ -51,7 +71,7 @@ class CpuActor(RingBufferActor):
     def attach(self, bpf: Any) -> None:
         from bcc import PerfSWConfig, PerfType
 
-        if self.ctx.settings.native_unwinding:
+        if self._unwinding:
             # Serving requests before the first sample: a process's tables load while it is young.
             self.unwinder = NativeUnwinder(BccUnwindMaps(bpf), self.ctx.counters, self.ctx.settings.unwind_table_rows)
             self.unwinder.start()

@@ -14,9 +14,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from agent.unwind.elfread import ElfHeaders
 from agent.unwind.table import TableTooLarge, UnwindTable, build_table
 
 log = logging.getLogger("stackfleet.unwind")
+
+# Measured: libc (150 KB of .eh_frame) 40 ms, python3.11 (410 KB) 100 ms, git (390 KB) 100 ms.
+_BUILD_S_PER_CFI_BYTE = 2.6e-7
 
 FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns (as agent.symbols.symbolizer)
 VDSO = "[vdso]"
@@ -68,6 +72,18 @@ class TableCache:
         if ref.key in self._by_file:
             return True, self._by_file[ref.key]
         return False, None
+
+    def estimate_cpu_s(self, ref: FileRef) -> float:
+        """What building ``ref``'s table would cost, from its CFI size (headers only: ~50 µs)."""
+        if ref.key == VDSO:
+            return 0.001
+        try:
+            with open(ref.open_path, "rb") as stream:
+                sections = ElfHeaders(stream).sections
+        except (OSError, ValueError):
+            return 0.001  # the build will fail fast
+        size = max((sections[n].size for n in (".eh_frame", ".debug_frame") if n in sections), default=0)
+        return 0.001 + size * _BUILD_S_PER_CFI_BYTE
 
     def get(self, ref: FileRef, with_rows: bool = False) -> UnwindTable | None:
         """The table for ``ref``, building it on first use (blocking: tens to hundreds of ms).

@@ -52,7 +52,7 @@ _PREWARM_PREFIXES = ("libc.so", "ld-linux", "libm.so", "libstdc++.so", "libgcc_s
 # average, after a burst (start-up: the binaries already running). On hosts that start new
 # programs all the time (CI, build machines) tables then arrive later instead of costing more.
 TABLE_CPU_SHARE = 0.005
-TABLE_CPU_BURST_S = 1.5
+TABLE_CPU_BURST_S = 3.0
 
 
 class UnwindMaps(Protocol):
@@ -308,21 +308,24 @@ class NativeUnwinder:
 
     # -- requests --------------------------------------------------------------------------
     def serve_requests(self) -> int:
-        """Serve every request BPF made since the last call; returns how many there were."""
+        """Serve the requests BPF made since the last call; returns how many led to work
+        (those skipped by a rate limit or the table budget do not keep the poll fast)."""
         requests = self.maps.take_requests()
         now = time.monotonic()
+        served = 0
         for pid, value in requests:
             reason, ip = value >> _REASON_SHIFT, value & _IP_MASK
             if self._retry_after.get(pid, 0.0) > now:
                 continue  # failed recently (map full, unreadable): BPF asks on every sample
             known = self._processes.get(pid)
             if known is not None and reason == REQUEST_TABLE:
-                self.load_table(pid, known, ip)
+                served += self.load_table(pid, known, ip)
             elif known is not None and reason != REQUEST_NEW and now - known.loaded_s < self.reload_after_s:
                 continue  # rate limit: JIT regions appear faster than maps are worth re-reading
             else:
                 self.load_process(pid)
-        return len(requests)
+                served += 1
+        return served
 
     def load_process(self, pid: int) -> bool:
         """(Re)build ``pid``'s mapping list from /proc and hand it to BPF.
@@ -358,24 +361,28 @@ class NativeUnwinder:
         self.counters.inc("unwind_processes", result="loaded" if _useful(slots) else "no_tables")
         return True
 
-    def load_table(self, pid: int, process: _Process, ip: int) -> None:
-        """Build and attach the table of the pending mapping a sample of ``pid`` landed in."""
+    def load_table(self, pid: int, process: _Process, ip: int) -> bool:
+        """Build and attach the table of the pending mapping a sample of ``pid`` landed in;
+        False when there was nothing to do or the budget deferred it."""
         slot = next((s for s in process.slots if s.entry.start <= ip < s.entry.end), None)
         if slot is None or not slot.pending:
-            return  # already served (requests race the update) or the maps changed
+            return False  # already served (requests race the update) or the maps changed
         now = time.monotonic()
         self._table_tokens_s = min(self.table_cpu_burst_s,
                                    self._table_tokens_s + (now - self._tokens_at) * self.table_cpu_share)
         self._tokens_at = now
         assert slot.ref is not None
-        if self._table_tokens_s <= 0 and not self.tables.peek(slot.ref)[0]:
-            self.counters.inc("unwind_tables_deferred")  # over budget: BPF asks again on a later sample
-            return
+        if not self.tables.peek(slot.ref)[0] and self.tables.estimate_cpu_s(slot.ref) > self._table_tokens_s:
+            # Over budget: BPF asks again on a later sample. Small files fit again within a
+            # second; a large one waits until the bucket holds its estimated cost.
+            self.counters.inc("unwind_tables_deferred")
+            return False
         started = time.thread_time()
         self._attach(pid, slot)
         self._table_tokens_s -= time.thread_time() - started
         slot.pending = False
         self._write(pid, process)
+        return True
 
     def _attach(self, pid: int, slot: _Slot) -> None:
         assert slot.ref is not None
