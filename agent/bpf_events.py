@@ -16,7 +16,11 @@ STACK_COPY_BYTES = 512
 _HEADER = struct.Struct("<QQQIIIiiI16s")
 _STACK_BYTES = MAX_STACK_DEPTH * 8
 _TAIL = struct.Struct("<QII")
-EVENT_SIZE = _HEADER.size + 2 * _STACK_BYTES + _TAIL.size + STACK_COPY_BYTES
+PY_MAX_FRAMES = 64
+_PY_HEADER = struct.Struct("<Ii")
+_PY_FRAME = struct.Struct("<QQII")
+EVENT_SIZE = (_HEADER.size + 2 * _STACK_BYTES + _TAIL.size + STACK_COPY_BYTES
+              + _PY_HEADER.size + PY_MAX_FRAMES * _PY_FRAME.size)
 
 
 @dataclass(slots=True)
@@ -40,6 +44,10 @@ class RawStackEvent:
     kernel_error: int
     user_sp: int = 0
     stack_copy: bytes = b""
+    # CPython frames (bpf/python.h), innermost first, as read: (code address, instruction
+    # field, boundary marker byte); agent/python/frames.py interprets them per version.
+    py_status: int = 0
+    python: tuple[tuple[int, int, int], ...] = ()
 
 
 def parse_stack_event(raw: bytes) -> RawStackEvent:
@@ -52,12 +60,20 @@ def parse_stack_event(raw: bytes) -> RawStackEvent:
     tail = _HEADER.size + 2 * _STACK_BYTES
     user_sp, copy_len, _ = _TAIL.unpack_from(raw, tail)
     copy_start = tail + _TAIL.size
+    py_start = copy_start + STACK_COPY_BYTES
+    py_count, py_status = _PY_HEADER.unpack_from(raw, py_start)
+    python: tuple[tuple[int, int, int], ...] = ()
+    if py_count:
+        frames = min(py_count, PY_MAX_FRAMES)
+        python = tuple((code, instr, marker) for code, instr, marker, _ in _PY_FRAME.iter_unpack(
+            raw[py_start + _PY_HEADER.size : py_start + _PY_HEADER.size + frames * _PY_FRAME.size]))
     return RawStackEvent(
         ts, value, aux, pid, tid, cpu, kind,
         comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
         user, kernel,
         ulen if ulen < 0 else 0, klen if klen < 0 else 0,
         user_sp, raw[copy_start : copy_start + min(copy_len, STACK_COPY_BYTES)],
+        py_status, python,
     )
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from agent.actors import ACTORS, ActorContext, ProfileActor
 from agent.clock import MonotonicToUnix
 from agent.publisher import Publisher
+from agent.python import PythonProcesses
 from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer
@@ -39,7 +40,8 @@ async def run_agent(
     await publisher.start()
     # One thread owns the symbolizer: its caches need no locks and actors share them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize")
-    ctx = ActorContext(settings, Symbolizer(), executor, publisher, counters, MonotonicToUnix())
+    ctx = ActorContext(settings, Symbolizer(), executor, publisher, counters, MonotonicToUnix(),
+                       PythonProcesses(counters))
 
     factories: dict[ProfileType, Callable[[], ProfileActor]] = {
         t: functools.partial(ACTORS[t], ctx) for t in settings.types

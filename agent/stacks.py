@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
 
 from agent.bpf_events import RawStackEvent
 from agent.stack_scan import recover_skipped_frames
@@ -10,9 +11,14 @@ from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame
 
+if TYPE_CHECKING:
+    from agent.python import PythonStacks
 
-def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, type_name: str) -> tuple[Frame, ...]:
-    """Leaf-first frames: the kernel part (if any) on top of the user part.
+
+def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, type_name: str,
+                 python: PythonStacks | None = None) -> tuple[Frame, ...]:
+    """Leaf-first frames: the kernel part (if any) on top of the user part, with CPython
+    frames in place of the interpreter's evaluation loop when ``python`` is given.
 
     A failed user or kernel stack read is counted by errno and the sample is kept with what
     was captured; kernel threads simply have no user stack (that is not an error).
@@ -25,4 +31,6 @@ def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, 
     kernel = symbolizer.symbolize_kernel(ev.kernel) if ev.kernel else ()
     addresses = recover_skipped_frames(ev.pid, ev.user, ev.user_sp, ev.stack_copy, symbolizer, counters)
     user = symbolizer.symbolize_user(ev.pid, addresses) if addresses else ()
+    if python is not None:
+        user = python.splice(ev.pid, user, ev.python, ev.py_status)
     return tuple(kernel) + tuple(user)

@@ -10,6 +10,7 @@
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
+#define PYTHON_FRAMES_COLLECTED 1  /* by on_cpu_sample, before the tail call */
 #include "stack_event.h"
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
 #include "unwind.h"
@@ -17,8 +18,12 @@
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
-/* 0: samples seen, 1: ring buffer full (dropped), 2: idle skipped */
+/* 0: samples seen, 1: ring buffer full (dropped), 2: idle skipped, 3: tail call failed */
 BPF_PERCPU_ARRAY(counters, u64, 4);
+/* Two programs per sample, each within the verifier's limits: on_cpu_sample reads the
+ * CPython frames (bpf/python.h), then tail-calls cpu_sample_stacks (slot 0, set by the
+ * agent), which copies the kernel and user stacks and unwinds them (bpf/unwind.h). */
+BPF_PROG_ARRAY(cpu_stages, 1);
 
 static __always_inline void count(int idx)
 {
@@ -35,6 +40,20 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         count(2);
         return 0;
     }
+#ifdef PYTHON_FRAMES
+    int zero = 0;
+    struct py_scratch *scratch = py_scratch.lookup(&zero);
+    if (scratch)
+        collect_python_frames(scratch, pid_tgid);
+#endif
+    cpu_stages.call(ctx, 0);
+    count(3);
+    return 0;
+}
+
+int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
         count(1);

@@ -90,6 +90,8 @@ static __always_inline void record_free(void *ctx, u64 addr)
     ev->user_len = 0;
     ev->kernel_len = 0;
     ev->copy_len = 0;
+    ev->py_count = 0;
+    ev->py_status = 0;
     ev->value = freed;
     ev->aux = addr;
     ev->kind = 1;

@@ -16,6 +16,18 @@
 #ifndef STACK_COPY_BYTES
 #define STACK_COPY_BYTES 512
 #endif
+#define PY_MAX_FRAMES 64          /* a power of two: indexes are masked for the verifier */
+enum py_status { PY_STATUS_NOT_PYTHON = 0, PY_STATUS_OK = 1, PY_STATUS_NO_THREAD = 2, PY_STATUS_TRUNCATED = 3 };
+
+/* One CPython frame as read from the interpreter (agent/python/frames.py interprets it):
+ * the code object's address, the instruction field (a pointer; 3.10: int f_lasti) and the
+ * byte that marks evaluation-loop call boundaries (3.11 is_entry, 3.12+ owner). */
+struct py_frame {
+    u64 code;
+    u64 instr;
+    u32 marker;
+    u32 _pad;
+};
 
 struct stack_event {
     u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -37,7 +49,15 @@ struct stack_event {
     u32 copy_len;
     u32 _pad;
     u8 stack_copy[STACK_COPY_BYTES];
+    /* CPython frames, innermost first (bpf/python.h); py_count is 0 for other processes. */
+    u32 py_count;
+    s32 py_status;
+    struct py_frame py[PY_MAX_FRAMES];
 };
+
+#ifdef PYTHON_FRAMES
+#include "python.h"
+#endif
 
 /* Fill pid/tid/cpu/comm/ts and both stacks into a reserved event. */
 static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, u64 pid_tgid)
@@ -60,6 +80,12 @@ static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, 
     ev->copy_len = 0;
     if (ev->user_len > 0 && sp && bpf_probe_read_user(ev->stack_copy, STACK_COPY_BYTES, (void *)sp) == 0)
         ev->copy_len = STACK_COPY_BYTES;
+#ifdef PYTHON_FRAMES
+    python_frames_to_event(ev, pid_tgid);
+#else
+    ev->py_count = 0;
+    ev->py_status = 0;
+#endif
 }
 
 #endif

@@ -23,18 +23,20 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from agent.bpf_events import RawStackEvent, parse_stack_event
 from agent.bpf_loader import BCC_LOCK, load_program, read_percpu_counters
 from agent.clock import MonotonicToUnix
 from agent.memory import release_compiler_memory
+from agent.python import PythonProcesses, PythonStacks
 from agent.selectors import ProcessSelector, sync_targets
 from agent.settings import AgentSettings
+from agent.stacks import event_frames
 from agent.symbols import Symbolizer
 from shared.counters import Counters
-from shared.model import Sample
+from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
 log = logging.getLogger("stackfleet.agent")
@@ -57,6 +59,7 @@ class ActorContext:
     sink: SampleSink
     counters: Counters
     clock: MonotonicToUnix
+    python: PythonProcesses = field(default_factory=PythonProcesses)
 
 
 class ProfileActor(ABC):
@@ -81,6 +84,8 @@ class RingBufferActor(ProfileActor):
     uses_targets: ClassVar[bool] = False
     # New processes matching a selector are traced from the next scan on (at most this late).
     TARGET_SCAN_INTERVAL_S: ClassVar[float] = 1.0
+    # Programs whose stacks get CPython frames (bpf/python.h through stack_event.h).
+    python_frames: ClassVar[bool] = True
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -91,10 +96,13 @@ class RingBufferActor(ProfileActor):
         self.selector = ProcessSelector(list(s.target_pids), s.target_comm, s.target_cgroup)
         self._targets: set[int] = set()
         self._targets_synced = 0.0
+        self.python: PythonStacks | None = None
 
     # -- hooks for subclasses -------------------------------------------------------------
     def bpf_defines(self) -> dict[str, int | str]:
         defines: dict[str, int | str] = {"RINGBUF_PAGES": _pow2(self.ctx.settings.ringbuf_pages)}
+        if self.python_frames:
+            defines["PYTHON_FRAMES"] = 1
         if self.uses_targets:
             defines["AGENT_TGID"] = os.getpid()
             defines["TARGET_FILTER"] = int(self.selector.filters)
@@ -130,6 +138,10 @@ class RingBufferActor(ProfileActor):
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc("events_dropped", deltas[slot], type=self.profile_type.value, reason=reason)
 
+    def frames(self, ev: RawStackEvent) -> tuple[Frame, ...]:
+        """The event's symbolized stack, leaf first, with Python frames spliced in."""
+        return event_frames(ev, self.ctx.symbolizer, self.ctx.counters, self.profile_type.value, self.python)
+
     def parsed(self, records: list[bytes]) -> Iterator[RawStackEvent]:
         """Decode records, counting (not raising on) malformed ones."""
         for raw in records:
@@ -161,6 +173,8 @@ class RingBufferActor(ProfileActor):
             # Under the lock: a concurrent compile would fault the pages straight back in.
             release_compiler_memory()
         self.bpf = bpf
+        if self.python_frames:
+            self.python = PythonStacks(self.ctx.python, bpf["py_procs"], self.ctx.counters, self.profile_type.value)
         if self.uses_targets and self.selector.filters:
             self._targets = sync_targets(self.selector, bpf["targets"], set(), self.ctx.counters)
             self._targets_synced = time.monotonic()

@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.stacks import event_frames
 from agent.unwind import BccUnwindMaps, NativeUnwinder
 from shared.model import Sample
 from shared.profile_types import ProfileType
@@ -69,7 +68,13 @@ class CpuActor(RingBufferActor):
                 await asyncio.to_thread(self.unwinder.close)
 
     def attach(self, bpf: Any) -> None:
-        from bcc import PerfSWConfig, PerfType
+        import ctypes
+
+        from bcc import BPF, PerfSWConfig, PerfType
+
+        # Second stage of every sample (see bpf/cpu.bpf.c): loaded and wired before attaching.
+        stacks = bpf.load_func("cpu_sample_stacks", BPF.PERF_EVENT)
+        bpf["cpu_stages"][ctypes.c_int(0)] = ctypes.c_int(stacks.fd)
 
         if self._unwinding:
             # Serving requests before the first sample: a process's tables load while it is young.
@@ -83,7 +88,7 @@ class CpuActor(RingBufferActor):
         )
 
     def read_bpf_counters(self) -> None:
-        self.count_drops(self.counter_deltas(), {1: "ringbuf_full"})
+        self.count_drops(self.counter_deltas(), {1: "ringbuf_full", 3: "tail_call_failed"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         ctx = self.ctx
@@ -91,7 +96,7 @@ class CpuActor(RingBufferActor):
             raise RuntimeError("native unwinder failed") from self.unwinder.failure  # supervisor restarts us
         out = []
         for ev in self.parsed(records):
-            frames = event_frames(ev, ctx.symbolizer, ctx.counters, "cpu")
+            frames = self.frames(ev)
             out.append(Sample(
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
                 cpu=ev.cpu,

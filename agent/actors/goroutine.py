@@ -28,7 +28,6 @@ from typing import Any
 from agent.actors.base import RingBufferActor
 from agent.bpf_loader import BCC_LOCK
 from agent.go_runtime import GoRuntimeInfo, go_runtime_info
-from agent.stacks import event_frames
 from shared.model import Frame, FrameType, Sample
 from shared.profile_types import ProfileType
 
@@ -52,6 +51,7 @@ class GoroutineActor(RingBufferActor):
 
     profile_type = ProfileType.GOROUTINE
     bpf_source = "goroutine.bpf.c"
+    python_frames = False  # creation stacks of Go programs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -139,7 +139,7 @@ class GoroutineActor(RingBufferActor):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
-            creator = self._go_frames(event_frames(ev, ctx.symbolizer, ctx.counters, "goroutine"), proc.exe_path)
+            creator = self._go_frames(self.frames(ev), proc.exe_path)
             # The creator's stack starts inside the runtime (newproc1 <- systemstack <- newproc):
             # keep from the function with the `go` statement outwards.
             while len(creator) > 1 and creator[0].function.startswith("runtime."):

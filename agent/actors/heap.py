@@ -32,7 +32,6 @@ from agent.actors.base import RingBufferActor
 from agent.actors.goroutine import attach_go_probe
 from agent.bpf_loader import BCC_LOCK
 from agent.go_runtime import go_runtime_info
-from agent.stacks import event_frames
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
@@ -185,13 +184,12 @@ class HeapActor(RingBufferActor):
         if self.bpf is None:
             return []
         self._refresh_targets()
-        ctx = self.ctx
         for ev in self.parsed(records):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
             if ev.kind in (0, 2):
-                frames = event_frames(ev, ctx.symbolizer, ctx.counters, "heap")
+                frames = self.frames(ev)
                 if ev.kind == 2:  # Go: skip the runtime frames of mallocgc and its callers' helpers
                     while len(frames) > 1 and frames[0].function.startswith("runtime."):
                         frames = frames[1:]

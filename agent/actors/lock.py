@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.stacks import event_frames
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
@@ -57,7 +56,7 @@ class LockActor(RingBufferActor):
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
                 cpu=ev.cpu, pid=ev.pid, tid=ev.tid, thread_name=ev.thread_name,
                 process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
-                frames=event_frames(ev, ctx.symbolizer, ctx.counters, "lock"),
+                frames=self.frames(ev),
                 values=(1, ev.value),
                 attributes={"lock.address": f"0x{ev.aux:x}"},
             ))

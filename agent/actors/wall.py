@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.stacks import event_frames
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
@@ -77,7 +76,7 @@ class WallActor(RingBufferActor):
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
                 cpu=ev.cpu, pid=ev.pid, tid=ev.tid, thread_name=ev.thread_name,
                 process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
-                frames=event_frames(ev, ctx.symbolizer, ctx.counters, "wall"),
+                frames=self.frames(ev),
                 values=(ev.value,),
                 attributes={"wall.state": state},
             ))

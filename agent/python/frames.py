@@ -1,0 +1,226 @@
+"""CPython frames in every profile: which processes run Python, and splicing their frames in.
+
+:class:`PythonProcesses` (one per agent) decides per process whether it runs CPython and
+keeps what reading it takes; :class:`PythonStacks` (one per BPF program) tells its
+program's ``py_procs`` map about those processes and turns the frames BPF recorded into
+``cpython`` frames placed where the interpreter ran them.
+
+Placement: each call of the evaluation loop (``_PyEval_EvalFrameDefault``) runs a run of
+Python frames that ends, outermost, with an *entry* frame. Walking the native stack from
+the leaf, the k-th evaluation-loop frame is replaced by the k-th such run, so C code called
+from Python sits above the Python function that called it and Python called from C sits
+above that C function. Runs left over when the native stack is cut short go outermost.
+
+Everything here runs on the agent's single symbolization thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from agent.python.code import BadObject, CodeReader, ProcessMemory
+from agent.python.linetable import line_for_offset
+from agent.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
+from agent.symbols.procmaps import start_time
+from shared.counters import Counters
+from shared.model import Frame, FrameType
+
+log = logging.getLogger("stackfleet.python")
+
+OWNED_BY_CSTACK = 3  # 3.12+ _PyInterpreterFrame.owner of the shim each evaluation-loop call pushes
+# bpf/stack_event.h enum py_status
+PY_STATUS = {0: "not_python", 1: "ok", 2: "no_thread_state", 3: "truncated"}
+IDENTITY_CHECK_S = 1.0  # a recycled PID is noticed within this
+NEGATIVE_TTL_S = 10.0  # a process found not to run Python is looked at again after this
+UNKNOWN_FRAME = "[unknown python frame]"
+
+
+@dataclass
+class _Entry:
+    identity: tuple[int, int]
+    process: PythonProcess | None
+    checked: float
+    reader: CodeReader | None = None
+
+
+class PythonProcesses:
+    """Which processes run CPython (by process identity), bounded LRU."""
+
+    def __init__(self, counters: Counters | None = None, capacity: int = 4096) -> None:
+        self.counters = counters or Counters()
+        self.capacity = capacity
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._files = FileCache()
+
+    def lookup(self, pid: int) -> _Entry | None:
+        """The entry for a live ``pid`` (looked at once, negatives again after a while)."""
+        now = time.monotonic()
+        entry = self._entries.get(pid)
+        if entry is not None and now - entry.checked < (IDENTITY_CHECK_S if entry.process else NEGATIVE_TTL_S):
+            self._entries.move_to_end(pid)
+            return entry
+        try:
+            identity = (pid, start_time(pid))
+        except (OSError, ValueError, IndexError):
+            return entry  # gone: what we knew while it lived still reads its samples
+        if entry is not None and entry.identity == identity and entry.process is not None:
+            entry.checked = now
+            return entry
+        entry = self._probe(pid, identity, now)
+        self._entries[pid] = entry
+        if len(self._entries) > self.capacity:
+            _, evicted = self._entries.popitem(last=False)
+            _close(evicted)
+        return entry
+
+    def _probe(self, pid: int, identity: tuple[int, int], now: float) -> _Entry:
+        old = self._entries.pop(pid, None)
+        if old is not None:
+            _close(old)
+        try:
+            process = find_python(pid, self._files)
+        except UnsupportedPython as exc:
+            self.counters.inc("python_processes", result="unsupported")
+            log.info("pid %d: %s is not supported; its stacks stay native", pid, exc)
+            return _Entry(identity, None, now + 3600)  # not again for an hour
+        except OSError:
+            self.counters.inc("python_processes", result="unreadable")
+            return _Entry(identity, None, now)
+        if process is None:
+            return _Entry(identity, None, now)
+        try:
+            reader = CodeReader(ProcessMemory(pid), process.offsets)
+        except OSError:
+            self.counters.inc("python_processes", result="unreadable")
+            return _Entry(identity, None, now)
+        self.counters.inc("python_processes", result="found")
+        log.info("pid %d runs CPython %d.%d (%s)", pid, *process.version, process.path)
+        return _Entry(identity, process, now, reader)
+
+
+def _close(entry: _Entry) -> None:
+    if entry.reader is not None:
+        entry.reader.memory.close()
+
+
+class PythonStacks:
+    """One BPF program's view: keeps its ``py_procs`` map filled, splices frames."""
+
+    def __init__(self, processes: PythonProcesses, py_procs: Any, counters: Counters, type_name: str) -> None:
+        self.processes = processes
+        self.table = py_procs
+        self.counters = counters
+        self.type_name = type_name
+        self._written: dict[int, tuple[int, int] | None] = {}
+        self._frames: OrderedDict[tuple[int, int, int, int], Frame] = OrderedDict()
+
+    def announce(self, pid: int) -> None:
+        """Make sure BPF reads Python frames of ``pid`` from its next sample on."""
+        entry = self.processes.lookup(pid)
+        identity = entry.identity if entry is not None and entry.process is not None else None
+        if self._written.get(pid, ()) == identity:
+            return
+        self._written[pid] = identity
+        if len(self._written) > 4 * self.processes.capacity:
+            self._written.clear()
+        if self.table is None:
+            return
+        key = self.table.Key(pid)
+        if identity is None or entry is None or entry.process is None:
+            try:
+                del self.table[key]
+            except KeyError:
+                pass
+            return
+        leaf = self.table.Leaf()
+        process = entry.process
+        leaf.runtime = process.runtime
+        leaf.version = process.version[0] * 100 + process.version[1]
+        for name, value in process.offsets.bpf_fields().items():
+            setattr(leaf, name, value)
+        try:
+            self.table[key] = leaf
+        except Exception as exc:  # map full: counted, this process keeps native stacks
+            self.counters.inc("python_processes", result="bpf_map_full")
+            log.debug("py_procs update for %d failed: %s", pid, exc)
+
+    def splice(self, pid: int, native: tuple[Frame, ...], records: tuple[tuple[int, int, int], ...],
+               status: int) -> tuple[Frame, ...]:
+        """``native`` (leaf first) with the evaluation-loop frames replaced by Python frames."""
+        self.announce(pid)
+        if status:
+            self.counters.inc("python_stacks", type=self.type_name, status=PY_STATUS.get(status, "other"))
+        if not records:
+            return native
+        entry = self.processes.lookup(pid)
+        if entry is None or entry.process is None or entry.reader is None:
+            return native
+        runs = self._runs(entry, records)
+        process = entry.process
+        out: list[Frame] = []
+        used = 0
+        for frame in native:
+            if used < len(runs) and process.in_eval_loop(frame.address):
+                out.extend(runs[used])
+                used += 1
+            else:
+                out.append(frame)
+        for run in runs[used:]:
+            out.extend(run)
+        return tuple(out)
+
+    def _runs(self, entry: _Entry, records: tuple[tuple[int, int, int], ...]) -> list[list[Frame]]:
+        """Python frames grouped by evaluation-loop call, innermost first.
+
+        How a call's outermost (entry) frame is marked differs: in 3.10 every frame is its
+        own call; 3.11 flags it (``is_entry``); 3.12+ puts a shim frame owned by the C
+        stack just outside it, which is not a Python frame and is dropped.
+        """
+        assert entry.process is not None
+        version = entry.process.version
+        adaptive = entry.process.offsets.co_code_adaptive
+        runs: list[list[Frame]] = [[]]
+        for code, instr, marker in records:
+            marker &= 0xFF
+            if version >= (3, 12) and marker == OWNED_BY_CSTACK:
+                if runs[-1]:
+                    runs.append([])
+                continue
+            if version < (3, 11):
+                lasti = instr & 0xFFFF_FFFF
+                offset = -1 if lasti >= 0x8000_0000 else lasti * 2
+            else:
+                offset = instr - code - adaptive
+            runs[-1].append(self._frame(entry, code, offset))
+            if version < (3, 11) or (version < (3, 12) and marker):
+                runs.append([])
+        if not runs[-1]:
+            runs.pop()
+        return runs
+
+    def _frame(self, entry: _Entry, code: int, offset: int) -> Frame:
+        key = (*entry.identity, code, offset)
+        frame = self._frames.get(key)
+        if frame is not None:
+            self._frames.move_to_end(key)
+            return frame
+        assert entry.process is not None and entry.reader is not None
+        try:
+            info = entry.reader.code(code)
+        except BadObject as exc:
+            self.counters.inc("python_frames_unreadable", type=self.type_name)
+            log.debug("pid %d: code object %#x: %s", entry.identity[0], code, exc)
+            return Frame(UNKNOWN_FRAME, "", 0, 0, FrameType.CPYTHON, None)
+        known = 0 <= offset < 1 << 24  # else a torn read of the instruction pointer
+        line = line_for_offset(entry.process.version, info.linetable, info.first_line, offset) if known else 0
+        frame = Frame(info.name, info.filename, line or info.first_line, offset if known else 0,
+                      FrameType.CPYTHON, None)
+        self._frames[key] = frame
+        if len(self._frames) > 100_000:
+            self._frames.popitem(last=False)
+        return frame
+

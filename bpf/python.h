@@ -1,0 +1,149 @@
+/* CPython frames: which Python functions a sampled thread is running.
+ *
+ * The agent finds CPython processes (agent/python/process.py) and writes one py_procs
+ * entry per process: the address of _PyRuntime and the struct offsets of its version
+ * (agent/python/offsets.py). At a sample this code finds the thread's PyThreadState and
+ * walks its interpreter frames, recording per frame the code object's address and the
+ * byte offset of the current instruction. The agent reads the code objects (name, file,
+ * line table) from the live process and splices the frames into the native stack in place
+ * of the interpreter's evaluation-loop frames (agent/python/frames.py).
+ *
+ * Thread state: 3.11+ threads are matched by PyThreadState.native_thread_id (a walk over
+ * the interpreters' thread lists, then cached per thread and re-validated at every use).
+ * 3.10 has no native id: its GIL holder (gilstate.tstate_current) is used, right for
+ * threads running Python code (which hold the GIL), and skipped for other threads.
+ *
+ * Everything is read with bpf_probe_read_user: a wrong offset or a torn read gives a
+ * failed read or a bad code address, which the agent validates; it cannot fault.
+ */
+#ifndef STACKFLEET_PYTHON_H
+#define STACKFLEET_PYTHON_H
+
+#define PY_NONE 0xffff           /* offset not present in this version */
+#define PY_MAX_THREADS 64
+
+struct py_proc {
+    u64 runtime;            /* address of _PyRuntime */
+    u32 version;            /* major * 100 + minor, e.g. 311 */
+    u16 rt_interp_head;     /* _PyRuntimeState.interpreters.head */
+    u16 rt_tstate_current;  /* 3.10: gilstate.tstate_current */
+    u16 is_next;            /* PyInterpreterState.next */
+    u16 is_threads_head;    /* PyInterpreterState.threads.head (3.10: tstate_head) */
+    u16 ts_next;            /* PyThreadState.next */
+    u16 ts_native_tid;      /* PyThreadState.native_thread_id, PY_NONE before 3.11 */
+    u16 ts_frame;           /* 3.10 frame, 3.11-3.12 cframe, 3.13+ current_frame */
+    u16 cf_current_frame;   /* _PyCFrame.current_frame, PY_NONE from 3.13 */
+    u16 fr_code;            /* f_code (3.13: f_executable) */
+    u16 fr_previous;        /* previous (3.10: f_back) */
+    u16 fr_instr;           /* prev_instr (3.13: instr_ptr; 3.10: int f_lasti) */
+    u16 fr_marker;          /* byte telling call boundaries: 3.11 is_entry, 3.12+ owner */
+    u16 _pad[3];
+};
+
+BPF_HASH(py_procs, u32, struct py_proc, 4096);
+/* tid -> its PyThreadState, so the thread-list walk happens once per thread. */
+BPF_TABLE("lru_hash", u32, u64, py_threads, 16384);
+
+static __always_inline u64 py_read_ptr(u64 base, u16 offset)
+{
+    u64 value = 0;
+    if (offset == PY_NONE || bpf_probe_read_user(&value, sizeof(value), (void *)(base + offset)) != 0)
+        return 0;
+    return value;
+}
+
+static __always_inline u64 py_find_thread(struct py_proc *proc, u32 tid)
+{
+    if (proc->version < 311)
+        return py_read_ptr(proc->runtime, proc->rt_tstate_current);
+    u64 *cached = py_threads.lookup(&tid);
+    if (cached && *cached && py_read_ptr(*cached, proc->ts_native_tid) == tid)
+        return *cached;
+    u64 interp = py_read_ptr(proc->runtime, proc->rt_interp_head);
+    u64 tstate = py_read_ptr(interp, proc->is_threads_head);
+    u16 native_tid = proc->ts_native_tid, next = proc->ts_next;
+    /* Only the main interpreter: subinterpreters are rare and each would multiply this loop. */
+    for (int j = 0; j < PY_MAX_THREADS; j++) {
+        if (!tstate)
+            return 0;
+        if (py_read_ptr(tstate, native_tid) == tid) {
+            py_threads.update(&tid, &tstate);
+            return tstate;
+        }
+        tstate = py_read_ptr(tstate, next);
+    }
+    return 0;
+}
+
+/* The frames of the current thread, collected before the event is reserved: the CPU
+ * program does this in its own BPF program (a tail call away from the one that unwinds
+ * native stacks), which keeps each under the verifier's limits. */
+struct py_scratch {
+    u64 pid_tgid;
+    u32 count;
+    s32 status;
+    struct py_frame py[PY_MAX_FRAMES];
+};
+BPF_PERCPU_ARRAY(py_scratch, struct py_scratch, 1);
+
+static __always_inline void collect_python_frames(struct py_scratch *out, u64 pid_tgid)
+{
+    out->pid_tgid = pid_tgid;
+    out->count = 0;
+    out->status = PY_STATUS_NOT_PYTHON;
+    u32 pid = pid_tgid >> 32;
+    struct py_proc *proc = py_procs.lookup(&pid);
+    if (!proc)
+        return;
+    u64 tstate = py_find_thread(proc, (u32)pid_tgid);
+    if (!tstate) {
+        out->status = PY_STATUS_NO_THREAD;
+        return;
+    }
+    u64 frame = py_read_ptr(tstate, proc->ts_frame);
+    if (proc->cf_current_frame != PY_NONE)
+        frame = py_read_ptr(frame, proc->cf_current_frame);
+    u16 fr_code = proc->fr_code, fr_instr = proc->fr_instr, fr_previous = proc->fr_previous;
+    u16 fr_marker = proc->fr_marker;
+    /* Branch-free body: version differences (what instr and marker mean) are the agent's
+     * to interpret; every branch here would multiply the verifier's work per iteration. */
+    u32 n = 0;
+    for (int i = 0; i < PY_MAX_FRAMES; i++) {
+        if (!frame)
+            break;
+        struct py_frame *slot = &out->py[i];
+        slot->code = 0;
+        slot->instr = 0;
+        slot->marker = 0;
+        bpf_probe_read_user(&slot->code, 8, (void *)(frame + fr_code));
+        bpf_probe_read_user(&slot->instr, 8, (void *)(frame + fr_instr));
+        bpf_probe_read_user(&slot->marker, 1, (void *)(frame + fr_marker));
+        frame = py_read_ptr(frame, fr_previous);
+        n = i + 1;
+    }
+    out->count = n;
+    out->status = frame ? PY_STATUS_TRUNCATED : PY_STATUS_OK;
+}
+
+/* Copy the scratch frames into the event (collecting them first unless the program did). */
+static __always_inline void python_frames_to_event(struct stack_event *ev, u64 pid_tgid)
+{
+    int zero = 0;
+    struct py_scratch *scratch = py_scratch.lookup(&zero);
+    ev->py_count = 0;
+    ev->py_status = PY_STATUS_NOT_PYTHON;
+    if (!scratch)
+        return;
+#ifndef PYTHON_FRAMES_COLLECTED
+    collect_python_frames(scratch, pid_tgid);
+#endif
+    if (scratch->pid_tgid != pid_tgid)
+        return;
+    ev->py_status = scratch->status;
+    if (scratch->count) {
+        bpf_probe_read_kernel(ev->py, sizeof(ev->py), scratch->py);
+        ev->py_count = scratch->count;
+    }
+}
+
+#endif
