@@ -9,7 +9,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from agent.actors import ACTORS, ActorContext, ProfileActor
+from agent.actors.base import SampleSink
 from agent.clock import MonotonicToUnix
+from agent.metadata.resolver import MetadataResolver
+from agent.metadata.sink import MetadataSink
 from agent.publisher import Publisher
 from agent.python import PythonProcesses
 from agent.settings import AgentSettings
@@ -40,7 +43,13 @@ async def run_agent(
     await publisher.start()
     # One thread owns the symbolizer: its caches need no locks and actors share them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize")
-    ctx = ActorContext(settings, Symbolizer(), executor, publisher, counters, MonotonicToUnix(),
+    sink: SampleSink = publisher
+    metadata: MetadataSink | None = None
+    if settings.metadata.enabled:
+        metadata = MetadataSink(publisher, MetadataResolver(settings.metadata, counters))
+        await metadata.start()
+        sink = metadata
+    ctx = ActorContext(settings, Symbolizer(), executor, sink, counters, MonotonicToUnix(),
                        PythonProcesses(counters))
 
     factories: dict[ProfileType, Callable[[], ProfileActor]] = {
@@ -73,6 +82,8 @@ async def run_agent(
     finally:
         if metrics is not None:
             await metrics.close()
+        if metadata is not None:
+            await metadata.close()
         await publisher.close()
         executor.shutdown(wait=True)
         log.info("agent stopped: %s", counters.snapshot())

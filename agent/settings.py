@@ -13,6 +13,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from agent.metadata.settings import MetadataSettings
 from shared.config_file import file_source
 from shared.nats_connection import NatsSettings
 from shared.profile_types import ProfileType
@@ -51,6 +52,8 @@ class AgentSettings(BaseSettings):
     unwind_table_rows: int = Field(default=1 << 20, ge=1 << 12, le=1 << 24)
     # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
     metrics_address: str | None = None
+    # Container / Kubernetes / service.name attributes on samples (STACKFLEET_METADATA__*).
+    metadata: MetadataSettings = Field(default_factory=MetadataSettings)
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
 

@@ -49,6 +49,8 @@ def test_kubernetes_manifests_have_what_the_agent_needs() -> None:
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}
     assert {"/sys/kernel", "/lib/modules", "/usr/src"} <= mounts
     env = {e["name"] for e in agent["env"]}
-    assert {"STACKFLEET_NATS__URL", "STACKFLEET_HOST_NAME"} <= env
+    assert {"STACKFLEET_NATS__URL", "STACKFLEET_HOST_NAME", "STACKFLEET_METADATA__KUBELET_URL"} <= env
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert docs["ClusterRoleBinding"]["roleRef"]["name"] == docs["ClusterRole"]["metadata"]["name"]
     agg = docs["Deployment"]["spec"]["template"]["spec"]
     assert agg["securityContext"]["runAsNonRoot"] is True

@@ -1,0 +1,194 @@
+"""Per-process metadata attributes, resolved from /proc (and the kubelet) and cached.
+
+Resolution reads small /proc files (cgroup, comm, exe link, environ), so it runs in a thread;
+the cache makes it once per process per ``cache_ttl_s``. Unreadable processes (gone, or not
+permitted) are counted and get no attributes rather than failing a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from agent.metadata.cgroup import parse_cgroup_file
+from agent.metadata.kubelet import KubeletPods, PodInfo
+from agent.metadata.service_name import ProcessFacts, service_name
+from agent.metadata.settings import MetadataSettings
+from shared.counters import Counters
+
+log = logging.getLogger("stackfleet.metadata")
+
+# A process younger than this may still exec (fork, then exec is how most start): its entry is
+# re-checked after YOUNG_TTL_S instead of the configured TTL.
+YOUNG_PROCESS_S = 10.0
+YOUNG_TTL_S = 1.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# environ can be large (and is attacker-controlled in size); services are named in the first part.
+MAX_ENVIRON_BYTES = 256 * 1024
+
+
+def read_environ(pid: int, proc: str = "/proc") -> dict[str, str]:
+    """The process's initial environment (what it was started with)."""
+    with open(f"{proc}/{pid}/environ", "rb") as f:
+        raw = f.read(MAX_ENVIRON_BYTES)
+    env: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def process_age_s(pid: int, proc: str = "/proc") -> float:
+    """Seconds since the process started (stat field 22 against /proc/uptime); inf if unknown."""
+    try:
+        with open(f"{proc}/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"{proc}/uptime") as f:
+            uptime = float(f.read().split()[0])
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return float("inf")
+    return uptime - start_ticks / _CLOCK_TICKS
+
+
+class MetadataResolver:
+    """pid -> sample attributes, with a bounded, time-limited cache."""
+
+    def __init__(self, settings: MetadataSettings, counters: Counters, proc: str = "/proc") -> None:
+        self.settings = settings
+        self.counters = counters
+        self.proc = proc
+        self.kubelet = KubeletPods(settings) if settings.kubelet_url else None
+        self._kubelet_generation = 0
+        # The scan thread and the sink's resolutions both write the cache.
+        self._lock = threading.Lock()
+        # pid -> (expires at, kubelet generation used, process name seen, attributes). The name
+        # is the sample's process name at resolution: a different name later means the pid was
+        # reused or the process exec'd, and the entry is resolved again.
+        self._cache: OrderedDict[int, tuple[float, int, str, dict[str, str]]] = OrderedDict()
+
+    def cached(self, pid: int) -> dict[str, str] | None:
+        """Attributes if resolved and still fresh, else None (call resolve_many in a thread)."""
+        entry = self._cache.get(pid)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[3]
+
+    def stale(self, processes: Iterable[tuple[int, str]]) -> dict[int, str]:
+        """Of (pid, process name) pairs, those needing resolution: unknown, expired or renamed."""
+        now = time.monotonic()
+        out: dict[int, str] = {}
+        for pid, name in processes:
+            e = self._cache.get(pid)
+            if e is None or e[0] < now or (name and e[2] and e[2] != name):
+                out[pid] = name
+        return out
+
+    def refresh_kubelet(self) -> None:
+        """Blocking: re-read the kubelet's pods; entries waiting for a pod name get re-resolved."""
+        if self.kubelet is not None and self.kubelet.refresh():
+            self._kubelet_generation += 1
+            self.counters.inc("kubelet_refreshes", result="ok")
+            # Processes whose pod was not listed yet are looked up again with the new list.
+            with self._lock:
+                for pid, (_, gen, _name, attrs) in list(self._cache.items()):
+                    if "k8s.pod.uid" in attrs and "k8s.pod.name" not in attrs and gen < self._kubelet_generation:
+                        del self._cache[pid]
+        elif self.kubelet is not None:
+            self.counters.inc("kubelet_refreshes", result="failed")
+
+    def scan(self) -> int:
+        """Blocking: resolve every process in /proc not resolved yet (or expired); returns how many.
+
+        Resolving at first sight matters: samples reach the publisher after symbolization, by
+        which time a short-lived process may be gone, and its cgroup and environment with it.
+        """
+        try:
+            pids = [int(name) for name in os.listdir(self.proc) if name.isdigit()]
+        except OSError as exc:
+            self.counters.inc("metadata_scan_failed", reason=type(exc).__name__)
+            return 0
+        now = time.monotonic()
+        todo = [p for p in pids if (e := self._cache.get(p)) is None or e[0] < now]
+        self.resolve_many(todo)
+        live = set(pids)
+        with self._lock:
+            # Exited processes are kept for one more TTL: their last samples may still be on
+            # their way through symbolization.
+            grace = self.settings.cache_ttl_s
+            for pid in [p for p, e in self._cache.items() if e[0] + grace < now and p not in live]:
+                del self._cache[pid]
+        return len(todo)
+
+    def resolve_many(self, processes: dict[int, str] | Iterable[int]) -> None:
+        """Blocking: resolve and cache each pid (under the process name samples showed, if any).
+
+        A process that cannot be read any more keeps what was resolved while it lived.
+        """
+        named = processes if isinstance(processes, dict) else dict.fromkeys(processes, "")
+        now = time.monotonic()
+        for pid, name in named.items():
+            young = process_age_s(pid, self.proc) < YOUNG_PROCESS_S
+            expires = now + (YOUNG_TTL_S if young else self.settings.cache_ttl_s)
+            resolved, comm = self.resolve_with_comm(pid)
+            with self._lock:
+                if resolved is None:
+                    old = self._cache.get(pid)
+                    resolved = old[3] if old is not None else {}
+                    expires = now + self.settings.cache_ttl_s  # gone: nothing new to learn
+                self._cache[pid] = (expires, self._kubelet_generation, name or comm, resolved)
+                self._cache.move_to_end(pid)
+                while len(self._cache) > self.settings.max_cached_processes:
+                    self._cache.popitem(last=False)
+
+    def resolve(self, pid: int) -> dict[str, str] | None:
+        """Blocking: the attributes of one process; None when it cannot be read (gone)."""
+        return self.resolve_with_comm(pid)[0]
+
+    def resolve_with_comm(self, pid: int) -> tuple[dict[str, str] | None, str]:
+        """Blocking: (attributes or None when unreadable, the process's comm)."""
+        try:
+            with open(f"{self.proc}/{pid}/cgroup") as f:
+                cgroup = parse_cgroup_file(f.read())
+            with open(f"{self.proc}/{pid}/comm") as f:
+                comm = f.read().strip()
+        except OSError as exc:
+            self.counters.inc("metadata_unreadable", reason=type(exc).__name__)
+            return None, ""
+        try:
+            exe = os.path.basename(os.readlink(f"{self.proc}/{pid}/exe"))
+        except OSError:
+            exe = ""  # kernel threads and zombies have no exe
+        try:
+            environ = read_environ(pid, self.proc)
+        except OSError as exc:
+            self.counters.inc("metadata_environ_unreadable", reason=type(exc).__name__)
+            environ = {}
+        attrs: dict[str, str] = {}
+        pod: PodInfo | None = None
+        if cgroup.container_id:
+            attrs["container.id"] = cgroup.container_id
+        if cgroup.pod_uid:
+            attrs["k8s.pod.uid"] = cgroup.pod_uid
+            pod = self.kubelet.pods.get(cgroup.pod_uid) if self.kubelet else None
+        container_name = ""
+        if pod is not None:
+            attrs["k8s.pod.name"] = pod.name
+            attrs["k8s.namespace.name"] = pod.namespace
+            container_name = pod.containers.get(cgroup.container_id, "")
+            if container_name:
+                attrs["k8s.container.name"] = container_name
+        facts = ProcessFacts(comm, exe, cgroup.path, environ,
+                             pod.name if pod else "", pod.namespace if pod else "", container_name,
+                             tuple(sorted(pod.labels.items())) if pod else ())
+        name, source = service_name(self.settings, facts)
+        if name:
+            attrs["service.name"] = name
+            self.counters.inc("service_names", source=source.split(":")[0])
+        return attrs, comm

@@ -1,0 +1,61 @@
+"""A SampleSink that adds each process's metadata attributes before passing samples on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from agent.actors.base import SampleSink
+from agent.metadata.resolver import MetadataResolver
+from shared.model import Sample
+from shared.profile_types import ProfileType
+
+log = logging.getLogger("stackfleet.metadata")
+
+
+class MetadataSink(SampleSink):
+    """Decorates the publisher: resolves new pids in a thread, then enriches in place.
+
+    Attributes a sample already has (type-specific ones such as ``lock.address``) win over
+    process metadata of the same key.
+    """
+
+    def __init__(self, inner: SampleSink, resolver: MetadataResolver) -> None:
+        self.inner = inner
+        self.resolver = resolver
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.resolver.kubelet is not None:
+            await asyncio.to_thread(self.resolver.refresh_kubelet)
+            self._tasks.append(asyncio.create_task(self._kubelet_loop(), name="kubelet-refresh"))
+        await asyncio.to_thread(self.resolver.scan)
+        self._tasks.append(asyncio.create_task(self._scan_loop(), name="metadata-scan"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _scan_loop(self) -> None:
+        """New processes are resolved within a scan interval of starting, while they live."""
+        while True:
+            await asyncio.sleep(self.resolver.settings.scan_interval_s)
+            await asyncio.to_thread(self.resolver.scan)
+
+    async def _kubelet_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolver.settings.kubelet_refresh_s)
+            await asyncio.to_thread(self.resolver.refresh_kubelet)
+
+    async def submit(self, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
+        stale = self.resolver.stale((s.pid, s.process_name) for s in samples)
+        if stale:
+            await asyncio.to_thread(self.resolver.resolve_many, stale)
+        for s in samples:
+            attrs = self.resolver.cached(s.pid)
+            if attrs:
+                s.attributes = {**attrs, **s.attributes} if s.attributes else dict(attrs)
+        await self.inner.submit(profile_type, samples, period)

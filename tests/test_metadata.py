@@ -1,0 +1,173 @@
+"""Process metadata: cgroup parsing, kubelet pod lists, service-name rules, the resolver."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from agent.metadata.cgroup import parse_cgroup_file, parse_cgroup_path
+from agent.metadata.kubelet import parse_pod_list
+from agent.metadata.resolver import MetadataResolver
+from agent.metadata.service_name import ProcessFacts, service_name
+from agent.metadata.settings import MetadataSettings, ServiceRule
+from shared.counters import Counters
+
+CID = "3f2a" * 16
+POD = "0f6d2c1e-8b7a-4c3d-9e2f-1a2b3c4d5e6f"
+
+
+@pytest.mark.parametrize(("path", "container", "pod"), [
+    # kubelet, systemd cgroup driver, containerd
+    (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD.replace('-', '_')}.slice/"
+     f"cri-containerd-{CID}.scope", CID, POD),
+    # kubelet, cgroupfs driver
+    (f"/kubepods/besteffort/pod{POD}/{CID}", CID, POD),
+    # CRI-O
+    (f"/kubepods.slice/kubepods-pod{POD.replace('-', '_')}.slice/crio-{CID}.scope", CID, POD),
+    # Docker with systemd, Docker with cgroupfs, Podman
+    (f"/system.slice/docker-{CID}.scope", CID, ""),
+    (f"/docker/{CID}", CID, ""),
+    (f"/machine.slice/libpod-{CID}.scope/container", CID, ""),
+    # not containers
+    ("/user.slice/user-0.slice/session-3.scope", "", ""),
+    ("/", "", ""),
+    (f"/system.slice/{CID[:63]}.scope", "", ""),
+])
+def test_cgroup_paths(path: str, container: str, pod: str) -> None:
+    info = parse_cgroup_path(path)
+    assert (info.container_id, info.pod_uid) == (container, pod)
+
+
+def test_cgroup_file_prefers_a_line_naming_a_container() -> None:
+    text = f"12:memory:/\n1:name=systemd:/docker/{CID}\n0::/\n"
+    info = parse_cgroup_file(text)
+    assert info.container_id == CID
+    assert parse_cgroup_file("0::/init.scope\n").path == "/init.scope"
+    assert parse_cgroup_file("garbage\n").container_id == ""
+
+
+def _pod_list() -> dict[str, object]:
+    return {"kind": "PodList", "items": [
+        {"metadata": {"name": "checkout-7d9f", "namespace": "shop", "uid": POD,
+                      "labels": {"app.kubernetes.io/name": "checkout"}},
+         "status": {"containerStatuses": [{"name": "app", "containerID": f"containerd://{CID}"}],
+                    "initContainerStatuses": [{"name": "init", "containerID": "containerd://" + "1" * 64}]}},
+        {"metadata": {"name": "no-uid"}},
+        "not a pod",
+        {"metadata": {"name": "pending", "namespace": "shop", "uid": "u2"}, "status": {}},
+    ]}
+
+
+def test_pod_list_parsing_skips_malformed_items() -> None:
+    pods = parse_pod_list(_pod_list())
+    assert set(pods) == {POD, "u2"}
+    assert pods[POD].containers == {CID: "app", "1" * 64: "init"}
+    assert pods[POD].labels["app.kubernetes.io/name"] == "checkout"
+    assert parse_pod_list([1, 2]) == {} and parse_pod_list({"items": "x"}) == {}
+
+
+def test_service_name_order() -> None:
+    s = MetadataSettings(service_rules=[ServiceRule(service="db-{comm}", comm="^postgres"),
+                                        ServiceRule(service="{namespace}/{container}", cgroup="kubepods")])
+    base = ProcessFacts("postgres", "postgres", "/", {})
+    assert service_name(s, base) == ("db-postgres", "rule")
+    with_env = ProcessFacts("postgres", "postgres", "/", {"OTEL_SERVICE_NAME": "orders-db"})
+    assert service_name(s, with_env) == ("orders-db", "env:OTEL_SERVICE_NAME")
+    pod = ProcessFacts("java", "java", "/kubepods/x", {}, "p", "shop", "app", (("app.kubernetes.io/name", "cart"),))
+    assert service_name(s, pod) == ("cart", "pod_label")
+    unlabeled = ProcessFacts("java", "java", "/kubepods/x", {}, "p", "shop", "app")
+    assert service_name(s, unlabeled) == ("shop/app", "rule")
+    assert service_name(s, ProcessFacts("sleep", "sleep", "/", {})) == ("", "")
+    with pytest.raises(ValueError):
+        ServiceRule(service="x", comm="(")
+
+
+@pytest.fixture
+def fake_proc(tmp_path: Path) -> Path:
+    """A /proc-shaped directory with one containerised process (pid 100) and one plain (200)."""
+    for pid, cgroup, env in ((100, f"0::/kubepods/burstable/pod{POD}/{CID}\n", b"A=1\0OTEL_SERVICE_NAME=\0"),
+                             (200, "0::/user.slice\n", b"OTEL_SERVICE_NAME=billing\0PATH=/bin\0")):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "cgroup").write_text(cgroup)
+        (d / "comm").write_text("worker\n")
+        (d / "environ").write_bytes(env)
+        os.symlink("/usr/bin/worker", d / "exe")
+    return tmp_path
+
+
+class _Kubelet(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        code = 200 if self.path == "/pods" else 404
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.body if code == 200 else b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def kubelet() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Kubelet)
+    _Kubelet.body = b'{"items": []}'
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_resolver_with_kubelet(fake_proc: Path, kubelet: str) -> None:
+    counters = Counters()
+    r = MetadataResolver(MetadataSettings(kubelet_url=kubelet, kubelet_token_file=None), counters, str(fake_proc))
+    # The kubelet does not list the pod yet: container and pod uid from the cgroup only.
+    r.refresh_kubelet()
+    r.resolve_many([100, 200, 999])
+    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD}
+    assert r.cached(200) == {"service.name": "billing"}
+    assert r.cached(999) == {}  # gone: nothing to add, counted
+    assert counters.get("metadata_unreadable", reason="FileNotFoundError") == 1
+    # Once it does, the entry waiting for a pod name is dropped and resolved again.
+    _Kubelet.body = json.dumps(_pod_list()).encode()
+    r.refresh_kubelet()
+    assert set(r.stale([(100, ''), (200, '')])) == {100}
+    assert set(r.stale([(200, 'renamed')])) == {200}
+    r.resolve_many([100])
+    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD, "k8s.pod.name": "checkout-7d9f",
+                             "k8s.namespace.name": "shop", "k8s.container.name": "app", "service.name": "checkout"}
+
+
+def test_resolver_survives_a_kubelet_that_is_down(fake_proc: Path) -> None:
+    counters = Counters()
+    r = MetadataResolver(MetadataSettings(kubelet_url="http://127.0.0.1:9", kubelet_token_file=None),
+                         counters, str(fake_proc))
+    r.refresh_kubelet()
+    assert counters.get("kubelet_refreshes", result="failed") == 1
+    r.resolve_many([100])
+    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD}
+
+
+def test_scan_resolves_live_processes_and_keeps_what_it_learned(fake_proc: Path) -> None:
+    r = MetadataResolver(MetadataSettings(cache_ttl_s=0.01), Counters(), str(fake_proc))
+    assert r.scan() == 2
+    assert r.cached(200) == {"service.name": "billing"}
+    # The process exits: a later resolution keeps what was learned while it lived.
+    for f in (fake_proc / "200").iterdir():
+        f.unlink()
+    (fake_proc / "200").rmdir()
+    r.resolve_many({200: "worker"})
+    assert r.cached(200) == {"service.name": "billing"}
+
+
+def test_resolver_cache_is_bounded(fake_proc: Path) -> None:
+    r = MetadataResolver(MetadataSettings(max_cached_processes=16), Counters(), str(fake_proc))
+    r.resolve_many(range(1000, 1100))
+    assert len(r._cache) == 16
