@@ -146,7 +146,7 @@ class GoroutineActor(RingBufferActor):
                 creator = creator[1:]
             proc.live.setdefault(ev.aux, Counter())[creator] += 1
             if ev.aux not in proc.start_frames:
-                (start,) = ctx.symbolizer.symbolize_user(ev.pid, [ev.aux])
+                start = ctx.symbolizer.symbolize_user(ev.pid, [ev.aux])[-1]  # an entry PC: never inlined
                 proc.start_frames[ev.aux] = self._go_frames((start,), proc.exe_path)[0]
         exits = self.bpf["exits"]
         for key, value in list(exits.items()):
