@@ -214,11 +214,21 @@ class GoSymbolTable:
 
     def function_entry(self, name: str) -> int | None:
         """Entry address of the function called ``name`` (for probing stripped binaries)."""
+        return self.function_entries((name,)).get(name)
+
+    def function_entries(self, names: tuple[str, ...]) -> dict[str, int]:
+        """Entry addresses of the named functions, in one pass over the table."""
+        wanted = {name.encode(): name for name in names}
+        found: dict[str, int] = {}
         for i in range(len(self.func_offsets)):
             name_off, *_ = self._func(i)
-            if self._cstring(self.funcname_off + name_off) == name:
-                return self.entries[i]
-        return None
+            start = self.funcname_off + name_off
+            raw = self.data[start:self.data.index(b"\0", start)]
+            if raw in wanted:
+                found[wanted[raw]] = self.entries[i]
+                if len(found) == len(wanted):
+                    break
+        return found
 
 
 def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
