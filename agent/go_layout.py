@@ -70,8 +70,8 @@ def go_minor(version: str) -> int | None:
     parts = version.removeprefix("go").split(".")
     if len(parts) < 2 or parts[0] != "1":
         return None
-    digits = "".join(ch for ch in parts[1] if ch.isdigit())
-    return int(digits) if digits else None
+    digits = len(parts[1]) - len(parts[1].lstrip("0123456789"))
+    return int(parts[1][:digits]) if digits else None
 
 
 def layout_for(elf: ELFFile, version: str) -> GLayout | None:
