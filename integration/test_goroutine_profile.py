@@ -77,7 +77,8 @@ def go_pipeline(exe: Path) -> Run:
         assert proc.stdin and proc.stdout
         box["pid"] = proc.pid
         await proc.stdout.readline()
-        await asyncio.sleep(3.0)  # discovery scans every 2 s: let the agent probe the process
+        # Discovery scans every 2 s: let the agent probe the process (slack for a loaded machine).
+        await asyncio.sleep(5.0)
         proc.stdin.write(b"go\n")
         await proc.stdin.drain()
         box["running"] = int((await proc.stdout.readline()).split()[1])
@@ -158,8 +159,9 @@ def check_current_profile(go: Run) -> None:
 def test_live_count_matches_num_goroutine(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:
     run, pid, running, after_close, marks = go_run
     assert running == 111 and after_close == 11  # the program's own view: 100 + 10 + main
-    before = [live(list(f.hosts.get((HOST, ProfileType.GOROUTINE)).samples.values()), pid)  # type: ignore[union-attr]
-              for f in run.fleets[: marks[0]] if (HOST, ProfileType.GOROUTINE) in f.hosts]
+    before = [live(fleet_samples(run, i), pid) for i in range(marks[0])
+              if any(s.pid == pid and dict(s.attributes)["goroutine.stack.kind"] == "creation"
+                     for s in fleet_samples(run, i))]
     assert before, "no goroutine profile before the channel closed"
     counted, by_start = before[-1]
     assert abs(counted - running) <= 2, (counted, running, by_start)
@@ -177,7 +179,8 @@ def test_live_count_matches_num_goroutine(go_run: tuple[PipelineRun, int, int, i
 def test_creation_stacks_name_the_go_statement(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:
     run, pid, _, _, _ = go_run
     samples = [s for s in run.samples(ProfileType.GOROUTINE, pid) if s.values[0]]
-    workers = [s for s in samples if dict(s.attributes)["goroutine.start"] == "main.startWorkers.func1"]
+    workers = [s for s in samples if dict(s.attributes)["goroutine.start"] == "main.startWorkers.func1"
+               and dict(s.attributes)["goroutine.stack.kind"] == "creation"]
     assert workers
     frames = workers[0].frames
     creator = frames[1]
