@@ -1,4 +1,5 @@
-"""Facts about a Go binary that the goroutine actor needs: is it Go, and where is g.startpc.
+"""Facts about a Go binary that the goroutine actor needs: is it Go, where is g.startpc,
+and how to find its goroutines (``runtime.g`` layout, ``runtime.allgs``: agent.go_layout).
 
 Offsets inside ``runtime.g`` change between Go versions, so they are read from the
 binary's own DWARF (Go emits it, compressed, unless built with ``-ldflags=-w``). Without
@@ -14,7 +15,8 @@ from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
 
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.go_layout import GLayout, allgs_candidates, layout_for
+from agent.symbols.gopclntab import GoSymbolTable, load_go_table
 
 log = logging.getLogger("stackfleet.go")
 
@@ -29,6 +31,9 @@ class GoRuntimeInfo:
     # Entry addresses of the runtime functions the actors probe, from .gopclntab: usable
     # on stripped binaries, where there is no symbol table to probe by name.
     entries: tuple[tuple[str, int], ...] = ()
+    # For the current-stack goroutine profile (agent.go_goroutines): None/() when unsupported.
+    g_layout: GLayout | None = None
+    allgs: tuple[int, ...] = ()
 
     def entry(self, function: str) -> int | None:
         return dict(self.entries).get(function)
@@ -51,16 +56,17 @@ def go_runtime_info(path: str, identity: tuple[int, int, int, int]) -> GoRuntime
             if not is_go_binary(elf):
                 return None
             has_symbols = elf.get_section_by_name(".symtab") is not None
-            entries: list[tuple[str, int]] = []
-            section = elf.get_section_by_name(".gopclntab")
-            if section is not None:
-                table = GoSymbolTable(section.data())
-                for name in PROBED_FUNCTIONS:
-                    entry = table.function_entry(name)
-                    if entry is not None:
-                        entries.append((name, entry))
-            return GoRuntimeInfo(path, _startpc_offset(elf), has_symbols, _go_version(elf), _go_build_id(elf),
-                                 tuple(entries))
+            table: GoSymbolTable | None = load_go_table(elf)
+            version = _go_version(elf)
+            layout = layout_for(elf, version)
+            allgs: tuple[int, ...] = ()
+            if table is not None:
+                found = table.function_entries((*PROBED_FUNCTIONS, "runtime.allgadd"))
+                entries = [(name, found[name]) for name in PROBED_FUNCTIONS if name in found]
+                if layout is not None:  # else this Go version's goroutines cannot be read anyway
+                    allgs = allgs_candidates(elf, table, found.get("runtime.allgadd"))
+            startpc = layout.startpc if layout is not None else None
+            return GoRuntimeInfo(path, startpc, has_symbols, version, _go_build_id(elf), tuple(entries), layout, allgs)
     except Exception as exc:  # unreadable or unusual file: not profiled, logged once (cached)
         log.info("cannot inspect %s: %s", path, exc)
         return None
@@ -99,22 +105,3 @@ def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
             break
         shift += 7
     return result, pos
-
-
-def _startpc_offset(elf: ELFFile) -> int | None:
-    if not elf.has_dwarf_info():
-        return None
-    dwarf = elf.get_dwarf_info()
-    for cu in dwarf.iter_CUs():
-        for die in cu.iter_DIEs():
-            if die.tag != "DW_TAG_structure_type":
-                continue
-            name = die.attributes.get("DW_AT_name")
-            if name is None or name.value != b"runtime.g":
-                continue
-            for member in die.iter_children():
-                member_name = member.attributes.get("DW_AT_name")
-                if member_name is not None and member_name.value == b"startpc":
-                    return int(member.attributes["DW_AT_data_member_location"].value)
-            return None
-    return None

@@ -1,4 +1,6 @@
-"""Go symbolization on the real kernel: a stripped Go binary still gets named frames."""
+"""Go symbolization on the real kernel: a stripped Go binary still gets named frames, and
+samples inside code the compiler inlined (main.step into main.spin) show the inlined
+function on top of its caller, each with its own line."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def test_stripped_go_binary_gets_named_frames_in_cpu_profile(tmp_path: Path) -> 
     box: dict[str, int] = {}
 
     async def workload(run: PipelineRun) -> None:
-        proc = await asyncio.create_subprocess_exec(str(exe), "3")
+        # 6 s: long enough to be symbolized while it lives, even on a loaded machine.
+        proc = await asyncio.create_subprocess_exec(str(exe), "6")
         box["pid"] = proc.pid
         await proc.wait()
 
@@ -36,10 +39,25 @@ def test_stripped_go_binary_gets_named_frames_in_cpu_profile(tmp_path: Path) -> 
     samples = run.samples(ProfileType.CPU, box["pid"])
     total = sum(len(s.timestamps_ns) for s in samples)
     spin = [s for s in samples if any(f.function == "main.spin" for f in s.frames)]
-    assert total and sum(len(s.timestamps_ns) for s in spin) >= 0.8 * total
+    assert total and sum(len(s.timestamps_ns) for s in spin) >= 0.8 * total, \
+        [[(f.function, hex(f.address)) for f in s.frames] for s in samples[:3]]
     frame = next(f for f in spin[0].frames if f.function == "main.spin")
     assert frame.frame_type == FrameType.GO and frame.filename.endswith("go_spin/main.go") and frame.line > 0
     assert any(f.function == "main.main" for f in spin[0].frames)
+    source = (WORKLOADS / "go_spin" / "main.go").read_text().splitlines()
+    body_line = next(i for i, text in enumerate(source, 1) if "// step body" in text)
+    call_line = next(i for i, text in enumerate(source, 1) if "// call step" in text)
+    inlined = 0
+    for s in spin:
+        names = [f.function for f in s.frames]
+        if "main.step" in names:
+            i = names.index("main.step")
+            step, caller = s.frames[i], s.frames[i + 1]
+            assert (step.line, caller.function, caller.line) == (body_line, "main.spin", call_line), s.frames
+            assert step.address == caller.address and step.filename == caller.filename  # one PC, two frames
+            inlined += len(s.timestamps_ns)
+    # The multiply-add is a good part of the loop; the loop control and time.Now are spin's own.
+    assert inlined >= 0.1 * total, (inlined, total)
 
 
 def test_go_version_and_build_id_match_the_go_tool(tmp_path: Path) -> None:

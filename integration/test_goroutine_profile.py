@@ -6,6 +6,17 @@ count must equal the program's count within 2; the only goroutine the probes can
 seen is main, which existed before the process was probed. After the channel closes the
 count falls back the same way. Creation stacks name the function with the `go` statement,
 with file and line.
+
+The current-stack profile (``goroutine.stack.kind=current``, read from the process's
+``runtime.allgs``) must show the 100 workers parked in the channel receive
+(runtime.gopark <- runtime.chanrecv <- runtime.chanrecv1 <- main.worker) and the 10 tickers
+in their select, with file and line; its user goroutines (``goroutine.system=false``) total
+runtime.NumGoroutine() within 2 (exactly 111 when nothing moves: 100 + 10 + main, which
+sits in a read system call; the slack covers a goroutine caught running, whose stack is not
+walked, or one the runtime starts or ends between its count and our read). After the
+channel closes the worker stacks fall to 0. The same holds for a stripped (``-s -w``)
+build, where the runtime.g offsets come from the per-version table and runtime.allgs from
+runtime.allgadd's code.
 """
 
 from __future__ import annotations
@@ -27,29 +38,36 @@ from stackfleet.nats_server import NatsServer
 HOST = socket.gethostname()  # the agent's default host name
 
 
-def build_go(out: Path) -> Path:
+SOURCE = (WORKLOADS / "goroutines" / "main.go").read_text().splitlines()
+Run = tuple[PipelineRun, int, int, int, list[int]]
+
+
+def build_go(out: Path, *flags: str) -> Path:
     exe = out / "goroutines"
     env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "gocache"), "GOFLAGS": ""}
-    subprocess.run(["go", "build", "-o", str(exe), "main.go"], cwd=WORKLOADS / "goroutines", env=env, check=True)
+    subprocess.run(["go", "build", *flags, "-o", str(exe), "main.go"], cwd=WORKLOADS / "goroutines", env=env,
+                   check=True)
     return exe
 
 
-def live(fleet_samples: list, pid: int) -> tuple[int, dict[str, int]]:  # type: ignore[type-arg]
+def source_line(marker: str) -> int:
+    return next(i for i, text in enumerate(SOURCE, 1) if marker in text)
+
+
+def live(fleet_samples: list, pid: int, kind: str = "creation") -> tuple[int, dict[str, int]]:  # type: ignore[type-arg]
     user = 0
     by_start: dict[str, int] = {}
     for s in fleet_samples:
-        if s.pid != pid:
-            continue
         attrs = dict(s.attributes)
+        if s.pid != pid or attrs["goroutine.stack.kind"] != kind:
+            continue
         by_start[attrs["goroutine.start"]] = by_start.get(attrs["goroutine.start"], 0) + s.values[0]
         if attrs["goroutine.system"] == "false":
             user += s.values[0]
     return user, by_start
 
 
-@pytest.fixture(scope="module")
-def go_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int, int, int, list[int]]:
-    exe = build_go(tmp_path_factory.mktemp("go"))
+def go_pipeline(exe: Path) -> Run:
     box: dict[str, int] = {}
     phase_marks: list[int] = []
 
@@ -59,7 +77,8 @@ def go_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int, 
         assert proc.stdin and proc.stdout
         box["pid"] = proc.pid
         await proc.stdout.readline()
-        await asyncio.sleep(3.0)  # discovery scans every 2 s: let the agent probe the process
+        # Discovery scans every 2 s: let the agent probe the process (slack for a loaded machine).
+        await asyncio.sleep(5.0)
         proc.stdin.write(b"go\n")
         await proc.stdin.drain()
         box["running"] = int((await proc.stdout.readline()).split()[1])
@@ -78,16 +97,81 @@ def go_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineRun, int, 
     return run, box["pid"], box["running"], box["after_close"], phase_marks
 
 
+@pytest.fixture(scope="module")
+def go_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return go_pipeline(build_go(tmp_path_factory.mktemp("go")))
+
+
+@pytest.fixture(scope="module")
+def stripped_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    exe = build_go(tmp_path_factory.mktemp("go_stripped"), "-ldflags=-s -w")
+    sections = subprocess.run(["readelf", "-S", "-W", str(exe)], capture_output=True, text=True, check=True).stdout
+    assert ".symtab" not in sections and ".debug_info" not in sections  # offsets must come from the table
+    return go_pipeline(exe)
+
+
+def fleet_samples(run: PipelineRun, index: int) -> list:  # type: ignore[type-arg]
+    profile = run.fleets[index].hosts.get((HOST, ProfileType.GOROUTINE))
+    return list(profile.samples.values()) if profile else []
+
+
+def current_stacks(samples: list, pid: int) -> list:  # type: ignore[type-arg]
+    return [s for s in samples if s.pid == pid and dict(s.attributes)["goroutine.stack.kind"] == "current"
+            and s.values[0]]
+
+
+def through(samples: list, function: str) -> list:  # type: ignore[type-arg]
+    return [s for s in samples if any(f.function == function for f in s.frames)]
+
+
+def check_current_profile(go: Run) -> None:
+    run, pid, running, after_close, marks = go
+    assert running == 111 and after_close == 11
+    before = next(i for i in range(marks[0] - 1, -1, -1) if current_stacks(fleet_samples(run, i), pid))
+    samples = current_stacks(fleet_samples(run, before), pid)
+    user, by_start = live(samples, pid, "current")
+    assert abs(user - running) <= 2, (user, running, by_start)
+    workers, tickers = through(samples, "main.worker"), through(samples, "main.ticker")
+    assert sum(s.values[0] for s in workers) == 100 and sum(s.values[0] for s in tickers) == 10, by_start
+    for s in workers:
+        names = [f.function for f in s.frames]
+        assert names[:4] == ["runtime.gopark", "runtime.chanrecv", "runtime.chanrecv1", "main.worker"], names
+        assert dict(s.attributes)["goroutine.state"] == "waiting"
+        assert all(f.line > 0 and f.filename and f.frame_type == FrameType.GO for f in s.frames)
+        worker = s.frames[3]
+        assert worker.filename.endswith("goroutines/main.go") and worker.line == source_line("func worker(")
+        assert s.frames[1].filename.endswith("runtime/chan.go")
+    for s in tickers:
+        names = [f.function for f in s.frames]
+        assert names[0] == "runtime.gopark" and "runtime.selectgo" in names, names
+        ticker = s.frames[names.index("main.ticker")]
+        assert ticker.filename.endswith("goroutines/main.go") and ticker.line == source_line("select {")
+    # After close(ch): no worker stacks left, the rest within 2 of the program's own count.
+    # Fleets are per export interval: the last one reporting the process, after the close.
+    after = [i for i in range(marks[0] + 1, len(run.fleets)) if current_stacks(fleet_samples(run, i), pid)]
+    assert after, "no current stacks after the channel closed"
+    last = current_stacks(fleet_samples(run, after[-1]), pid)
+    assert not through(last, "main.worker")
+    user_after, by_start_after = live(last, pid, "current")
+    assert abs(user_after - after_close) <= 2, (user_after, after_close, by_start_after)
+
+
 def test_live_count_matches_num_goroutine(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:
     run, pid, running, after_close, marks = go_run
     assert running == 111 and after_close == 11  # the program's own view: 100 + 10 + main
-    before = [live(list(f.hosts.get((HOST, ProfileType.GOROUTINE)).samples.values()), pid)  # type: ignore[union-attr]
-              for f in run.fleets[: marks[0]] if (HOST, ProfileType.GOROUTINE) in f.hosts]
+    before = [live(fleet_samples(run, i), pid) for i in range(marks[0])
+              if any(s.pid == pid and dict(s.attributes)["goroutine.stack.kind"] == "creation"
+                     for s in fleet_samples(run, i))]
     assert before, "no goroutine profile before the channel closed"
     counted, by_start = before[-1]
     assert abs(counted - running) <= 2, (counted, running, by_start)
     assert by_start.get("main.startWorkers.func1") == 100 and by_start.get("main.startTickers.func1") == 10
-    last, by_start_after = live(list(run.fleets[-1].hosts[(HOST, ProfileType.GOROUTINE)].samples.values()), pid)
+    # Fleets are per export interval: the last one that reports the process (after the close).
+    reporting = [i for i in range(marks[0] + 1, len(run.fleets))
+                 if any(s.pid == pid and dict(s.attributes)["goroutine.stack.kind"] == "creation"
+                        for s in fleet_samples(run, i))]
+    assert reporting, "no creation profile after the channel closed"
+    last, by_start_after = live(fleet_samples(run, reporting[-1]), pid)
     assert abs(last - after_close) <= 2, (last, after_close, by_start_after)
     assert by_start_after.get("main.startWorkers.func1", 0) == 0
 
@@ -95,7 +179,8 @@ def test_live_count_matches_num_goroutine(go_run: tuple[PipelineRun, int, int, i
 def test_creation_stacks_name_the_go_statement(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:
     run, pid, _, _, _ = go_run
     samples = [s for s in run.samples(ProfileType.GOROUTINE, pid) if s.values[0]]
-    workers = [s for s in samples if dict(s.attributes)["goroutine.start"] == "main.startWorkers.func1"]
+    workers = [s for s in samples if dict(s.attributes)["goroutine.start"] == "main.startWorkers.func1"
+               and dict(s.attributes)["goroutine.stack.kind"] == "creation"]
     assert workers
     frames = workers[0].frames
     creator = frames[1]
@@ -107,3 +192,11 @@ def test_creation_stacks_name_the_go_statement(go_run: tuple[PipelineRun, int, i
 def test_outputs_are_valid(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:
     run, _, _, _, _ = go_run
     assert all(validate_request(r) == [] for r in run.requests)
+
+
+def test_current_stacks_show_workers_in_channel_receive(go_run: Run) -> None:
+    check_current_profile(go_run)
+
+
+def test_current_stacks_of_stripped_binary(stripped_run: Run) -> None:
+    check_current_profile(stripped_run)

@@ -14,12 +14,19 @@ where the ``go`` statement ran. Goroutines that existed before their process was
 are not seen (counted from the moment of probing, like heap in-use after a restart).
 Runtime-internal goroutines (start function in package ``runtime``, except runtime.main)
 carry ``goroutine.system=true``, matching what ``runtime.NumGoroutine`` leaves out.
+
+Alongside, every ``CURRENT_SCAN_INTERVAL_S`` the *current* stack of every goroutine is read
+from the process's memory (agent.go_goroutines, on this symbolization thread, never the
+event loop). Both go out as the same profile type, told apart by the sample attribute
+``goroutine.stack.kind`` = ``current`` | ``creation`` (docs/design/goroutine.md says why);
+current stacks also carry ``goroutine.state``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import os
 import time
 from collections import Counter
@@ -27,12 +34,17 @@ from typing import Any
 
 from agent.actors.base import RingBufferActor
 from agent.bpf_loader import BCC_LOCK
+from agent.go_goroutines import GoroutineReader, ReadStats
 from agent.go_runtime import GoRuntimeInfo, go_runtime_info
+from agent.symbols.gopclntab import GoSymbolTable
 from shared.model import Frame, FrameType, Sample
 from shared.profile_types import ProfileType
 
+log = logging.getLogger("stackfleet.goroutine")
 DISCOVERY_INTERVAL_S = 2.0
+CURRENT_SCAN_INTERVAL_S = 1.0
 StackKey = tuple[Frame, ...]
+AttrKey = tuple[tuple[str, str], ...]
 
 
 @dataclasses.dataclass
@@ -44,6 +56,8 @@ class _GoProcess:
     live: dict[int, Counter[StackKey]] = dataclasses.field(default_factory=dict)
     start_frames: dict[int, Frame] = dataclasses.field(default_factory=dict)
     reported: set[tuple[int, StackKey]] = dataclasses.field(default_factory=set)
+    reader: GoroutineReader | None = None
+    reported_current: set[tuple[StackKey, AttrKey]] = dataclasses.field(default_factory=set)
 
 
 class GoroutineActor(RingBufferActor):
@@ -59,6 +73,8 @@ class GoroutineActor(RingBufferActor):
         self._probed_binaries: set[tuple[int, int, int, int]] = set()
         self._not_go: set[tuple[int, int, int, int]] = set()
         self._discovered = 0.0
+        self._scanned = 0.0
+        self._tables: dict[tuple[int, int, int, int], GoSymbolTable | None] = {}
 
     def period(self) -> int:
         return 1
@@ -94,7 +110,9 @@ class GoroutineActor(RingBufferActor):
                 continue
             self._probe(pid, info, identity)
         for pid in set(self._processes) - alive:
-            del self._processes[pid]
+            gone = self._processes.pop(pid)
+            if gone.reader is not None:
+                gone.reader.close()
             try:
                 del self.bpf["go_procs"][ctypes.c_uint32(pid)]
             except KeyError:
@@ -108,6 +126,7 @@ class GoroutineActor(RingBufferActor):
                     for sym, fn in (("runtime.newproc1", "on_newproc1"), ("runtime.goexit1", "on_goexit1")):
                         attach_go_probe(self.bpf, path, info, sym, fn, pid=-1)
             except Exception as exc:
+                log.warning("cannot probe Go binary %s (pid %d): %s", path, pid, exc)
                 self.ctx.counters.inc("go_processes_skipped", reason="uprobe_failed")
                 self._not_go.add(identity)
                 self.ctx.counters.inc("errors", kind=type(exc).__name__)
@@ -117,8 +136,29 @@ class GoroutineActor(RingBufferActor):
             self.bpf["go_procs"][ctypes.c_uint32(pid)] = ctypes.c_uint32(info.startpc_offset)
         else:
             self.ctx.counters.inc("go_processes_without_exit_tracking")
-        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path)
+        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path,
+                                          reader=self._reader(pid, info, identity))
         self.ctx.counters.inc("go_processes_probed")
+
+    def _reader(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> GoroutineReader | None:
+        """A current-stack reader for ``pid``, or None (counted) when its Go is not supported."""
+        if info.g_layout is None or not info.allgs:
+            self.ctx.counters.inc("go_processes_without_current_stacks", reason="layout_unknown")
+            return None
+        if identity not in self._tables:
+            try:
+                self._tables[identity] = GoSymbolTable.from_elf(f"/proc/{pid}/exe")
+            except Exception as exc:  # unusual file: no current stacks, creation profile still works
+                self.ctx.counters.inc("errors", kind=type(exc).__name__)
+                self._tables[identity] = None
+        table = self._tables[identity]
+        if table is None:
+            return None
+        try:
+            return GoroutineReader(pid, table, info.g_layout, info.allgs)
+        except OSError:
+            self.ctx.counters.inc("go_processes_without_current_stacks", reason="mem_unreadable")
+            return None
 
     # -- events ------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
@@ -146,7 +186,7 @@ class GoroutineActor(RingBufferActor):
                 creator = creator[1:]
             proc.live.setdefault(ev.aux, Counter())[creator] += 1
             if ev.aux not in proc.start_frames:
-                (start,) = ctx.symbolizer.symbolize_user(ev.pid, [ev.aux])
+                start = ctx.symbolizer.symbolize_user(ev.pid, [ev.aux])[-1]  # an entry PC: never inlined
                 proc.start_frames[ev.aux] = self._go_frames((start,), proc.exe_path)[0]
         exits = self.bpf["exits"]
         for key, value in list(exits.items()):
@@ -164,7 +204,66 @@ class GoroutineActor(RingBufferActor):
                 stacks[stack] -= 1
                 if stacks[stack] <= 0:
                     del stacks[stack]
-        return self._snapshot()
+        out = self._snapshot()
+        now = time.monotonic()
+        if now - self._scanned >= CURRENT_SCAN_INTERVAL_S:
+            self._scanned = now
+            out.extend(self._current_snapshot())
+        return out
+
+    def _current_snapshot(self) -> list[Sample]:
+        """Current stacks of every goroutine of every probed process, grouped by stack and state."""
+        now = self.ctx.clock.to_unix_ns(time.monotonic_ns())
+        counters = self.ctx.counters
+        out: list[Sample] = []
+        for pid, proc in self._processes.items():
+            if proc.reader is None:
+                continue
+            stats = ReadStats()
+            try:
+                goroutines = proc.reader.read(stats)
+            except OSError as exc:
+                counters.inc("goroutine_read_errors", reason="allgs_not_found" if "allgs" in str(exc) else "read")
+                if "allgs" in str(exc):
+                    proc.reader.close()
+                    proc.reader = None
+                continue
+            for name in ("truncated", "unreadable", "over_limit"):
+                if getattr(stats, name):
+                    counters.inc("goroutine_stacks_" + name, getattr(stats, name))
+            # Group by (pcs, whether they are unwound, state, start, truncated): goids differ.
+            by_stack: Counter[tuple[tuple[int, ...], bool, str, str, bool]] = Counter()
+            for g in goroutines:
+                if g.pcs:
+                    by_stack[(g.pcs, True, g.state, g.start, g.truncated)] += 1
+                elif g.start_pc:  # running: only its start function is known
+                    by_stack[((g.start_pc,), False, g.state, g.start, g.truncated)] += 1
+                else:
+                    counters.inc("goroutines_without_stack", state=g.state)
+            current: dict[tuple[StackKey, AttrKey], int] = {}
+            for (pcs, unwound, state, start, truncated), count in by_stack.items():
+                frames = self._current_frames(pid, proc, pcs, leaf_is_return_address=unwound)
+                attrs = self._attributes(proc, start, start.startswith("runtime.") and start != "runtime.main",
+                                         "current")
+                attrs["goroutine.state"] = state
+                if truncated:
+                    attrs["goroutine.stack.truncated"] = "true"
+                key = (frames, tuple(sorted(attrs.items())))
+                current[key] = current.get(key, 0) + count
+            for (frames, attr_key), count in current.items():
+                out.append(Sample(now, 0, pid, pid, proc.comm, proc.comm, frames, (count,), dict(attr_key)))
+            # Stacks that no goroutine has any more report 0 once, so the latest snapshot is right.
+            for frames, attr_key in proc.reported_current - set(current):
+                out.append(Sample(now, 0, pid, pid, proc.comm, proc.comm, frames, (0,), dict(attr_key)))
+            proc.reported_current = set(current)
+        return out
+
+    def _current_frames(self, pid: int, proc: _GoProcess, pcs: tuple[int, ...],
+                        leaf_is_return_address: bool) -> StackKey:
+        # The symbolizer looks up a leaf address as is and the others at address - 1 (call
+        # sites); a parked goroutine's leaf is a return address too, so pass its call site.
+        addresses = [pcs[0] - 1, *pcs[1:]] if leaf_is_return_address else list(pcs)
+        return self._go_frames(self.ctx.symbolizer.symbolize_user(pid, addresses), proc.exe_path)
 
     def _snapshot(self) -> list[Sample]:
         now = self.ctx.clock.to_unix_ns(time.monotonic_ns())
@@ -187,13 +286,18 @@ class GoroutineActor(RingBufferActor):
         return out
 
     @staticmethod
-    def _sample(now: int, pid: int, proc: _GoProcess, start: Frame, stack: StackKey, count: int,
-                system: bool) -> Sample:
-        attrs = {"goroutine.start": start.function, "goroutine.system": "true" if system else "false"}
+    def _attributes(proc: _GoProcess, start: str, system: bool, kind: str) -> dict[str, str]:
+        attrs = {"goroutine.start": start, "goroutine.system": "true" if system else "false",
+                 "goroutine.stack.kind": kind}
         if proc.info.build_id:
             attrs["process.executable.build_id.go"] = proc.info.build_id
         if proc.info.go_version:
             attrs["process.runtime.version"] = proc.info.go_version
+        return attrs
+
+    def _sample(self, now: int, pid: int, proc: _GoProcess, start: Frame, stack: StackKey, count: int,
+                system: bool) -> Sample:
+        attrs = self._attributes(proc, start.function, system, "creation")
         return Sample(now, 0, pid, pid, proc.comm, proc.comm, (start, *stack), (count,), attrs)
 
 

@@ -20,7 +20,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.symbols.gopclntab import GoSymbolTable, load_go_table
 
 log = logging.getLogger("stackfleet.symbols")
 
@@ -88,8 +88,8 @@ class ElfSymbols:
             return None
         if self._go_table is None:
             try:
-                self._go_table = GoSymbolTable(self._gopclntab.data())
-            except (ValueError, struct.error) as exc:
+                self._go_table = load_go_table(self._elf)
+            except (ValueError, struct.error, IndexError) as exc:
                 log.warning("%s: unusable .gopclntab: %s", self.path, exc)
                 self._gopclntab = None
                 return None

@@ -16,8 +16,21 @@ all offsets relative to the start of the table:
     file of a pc: pcfile value -> cutab[cuOffset + value] (u32) -> NUL-terminated name at
             filetabOffset + that.
 
-Inlined frames (FUNCDATA_InlTree) are not expanded: a PC reports its outermost function's
-name with the line of the innermost inlined code, as the line table gives it.
+    after _func: pcdata u32[npcdata] (pc-value table offsets), funcdata u32[nfuncdata]
+            (offsets from moduledata.gofunc, the ``go:func.*`` data in .rodata; ~0 = none).
+
+Inlining (``lookup_inline``), as the runtime's own traceback expands it: PCDATA 2
+(InlTreeIndex) at a PC is the index of the innermost inlined call covering it (-1: none) in
+the function's inline tree, FUNCDATA 3 (InlTree). Each tree entry names the inlined callee
+and ``parentPc``, an offset from the function entry of an instruction whose source position
+is the call site; the caller's frame is found by looking up file, line and tree index again
+at that PC. Entry layouts:
+    1.18/1.19 (magic ...f0, 20 bytes): parent i16, funcID u8, pad u8, file i32, line i32,
+            nameOff i32, parentPc i32
+    1.20+     (magic ...f1, 16 bytes): funcID u8, pad 3, nameOff i32, parentPc i32, startLine i32
+``gofunc`` is not in the pclntab: it is read from ``runtime.firstmoduledata`` in .noptrdata,
+found by the pointer to the pclntab it starts with (works on stripped binaries; see
+``find_gofunc``).
 """
 
 from __future__ import annotations
@@ -31,6 +44,12 @@ from elftools.elf.elffile import ELFFile
 
 MAGIC_118 = 0xFFFFFFF0
 MAGIC_120 = 0xFFFFFFF1
+PCDATA_INL_TREE_INDEX = 2
+FUNCDATA_INL_TREE = 3
+NO_FUNCDATA = 0xFFFFFFFF
+# Word index of ``gofunc`` in runtime.moduledata (runtime/symtab.go): 1.20 added covctrs/ecovctrs.
+MODULEDATA_TEXT_WORD = 22
+MODULEDATA_GOFUNC_WORD = {MAGIC_118: 38, MAGIC_120: 40}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +61,14 @@ class GoFrame:
 
 
 class GoSymbolTable:
-    """Function, file and line for any PC of a Go binary, from its pclntab."""
+    """Function, file and line for any PC of a Go binary, from its pclntab.
 
-    def __init__(self, data: bytes) -> None:
+    ``gofunc`` is the funcdata area (bytes from ``moduledata.gofunc`` to the end of its
+    section); without it inlined calls are not expanded (``lookup_inline`` then gives one
+    frame, like ``lookup``).
+    """
+
+    def __init__(self, data: bytes, gofunc: bytes | None = None) -> None:
         magic, _pad, self.min_lc, self.ptr_size = struct.unpack_from("<IHBB", data, 0)
         if magic not in (MAGIC_118, MAGIC_120) or self.ptr_size != 8:
             raise ValueError(f"unsupported pclntab (magic {magic:#x}, pointer size {self.ptr_size})")
@@ -57,15 +81,14 @@ class GoSymbolTable:
         table = struct.unpack_from(f"<{2 * (nfunc + 1)}I", data, pcln)
         self.entries = [self.text_start + table[2 * i] for i in range(nfunc + 1)]
         self.func_offsets = [table[2 * i + 1] for i in range(nfunc)]
+        self.gofunc = gofunc
+        self._func_size = 44 if self.go120 else 40
+        self._inl_entry = struct.Struct("<BxxxiiI" if self.go120 else "<hBxiiiI")
 
     @classmethod
     def from_elf(cls, path: str) -> GoSymbolTable | None:
         with open(path, "rb") as f:
-            elf = ELFFile(f)
-            section = elf.get_section_by_name(".gopclntab")
-            if section is None:
-                return None
-            return cls(section.data())
+            return load_go_table(ELFFile(f))
 
     def _func(self, index: int) -> tuple[int, int, int, int]:
         """(name offset, pcfile, pcln, cuOffset) of function ``index``."""
@@ -73,6 +96,81 @@ class GoSymbolTable:
         _entry, name_off, _args, _defer, _pcsp, pcfile, pcln, _npcdata, cu = struct.unpack_from(
             "<IiiIIIIII", self.data, base)
         return name_off, pcfile, pcln, cu
+
+    def pcsp(self, index: int) -> int:
+        """Offset of function ``index``'s SP-delta pc-value table (0: none)."""
+        return int(struct.unpack_from("<I", self.data, self.pcln_off + self.func_offsets[index] + 16)[0])
+
+    def _pcdata(self, index: int, table: int) -> int:
+        """Offset of pc-value table PCDATA ``table`` of function ``index`` (0: none)."""
+        base = self.pcln_off + self.func_offsets[index]
+        (npcdata,) = struct.unpack_from("<I", self.data, base + 28)
+        if table >= npcdata:
+            return 0
+        return int(struct.unpack_from("<I", self.data, base + self._func_size + 4 * table)[0])
+
+    def _funcdata(self, index: int, slot: int) -> int | None:
+        """Offset from gofunc of FUNCDATA ``slot`` of function ``index`` (None: absent)."""
+        base = self.pcln_off + self.func_offsets[index]
+        (npcdata,) = struct.unpack_from("<I", self.data, base + 28)
+        nfuncdata = self.data[base + self._func_size - 1]
+        if slot >= nfuncdata:
+            return None
+        (off,) = struct.unpack_from("<I", self.data, base + self._func_size + 4 * (npcdata + slot))
+        return None if off == NO_FUNCDATA else int(off)
+
+    def sp_delta(self, pc: int) -> int | None:
+        """Bytes the function containing ``pc`` has pushed below its return address at ``pc``."""
+        i = self.function_index(pc)
+        if i is None:
+            return None
+        table = self.pcsp(i)
+        if not table:
+            return None
+        value = self._pc_value(table, self.entries[i], pc)
+        return value if value >= 0 else None
+
+    def _file_line(self, i: int, pc: int) -> tuple[str, int]:
+        _name_off, pcfile, pcln, cu = self._func(i)
+        entry = self.entries[i]
+        line = self._pc_value(pcln, entry, pc) if pcln else -1
+        file = ""
+        file_index = self._pc_value(pcfile, entry, pc) if pcfile else -1
+        if file_index >= 0:
+            (file_off,) = struct.unpack_from("<I", self.data, self.cu_off + 4 * (cu + file_index))
+            if file_off != 0xFFFFFFFF:
+                file = self._cstring(self.filetab_off + file_off)
+        return file, max(line, 0)
+
+    def lookup_inline(self, pc: int) -> tuple[GoFrame, ...]:
+        """Frames at ``pc``, innermost inlined callee first, the real function last; () outside Go text."""
+        i = self.function_index(pc)
+        if i is None:
+            return ()
+        return self._lookup_inline(i, pc)
+
+    @lru_cache(maxsize=65536)  # noqa: B019 - one table per binary, bounded, lives as long as it
+    def _lookup_inline(self, i: int, pc: int) -> tuple[GoFrame, ...]:
+        outer = self._lookup(i, pc)
+        tree = self._funcdata(i, FUNCDATA_INL_TREE) if self.gofunc is not None else None
+        index_table = self._pcdata(i, PCDATA_INL_TREE_INDEX)
+        if tree is None or not index_table:
+            return (outer,)
+        entry, frames = self.entries[i], []
+        file, line = outer.file, outer.line
+        ix = self._pc_value(index_table, entry, pc)
+        # Each step moves to a strictly enclosing call; the bound only guards corrupt data.
+        for _ in range(64):
+            if ix < 0:
+                break
+            fields = self._inl_entry.unpack_from(self.gofunc, tree + ix * self._inl_entry.size)  # type: ignore[arg-type]
+            name_off, parent_pc = (fields[1], fields[2]) if self.go120 else (fields[4], fields[5])
+            frames.append(GoFrame(self._cstring(self.funcname_off + name_off), file, line, entry))
+            caller_pc = entry + parent_pc
+            file, line = self._file_line(i, caller_pc)
+            ix = self._pc_value(index_table, entry, caller_pc)
+        frames.append(GoFrame(outer.function, file, line, entry))
+        return tuple(frames)
 
     def _cstring(self, offset: int) -> str:
         end = self.data.index(b"\0", offset)
@@ -106,25 +204,73 @@ class GoSymbolTable:
 
     @lru_cache(maxsize=65536)  # noqa: B019 - one table per binary, bounded, lives as long as it
     def _lookup(self, i: int, pc: int) -> GoFrame:
-        name_off, pcfile, pcln, cu = self._func(i)
-        entry = self.entries[i]
-        name = self._cstring(self.funcname_off + name_off)
-        line = self._pc_value(pcln, entry, pc) if pcln else -1
-        file = ""
-        file_index = self._pc_value(pcfile, entry, pc) if pcfile else -1
-        if file_index >= 0:
-            (file_off,) = struct.unpack_from("<I", self.data, self.cu_off + 4 * (cu + file_index))
-            if file_off != 0xFFFFFFFF:
-                file = self._cstring(self.filetab_off + file_off)
-        return GoFrame(name, file, max(line, 0), entry)
+        name_off, *_ = self._func(i)
+        file, line = self._file_line(i, pc)
+        return GoFrame(self._cstring(self.funcname_off + name_off), file, line, self.entries[i])
+
+    def function_name(self, index: int) -> str:
+        name_off, *_ = self._func(index)
+        return self._cstring(self.funcname_off + name_off)
 
     def function_entry(self, name: str) -> int | None:
         """Entry address of the function called ``name`` (for probing stripped binaries)."""
+        return self.function_entries((name,)).get(name)
+
+    def function_entries(self, names: tuple[str, ...]) -> dict[str, int]:
+        """Entry addresses of the named functions, in one pass over the table."""
+        wanted = {name.encode(): name for name in names}
+        found: dict[str, int] = {}
         for i in range(len(self.func_offsets)):
             name_off, *_ = self._func(i)
-            if self._cstring(self.funcname_off + name_off) == name:
-                return self.entries[i]
+            start = self.funcname_off + name_off
+            raw = self.data[start:self.data.index(b"\0", start)]
+            if raw in wanted:
+                found[wanted[raw]] = self.entries[i]
+                if len(found) == len(wanted):
+                    break
+        return found
+
+
+def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
+    """The pclntab of ``elf`` with its funcdata area (for inlining), or None for non-Go files."""
+    section = elf.get_section_by_name(".gopclntab")
+    if section is None:
         return None
+    data = section.data()
+    gofunc = find_gofunc(elf, section["sh_addr"], data)
+    funcdata = None
+    if gofunc is not None:
+        for sec in elf.iter_sections():
+            start, size = sec["sh_addr"], sec["sh_size"]
+            if sec["sh_type"] == "SHT_PROGBITS" and start <= gofunc < start + size:
+                funcdata = sec.data()[gofunc - start:]
+                break
+    return GoSymbolTable(data, funcdata)
+
+
+def find_gofunc(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> int | None:
+    """``runtime.firstmoduledata.gofunc``: moduledata starts with a pointer to the pclntab
+    header and holds ``text`` (checked against the header's textStart) a fixed number of
+    words later. Read from the file, so stripped binaries work too."""
+    magic = struct.unpack_from("<I", pclntab, 0)[0]
+    word = MODULEDATA_GOFUNC_WORD.get(magic)
+    (text_start,) = struct.unpack_from("<Q", pclntab, 24)
+    if word is None:
+        return None
+    needle = struct.pack("<Q", pclntab_addr)
+    for name in (".noptrdata", ".data"):
+        sec = elf.get_section_by_name(name)
+        if sec is None:
+            continue
+        data = sec.data()
+        pos = data.find(needle)
+        while pos >= 0:
+            if pos % 8 == 0 and pos + 8 * (word + 1) <= len(data):
+                words = struct.unpack_from(f"<{word + 1}Q", data, pos)
+                if words[MODULEDATA_TEXT_WORD] == text_start:
+                    return int(words[word])
+            pos = data.find(needle, pos + 1)
+    return None
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:

@@ -110,23 +110,26 @@ class Symbolizer:
                      for a in addresses)
 
     def symbolize_user(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        """Leaf-first frames for leaf-first ``addresses``. A Go address inside inlined code
+        gives several frames (the inlined callees innermost first, then the real function),
+        all with the same address, so the result can be longer than ``addresses``."""
         process = self._process(pid)
         identity = process.identity if process else (pid, -1)
-        frames = []
+        frames: list[Frame] = []
         cache = self._frames
         for depth, address in enumerate(addresses):
             self._stats["lookups"] += 1
             key = (identity, address, depth == 0)
-            frame = cache.hit(key)
-            if frame is None:
-                frame = self._frame(pid, process, address, depth) if process else None
-                if frame is None:
+            found = cache.hit(key)
+            if found is None:
+                found = self._frame(pid, process, address, depth) if process else None
+                if found is None:
                     self._stats["unknown_frames"] += 1
-                    frame = Frame("", "", 0, address, FrameType.NATIVE, None)
-                elif frame.function or frame.mapping is not None:
-                    cache.put(key, frame)
-            frames.append(frame)
-        return tuple(frames)  # type: ignore[arg-type]
+                    found = (Frame("", "", 0, address, FrameType.NATIVE, None),)
+                elif found[0].function or found[0].mapping is not None:
+                    cache.put(key, found)
+            frames.extend(cast(tuple[Frame, ...], found))
+        return tuple(frames)
 
     def code_before(self, pid: int, address: int, size: int) -> bytes | None:
         """The ``size`` bytes of file-backed executable code just before ``address`` in ``pid``.
@@ -236,7 +239,7 @@ class Symbolizer:
         return None
 
     # -- frames ----------------------------------------------------------------------------
-    def _frame(self, pid: int, process: _Process, address: int, depth: int) -> Frame | None:
+    def _frame(self, pid: int, process: _Process, address: int, depth: int) -> tuple[Frame, ...] | None:
         region = self._find_region(process, address)
         if region is None and time.monotonic() - process.refreshed > self.maps_ttl_s:
             # A library loaded after we read the maps (dlopen) or the process exec'd.
@@ -248,7 +251,7 @@ class Symbolizer:
             return None
         elf = self._elf(pid, region)
         if elf is None:
-            return Frame("", "", 0, address, FrameType.NATIVE, region.mapping)
+            return (Frame("", "", 0, address, FrameType.NATIVE, region.mapping),)
         mapping = region.mapping if region.mapping.build_id == elf.build_id else Mapping(
             region.mapping.start, region.mapping.limit, region.mapping.offset, region.mapping.filename, elf.build_id)
         region.mapping = mapping
@@ -257,23 +260,24 @@ class Symbolizer:
         lookup = address if depth == 0 else address - 1
         vaddr = elf.file_offset_to_vaddr(lookup - region.entry.start + region.entry.offset)
         if vaddr is None:
-            return Frame("", "", 0, address, FrameType.NATIVE, mapping)
+            return (Frame("", "", 0, address, FrameType.NATIVE, mapping),)
         key = (region.file_key, vaddr)
         resolved = self._addresses.hit(key)
         if resolved is None:
             go = elf.go_table()
-            go_frame = go.lookup(vaddr) if go is not None else None
-            if go_frame is not None:
-                resolved = (go_frame.function, go_frame.file, go_frame.line, FrameType.GO)
+            go_frames = go.lookup_inline(vaddr) if go is not None else ()
+            if go_frames:
+                resolved = tuple((g.function, g.file, g.line, FrameType.GO) for g in go_frames)
             else:
                 function = elf.function(vaddr)
                 filename, line = elf.line(vaddr)
-                resolved = (function, filename, line, FrameType.NATIVE)
+                resolved = ((function, filename, line, FrameType.NATIVE),)
             self._addresses.put(key, resolved)
-        function, filename, line, frame_type = cast(tuple[str, str, int, FrameType], resolved)
-        if not function:
+        rows = cast(tuple[tuple[str, str, int, FrameType], ...], resolved)
+        if not rows[0][0]:
             self._stats["unknown_frames"] += 1
-        return Frame(function, filename, line, address, frame_type, mapping)
+        return tuple(Frame(function, filename, line, address, frame_type, mapping)
+                     for function, filename, line, frame_type in rows)
 
     def _elf(self, pid: int, region: _Region) -> ElfSymbols | None:
         key = region.file_key

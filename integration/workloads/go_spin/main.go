@@ -1,4 +1,5 @@
-// CPU workload for Go symbolization: spins in main.spin for the given seconds.
+// CPU workload for Go symbolization: spins in main.spin for the given seconds. step is
+// small enough for the compiler to inline into spin (inlined frames in CPU stacks).
 package main
 
 import (
@@ -9,11 +10,15 @@ import (
 
 var sink uint64
 
+func step(x uint64) uint64 {
+	return x*6364136223846793005 + 1442695040888963407 // step body
+}
+
 //go:noinline
 func spin(until time.Time) {
 	for time.Now().Before(until) {
 		for i := 0; i < 100000; i++ {
-			sink = sink*6364136223846793005 + 1442695040888963407
+			sink = step(sink) // call step
 		}
 	}
 }
