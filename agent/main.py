@@ -45,8 +45,10 @@ async def run_agent(
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize")
     sink: SampleSink = publisher
     metadata: MetadataSink | None = None
-    if settings.metadata.enabled:
-        metadata = MetadataSink(publisher, MetadataResolver(settings.metadata, counters))
+    netns_scope = settings.process_scope == "network_namespace"
+    if settings.metadata.enabled or netns_scope:
+        metadata = MetadataSink(publisher, MetadataResolver(settings.metadata, counters), counters,
+                                add_attributes=settings.metadata.enabled, own_network_namespace_only=netns_scope)
         await metadata.start()
         sink = metadata
     ctx = ActorContext(settings, Symbolizer(), executor, sink, counters, MonotonicToUnix(),

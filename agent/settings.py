@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -52,6 +52,10 @@ class AgentSettings(BaseSettings):
     unwind_table_rows: int = Field(default=1 << 20, ge=1 << 12, le=1 << 24)
     # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
     metrics_address: str | None = None
+    # "host": every process on the machine. "network_namespace": only processes sharing the
+    # agent's network namespace (several logical hosts on one kernel; samples of others are
+    # counted as samples_out_of_scope and dropped).
+    process_scope: Literal["host", "network_namespace"] = "host"
     # Container / Kubernetes / service.name attributes on samples (STACKFLEET_METADATA__*).
     metadata: MetadataSettings = Field(default_factory=MetadataSettings)
     restart_backoff_initial_s: float = 1.0

@@ -87,7 +87,7 @@ def go_pipeline(exe: Path) -> Run:
         proc.stdin.write(b"close\n")
         await proc.stdin.drain()
         box["after_close"] = int((await proc.stdout.readline()).split()[1])
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(5.0)  # room for a loaded host: reads run on the symbol thread
         proc.stdin.write(b"exit\n")
         await proc.stdin.drain()
         await proc.wait()

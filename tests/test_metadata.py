@@ -156,7 +156,7 @@ def test_resolver_survives_a_kubelet_that_is_down(fake_proc: Path) -> None:
 
 
 def test_scan_resolves_live_processes_and_keeps_what_it_learned(fake_proc: Path) -> None:
-    r = MetadataResolver(MetadataSettings(cache_ttl_s=0.01), Counters(), str(fake_proc))
+    r = MetadataResolver(MetadataSettings(), Counters(), str(fake_proc))
     assert r.scan() == 2
     assert r.cached(200) == {"service.name": "billing"}
     # The process exits: a later resolution keeps what was learned while it lived.

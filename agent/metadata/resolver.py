@@ -72,6 +72,12 @@ class MetadataResolver:
         # is the sample's process name at resolution: a different name later means the pid was
         # reused or the process exec'd, and the entry is resolved again.
         self._cache: OrderedDict[int, tuple[float, int, str, dict[str, str]]] = OrderedDict()
+        # pid -> network namespace inode (for agents scoped to their own network namespace)
+        self._netns: dict[int, int] = {}
+
+    def network_namespace(self, pid: int) -> int | None:
+        """Inode of the process's network namespace as last resolved; None if unknown."""
+        return self._netns.get(pid)
 
     def cached(self, pid: int) -> dict[str, str] | None:
         """Attributes if resolved and still fresh, else None (call resolve_many in a thread)."""
@@ -124,6 +130,7 @@ class MetadataResolver:
             grace = self.settings.cache_ttl_s
             for pid in [p for p, e in self._cache.items() if e[0] + grace < now and p not in live]:
                 del self._cache[pid]
+                self._netns.pop(pid, None)
         return len(todo)
 
     def resolve_many(self, processes: dict[int, str] | Iterable[int]) -> None:
@@ -145,7 +152,8 @@ class MetadataResolver:
                 self._cache[pid] = (expires, self._kubelet_generation, name or comm, resolved)
                 self._cache.move_to_end(pid)
                 while len(self._cache) > self.settings.max_cached_processes:
-                    self._cache.popitem(last=False)
+                    evicted, _ = self._cache.popitem(last=False)
+                    self._netns.pop(evicted, None)
 
     def resolve(self, pid: int) -> dict[str, str] | None:
         """Blocking: the attributes of one process; None when it cannot be read (gone)."""
@@ -161,6 +169,12 @@ class MetadataResolver:
         except OSError as exc:
             self.counters.inc("metadata_unreadable", reason=type(exc).__name__)
             return None, ""
+        try:
+            netns = os.stat(f"{self.proc}/{pid}/ns/net").st_ino
+            with self._lock:
+                self._netns[pid] = netns
+        except OSError:
+            pass
         try:
             exe = os.path.basename(os.readlink(f"{self.proc}/{pid}/exe"))
         except OSError:

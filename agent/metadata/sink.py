@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 from agent.actors.base import SampleSink
 from agent.metadata.resolver import MetadataResolver
+from shared.counters import Counters
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
@@ -21,9 +23,15 @@ class MetadataSink(SampleSink):
     process metadata of the same key.
     """
 
-    def __init__(self, inner: SampleSink, resolver: MetadataResolver) -> None:
+    def __init__(self, inner: SampleSink, resolver: MetadataResolver, counters: Counters,
+                 add_attributes: bool = True, own_network_namespace_only: bool = False) -> None:
         self.inner = inner
         self.resolver = resolver
+        self.counters = counters
+        self.add_attributes = add_attributes
+        # Scoped agents (one per network namespace: a "host" that shares the kernel with
+        # others, as in a netns test bed or a per-tenant sidecar) keep only their own processes.
+        self.own_netns = os.stat("/proc/self/ns/net").st_ino if own_network_namespace_only else None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -54,8 +62,15 @@ class MetadataSink(SampleSink):
         stale = self.resolver.stale((s.pid, s.process_name) for s in samples)
         if stale:
             await asyncio.to_thread(self.resolver.resolve_many, stale)
-        for s in samples:
-            attrs = self.resolver.cached(s.pid)
-            if attrs:
-                s.attributes = {**attrs, **s.attributes} if s.attributes else dict(attrs)
-        await self.inner.submit(profile_type, samples, period)
+        if self.own_netns is not None:
+            kept = [s for s in samples if self.resolver.network_namespace(s.pid) == self.own_netns]
+            if len(kept) != len(samples):
+                self.counters.inc("samples_out_of_scope", len(samples) - len(kept), type=profile_type.value)
+            samples = kept
+        if self.add_attributes:
+            for s in samples:
+                attrs = self.resolver.cached(s.pid)
+                if attrs:
+                    s.attributes = {**attrs, **s.attributes} if s.attributes else dict(attrs)
+        if samples:
+            await self.inner.submit(profile_type, samples, period)
