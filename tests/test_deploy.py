@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,6 +16,7 @@ import yaml
 from stackfleet.nats_server import find_nats_server
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+K8S_VERSION = "1.30"
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
@@ -38,8 +42,44 @@ def test_nats_config_is_valid_for_nats_server() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def _manifests() -> list[dict[str, Any]]:
+    return [d for f in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def test_kubernetes_manifests_validate_against_the_api_schema() -> None:
+    # kubernetes-validate carries the OpenAPI schemas of each Kubernetes release: strict mode
+    # also rejects fields the API does not know (typos that kubectl would silently drop).
+    import kubernetes_validate
+
+    docs = _manifests()
+    assert {d["kind"] for d in docs} >= {"Namespace", "DaemonSet", "Deployment", "StatefulSet", "Service",
+                                         "ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "DaemonSet"))
+    broken["spec"]["template"]["spec"]["hostPid"] = True  # wrong case: must be rejected
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_nats_statefulset_is_a_three_node_jetstream_cluster() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
+    sts = docs[("StatefulSet", "nats")]
+    assert sts["spec"]["replicas"] == 3
+    conf = docs[("ConfigMap", "nats-config")]["data"]["nats.conf"]
+    assert "jetstream" in conf and conf.count("nats-cluster.stackfleet.svc:6222") == 3
+
+
+def test_containerfiles_pass_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    files = sorted((DEPLOY / "container").glob("*.Containerfile"))
+    assert len(files) == 2
+    result = subprocess.run([hadolint, "--no-color", *map(str, files)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_kubernetes_manifests_have_what_the_agent_needs() -> None:
-    docs = {d["kind"]: d for f in (DEPLOY / "kubernetes").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())}
+    docs = {d["kind"]: d for d in _manifests()}
     assert {"Namespace", "DaemonSet", "Deployment"} <= set(docs)
     pod = docs["DaemonSet"]["spec"]["template"]["spec"]
     assert pod["hostPID"] is True
