@@ -75,6 +75,12 @@ class DictionaryBuilder:
         self._locations: dict[Frame, int] = {}
         self._stacks: dict[tuple[Frame, ...], int] = {}
         self._attributes: dict[tuple[str, Any], int] = {}
+        # Identity caches in front of the value caches: merged samples share the very tuple
+        # and Frame objects of their stream's dictionary, and hashing a 20-frame stack of
+        # dataclasses was most of the export's cost. The objects are kept referenced here so
+        # an id cannot be reused while the builder lives.
+        self._stack_ids: dict[int, tuple[int, tuple[Frame, ...]]] = {}
+        self._location_ids: dict[int, tuple[int, Frame]] = {}
 
     def string(self, s: str) -> int:
         idx = self._strings.get(s)
@@ -124,6 +130,14 @@ class DictionaryBuilder:
         return idx
 
     def location(self, f: Frame) -> int:
+        known = self._location_ids.get(id(f))
+        if known is not None:
+            return known[0]
+        idx = self._location(f)
+        self._location_ids[id(f)] = (idx, f)
+        return idx
+
+    def _location(self, f: Frame) -> int:
         idx = self._locations.get(f)
         if idx is None:
             idx = len(self.dictionary.location_table)
@@ -135,6 +149,14 @@ class DictionaryBuilder:
         return idx
 
     def stack(self, frames: tuple[Frame, ...]) -> int:
+        known = self._stack_ids.get(id(frames))
+        if known is not None:
+            return known[0]
+        idx = self._stack(frames)
+        self._stack_ids[id(frames)] = (idx, frames)
+        return idx
+
+    def _stack(self, frames: tuple[Frame, ...]) -> int:
         idx = self._stacks.get(frames)
         if idx is None:
             idx = len(self.dictionary.stack_table)
