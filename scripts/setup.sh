@@ -15,8 +15,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# chromium + chromium-driver: the headless browser of the web page's end-to-end test (selenium).
 APT_PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-dev protobuf-compiler
-          golang-go golang-github-google-pprof-dev gcc libc6-dev iproute2 procps)
+          golang-go golang-github-google-pprof-dev gcc libc6-dev iproute2 procps
+          chromium chromium-driver)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
