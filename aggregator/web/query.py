@@ -160,6 +160,8 @@ def flamegraph(fleet: FleetProfiles, query: ProfileQuery, min_fraction: float = 
     """
     root: dict[str, Any] = {"name": "all", "value": 0, "children": {}}
     for hp in fleet.hosts.values():
+        if hp.profile_type != query.profile_type:
+            continue
         for s in hp.samples.values():
             value = s.values[query.column] if query.column < len(s.values) else 0
             if value <= 0:

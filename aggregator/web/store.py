@@ -40,6 +40,7 @@ class RetainedExports:
         self.counters = counters or Counters()
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[Path, int, int], ExportProfilesServiceRequest] = OrderedDict()
+        self._bad: set[tuple[Path, int, int]] = set()  # damaged files: counted and logged once
         self._lock = threading.Lock()  # handlers run in several worker threads
 
     def list(self, since_ns: int, until_ns: int) -> list[StoredExport]:
@@ -63,6 +64,8 @@ class RetainedExports:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
+            if key in self._bad:
+                return None
         req = ExportProfilesServiceRequest()
         try:
             req.ParseFromString(export.path.read_bytes())
@@ -71,6 +74,10 @@ class RetainedExports:
         except Exception as exc:  # a damaged file must not break the page for the others
             self.counters.inc("web_unreadable_exports")
             log.warning("skipping unreadable export %s: %s", export.path.name, exc)
+            with self._lock:
+                if len(self._bad) > 10 * self.cache_size:
+                    self._bad.clear()
+                self._bad.add(key)
             return None
         with self._lock:
             self._cache[key] = req
