@@ -8,6 +8,7 @@ let chart = null;      // the current d3-flame-graph instance
 let currentUnit = "count";
 let autoTimer = null;
 let searchSummary = "";  // shown in the details line when no frame is hovered
+let fromUrl = null;      // hosts/service/pid of a shared link, applied once the selectors are filled
 
 // ---- values in the profile type's unit -------------------------------------------------
 function formatValue(v, unit) {
@@ -80,8 +81,10 @@ function fillValues() {
 async function loadSelectors() {
   const p = new URLSearchParams({ type: $("type").value, ...timeParams() });
   const labels = await api("api/hosts", p);
-  setOptions($("hosts"), labels.hosts.map((h) => [h, h]), selectedHosts());
-  const service = $("service").value, pid = $("pid").value;
+  const keep = fromUrl || { hosts: selectedHosts(), service: $("service").value, pid: $("pid").value };
+  fromUrl = null;
+  setOptions($("hosts"), labels.hosts.map((h) => [h, h]), keep.hosts);
+  const service = keep.service, pid = keep.pid;
   setOptions($("service"), [["", "all"], ...labels.services.map((s) => [s, s])], [service]);
   setOptions($("pid"), [["", "all"], ...labels.processes.map((pr) => [String(pr.pid), `${pr.name} [${pr.pid}] on ${pr.host}`])], [pid]);
 }
@@ -93,7 +96,8 @@ async function loadFlamegraph() {
   history.replaceState(null, "", "?" + params.toString());
   $("download-pprof").href = "api/download/pprof?" + params.toString();
   $("download-otlp").href = "api/download/otlp?" + params.toString();
-  $("status").textContent = `${data.type} ${data.value}: ${formatValue(data.total, data.unit)} total, ` +
+  const what = data.value === data.type ? data.type : `${data.type} ${data.value}`;
+  $("status").textContent = `${what}: ${formatValue(data.total, data.unit)} total, ` +
     `${data.exports} exports, ${new Date(data.since_ns / 1e6).toLocaleString()} – ${new Date(data.until_ns / 1e6).toLocaleString()}`;
   $("status").classList.remove("error");
   $("empty").hidden = data.total > 0;
@@ -103,6 +107,7 @@ async function loadFlamegraph() {
 
 // ---- the flame graph -------------------------------------------------------------------
 function draw(tree) {
+  if (chart) chart.destroy();  // also removes its tooltip element
   $("chart").replaceChildren();
   const total = tree.value;
   const tip = flamegraph.tooltip.defaultFlamegraphTooltip().text((d) =>
@@ -142,6 +147,7 @@ async function refresh(what) {
 // ---- wiring ------------------------------------------------------------------------------
 function restoreFromUrl() {
   const p = new URLSearchParams(location.search);
+  fromUrl = { hosts: p.getAll("host"), service: p.get("service") || "", pid: p.get("pid") || "" };
   const since = p.get("since");
   if (since && [...$("range").options].some((o) => o.value === since) && (p.get("until") || "now") === "now") {
     $("range").value = since;
