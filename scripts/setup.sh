@@ -81,6 +81,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$req_hash" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   echo "$req_hash" > "$STAMP"
 fi
-"$VENV/bin/python" -c 'import bcc, nats, msgpack, uvloop, grpc, opentelemetry.proto.profiles.v1development.profiles_pb2' \
+"$VENV/bin/python" -c 'import bcc, nats, msgpack, uvloop, grpc, aiohttp, opentelemetry.proto.profiles.v1development.profiles_pb2' \
   || { echo "venv check failed: bcc or a dependency does not import" >&2; exit 1; }
 log "ready: $VENV"

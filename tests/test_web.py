@@ -128,6 +128,24 @@ def test_small_frames_fold_into_their_caller() -> None:
     assert app["self"] == 2 * SAMPLE and tree["value"] == 6 * SAMPLE
 
 
+def test_diff_against_a_baseline_uses_shares() -> None:
+    now = fleet()  # leaf<-main 2 of 3 samples per host, schedule 1 of 3
+    before = fleet()
+    for hp in before.hosts.values():  # baseline: twice as long, and schedule as hot as leaf
+        for sample in hp.samples.values():
+            sample.values = [v * (4 if sample.frames[0].function == "schedule" else 2) for v in sample.values]
+    tree, base = q.flamegraph(now, cpu_query()), q.flamegraph(before, cpu_query())
+    q.add_deltas(tree, base)
+    # baseline scaled to the same total: leaf 1/2 of it, schedule 1/2; now leaf 2/3, schedule 1/3
+    total = tree["value"]
+    assert tree["delta"] == 0
+    assert find(tree, "app", "main", "leaf")["delta"] == pytest.approx(total * (2 / 3 - 1 / 2), abs=1)
+    assert find(tree, "app", "schedule")["delta"] == pytest.approx(total * (1 / 3 - 1 / 2), abs=1)
+    empty = q.flamegraph(FleetProfiles(0, 0), cpu_query())
+    q.add_deltas(tree, empty)  # nothing to compare with: everything is new
+    assert find(tree, "app", "main", "leaf")["delta"] == find(tree, "app", "main", "leaf")["value"]
+
+
 def test_parse_time_and_bad_parameters() -> None:
     now = 1_000_000 * 10**9
     assert q.parse_time("15m", now) == now - 900 * 10**9
@@ -169,6 +187,15 @@ async def test_api_and_downloads_over_http(tmp_path: Path) -> None:
                 lock = await r.json()
             assert lock["unit"] == "nanoseconds" and lock["total"] == 2 * 1_500 and lock["exports"] == 2
             assert find(lock["tree"], "app", "wait")["value"] == 2 * 1_500
+            # diff view: web-1 against web-2 (same data) -> no difference anywhere
+            async with http.get(base + "/api/flamegraph", params={"host": "web-1", "compare_host": "web-2"}) as r:
+                diff = await r.json()
+            assert diff["compare"]["hosts"] == ["web-2"] and diff["compare"]["total"] == diff["total"] > 0
+            assert find(diff["tree"], "app", "main", "leaf")["delta"] == 0
+            # against a range before any export: everything is new
+            async with http.get(base + "/api/flamegraph", params={"compare_since": "2h", "compare_until": "1h"}) as r:
+                diff = await r.json()
+            assert diff["compare"]["exports"] == 0 and diff["tree"]["delta"] == diff["total"]
             async with http.get(base + "/api/flamegraph", params={"type": "bogus"}) as r:
                 assert r.status == 400 and "unknown profile type" in (await r.json())["error"]
             async with http.get(base + "/api/download/pprof", params={"type": "cpu", "host": "web-1"}) as r:

@@ -191,6 +191,41 @@ def _finish(node: dict[str, Any], threshold: float) -> dict[str, Any]:
     return node
 
 
+def comparison(get: Callable[[str], str | None], get_all: Callable[[str], list[str]], query: ProfileQuery,
+               now_ns: int | None = None) -> ProfileQuery | None:
+    """The baseline of a diff view: ``query`` with ``compare_since``/``compare_until`` and/or
+    ``compare_host`` in place of its range/hosts; None when no ``compare_*`` parameter is given."""
+    since, until = get("compare_since"), get("compare_until")
+    hosts = frozenset(h for value in get_all("compare_host") for h in value.split(",") if h)
+    if not (since or until or hosts):
+        return None
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    since_ns = parse_time(since, now_ns) if since else query.since_ns
+    until_ns = parse_time(until, now_ns) if until else query.until_ns
+    if since_ns > until_ns:
+        raise QueryError("compare_since is after compare_until")
+    return ProfileQuery(query.profile_type, since_ns, until_ns, hosts or query.hosts, query.service, query.pid,
+                        query.column)
+
+
+def add_deltas(tree: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Mark every node of ``tree`` with ``delta``: its total minus the baseline's, the baseline
+    scaled to the same grand total (so a longer range or a busier host is not "all red").
+
+    Positive means the function takes a larger share in ``tree`` than in ``baseline``; frames
+    only in the baseline are not drawn (the flame graph has the shape of ``tree``).
+    """
+    scale = tree["value"] / baseline["value"] if baseline["value"] else 0.0
+
+    def walk(node: dict[str, Any], base: dict[str, Any] | None) -> None:
+        node["delta"] = round(node["value"] - (base["value"] * scale if base else 0))
+        children = {c["name"]: c for c in base["children"]} if base else {}
+        for child in node["children"]:
+            walk(child, children.get(child["name"]))
+
+    walk(tree, baseline)
+
+
 def present_types(store: RetainedExports, since_ns: int, until_ns: int) -> set[ProfileType]:
     """Profile types that have any data in range (read from the exports' sample types)."""
     by_column = {(vt.type, vt.unit): ptype for ptype, spec in PROFILE_TYPES.items() for vt in spec.sample_types}

@@ -13,7 +13,9 @@ Routes:
   GET /api/download/pprof     the same view as gzipped pprof (profile.proto)
   GET /api/download/otlp      the same view as an OTLP ExportProfilesServiceRequest
 Views take ``type``, ``host`` (repeatable or comma separated), ``service``, ``pid``,
-``since``, ``until`` and ``value`` (the value column, e.g. ``delay`` for lock).
+``since``, ``until`` and ``value`` (the value column, e.g. ``delay`` for lock). A flame
+graph with ``compare_since``/``compare_until``/``compare_host`` is a diff view: every node
+also carries ``delta`` against that baseline (see :func:`query.add_deltas`).
 """
 
 from __future__ import annotations
@@ -116,14 +118,21 @@ class WebServer:
 
     async def _flamegraph(self, request: web.Request) -> web.Response:
         query = self._query(request)
+        baseline = q.comparison(request.query.get, lambda k: request.query.getall(k, []), query)
         fleet, exports = await self._in_thread(q.load_fleet, self.store, query)
         tree = await self._in_thread(q.flamegraph, fleet, query)
         value_type = PROFILE_TYPES[query.profile_type].sample_types[query.column]
+        body = {"type": query.profile_type.value, "value": value_type.type, "unit": value_type.unit,
+                "since_ns": query.since_ns, "until_ns": query.until_ns, "exports": exports,
+                "total": tree["value"], "tree": tree}
+        if baseline is not None:
+            base_fleet, base_exports = await self._in_thread(q.load_fleet, self.store, baseline)
+            base_tree = await self._in_thread(q.flamegraph, base_fleet, baseline, 0.0)
+            q.add_deltas(tree, base_tree)
+            body["compare"] = {"since_ns": baseline.since_ns, "until_ns": baseline.until_ns,
+                               "hosts": sorted(baseline.hosts), "exports": base_exports, "total": base_tree["value"]}
         self.counters.inc("web_requests", result="ok")
-        return web.json_response({
-            "type": query.profile_type.value, "value": value_type.type, "unit": value_type.unit,
-            "since_ns": query.since_ns, "until_ns": query.until_ns, "exports": exports,
-            "total": tree["value"], "tree": tree})
+        return web.json_response(body)
 
     async def _download_pprof(self, request: web.Request) -> web.Response:
         query = self._query(request)

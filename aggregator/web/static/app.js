@@ -48,6 +48,19 @@ function viewParams() {
   return p;
 }
 
+// The baseline of a diff view: the same length of time just before, or another host.
+function compareParams() {
+  const mode = $("compare").value;
+  if (mode === "host" && $("compare-host").value) return { compare_host: $("compare-host").value };
+  if (mode !== "previous") return {};
+  const preset = /^(\d+)([smhd])$/.exec($("range").value);
+  if (preset) return { compare_since: 2 * preset[1] + preset[2], compare_until: $("range").value };
+  const since = Date.parse($("since").value) / 1000;
+  const until = $("until").value ? Date.parse($("until").value) / 1000 : Date.now() / 1000;
+  if (!(since < until)) return {};
+  return { compare_since: String(since - (until - since)), compare_until: String(since) };
+}
+
 async function api(path, params) {
   const res = await fetch(path + "?" + params.toString());
   const body = await res.json();
@@ -84,6 +97,7 @@ async function loadSelectors() {
   const keep = fromUrl || { hosts: selectedHosts(), service: $("service").value, pid: $("pid").value };
   fromUrl = null;
   setOptions($("hosts"), labels.hosts.map((h) => [h, h]), keep.hosts);
+  setOptions($("compare-host"), labels.hosts.map((h) => [h, h]), [$("compare-host").value]);
   const service = keep.service, pid = keep.pid;
   setOptions($("service"), [["", "all"], ...labels.services.map((s) => [s, s])], [service]);
   setOptions($("pid"), [["", "all"], ...labels.processes.map((pr) => [String(pr.pid), `${pr.name} [${pr.pid}] on ${pr.host}`])], [pid]);
@@ -91,7 +105,7 @@ async function loadSelectors() {
 
 async function loadFlamegraph() {
   const params = viewParams();
-  const data = await api("api/flamegraph", params);
+  const data = await api("api/flamegraph", new URLSearchParams({ ...Object.fromEntries(params), ...compareParams() }));
   currentUnit = data.unit;
   history.replaceState(null, "", "?" + params.toString());
   $("download-pprof").href = "api/download/pprof?" + params.toString();
@@ -99,20 +113,32 @@ async function loadFlamegraph() {
   const what = data.value === data.type ? data.type : `${data.type} ${data.value}`;
   $("status").textContent = `${what}: ${formatValue(data.total, data.unit)} total, ` +
     `${data.exports} exports, ${new Date(data.since_ns / 1e6).toLocaleString()} – ${new Date(data.until_ns / 1e6).toLocaleString()}`;
+  if (data.compare) {
+    const c = data.compare;
+    $("status").textContent += ` — compared with ${c.hosts.length ? c.hosts.join(", ") : "all hosts"}, ` +
+      `${new Date(c.since_ns / 1e6).toLocaleString()} – ${new Date(c.until_ns / 1e6).toLocaleString()} ` +
+      `(${formatValue(c.total, data.unit)}); red: larger share now, blue: smaller`;
+  }
   $("status").classList.remove("error");
   $("empty").hidden = data.total > 0;
   $("empty").textContent = "No samples in this range for this selection.";
-  draw(data.tree);
+  draw(data.tree, !!data.compare);
 }
 
 // ---- the flame graph -------------------------------------------------------------------
-function draw(tree) {
+function deltaText(d) {
+  if (d.data.delta === undefined) return "";
+  const sign = d.data.delta > 0 ? "+" : d.data.delta < 0 ? "−" : "±";
+  return `\nvs baseline ${sign}${formatValue(Math.abs(d.data.delta), currentUnit)}`;
+}
+
+function draw(tree, diff) {
   if (chart) chart.destroy();  // also removes its tooltip element
   $("chart").replaceChildren();
   const total = tree.value;
   const tip = flamegraph.tooltip.defaultFlamegraphTooltip().text((d) =>
     `${d.data.name}\ntotal ${formatValue(d.data.value, currentUnit)} (${percent(d.data.value, total)})` +
-    `\nself  ${formatValue(d.data.self, currentUnit)} (${percent(d.data.self, total)})`);
+    `\nself  ${formatValue(d.data.self, currentUnit)} (${percent(d.data.self, total)})` + deltaText(d));
   chart = flamegraph.default()
     .width($("chart").clientWidth || 1200)
     .cellHeight(18)
@@ -129,6 +155,7 @@ function draw(tree) {
         ? `search: ${results.length} frames, ${formatValue(sum, currentUnit)} (${percent(sum, all)})` : "search: no match";
       $("details").textContent = searchSummary;
     });
+  if (diff) chart.setColorMapper(flamegraph.colorMapper.differentialColorMapper);
   d3.select("#chart").datum(tree).call(chart);
   if ($("search").value) chart.search($("search").value);
 }
@@ -163,6 +190,11 @@ $("range").addEventListener("change", () => {
   $("custom-range").hidden = $("range").value !== "custom";
   refresh("selectors");
 });
+$("compare").addEventListener("change", () => {
+  $("compare-host").hidden = $("compare").value !== "host";
+  refresh("graph");
+});
+$("compare-host").addEventListener("change", () => refresh("graph"));
 $("since").addEventListener("change", () => refresh("selectors"));
 $("until").addEventListener("change", () => refresh("selectors"));
 $("refresh").addEventListener("click", () => refresh("selectors"));
