@@ -8,6 +8,7 @@ let chart = null;      // the current d3-flame-graph instance
 let currentUnit = "count";
 let autoTimer = null;
 let searchSummary = "";  // shown in the details line when no frame is hovered
+let latestRequest = 0;   // answers to older flame-graph requests are dropped, never drawn over newer ones
 let fromUrl = null;      // hosts/service/pid of a shared link, applied once the selectors are filled
 
 // ---- values in the profile type's unit -------------------------------------------------
@@ -105,7 +106,9 @@ async function loadSelectors() {
 
 async function loadFlamegraph() {
   const params = viewParams();
+  const request = ++latestRequest;
   const data = await api("api/flamegraph", new URLSearchParams({ ...Object.fromEntries(params), ...compareParams() }));
+  if (request !== latestRequest) return;  // the user changed the view meanwhile: a newer answer will draw
   currentUnit = data.unit;
   history.replaceState(null, "", "?" + params.toString());
   $("download-pprof").href = "api/download/pprof?" + params.toString();
