@@ -70,16 +70,26 @@ class LocalFileWriter:
         copied in from elsewhere are not deleted at once. Returns the stamps deleted.
         """
         now = time.time() if now is None else now
-        exports: list[tuple[str, list[Path], int, float]] = []  # (stamp, files, bytes, written_at), oldest first
-        for otlp in sorted(self.directory.glob("*.otlp.pb")):
-            stamp = otlp.name[: -len(".otlp.pb")]
-            files = [f for f in self.directory.glob(f"{stamp}.*") if f.is_file() and not f.is_symlink()]
-            try:
-                size = sum(f.stat().st_size for f in files)
-                written_at = otlp.stat().st_mtime
-            except FileNotFoundError:  # deleted under us (another writer's retention): skip
-                continue
-            exports.append((stamp, files, size, written_at))
+        # One directory listing per write (thousands of files at the default bounds): group the
+        # files of each export by their stamp, the part of the name before the first dot.
+        by_stamp: dict[str, list[Path]] = {}
+        sizes: dict[str, int] = {}
+        written: dict[str, float] = {}
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.is_symlink() or not entry.is_file():
+                    continue
+                stamp = entry.name.split(".", 1)[0]
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # deleted under us
+                    continue
+                by_stamp.setdefault(stamp, []).append(Path(entry.path))
+                sizes[stamp] = sizes.get(stamp, 0) + st.st_size
+                if entry.name.endswith(".otlp.pb"):
+                    written[stamp] = st.st_mtime
+        # (stamp, files, bytes, written_at), oldest first; only stamps that have their OTLP file
+        exports = [(stamp, by_stamp[stamp], sizes[stamp], written[stamp]) for stamp in sorted(written)]
         total = sum(e[2] for e in exports)
         deleted: list[str] = []
         for stamp, files, size, written_at in exports[:-1]:  # the newest export always stays
