@@ -26,6 +26,8 @@ from aggregator.merge import Merger
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
+from aggregator.web.server import WebServer
+from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.metrics_server import MetricsServer, parse_address
 from shared.nats_connection import connect
@@ -105,7 +107,10 @@ async def run_aggregator(
     await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
     await nc.flush()
 
-    writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files) if settings.output_dir else None
+    writer = None
+    if settings.output_dir:
+        writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files,
+                                 max_age_s=settings.retention_max_age_s, max_bytes=settings.retention_max_bytes)
     sender = None
     if settings.otlp_endpoint:
         sender = OtlpSender(OtlpGrpcExporter(endpoint=settings.otlp_endpoint), settings.max_export_queue, counters)
@@ -144,6 +149,7 @@ async def run_aggregator(
         metrics = MetricsServer(mhost, mport, lambda: counters.prometheus("stackfleet_aggregator"),
                                 lambda: (nc.is_connected, f"nats={nc.is_connected} streams={len(intake.streams)}"))
         await metrics.start()
+    web = await _start_web(settings, counters)
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -153,6 +159,8 @@ async def run_aggregator(
         sweep_task.cancel()
         if metrics is not None:
             await metrics.close()
+        if web is not None:
+            await web.close()
         with contextlib.suppress(Exception):
             await nc.drain()
         intake.drop_parked("shutdown_parked")
@@ -161,3 +169,23 @@ async def run_aggregator(
             await sender.close(timeout_s=5.0)
         log.info("aggregator stopped: %s", counters.snapshot())
     return counters
+
+
+async def _start_web(settings: AggregatorSettings, counters: Counters) -> WebServer | None:
+    """The web page, if configured; it shows the retained exports, so it needs the output directory."""
+    if not settings.web_address:
+        return None
+    if not settings.output_dir:
+        log.warning("web page disabled: it shows the retained exports and there is no output directory")
+        return None
+    host, port = parse_address(settings.web_address)
+    web = WebServer(host, port, RetainedExports(settings.output_dir, counters), counters, settings.service_name,
+                    settings.service_version, settings.resource_attributes)
+    try:
+        await web.start()
+    except OSError as exc:  # port taken: profiling goes on without the page
+        counters.inc("web_start_errors")
+        log.error("web page not started on %s: %s", settings.web_address, exc)
+        await web.close()
+        return None
+    return web

@@ -53,7 +53,13 @@ class AggregatorSettings(BaseSettings):
     )
     output_dir: Path | None = Path("profiles")
     export_interval_s: float = Field(default=10.0, gt=0.1, le=3600)
-    keep_files: int = Field(default=360, ge=1)
+    # Retention of the local exports (also what the web page can show): at most this many
+    # exports, none older than retention_max_age_s, at most retention_max_bytes in total.
+    keep_files: int = Field(default=2160, ge=1)
+    retention_max_age_s: float = Field(default=6 * 3600, gt=0)
+    retention_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    # "host:port" of the web page (flame graphs of the retained exports); "" disables.
+    web_address: str = "127.0.0.1:4040"
     queue_group: str = "stackfleet-aggregators"
     # "host:port" for /metrics and /healthz; None disables.
     metrics_address: str | None = None

@@ -71,12 +71,18 @@ async def run_pipeline(
     agent_overrides: dict[str, Any] | None = None,
     ready_timeout_s: float = 60.0,
     on_supervisor: Callable[[Any], None] | None = None,
+    aggregator_overrides: dict[str, Any] | None = None,
 ) -> PipelineRun:
-    """Run aggregator + agent around ``workload`` and return what was exported."""
+    """Run aggregator + agent around ``workload`` and return what was exported.
+
+    The aggregator's web page is off unless ``aggregator_overrides`` sets ``web_address``
+    (tests run side by side and must not fight over its default port).
+    """
     run = PipelineRun()
     nats = NatsSettings(url=nats_url)
-    agg_settings = AggregatorSettings(nats=nats, otlp_endpoint=otlp_endpoint, output_dir=output_dir,
-                                      export_interval_s=export_interval_s)
+    agg_settings = AggregatorSettings(**{"nats": nats, "otlp_endpoint": otlp_endpoint, "output_dir": output_dir,
+                                         "export_interval_s": export_interval_s, "web_address": "",
+                                         **(aggregator_overrides or {})})
     agent_settings = AgentSettings(nats=nats, types=types, flush_interval_s=0.5, **(agent_overrides or {}))
     agg_stop, agent_stop = asyncio.Event(), asyncio.Event()
 

@@ -15,8 +15,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# chromium + chromium-driver: the headless browser of the web page's end-to-end test (selenium).
 APT_PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-dev protobuf-compiler
-          golang-go golang-github-google-pprof-dev gcc libc6-dev iproute2 procps)
+          golang-go golang-github-google-pprof-dev gcc libc6-dev iproute2 procps
+          chromium chromium-driver)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -79,6 +81,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$req_hash" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   echo "$req_hash" > "$STAMP"
 fi
-"$VENV/bin/python" -c 'import bcc, nats, msgpack, uvloop, grpc, opentelemetry.proto.profiles.v1development.profiles_pb2' \
+"$VENV/bin/python" -c 'import bcc, nats, msgpack, uvloop, grpc, aiohttp, opentelemetry.proto.profiles.v1development.profiles_pb2' \
   || { echo "venv check failed: bcc or a dependency does not import" >&2; exit 1; }
 log "ready: $VENV"

@@ -23,6 +23,8 @@ console = Console(stderr=True)
 
 NatsOpt = Annotated[str | None, typer.Option("--nats", help="NATS URL(s), comma separated [env: STACKFLEET_NATS__URL]")]
 LogOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")]
+WebOpt = Annotated[str | None, typer.Option(
+    "--web", help="address of the web page (default 127.0.0.1:4040); '' disables [env: STACKFLEET_WEB_ADDRESS]")]
 TypesOpt = Annotated[str | None, typer.Option(help="profile types, comma separated (cpu,wall,lock,heap,goroutine)")]
 
 
@@ -88,16 +90,18 @@ def aggregator(
         help="OTLP gRPC endpoint (default $OTEL_EXPORTER_OTLP_ENDPOINT or http://localhost:4317); '' disables")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="directory for .otlp.pb and pprof files")] = None,
     export_interval: Annotated[float | None, typer.Option(help="seconds between exports (default 10)")] = None,
+    web: WebOpt = None,
     duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
     log_level: LogOpt = "INFO",
 ) -> None:
-    """Run the aggregator: NATS -> fleet-wide merge -> OTLP + local files."""
+    """Run the aggregator: NATS -> fleet-wide merge -> OTLP + local files + web page."""
     setup_logging(log_level)
     from aggregator.service import run_aggregator
     from aggregator.settings import AggregatorSettings
 
     settings = AggregatorSettings(**_overrides(otlp_endpoint=otlp_endpoint, output_dir=output_dir,
-                                               export_interval_s=export_interval), **_nats_override(nats))
+                                               export_interval_s=export_interval, web_address=web),
+                                  **_nats_override(nats))
 
     async def main(stop: asyncio.Event) -> None:
         await run_aggregator(settings, stop)
@@ -114,6 +118,7 @@ def run(
     frequency: Annotated[int | None, typer.Option(help="sampling frequency in Hz")] = None,
     otlp_endpoint: Annotated[str | None, typer.Option(help="OTLP gRPC endpoint; '' disables")] = None,
     export_interval: Annotated[float | None, typer.Option(help="seconds between exports")] = None,
+    web: WebOpt = None,
     log_level: LogOpt = "INFO",
 ) -> None:
     """All in one: an embedded nats-server (unless --nats), the aggregator and this host's agent."""
@@ -130,10 +135,13 @@ def run(
         nats = server.url
         console.print(f"[bold]embedded nats-server[/] at {nats} (monitoring {server.monitor_url})")
     agg_settings = AggregatorSettings(**_overrides(otlp_endpoint=otlp_endpoint, output_dir=output_dir,
-                                                   export_interval_s=export_interval), **_nats_override(nats))
+                                                   export_interval_s=export_interval, web_address=web),
+                                      **_nats_override(nats))
     agent_settings = AgentSettings(**_overrides(types=_types(types), frequency_hz=frequency), **_nats_override(nats))
     console.print(f"profiles will be written to [bold]{output_dir.resolve()}[/] every "
                   f"{agg_settings.export_interval_s:g}s (OTLP to {agg_settings.otlp_endpoint or 'disabled'})")
+    if agg_settings.web_address:
+        console.print(f"flame graphs at [bold]http://{agg_settings.web_address}/[/]")
     started = time.monotonic()
 
     async def main(stop: asyncio.Event) -> None:

@@ -3,12 +3,15 @@
 Per export: ``<stamp>.otlp.pb`` (the binary ExportProfilesServiceRequest, exactly what the
 collector got) and ``<stamp>.<type>.pb.gz`` per profile type (gzipped pprof, merged across
 hosts). ``latest.<type>.pb.gz`` always points at the newest. Writes are atomic (temp file
-+ rename) so readers never see half a file, and retention keeps the newest ``keep`` exports
-so a long run cannot fill the disk.
++ rename) so readers never see half a file. Retention bounds the directory three ways —
+at most ``keep`` exports, none older than ``max_age_s``, at most ``max_bytes`` in total —
+so a long run cannot fill the disk, while the web page (:mod:`aggregator.web`) can still show
+the last hours after a restart. The newest export is always kept.
 """
 
 from __future__ import annotations
 
+import calendar
 import logging
 import os
 import time
@@ -27,14 +30,17 @@ log = logging.getLogger("stackfleet.aggregator.files")
 class LocalFileWriter:
     """Writes OTLP and pprof files for each export into ``directory``."""
 
-    def __init__(self, directory: Path, keep: int = 360) -> None:
+    def __init__(self, directory: Path, keep: int = 360, max_age_s: float | None = None,
+                 max_bytes: int | None = None) -> None:
         self.directory = Path(directory)
         self.keep = keep
+        self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, fleet: FleetProfiles, request: ExportProfilesServiceRequest) -> list[Path]:
         """Write one export; returns the files written. Blocking: call from a worker thread."""
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(fleet.end_ns / 1e9)) + f"-{fleet.end_ns % 10**9:09d}"
+        stamp = export_stamp(fleet.end_ns)
         written = [self._atomic(self.directory / f"{stamp}.otlp.pb", request.SerializeToString())]
         for ptype in sorted({t for _, t in fleet.hosts}):
             target = self.directory / f"{stamp}.{ptype.value}.pb.gz"
@@ -57,9 +63,59 @@ class LocalFileWriter:
         os.replace(tmp, path)
         return path
 
-    def _enforce_retention(self) -> None:
-        exports = sorted(self.directory.glob("*.otlp.pb"))
-        for old in exports[: max(0, len(exports) - self.keep)]:
-            stamp = old.name[: -len(".otlp.pb")]
-            for f in self.directory.glob(f"{stamp}.*"):
+    def _enforce_retention(self, now: float | None = None) -> list[str]:
+        """Delete whole exports (all files of a stamp), oldest first, until every bound holds.
+
+        Age is measured from the file's modification time (when it was written), so files
+        copied in from elsewhere are not deleted at once. Returns the stamps deleted.
+        """
+        now = time.time() if now is None else now
+        # One directory listing per write (thousands of files at the default bounds): group the
+        # files of each export by their stamp, the part of the name before the first dot.
+        by_stamp: dict[str, list[Path]] = {}
+        sizes: dict[str, int] = {}
+        written: dict[str, float] = {}
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.is_symlink() or not entry.is_file():
+                    continue
+                stamp = entry.name.split(".", 1)[0]
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # deleted under us
+                    continue
+                by_stamp.setdefault(stamp, []).append(Path(entry.path))
+                sizes[stamp] = sizes.get(stamp, 0) + st.st_size
+                if entry.name.endswith(".otlp.pb"):
+                    written[stamp] = st.st_mtime
+        # (stamp, files, bytes, written_at), oldest first; only stamps that have their OTLP file
+        exports = [(stamp, by_stamp[stamp], sizes[stamp], written[stamp]) for stamp in sorted(written)]
+        total = sum(e[2] for e in exports)
+        deleted: list[str] = []
+        for stamp, files, size, written_at in exports[:-1]:  # the newest export always stays
+            too_many = len(exports) - len(deleted) > self.keep
+            too_old = self.max_age_s is not None and now - written_at > self.max_age_s
+            too_big = self.max_bytes is not None and total > self.max_bytes
+            if not (too_many or too_old or too_big):
+                break
+            for f in files:
                 f.unlink(missing_ok=True)
+            total -= size
+            deleted.append(stamp)
+        if deleted:
+            log.debug("retention removed %d exports (oldest %s)", len(deleted), deleted[0])
+        return deleted
+
+
+def export_stamp(end_ns: int) -> str:
+    """File-name stamp of an export: its end time in UTC, sortable, to the nanosecond."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(end_ns // 10**9)) + f"-{end_ns % 10**9:09d}"
+
+
+def stamp_ns(stamp: str) -> int | None:
+    """Inverse of :func:`export_stamp`; None for a name that is not a stamp."""
+    try:
+        seconds, nanos = stamp.split("-", 1)
+        return calendar.timegm(time.strptime(seconds, "%Y%m%dT%H%M%S")) * 10**9 + int(nanos)
+    except ValueError:
+        return None
