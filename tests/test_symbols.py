@@ -125,3 +125,22 @@ def test_kernel_symbols() -> None:
                 break
     (frame,) = Symbolizer().symbolize_kernel([int(addr, 16) + 4])
     assert frame.function == "schedule" and frame.frame_type == FrameType.KERNEL
+
+
+def test_exec_after_first_sight_is_noticed() -> None:
+    """A process seen between fork and exec must not keep its pre-exec maps and name."""
+    import sys
+    import time
+
+    from agent.symbols.symbolizer import IDENTITY_CHECK_S
+
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import os, time; time.sleep(0.5); os.execv('/bin/sleep', ['sleep', '5'])"])
+    try:
+        sym = Symbolizer()
+        assert sym.process_name(child.pid).startswith("python")
+        time.sleep(0.5 + IDENTITY_CHECK_S + 0.5)
+        assert sym.process_name(child.pid) == "sleep"
+    finally:
+        child.kill()
+        child.wait()

@@ -68,9 +68,17 @@ class _Region:
     file_key: FileKey | None
 
 
+def _executable_inode(pid: int) -> int:
+    """Inode of the process's executable (0 for kernel threads, which have none)."""
+    try:
+        return os.stat(f"/proc/{pid}/exe").st_ino
+    except FileNotFoundError:
+        return 0
+
+
 @dataclass
 class _Process:
-    identity: tuple[int, int]
+    identity: tuple[int, int, int]
     comm: str
     regions: list[_Region]
     starts: list[int]
@@ -114,7 +122,7 @@ class Symbolizer:
         gives several frames (the inlined callees innermost first, then the real function),
         all with the same address, so the result can be longer than ``addresses``."""
         process = self._process(pid)
-        identity = process.identity if process else (pid, -1)
+        identity = process.identity if process else (pid, -1, 0)
         frames: list[Frame] = []
         cache = self._frames
         for depth, address in enumerate(addresses):
@@ -197,7 +205,9 @@ class Symbolizer:
         if isinstance(cached, _Process) and not force and now - cached.checked < IDENTITY_CHECK_S:
             return cached
         try:
-            identity = (pid, start_time(pid))
+            # The executable's inode as well: exec keeps pid and start time, and a process first
+            # seen between fork and exec must not keep its parent's maps.
+            identity = (pid, start_time(pid), _executable_inode(pid))
         except (OSError, ValueError, IndexError):
             # Gone: keep using what we read while it lived (the sample predates the exit).
             return cached if isinstance(cached, _Process) else None
