@@ -220,3 +220,12 @@ async def test_api_and_downloads_over_http(tmp_path: Path) -> None:
     back = FleetProfiles(0, 0)
     merge_request(back, req, ProfileType.CPU)
     assert sum(s.values[0] for hp in back.hosts.values() for s in hp.samples.values()) == 2 * 2 * 3 * SAMPLE
+
+
+def test_service_is_the_samples_service_name_else_the_executable() -> None:
+    from aggregator.profile import AggregatedSample
+    from aggregator.web.query import sample_service
+
+    named = AggregatedSample((), 1, 1, "t", "java", 0, (("container.id", "c"), ("service.name", "checkout")), [1])
+    plain = AggregatedSample((), 2, 2, "t", "nginx", 0, (), [1])
+    assert sample_service(named) == "checkout" and sample_service(plain) == "nginx"

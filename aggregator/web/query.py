@@ -16,7 +16,7 @@ from typing import Any
 
 from aggregator.exporters.pprof import _unknown_name
 from aggregator.otlp_decode import merge_request
-from aggregator.profile import FleetProfiles, HostProfile
+from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from aggregator.web.store import RetainedExports
 from shared.model import Frame
 from shared.profile_types import PROFILE_TYPES, ProfileType
@@ -38,14 +38,23 @@ class ProfileQuery:
     since_ns: int
     until_ns: int
     hosts: frozenset[str] = field(default_factory=frozenset)
-    service: str | None = None  # the process's executable name
+    service: str | None = None  # see sample_service()
     pid: int | None = None
     column: int = 0
 
-    def keeps(self, host: str, process_name: str, pid: int) -> bool:
+    def keeps(self, host: str, service: str, pid: int) -> bool:
         return ((not self.hosts or host in self.hosts)
-                and (self.service is None or process_name == self.service)
+                and (self.service is None or service == self.service)
                 and (self.pid is None or pid == self.pid))
+
+
+def sample_service(s: AggregatedSample) -> str:
+    """The sample's ``service.name`` (set by the agent from the process's environment, pod
+    label or rules), else the process's executable name."""
+    for key, value in s.attributes:
+        if key == "service.name":
+            return value
+    return s.process_name
 
 
 def parse_time(text: str, now_ns: int) -> int:
@@ -123,7 +132,7 @@ def filter_fleet(fleet: FleetProfiles, query: ProfileQuery) -> FleetProfiles:
     for (host, ptype), hp in fleet.hosts.items():
         if ptype != query.profile_type or (query.hosts and host not in query.hosts):
             continue
-        samples = {k: s for k, s in hp.samples.items() if query.keeps(host, s.process_name, s.pid)}
+        samples = {k: s for k, s in hp.samples.items() if query.keeps(host, sample_service(s), s.pid)}
         if samples:
             out.hosts[(host, ptype)] = HostProfile(host, ptype, hp.start_ns, hp.end_ns, hp.period,
                                                    dict(hp.resource_attributes), samples)
@@ -134,14 +143,16 @@ def labels(fleet: FleetProfiles) -> dict[str, Any]:
     """Hosts, services and processes present, for the page's selectors."""
     hosts: set[str] = set()
     processes: dict[tuple[str, int, str], int] = {}
+    services: set[str] = set()
     for (host, _), hp in fleet.hosts.items():
         hosts.add(host)
         for s in hp.samples.values():
             key = (host, s.pid, s.process_name)
             processes[key] = processes.get(key, 0) + 1
+            services.add(sample_service(s))
     return {
         "hosts": sorted(hosts),
-        "services": sorted({name for _, _, name in processes if name}),
+        "services": sorted(name for name in services if name),
         "processes": [{"host": h, "pid": p, "name": n} for h, p, n in sorted(processes)],
     }
 
