@@ -144,3 +144,23 @@ def test_exec_after_first_sight_is_noticed() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_vdso_frames_are_named() -> None:
+    """clock_gettime and friends run in the vDSO, which no file backs: named from memory."""
+    import sys
+
+    from agent.symbols.procmaps import read_maps
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        vdso = next(e for e in read_maps(child.pid) if e.path == "[vdso]")
+        sym = Symbolizer()
+        names = set()
+        for address in range(vdso.start, vdso.end, 16):
+            frame = sym.symbolize_user(child.pid, [address])[0]
+            names.add(frame.function)
+        assert any("clock_gettime" in n for n in names), sorted(names)[:20]
+    finally:
+        child.kill()
+        child.wait()

@@ -15,13 +15,14 @@ containers' mount namespaces and for deleted-but-mapped binaries.
 from __future__ import annotations
 
 import bisect
+import io
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import IO, cast
 
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.kallsyms import KernelSymbols
@@ -31,6 +32,11 @@ from shared.model import KERNEL_MAPPING, Frame, FrameType, Mapping
 log = logging.getLogger("stackfleet.symbols")
 
 FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+# The kernel's vDSO (clock_gettime, gettimeofday, ...) is an ELF image mapped into every
+# process but backed by no file: it is read from the process's memory, and is the same image
+# for every process of one size (64-bit or compat), so its key is its size.
+VDSO = "[vdso]"
+MAX_VDSO_BYTES = 64 * 1024
 IDENTITY_CHECK_S = 1.0
 
 
@@ -66,6 +72,18 @@ class _Region:
     entry: MapEntry
     mapping: Mapping
     file_key: FileKey | None
+
+
+def _read_vdso(pid: int, entry: MapEntry) -> IO[bytes]:
+    """The vDSO image of a process, copied from its memory."""
+    size = entry.end - entry.start
+    if size > MAX_VDSO_BYTES:
+        raise OSError(f"vdso of {size} bytes is over {MAX_VDSO_BYTES}")
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        data = os.pread(mem.fileno(), size, entry.start)
+    if len(data) != size:
+        raise OSError(f"short read of the vdso ({len(data)} of {size} bytes)")
+    return io.BytesIO(data)
 
 
 def _executable_inode(pid: int) -> int:
@@ -228,7 +246,9 @@ class Symbolizer:
 
     def _region(self, pid: int, entry: MapEntry) -> _Region:
         file_key = None
-        if entry.file_backed:
+        if entry.path == VDSO:
+            file_key = (-1, 0, entry.end - entry.start, 0)
+        elif entry.file_backed:
             try:
                 st = os.stat(self._open_path(pid, entry))
                 file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -299,7 +319,10 @@ class Symbolizer:
             return cached
         self._stats["file_cache_misses"] += 1
         try:
-            stream = open(self._open_path(pid, region.entry), "rb")  # noqa: SIM115 - kept open for lazy DWARF
+            if region.entry.path == VDSO:
+                stream = _read_vdso(pid, region.entry)
+            else:
+                stream = open(self._open_path(pid, region.entry), "rb")  # noqa: SIM115 - kept open for lazy DWARF
         except OSError as exc:
             self._stats["elf_errors"] += 1
             log.info("cannot open %s of pid %d: %s", region.entry.path, pid, exc)
