@@ -6,10 +6,11 @@
  * (bpf/stack_agg.h: once per distinct stack) and a small per-thread entry remembers the
  * stack id, the switch-out time and the task state; when the thread is switched back in,
  * the blocked duration is added to its (pid, tid, stack, state) aggregate. Blocks shorter
- * than MIN_BLOCK_NS are summed per thread in `short_blocks` without a stack.
+ * than MIN_BLOCK_NS are summed per thread without a stack (label SHORT_OFF_CPU_LABEL).
  * Nothing goes through a ring buffer: the agent drains the aggregates every flush.
  * Kernel threads (no user stack) are skipped: idle kthreads must not drown the profile.
- * Labels: ON_CPU_LABEL for on-CPU samples, else the task state at switch-out.
+ * Labels: ON_CPU_LABEL for on-CPU samples, SHORT_OFF_CPU_LABEL for the per-thread sum of
+ * short blocks, else the task state at switch-out.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -18,13 +19,7 @@
 #include "targets.h"
 
 #define ON_CPU_LABEL (1ULL << 63)
-
-struct short_block {
-    u64 ns;
-    u64 count;
-    u32 tgid;
-    u32 _pad;
-};
+#define SHORT_OFF_CPU_LABEL ((1ULL << 63) | 1)
 
 struct blocked_thread {
     u64 ts_ns;          /* switch-out time */
@@ -35,7 +30,6 @@ struct blocked_thread {
 };
 
 BPF_HASH(blocked, u32, struct blocked_thread, MAX_BLOCKED_THREADS);
-BPF_HASH(short_blocks, u32, struct short_block, 65536);
 /* 0: on-cpu samples, 1: (unused: was ring full), 2: blocked map full, 3: off-cpu intervals */
 BPF_PERCPU_ARRAY(counters, u64, 4);
 
@@ -98,18 +92,11 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (!saved)
         return 0;
     u64 duration = now - saved->ts_ns;
-    if (duration < MIN_BLOCK_NS) {
-        struct short_block zero_block = {};
-        struct short_block *sb = short_blocks.lookup_or_try_init(&next_tid, &zero_block);
-        if (sb) {
-            sb->ns += duration;
-            sb->count += 1;
-            sb->tgid = saved->tgid;
-        }
-        blocked.delete(&next_tid);
-        return 0;
-    }
     struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id, .label = saved->state};
+    if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
+        key.stack_id = 0;
+        key.label = SHORT_OFF_CPU_LABEL;
+    }
     u64 start = saved->ts_ns;
     blocked.delete(&next_tid);
     agg_add(&key, duration, start);

@@ -81,10 +81,15 @@ class AggregatingActor(RingBufferActor):
 
     def _load_and_attach(self) -> None:
         super()._load_and_attach()
-        self._drainers = [HashMapDrainer(self.bpf[name], AGG_KEY, AGG_VALUE) for name in ("agg0", "agg1")]
-        stack_leaf = ctypes.sizeof(self.bpf["stacks"].Leaf)
-        if stack_leaf != EVENT_SIZE:
-            raise RuntimeError(f"stacks map value is {stack_leaf} bytes, agent expects {EVENT_SIZE}")
+        try:
+            self._drainers = [HashMapDrainer(self.bpf[name], AGG_KEY, AGG_VALUE) for name in ("agg0", "agg1")]
+            stack_leaf = ctypes.sizeof(self.bpf["stacks"].Leaf)
+            if stack_leaf != EVENT_SIZE:
+                raise RuntimeError(f"stacks map value is {stack_leaf} bytes, agent expects {EVENT_SIZE}")
+        except Exception:
+            bpf, self.bpf = self.bpf, None  # layouts disagree: detach before failing
+            bpf.cleanup()
+            raise
 
     # -- draining ------------------------------------------------------------------------
     def drain(self) -> list[AggregatedEntry]:

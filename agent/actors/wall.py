@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.actors.aggregated import AggregatingActor, read_thread_name
-from shared.model import Sample
+from agent.actors.aggregated import AggregatingActor
+from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
 # Linux task states as sched_switch reports prev_state (TASK_REPORT bits).
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
 MAX_BLOCKED_THREADS = 16384
-ON_CPU_LABEL = 1 << 63  # bpf/wall.bpf.c: the label of on-CPU samples (others: the task state)
+# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
+ON_CPU_LABEL = 1 << 63
+SHORT_OFF_CPU_LABEL = (1 << 63) | 1
 
 
 def task_state_name(state: int) -> str:
@@ -50,41 +52,25 @@ class WallActor(AggregatingActor):
     def read_bpf_counters(self) -> None:
         self.count_drops(self.counter_deltas(), {2: "blocked_map_full"})
 
-    def _short_blocks(self) -> list[Sample]:
-        """Drain the per-thread sums of short off-CPU periods into stackless samples."""
-        table = self.bpf["short_blocks"]
-        now = self.ctx.clock.to_unix_ns(_monotonic_ns())
-        out = []
-        for key, value in list(table.items()):
-            try:
-                del table[key]
-            except KeyError:
-                pass
-            tid, tgid = key.value, value.tgid
-            out.append(Sample(now, 0, tgid, tid, read_thread_name(tgid, tid),
-                              self.ctx.symbolizer.process_name(tgid), (), (int(value.ns),),
-                              {"wall.state": "short-off-cpu", "wall.blocks": str(value.count)}))
-        return out
-
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
-        out = self._short_blocks() if self.bpf is not None else []
+        out = []
         for entry in self.drain():
-            frames, comm = self.stack_frames(entry.pid, entry.stack_id)
-            thread_name = self.thread_name(entry.pid, entry.tid, comm)
-            state = "on-cpu" if entry.label == ON_CPU_LABEL else task_state_name(entry.label)
+            if entry.label == SHORT_OFF_CPU_LABEL:
+                frames: tuple[Frame, ...] = ()
+                thread_name = self.thread_name(entry.pid, entry.tid)
+                attributes = {"wall.state": "short-off-cpu", "wall.blocks": str(entry.count)}
+            else:
+                frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+                thread_name = self.thread_name(entry.pid, entry.tid, comm)
+                state = "on-cpu" if entry.label == ON_CPU_LABEL else task_state_name(entry.label)
+                attributes = {"wall.state": state}
             out.append(Sample(
                 timestamp_ns=self.sample_time_ns(entry),
                 cpu=entry.cpu, pid=entry.pid, tid=entry.tid, thread_name=thread_name,
                 process_name=symbolizer.process_name(entry.pid) or thread_name,
                 frames=frames,
                 values=(entry.total_ns,),
-                attributes={"wall.state": state},
+                attributes=attributes,
             ))
         return out
-
-
-def _monotonic_ns() -> int:
-    import time
-
-    return time.monotonic_ns()
