@@ -55,7 +55,8 @@ BPF_HASH(agg1, struct agg_key, struct agg_value, AGG_ENTRIES);
 BPF_ARRAY(agg_generation, u32, 1);
 BPF_TABLE("lru_hash", u64, struct stack_event, stacks, STACK_ENTRIES);
 BPF_PERCPU_ARRAY(agg_scratch, struct stack_event, 1);
-/* 0: events that found the aggregation map full, 1: their ns, 2: stack store failures */
+/* 0: events that found the aggregation map full, 1: their ns, 2: stack store failures,
+ * 3: stacks stored (new ids: how well stacks aggregate) */
 BPF_PERCPU_ARRAY(agg_counters, u64, 4);
 
 static __always_inline void agg_count(int idx, u64 v)
@@ -156,8 +157,8 @@ static __always_inline u64 agg_stack_id(struct stack_event *ev)
 static __always_inline u64 agg_store_stack(struct stack_event *ev)
 {
     u64 id = agg_stack_id(ev);
-    if (!stacks.lookup(&id) && stacks.update(&id, ev) != 0)
-        agg_count(2, 1);
+    if (!stacks.lookup(&id))
+        agg_count(stacks.update(&id, ev) == 0 ? 3 : 2, 1);
     return id;
 }
 

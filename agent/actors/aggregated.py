@@ -129,7 +129,7 @@ class AggregatingActor(RingBufferActor):
         now = read_percpu_counters(self.bpf["agg_counters"])
         seen = self._agg_seen or [0] * len(now)
         self._agg_seen = now
-        full, full_ns, store_failed = (n - s for n, s in zip(now[:3], seen[:3], strict=True))
+        full, full_ns, store_failed, stored = (n - s for n, s in zip(now[:4], seen[:4], strict=True))
         type_name = self.profile_type.value
         if full:
             self.ctx.counters.inc("events_dropped", full, type=type_name, reason="agg_map_full")
@@ -137,6 +137,8 @@ class AggregatingActor(RingBufferActor):
             log.warning("%s: aggregation map full, %d events (%d ns) dropped", type_name, full, full_ns)
         if store_failed:
             self.ctx.counters.inc("stack_store_failed", store_failed, type=type_name)
+        if stored:
+            self.ctx.counters.inc("agg_stacks_stored", stored, type=type_name)
 
     # -- per-entry lookups, cached ---------------------------------------------------------
     def stack_frames(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str]:
