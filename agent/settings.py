@@ -46,6 +46,10 @@ class AgentSettings(BaseSettings):
     lock_min_wait_ns: int = Field(default=10_000, ge=0)
     # Off-CPU periods shorter than this are summed per thread without a stack.
     wall_min_block_ns: int = Field(default=1_000_000, ge=0)
+    # Wall and lock aggregate in BPF (bpf/stack_agg.h): entries per flush window in each of
+    # the two aggregation maps, and distinct stacks kept (LRU, ~4.2 KiB each in the kernel).
+    agg_map_entries: int = Field(default=16384, ge=16, le=1 << 20)
+    agg_stack_entries: int = Field(default=4096, ge=256, le=1 << 18)
     # CPU profile: unwind user stacks from DWARF CFI inside BPF (docs/design/native-unwinding.md);
     # off = frame pointers only. unwind_table_rows sizes the BPF row table (12 bytes a row).
     native_unwinding: bool = True

@@ -23,10 +23,12 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,39 @@ def run_workload(exe: Path, seconds: float) -> int:
     return int(out.split()[-1])
 
 
-def start_agent(nats_url: str, types: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_agent(nats_url: str, types: str, extra_env: dict[str, str] | None = None,
+                metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "STACKFLEET_HOST_NAME": "bench-host", **(extra_env or {})}
+    if metrics_port:
+        env["STACKFLEET_METRICS_ADDRESS"] = f"127.0.0.1:{metrics_port}"
     return subprocess.Popen([STACKFLEET, "agent", "--nats", nats_url, "--types", types, "--log-level", "WARNING"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_all_actors(metrics_port: int, types: str, started: float, timeout_s: float = 120) -> float:
+    """Seconds from agent spawn until every actor has compiled and attached its BPF program.
+
+    Compiling a program costs seconds of CPU; the steady-state measurement must not start
+    while a later actor is still compiling (on a loaded machine that takes tens of seconds).
+    """
+    wanted = {f'stackfleet_agent_actor_started{{type="{t}"}}' for t in types.split(",")}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+            if all(any(line.startswith(w) for line in text.splitlines()) for w in wanted):
+                return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"actors {types} not all started within {timeout_s}s")
 
 
 def wait_first_samples(nats: NatsServer, started: float, timeout_s: float = 60) -> float:
@@ -80,7 +111,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def agent_overhead(exe: Path, seconds: float, repeats: int, types: str) -> dict[str, Any]:
+def agent_overhead(exe: Path, seconds: float, repeats: int, types: str,
+                   agent_env: dict[str, str] | None = None, warmup_s: float = 20) -> dict[str, Any]:
     """Alternate workload runs without and with the agent; measure agent cost and slowdown."""
     off_units: list[float] = []
     on_units: list[float] = []
@@ -88,15 +120,27 @@ def agent_overhead(exe: Path, seconds: float, repeats: int, types: str) -> dict[
     bpf_cpu_pct: list[float] = []
     net_bps: list[float] = []
     startup_s: list[float] = []
+    all_started_s: list[float] = []
+    warmup_cpu_pct: list[float] = []
     rss: list[float] = []
     with NatsServer() as nats:
         for _ in range(repeats):
             off_units.append(run_workload(exe, seconds))
             started = time.monotonic()
-            agent = start_agent(nats.url, types)
+            metrics_port = free_port()
+            agent = start_agent(nats.url, types, agent_env, metrics_port)
             try:
                 startup_s.append(wait_first_samples(nats, started))
-                time.sleep(2)  # past start-up: dictionaries sent, caches warm
+                all_started_s.append(wait_all_actors(metrics_port, types, started))
+                # Warm-up: one run of the same workload with the agent on, so the measured run
+                # sees a long-running agent (symbols, unwind tables, stacks of this workload
+                # cached), not its first minute. Its cost is reported separately.
+                cpu_w, bpf_w, t_w = process_cpu_s(agent.pid), bpf_runtime_ns(agent.pid), time.monotonic()
+                if warmup_s > 0:
+                    run_workload(exe, warmup_s)
+                warmup_elapsed = time.monotonic() - t_w
+                warmup_cpu_pct.append(100 * ((process_cpu_s(agent.pid) - cpu_w)
+                                             + (bpf_runtime_ns(agent.pid) - bpf_w) / 1e9) / warmup_elapsed)
                 cpu0, bpf0 = process_cpu_s(agent.pid), bpf_runtime_ns(agent.pid)
                 net0, t0 = connection_in_bytes(nats.monitor_url, "stackfleet-agent"), time.monotonic()
                 on_units.append(run_workload(exe, seconds))
@@ -118,6 +162,8 @@ def agent_overhead(exe: Path, seconds: float, repeats: int, types: str) -> dict[
         "network_bytes_per_s": Stat(net_bps),
         "agent_rss_mb": Stat(rss),
         "start_to_first_samples_s": Stat(startup_s),
+        "start_to_all_actors_attached_s": Stat(all_started_s),
+        "agent_warmup_total_cpu_pct_of_core": Stat(warmup_cpu_pct),
     }
 
 
@@ -253,6 +299,11 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--intake-seconds", type=int, default=20)
     parser.add_argument("--skip-intake", action="store_true")
+    parser.add_argument("--warmup", type=float, default=20,
+                        help="seconds of workload with the agent on before each measured run")
+    parser.add_argument("--target-comm", default="",
+                        help="trace only processes whose name matches (STACKFLEET_TARGET_COMM); on a shared "
+                             "machine this keeps other people's processes out of the wall/lock figures")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     args = parser.parse_args()
     if not enable_bpf_stats():
@@ -260,7 +311,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_workload(Path(tmp))
-        results.update(agent_overhead(exe, args.seconds, args.repeats, args.types))
+        agent_env = {"STACKFLEET_TARGET_COMM": args.target_comm} if args.target_comm else {}
+        results.update(agent_overhead(exe, args.seconds, args.repeats, args.types, agent_env, args.warmup))
+        results["types"] = args.types
+        results["target_comm"] = args.target_comm or "(all processes)"
     results.update(wire_sizes())
     if not args.skip_intake:
         results.update(aggregator_intake(args.hosts, args.intake_seconds))

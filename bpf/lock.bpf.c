@@ -1,13 +1,15 @@
 /* Lock profile: user-space lock contention, seen as futex waits.
  *
  * sys_enter_futex records (start time, lock address) per thread for *wait* operations only;
- * sys_exit_futex emits one record with the wait time and the waiting stack (the thread is
- * current at syscall exit, so bpf_get_stack sees exactly the stack that called
- * pthread_mutex_lock & co). Waits shorter than MIN_WAIT_NS are not contention worth a
- * stack and are only counted. Syscall tracepoints, not kprobes (unavailable here).
+ * at sys_exit_futex the thread is current, so its stack is exactly the one that called
+ * pthread_mutex_lock & co: the stack is stored once per distinct stack and the wait is
+ * added to its (pid, tid, stack, lock address) aggregate (bpf/stack_agg.h), which the agent
+ * drains every flush. Waits shorter than MIN_WAIT_NS are not contention worth a stack and
+ * are only counted. Syscall tracepoints, not kprobes (unavailable here).
  */
 #include <uapi/linux/ptrace.h>
 #include "stack_event.h"
+#include "stack_agg.h"
 #include "targets.h"
 
 #define FUTEX_CMD_MASK 0x7f /* strips FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256) */
@@ -23,8 +25,7 @@ struct wait_start {
 };
 
 BPF_HASH(waiting, u32, struct wait_start, 65536);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-/* 0: waits seen, 1: ring buffer full, 2: short waits (below MIN_WAIT_NS), 3: short wait ns */
+/* 0: waits seen, 1: (unused: was ring full), 2: short waits (below MIN_WAIT_NS), 3: short wait ns */
 BPF_PERCPU_ARRAY(counters, u64, 4);
 
 static __always_inline void add(int idx, u64 v)
@@ -56,7 +57,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     struct wait_start *start = waiting.lookup(&tid);
     if (!start)
         return 0;
-    u64 delay = bpf_ktime_get_ns() - start->ts_ns;
+    u64 started = start->ts_ns;
+    u64 delay = bpf_ktime_get_ns() - started;
     u64 uaddr = start->uaddr;
     waiting.delete(&tid);
     add(0, 1);
@@ -65,15 +67,15 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
         add(3, delay);
         return 0;
     }
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        add(1, 1);
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
         return 0;
-    }
     fill_stack_event(args, ev, pid_tgid);
     ev->value = delay;
     ev->aux = uaddr;
     ev->kind = 0;
-    events.ringbuf_submit(ev, 0);
+    struct agg_key key = {.pid = ev->pid, .tid = tid, .stack_id = agg_store_stack(ev), .label = uaddr};
+    agg_add(&key, delay, started);
     return 0;
 }

@@ -2,30 +2,35 @@
  *
  * On-CPU: a perf cpu-clock sample at a fixed frequency, like the CPU profile, for target
  * processes only (value = the period).
- * Off-CPU: at sched_switch the outgoing task (still `current`) gets its stacks saved with
- * the switch-out time and task state; when it is switched back in, one record carries
- * that stack and the blocked duration. Blocks shorter than MIN_BLOCK_NS are summed per
- * thread in `short_blocks` (drained by the agent) instead of producing records.
+ * Off-CPU: at sched_switch the outgoing task (still `current`) gets its stacks stored
+ * (bpf/stack_agg.h: once per distinct stack) and a small per-thread entry remembers the
+ * stack id, the switch-out time and the task state; when the thread is switched back in,
+ * the blocked duration is added to its (pid, tid, stack, state) aggregate. Blocks shorter
+ * than MIN_BLOCK_NS are summed per thread without a stack (label SHORT_OFF_CPU_LABEL).
+ * Nothing goes through a ring buffer: the agent drains the aggregates every flush.
  * Kernel threads (no user stack) are skipped: idle kthreads must not drown the profile.
- * Kinds: 0 = on-CPU sample, 1 = off-CPU interval (aux = task state at switch-out).
+ * Labels: ON_CPU_LABEL for on-CPU samples, SHORT_OFF_CPU_LABEL for the per-thread sum of
+ * short blocks, else the task state at switch-out.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 #include "stack_event.h"
+#include "stack_agg.h"
 #include "targets.h"
 
-struct short_block {
-    u64 ns;
-    u64 count;
+#define ON_CPU_LABEL (1ULL << 63)
+#define SHORT_OFF_CPU_LABEL ((1ULL << 63) | 1)
+
+struct blocked_thread {
+    u64 ts_ns;          /* switch-out time */
+    u64 stack_id;
+    u64 state;          /* prev_state at switch-out */
     u32 tgid;
     u32 _pad;
 };
 
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(scratch, struct stack_event, 1);
-BPF_F_TABLE("hash", u32, struct stack_event, blocked, MAX_BLOCKED_THREADS, BPF_F_NO_PREALLOC);
-BPF_HASH(short_blocks, u32, struct short_block, 65536);
-/* 0: on-cpu samples, 1: ring full, 2: blocked map full, 3: off-cpu records */
+BPF_HASH(blocked, u32, struct blocked_thread, MAX_BLOCKED_THREADS);
+/* 0: on-cpu samples, 1: (unused: was ring full), 2: blocked map full, 3: off-cpu intervals */
 BPF_PERCPU_ARRAY(counters, u64, 4);
 
 static __always_inline void count(int idx)
@@ -40,33 +45,31 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if ((u32)pid_tgid == 0 || !is_target(pid_tgid >> 32))
         return 0;
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        count(1);
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
         return 0;
-    }
     fill_stack_event(ctx, ev, pid_tgid);
-    if (ev->user_len <= 0) { /* kernel thread */
-        events.ringbuf_discard(ev, 0);
+    if (ev->user_len <= 0) /* kernel thread */
         return 0;
-    }
     ev->value = SAMPLE_PERIOD_NS;
-    ev->aux = 0;
+    ev->aux = ON_CPU_LABEL;
     ev->kind = 0;
+    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ON_CPU_LABEL};
+    agg_add(&key, SAMPLE_PERIOD_NS, ev->ts_ns);
     count(0);
-    events.ringbuf_submit(ev, 0);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
-    /* The outgoing task is current: save its stacks and the time it stopped running. */
+    /* The outgoing task is current: store its stack, remember when and why it stopped. */
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 prev_tid = (u32)pid_tgid;
     if (prev_tid != 0 && is_target(pid_tgid >> 32)) {
         u32 zero = 0;
-        struct stack_event *ev = scratch.lookup(&zero);
+        struct stack_event *ev = agg_scratch.lookup(&zero);
         if (ev) {
             fill_stack_event(args, ev, pid_tgid);
             if (ev->user_len > 0) {
@@ -74,7 +77,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
                 ev->aux = (u64)args->prev_state;
                 ev->kind = 1;
                 ev->value = 0;
-                if (blocked.update(&prev_tid, ev) != 0)
+                struct blocked_thread b = {.ts_ns = now, .stack_id = agg_store_stack(ev),
+                                           .state = (u64)args->prev_state, .tgid = pid_tgid >> 32};
+                if (blocked.update(&prev_tid, &b) != 0)
                     count(2);
             }
         }
@@ -83,31 +88,18 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u32 next_tid = args->next_pid;
     if (next_tid == 0)
         return 0;
-    struct stack_event *saved = blocked.lookup(&next_tid);
+    struct blocked_thread *saved = blocked.lookup(&next_tid);
     if (!saved)
         return 0;
     u64 duration = now - saved->ts_ns;
-    if (duration < MIN_BLOCK_NS) {
-        struct short_block zero_block = {};
-        struct short_block *sb = short_blocks.lookup_or_try_init(&next_tid, &zero_block);
-        if (sb) {
-            sb->ns += duration;
-            sb->count += 1;
-            sb->tgid = saved->pid;
-        }
-        blocked.delete(&next_tid);
-        return 0;
+    struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id, .label = saved->state};
+    if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
+        key.stack_id = 0;
+        key.label = SHORT_OFF_CPU_LABEL;
     }
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        count(1);
-        blocked.delete(&next_tid);
-        return 0;
-    }
-    bpf_probe_read_kernel(ev, sizeof(*ev), saved);
-    ev->value = duration;
+    u64 start = saved->ts_ns;
     blocked.delete(&next_tid);
+    agg_add(&key, duration, start);
     count(3);
-    events.ringbuf_submit(ev, 0);
     return 0;
 }

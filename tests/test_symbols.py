@@ -117,6 +117,28 @@ def test_file_cache_is_shared_and_bounded(tmp_path: Path) -> None:
             t.stop()
 
 
+def test_copies_of_one_build_share_line_tables_but_stripped_copies_do_not(tmp_path: Path) -> None:
+    # Same library in several venvs/images: identical files at different paths (inodes).
+    exe = build(tmp_path, "-Wl,--build-id")
+    copy = tmp_path / "copy"
+    shutil.copy(exe, copy)
+    stripped = tmp_path / "stripped"
+    shutil.copy(exe, stripped)
+    subprocess.run(["strip", str(stripped)], check=True)
+    targets = [Target(exe), Target(copy), Target(stripped)]
+    try:
+        sym = Symbolizer()
+        frames = [sym.symbolize_user(t.pid, [t.truth["leaf_function"][0]])[0] for t in targets]
+        line = targets[0].truth["leaf_function"][1]
+        assert [(f.function, f.line) for f in frames] == [("leaf_function", line), ("leaf_function", line), ("", 0)]
+        # Each copy keeps its own mapping; the parsed file (and its line table) is shared.
+        assert frames[1].mapping is not None and frames[1].mapping.filename.endswith("/copy")
+        assert sym.stats["file_cache_misses"] == 3 and sym.stats["build_id_shares"] == 1
+    finally:
+        for t in targets:
+            t.stop()
+
+
 def test_kernel_symbols() -> None:
     with open("/proc/kallsyms") as f:
         for line in f:

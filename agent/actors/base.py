@@ -86,6 +86,9 @@ class RingBufferActor(ProfileActor):
     TARGET_SCAN_INTERVAL_S: ClassVar[float] = 1.0
     # Programs whose stacks get CPython frames (bpf/python.h through stack_event.h).
     python_frames: ClassVar[bool] = True
+    # False for programs that aggregate in BPF maps (agent/actors/aggregated.py): no ring
+    # buffer to open and no poll thread; the flush drains the maps instead.
+    ring_buffer: ClassVar[bool] = True
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -165,7 +168,8 @@ class RingBufferActor(ProfileActor):
         with BCC_LOCK:
             bpf = load_program(self.bpf_source, self.bpf_defines())
             try:
-                bpf["events"].open_ring_buffer(self._on_record)
+                if self.ring_buffer:
+                    bpf["events"].open_ring_buffer(self._on_record)
                 self.attach(bpf)
             except Exception:
                 bpf.cleanup()
@@ -194,14 +198,22 @@ class RingBufferActor(ProfileActor):
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
         self.ctx.counters.inc("actor_started", type=name)
         poller = threading.Thread(target=self._poll_loop, name=f"poll-{name}", daemon=True)
-        poller.start()
+        if self.ring_buffer:
+            poller.start()
+        flushing: asyncio.Future[None] | None = None
         try:
             while True:
                 await asyncio.sleep(self.ctx.settings.flush_interval_s)
-                await self._flush(loop)
+                # Shielded: a cancellation must not discard a batch already taken off the
+                # ring buffer or out of the BPF maps; the finally block waits for it.
+                flushing = asyncio.ensure_future(self._flush(loop))
+                await asyncio.shield(flushing)
         finally:
             self._stop_polling.set()
-            await asyncio.shield(asyncio.to_thread(poller.join))
+            if poller.is_alive():
+                await asyncio.shield(asyncio.to_thread(poller.join))
+            if flushing is not None and not flushing.done():
+                await asyncio.shield(asyncio.gather(flushing, return_exceptions=True))
             try:
                 await asyncio.shield(self._flush(loop))
             finally:

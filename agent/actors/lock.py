@@ -1,8 +1,10 @@
 """Lock actor: user-space lock contention from futex waits (bpf/lock.bpf.c).
 
-Each contended wait (longer than ``lock_min_wait_ns``) arrives with its waiting stack and
-lock address; values are ``contentions`` (1) and ``delay`` (ns), like pprof's mutex
-profile. Shorter waits are counted, not profiled.
+BPF aggregates contended waits (longer than ``lock_min_wait_ns``) per (thread, waiting
+stack, lock address) and the actor drains them every flush (agent/actors/aggregated.py);
+each aggregate becomes one sample with values ``contentions`` (waits) and ``delay`` (ns),
+like pprof's mutex profile, stamped with its first wait's time. Shorter waits are counted,
+not profiled.
 
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
 parks on a futex. Go's sync.Mutex parks goroutines inside the Go runtime scheduler without
@@ -14,23 +16,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.actors.base import RingBufferActor
+from agent.actors.aggregated import AggregatingActor
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
 
-class LockActor(RingBufferActor):
-    """Futex wait tracing via syscall tracepoints."""
+class LockActor(AggregatingActor):
+    """Futex wait tracing via syscall tracepoints, aggregated in BPF."""
 
     profile_type = ProfileType.LOCK
     bpf_source = "lock.bpf.c"
     uses_targets = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-
     def period(self) -> int:
-        return 1  # every contended wait is recorded: one contention per event
+        return 1  # values are exact counts of waits, not sampled
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "MIN_WAIT_NS": self.ctx.settings.lock_min_wait_ns}
@@ -42,22 +41,23 @@ class LockActor(RingBufferActor):
         delta = self.counter_deltas()
         if not delta:
             return
-        self.count_drops(delta, {1: "ringbuf_full"})
         c = self.ctx.counters
         if delta[2]:
             c.inc("lock_short_waits", delta[2])
             c.inc("lock_short_wait_ns", delta[3])
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
-        ctx = self.ctx
+        symbolizer = self.ctx.symbolizer
         out = []
-        for ev in self.parsed(records):
+        for entry in self.drain():
+            frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+            thread_name = self.thread_name(entry.pid, entry.tid, comm)
             out.append(Sample(
-                timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
-                cpu=ev.cpu, pid=ev.pid, tid=ev.tid, thread_name=ev.thread_name,
-                process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
-                frames=self.frames(ev),
-                values=(1, ev.value),
-                attributes={"lock.address": f"0x{ev.aux:x}"},
+                timestamp_ns=self.sample_time_ns(entry),
+                cpu=entry.cpu, pid=entry.pid, tid=entry.tid, thread_name=thread_name,
+                process_name=symbolizer.process_name(entry.pid) or thread_name,
+                frames=frames,
+                values=(entry.count, entry.total_ns),
+                attributes={"lock.address": f"0x{entry.label:x}"},
             ))
         return out

@@ -1,39 +1,40 @@
 """Wall actor: elapsed time per thread and stack, on-CPU plus off-CPU (bpf/wall.bpf.c).
 
 On-CPU time comes from sampling (value = period); off-CPU time from sched_switch, with the
-stack the thread blocked in and why (its task state). Off-CPU periods shorter than
+stack the thread blocked in and why (its task state). Both are aggregated in BPF per
+(thread, stack, state) and drained every flush (agent/actors/aggregated.py): one sample per
+aggregate, stamped with its first event's time. Off-CPU periods shorter than
 ``wall_min_block_ns`` are summed per thread in the kernel and reported once per flush
-without a stack, so a busy host's millions of tiny waits cost a map update each, not a
-record each. Values are nanoseconds; per thread they add up to its elapsed time.
+without a stack. Values are nanoseconds; per thread they add up to its elapsed time.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from agent.actors.base import RingBufferActor
-from shared.model import Sample
+from agent.actors.aggregated import AggregatingActor
+from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
 # Linux task states as sched_switch reports prev_state (TASK_REPORT bits).
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
 MAX_BLOCKED_THREADS = 16384
+# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
+ON_CPU_LABEL = 1 << 63
+SHORT_OFF_CPU_LABEL = (1 << 63) | 1
 
 
 def task_state_name(state: int) -> str:
     return _STATES.get(state & 0xFF, f"state-{state:#x}")
 
 
-class WallActor(RingBufferActor):
+class WallActor(AggregatingActor):
     """Samples on-CPU stacks and traces off-CPU intervals of target processes."""
 
     profile_type = ProfileType.WALL
     bpf_source = "wall.bpf.c"
     uses_targets = True
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
@@ -49,51 +50,27 @@ class WallActor(RingBufferActor):
                               fn_name="on_cpu_sample", sample_freq=self.ctx.settings.frequency_hz)
 
     def read_bpf_counters(self) -> None:
-        self.count_drops(self.counter_deltas(), {1: "ringbuf_full", 2: "blocked_map_full"})
-
-    def _short_blocks(self) -> list[Sample]:
-        """Drain the per-thread sums of short off-CPU periods into stackless samples."""
-        table = self.bpf["short_blocks"]
-        now = self.ctx.clock.to_unix_ns(_monotonic_ns())
-        out = []
-        for key, value in list(table.items()):
-            try:
-                del table[key]
-            except KeyError:
-                pass
-            tid, tgid = key.value, value.tgid
-            out.append(Sample(now, 0, tgid, tid, _thread_name(tgid, tid),
-                              self.ctx.symbolizer.process_name(tgid), (), (int(value.ns),),
-                              {"wall.state": "short-off-cpu", "wall.blocks": str(value.count)}))
-        return out
+        self.count_drops(self.counter_deltas(), {2: "blocked_map_full"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
-        ctx = self.ctx
-        out = self._short_blocks() if self.bpf is not None else []
-        for ev in self.parsed(records):
-            state = "on-cpu" if ev.kind == 0 else task_state_name(ev.aux)
+        symbolizer = self.ctx.symbolizer
+        out = []
+        for entry in self.drain():
+            if entry.label == SHORT_OFF_CPU_LABEL:
+                frames: tuple[Frame, ...] = ()
+                thread_name = self.thread_name(entry.pid, entry.tid)
+                attributes = {"wall.state": "short-off-cpu", "wall.blocks": str(entry.count)}
+            else:
+                frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+                thread_name = self.thread_name(entry.pid, entry.tid, comm)
+                state = "on-cpu" if entry.label == ON_CPU_LABEL else task_state_name(entry.label)
+                attributes = {"wall.state": state}
             out.append(Sample(
-                timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
-                cpu=ev.cpu, pid=ev.pid, tid=ev.tid, thread_name=ev.thread_name,
-                process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
-                frames=self.frames(ev),
-                values=(ev.value,),
-                attributes={"wall.state": state},
+                timestamp_ns=self.sample_time_ns(entry),
+                cpu=entry.cpu, pid=entry.pid, tid=entry.tid, thread_name=thread_name,
+                process_name=symbolizer.process_name(entry.pid) or thread_name,
+                frames=frames,
+                values=(entry.total_ns,),
+                attributes=attributes,
             ))
         return out
-
-
-def _monotonic_ns() -> int:
-    import time
-
-    return time.monotonic_ns()
-
-
-def _thread_name(tgid: int, tid: int) -> str:
-    try:
-        with open(f"/proc/{tgid}/task/{tid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-

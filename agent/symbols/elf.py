@@ -61,6 +61,7 @@ class ElfSymbols:
         self._line_addrs: array[int] | None = None
         self._line_rows: list[tuple[str, int]] = []
         self.line_table_skipped = False
+        self.shared = False  # used for several files of the same build (Symbolizer._share_by_build_id)
 
     def file_offset_to_vaddr(self, file_offset: int) -> int | None:
         """Translate a file offset (from /proc maps) into the ELF vaddr symbols use."""
@@ -147,6 +148,10 @@ class ElfSymbols:
 
     def close(self) -> None:
         self._stream.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
 
 
 def _collect_rows(program: Any, cu: Any, rows: list[tuple[int, str, int]]) -> None:

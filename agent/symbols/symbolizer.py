@@ -43,10 +43,11 @@ IDENTITY_CHECK_S = 1.0
 class _Lru(OrderedDict[object, object]):
     """OrderedDict with a size bound; ``hit`` moves a key to the young end."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, close_evicted: bool = True) -> None:
         super().__init__()
         self.capacity = capacity
         self.evictions = 0
+        self.close_evicted = close_evicted
 
     def put(self, key: object, value: object) -> None:
         self[key] = value
@@ -55,7 +56,8 @@ class _Lru(OrderedDict[object, object]):
             _, evicted = self.popitem(last=False)
             self.evictions += 1
             close = getattr(evicted, "close", None)
-            if close is not None:
+            # A file shared by several keys (same build) is left to the garbage collector.
+            if close is not None and self.close_evicted and not getattr(evicted, "shared", False):
                 close()
 
     def hit(self, key: object) -> object | None:
@@ -117,10 +119,12 @@ class Symbolizer:
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
         self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
+        # (build id, size) -> ElfSymbols, see _share_by_build_id; only an index, never closes.
+        self._builds = _Lru(max_files, close_evicted=False)
         self._kernel: KernelSymbols | None = None
         self._stats = dict.fromkeys(
             ("lookups", "unknown_frames", "unreadable_processes", "elf_errors", "file_cache_hits",
-             "file_cache_misses", "maps_reads"), 0)
+             "file_cache_misses", "maps_reads", "build_id_shares"), 0)
 
     # -- public API ----------------------------------------------------------------------
     @property
@@ -337,5 +341,30 @@ class Symbolizer:
             self._bad_files.add(key)
             log.warning("cannot parse %s: %s (its frames stay unsymbolized)", region.entry.path, exc)
             return None
+        elf = self._share_by_build_id(elf, stream)
         self._files.put(key, elf)
+        return elf
+
+    def _share_by_build_id(self, elf: ElfSymbols, stream: IO[bytes]) -> ElfSymbols:
+        """The already parsed copy of the same build, if any, instead of ``elf``.
+
+        The same library is often installed many times under different paths (one per venv or
+        container image): its lazily built DWARF line table costs up to seconds of CPU, once
+        per build is enough. Same build id *and* size, so a stripped copy never borrows an
+        unstripped one's tables or the reverse (they share the build id but not the size).
+        """
+        if not elf.build_id:
+            return elf
+        try:
+            size = os.fstat(stream.fileno()).st_size
+        except OSError:
+            return elf
+        build = (elf.build_id, size)
+        shared = self._builds.hit(build)
+        if isinstance(shared, ElfSymbols) and not shared.closed:
+            stream.close()
+            shared.shared = True
+            self._stats["build_id_shares"] += 1
+            return shared
+        self._builds.put(build, elf)
         return elf
