@@ -139,8 +139,8 @@ def test_agent_with_documented_capabilities_only(tmp_path: Path) -> None:
             await asyncio.wait_for(agg, 30)
         log = out.decode(errors="replace")
         # Counted, expected refusals (e.g. another user namespace's environ) are in the final
-    # counters line; what must not appear is a crash or an unexpected permission failure.
-    assert "Traceback" not in log and "Operation not permitted" not in log, log[-3000:]
+        # counters line; what must not appear is a crash or an unexpected permission failure.
+        assert "Traceback" not in log and "Operation not permitted" not in log, log[-3000:]
         assert 'actor_failed' not in final, final
         return workload.pid, agent_caps, workload_cpu_s
 
