@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from nats.aio.msg import Msg
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
@@ -26,11 +25,12 @@ from aggregator.merge import Merger
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
+from aggregator.transport import AckLedger, start_core, start_jetstream
 from shared.counters import Counters
 from shared.metrics_server import MetricsServer, parse_address
 from shared.nats_connection import connect
 from shared.profile_types import ProfileType
-from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS, RESYNC_SUBJECT
+from shared.subjects import RESYNC_SUBJECT
 from shared.wire import resync_request
 
 log = logging.getLogger("stackfleet.aggregator")
@@ -91,17 +91,15 @@ async def run_aggregator(
     async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
         await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
 
-    intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s)
-
-    async def on_dict(msg: Msg) -> None:
-        await intake.on_dict(msg.subject, msg.data)
-
-    async def on_samples(msg: Msg) -> None:
-        await intake.on_samples(msg.subject, msg.data)
-
-    await nc.subscribe(ALL_DICT_SUBJECTS, cb=on_dict)
-    await nc.subscribe(ALL_SAMPLE_SUBJECTS, queue=settings.queue_group, cb=on_samples)
-    # Agents already running hold dictionaries we have never seen: ask everyone once.
+    ledger = AckLedger(counters)
+    intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
+                    on_done=ledger.finished)
+    if settings.nats.jetstream:
+        pullers = await start_jetstream(nc, settings, intake, counters, stop.is_set)
+    else:
+        pullers = await start_core(nc, settings, intake)
+    # Agents already running hold dictionaries we have never seen (or that aged out of the
+    # stream): ask everyone once.
     await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
     await nc.flush()
 
@@ -115,7 +113,9 @@ async def run_aggregator(
 
     async def export_once() -> None:
         fleet = merger.rotate()
+        finished = ledger.take()  # same loop step as rotate(): exactly the messages in `fleet`
         if not fleet.hosts:
+            await ledger.ack(nc, finished)  # rejected/stale/dropped ones: counted, nothing to export
             return
         request = await asyncio.to_thread(
             encode_request, fleet, settings.service_name, settings.service_version, settings.resource_attributes
@@ -131,6 +131,8 @@ async def run_aggregator(
             sender.offer(request)
         if on_export is not None:
             on_export(fleet, request)
+        # Only now is the interval safe (written locally / queued for OTLP): the stream may forget it.
+        await ledger.ack(nc, finished)
 
     async def sweeper() -> None:
         while True:
@@ -151,12 +153,21 @@ async def run_aggregator(
             await export_once()
     finally:
         sweep_task.cancel()
+        for task in pullers:
+            task.cancel()
+        await asyncio.gather(sweep_task, *pullers, return_exceptions=True)
         if metrics is not None:
             await metrics.close()
-        with contextlib.suppress(Exception):
-            await nc.drain()
-        intake.drop_parked("shutdown_parked")
-        await export_once()
+        if settings.nats.jetstream:
+            intake.release_parked()  # unacked: the stream redelivers them to whoever runs next
+            await export_once()  # acks what it exports, so the connection must still be up
+            with contextlib.suppress(Exception):
+                await nc.drain()
+        else:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            intake.drop_parked("shutdown_parked")
+            await export_once()
         if sender is not None:
             await sender.close(timeout_s=5.0)
         log.info("aggregator stopped: %s", counters.snapshot())

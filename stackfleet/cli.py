@@ -126,7 +126,9 @@ def run(
 
     server = None
     if nats is None:
-        server = NatsServer().start()
+        # JetStream's store lives with the profiles, so a re-run resumes the same stream.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        server = NatsServer(store_dir=str(output_dir / ".nats-jetstream")).start()
         nats = server.url
         console.print(f"[bold]embedded nats-server[/] at {nats} (monitoring {server.monitor_url})")
     agg_settings = AggregatorSettings(**_overrides(otlp_endpoint=otlp_endpoint, output_dir=output_dir,
@@ -162,7 +164,7 @@ def run(
     finally:
         if server:
             server.stop()
-    files = sorted(output_dir.glob("*")) if output_dir.exists() else []
+    files = sorted(f for f in output_dir.glob("*") if f.is_file()) if output_dir.exists() else []
     console.print(f"ran {time.monotonic() - started:.0f}s; {len(files)} files in {output_dir.resolve()}")
     for f in files[-6:]:
         console.print(f"  {f}")
