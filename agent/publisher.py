@@ -123,6 +123,11 @@ class Publisher(SampleSink):
             item = self.outbox.pop()
             try:
                 await self._publish(item)
+            except asyncio.CancelledError:
+                # Stopped mid-publish (shutdown): keep it for close(); if it did reach the
+                # stream, re-publishing it under the same Nats-Msg-Id is stored only once.
+                self.outbox.push_back(item)
+                raise
             except (NoStreamResponseError, ServiceUnavailableError) as exc:
                 await self._stream_missing(item, exc)
             except APIError as exc:
