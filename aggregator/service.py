@@ -2,8 +2,10 @@
 
 Intake runs on the event loop and never waits for export: each interval's merged profiles
 are encoded and written to local files in a worker thread, and handed to the OTLP sender
-through a bounded queue (oldest dropped and counted when the collector is away for long;
-the local files still have every interval).
+(aggregator/exporters/otlp_sender.py: bounded queue, retried with backoff, oldest dropped
+and counted when the collector is away for long; the local files still have every
+interval). How messages arrive (JetStream consumers, acked after export) is in
+aggregator/transport.py.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
@@ -20,6 +21,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
+from aggregator.exporters.otlp_sender import OtlpSender
 from aggregator.intake import Intake
 from aggregator.merge import Merger
 from aggregator.otlp import encode_request
@@ -36,45 +38,6 @@ from shared.wire import resync_request
 log = logging.getLogger("stackfleet.aggregator")
 
 ExportHook = Callable[[FleetProfiles, ExportProfilesServiceRequest], None]
-
-
-class OtlpSender:
-    """Delivers export requests to the OTLP endpoint from a bounded queue, in its own task."""
-
-    def __init__(self, exporter: OtlpGrpcExporter, max_queue: int, counters: Counters) -> None:
-        self.exporter = exporter
-        self.counters = counters
-        self.queue: asyncio.Queue[ExportProfilesServiceRequest] = asyncio.Queue(max_queue)
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._loop(), name="otlp-sender")
-
-    def offer(self, request: ExportProfilesServiceRequest) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.counters.inc("exports_dropped", reason="otlp_queue_full")
-            log.warning("OTLP endpoint is behind: dropped the oldest queued export (it is in the local files)")
-        self.queue.put_nowait(request)
-
-    async def _loop(self) -> None:
-        while True:
-            request = await self.queue.get()
-            started = time.monotonic()
-            ok = await self.exporter.export(request)
-            self.counters.inc("otlp_exports", result="ok" if ok else "failed")
-            if ok:
-                self.counters.inc("otlp_export_ms", int((time.monotonic() - started) * 1000))
-
-    async def close(self, timeout_s: float) -> None:
-        """Give queued exports ``timeout_s`` to go out, then stop."""
-        deadline = time.monotonic() + timeout_s
-        while not self.queue.empty() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.exporter.close()
 
 
 async def run_aggregator(
