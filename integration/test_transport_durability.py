@@ -51,7 +51,8 @@ async def _run_agent_around(nats_url: str, counters: Counters, middle: Callable[
     agent.result()
 
 
-def _check_nothing_lost(agent: Counters, output_dir: Path, nats_url: str) -> dict[tuple[int, int, int], int]:
+def _check_nothing_lost(agent: Counters, output_dir: Path, nats_url: str,
+                        aggregator_log: Path) -> dict[tuple[int, int, int], int]:
     """Every acknowledged sample is exported; nothing was dropped on the agent side."""
     pending = asyncio.run(wait_consumer_settled(nats_url, timeout_s=90))
     assert pending == (0, 0), f"samples consumer not settled (pending, ack_pending) = {pending}"
@@ -65,7 +66,8 @@ def _check_nothing_lost(agent: Counters, output_dir: Path, nats_url: str) -> dic
                                     f"agent published {published} (duplicates: {duplicates})")
     # Redelivery is at-least-once: only a crash between writing an export and its acks
     # duplicates, so duplicates must stay a small fraction.
-    assert duplicates <= 0.05 * published, f"{duplicates} duplicated samples of {published}"
+    assert duplicates <= 0.05 * published, (f"{duplicates} duplicated samples of {published}; aggregator log: "
+                                            f"{aggregator_log.read_text()[-3000:]}")
     return dict(seen)
 
 
@@ -86,7 +88,8 @@ def test_nats_outage_of_60s_loses_nothing(tmp_path: Path) -> None:
     counters = Counters()
     window: dict[str, int] = {}
     server = NatsServer(store_dir=str(store)).start()
-    aggregator = AggregatorProcess(server.url, out, tmp_path / "aggregator.log")
+    # ack_wait well above the time the backlog after the outage takes to export on a busy machine.
+    aggregator = AggregatorProcess(server.url, out, tmp_path / "aggregator.log", ack_wait_s=30)
     aggregator.start()
 
     async def outage() -> None:
@@ -107,7 +110,7 @@ def test_nats_outage_of_60s_loses_nothing(tmp_path: Path) -> None:
 
     try:
         asyncio.run(_run_agent_around(server.url, counters, outage))
-        seen = _check_nothing_lost(counters, out, server.url)
+        seen = _check_nothing_lost(counters, out, server.url, tmp_path / "aggregator.log")
     finally:
         aggregator.stop()
         server.stop()
@@ -121,7 +124,8 @@ def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
     counters = Counters()
     window: dict[str, int] = {}
     with NatsServer() as server:
-        aggregator = AggregatorProcess(server.url, out, tmp_path / "aggregator.log")
+        # Short ack_wait: the dead process's unexported messages come back quickly.
+        aggregator = AggregatorProcess(server.url, out, tmp_path / "aggregator.log", ack_wait_s=10)
         aggregator.start()
 
         async def kill_and_restart() -> None:
@@ -136,7 +140,7 @@ def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
 
         try:
             asyncio.run(_run_agent_around(server.url, counters, kill_and_restart))
-            seen = _check_nothing_lost(counters, out, server.url)
+            seen = _check_nothing_lost(counters, out, server.url, tmp_path / "aggregator.log")
         finally:
             aggregator.stop()
     counts = _assert_no_gap(seen, window["pid"], window["start"] + int(2e9), window["end"] - int(2e9))

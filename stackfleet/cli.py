@@ -31,11 +31,11 @@ def _overrides(**values: Any) -> dict[str, Any]:
 
 
 def _nats_override(url: str | None) -> dict[str, Any]:
+    """Only the URL: a dict (not a NatsSettings) so pydantic-settings merges it with the other
+    ``nats`` options from the environment and the TOML file (auth, TLS, stream limits)."""
     if url is None:
         return {}
-    from shared.nats_connection import NatsSettings
-
-    return {"nats": NatsSettings(url=url)}
+    return {"nats": {"url": url}}
 
 
 def _run_async(main: Any, duration: float | None) -> None:
