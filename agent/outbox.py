@@ -60,7 +60,7 @@ class MemoryOutbox:
         """Queue ``item`` last, first dropping the oldest until it fits both bounds."""
         while self._items and (len(self._items) >= self.max_messages
                                or self._bytes + len(item.payload) > self.max_bytes):
-            self.drop(self._items.popleft(), "outgoing_queue_full")
+            self.drop(self.pop(), "outgoing_queue_full")
         self._items.append(item)
         self._bytes += len(item.payload)
 

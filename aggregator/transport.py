@@ -47,6 +47,7 @@ FETCH_BATCH = 256
 FETCH_TIMEOUT_S = 1.0
 DICT_CONSUMER_INACTIVE_S = 600.0
 DICT_CATCH_UP_LIMIT_S = 30.0
+STREAM_WATCH_INTERVAL_S = 30.0
 
 
 class AckLedger:
@@ -113,7 +114,36 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
     log.info("JetStream: %d dictionary message(s) replayed; consuming samples through %s/%s",
              caught_up, stream, settings.queue_group)
     return [asyncio.create_task(_pull_forever(dict_sub, on_dict, counters, "dict"), name="pull-dict"),
-            asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples")]
+            asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples"),
+            asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters),
+                                name="watch-stream-limits")]
+
+
+async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str, counters: Counters) -> None:
+    """Count messages the stream discarded (size/age limit) before the samples consumer acked them.
+
+    JetStream drops them silently; the evidence is the stream's first sequence moving past
+    the consumer's ack floor. The count is in stream messages (dictionaries included, so an
+    upper bound for sample batches) and every replica reports it.
+    """
+    counted_upto = 0
+    while True:
+        await asyncio.sleep(STREAM_WATCH_INTERVAL_S)
+        try:
+            first_seq = (await js.stream_info(stream)).state.first_seq
+            ack_floor = (await js.consumer_info(stream, consumer)).ack_floor
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # NATS away: the next round will see the same evidence
+            continue
+        floor = ack_floor.stream_seq if ack_floor is not None and ack_floor.stream_seq else 0
+        lost_upto = first_seq - 1
+        start = max(floor, counted_upto)
+        if lost_upto > start:
+            counters.inc("messages_dropped", lost_upto - start, reason="stream_limit")
+            log.warning("the JetStream stream discarded %d message(s) before they were consumed: all aggregators "
+                        "were behind for longer than its size/age limits", lost_upto - start)
+            counted_upto = lost_upto
 
 
 async def start_core(nc: NATS, settings: AggregatorSettings, intake: Intake) -> list[asyncio.Task[None]]:
