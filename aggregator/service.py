@@ -58,9 +58,9 @@ async def run_aggregator(
     intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
                     on_done=ledger.finished)
     if settings.nats.jetstream:
-        pullers = await start_jetstream(nc, settings, intake, counters, stop.is_set)
+        consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set)
     else:
-        pullers = await start_core(nc, settings, intake)
+        consumers = await start_core(nc, settings, intake)
     # Agents already running hold dictionaries we have never seen (or that aged out of the
     # stream): ask everyone once.
     await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
@@ -116,16 +116,16 @@ async def run_aggregator(
             await export_once()
     finally:
         sweep_task.cancel()
-        for task in pullers:
-            task.cancel()
-        await asyncio.gather(sweep_task, *pullers, return_exceptions=True)
+        await asyncio.gather(sweep_task, return_exceptions=True)
         if metrics is not None:
             await metrics.close()
         if settings.nats.jetstream:
+            await consumers.stop()
             intake.release_parked()  # unacked: the stream redelivers them to whoever runs next
             await export_once()  # acks what it exports, so the connection must still be up
             with contextlib.suppress(Exception):
-                await nc.drain()
+                await nc.flush(timeout=5)
+            await nc.close()
         else:
             with contextlib.suppress(Exception):
                 await nc.drain()

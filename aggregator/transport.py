@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -87,8 +87,34 @@ class AckLedger:
 Stopper = Callable[[], bool]
 
 
+class Consumers:
+    """The running message sources: tasks to cancel, subscriptions to close on shutdown."""
+
+    def __init__(self, tasks: list[asyncio.Task[None]], subs: list[Any], js: JetStreamContext | None = None,
+                 stream: str = "", own_consumer: str = "") -> None:
+        self.tasks = tasks
+        self.subs = subs
+        self.js = js
+        self.stream = stream
+        self.own_consumer = own_consumer
+
+    async def stop(self) -> None:
+        """Stop pulling (before the final export); messages not yet exported stay unacked."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self.js is not None and self.own_consumer:
+            # This start's dictionary consumer is of no use to anyone else; the server would
+            # also remove it after DICT_CONSUMER_INACTIVE_S.
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(self.stream, self.own_consumer)
+
+
 async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake, counters: Counters,
-                          stopping: Stopper) -> list[asyncio.Task[None]]:
+                          stopping: Stopper) -> Consumers:
     """Ensure the stream, create/bind both consumers, catch up on dictionaries, start pulling."""
     js = nc.jetstream(timeout=settings.nats.jetstream_timeout_s)
     await _retry("create the JetStream stream", stopping, counters,
@@ -113,10 +139,11 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
     caught_up = await _catch_up(dict_sub, on_dict)
     log.info("JetStream: %d dictionary message(s) replayed; consuming samples through %s/%s",
              caught_up, stream, settings.queue_group)
-    return [asyncio.create_task(_pull_forever(dict_sub, on_dict, counters, "dict"), name="pull-dict"),
-            asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples"),
-            asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters),
-                                name="watch-stream-limits")]
+    tasks = [asyncio.create_task(_pull_forever(dict_sub, on_dict, counters, "dict"), name="pull-dict"),
+             asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples"),
+             asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters),
+                                 name="watch-stream-limits")]
+    return Consumers(tasks, [dict_sub, samples_sub], js, stream, dict_name)
 
 
 async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str, counters: Counters) -> None:
@@ -146,7 +173,7 @@ async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str,
             counted_upto = lost_upto
 
 
-async def start_core(nc: NATS, settings: AggregatorSettings, intake: Intake) -> list[asyncio.Task[None]]:
+async def start_core(nc: NATS, settings: AggregatorSettings, intake: Intake) -> Consumers:
     """Plain subscriptions: dictionaries to every replica, samples through the queue group."""
 
     async def on_dict(msg: Msg) -> None:
@@ -155,9 +182,9 @@ async def start_core(nc: NATS, settings: AggregatorSettings, intake: Intake) -> 
     async def on_samples(msg: Msg) -> None:
         await intake.on_samples(msg.subject, msg.data)
 
-    await nc.subscribe(ALL_DICT_SUBJECTS, cb=on_dict)
-    await nc.subscribe(ALL_SAMPLE_SUBJECTS, queue=settings.queue_group, cb=on_samples)
-    return []
+    subs = [await nc.subscribe(ALL_DICT_SUBJECTS, cb=on_dict),
+            await nc.subscribe(ALL_SAMPLE_SUBJECTS, queue=settings.queue_group, cb=on_samples)]
+    return Consumers([], subs)
 
 
 async def _catch_up(sub: JetStreamContext.PullSubscription, handle: Callable[[Msg], Awaitable[None]]) -> int:

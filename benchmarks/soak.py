@@ -82,12 +82,15 @@ def soak(duration_s: float, interval_s: float, types: str, out_dir: Path) -> dic
                 for name, proc in (("agent", agent), ("aggregator", aggregator)):
                     if proc.poll() is not None:
                         raise RuntimeError(f"{name} exited with {proc.returncode}; see {out_dir}/{name}.log")
-                    series[name].append((time.monotonic() - started, process_rss_bytes(proc.pid)))
+                    rss = process_rss_bytes(proc.pid)
+                    if rss:  # 0 while the process is still exec'ing
+                        series[name].append((time.monotonic() - started, rss))
                 if work is None or work.poll() is not None:
                     work = workload_loop(exe, stop_at)
-                last = series["agent"][-1]
-                print(f"{last[0]:7.0f}s  agent {last[1] / MIB:7.1f} MiB  "
-                      f"aggregator {series['aggregator'][-1][1] / MIB:7.1f} MiB", flush=True)
+                if series["agent"] and series["aggregator"]:
+                    last = series["agent"][-1]
+                    print(f"{last[0]:7.0f}s  agent {last[1] / MIB:7.1f} MiB  "
+                          f"aggregator {series['aggregator'][-1][1] / MIB:7.1f} MiB", flush=True)
                 time.sleep(min(interval_s, max(0.0, stop_at - time.monotonic())))
         finally:
             if work is not None and work.poll() is None:
