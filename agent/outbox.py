@@ -89,8 +89,13 @@ class MemoryOutbox:
             self._last_log = now
 
     def clear(self, reason: str) -> int:
-        """Drop everything (shutdown with NATS away); returns how many were dropped."""
-        n = len(self._items)
-        while self._items:
+        """Drop everything; returns how many were dropped."""
+        n = len(self)
+        while len(self):
             self.drop(self.pop(), reason)
         return n
+
+    def shutdown(self) -> int:
+        """The agent stops with messages still queued: in memory they are lost (counted as
+        ``reason=shutdown``); returns how many were dropped."""
+        return self.clear("shutdown")

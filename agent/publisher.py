@@ -26,6 +26,7 @@ from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableEr
 from agent.actors.base import SampleSink
 from agent.outbox import MemoryOutbox, Outgoing
 from agent.settings import AgentSettings
+from agent.spool import DiskOutbox
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
 from shared.model import Sample
@@ -50,7 +51,10 @@ class Publisher(SampleSink):
         self.agent_id = new_agent_id()
         self.host = settings.host_name
         self._encoders: dict[ProfileType, StreamEncoder] = {}
-        self.outbox = MemoryOutbox(settings.max_outgoing_messages, settings.max_outgoing_bytes, counters)
+        self.outbox: MemoryOutbox = (
+            DiskOutbox(settings.spool_dir, settings.max_outgoing_messages, settings.spool_max_bytes, counters)
+            if settings.spool_dir else
+            MemoryOutbox(settings.max_outgoing_messages, settings.max_outgoing_bytes, counters))
         self._msg_numbers = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._nc: NATS | None = None
@@ -70,6 +74,8 @@ class Publisher(SampleSink):
         if self.settings.nats.jetstream:
             self._js = self._nc.jetstream(timeout=self.settings.nats.jetstream_timeout_s)
         self._sender = asyncio.create_task(self._send_loop(), name="publisher-send")
+        if len(self.outbox):  # recovered from the spool: send it before anything new
+            self._wakeup.set()
         log.info("publishing as agent %s for host %s to %s (%s)", self.agent_id, self.host, self.settings.nats.url,
                  "JetStream" if self._js else "core NATS")
 
@@ -185,9 +191,10 @@ class Publisher(SampleSink):
             await asyncio.wait_for(self._drain_outgoing(), timeout_s)
             await asyncio.wait_for(self._nc.drain(), timeout_s)
         except (TimeoutError, Exception) as exc:
-            left = self.outbox.clear("shutdown")
+            left = len(self.outbox)
             log.warning("closing publisher: %s (%d messages not sent)", type(exc).__name__, left)
             await self._nc.close()
+        self.outbox.shutdown()
 
     @property
     def connected(self) -> bool:

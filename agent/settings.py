@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -37,6 +38,10 @@ class AgentSettings(BaseSettings):
     # defaults hold well over an hour of a CPU-only agent (docs/design/durability.md).
     max_outgoing_messages: int = Field(default=10_000, ge=10)
     max_outgoing_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    # Optional disk spool instead of memory for the outgoing messages (survives an agent
+    # restart); capped at spool_max_bytes of payload, oldest dropped and counted beyond.
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     max_dictionary_entries: int = Field(default=100_000, ge=100)
     # Process selection for the event-tracing actors (wall, lock, heap); none set = all user processes.
     target_pids: Annotated[list[int], NoDecode] = Field(default_factory=list)
