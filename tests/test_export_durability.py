@@ -94,3 +94,24 @@ async def test_collector_outage_costs_no_export(tmp_path: Path, monkeypatch: pyt
         req.ParseFromString(f.read_bytes())
         from_files += samples_in(req)
     assert from_files == published == sum(samples_in(r) for r in requests) == agent_counters.get("samples_encoded")
+
+
+async def test_core_nats_mode_without_jetstream_still_delivers(tmp_path: Path) -> None:
+    """``nats.jetstream = false`` against a server without JetStream: the plain subscriptions."""
+    counters, agent_counters = Counters(), Counters()
+    with NatsServer(jetstream=False) as nats:
+        nats_settings = NatsSettings(url=nats.url, jetstream=False)
+        stop = asyncio.Event()
+        aggregator = asyncio.create_task(run_aggregator(
+            AggregatorSettings(nats=nats_settings, otlp_endpoint="", output_dir=None, export_interval_s=0.5),
+            stop, counters))
+        await asyncio.sleep(0.5)  # core NATS keeps nothing for late subscribers
+        publisher = Publisher(AgentSettings(nats=nats_settings, host_name="core"), agent_counters)
+        await publisher.start()
+        for _ in range(5):
+            await publisher.submit(ProfileType.CPU, cpu_samples(20), PERIOD)
+        await publisher.close()
+        assert await wait_for(lambda: counters.get("samples_received") >= 100, 30), counters.snapshot()
+        stop.set()
+        await asyncio.wait_for(aggregator, 30)
+    assert agent_counters.get("samples_published") == counters.get("samples_received") == 100
