@@ -7,8 +7,11 @@
 2. The aggregator is SIGKILLed mid-run and restarted: the shared durable consumer
    redelivers what the dead process had not exported, so again nothing is missing.
 
-Both compare the agent's own count of JetStream-acknowledged samples with the samples in
-the aggregator's .otlp.pb files, exactly (see integration/durability.py).
+Both compare what the agent published with the samples in the aggregator's .otlp.pb
+files exactly, as sets of (pid, tid, timestamp) and against the agent's count of
+JetStream-acknowledged samples (see integration/durability.py). Per-5-second counts of the
+steady workload are printed too, but not asserted: on a loaded machine the workload (or
+the agent's own sampling) can stall for seconds, which is not a transport gap.
 """
 
 from __future__ import annotations
@@ -19,16 +22,34 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from agent.main import run_agent
+from agent.publisher import Publisher
 from agent.settings import AgentSettings
 from integration.durability import AggregatorProcess, exported_samples, slice_counts, wait_consumer_settled
 from integration.harness import build_c
 from shared.counters import Counters
+from shared.model import Sample
 from shared.nats_connection import NatsSettings
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
 
 OUTAGE_S = 60.0
+SampleId = tuple[int, int, int]
+
+
+def record_submitted(monkeypatch: pytest.MonkeyPatch) -> set[SampleId]:
+    """Every sample the agent hands to its publisher, as (pid, tid, timestamp)."""
+    submitted: set[SampleId] = set()
+    original = Publisher.submit
+
+    async def submit(self: Publisher, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
+        submitted.update((s.pid, s.tid, s.timestamp_ns) for s in samples)
+        await original(self, profile_type, samples, period)
+
+    monkeypatch.setattr(Publisher, "submit", submit)
+    return submitted
 
 
 async def _run_agent_around(nats_url: str, counters: Counters, middle: Callable[[], Awaitable[None]]) -> None:
@@ -51,8 +72,8 @@ async def _run_agent_around(nats_url: str, counters: Counters, middle: Callable[
     agent.result()
 
 
-def _check_nothing_lost(agent: Counters, output_dir: Path, nats_url: str,
-                        aggregator_log: Path) -> dict[tuple[int, int, int], int]:
+def _check_nothing_lost(agent: Counters, submitted: set[SampleId], output_dir: Path, nats_url: str,
+                        aggregator_log: Path) -> dict[SampleId, int]:
     """Every acknowledged sample is exported; nothing was dropped on the agent side."""
     pending = asyncio.run(wait_consumer_settled(nats_url, timeout_s=90))
     assert pending == (0, 0), f"samples consumer not settled (pending, ack_pending) = {pending}"
@@ -64,6 +85,8 @@ def _check_nothing_lost(agent: Counters, output_dir: Path, nats_url: str,
     duplicates = sum(n - 1 for n in seen.values())
     assert len(seen) == published, (f"aggregator exported {len(seen)} distinct samples in {files} files, "
                                     f"agent published {published} (duplicates: {duplicates})")
+    missing, extra = submitted - seen.keys(), seen.keys() - submitted
+    assert not missing and not extra, f"{len(missing)} published samples missing, {len(extra)} unknown exported"
     # Redelivery is at-least-once: only a crash between writing an export and its acks
     # duplicates (one 1 s interval at most), so duplicates must stay a small fraction.
     print(f"published {published} samples; exported all of them, {duplicates} duplicated")
@@ -72,17 +95,15 @@ def _check_nothing_lost(agent: Counters, output_dir: Path, nats_url: str,
     return dict(seen)
 
 
-def _assert_no_gap(seen: dict[tuple[int, int, int], int], pid: int, start_ns: int, end_ns: int) -> list[int]:
-    """The steady workload's samples per 5 s slice never fall far below the median (load-tolerant)."""
-    stamps = [t for (p, _, t) in seen if p == pid]
-    counts = slice_counts(stamps, start_ns, end_ns, 5.0)
-    assert counts, "workload window too short"
-    median = sorted(counts)[len(counts) // 2]
-    assert median > 0 and min(counts) >= 0.1 * median, f"gap in per-5s sample counts: {counts}"
+def _workload_slices(seen: dict[SampleId, int], pid: int, start_ns: int, end_ns: int) -> list[int]:
+    """The workload's exported samples per 5 s slice (shown, to see the run's shape)."""
+    counts = slice_counts([t for (p, _, t) in seen if p == pid], start_ns, end_ns, 5.0)
+    assert sum(counts) > 0, "the workload is not in the exported profiles"
     return counts
 
 
-def test_nats_outage_of_60s_loses_nothing(tmp_path: Path) -> None:
+def test_nats_outage_of_60s_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    submitted = record_submitted(monkeypatch)
     exe = build_c("cpu_chain.c", tmp_path)
     out = tmp_path / "profiles"
     store = tmp_path / "jetstream"
@@ -111,15 +132,16 @@ def test_nats_outage_of_60s_loses_nothing(tmp_path: Path) -> None:
 
     try:
         asyncio.run(_run_agent_around(server.url, counters, outage))
-        seen = _check_nothing_lost(counters, out, server.url, tmp_path / "aggregator.log")
+        seen = _check_nothing_lost(counters, submitted, out, server.url, tmp_path / "aggregator.log")
     finally:
         aggregator.stop()
         server.stop()
-    counts = _assert_no_gap(seen, window["pid"], window["start"] + int(2e9), window["end"] - int(2e9))
+    counts = _workload_slices(seen, window["pid"], window["start"] + int(2e9), window["end"] - int(2e9))
     print(f"per-5s CPU samples of the workload across the outage: {counts}")
 
 
-def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
+def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    submitted = record_submitted(monkeypatch)
     exe = build_c("cpu_chain.c", tmp_path)
     out = tmp_path / "profiles"
     counters = Counters()
@@ -141,8 +163,8 @@ def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
 
         try:
             asyncio.run(_run_agent_around(server.url, counters, kill_and_restart))
-            seen = _check_nothing_lost(counters, out, server.url, tmp_path / "aggregator.log")
+            seen = _check_nothing_lost(counters, submitted, out, server.url, tmp_path / "aggregator.log")
         finally:
             aggregator.stop()
-    counts = _assert_no_gap(seen, window["pid"], window["start"] + int(2e9), window["end"] - int(2e9))
+    counts = _workload_slices(seen, window["pid"], window["start"] + int(2e9), window["end"] - int(2e9))
     print(f"per-5s CPU samples of the workload across the aggregator kill: {counts}")
