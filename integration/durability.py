@@ -66,25 +66,27 @@ class AggregatorProcess:
             return -9
 
 
-async def wait_consumer_settled(nats_url: str, timeout_s: float) -> tuple[int, int]:
+async def wait_consumer_settled(nats_url: str, timeout_s: float) -> tuple[int, int, int]:
     """Wait until the shared samples consumer has nothing pending and nothing unacked.
 
     Acks are sent only after the export holding a message is written, so "settled" means
-    every stored sample batch is in the aggregator's files. Returns (pending, ack_pending).
+    every stored sample batch is in the aggregator's files. Returns (pending, ack_pending,
+    redelivered): the last is how many messages the stream had to deliver more than once.
     """
     nc = await nats.connect(nats_url)
     try:
         js = nc.jsm()
         deadline = time.monotonic() + timeout_s
-        pending = ack_pending = -1
+        pending = ack_pending = redelivered = -1
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 info = await js.consumer_info(StreamSettings().name, SAMPLES_CONSUMER)
                 pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+                redelivered = info.num_redelivered or 0
                 if pending == 0 and ack_pending == 0:
                     break
             await asyncio.sleep(0.5)
-        return pending, ack_pending
+        return pending, ack_pending, redelivered
     finally:
         await nc.close()
 

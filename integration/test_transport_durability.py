@@ -75,8 +75,9 @@ async def _run_agent_around(nats_url: str, counters: Counters, middle: Callable[
 def _check_nothing_lost(agent: Counters, submitted: set[SampleId], output_dir: Path, nats_url: str,
                         aggregator_log: Path) -> dict[SampleId, int]:
     """Every acknowledged sample is exported; nothing was dropped on the agent side."""
-    pending = asyncio.run(wait_consumer_settled(nats_url, timeout_s=90))
-    assert pending == (0, 0), f"samples consumer not settled (pending, ack_pending) = {pending}"
+    pending, ack_pending, redelivered = asyncio.run(wait_consumer_settled(nats_url, timeout_s=90))
+    assert (pending, ack_pending) == (0, 0), f"samples consumer not settled: {pending} pending, {ack_pending} unacked"
+    print(f"samples messages redelivered by the stream: {redelivered}")
     published = agent.get("samples_published", type="cpu")
     encoded = agent.get("samples_encoded", type="cpu")
     assert agent.get("samples_dropped") == 0 and agent.get("messages_dropped") == 0, agent.snapshot()
