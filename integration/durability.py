@@ -36,7 +36,9 @@ SAMPLES_CONSUMER = "stackfleet-aggregators"
 class AggregatorProcess:
     """``stackfleet aggregator`` as a child process writing local files only (no OTLP)."""
 
-    def __init__(self, nats_url: str, output_dir: Path, log_path: Path, ack_wait_s: float = 5.0) -> None:
+    def __init__(self, nats_url: str, output_dir: Path, log_path: Path, ack_wait_s: float = 5.0,
+                 export_interval_s: float = 1.0) -> None:
+        self.export_interval_s = export_interval_s
         self.env = {**os.environ, "STACKFLEET_NATS__URL": nats_url, "STACKFLEET_ACK_WAIT_S": str(ack_wait_s),
                     "STACKFLEET_OTLP_ENDPOINT": ""}
         self.output_dir = output_dir
@@ -46,7 +48,7 @@ class AggregatorProcess:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([STACKFLEET, "aggregator", "--output-dir", str(self.output_dir),
-                                          "--export-interval", "1", "--otlp-endpoint", ""],
+                                          "--export-interval", str(self.export_interval_s), "--otlp-endpoint", ""],
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
@@ -66,29 +68,40 @@ class AggregatorProcess:
             return -9
 
 
+async def samples_consumer_state(nats_url: str) -> tuple[int, int, int]:
+    """(pending, ack_pending, redeliveries) of the shared samples consumer right now.
+
+    Redeliveries = deliveries made (the consumer sequence counts every delivery) minus the
+    samples messages stored; the server's own ``num_redelivered`` forgets acked ones.
+    """
+    nc = await nats.connect(nats_url)
+    try:
+        jsm = nc.jsm()
+        info = await jsm.consumer_info(StreamSettings().name, SAMPLES_CONSUMER)
+        stream = await jsm.stream_info(StreamSettings().name, subjects_filter="stackfleet.v1.samples.>")
+        stored = sum((stream.state.subjects or {}).values())
+        deliveries = info.delivered.consumer_seq if info.delivered else 0
+        return info.num_pending or 0, info.num_ack_pending or 0, deliveries - stored
+    finally:
+        await nc.close()
+
+
 async def wait_consumer_settled(nats_url: str, timeout_s: float) -> tuple[int, int, int]:
     """Wait until the shared samples consumer has nothing pending and nothing unacked.
 
     Acks are sent only after the export holding a message is written, so "settled" means
     every stored sample batch is in the aggregator's files. Returns (pending, ack_pending,
-    redelivered): the last is how many messages the stream had to deliver more than once.
+    redeliveries) as :func:`samples_consumer_state`.
     """
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jsm()
-        deadline = time.monotonic() + timeout_s
-        pending = ack_pending = redelivered = -1
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                info = await js.consumer_info(StreamSettings().name, SAMPLES_CONSUMER)
-                pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
-                redelivered = info.num_redelivered or 0
-                if pending == 0 and ack_pending == 0:
-                    break
-            await asyncio.sleep(0.5)
-        return pending, ack_pending, redelivered
-    finally:
-        await nc.close()
+    deadline = time.monotonic() + timeout_s
+    state = (-1, -1, 0)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            state = await samples_consumer_state(nats_url)
+            if state[:2] == (0, 0):
+                break
+        await asyncio.sleep(0.5)
+    return state
 
 
 def exported_samples(output_dir: Path, profile_type: ProfileType) -> tuple[Counter[tuple[int, int, int]], int]:

@@ -27,7 +27,13 @@ import pytest
 from agent.main import run_agent
 from agent.publisher import Publisher
 from agent.settings import AgentSettings
-from integration.durability import AggregatorProcess, exported_samples, slice_counts, wait_consumer_settled
+from integration.durability import (
+    AggregatorProcess,
+    exported_samples,
+    samples_consumer_state,
+    slice_counts,
+    wait_consumer_settled,
+)
 from integration.harness import build_c
 from shared.counters import Counters
 from shared.model import Sample
@@ -73,7 +79,7 @@ async def _run_agent_around(nats_url: str, counters: Counters, middle: Callable[
 
 
 def _check_nothing_lost(agent: Counters, submitted: set[SampleId], output_dir: Path, nats_url: str,
-                        aggregator_log: Path) -> dict[SampleId, int]:
+                        aggregator_log: Path) -> tuple[dict[SampleId, int], int]:
     """Every acknowledged sample is exported; nothing was dropped on the agent side."""
     pending, ack_pending, redelivered = asyncio.run(wait_consumer_settled(nats_url, timeout_s=90))
     assert (pending, ack_pending) == (0, 0), f"samples consumer not settled: {pending} pending, {ack_pending} unacked"
@@ -93,7 +99,7 @@ def _check_nothing_lost(agent: Counters, submitted: set[SampleId], output_dir: P
     print(f"published {published} samples; exported all of them, {duplicates} duplicated")
     assert duplicates <= 0.1 * published, (f"{duplicates} duplicated samples of {published}; aggregator log: "
                                             f"{aggregator_log.read_text()[-3000:]}")
-    return dict(seen)
+    return dict(seen), redelivered
 
 
 def _workload_slices(seen: dict[SampleId, int], pid: int, start_ns: int, end_ns: int) -> list[int]:
@@ -133,7 +139,7 @@ def test_nats_outage_of_60s_loses_nothing(tmp_path: Path, monkeypatch: pytest.Mo
 
     try:
         asyncio.run(_run_agent_around(server.url, counters, outage))
-        seen = _check_nothing_lost(counters, submitted, out, server.url, tmp_path / "aggregator.log")
+        seen, _ = _check_nothing_lost(counters, submitted, out, server.url, tmp_path / "aggregator.log")
     finally:
         aggregator.stop()
         server.stop()
@@ -148,14 +154,20 @@ def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path, monkeypat
     counters = Counters()
     window: dict[str, int] = {}
     with NatsServer() as server:
-        # Short ack_wait: the dead process's unexported messages come back quickly.
-        aggregator = AggregatorProcess(server.url, out, tmp_path / "aggregator.log", ack_wait_s=10)
+        # Short ack_wait: the dead process's unexported messages come back quickly. A 3 s export
+        # interval leaves a wide window in which it holds merged, unexported (unacked) batches.
+        aggregator = AggregatorProcess(server.url, out, tmp_path / "aggregator.log", ack_wait_s=10,
+                                       export_interval_s=3)
         aggregator.start()
 
         async def kill_and_restart() -> None:
             proc = await asyncio.create_subprocess_exec(str(exe), "25", "1")
             window["pid"], window["start"] = proc.pid, time.time_ns()
             await asyncio.sleep(8)
+            deadline = time.monotonic() + 30
+            while (await samples_consumer_state(server.url))[1] == 0:  # kill it holding unacked batches
+                assert time.monotonic() < deadline, "aggregator never held unacked messages"
+                await asyncio.sleep(0.1)
             aggregator.kill()
             await asyncio.sleep(3)  # agent keeps publishing into the stream meanwhile
             aggregator.start()
@@ -164,8 +176,9 @@ def test_aggregator_killed_and_restarted_loses_nothing(tmp_path: Path, monkeypat
 
         try:
             asyncio.run(_run_agent_around(server.url, counters, kill_and_restart))
-            seen = _check_nothing_lost(counters, submitted, out, server.url, tmp_path / "aggregator.log")
+            seen, redelivered = _check_nothing_lost(counters, submitted, out, server.url, tmp_path / "aggregator.log")
         finally:
             aggregator.stop()
+    assert redelivered > 0, "the killed aggregator held nothing unacked: redelivery was not exercised"
     counts = _workload_slices(seen, window["pid"], window["start"] + int(2e9), window["end"] - int(2e9))
     print(f"per-5s CPU samples of the workload across the aggregator kill: {counts}")
