@@ -2,24 +2,33 @@
 
 One :class:`shared.wire.StreamEncoder` per profile type keeps what the receivers already
 know, so strings, functions, locations and stacks cross the network once. Outgoing
-messages wait in a bounded queue: when NATS is slow or away the oldest are dropped and
-counted rather than growing memory. A lost dict message is repaired by the resync
-protocol (receivers ask, we re-send the full dictionary).
+messages wait in a bounded outbox (agent/outbox.py): when NATS is slow or away sampling
+goes on, and beyond the bound the oldest are dropped and counted rather than growing
+memory. One sender task publishes them strictly in order; with JetStream (the default) a
+message leaves the outbox only once the stream has acknowledged storing it, so an outage
+of NATS costs nothing up to the outbox's bound. A lost dict message is repaired by the
+resync protocol (receivers ask, we re-send the full dictionary).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections import deque
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from agent.actors.base import SampleSink
+from agent.outbox import MemoryOutbox, Outgoing
 from agent.settings import AgentSettings
+from agent.spool import DiskOutbox
 from shared.counters import Counters
+from shared.jetstream import ensure_stream
 from shared.model import Sample
 from shared.nats_connection import connect
 from shared.profile_types import ProfileType
@@ -27,6 +36,10 @@ from shared.subjects import RESYNC_SUBJECT, dict_subject, samples_subject
 from shared.wire import StreamEncoder, WireError, new_agent_id, parse_resync
 
 log = logging.getLogger("stackfleet.agent.publisher")
+
+
+RETRY_INITIAL_S = 0.2
+RETRY_MAX_S = 5.0
 
 
 class Publisher(SampleSink):
@@ -38,11 +51,15 @@ class Publisher(SampleSink):
         self.agent_id = new_agent_id()
         self.host = settings.host_name
         self._encoders: dict[ProfileType, StreamEncoder] = {}
-        self._outgoing: deque[tuple[ProfileType, str, bytes]] = deque()
+        self.outbox: MemoryOutbox = (
+            DiskOutbox(settings.spool_dir, settings.max_outgoing_messages, settings.spool_max_bytes, counters)
+            if settings.spool_dir else
+            MemoryOutbox(settings.max_outgoing_messages, settings.max_outgoing_bytes, counters))
+        self._msg_numbers = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._closing = False
 
     def encoder(self, profile_type: ProfileType) -> StreamEncoder:
         enc = self._encoders.get(profile_type)
@@ -54,24 +71,26 @@ class Publisher(SampleSink):
     async def start(self) -> None:
         self._nc = await connect(self.settings.nats, name=f"stackfleet-agent@{self.host}", counters=self.counters)
         await self._nc.subscribe(RESYNC_SUBJECT, cb=self._on_resync)
+        if self.settings.nats.jetstream:
+            self._js = self._nc.jetstream(timeout=self.settings.nats.jetstream_timeout_s)
         self._sender = asyncio.create_task(self._send_loop(), name="publisher-send")
-        log.info("publishing as agent %s for host %s to %s", self.agent_id, self.host, self.settings.nats.url)
+        if len(self.outbox):  # recovered from the spool: send it before anything new
+            self._wakeup.set()
+        log.info("publishing as agent %s for host %s to %s (%s)", self.agent_id, self.host, self.settings.nats.url,
+                 "JetStream" if self._js else "core NATS")
 
     async def submit(self, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
         enc = self.encoder(profile_type)
         dict_msg, samples_msg = enc.encode(samples, period)
         if dict_msg is not None:
-            self._enqueue(profile_type, dict_subject(profile_type, self.host), dict_msg)
+            self._enqueue(profile_type, dict_subject(profile_type, self.host), dict_msg, 0)
         if samples_msg is not None:
-            self._enqueue(profile_type, samples_subject(profile_type, self.host), samples_msg)
+            self._enqueue(profile_type, samples_subject(profile_type, self.host), samples_msg, len(samples))
             self.counters.inc("samples_encoded", len(samples), type=profile_type.value)
 
-    def _enqueue(self, profile_type: ProfileType, subject: str, payload: bytes) -> None:
-        if len(self._outgoing) >= self.settings.max_outgoing_messages:
-            dropped_type, dropped_subject, _ = self._outgoing.popleft()
-            self.counters.inc("messages_dropped", type=dropped_type.value, reason="outgoing_queue_full")
-            log.warning("outgoing queue full: dropped oldest message for %s", dropped_subject)
-        self._outgoing.append((profile_type, subject, payload))
+    def _enqueue(self, profile_type: ProfileType, subject: str, payload: bytes, n_samples: int) -> None:
+        msg_id = f"{self.agent_id}-{next(self._msg_numbers)}"
+        self.outbox.append(Outgoing(profile_type.value, subject, payload, msg_id, n_samples))
         self._wakeup.set()
 
     async def _on_resync(self, msg: Msg) -> None:
@@ -88,7 +107,7 @@ class Publisher(SampleSink):
             enc.request_full()
             full = enc.flush_dictionary()
             if full is not None:
-                self._enqueue(ptype, dict_subject(ptype, self.host), full)
+                self._enqueue(ptype, dict_subject(ptype, self.host), full, 0)
             self.counters.inc("resyncs_served", type=ptype.value)
 
     async def _send_loop(self) -> None:
@@ -98,22 +117,68 @@ class Publisher(SampleSink):
             await self._drain_outgoing()
 
     async def _drain_outgoing(self) -> None:
+        """Publish queued messages oldest first; on failure wait (backing off) and retry the same one."""
         assert self._nc is not None
-        while self._outgoing:
-            ptype, subject, payload = self._outgoing[0]
-            try:
-                await self._nc.publish(subject, payload)
-            except Exception as exc:  # nats-py raises several types when its own buffer is full/closed
+        backoff = RETRY_INITIAL_S
+        while self.outbox:
+            if not self._nc.is_connected:
                 if self._nc.is_closed:
-                    raise
-                # Leave it queued: the bounded queue, not this loop, decides what is dropped.
-                self.counters.inc("publish_errors", type=ptype.value, error=type(exc).__name__)
-                log.warning("publish to %s failed (%s); retrying", subject, exc)
-                await asyncio.sleep(1.0)
+                    raise ConnectionError("NATS connection closed")
+                await asyncio.sleep(RETRY_INITIAL_S)  # nats-py is reconnecting; the outbox holds the data
                 continue
-            self._outgoing.popleft()
-            self.counters.inc("messages_sent", type=ptype.value)
-            self.counters.inc("bytes_sent", len(payload), type=ptype.value)
+            item = self.outbox.pop()
+            try:
+                await self._publish(item)
+            except asyncio.CancelledError:
+                # Stopped mid-publish (shutdown): keep it for close(); if it did reach the
+                # stream, re-publishing it under the same Nats-Msg-Id is stored only once.
+                self.outbox.push_back(item)
+                raise
+            except (NoStreamResponseError, ServiceUnavailableError) as exc:
+                await self._stream_missing(item, exc)
+            except APIError as exc:
+                if exc.code is not None and 400 <= exc.code < 500:  # the server refuses this message
+                    self.outbox.drop(item, "rejected_by_server")
+                    log.warning("JetStream refused a message for %s: %s", item.subject, exc)
+                    continue
+                self._publish_failed(item, exc)
+            except (TimeoutError, NatsError, OSError) as exc:
+                if self._nc.is_closed:
+                    self.outbox.push_back(item)
+                    raise
+                self._publish_failed(item, exc)
+            else:
+                self.counters.inc("messages_sent", type=item.profile_type)
+                self.counters.inc("bytes_sent", len(item.payload), type=item.profile_type)
+                if item.samples:
+                    self.counters.inc("samples_published", item.samples, type=item.profile_type)
+                backoff = RETRY_INITIAL_S
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX_S)
+
+    async def _publish(self, item: Outgoing) -> None:
+        assert self._nc is not None
+        if self._js is None:
+            await self._nc.publish(item.subject, item.payload)
+            return
+        await self._js.publish(item.subject, item.payload, headers={"Nats-Msg-Id": item.msg_id})
+
+    def _publish_failed(self, item: Outgoing, exc: Exception) -> None:
+        # Back at the front: the outbox's bound, not this loop, decides what is dropped.
+        self.outbox.push_back(item)
+        self.counters.inc("publish_errors", type=item.profile_type, error=type(exc).__name__)
+        log.debug("publish to %s failed (%r); will retry", item.subject, exc)
+
+    async def _stream_missing(self, item: Outgoing, exc: Exception) -> None:
+        """No stream answered: create it if we may (idempotent), otherwise keep buffering."""
+        self._publish_failed(item, exc)
+        assert self._js is not None
+        try:
+            await ensure_stream(self._js, self.settings.nats.stream, authoritative=False)
+        except Exception as create_exc:  # JetStream off, no permission, cluster without quorum...
+            self.counters.inc("stream_create_errors", error=type(create_exc).__name__)
+            log.warning("no JetStream stream for %s and cannot create it (%r); buffering", item.subject, create_exc)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued (bounded by ``timeout_s``), then drain and close the connection."""
@@ -126,15 +191,14 @@ class Publisher(SampleSink):
             await asyncio.wait_for(self._drain_outgoing(), timeout_s)
             await asyncio.wait_for(self._nc.drain(), timeout_s)
         except (TimeoutError, Exception) as exc:
-            left = len(self._outgoing)
-            if left:
-                self.counters.inc("messages_dropped", left, type="all", reason="shutdown")
+            left = len(self.outbox)
             log.warning("closing publisher: %s (%d messages not sent)", type(exc).__name__, left)
             await self._nc.close()
+        self.outbox.shutdown()
 
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
     def stats(self) -> dict[str, Any]:
-        return {"outgoing_queue": len(self._outgoing), "agent_id": self.agent_id}
+        return {"outgoing_queue": len(self.outbox), "outgoing_bytes": self.outbox.bytes, "agent_id": self.agent_id}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -33,8 +34,15 @@ class AgentSettings(BaseSettings):
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
     max_pending_events: int = Field(default=50_000, ge=100)
     ringbuf_pages: int = Field(default=256, ge=8)
-    # Outgoing NATS messages waiting to be published; beyond this the oldest are dropped and counted.
-    max_outgoing_messages: int = Field(default=1_000, ge=10)
+    # Outgoing NATS messages waiting to be published (e.g. while NATS is unreachable); beyond
+    # either bound the oldest are dropped and counted. At ~1 message/s per profile type the
+    # defaults hold well over an hour of a CPU-only agent (docs/design/durability.md).
+    max_outgoing_messages: int = Field(default=10_000, ge=10)
+    max_outgoing_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    # Optional disk spool instead of memory for the outgoing messages (survives an agent
+    # restart); capped at spool_max_bytes of payload, oldest dropped and counted beyond.
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     max_dictionary_entries: int = Field(default=100_000, ge=100)
     # Process selection for the event-tracing actors (wall, lock, heap); none set = all user processes.
     target_pids: Annotated[list[int], NoDecode] = Field(default_factory=list)

@@ -35,6 +35,7 @@ class _Parked:
     stream: StreamKey
     epoch: int
     body: dict[str, Any]
+    token: object = None
 
 
 @dataclass
@@ -56,8 +57,12 @@ class Intake:
         request_resync: Callable[[str, ProfileType, str], Awaitable[None]],
         max_parked: int = 10_000,
         park_timeout_s: float = 5.0,
+        on_done: Callable[[object], None] | None = None,
     ) -> None:
         self.counters = counters
+        # Called with a samples message's token once the message is finished with (merged,
+        # rejected, stale or dropped): the JetStream transport acks it after the next export.
+        self.on_done = on_done
         self.deliver = deliver
         self.request_resync = request_resync
         self.max_parked = max_parked
@@ -99,15 +104,16 @@ class Intake:
         self.counters.inc("dict_messages", type=key.profile_type.value)
         await self._retry_parked(key)
 
-    async def on_samples(self, subject: str, data: bytes) -> None:
+    async def on_samples(self, subject: str, data: bytes, token: object = None) -> None:
         try:
             body = unpack(data)
             key, epoch, _seq = header(body, "samples")
             self._check_subject(subject, key)
         except WireError as exc:
             self._reject(subject, exc)
+            self._done(token)
             return
-        await self._decode_or_park(key, epoch, body, subject)
+        await self._decode_or_park(key, epoch, body, subject, token)
 
     # -- internals ------------------------------------------------------------------------
     def _check_subject(self, subject: str, key: StreamKey) -> None:
@@ -115,13 +121,19 @@ class Intake:
         if len(parts) < 5 or parts[-1] != host_token(key.host) or parts[-2] != key.profile_type.value:
             raise WireError("subject_mismatch", subject)
 
-    async def _decode_or_park(self, key: StreamKey, epoch: int, body: dict[str, Any], subject: str) -> bool:
+    def _done(self, token: object) -> None:
+        if token is not None and self.on_done is not None:
+            self.on_done(token)
+
+    async def _decode_or_park(self, key: StreamKey, epoch: int, body: dict[str, Any], subject: str,
+                              token: object = None) -> bool:
         state = self.streams.get(key)
         if state is not None and epoch < state.dictionary.epoch:
             self.counters.inc("messages_stale", kind="samples", host=key.host)
+            self._done(token)
             return True
         if state is None or epoch > state.dictionary.epoch:
-            self._park(key, epoch, body)
+            self._park(key, epoch, body, token)
             if state is None:
                 await self._resync(key, None, "unknown stream")
             return False
@@ -129,20 +141,23 @@ class Intake:
             decoded = decode_samples(body, key, state.dictionary)
         except WireError as exc:
             if exc.reason == "unknown_id":
-                self._park(key, epoch, body)
+                self._park(key, epoch, body, token)
                 return False
             self._reject(subject, exc)
+            self._done(token)
             return True
         state.last_seen = time.monotonic()
         self.counters.inc("samples_received", len(decoded.rows), type=key.profile_type.value)
         self.deliver(decoded)
+        self._done(token)
         return True
 
-    def _park(self, key: StreamKey, epoch: int, body: dict[str, Any]) -> None:
+    def _park(self, key: StreamKey, epoch: int, body: dict[str, Any], token: object = None) -> None:
         if len(self.parked) >= self.max_parked:
             old = self.parked.popleft()
             self.counters.inc("messages_dropped", reason="park_overflow", host=old.stream.host)
-        self.parked.append(_Parked(time.monotonic(), key, epoch, body))
+            self._done(old.token)
+        self.parked.append(_Parked(time.monotonic(), key, epoch, body, token))
         self.counters.inc("messages_parked", type=key.profile_type.value)
 
     async def _retry_parked(self, key: StreamKey) -> None:
@@ -167,9 +182,11 @@ class Intake:
                     keep.append(p)
                 else:
                     self._reject(f"parked:{key.host}", exc)
+                    self._done(p.token)
                 continue
             self.counters.inc("samples_received", len(decoded.rows), type=key.profile_type.value)
             self.deliver(decoded)
+            self._done(p.token)
 
     async def sweep(self) -> None:
         """Expire parked messages whose dictionary never came, and forget idle streams."""
@@ -177,6 +194,7 @@ class Intake:
         while self.parked and now - self.parked[0].arrived > self.park_timeout_s:
             p = self.parked.popleft()
             self.counters.inc("messages_dropped", reason="dictionary_missing", host=p.stream.host)
+            self._done(p.token)
             log.warning("dropped a samples message from %s/%s: its dictionary never arrived",
                         p.stream.host, p.stream.profile_type.value)
             await self._resync(p.stream, self.streams.get(p.stream), "dictionary missing")
@@ -188,6 +206,16 @@ class Intake:
         n = len(self.parked)
         for p in self.parked:
             self.counters.inc("messages_dropped", reason=reason, host=p.stream.host)
+            self._done(p.token)
+        self.parked.clear()
+        return n
+
+    def release_parked(self) -> int:
+        """Forget parked messages *without* finishing them (shutdown with JetStream): they are
+        never acked, so the stream redelivers them to the next aggregator. Counted, not dropped."""
+        n = len(self.parked)
+        if n:
+            self.counters.inc("messages_released", n, reason="shutdown_parked")
         self.parked.clear()
         return n
 

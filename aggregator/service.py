@@ -2,8 +2,10 @@
 
 Intake runs on the event loop and never waits for export: each interval's merged profiles
 are encoded and written to local files in a worker thread, and handed to the OTLP sender
-through a bounded queue (oldest dropped and counted when the collector is away for long;
-the local files still have every interval).
+(aggregator/exporters/otlp_sender.py: bounded queue, retried with backoff, oldest dropped
+and counted when the collector is away for long; the local files still have every
+interval). How messages arrive (JetStream consumers, acked after export) is in
+aggregator/transport.py.
 """
 
 from __future__ import annotations
@@ -11,72 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
-from nats.aio.msg import Msg
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
 
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
+from aggregator.exporters.otlp_sender import OtlpSender
 from aggregator.intake import Intake
 from aggregator.merge import Merger
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
+from aggregator.transport import AckLedger, start_core, start_jetstream
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.metrics_server import MetricsServer, parse_address
 from shared.nats_connection import connect
 from shared.profile_types import ProfileType
-from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS, RESYNC_SUBJECT
+from shared.subjects import RESYNC_SUBJECT
 from shared.wire import resync_request
 
 log = logging.getLogger("stackfleet.aggregator")
 
 ExportHook = Callable[[FleetProfiles, ExportProfilesServiceRequest], None]
-
-
-class OtlpSender:
-    """Delivers export requests to the OTLP endpoint from a bounded queue, in its own task."""
-
-    def __init__(self, exporter: OtlpGrpcExporter, max_queue: int, counters: Counters) -> None:
-        self.exporter = exporter
-        self.counters = counters
-        self.queue: asyncio.Queue[ExportProfilesServiceRequest] = asyncio.Queue(max_queue)
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._loop(), name="otlp-sender")
-
-    def offer(self, request: ExportProfilesServiceRequest) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.counters.inc("exports_dropped", reason="otlp_queue_full")
-            log.warning("OTLP endpoint is behind: dropped the oldest queued export (it is in the local files)")
-        self.queue.put_nowait(request)
-
-    async def _loop(self) -> None:
-        while True:
-            request = await self.queue.get()
-            started = time.monotonic()
-            ok = await self.exporter.export(request)
-            self.counters.inc("otlp_exports", result="ok" if ok else "failed")
-            if ok:
-                self.counters.inc("otlp_export_ms", int((time.monotonic() - started) * 1000))
-
-    async def close(self, timeout_s: float) -> None:
-        """Give queued exports ``timeout_s`` to go out, then stop."""
-        deadline = time.monotonic() + timeout_s
-        while not self.queue.empty() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.exporter.close()
 
 
 async def run_aggregator(
@@ -93,17 +56,15 @@ async def run_aggregator(
     async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
         await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
 
-    intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s)
-
-    async def on_dict(msg: Msg) -> None:
-        await intake.on_dict(msg.subject, msg.data)
-
-    async def on_samples(msg: Msg) -> None:
-        await intake.on_samples(msg.subject, msg.data)
-
-    await nc.subscribe(ALL_DICT_SUBJECTS, cb=on_dict)
-    await nc.subscribe(ALL_SAMPLE_SUBJECTS, queue=settings.queue_group, cb=on_samples)
-    # Agents already running hold dictionaries we have never seen: ask everyone once.
+    ledger = AckLedger(counters)
+    intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
+                    on_done=ledger.finished)
+    if settings.nats.jetstream:
+        consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set)
+    else:
+        consumers = await start_core(nc, settings, intake)
+    # Agents already running hold dictionaries we have never seen (or that aged out of the
+    # stream): ask everyone once.
     await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
     await nc.flush()
 
@@ -120,7 +81,9 @@ async def run_aggregator(
 
     async def export_once() -> None:
         fleet = merger.rotate()
+        finished = ledger.take()  # same loop step as rotate(): exactly the messages in `fleet`
         if not fleet.hosts:
+            await ledger.ack(nc, finished)  # rejected/stale/dropped ones: counted, nothing to export
             return
         request = await asyncio.to_thread(
             encode_request, fleet, settings.service_name, settings.service_version, settings.resource_attributes
@@ -136,6 +99,8 @@ async def run_aggregator(
             sender.offer(request)
         if on_export is not None:
             on_export(fleet, request)
+        # Only now is the interval safe (written locally / queued for OTLP): the stream may forget it.
+        await ledger.ack(nc, finished)
 
     async def sweeper() -> None:
         while True:
@@ -157,14 +122,23 @@ async def run_aggregator(
             await export_once()
     finally:
         sweep_task.cancel()
+        await asyncio.gather(sweep_task, return_exceptions=True)
         if metrics is not None:
             await metrics.close()
         if web is not None:
             await web.close()
-        with contextlib.suppress(Exception):
-            await nc.drain()
-        intake.drop_parked("shutdown_parked")
-        await export_once()
+        if settings.nats.jetstream:
+            await consumers.stop()
+            intake.release_parked()  # unacked: the stream redelivers them to whoever runs next
+            await export_once()  # acks what it exports, so the connection must still be up
+            with contextlib.suppress(Exception):
+                await nc.flush(timeout=5)
+            await nc.close()
+        else:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            intake.drop_parked("shutdown_parked")
+            await export_once()
         if sender is not None:
             await sender.close(timeout_s=5.0)
         log.info("aggregator stopped: %s", counters.snapshot())

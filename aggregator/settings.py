@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.config_file import file_source
@@ -68,6 +68,24 @@ class AggregatorSettings(BaseSettings):
     park_timeout_s: float = Field(default=5.0, gt=0)
     # Exports waiting for the OTLP endpoint; beyond this the oldest is dropped (and was still written locally).
     max_export_queue: int = Field(default=30, ge=1)
+    # JetStream samples consumer: a message is acked after the export holding it is written,
+    # so it must stay unacked for up to an export interval. If the aggregator dies, the
+    # stream redelivers after ack_wait (None = 3 export intervals + 30 s).
+    ack_wait_s: float | None = Field(default=None, gt=0)
+    # Messages delivered but not yet acked, across all replicas: at least one export interval's
+    # worth of sample messages of the whole fleet (about hosts x types x interval / flush interval).
+    max_ack_pending: int = Field(default=100_000, ge=100)
+
+    @model_validator(mode="after")
+    def _ack_wait_covers_export(self) -> AggregatorSettings:
+        if self.ack_wait_s is not None and self.ack_wait_s < 2 * self.export_interval_s:
+            raise ValueError("ack_wait_s must be at least twice export_interval_s, or messages being "
+                             "exported would be redelivered (duplicates)")
+        return self
+
+    @property
+    def effective_ack_wait_s(self) -> float:
+        return self.ack_wait_s if self.ack_wait_s is not None else 3 * self.export_interval_s + 30.0
 
     @classmethod
     def settings_customise_sources(

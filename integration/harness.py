@@ -110,10 +110,25 @@ async def run_pipeline(
         agent_stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(agt, 30)
-        await asyncio.sleep(0.5)
+        await _wait_delivered(run, timeout_s=20.0)
         agg_stop.set()
         await asyncio.wait_for(agg, 30)
     if agt.done() and not agt.cancelled() and agt.exception():
         raise agt.exception()  # type: ignore[misc]
     return run
 
+
+
+async def _wait_delivered(run: PipelineRun, timeout_s: float) -> None:
+    """Let the aggregator take in every sample the agent published before it is stopped.
+
+    With JetStream the agent's last batches sit in the stream until the aggregator pulls
+    them (they would survive for its next start, but the test wants them in this run).
+    """
+    await asyncio.sleep(0.5)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        published = run.agent_counters.get("samples_published")
+        if run.aggregator_counters.get("samples_received") >= published:
+            return
+        await asyncio.sleep(0.2)

@@ -13,9 +13,10 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.counters import Counters
+from shared.jetstream import StreamSettings
 
 log = logging.getLogger("stackfleet.nats")
 
@@ -35,6 +36,12 @@ class NatsSettings(BaseModel):
     connect_timeout_s: float = 5.0
     # Bytes nats-py may buffer while disconnected before publish() raises; bounded on purpose.
     pending_bytes: int = 8 * 1024 * 1024
+    # Durable transport through a JetStream stream (docs/design/durability.md). Off = plain
+    # core NATS as before (fire and forget; a restarting aggregator misses what is sent meanwhile).
+    jetstream: bool = True
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    # How long a JetStream request (publish ack, stream/consumer API) may take.
+    jetstream_timeout_s: float = Field(default=5.0, gt=0)
 
 
 def _tls_context(s: NatsSettings) -> ssl.SSLContext | None:

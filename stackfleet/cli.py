@@ -33,11 +33,11 @@ def _overrides(**values: Any) -> dict[str, Any]:
 
 
 def _nats_override(url: str | None) -> dict[str, Any]:
+    """Only the URL: a dict (not a NatsSettings) so pydantic-settings merges it with the other
+    ``nats`` options from the environment and the TOML file (auth, TLS, stream limits)."""
     if url is None:
         return {}
-    from shared.nats_connection import NatsSettings
-
-    return {"nats": NatsSettings(url=url)}
+    return {"nats": {"url": url}}
 
 
 def _run_async(main: Any, duration: float | None) -> None:
@@ -131,7 +131,9 @@ def run(
 
     server = None
     if nats is None:
-        server = NatsServer().start()
+        # JetStream's store lives with the profiles, so a re-run resumes the same stream.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        server = NatsServer(store_dir=str(output_dir / ".nats-jetstream")).start()
         nats = server.url
         console.print(f"[bold]embedded nats-server[/] at {nats} (monitoring {server.monitor_url})")
     agg_settings = AggregatorSettings(**_overrides(otlp_endpoint=otlp_endpoint, output_dir=output_dir,
@@ -170,7 +172,7 @@ def run(
     finally:
         if server:
             server.stop()
-    files = sorted(output_dir.glob("*")) if output_dir.exists() else []
+    files = sorted(f for f in output_dir.glob("*") if f.is_file()) if output_dir.exists() else []
     console.print(f"ran {time.monotonic() - started:.0f}s; {len(files)} files in {output_dir.resolve()}")
     for f in files[-6:]:
         console.print(f"  {f}")

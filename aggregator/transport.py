@@ -1,0 +1,236 @@
+"""How profile messages reach the aggregator's intake: JetStream consumers or core subscriptions.
+
+JetStream (default), see docs/design/durability.md:
+
+* **samples** come from one *shared durable pull consumer* (named after the queue group)
+  on ``stackfleet.v1.samples.>``. Every replica pulls from the same consumer, so each
+  batch goes to exactly one replica (work-queue semantics) and the consumer's position
+  survives restarts of every replica. A message is acked only after the export that
+  contains its samples has been written (:class:`AckLedger`); one that is never acked —
+  the aggregator crashed first — is redelivered after ``ack_wait``.
+* **dictionaries** come from a *per-replica* durable pull consumer on
+  ``stackfleet.v1.dict.>`` that starts at the beginning of the stream, so each replica
+  sees every retained dictionary delta (also those of agents that have since gone away,
+  whose samples may still be redelivered). Its name is unique per start and it expires
+  after ``inactive_threshold`` once its replica is gone. Before pulling samples the
+  replica catches up on dictionaries, so a backlog does not have to be parked.
+
+Core NATS (``nats.jetstream = false``): the previous plain subscriptions (queue group for
+samples), fire and forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from aggregator.intake import Intake
+from aggregator.settings import AggregatorSettings
+from shared.counters import Counters
+from shared.jetstream import ensure_stream
+from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS
+
+log = logging.getLogger("stackfleet.aggregator.transport")
+
+T = TypeVar("T")
+
+FETCH_BATCH = 256
+FETCH_TIMEOUT_S = 1.0
+DICT_CONSUMER_INACTIVE_S = 600.0
+DICT_CATCH_UP_LIMIT_S = 30.0
+STREAM_WATCH_INTERVAL_S = 30.0
+
+
+class AckLedger:
+    """JetStream messages whose samples are merged but not yet exported, acked after export.
+
+    ``take`` is called in the same event-loop step as ``Merger.rotate``, so the messages it
+    returns are exactly those whose samples are in the interval being exported.
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self._finished: list[Msg] = []
+
+    def finished(self, token: object) -> None:
+        if isinstance(token, Msg):
+            self._finished.append(token)
+
+    def take(self) -> list[Msg]:
+        done, self._finished = self._finished, []
+        return done
+
+    async def ack(self, nc: NATS, msgs: list[Msg]) -> None:
+        """Ack each message (a publish each); if NATS is away they are redelivered later (counted)."""
+        failed = 0
+        for m in msgs:
+            try:
+                await m.ack()
+            except Exception:  # closed connection, already acked...: redelivery covers it
+                failed += 1
+        if failed:
+            self.counters.inc("ack_errors", failed)
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=5)
+        self.counters.inc("messages_acked", len(msgs) - failed)
+
+
+Stopper = Callable[[], bool]
+
+
+class Consumers:
+    """The running message sources: tasks to cancel, subscriptions to close on shutdown."""
+
+    def __init__(self, tasks: list[asyncio.Task[None]], subs: list[Any], js: JetStreamContext | None = None,
+                 stream: str = "", own_consumer: str = "") -> None:
+        self.tasks = tasks
+        self.subs = subs
+        self.js = js
+        self.stream = stream
+        self.own_consumer = own_consumer
+
+    async def stop(self) -> None:
+        """Stop pulling (before the final export); messages not yet exported stay unacked."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self.js is not None and self.own_consumer:
+            # This start's dictionary consumer is of no use to anyone else; the server would
+            # also remove it after DICT_CONSUMER_INACTIVE_S.
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(self.stream, self.own_consumer)
+
+
+async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake, counters: Counters,
+                          stopping: Stopper) -> Consumers:
+    """Ensure the stream, create/bind both consumers, catch up on dictionaries, start pulling."""
+    js = nc.jetstream(timeout=settings.nats.jetstream_timeout_s)
+    await _retry("create the JetStream stream", stopping, counters,
+                 lambda: ensure_stream(js, settings.nats.stream, authoritative=True))
+    stream = settings.nats.stream.name
+    dict_name = f"{settings.queue_group}-dict-{nc._nuid.next().decode()}"
+    dict_sub = await _retry("create the dictionary consumer", stopping, counters, lambda: js.pull_subscribe(
+        ALL_DICT_SUBJECTS, durable=dict_name, stream=stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                              inactive_threshold=DICT_CONSUMER_INACTIVE_S)))
+    samples_sub = await _retry("bind the shared samples consumer", stopping, counters, lambda: js.pull_subscribe(
+        ALL_SAMPLE_SUBJECTS, durable=settings.queue_group, stream=stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                              ack_wait=settings.effective_ack_wait_s, max_ack_pending=settings.max_ack_pending)))
+
+    async def on_dict(m: Msg) -> None:
+        await intake.on_dict(m.subject, m.data)
+
+    async def on_samples(m: Msg) -> None:
+        await intake.on_samples(m.subject, m.data, m)
+
+    caught_up = await _catch_up(dict_sub, on_dict)
+    log.info("JetStream: %d dictionary message(s) replayed; consuming samples through %s/%s",
+             caught_up, stream, settings.queue_group)
+    tasks = [asyncio.create_task(_pull_forever(dict_sub, on_dict, counters, "dict"), name="pull-dict"),
+             asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples"),
+             asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters),
+                                 name="watch-stream-limits")]
+    return Consumers(tasks, [dict_sub, samples_sub], js, stream, dict_name)
+
+
+async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str, counters: Counters) -> None:
+    """Count messages the stream discarded (size/age limit) before the samples consumer acked them.
+
+    JetStream drops them silently; the evidence is the stream's first sequence moving past
+    the consumer's ack floor. The count is in stream messages (dictionaries included, so an
+    upper bound for sample batches) and every replica reports it.
+    """
+    counted_upto = 0
+    while True:
+        await asyncio.sleep(STREAM_WATCH_INTERVAL_S)
+        try:
+            first_seq = (await js.stream_info(stream)).state.first_seq
+            ack_floor = (await js.consumer_info(stream, consumer)).ack_floor
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # NATS away: the next round will see the same evidence
+            continue
+        floor = ack_floor.stream_seq if ack_floor is not None and ack_floor.stream_seq else 0
+        lost_upto = first_seq - 1
+        start = max(floor, counted_upto)
+        if lost_upto > start:
+            counters.inc("messages_dropped", lost_upto - start, reason="stream_limit")
+            log.warning("the JetStream stream discarded %d message(s) before they were consumed: all aggregators "
+                        "were behind for longer than its size/age limits", lost_upto - start)
+            counted_upto = lost_upto
+
+
+async def start_core(nc: NATS, settings: AggregatorSettings, intake: Intake) -> Consumers:
+    """Plain subscriptions: dictionaries to every replica, samples through the queue group."""
+
+    async def on_dict(msg: Msg) -> None:
+        await intake.on_dict(msg.subject, msg.data)
+
+    async def on_samples(msg: Msg) -> None:
+        await intake.on_samples(msg.subject, msg.data)
+
+    subs = [await nc.subscribe(ALL_DICT_SUBJECTS, cb=on_dict),
+            await nc.subscribe(ALL_SAMPLE_SUBJECTS, queue=settings.queue_group, cb=on_samples)]
+    return Consumers([], subs)
+
+
+async def _catch_up(sub: JetStreamContext.PullSubscription, handle: Callable[[Msg], Awaitable[None]]) -> int:
+    """Read what the consumer already has (bounded in time), so samples find their dictionaries."""
+    n = 0
+    deadline = time.monotonic() + DICT_CATCH_UP_LIMIT_S
+    while time.monotonic() < deadline:
+        try:
+            msgs = await sub.fetch(FETCH_BATCH * 4, timeout=0.5)
+        except TimeoutError:
+            break
+        for m in msgs:
+            await handle(m)
+        n += len(msgs)
+    return n
+
+
+async def _pull_forever(sub: JetStreamContext.PullSubscription, handle: Callable[[Msg], Awaitable[None]],
+                        counters: Counters, what: str) -> None:
+    """Fetch and hand over messages until cancelled; NATS outages are waited out, not fatal."""
+    while True:
+        try:
+            msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+        except TimeoutError:
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # disconnected, consumer gone during a server restart...
+            counters.inc("fetch_errors", consumer=what, error=type(exc).__name__)
+            log.debug("fetching %s failed: %r", what, exc)
+            await asyncio.sleep(FETCH_TIMEOUT_S)
+            continue
+        for m in msgs:
+            await handle(m)
+
+
+async def _retry(what: str, stopping: Stopper, counters: Counters, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry a JetStream setup step until it works (NATS/JetStream may come up after us)."""
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if stopping():
+                raise
+            counters.inc("jetstream_setup_errors", step=what, error=type(exc).__name__)
+            log.warning("could not %s (%r); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
