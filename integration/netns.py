@@ -29,7 +29,7 @@ def _ip(*args: str) -> None:
 
 
 @dataclass
-class TestBed:
+class NetnsTestBed:
     """``n_hosts`` namespaces ``<prefix>-hN`` at 10.<net>.0.(10+N) on bridge ``<prefix>br``."""
 
     n_hosts: int = 3
@@ -49,7 +49,7 @@ class TestBed:
     def address(self, host: str) -> str:
         return f"10.{self.net}.0.{10 + self.hosts.index(host)}"
 
-    def create(self) -> TestBed:
+    def create(self) -> NetnsTestBed:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -75,10 +75,15 @@ class TestBed:
         self.hosts.clear()
 
     def popen(self, host: str, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        """Start a process inside ``host``'s network namespace."""
-        return subprocess.Popen(["ip", "netns", "exec", host, *argv], **kwargs)  # type: ignore[call-overload,no-any-return]
+        """Start a process inside ``host``'s network namespace (only that namespace changes).
 
-    def __enter__(self) -> TestBed:
+        Not ``ip netns exec``: it also remounts /sys for the namespace, which hides tracefs
+        and debugfs from the agent.
+        """
+        return subprocess.Popen(["nsenter", f"--net=/var/run/netns/{host}", "--", *argv],  # type: ignore[call-overload]
+                                **kwargs)
+
+    def __enter__(self) -> NetnsTestBed:
         return self.create()
 
     def __exit__(self, *exc: object) -> None:
