@@ -85,6 +85,16 @@ def expand_local_includes(text: str, seen: set[str] | None = None) -> str:
 BCC_LOCK = threading.Lock()
 
 
+def cleanup_program(bpf: Any) -> None:
+    """Detach and close a program, under ``BCC_LOCK``. Blocking.
+
+    Two actors stopping together used to destroy their bcc modules in parallel threads (or
+    one while another compiled), which crashed the process inside bcc's module teardown.
+    """
+    with BCC_LOCK:
+        bpf.cleanup()
+
+
 def load_program(name: str, defines: dict[str, int | str]) -> Any:
     """Compile ``bpf/<name>`` with ``-D`` defines; raises BpfUnavailable on failure. Blocking.
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from agent.bpf_events import RawStackEvent, parse_stack_event
-from agent.bpf_loader import BCC_LOCK, load_program, read_percpu_counters
+from agent.bpf_loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.clock import MonotonicToUnix
 from agent.memory import release_compiler_memory
 from agent.python import PythonProcesses, PythonStacks
@@ -193,7 +193,7 @@ class RingBufferActor(ProfileActor):
             # The compile thread cannot be interrupted: let it finish, then undo what it attached.
             await asyncio.gather(load, return_exceptions=True)
             if self.bpf is not None:
-                await asyncio.to_thread(self.bpf.cleanup)
+                await asyncio.to_thread(cleanup_program, self.bpf)
             raise
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
         self.ctx.counters.inc("actor_started", type=name)
@@ -218,7 +218,7 @@ class RingBufferActor(ProfileActor):
                 await asyncio.shield(self._flush(loop))
             finally:
                 bpf, self.bpf = self.bpf, None
-                await asyncio.shield(asyncio.to_thread(bpf.cleanup))
+                await asyncio.shield(asyncio.to_thread(cleanup_program, bpf))
                 log.info("%s actor: BPF detached", name)
 
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
