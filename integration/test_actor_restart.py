@@ -25,6 +25,13 @@ def test_killed_cpu_actor_restarts_and_lock_is_unaffected(tmp_path: Path) -> Non
         await asyncio.sleep(1.0)  # within the 1 s restart backoff: CPU is down, lock keeps going
         lock_during_outage.append(run.agent_counters.get("samples_collected", type="lock") - before)
         await proc.communicate()
+        # The restarted CPU actor recompiles its BPF program (seconds, more on a busy host):
+        # wait for it rather than for a fixed time, then let its samples reach an export.
+        deadline = asyncio.get_running_loop().time() + 180
+        while run.agent_counters.get("actor_started", type="cpu") < 2:
+            assert asyncio.get_running_loop().time() < deadline, "CPU actor did not come back in 180 s"
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)
 
     with NatsServer() as nats:
         run = asyncio.run(run_pipeline(nats.url, [ProfileType.CPU, ProfileType.LOCK], workload,
