@@ -214,8 +214,8 @@ class Intake:
         """Forget parked messages *without* finishing them (shutdown with JetStream): they are
         never acked, so the stream redelivers them to the next aggregator. Counted, not dropped."""
         n = len(self.parked)
-        if n:
-            self.counters.inc("messages_released", n, reason="shutdown_parked")
+        for p in self.parked:
+            self.counters.inc("messages_released", reason="shutdown_parked", host=p.stream.host)
         self.parked.clear()
         return n
 

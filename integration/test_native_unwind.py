@@ -70,11 +70,25 @@ def _user_names(frames: tuple[Frame, ...]) -> list[str]:
     return [f.function for f in frames if f.frame_type != FrameType.KERNEL]
 
 
+# Unwind tables are built when the agent first sees a binary in a sample (docs/design/
+# native-unwinding.md): a process's first moments unwind with frame pointers only. The
+# claims below are about the steady state, so samples in each process's first second are
+# not counted.
+WARMUP_NS = 1_000_000_000
+
+
+def _steady(p: Profiled, pid: int) -> int:
+    """Start of the steady state: the pid's earliest sample + 1 s."""
+    first = min((t for s in p.run.samples(ProfileType.CPU, pid) for t in s.timestamps_ns), default=0)
+    return first + WARMUP_NS
+
+
 def _share(p: Profiled, pid: int, counts: Callable[[list[str]], bool]) -> tuple[int, int]:
-    """(samples for which ``counts`` holds, all samples) of one process."""
+    """(steady-state samples for which ``counts`` holds, all steady-state samples) of one process."""
     hit = total = 0
+    since = _steady(p, pid)
     for s in p.run.samples(ProfileType.CPU, pid):
-        n = len(s.timestamps_ns)
+        n = sum(1 for t in s.timestamps_ns if t >= since)
         total += n
         if counts(_user_names(s.frames)):
             hit += n
@@ -100,11 +114,12 @@ def test_frame_pointers_alone_do_not_reach_main(frame_pointers_only: Profiled) -
 def _beyond_libc(p: Profiled) -> tuple[int, int]:
     """Samples in compare_slow whose stack continues past libc's qsort to sort_rounds and main."""
     hit = total = 0
+    since = _steady(p, p.qsort_pid)
     for s in p.run.samples(ProfileType.CPU, p.qsort_pid):
         user = [f for f in s.frames if f.frame_type != FrameType.KERNEL]
         if not user or user[0].function != "compare_slow":
             continue
-        n = len(s.timestamps_ns)
+        n = sum(1 for t in s.timestamps_ns if t >= since)
         total += n
         libc = [i for i, f in enumerate(user) if f.mapping is not None and "libc.so" in f.mapping.filename]
         if libc:

@@ -94,11 +94,15 @@ def _check_nothing_lost(agent: Counters, submitted: set[SampleId], output_dir: P
                                     f"agent published {published} (duplicates: {duplicates})")
     missing, extra = submitted - seen.keys(), seen.keys() - submitted
     assert not missing and not extra, f"{len(missing)} published samples missing, {len(extra)} unknown exported"
-    # Redelivery is at-least-once: only a crash between writing an export and its acks
-    # duplicates (one 1 s interval at most), so duplicates must stay a small fraction.
+    # Redelivery is at-least-once: a sample can only be exported twice if its message was
+    # redelivered (a crash between writing an export and its acks). So duplicates are bounded
+    # by what the redelivered messages carried (messages hold ~published/sent samples each;
+    # x3 for uneven batches) and are zero without redelivery.
     print(f"published {published} samples; exported all of them, {duplicates} duplicated")
-    assert duplicates <= 0.1 * published, (f"{duplicates} duplicated samples of {published}; aggregator log: "
-                                            f"{aggregator_log.read_text()[-3000:]}")
+    per_message = published / max(1, agent.get("messages_sent", type="cpu"))
+    assert duplicates <= redelivered * 3 * per_message, (
+        f"{duplicates} duplicated samples of {published} with {redelivered} redelivered messages of "
+        f"~{per_message:.0f} samples; aggregator log: {aggregator_log.read_text()[-3000:]}")
     return dict(seen), redelivered
 
 
