@@ -36,6 +36,9 @@ FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 # process but backed by no file: it is read from the process's memory, and is the same image
 # for every process of one size (64-bit or compat), so its key is its size.
 VDSO = "[vdso]"
+YOUNG_PROCESS_S = 10.0
+YOUNG_MAPS_TTL_S = 0.25
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_VDSO_BYTES = 64 * 1024
 IDENTITY_CHECK_S = 1.0
 
@@ -248,6 +251,17 @@ class Symbolizer:
         self._processes.put(pid, process)
         return process
 
+    def _maps_ttl(self, process: _Process) -> float:
+        """How soon an address outside the known maps may trigger a re-read.
+
+        A process in its first seconds is still mapping libraries (its maps may have been read
+        by ld.so's first instructions): re-read it within YOUNG_MAPS_TTL_S. Older processes
+        wait ``maps_ttl_s``, so stray addresses (stack-scan guesses) cannot make us re-read
+        maps on every sample.
+        """
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - process.identity[1] / _CLOCK_TICKS
+        return YOUNG_MAPS_TTL_S if age < YOUNG_PROCESS_S else self.maps_ttl_s
+
     def _region(self, pid: int, entry: MapEntry) -> _Region:
         file_key = None
         if entry.path == VDSO:
@@ -275,7 +289,7 @@ class Symbolizer:
     # -- frames ----------------------------------------------------------------------------
     def _frame(self, pid: int, process: _Process, address: int, depth: int) -> tuple[Frame, ...] | None:
         region = self._find_region(process, address)
-        if region is None and time.monotonic() - process.refreshed > self.maps_ttl_s:
+        if region is None and time.monotonic() - process.refreshed > self._maps_ttl(process):
             # A library loaded after we read the maps (dlopen) or the process exec'd.
             refreshed = self._process(pid, force=True)
             if refreshed is not None:
