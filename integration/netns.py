@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stackfleet.nats_server import find_nats_server
+from stackfleet.nats_server import find_nats_server, free_port
 
 
 def _ip(*args: str) -> None:
@@ -90,12 +89,6 @@ class NetnsTestBed:
         self.destroy()
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class NatsNode:
     name: str
@@ -129,8 +122,8 @@ class NatsCluster:
         for i in range(self.size):
             store = os.path.join(self.work_dir, f"n{i}")
             Path(store).mkdir(parents=True, exist_ok=True)
-            self.nodes.append(NatsNode(f"n{i}", self.address, _free_port(self.address),
-                                       _free_port(self.address), _free_port(self.address), store))
+            self.nodes.append(NatsNode(f"n{i}", self.address, free_port(self.address),
+                                       free_port(self.address), free_port(self.address), store))
         for node in self.nodes:
             self.start_node(node)
         self.wait_ready(timeout_s)

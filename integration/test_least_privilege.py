@@ -15,7 +15,6 @@ import contextlib
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from shared.counters import Counters
 from shared.model import FrameType
 from shared.nats_connection import NatsSettings
 from shared.profile_types import ProfileType
-from stackfleet.nats_server import NatsServer
+from stackfleet.nats_server import NatsServer, free_port
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "stackfleet-agent.service"
 TYPES = ["cpu", "wall", "lock", "goroutine"]
@@ -46,12 +45,6 @@ def unit_capabilities() -> list[str]:
     match = re.search(r"^CapabilityBoundingSet=(.+)$", text, re.MULTILINE)
     assert match, "agent unit has no CapabilityBoundingSet"
     return [c.removeprefix("CAP_").lower() for c in match.group(1).split()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _metrics(port: int) -> str:
@@ -98,7 +91,7 @@ def test_agent_with_documented_capabilities_only(tmp_path: Path) -> None:
     assert set(caps) <= set(CAP_NUMBERS), f"unit lists capabilities this test does not know: {caps}"
     exe = build_c("cpu_chain.c", tmp_path)
     fleets: list[FleetProfiles] = []
-    metrics_port = _free_port()
+    metrics_port = free_port()
 
     async def scenario(nats_url: str) -> tuple[int, int, float]:
         stop, counters = asyncio.Event(), Counters()

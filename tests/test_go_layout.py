@@ -22,19 +22,6 @@ from agent.go_layout import G_LAYOUTS, go_minor, layout_from_dwarf
 from agent.go_runtime import GoRuntimeInfo, go_runtime_info
 from agent.symbols.gopclntab import GoSymbolTable
 
-GOROUTINES = Path(__file__).resolve().parents[1] / "integration" / "workloads" / "goroutines"
-
-
-@pytest.fixture(scope="module")
-def binaries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("go_layout")
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "cache"), "GOFLAGS": ""}
-    plain, stripped = out / "plain", out / "stripped"
-    subprocess.run(["go", "build", "-o", str(plain), "main.go"], cwd=GOROUTINES, env=env, check=True)
-    subprocess.run(["go", "build", "-ldflags=-s -w", "-o", str(stripped), "main.go"], cwd=GOROUTINES, env=env,
-                   check=True)
-    return plain, stripped
-
 
 def info(path: Path) -> GoRuntimeInfo:
     st = os.stat(path)

@@ -11,19 +11,6 @@ import pytest
 
 from agent.symbols.gopclntab import GoSymbolTable
 
-GOROUTINES = Path(__file__).resolve().parents[1] / "integration" / "workloads" / "goroutines"
-
-
-@pytest.fixture(scope="module")
-def binaries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("go")
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "cache"), "GOFLAGS": ""}
-    plain, stripped = out / "plain", out / "stripped"
-    subprocess.run(["go", "build", "-o", str(plain), "main.go"], cwd=GOROUTINES, env=env, check=True)
-    subprocess.run(["go", "build", "-ldflags=-s -w", "-o", str(stripped), "main.go"], cwd=GOROUTINES, env=env,
-                   check=True)
-    return plain, stripped
-
 
 def objdump(binary: Path, symbol: str) -> list[tuple[int, str, int]]:
     """(pc, file basename, line) of every instruction of ``symbol``, per `go tool objdump`."""

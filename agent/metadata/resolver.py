@@ -18,15 +18,14 @@ from agent.metadata.cgroup import parse_cgroup_file
 from agent.metadata.kubelet import KubeletPods, PodInfo
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings
+from agent.symbols.procmaps import YOUNG_PROCESS_S, age_s, start_time
 from shared.counters import Counters
 
 log = logging.getLogger("stackfleet.metadata")
 
-# A process younger than this may still exec (fork, then exec is how most start): its entry is
-# re-checked after YOUNG_TTL_S instead of the configured TTL.
-YOUNG_PROCESS_S = 10.0
+# A process younger than YOUNG_PROCESS_S may still exec: its entry is re-checked after
+# YOUNG_TTL_S instead of the configured TTL.
 YOUNG_TTL_S = 1.0
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # environ can be large (and is attacker-controlled in size); services are named in the first part.
 MAX_ENVIRON_BYTES = 256 * 1024
@@ -45,16 +44,11 @@ def read_environ(pid: int, proc: str = "/proc") -> dict[str, str]:
 
 
 def process_age_s(pid: int, proc: str = "/proc") -> float:
-    """Seconds since the process started (stat field 22 against /proc/uptime); inf if unknown."""
+    """Seconds since the process started; inf if unknown (gone, or no stat in ``proc``)."""
     try:
-        with open(f"{proc}/{pid}/stat") as f:
-            stat = f.read()
-        with open(f"{proc}/uptime") as f:
-            uptime = float(f.read().split()[0])
-        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        return age_s(start_time(pid, proc))
     except (OSError, ValueError, IndexError):
         return float("inf")
-    return uptime - start_ticks / _CLOCK_TICKS
 
 
 class MetadataResolver:
@@ -143,7 +137,7 @@ class MetadataResolver:
         for pid, name in named.items():
             young = process_age_s(pid, self.proc) < YOUNG_PROCESS_S
             expires = now + (YOUNG_TTL_S if young else self.settings.cache_ttl_s)
-            resolved, comm = self.resolve_with_comm(pid)
+            resolved, comm = self.resolve(pid)
             with self._lock:
                 if resolved is None:
                     old = self._cache.get(pid)
@@ -155,11 +149,7 @@ class MetadataResolver:
                     evicted, _ = self._cache.popitem(last=False)
                     self._netns.pop(evicted, None)
 
-    def resolve(self, pid: int) -> dict[str, str] | None:
-        """Blocking: the attributes of one process; None when it cannot be read (gone)."""
-        return self.resolve_with_comm(pid)[0]
-
-    def resolve_with_comm(self, pid: int) -> tuple[dict[str, str] | None, str]:
+    def resolve(self, pid: int) -> tuple[dict[str, str] | None, str]:
         """Blocking: (attributes or None when unreadable, the process's comm)."""
         try:
             with open(f"{self.proc}/{pid}/cgroup") as f:

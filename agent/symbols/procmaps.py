@@ -6,6 +6,8 @@ caches keyed by identity never attribute one process's addresses to another's ma
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 
@@ -52,13 +54,24 @@ def read_maps(pid: int) -> list[MapEntry]:
         return [e for e in parse_maps(f.read()) if e.executable]
 
 
-def start_time(pid: int) -> int:
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Processes younger than this may still exec or map libraries (fork, exec and ld.so come
+# first): caches about them are re-checked sooner.
+YOUNG_PROCESS_S = 10.0
+
+
+def start_time(pid: int, proc: str = "/proc") -> int:
     """Process start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
+    with open(f"{proc}/{pid}/stat", "rb") as f:
         data = f.read()
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2 :].split()
     return int(rest[19])
+
+
+def age_s(start_ticks: int) -> float:
+    """Seconds since a process with this start time (from :func:`start_time`) started."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / _CLOCK_TICKS
 
 
 def read_comm(pid: int) -> str:

@@ -26,7 +26,7 @@ from typing import IO, cast
 
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.kallsyms import KernelSymbols
-from agent.symbols.procmaps import MapEntry, read_comm, read_maps, start_time
+from agent.symbols.procmaps import YOUNG_PROCESS_S, MapEntry, age_s, read_comm, read_maps, start_time
 from shared.model import KERNEL_MAPPING, Frame, FrameType, Mapping
 
 log = logging.getLogger("stackfleet.symbols")
@@ -36,9 +36,7 @@ FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 # process but backed by no file: it is read from the process's memory, and is the same image
 # for every process of one size (64-bit or compat), so its key is its size.
 VDSO = "[vdso]"
-YOUNG_PROCESS_S = 10.0
 YOUNG_MAPS_TTL_S = 0.25
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_VDSO_BYTES = 64 * 1024
 IDENTITY_CHECK_S = 1.0
 
@@ -259,8 +257,7 @@ class Symbolizer:
         wait ``maps_ttl_s``, so stray addresses (stack-scan guesses) cannot make us re-read
         maps on every sample.
         """
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - process.identity[1] / _CLOCK_TICKS
-        return YOUNG_MAPS_TTL_S if age < YOUNG_PROCESS_S else self.maps_ttl_s
+        return YOUNG_MAPS_TTL_S if age_s(process.identity[1]) < YOUNG_PROCESS_S else self.maps_ttl_s
 
     def _region(self, pid: int, entry: MapEntry) -> _Region:
         file_key = None
