@@ -13,8 +13,10 @@ from stackfleet.nats_server import NatsServer
 
 def test_killed_cpu_actor_restarts_and_lock_is_unaffected(tmp_path: Path) -> None:
     exe = build_c("lock_contention.c", tmp_path)
+    busy = build_c("cpu_chain.c", tmp_path)
     box: dict[str, Any] = {}
     lock_during_outage: list[int] = []
+    busy_pid: list[int] = []
 
     async def workload(run: PipelineRun) -> None:
         sup = box["supervisor"]
@@ -26,12 +28,14 @@ def test_killed_cpu_actor_restarts_and_lock_is_unaffected(tmp_path: Path) -> Non
         lock_during_outage.append(run.agent_counters.get("samples_collected", type="lock") - before)
         await proc.communicate()
         # The restarted CPU actor recompiles its BPF program (seconds, more on a busy host):
-        # wait for it rather than for a fixed time, then let its samples reach an export.
+        # wait for it rather than for a fixed time, then give it known work to profile.
         deadline = asyncio.get_running_loop().time() + 180
         while run.agent_counters.get("actor_started", type="cpu") < 2:
             assert asyncio.get_running_loop().time() < deadline, "CPU actor did not come back in 180 s"
             await asyncio.sleep(0.5)
-        await asyncio.sleep(3.0)
+        after = await asyncio.create_subprocess_exec(str(busy), "2", "1", stdout=asyncio.subprocess.PIPE)
+        busy_pid.append(after.pid)
+        await after.communicate()
 
     with NatsServer() as nats:
         run = asyncio.run(run_pipeline(nats.url, [ProfileType.CPU, ProfileType.LOCK], workload,
@@ -41,5 +45,7 @@ def test_killed_cpu_actor_restarts_and_lock_is_unaffected(tmp_path: Path) -> Non
     assert c.get("actor_restarts", type="cpu") == 1 and c.get("actor_restarts", type="lock") == 0
     assert c.get("actor_started", type="cpu") == 2 and c.get("actor_started", type="lock") == 1
     assert lock_during_outage[0] > 0, "lock actor stopped while the CPU actor was down"
-    last = run.fleets[-1]
-    assert any(t == ProfileType.CPU for _, t in last.hosts), "CPU profile did not come back"
+    # The restarted actor profiles work started after it came back (2 s of one busy thread).
+    hot = sum(len(s.timestamps_ns) for s in run.samples(ProfileType.CPU, busy_pid[0])
+              if any(f.function == "hot_leaf" for f in s.frames))
+    assert hot >= 50, f"restarted CPU actor saw {hot} samples of a 2 s busy loop (~198 expected)"
