@@ -33,6 +33,7 @@ from shared.model import Sample
 from shared.nats_connection import connect
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT, dict_subject, samples_subject
+from shared.tasks import cancel_and_wait
 from shared.wire import StreamEncoder, WireError, new_agent_id, parse_resync
 
 log = logging.getLogger("stackfleet.agent.publisher")
@@ -183,8 +184,7 @@ class Publisher(SampleSink):
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued (bounded by ``timeout_s``), then drain and close the connection."""
         if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
+            await cancel_and_wait(self._sender)
         if self._nc is None:
             return
         try:

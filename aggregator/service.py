@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
+from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.otlp_sender import OtlpSender
@@ -35,6 +36,7 @@ from shared.metrics_server import MetricsServer, parse_address
 from shared.nats_connection import connect
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT
+from shared.tasks import cancel_and_wait
 from shared.wire import resync_request
 
 log = logging.getLogger("stackfleet.aggregator")
@@ -59,8 +61,16 @@ async def run_aggregator(
     ledger = AckLedger(counters)
     intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
                     on_done=ledger.finished)
+    writer = None
+    if settings.output_dir:
+        writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files,
+                                 max_age_s=settings.retention_max_age_s, max_bytes=settings.retention_max_bytes)
+        if writer.recover() is not None:
+            counters.inc("exports_rolled_back")
+    exported = ExportedMessages()
     if settings.nats.jetstream:
-        consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set)
+        consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set, exported,
+                                          writer.markers() if writer is not None else [])
     else:
         consumers = await start_core(nc, settings, intake)
     # Agents already running hold dictionaries we have never seen (or that aged out of the
@@ -68,10 +78,6 @@ async def run_aggregator(
     await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
     await nc.flush()
 
-    writer = None
-    if settings.output_dir:
-        writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files,
-                                 max_age_s=settings.retention_max_age_s, max_bytes=settings.retention_max_bytes)
     sender = None
     if settings.otlp_endpoint:
         sender = OtlpSender(OtlpGrpcExporter(endpoint=settings.otlp_endpoint), settings.max_export_queue, counters)
@@ -89,9 +95,13 @@ async def run_aggregator(
             encode_request, fleet, settings.service_name, settings.service_version, settings.resource_attributes
         )
         counters.inc("exports")
+        marker = None
+        if settings.nats.jetstream:  # what this export holds, so a redelivery is not exported twice
+            marker = marker_for(finished) or ExportMarker(settings.nats.stream.name, (), 0, 0)
+            exported.remember(marker)
         if writer is not None:
             try:
-                await asyncio.to_thread(writer.write, fleet, request)
+                await asyncio.to_thread(writer.write, fleet, request, marker)
             except OSError as exc:
                 counters.inc("local_write_errors")
                 log.error("writing local profiles failed: %s", exc)
@@ -121,8 +131,7 @@ async def run_aggregator(
                 await asyncio.wait_for(stop.wait(), settings.export_interval_s)
             await export_once()
     finally:
-        sweep_task.cancel()
-        await asyncio.gather(sweep_task, return_exceptions=True)
+        await cancel_and_wait(sweep_task)
         if metrics is not None:
             await metrics.close()
         if web is not None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
@@ -33,11 +33,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from aggregator.exported_messages import ExportedMessages, ExportMarker
 from aggregator.intake import Intake
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
 from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("stackfleet.aggregator.transport")
 
@@ -100,9 +102,7 @@ class Consumers:
 
     async def stop(self) -> None:
         """Stop pulling (before the final export); messages not yet exported stay unacked."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
         for sub in self.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -114,8 +114,15 @@ class Consumers:
 
 
 async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake, counters: Counters,
-                          stopping: Stopper) -> Consumers:
-    """Ensure the stream, create/bind both consumers, catch up on dictionaries, start pulling."""
+                          stopping: Stopper, exported: ExportedMessages | None = None,
+                          markers_on_disk: Iterable[ExportMarker] = ()) -> Consumers:
+    """Ensure the stream, create/bind both consumers, catch up on dictionaries, start pulling.
+
+    ``exported`` records the messages already in an export (those on disk from before a
+    restart are loaded here, above the consumer's ack floor): a redelivered one is acked
+    and skipped instead of merged a second time.
+    """
+    exported = exported if exported is not None else ExportedMessages()
     js = nc.jetstream(timeout=settings.nats.jetstream_timeout_s)
     await _retry("create the JetStream stream", stopping, counters,
                  lambda: ensure_stream(js, settings.nats.stream, authoritative=True))
@@ -133,7 +140,19 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
     async def on_dict(m: Msg) -> None:
         await intake.on_dict(m.subject, m.data)
 
+    floor = await _ack_floor(js, stream, settings.queue_group)
+    loaded = exported.load(markers_on_disk, floor or 0)
+    if loaded:
+        log.info("JetStream: %d export(s) on disk hold messages above the ack floor %s", loaded, floor)
+
     async def on_samples(m: Msg) -> None:
+        if exported.already_exported(m):
+            counters.inc("messages_already_exported")
+            try:
+                await m.ack()
+            except Exception:  # redelivered again later, and skipped again
+                counters.inc("ack_errors")
+            return
         await intake.on_samples(m.subject, m.data, m)
 
     caught_up = await _catch_up(dict_sub, on_dict)
@@ -141,17 +160,30 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
              caught_up, stream, settings.queue_group)
     tasks = [asyncio.create_task(_pull_forever(dict_sub, on_dict, counters, "dict"), name="pull-dict"),
              asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples"),
-             asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters),
+             asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters, exported),
                                  name="watch-stream-limits")]
     return Consumers(tasks, [dict_sub, samples_sub], js, stream, dict_name)
 
 
-async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str, counters: Counters) -> None:
+async def _ack_floor(js: JetStreamContext, stream: str, consumer: str) -> int | None:
+    """The samples consumer's ack floor (every message at or below it is acked); None if unknown."""
+    try:
+        floor = (await js.consumer_info(stream, consumer)).ack_floor
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # NATS away: keep every marker for now
+        return None
+    return floor.stream_seq if floor is not None and floor.stream_seq else 0
+
+
+async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str, counters: Counters,
+                               exported: ExportedMessages | None = None) -> None:
     """Count messages the stream discarded (size/age limit) before the samples consumer acked them.
 
     JetStream drops them silently; the evidence is the stream's first sequence moving past
     the consumer's ack floor. The count is in stream messages (dictionaries included, so an
-    upper bound for sample batches) and every replica reports it.
+    upper bound for sample batches) and every replica reports it. The same ack floor tells
+    which export markers can no longer matter.
     """
     counted_upto = 0
     while True:
@@ -164,6 +196,8 @@ async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str,
         except Exception:  # NATS away: the next round will see the same evidence
             continue
         floor = ack_floor.stream_seq if ack_floor is not None and ack_floor.stream_seq else 0
+        if exported is not None:
+            exported.forget_acked(floor)
         lost_upto = first_seq - 1
         start = max(floor, counted_upto)
         if lost_upto > start:

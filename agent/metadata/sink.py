@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
@@ -12,6 +11,7 @@ from agent.metadata.resolver import MetadataResolver
 from shared.counters import Counters
 from shared.model import Sample
 from shared.profile_types import ProfileType
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("stackfleet.metadata")
 
@@ -42,10 +42,7 @@ class MetadataSink(SampleSink):
         self._tasks.append(asyncio.create_task(self._scan_loop(), name="metadata-scan"))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
 
     async def _scan_loop(self) -> None:
         """New processes are resolved within a scan interval of starting, while they live."""

@@ -3,7 +3,11 @@
 Per export: ``<stamp>.otlp.pb`` (the binary ExportProfilesServiceRequest, exactly what the
 collector got) and ``<stamp>.<type>.pb.gz`` per profile type (gzipped pprof, merged across
 hosts). ``latest.<type>.pb.gz`` always points at the newest. Writes are atomic (temp file
-+ rename) so readers never see half a file. Retention bounds the directory three ways —
++ rename) so readers never see half a file. Under JetStream, ``<stamp>.exported.json`` (the
+stream messages the export holds, :mod:`aggregator.exported_messages`) is written last: it is
+the export's commit point. An export without it, newest in a directory that has markers, was
+interrupted before its messages were acked; :meth:`LocalFileWriter.recover` removes it at
+start, since its messages come back by redelivery. Retention bounds the directory three ways —
 at most ``keep`` exports, none older than ``max_age_s``, at most ``max_bytes`` in total —
 so a long run cannot fill the disk, while the web page (:mod:`aggregator.web`) can still show
 the last hours after a restart. The newest export is always kept.
@@ -21,10 +25,13 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
+from aggregator.exported_messages import ExportMarker, read_markers
 from aggregator.exporters.pprof import write_pprof
 from aggregator.profile import FleetProfiles
 
 log = logging.getLogger("stackfleet.aggregator.files")
+
+MARKER_SUFFIX = ".exported.json"
 
 
 class LocalFileWriter:
@@ -38,8 +45,36 @@ class LocalFileWriter:
         self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def write(self, fleet: FleetProfiles, request: ExportProfilesServiceRequest) -> list[Path]:
-        """Write one export; returns the files written. Blocking: call from a worker thread."""
+    def recover(self) -> str | None:
+        """Undo what a killed predecessor left half done; returns the export removed, if any.
+
+        Temporary files are deleted. The newest export is removed if it has no marker while
+        an older one has (the directory is written under JetStream and that export's
+        messages were not acked: they will be redelivered and exported again).
+        """
+        for tmp in self.directory.glob("*.tmp"):  # pathlib's glob includes the hidden .latest.* ones
+            tmp.unlink(missing_ok=True)
+        stamps = sorted({p.name.split(".", 1)[0] for p in self.directory.glob("*.otlp.pb")})
+        marked = {p.name.split(".", 1)[0] for p in self.directory.glob(f"*{MARKER_SUFFIX}")}
+        if not stamps or stamps[-1] in marked or not marked:
+            return None
+        newest = stamps[-1]
+        for f in self.directory.glob(f"{newest}.*"):
+            f.unlink(missing_ok=True)
+        for link in self.directory.glob("latest.*.pb.gz"):
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+        log.warning("removed export %s: its writer was stopped before committing it; its messages are "
+                    "redelivered and exported again", newest)
+        return newest
+
+    def markers(self) -> list[ExportMarker]:
+        """The markers of the exports on disk, oldest first."""
+        return read_markers(self.directory.glob(f"*{MARKER_SUFFIX}"))
+
+    def write(self, fleet: FleetProfiles, request: ExportProfilesServiceRequest,
+              marker: ExportMarker | None = None) -> list[Path]:
+        """Write one export, its marker last; returns the files written. Blocking: call from a worker thread."""
         stamp = export_stamp(fleet.end_ns)
         written = [self._atomic(self.directory / f"{stamp}.otlp.pb", request.SerializeToString())]
         for ptype in sorted({t for _, t in fleet.hosts}):
@@ -53,6 +88,8 @@ class LocalFileWriter:
             tmp_link.unlink(missing_ok=True)
             tmp_link.symlink_to(target.name)
             os.replace(tmp_link, latest)
+        if marker is not None:
+            written.append(self._atomic(self.directory / f"{stamp}{MARKER_SUFFIX}", marker.to_json()))
         self._enforce_retention()
         return written
 

@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from shared.counters import Counters
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("stackfleet.aggregator.otlp_sender")
 
@@ -95,8 +96,7 @@ class OtlpSender:
         while self.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await cancel_and_wait(self.task)
         if self.pending:
             self.counters.inc("exports_dropped", len(self.pending), reason="shutdown")
             log.warning("%d export(s) not delivered to OTLP before shutdown (they are in the local files)",

@@ -1,0 +1,157 @@
+"""A redelivered samples message is not exported twice (aggregator/exported_messages.py).
+
+Unit level: markers from JetStream ack subjects, the redelivery check and its guards, and
+the files writer's recovery of an export interrupted before its commit marker. With a real
+nats-server: acks that never reach the server (lost while NATS is away, or the aggregator
+stopped before sending them) make the stream redeliver; the redeliveries are recognised —
+in memory, and after a restart from the markers on disk — and every sample is in the
+exported files exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+
+from agent.publisher import Publisher
+from agent.settings import AgentSettings
+from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
+from aggregator.exporters.files import MARKER_SUFFIX, LocalFileWriter
+from aggregator.service import run_aggregator
+from aggregator.settings import AggregatorSettings
+from aggregator.transport import AckLedger
+from integration.durability import exported_samples, wait_consumer_settled
+from shared.counters import Counters
+from shared.nats_connection import NatsSettings
+from shared.profile_types import ProfileType
+from stackfleet.nats_server import NatsServer
+from tests.test_export_durability import PERIOD, cpu_samples, wait_for
+
+T0 = 1_700_000_000_000_000_000
+
+
+def js_msg(seq: int, delivered: int = 1, stamp_ns: int | None = None, stream: str = "STACKFLEET") -> Msg:
+    """A message as a pull consumer delivers it: the ack subject carries its stream position."""
+    stamp = T0 + seq * 1_000_000 if stamp_ns is None else stamp_ns
+    reply = f"$JS.ACK.{stream}.aggs.{delivered}.{seq}.{seq}.{stamp}.0"
+    return Msg(_client=None, subject="stackfleet.v1.samples.cpu.h", reply=reply)  # type: ignore[arg-type]
+
+
+def test_marker_compresses_sequences_into_ranges_and_round_trips() -> None:
+    marker = marker_for([js_msg(s) for s in (7, 3, 4, 5, 9, 10)])
+    assert marker is not None
+    assert marker.ranges == ((3, 5), (7, 7), (9, 10)) and marker.max_seq == 10
+    assert ExportMarker.from_json(marker.to_json()) == marker
+    assert marker_for([Msg(_client=None, subject="x", reply="_INBOX.1")]) is None  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ExportMarker.from_json(b'{"v": 99}')
+
+
+def test_only_redeliveries_of_exported_messages_are_skipped() -> None:
+    exported = ExportedMessages()
+    exported.remember(marker_for([js_msg(s) for s in range(10, 20)]))
+    assert exported.already_exported(js_msg(12, delivered=2))
+    assert not exported.already_exported(js_msg(12, delivered=1))  # a first delivery never is
+    assert not exported.already_exported(js_msg(25, delivered=2))  # not in the export
+    assert not exported.already_exported(js_msg(12, delivered=2, stream="OTHER"))
+    # Same sequence, much later timestamp: a recreated stream numbering from 1 again.
+    assert not exported.already_exported(js_msg(12, delivered=2, stamp_ns=T0 + 10**12))
+    exported.forget_acked(19)
+    assert not exported.already_exported(js_msg(12, delivered=2))
+
+
+def _export_files(directory: Path, stamp: str, marker: bool) -> None:
+    (directory / f"{stamp}.otlp.pb").write_bytes(b"")
+    (directory / f"{stamp}.cpu.pb.gz").write_bytes(b"")
+    if marker:
+        (directory / f"{stamp}{MARKER_SUFFIX}").write_bytes(ExportMarker("S", ((1, 2),), 0, 1).to_json())
+
+
+def test_writer_recovery_removes_only_an_uncommitted_newest_export(tmp_path: Path) -> None:
+    _export_files(tmp_path, "20260101T000000-000000001", marker=True)
+    _export_files(tmp_path, "20260101T000010-000000001", marker=False)  # killed before its marker
+    (tmp_path / "20260101T000020-000000001.cpu.pb.tmp").write_bytes(b"half")
+    (tmp_path / "latest.cpu.pb.gz").symlink_to("20260101T000010-000000001.cpu.pb.gz")
+    writer = LocalFileWriter(tmp_path)
+    assert writer.recover() == "20260101T000010-000000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "20260101T000000-000000001.cpu.pb.gz", f"20260101T000000-000000001{MARKER_SUFFIX}",
+        "20260101T000000-000000001.otlp.pb"]
+    assert len(writer.markers()) == 1
+    # A directory without any marker (core NATS, or an older version) is left alone.
+    other = tmp_path / "core"
+    other.mkdir()
+    _export_files(other, "20260101T000000-000000001", marker=False)
+    assert LocalFileWriter(other).recover() is None and len(list(other.iterdir())) == 2
+
+
+async def _publish(nats_url: str, batches: int, per_batch: int) -> int:
+    counters = Counters()
+    publisher = Publisher(AgentSettings(nats=NatsSettings(url=nats_url), host_name="h1"), counters)
+    await publisher.start()
+    for _ in range(batches):
+        await publisher.submit(ProfileType.CPU, cpu_samples(per_batch), PERIOD)
+        await asyncio.sleep(0.01)
+    await publisher.close()
+    return counters.get("samples_published")
+
+
+def _settings(nats_url: str, out: Path, ack_wait_s: float) -> AggregatorSettings:
+    return AggregatorSettings(nats=NatsSettings(url=nats_url), otlp_endpoint="", output_dir=out,
+                              export_interval_s=0.5, ack_wait_s=ack_wait_s, web_address="")
+
+
+def _lose_acks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acks after export never reach the server (as when NATS is away when they are sent)."""
+
+    async def lost(self: AckLedger, nc: Any, msgs: list[Msg]) -> None:
+        self.counters.inc("acks_lost_in_test", len(msgs))
+
+    monkeypatch.setattr(AckLedger, "ack", lost)
+
+
+async def test_redelivery_after_lost_acks_is_recognised_in_memory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _lose_acks(monkeypatch)
+    out = tmp_path / "out"
+    with NatsServer() as nats:
+        counters, stop = Counters(), asyncio.Event()
+        task = asyncio.create_task(run_aggregator(_settings(nats.url, out, ack_wait_s=1.5), stop, counters))
+        published = await asyncio.wait_for(_publish(nats.url, batches=20, per_batch=10), 30)
+        assert await wait_for(lambda: counters.get("messages_already_exported") > 0, 30), counters.snapshot()
+        assert (await wait_consumer_settled(nats.url, timeout_s=30))[:2] == (0, 0)  # all acked on redelivery
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    seen, _ = exported_samples(out, ProfileType.CPU)
+    assert published == 200 and len(seen) == published
+    assert max(seen.values()) == 1, f"{sum(n - 1 for n in seen.values())} samples exported twice"
+    assert counters.get("samples_received") == published
+
+
+async def test_redelivery_after_a_restart_is_recognised_from_the_markers_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    with NatsServer() as nats:
+        with monkeypatch.context() as patch:
+            _lose_acks(patch)  # the first aggregator stops before any ack reaches the server
+            first, stop = Counters(), asyncio.Event()
+            task = asyncio.create_task(run_aggregator(_settings(nats.url, out, ack_wait_s=6.0), stop, first))
+            published = await asyncio.wait_for(_publish(nats.url, batches=20, per_batch=10), 30)
+            assert await wait_for(lambda: first.get("samples_received") >= published, 20), first.snapshot()
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert first.get("messages_already_exported") == 0  # stopped before ack_wait ran out
+        second, stop = Counters(), asyncio.Event()
+        task = asyncio.create_task(run_aggregator(_settings(nats.url, out, ack_wait_s=6.0), stop, second))
+        assert await wait_for(lambda: second.get("messages_already_exported") > 0, 30), second.snapshot()
+        assert (await wait_consumer_settled(nats.url, timeout_s=30))[:2] == (0, 0)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    seen, _ = exported_samples(out, ProfileType.CPU)
+    assert published == 200 and len(seen) == published
+    assert max(seen.values()) == 1, f"{sum(n - 1 for n in seen.values())} samples exported twice"
+    assert second.get("samples_received") == 0
