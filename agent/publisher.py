@@ -13,6 +13,7 @@ resync protocol (receivers ask, we re-send the full dictionary).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from typing import Any
@@ -30,7 +31,7 @@ from agent.spool import DiskOutbox
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
 from shared.model import Sample
-from shared.nats_connection import connect
+from shared.nats_connection import connect_when_available
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT, dict_subject, samples_subject
 from shared.tasks import cancel_and_wait
@@ -61,6 +62,7 @@ class Publisher(SampleSink):
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
 
     def encoder(self, profile_type: ProfileType) -> StreamEncoder:
         enc = self._encoders.get(profile_type)
@@ -70,13 +72,19 @@ class Publisher(SampleSink):
         return enc
 
     async def start(self) -> None:
-        self._nc = await connect(self.settings.nats, name=f"stackfleet-agent@{self.host}", counters=self.counters)
-        await self._nc.subscribe(RESYNC_SUBJECT, cb=self._on_resync)
-        if self.settings.nats.jetstream:
-            self._js = self._nc.jetstream(timeout=self.settings.nats.jetstream_timeout_s)
+        """Start sending; returns at once. Until NATS is reachable, batches wait in the outbox."""
         self._sender = asyncio.create_task(self._send_loop(), name="publisher-send")
-        if len(self.outbox):  # recovered from the spool: send it before anything new
-            self._wakeup.set()
+
+    async def _connect(self) -> None:
+        """Connect, retrying while NATS is not there yet (the agent samples meanwhile)."""
+        nc = await connect_when_available(self.settings.nats, name=f"stackfleet-agent@{self.host}",
+                                          counters=self.counters)
+        assert nc is not None  # without a stop event it returns only once connected
+        await nc.subscribe(RESYNC_SUBJECT, cb=self._on_resync)
+        if self.settings.nats.jetstream:
+            self._js = nc.jetstream(timeout=self.settings.nats.jetstream_timeout_s)
+        self._nc = nc
+        self._connected.set()
         log.info("publishing as agent %s for host %s to %s (%s)", self.agent_id, self.host, self.settings.nats.url,
                  "JetStream" if self._js else "core NATS")
 
@@ -112,6 +120,9 @@ class Publisher(SampleSink):
             self.counters.inc("resyncs_served", type=ptype.value)
 
     async def _send_loop(self) -> None:
+        await self._connect()
+        if len(self.outbox):  # from the spool, or sampled while NATS was away: send it first
+            self._wakeup.set()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -183,9 +194,16 @@ class Publisher(SampleSink):
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued (bounded by ``timeout_s``), then drain and close the connection."""
+        if self._sender is not None and self._nc is None and len(self.outbox):
+            # Still waiting for NATS: queued batches get the same grace as sending them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), timeout_s)
         if self._sender is not None:
             await cancel_and_wait(self._sender)
-        if self._nc is None:
+        if self._nc is None:  # never reached NATS: what is queued cannot be sent
+            left = self.outbox.shutdown()
+            if left:
+                log.warning("closing publisher: NATS was never reachable (%d messages not sent)", left)
             return
         try:
             await asyncio.wait_for(self._drain_outgoing(), timeout_s)

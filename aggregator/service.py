@@ -33,7 +33,7 @@ from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.metrics_server import MetricsServer, parse_address
-from shared.nats_connection import connect
+from shared.nats_connection import connect_when_available
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT
 from shared.tasks import cancel_and_wait
@@ -53,7 +53,11 @@ async def run_aggregator(
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
     merger = Merger()
-    nc = await connect(settings.nats, name="stackfleet-aggregator", counters=counters)
+    maybe_nc = await connect_when_available(settings.nats, name="stackfleet-aggregator", counters=counters,
+                                            stop=stop)
+    if maybe_nc is None:  # stopped before NATS was ever reachable: nothing was taken in
+        return counters
+    nc = maybe_nc
 
     async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
         await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))

@@ -6,8 +6,10 @@ every component is configured the same way (``STACKFLEET_NATS_*`` variables).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import time
 from typing import Any
 
 import nats
@@ -17,8 +19,11 @@ from pydantic import BaseModel, Field
 
 from shared.counters import Counters
 from shared.jetstream import StreamSettings
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("stackfleet.nats")
+
+ERROR_LOG_INTERVAL_S = 30.0
 
 
 class NatsSettings(BaseModel):
@@ -60,13 +65,25 @@ async def connect(s: NatsSettings, name: str, counters: Counters | None = None, 
     that is counted as ``messages_dropped{reason=slow_consumer}``, never silent.
     """
 
+    last_logged: dict[str, float] = {}
+    suppressed: dict[str, int] = {}
+
     async def error_cb(exc: Exception) -> None:
+        kind = type(exc).__name__
         if counters is not None:
             if isinstance(exc, SlowConsumerError):
                 counters.inc("messages_dropped", reason="slow_consumer", subject=str(exc.subject))
             else:
-                counters.inc("nats_errors", error=type(exc).__name__)
-        log.warning("%s: NATS error: %s", name, exc)
+                counters.inc("nats_errors", error=kind)
+        # While a server is away nats-py reports every (re)connect attempt: once per 30 s is enough.
+        now = time.monotonic()
+        if now - last_logged.get(kind, -1e9) < ERROR_LOG_INTERVAL_S:
+            suppressed[kind] = suppressed.get(kind, 0) + 1
+            return
+        last_logged[kind] = now
+        again = f" ({suppressed.pop(kind)} more like it since the last report)" if suppressed.get(kind) else ""
+        log.warning("%s: NATS error: %s%s. Check that nats-server runs at %s and the credentials and TLS "
+                    "settings match it", name, exc or kind, again, s.url)
 
     async def disconnected_cb() -> None:
         log.warning("%s: disconnected from NATS", name)
@@ -99,3 +116,25 @@ async def connect(s: NatsSettings, name: str, counters: Counters | None = None, 
     if tls is not None:
         options["tls"] = tls
     return await nats.connect(**options)
+
+
+
+async def connect_when_available(s: NatsSettings, name: str, counters: Counters | None = None,
+                                 stop: asyncio.Event | None = None, **callbacks: Any) -> NATS | None:
+    """:func:`connect`, which waits for a server that is not there yet; None if ``stop`` is set first.
+
+    With unlimited reconnects nats-py also retries the very first connection forever (each
+    failure goes to the error callback: counted, logged at most every 30 s), so a service
+    started before NATS waits for it. That wait must not outlive a shutdown request.
+    """
+    connecting = asyncio.ensure_future(connect(s, name, counters, **callbacks))
+    if stop is None:
+        return await connecting
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        await cancel_and_wait(stopping)
+        return connecting.result()
+    await cancel_and_wait(connecting)
+    log.warning("%s: stopped before NATS at %s was reachable", name, s.url)
+    return None

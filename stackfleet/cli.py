@@ -191,14 +191,18 @@ def top(
     setup_logging("WARNING")
     from shared.nats_connection import NatsSettings
     from shared.profile_types import ProfileType
-    from stackfleet.top import run_top
+    from stackfleet.top import NatsUnreachable, run_top
 
     settings = NatsSettings(url=nats) if nats else _default_nats()
 
     async def main(stop: asyncio.Event) -> None:
         await run_top(settings, ProfileType(profile_type), host, rows, window, stop)
 
-    _run_async(main, duration)
+    try:
+        _run_async(main, duration)
+    except NatsUnreachable as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
 
 
 @app.command()

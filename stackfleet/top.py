@@ -88,6 +88,10 @@ def render(hot: HotFunctions, profile_type: ProfileType, host: str | None, n: in
     return table
 
 
+class NatsUnreachable(ConnectionError):
+    """No NATS server answered: the message says what to check."""
+
+
 async def run_top(
     nats: NatsSettings,
     profile_type: ProfileType,
@@ -99,7 +103,11 @@ async def run_top(
 ) -> HotFunctions:
     """Subscribe, render every second until ``stop``; returns the final window (for tests)."""
     hot = HotFunctions(window_s=window_s)
-    nc = await connect(nats, name="stackfleet-top")
+    try:  # nats-py would wait for a server forever; an interactive tool says so and stops
+        nc = await asyncio.wait_for(connect(nats, name="stackfleet-top"), 2 * nats.connect_timeout_s)
+    except TimeoutError as exc:
+        raise NatsUnreachable(f"cannot reach NATS at {nats.url} within {2 * nats.connect_timeout_s:.0f} s: is "
+                              "nats-server (or `stackfleet run`) running there? Pass --nats URL otherwise") from exc
 
     async def ask(h: str, ptype: ProfileType, reason: str) -> None:
         await nc.publish(RESYNC_SUBJECT, resync_request(h, [ptype], reason))
