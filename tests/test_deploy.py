@@ -36,7 +36,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 
 
 def test_nats_config_is_valid_for_nats_server() -> None:
-    env = {**os.environ, "AGENT_PASSWORD": "a", "AGGREGATOR_PASSWORD": "b"}
+    env = {**os.environ, "WEB_01_PASSWORD": "a", "WEB_02_PASSWORD": "c", "AGGREGATOR_PASSWORD": "b"}
     result = subprocess.run([find_nats_server(), "-t", "-c", str(DEPLOY / "nats" / "nats-server.conf")],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr

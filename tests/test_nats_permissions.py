@@ -1,0 +1,86 @@
+"""The example NATS permissions (deploy/nats/accounts.conf) with a real nats-server: an agent
+delivers its own host's profiles end to end (JetStream, resync, aggregator), and cannot
+publish as another host — neither through the agent's publisher nor with a raw client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+import pytest
+
+from agent.publisher import Publisher
+from agent.settings import AgentSettings
+from aggregator.service import run_aggregator
+from aggregator.settings import AggregatorSettings
+from shared.counters import Counters
+from shared.nats_connection import NatsSettings
+from shared.profile_types import ProfileType
+from shared.subjects import samples_subject
+from stackfleet.nats_server import NatsServer
+from tests.test_export_durability import PERIOD, cpu_samples, wait_for
+
+ACCOUNTS = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "accounts.conf"
+PASSWORDS = {"WEB_01_PASSWORD": "pw-web-01", "WEB_02_PASSWORD": "pw-web-02", "AGGREGATOR_PASSWORD": "pw-agg"}
+
+
+@pytest.fixture
+def secured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NatsServer:
+    for name, value in PASSWORDS.items():
+        monkeypatch.setenv(name, value)  # the server reads them from its environment
+    (tmp_path / "accounts.conf").write_text(ACCOUNTS.read_text())  # nats-server includes relative paths only
+    conf = tmp_path / "server.conf"
+    conf.write_text(f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\ninclude "accounts.conf"\n')
+    return NatsServer(jetstream=False, extra_args=["-c", str(conf)])
+
+
+def _nats(url: str, user: str, password: str) -> NatsSettings:
+    return NatsSettings(url=url, user=user, password=password, jetstream_timeout_s=1.0)
+
+
+async def test_each_agent_publishes_only_as_its_own_host(secured_nats: NatsServer, tmp_path: Path) -> None:
+    with secured_nats as server:
+        agg_counters, stop = Counters(), asyncio.Event()
+        aggregator = asyncio.create_task(run_aggregator(AggregatorSettings(
+            nats=_nats(server.url, "aggregator", "pw-agg"), otlp_endpoint="", output_dir=tmp_path / "out",
+            export_interval_s=0.5, web_address=""), stop, agg_counters))
+        # The real agent of web-01: everything arrives.
+        honest_counters = Counters()
+        honest = Publisher(AgentSettings(nats=_nats(server.url, "web-01", "pw-web-01"), host_name="web-01"),
+                           honest_counters)
+        await honest.start()
+        for _ in range(5):
+            await honest.submit(ProfileType.CPU, cpu_samples(10), PERIOD)
+        await honest.close()
+        assert honest_counters.get("samples_published") == 50, honest_counters.snapshot()
+        assert await wait_for(lambda: agg_counters.get("samples_received") == 50, 20), agg_counters.snapshot()
+
+        # web-01's credentials used to pose as web-02: the server refuses every publish.
+        forger_counters = Counters()
+        forger = Publisher(AgentSettings(nats=_nats(server.url, "web-01", "pw-web-01"), host_name="web-02"),
+                           forger_counters)
+        await forger.start()
+        await forger.submit(ProfileType.CPU, cpu_samples(10), PERIOD)
+        assert await wait_for(lambda: forger_counters.get("publish_errors") > 0, 20), forger_counters.snapshot()
+        await forger.close(timeout_s=1.0)
+        assert forger_counters.get("samples_published") == 0
+        assert forger_counters.get("nats_errors") > 0, forger_counters.snapshot()  # the violations, counted
+
+        raw = await nats.connect(server.url, user="web-01", password="pw-web-01")
+        violations: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            violations.append(str(exc))
+
+        raw._error_cb = on_error
+        await raw.publish(samples_subject(ProfileType.CPU, "web-02"), b"\x93forged")
+        await raw.flush()
+        assert await wait_for(lambda: any("ermissions" in v for v in violations), 10), violations
+        await raw.close()
+
+        await asyncio.sleep(1.5)  # two export intervals: nothing of web-02 may have arrived
+        stop.set()
+        await asyncio.wait_for(aggregator, 30)
+    assert agg_counters.get("samples_received") == 50
+    assert agg_counters.get("messages_rejected") == 0, agg_counters.snapshot()
