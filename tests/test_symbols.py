@@ -186,3 +186,36 @@ def test_vdso_frames_are_named() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_mapped_files_are_stated_once_per_ttl_not_per_process(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.symbols.symbolizer as symbolizer_module
+
+    exe = build(tmp_path)
+    targets = [Target(exe) for _ in range(3)]
+    try:
+        stats: list[str] = []
+        real_stat = symbolizer_module.os.stat
+
+        def counting_stat(path: str, *args: object, **kwargs: object) -> object:
+            if not str(path).endswith("/exe"):  # the process identity's own check, once per process
+                stats.append(str(path))
+            return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(symbolizer_module.os, "stat", counting_stat)
+        sym = Symbolizer()
+        per_process = []
+        for t in targets:
+            before = len(stats)
+            assert sym.symbolize_user(t.pid, [t.truth["leaf_function"][0]])[0].function == "leaf_function"
+            per_process.append(len(stats) - before)
+        # The first process stats each of its mapped files; the others map the same files.
+        assert per_process[0] >= 2 and per_process[1:] == [0, 0], per_process
+        monkeypatch.setattr(symbolizer_module, "FILE_STAT_TTL_S", 0.0)  # expired: stat'ed again
+        sym2_before = len(stats)
+        sym._process(targets[0].pid, force=True)
+        assert len(stats) > sym2_before
+    finally:
+        for t in targets:
+            t.stop()

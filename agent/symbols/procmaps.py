@@ -21,6 +21,7 @@ class MapEntry:
     offset: int
     inode: int
     path: str
+    device: str = ""  # "major:minor" of the file's filesystem, with inode the file's identity
 
     @property
     def executable(self) -> bool:
@@ -41,7 +42,7 @@ def parse_maps(text: str) -> list[MapEntry]:
         try:
             lo, hi = parts[0].split("-")
             entries.append(MapEntry(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), int(parts[4]),
-                                    parts[5].strip() if len(parts) > 5 else ""))
+                                    parts[5].strip() if len(parts) > 5 else "", parts[3]))
         except ValueError:
             continue
     entries.sort(key=lambda e: e.start)

@@ -39,6 +39,12 @@ VDSO = "[vdso]"
 YOUNG_MAPS_TTL_S = 0.25
 MAX_VDSO_BYTES = 64 * 1024
 IDENTITY_CHECK_S = 1.0
+# A file seen in some process's maps (same device, inode and path) is not stat'ed again for
+# this long: every new process maps the same libraries, and two syscalls per mapping of each
+# short-lived process were a visible part of the agent's CPU. Compilers, linkers and package
+# managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
+# stat (size, mtime) once this has passed.
+FILE_STAT_TTL_S = 10.0
 
 
 class _Lru(OrderedDict[object, object]):
@@ -120,6 +126,8 @@ class Symbolizer:
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
         self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
+        # (device, inode, path) from the maps -> (file key, when stat'ed), see FILE_STAT_TTL_S
+        self._file_stats = _Lru(max_processes)
         # (build id, size) -> ElfSymbols, see _share_by_build_id; only an index, never closes.
         self._builds = _Lru(max_files, close_evicted=False)
         self._kernel: KernelSymbols | None = None
@@ -264,13 +272,25 @@ class Symbolizer:
         if entry.path == VDSO:
             file_key = (-1, 0, entry.end - entry.start, 0)
         elif entry.file_backed:
-            try:
-                st = os.stat(self._open_path(pid, entry))
-                file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            except OSError:
-                file_key = None
+            file_key = self._file_key(pid, entry)
         mapping = Mapping(entry.start, entry.end, entry.offset, entry.path or "[anon]", "")
         return _Region(entry, mapping, file_key)
+
+    def _file_key(self, pid: int, entry: MapEntry) -> FileKey | None:
+        """(dev, inode, size, mtime) of a mapped file, stat'ed at most every FILE_STAT_TTL_S."""
+        seen = (entry.device, entry.inode, entry.path)
+        now = time.monotonic()
+        cached = self._file_stats.hit(seen) if entry.device else None
+        if isinstance(cached, tuple) and now - cached[1] < FILE_STAT_TTL_S:
+            return cached[0]
+        try:
+            st = os.stat(self._open_path(pid, entry))
+        except OSError:
+            return None
+        file_key: FileKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if entry.device:
+            self._file_stats.put(seen, (file_key, now))
+        return file_key
 
     @staticmethod
     def _open_path(pid: int, entry: MapEntry) -> str:
