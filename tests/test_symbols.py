@@ -219,3 +219,18 @@ def test_mapped_files_are_stated_once_per_ttl_not_per_process(tmp_path: Path,
     finally:
         for t in targets:
             t.stop()
+
+
+def test_file_cache_is_bounded_by_bytes_too(tmp_path: Path) -> None:
+    # Two binary files whose tables together exceed the budget: only the newest stays
+    # cached, and each symbolizes correctly.
+    targets = [Target(build(tmp_path, name="one")), Target(build(tmp_path, "-DVARIANT=2", name="two"))]
+    try:
+        sym = Symbolizer(max_file_bytes=1)
+        for t in targets:
+            assert sym.symbolize_user(t.pid, [t.truth["leaf_function"][0]])[0].function == "leaf_function"
+            assert sym.stats["files_cached"] == 1
+        assert sym.stats["evictions"] == 1 and sym.stats["file_cache_misses"] == 2
+    finally:
+        for t in targets:
+            t.stop()

@@ -63,6 +63,15 @@ class ElfSymbols:
         self.line_table_skipped = False
         self.shared = False  # used for several files of the same build (Symbolizer._share_by_build_id)
 
+    def estimated_bytes(self) -> int:
+        """Rough memory this file's tables hold, for the symbolizer's byte-bounded file cache.
+
+        Measured with tracemalloc on this host's processes: ~80 B per function symbol (name,
+        start, end) and ~80 B per line row (address, tuple); the ELF headers and section
+        objects pyelftools keeps are the fixed part.
+        """
+        return 16_384 + 80 * len(self._names) + 80 * len(self._line_rows)
+
     def file_offset_to_vaddr(self, file_offset: int) -> int | None:
         """Translate a file offset (from /proc maps) into the ELF vaddr symbols use."""
         for seg in self.segments:

