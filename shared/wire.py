@@ -70,6 +70,8 @@ _compressor = zstandard.ZstdCompressor(level=3)
 _decompressor = zstandard.ZstdDecompressor()
 
 _FRAME_TYPES = tuple(FrameType)
+# A dict lookup instead of calling the enum (about 1 µs each) for every location received.
+_FRAME_TYPE_BY_VALUE = {t.value: t for t in FrameType}
 _TABLES = ("strings", "mappings", "functions", "locations", "stacks")
 
 
@@ -339,17 +341,22 @@ def _is_uint(x: object) -> bool:
     return type(x) is int and 0 <= x < 2**64
 
 
+_INT_ONLY = {int}
+
+
 def _uint_column(col: list[Any]) -> bool:
     """True when every element is a plain int in [0, 2**64) (bool excluded)."""
     if type(col) is not list:
         return False
     if not col:
         return True
-    return all(type(x) is int for x in col) and min(col) >= 0 and max(col) < 2**64
+    # map(type) and the set are built in C: this runs on every column of every samples
+    # message, and a generator expression here was a third of the intake's decode time.
+    return set(map(type, col)) == _INT_ONLY and min(col) >= 0 and max(col) < 2**64
 
 
 def _uint_row(row: object, n: int, what: str) -> list[int]:
-    if not isinstance(row, list) or len(row) != n or not all(_is_uint(x) for x in row):
+    if not isinstance(row, list) or len(row) != n or not _uint_column(row):
         raise WireError(f"bad_{what}")
     return row
 
@@ -438,10 +445,9 @@ class StreamDictionary:
         mapping_id, address, function_id, line, ftype = _uint_row(row, 5, "location")
         mapping = self._ref(staged, "mappings", mapping_id, True)
         name, fname = self._ref(staged, "functions", function_id, True)
-        try:
-            frame_type = FrameType(self._ref(staged, "strings", ftype, True))
-        except ValueError:
-            raise WireError("bad_frame_type") from None
+        frame_type = _FRAME_TYPE_BY_VALUE.get(self._ref(staged, "strings", ftype, True))
+        if frame_type is None:
+            raise WireError("bad_frame_type")
         return Frame(name, fname, line, address, frame_type, mapping)
 
     def _make_stack(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[Frame, ...]:

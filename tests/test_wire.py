@@ -112,6 +112,22 @@ def test_gap_in_dictionary_is_rejected_without_partial_apply() -> None:
     assert (d.strings, d.stacks) == before
 
 
+@pytest.mark.parametrize(("table", "row", "reason"), [
+    ("locations", [1, 4198400, 1, True, 1], "bad_location"),  # a bool is not an id
+    ("locations", [1, 4198400, 1, -1, 1], "bad_location"),
+    ("locations", [1, 4198400, 1, 10, 2], "bad_frame_type"),  # string 2 is not a frame type
+    ("mappings", [1, 2, 0, 1, 1.5], "bad_mapping"),
+    ("functions", [1], "bad_function"),
+])
+def test_malformed_dictionary_rows_are_rejected(table: str, row: list[object], reason: str) -> None:
+    body = {"strings": [1, ["native", "app.c"]], "mappings": [1, [[1, 2, 0, 1, 0]]],
+            "functions": [1, [[2, 2]]], "locations": [1, [[1, 4198400, 1, 10, 1]]]}
+    body[table] = [1, [row]]
+    with pytest.raises(WireError) as err:
+        StreamDictionary(epoch=1).apply(body)
+    assert err.value.reason == reason
+
+
 def test_dictionary_is_bounded_by_epochs() -> None:
     enc = StreamEncoder("host-a", ProfileType.CPU, "agent1", max_entries=10)
     for i in range(30):
