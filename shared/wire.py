@@ -41,7 +41,7 @@ import itertools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgpack
 import zstandard
@@ -434,8 +434,8 @@ class StreamDictionary:
 
     def _make_mapping(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> Mapping:
         start, limit, offset, fname, build_id = _uint_row(row, 5, "mapping")
-        return Mapping(start, limit, offset, self._ref(staged, "strings", fname, True),
-                       self._ref(staged, "strings", build_id, True))
+        return _interned(Mapping(start, limit, offset, self._ref(staged, "strings", fname, True),
+                                 self._ref(staged, "strings", build_id, True)))
 
     def _make_function(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[str, str]:
         name, fname = _uint_row(row, 2, "function")
@@ -448,7 +448,7 @@ class StreamDictionary:
         frame_type = _FRAME_TYPE_BY_VALUE.get(self._ref(staged, "strings", ftype, True))
         if frame_type is None:
             raise WireError("bad_frame_type")
-        return Frame(name, fname, line, address, frame_type, mapping)
+        return _interned(Frame(name, fname, line, address, frame_type, mapping))
 
     def _make_stack(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[Frame, ...]:
         if not isinstance(row, list) or len(row) > MAX_STACK_DEPTH:
@@ -459,6 +459,27 @@ class StreamDictionary:
                 raise WireError("bad_stack")
             frames.append(self._ref(staged, "locations", loc))
         return tuple(frames)
+
+
+# Equal frames and mappings received from different streams (hosts running the same build,
+# a restarted agent's new epoch) are made the very same object. The exporters then
+# deduplicate them by identity, once per distinct object, instead of hashing each stream's
+# copies of a 20-field-deep value again at every export (that hashing was most of the OTLP
+# and pprof encoding time at 1,000 hosts), and the aggregator holds one copy.
+# Bounded: past the limit the table starts over, which only costs some sharing.
+MAX_INTERNED = 1_000_000
+_INTERN: dict[Any, Any] = {}
+_Interned = TypeVar("_Interned", Frame, Mapping)
+
+
+def _interned(value: _Interned) -> _Interned:
+    found: _Interned | None = _INTERN.get(value)
+    if found is not None:
+        return found
+    if len(_INTERN) >= MAX_INTERNED:
+        _INTERN.clear()
+    _INTERN[value] = value
+    return value
 
 
 # One decoded sample as ids: (ts_ns, cpu, pid, tid, thread_sid, process_sid, stack_id, values, attrs),
