@@ -234,3 +234,17 @@ def test_large_messages_are_compressed_and_decompression_is_bounded() -> None:
     with pytest.raises(WireError) as err:
         unpack(ZSTD_MAGIC + b"\x00" * 20)
     assert err.value.reason in ("bad_compression", "not_msgpack")  # a truncated frame may decode to nothing
+
+
+def test_equal_frames_from_different_streams_are_one_object() -> None:
+    """The exporters deduplicate frames by identity; equal frames of two hosts must be shared."""
+    stack = frames("leaf", "main")
+    got = []
+    for host in ("host-a", "host-b"):
+        dict_msg, samples_msg = StreamEncoder(host, ProfileType.CPU, "agent-" + host).encode(
+            [sample(1, stack)], period=1)
+        assert samples_msg is not None
+        _, decoded = receive(None, dict_msg, samples_msg)
+        got.append(decoded[0].frames)
+    assert got[0] == got[1] == stack
+    assert all(a is b for a, b in zip(got[0], got[1], strict=True))
