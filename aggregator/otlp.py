@@ -73,7 +73,7 @@ class DictionaryBuilder:
         self._functions: dict[tuple[str, str], int] = {}
         self._mappings: dict[ModelMapping, int] = {}
         self._locations: dict[Frame, int] = {}
-        self._stacks: dict[tuple[Frame, ...], int] = {}
+        self._stacks: dict[tuple[int, ...], int] = {}
         self._attributes: dict[tuple[str, Any], int] = {}
         # Identity caches in front of the value caches: merged samples share the very tuple
         # and Frame objects of their stream's dictionary, and hashing a 20-frame stack of
@@ -157,11 +157,14 @@ class DictionaryBuilder:
         return idx
 
     def _stack(self, frames: tuple[Frame, ...]) -> int:
-        idx = self._stacks.get(frames)
+        # Keyed by location indices, not by the frames: equal stacks have equal indices, and
+        # a tuple of ints hashes without calling each frame's (Python-level) __hash__.
+        locations = tuple([self.location(f) for f in frames])
+        idx = self._stacks.get(locations)
         if idx is None:
             idx = len(self.dictionary.stack_table)
-            self.dictionary.stack_table.append(Stack(location_indices=[self.location(f) for f in frames]))
-            self._stacks[frames] = idx
+            self.dictionary.stack_table.append(Stack(location_indices=locations))
+            self._stacks[locations] = idx
         return idx
 
 
