@@ -105,10 +105,37 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
                                  + _bytes(4, line))
         return lid
 
+    # Merged samples share their stream dictionary's stack tuples (and the wire decoder
+    # interns equal frames), so the encoded location list of a stack is cached by identity:
+    # each distinct stack is encoded once, not once per sample, and frames are not hashed by
+    # value per sample. The tuples are kept referenced so an id cannot be reused meanwhile.
+    stack_fields: dict[int, tuple[bytes, tuple[Frame, ...]]] = {}
+    location_varints: dict[int, tuple[bytes, Frame]] = {}
+
+    def location_varint(f: Frame) -> bytes:
+        known = location_varints.get(id(f))
+        if known is None:
+            known = location_varints[id(f)] = (_varint(location_id(f)), f)
+        return known[0]
+
+    def stack_field(frames: tuple[Frame, ...]) -> bytes:
+        known = stack_fields.get(id(frames))
+        if known is None:
+            body = b"".join([location_varint(f) for f in frames])
+            known = (_bytes(1, body) if body else b"", frames)
+            stack_fields[id(frames)] = known
+        return known[0]
+
+    labels: dict[tuple[str, str, int | None], bytes] = {}
+
     def label(key: str, text: str = "", num: int | None = None) -> bytes:
-        body = _int(1, strings(key)) + (_int(2, strings(text)) if text else b"") + \
-            (_key(3, 0) + _varint(num) if num is not None else b"")
-        return _bytes(3, body)
+        cache_key = (key, text, num)
+        encoded = labels.get(cache_key)
+        if encoded is None:
+            body = _int(1, strings(key)) + (_int(2, strings(text)) if text else b"") + \
+                (_key(3, 0) + _varint(num) if num is not None else b"")
+            encoded = labels[cache_key] = _bytes(3, body)
+        return encoded
 
     start = min((p.start_ns for p in fleet.hosts.values()), default=fleet.start_ns)
     end = max((p.end_ns for p in fleet.hosts.values()), default=fleet.end_ns)
@@ -118,7 +145,7 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
             continue
         period = profile.period
         for s in profile.samples.values():
-            body = _packed(1, (location_id(f) for f in s.frames)) + _packed(2, s.values)
+            body = stack_field(s.frames) + _packed(2, s.values)
             body += label("host", host) + label("pid", num=s.pid) + label("tid", num=s.tid)
             body += label("thread", s.thread_name) + label("process", s.process_name)
             for k, v in s.attributes:
