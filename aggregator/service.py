@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.otlp_sender import OtlpSender
+from aggregator.gc_policy import restore_thresholds, use_aggregator_thresholds
 from aggregator.intake import Intake
 from aggregator.merge import Merger
 from aggregator.otlp import encode_request
@@ -50,6 +51,7 @@ async def run_aggregator(
 ) -> Counters:
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
+    previous_gc = use_aggregator_thresholds()
     merger = Merger()
     nc = await connect(settings.nats, name="stackfleet-aggregator", counters=counters)
 
@@ -141,6 +143,7 @@ async def run_aggregator(
             await export_once()
         if sender is not None:
             await sender.close(timeout_s=5.0)
+        restore_thresholds(previous_gc)
         log.info("aggregator stopped: %s", counters.snapshot())
     return counters
 
