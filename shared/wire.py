@@ -342,6 +342,7 @@ def _is_uint(x: object) -> bool:
 
 
 _INT_ONLY = {int}
+_LIST_ONLY = {list}
 
 
 def _uint_column(col: list[Any]) -> bool:
@@ -543,7 +544,7 @@ def decode_samples(msg: dict[str, Any], stream: StreamKey, dictionary: StreamDic
         raise WireError("unknown_id", "sample string")
     if n and (min(stack) == 0 or max(stack) >= n_stacks):
         raise WireError("unknown_id", "sample stack")
-    if not all(type(v) is list and len(v) == n_values for v in values):
+    if n and (set(map(type, values)) != _LIST_ONLY or set(map(len, values)) != {n_values}):
         raise WireError("bad_values")
     if not _uint_column(list(itertools.chain.from_iterable(values))):
         raise WireError("bad_values")
@@ -559,11 +560,9 @@ def decode_samples(msg: dict[str, Any], stream: StreamKey, dictionary: StreamDic
             if max(flat) >= n_strings:
                 raise WireError("unknown_id", "attribute")
             attr_rows[i] = tuple(zip(flat[::2], flat[1::2], strict=True))
-    rows: list[SampleRow] = [
-        (t0 + t, c, p, th, tn, pn, st, v, a)
-        for t, c, p, th, tn, pn, st, v, a in zip(ts, cpu, pid, tid, thread, process, stack,
-                                                 value_rows, attr_rows, strict=True)
-    ]
+    # zip builds the row tuples in C; all columns were checked to have length n above.
+    rows: list[SampleRow] = list(zip(map(t0.__add__, ts), cpu, pid, tid, thread, process, stack,
+                                     value_rows, attr_rows, strict=True))
     return DecodedSamples(stream, period, rows, dictionary)
 
 
