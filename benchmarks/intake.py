@@ -105,48 +105,63 @@ async def _publish_samples(nats_url: str, traffic: Traffic, seconds: int) -> tup
     return sent, duration
 
 
-def aggregator_intake(hosts: int, seconds: int) -> dict[str, Any]:
-    """Drive a real aggregator process with ``hosts`` simulated hosts; did it keep up?"""
+def aggregator_intake(hosts: int, seconds: int, replicas: int = 1) -> dict[str, Any]:
+    """Drive ``replicas`` real aggregator processes with ``hosts`` simulated hosts; did they keep up?
+
+    Replicas share the samples consumer (each batch goes to one of them) and each reads every
+    dictionary, as in docs/design/fleet.md; each writes its own output directory."""
     traffic = Traffic(hosts)
     with NatsServer() as nats, tempfile.TemporaryDirectory() as out:
-        metrics_port = free_port()
-        env = {**os.environ, "STACKFLEET_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
-        agg = subprocess.Popen([STACKFLEET, "aggregator", "--nats", nats.url, "--otlp-endpoint", "", "--web", "",
-                                "--output-dir", out, "--export-interval", str(EXPORT_INTERVAL_S),
-                                "--log-level", "WARNING"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_for(lambda: _metrics(metrics_port) is not None, 30, "aggregator metrics endpoint")
-            t_warm, cpu_warm = time.monotonic(), process_cpu_s(agg.pid)
-            asyncio.run(_publish_dicts(nats.url, traffic))
-            _wait_for(lambda: _counter(metrics_port, "dict_messages") >= len(traffic.dicts), WARMUP_LIMIT_S,
-                      "dictionaries applied")
-            warmup_s, warmup_cpu = time.monotonic() - t_warm, process_cpu_s(agg.pid) - cpu_warm
+        ports = [free_port() for _ in range(replicas)]
+        dirs = [str(Path(out) / f"replica{i}") for i in range(replicas)]
+        aggs = [subprocess.Popen([STACKFLEET, "aggregator", "--nats", nats.url, "--otlp-endpoint", "", "--web", "",
+                                  "--output-dir", d, "--export-interval", str(EXPORT_INTERVAL_S),
+                                  "--log-level", "WARNING"],
+                                 env={**os.environ, "STACKFLEET_METRICS_ADDRESS": f"127.0.0.1:{port}"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for port, d in zip(ports, dirs, strict=True)]
 
-            cpu0, t0 = process_cpu_s(agg.pid), time.monotonic()
+        def cpu() -> float:
+            return sum(process_cpu_s(a.pid) for a in aggs)
+
+        def counter(name: str) -> float:
+            return sum(_counter(port, name) for port in ports)
+
+        t_term = time.monotonic()
+        try:
+            _wait_for(lambda: all(_metrics(port) is not None for port in ports), 30, "aggregator metrics endpoint")
+            t_warm, cpu_warm = time.monotonic(), cpu()
+            asyncio.run(_publish_dicts(nats.url, traffic))
+            _wait_for(lambda: all(_counter(port, "dict_messages") >= len(traffic.dicts) for port in ports),
+                      WARMUP_LIMIT_S, "dictionaries applied")
+            warmup_s, warmup_cpu = time.monotonic() - t_warm, cpu() - cpu_warm
+
+            cpu0, t0 = cpu(), time.monotonic()
             sent, publish_s = asyncio.run(_publish_samples(nats.url, traffic, seconds))
-            received_at_end = _counter(metrics_port, "samples_received")
+            received_at_end = counter("samples_received")
             backlog = _consumer_backlog(nats.monitor_url)
-            cpu_pct = 100 * (process_cpu_s(agg.pid) - cpu0) / (time.monotonic() - t0)
+            cpu_pct = 100 * (cpu() - cpu0) / (time.monotonic() - t0)
 
             # Messages are acked right after the export holding them is written: wait for all
             # of them (or the deadline), then count what the files hold.
             messages = hosts * seconds
             deadline = time.monotonic() + EXPORT_INTERVAL_S + EXPORT_GRACE_S
-            while _counter(metrics_port, "messages_acked") < messages and time.monotonic() < deadline:
+            while counter("messages_acked") < messages and time.monotonic() < deadline:
                 time.sleep(0.5)
-            exported_in_time = _exported_samples(out)
+            exported_in_time = sum(_exported_samples(d) for d in dirs)
             t_term = time.monotonic()
         finally:
-            agg.terminate()  # SIGTERM: the aggregator exports its last interval before exiting
-            try:
-                agg.wait(SHUTDOWN_LIMIT_S)
-            except subprocess.TimeoutExpired:
-                agg.kill()
-                agg.wait()
+            for agg in aggs:
+                agg.terminate()  # SIGTERM: the aggregator exports its last interval before exiting
+            for agg in aggs:
+                try:
+                    agg.wait(max(1.0, SHUTDOWN_LIMIT_S - (time.monotonic() - t_term)))
+                except subprocess.TimeoutExpired:
+                    agg.kill()
+                    agg.wait()
         shutdown_s = time.monotonic() - t_term
-        exported_total = _exported_samples(out)
-    return {"hosts": hosts, "samples_published": sent,
+        exported_total = sum(_exported_samples(d) for d in dirs)
+    return {"hosts": hosts, "replicas": replicas, "samples_published": sent,
             "achieved_host_seconds_per_s": sent / SAMPLES_PER_HOST_S / publish_s,
             "warmup_dict_messages": len(traffic.dicts), "warmup_s": round(warmup_s, 1),
             "warmup_aggregator_cpu_s": round(warmup_cpu, 1),
@@ -216,8 +231,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args()
-    print(json.dumps(aggregator_intake(args.hosts, args.seconds), indent=2))
+    print(json.dumps(aggregator_intake(args.hosts, args.seconds, args.replicas), indent=2))
 
 
 if __name__ == "__main__":
