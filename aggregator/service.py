@@ -62,7 +62,7 @@ async def run_aggregator(
     intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
                     on_done=ledger.finished)
     if settings.nats.jetstream:
-        consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set)
+        consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set, ledger)
     else:
         consumers = await start_core(nc, settings, intake)
     # Agents already running hold dictionaries we have never seen (or that aged out of the

@@ -60,13 +60,29 @@ class AckLedger:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self._finished: list[Msg] = []
+        self._held: set[int] = set()  # stream sequences of _finished
 
     def finished(self, token: object) -> None:
         if isinstance(token, Msg):
             self._finished.append(token)
+            seq = _stream_seq(token)
+            if seq is not None:
+                self._held.add(seq)
+
+    def holds(self, msg: Msg) -> bool:
+        """True when ``msg`` is a redelivery of a message this replica finished but has not acked.
+
+        JetStream redelivers after ``ack_wait`` even to the replica still holding the first
+        delivery (an overloaded replica's exports can lag that long); merging it again would
+        count its samples twice. The caller adds it with :meth:`finished` instead, so this
+        delivery too is acked after the export that holds the first one.
+        """
+        seq = _stream_seq(msg)
+        return seq is not None and seq in self._held
 
     def take(self) -> list[Msg]:
         done, self._finished = self._finished, []
+        self._held = set()
         return done
 
     async def ack(self, nc: NATS, msgs: list[Msg]) -> None:
@@ -85,6 +101,14 @@ class AckLedger:
 
 
 Stopper = Callable[[], bool]
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    """The stream sequence of a JetStream message (None for anything else)."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:  # not a JetStream delivery (no or foreign reply subject)
+        return None
 
 
 class Consumers:
@@ -114,7 +138,7 @@ class Consumers:
 
 
 async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake, counters: Counters,
-                          stopping: Stopper) -> Consumers:
+                          stopping: Stopper, ledger: AckLedger | None = None) -> Consumers:
     """Ensure the stream, create/bind both consumers, catch up on dictionaries, start pulling."""
     js = nc.jetstream(timeout=settings.nats.jetstream_timeout_s)
     await _retry("create the JetStream stream", stopping, counters,
@@ -134,6 +158,10 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
         await intake.on_dict(m.subject, m.data)
 
     async def on_samples(m: Msg) -> None:
+        if ledger is not None and ledger.holds(m):
+            counters.inc("messages_redelivered_held")
+            ledger.finished(m)
+            return
         await intake.on_samples(m.subject, m.data, m)
 
     caught_up = await _catch_up(dict_sub, on_dict)
