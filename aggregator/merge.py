@@ -56,8 +56,11 @@ class Merger:
                 agg.series.append(vals)
             else:
                 agg_values = agg.values
-                for i, v in enumerate(vals):
-                    agg_values[i] += v
+                if len(vals) == 1:  # most types (cpu, wall, goroutine) have one column
+                    agg_values[0] += vals[0]
+                else:
+                    for i, v in enumerate(vals):
+                        agg_values[i] += v
                 agg.timestamps_ns.append(t)
                 agg.series.append(vals)
             if t < lo:

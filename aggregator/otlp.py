@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
+from operator import itemgetter
+from typing import Any, cast
 
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
@@ -73,14 +74,16 @@ class DictionaryBuilder:
         self._functions: dict[tuple[str, str], int] = {}
         self._mappings: dict[ModelMapping, int] = {}
         self._locations: dict[Frame, int] = {}
-        self._stacks: dict[tuple[Frame, ...], int] = {}
+        self._stacks: dict[tuple[int, ...], int] = {}
         self._attributes: dict[tuple[str, Any], int] = {}
         # Identity caches in front of the value caches: merged samples share the very tuple
         # and Frame objects of their stream's dictionary, and hashing a 20-frame stack of
         # dataclasses was most of the export's cost. The objects are kept referenced here so
         # an id cannot be reused while the builder lives.
         self._stack_ids: dict[int, tuple[int, tuple[Frame, ...]]] = {}
-        self._location_ids: dict[int, tuple[int, Frame]] = {}
+        self._location_ids: dict[int, int] = {}
+        self._located: list[Frame] = []  # keeps the frames behind _location_ids alive
+        self._sample_attribute_ids: dict[tuple[Any, ...], list[int]] = {}
 
     def string(self, s: str) -> int:
         idx = self._strings.get(s)
@@ -130,11 +133,10 @@ class DictionaryBuilder:
         return idx
 
     def location(self, f: Frame) -> int:
-        known = self._location_ids.get(id(f))
-        if known is not None:
-            return known[0]
-        idx = self._location(f)
-        self._location_ids[id(f)] = (idx, f)
+        idx = self._location_ids.get(id(f))
+        if idx is None:
+            idx = self._location_ids[id(f)] = self._location(f)
+            self._located.append(f)
         return idx
 
     def _location(self, f: Frame) -> int:
@@ -157,15 +159,31 @@ class DictionaryBuilder:
         return idx
 
     def _stack(self, frames: tuple[Frame, ...]) -> int:
-        idx = self._stacks.get(frames)
+        # Keyed by location indices, not by the frames: equal stacks have equal indices, and
+        # a tuple of ints hashes without calling each frame's (Python-level) __hash__.
+        # Every export re-interns every stack of the interval: the identity lookups run in C
+        # (map over id and dict.get); only a stack with a frame not seen yet takes the slow path.
+        known = tuple(map(self._location_ids.get, map(id, frames)))
+        locations = cast(tuple[int, ...], known) if None not in known else tuple([self.location(f) for f in frames])
+        idx = self._stacks.get(locations)
         if idx is None:
             idx = len(self.dictionary.stack_table)
-            self.dictionary.stack_table.append(Stack(location_indices=[self.location(f) for f in frames]))
-            self._stacks[frames] = idx
+            self.dictionary.stack_table.append(Stack(location_indices=locations))
+            self._stacks[locations] = idx
         return idx
 
 
 def _sample_attributes(b: DictionaryBuilder, s: AggregatedSample) -> list[int]:
+    # Many samples share pid, thread, process, cpu and attributes (one per stack they ran):
+    # their attribute indices are looked up once per export. Callers must not modify the list.
+    key = (s.pid, s.tid, s.thread_name, s.process_name, s.cpu, s.attributes)
+    known = b._sample_attribute_ids.get(key)
+    if known is None:
+        known = b._sample_attribute_ids[key] = _new_sample_attributes(b, s)
+    return known
+
+
+def _new_sample_attributes(b: DictionaryBuilder, s: AggregatedSample) -> list[int]:
     out = [b.attribute(ATTR_PID, s.pid), b.attribute(ATTR_TID, s.tid),
            b.attribute(ATTR_THREAD_NAME, s.thread_name), b.attribute(ATTR_EXECUTABLE_NAME, s.process_name),
            b.attribute(ATTR_CPU, s.cpu)]
@@ -194,7 +212,7 @@ def _profiles_for_host(b: DictionaryBuilder, host: HostProfile) -> Iterable[Prof
                 # A gauge is its latest value, not a sum over the interval's reports.
                 values, stamps = [s.values[column]], [s.timestamps_ns[-1]] if s.timestamps_ns else []
             else:
-                values, stamps = [v[column] for v in s.series], s.timestamps_ns
+                values, stamps = list(map(itemgetter(column), s.series)), s.timestamps_ns
             if not any(values):
                 continue
             profile.samples.append(Sample(stack_index=stack_index, attribute_indices=attrs, values=values,

@@ -23,6 +23,7 @@ from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.otlp_sender import OtlpSender
+from aggregator.gc_policy import restore_thresholds, use_aggregator_thresholds
 from aggregator.intake import Intake
 from aggregator.merge import Merger
 from aggregator.otlp import encode_request
@@ -52,6 +53,7 @@ async def run_aggregator(
 ) -> Counters:
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
+    previous_gc = use_aggregator_thresholds()
     merger = Merger()
     maybe_nc = await connect_when_available(settings.nats, name="stackfleet-aggregator", counters=counters,
                                             stop=stop)
@@ -74,7 +76,7 @@ async def run_aggregator(
     exported = ExportedMessages()
     if settings.nats.jetstream:
         consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set, exported,
-                                          writer.markers() if writer is not None else [])
+                                          writer.markers() if writer is not None else [], ledger)
     else:
         consumers = await start_core(nc, settings, intake)
     # Agents already running hold dictionaries we have never seen (or that aged out of the
@@ -154,6 +156,7 @@ async def run_aggregator(
             await export_once()
         if sender is not None:
             await sender.close(timeout_s=5.0)
+        restore_thresholds(previous_gc)
         log.info("aggregator stopped: %s", counters.snapshot())
     return counters
 

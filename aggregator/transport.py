@@ -62,13 +62,29 @@ class AckLedger:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self._finished: list[Msg] = []
+        self._held: set[int] = set()  # stream sequences of _finished
 
     def finished(self, token: object) -> None:
         if isinstance(token, Msg):
             self._finished.append(token)
+            seq = _stream_seq(token)
+            if seq is not None:
+                self._held.add(seq)
+
+    def holds(self, msg: Msg) -> bool:
+        """True when ``msg`` is a redelivery of a message this replica finished but has not acked.
+
+        JetStream redelivers after ``ack_wait`` even to the replica still holding the first
+        delivery (an overloaded replica's exports can lag that long); merging it again would
+        count its samples twice. The caller adds it with :meth:`finished` instead, so this
+        delivery too is acked after the export that holds the first one.
+        """
+        seq = _stream_seq(msg)
+        return seq is not None and seq in self._held
 
     def take(self) -> list[Msg]:
         done, self._finished = self._finished, []
+        self._held = set()
         return done
 
     async def ack(self, nc: NATS, msgs: list[Msg]) -> None:
@@ -87,6 +103,14 @@ class AckLedger:
 
 
 Stopper = Callable[[], bool]
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    """The stream sequence of a JetStream message (None for anything else)."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:  # not a JetStream delivery (no or foreign reply subject)
+        return None
 
 
 class Consumers:
@@ -115,12 +139,13 @@ class Consumers:
 
 async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake, counters: Counters,
                           stopping: Stopper, exported: ExportedMessages | None = None,
-                          markers_on_disk: Iterable[ExportMarker] = ()) -> Consumers:
+                          markers_on_disk: Iterable[ExportMarker] = (), ledger: AckLedger | None = None) -> Consumers:
     """Ensure the stream, create/bind both consumers, catch up on dictionaries, start pulling.
 
-    ``exported`` records the messages already in an export (those on disk from before a
-    restart are loaded here, above the consumer's ack floor): a redelivered one is acked
-    and skipped instead of merged a second time.
+    A redelivered samples message is not merged a second time: ``ledger`` knows the ones this
+    replica holds merged but not yet exported (JetStream redelivers after ``ack_wait`` even to
+    the replica holding it), ``exported`` the ones already in an export (those on disk from
+    before a restart are loaded here, above the consumer's ack floor).
     """
     exported = exported if exported is not None else ExportedMessages()
     js = nc.jetstream(timeout=settings.nats.jetstream_timeout_s)
@@ -146,6 +171,10 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
         log.info("JetStream: %d export(s) on disk hold messages above the ack floor %s", loaded, floor)
 
     async def on_samples(m: Msg) -> None:
+        if ledger is not None and ledger.holds(m):
+            counters.inc("messages_redelivered_held")
+            ledger.finished(m)  # acked with the export that holds the first delivery
+            return
         if exported.already_exported(m):
             counters.inc("messages_already_exported")
             try:

@@ -13,14 +13,14 @@ Measured in one run on this machine:
 - agent resident memory at the end of the run (the soak test watches it for an hour);
 - agent start to first samples, BPF compile included;
 - aggregator intake: N simulated hosts at 99 Hz x 2 CPUs through a real nats-server, and
-  whether the aggregator keeps up (samples received / published) and its CPU.
+  whether the aggregator keeps up (samples exported in time / published) and its CPU
+  (phases and definitions in benchmarks/intake.py).
 Results print as a table and go to benchmarks/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.intake import aggregator_intake
 from benchmarks.measure import (
     Stat,
     bpf_runtime_ns,
@@ -197,88 +198,6 @@ def _raw(msg: bytes | None) -> bytes:
     from shared.wire import ZSTD_MAGIC
 
     return zstandard.ZstdDecompressor().decompressobj().decompress(msg) if msg[:4] == ZSTD_MAGIC else msg
-
-
-async def _publish_hosts(nats_url: str, hosts: int, seconds: int) -> tuple[int, float]:
-    """Publish pre-encoded traffic of ``hosts`` simulated hosts at real rate.
-
-    Returns (samples sent, seconds the publishing took): when the simulator cannot keep the
-    real rate on this machine, the achieved rate is reported rather than assumed."""
-    import nats
-
-    from benchmarks.host_simulator import SimulatedHost
-    from shared.profile_types import ProfileType
-    from shared.subjects import dict_subject, samples_subject
-
-    nc = await nats.connect(nats_url, name="host-simulator", pending_size=64 * 2**20)
-    sims = [SimulatedHost(i, distinct_stacks=200) for i in range(hosts)]
-    t0 = time.time_ns()
-    # Pre-encode so the simulator's own Python cost does not limit the rate under test.
-    # Every dictionary delta is published before any samples that need it.
-    batches: list[list[bytes]] = []
-    for s in sims:
-        encoded = [s.encode(t0 + k * 10**9, 1, 99, 2) for k in range(3)]
-        for d, _ in encoded:
-            if d:
-                await nc.publish(dict_subject(ProfileType.CPU, s.name), d)
-        batches.append([m or b"" for _, m in encoded])
-    await nc.flush()
-    await asyncio.sleep(1)
-    sent = 0
-    start = time.monotonic()
-    for second in range(seconds):
-        for i, s in enumerate(sims):
-            await nc.publish(samples_subject(ProfileType.CPU, s.name), batches[i][second % 3] or b"")
-            if i % 50 == 0:
-                await asyncio.sleep(0)
-        sent += 198 * hosts
-        await nc.flush()
-        delay = start + second + 1 - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-    duration = time.monotonic() - start
-    await nc.drain()
-    return sent, duration
-
-
-def aggregator_intake(hosts: int, seconds: int) -> dict[str, Any]:
-    """Drive a real aggregator process with ``hosts`` simulated hosts; did it keep up?"""
-    with NatsServer() as nats, tempfile.TemporaryDirectory() as out:
-        agg = subprocess.Popen([STACKFLEET, "aggregator", "--nats", nats.url, "--otlp-endpoint", "",
-                                "--output-dir", out, "--export-interval", "10", "--log-level", "WARNING"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(2)
-            cpu0, t0 = process_cpu_s(agg.pid), time.monotonic()
-            sent, publish_s = asyncio.run(_publish_hosts(nats.url, hosts, seconds))
-            time.sleep(3)  # let the aggregator drain what is queued
-            elapsed = time.monotonic() - t0
-            cpu = process_cpu_s(agg.pid) - cpu0
-        finally:
-            agg.terminate()  # SIGTERM: the aggregator exports its last interval before exiting
-            agg.wait(60)
-        received = _received_from_log(out)
-    return {"hosts": hosts, "samples_published": sent, "samples_exported": received,
-            "achieved_host_seconds_per_s": sent / 198 / publish_s,
-            "kept_up_ratio": received / sent if sent else 0.0,
-            "aggregator_cpu_pct_of_core": 100 * cpu / elapsed}
-
-
-def _received_from_log(out_dir: str) -> int:
-    """Samples that reached the exported profiles (counted from the .otlp.pb files)."""
-    from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
-        ExportProfilesServiceRequest,
-    )
-
-    total = 0
-    for f in Path(out_dir).glob("*.otlp.pb"):
-        req = ExportProfilesServiceRequest()
-        req.ParseFromString(f.read_bytes())
-        for rp in req.resource_profiles:
-            for sp in rp.scope_profiles:
-                for p in sp.profiles:
-                    total += sum(len(s.timestamps_unix_nano) or 1 for s in p.samples)
-    return total
 
 
 TARGETS = {

@@ -7,6 +7,7 @@ import asyncio
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from agent.outbox import MemoryOutbox, Outgoing
@@ -81,3 +82,22 @@ def test_outbox_drops_oldest_beyond_either_bound_and_counts_samples() -> None:
     item = box.pop()
     box.push_back(item)  # a failed publish goes back in front, order kept
     assert box.pop() is item
+
+
+def _delivery(stream_seq: int, delivered: int) -> Msg:
+    """A samples message as the pull consumer hands it over (the ack subject carries its sequences)."""
+    reply = (f"$JS.ACK.STACKFLEET.stackfleet-aggregators.{delivered}.{stream_seq}.{stream_seq + 100}"
+             ".1700000000000000000.0")
+    return Msg(_client=None, subject="stackfleet.v1.samples.cpu.h", reply=reply, data=b"")  # type: ignore[arg-type]
+
+
+def test_a_redelivery_of_a_held_message_is_recognised_until_the_export_acks_it() -> None:
+    ledger = transport.AckLedger(Counters())
+    first = _delivery(17, delivered=1)
+    ledger.finished(first)
+    again, other = _delivery(17, delivered=2), _delivery(18, delivered=1)
+    assert ledger.holds(again) and not ledger.holds(other)
+    ledger.finished(again)
+    assert ledger.take() == [first, again]  # both deliveries are acked after the export
+    assert not ledger.holds(_delivery(17, delivered=3))  # acked: a later delivery is new work
+    assert not ledger.holds(Msg(_client=None, subject="s", reply="", data=b""))  # type: ignore[arg-type]

@@ -112,6 +112,22 @@ def test_gap_in_dictionary_is_rejected_without_partial_apply() -> None:
     assert (d.strings, d.stacks) == before
 
 
+@pytest.mark.parametrize(("table", "row", "reason"), [
+    ("locations", [1, 4198400, 1, True, 1], "bad_location"),  # a bool is not an id
+    ("locations", [1, 4198400, 1, -1, 1], "bad_location"),
+    ("locations", [1, 4198400, 1, 10, 2], "bad_frame_type"),  # string 2 is not a frame type
+    ("mappings", [1, 2, 0, 1, 1.5], "bad_mapping"),
+    ("functions", [1], "bad_function"),
+])
+def test_malformed_dictionary_rows_are_rejected(table: str, row: list[object], reason: str) -> None:
+    body = {"strings": [1, ["native", "app.c"]], "mappings": [1, [[1, 2, 0, 1, 0]]],
+            "functions": [1, [[2, 2]]], "locations": [1, [[1, 4198400, 1, 10, 1]]]}
+    body[table] = [1, [row]]
+    with pytest.raises(WireError) as err:
+        StreamDictionary(epoch=1).apply(body)
+    assert err.value.reason == reason
+
+
 def test_dictionary_is_bounded_by_epochs() -> None:
     enc = StreamEncoder("host-a", ProfileType.CPU, "agent1", max_entries=10)
     for i in range(30):
@@ -218,3 +234,17 @@ def test_large_messages_are_compressed_and_decompression_is_bounded() -> None:
     with pytest.raises(WireError) as err:
         unpack(ZSTD_MAGIC + b"\x00" * 20)
     assert err.value.reason in ("bad_compression", "not_msgpack")  # a truncated frame may decode to nothing
+
+
+def test_equal_frames_from_different_streams_are_one_object() -> None:
+    """The exporters deduplicate frames by identity; equal frames of two hosts must be shared."""
+    stack = frames("leaf", "main")
+    got = []
+    for host in ("host-a", "host-b"):
+        dict_msg, samples_msg = StreamEncoder(host, ProfileType.CPU, "agent-" + host).encode(
+            [sample(1, stack)], period=1)
+        assert samples_msg is not None
+        _, decoded = receive(None, dict_msg, samples_msg)
+        got.append(decoded[0].frames)
+    assert got[0] == got[1] == stack
+    assert all(a is b for a, b in zip(got[0], got[1], strict=True))

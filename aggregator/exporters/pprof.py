@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterable
+from typing import Any, cast
 
 from aggregator.profile import FleetProfiles
 from shared.model import Frame
@@ -105,10 +106,41 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
                                  + _bytes(4, line))
         return lid
 
+    # Merged samples share their stream dictionary's stack tuples (and the wire decoder
+    # interns equal frames), so the encoded location list of a stack is cached by identity:
+    # each distinct stack is encoded once, not once per sample, and frames are not hashed by
+    # value per sample. The tuples are kept referenced so an id cannot be reused meanwhile.
+    stack_fields: dict[int, tuple[bytes, tuple[Frame, ...]]] = {}
+    location_varints: dict[int, bytes] = {}
+    located: list[Frame] = []  # keeps the frames behind location_varints alive
+
+    def location_varint(f: Frame) -> bytes:
+        known = location_varints.get(id(f))
+        if known is None:
+            known = location_varints[id(f)] = _varint(location_id(f))
+            located.append(f)
+        return known
+
+    def stack_field(frames: tuple[Frame, ...]) -> bytes:
+        known = stack_fields.get(id(frames))
+        if known is None:
+            # Lookups by identity in C (map over id and dict.get); new frames take the slow path.
+            parts = list(map(location_varints.get, map(id, frames)))
+            body = b"".join(cast(list[bytes], parts) if None not in parts else [location_varint(f) for f in frames])
+            known = (_bytes(1, body) if body else b"", frames)
+            stack_fields[id(frames)] = known
+        return known[0]
+
+    labels: dict[tuple[str, str, int | None], bytes] = {}
+
     def label(key: str, text: str = "", num: int | None = None) -> bytes:
-        body = _int(1, strings(key)) + (_int(2, strings(text)) if text else b"") + \
-            (_key(3, 0) + _varint(num) if num is not None else b"")
-        return _bytes(3, body)
+        cache_key = (key, text, num)
+        encoded = labels.get(cache_key)
+        if encoded is None:
+            body = _int(1, strings(key)) + (_int(2, strings(text)) if text else b"") + \
+                (_key(3, 0) + _varint(num) if num is not None else b"")
+            encoded = labels[cache_key] = _bytes(3, body)
+        return encoded
 
     start = min((p.start_ns for p in fleet.hosts.values()), default=fleet.start_ns)
     end = max((p.end_ns for p in fleet.hosts.values()), default=fleet.end_ns)
@@ -117,13 +149,19 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
         if ptype != profile_type:
             continue
         period = profile.period
+        # A thread's labels are the same for every stack it ran: encoded once per export.
+        sample_labels: dict[tuple[Any, ...], bytes] = {}
         for s in profile.samples.values():
-            body = _packed(1, (location_id(f) for f in s.frames)) + _packed(2, s.values)
-            body += label("host", host) + label("pid", num=s.pid) + label("tid", num=s.tid)
-            body += label("thread", s.thread_name) + label("process", s.process_name)
-            for k, v in s.attributes:
-                body += label(k, v)
-            sample_msgs.append(_bytes(2, body))
+            stack = stack_field(s.frames)  # first: it interns strings, whose order is the file's
+            key = (s.pid, s.tid, s.thread_name, s.process_name, s.attributes)
+            labels_field = sample_labels.get(key)
+            if labels_field is None:
+                labels_field = label("host", host) + label("pid", num=s.pid) + label("tid", num=s.tid)
+                labels_field += label("thread", s.thread_name) + label("process", s.process_name)
+                for k, v in s.attributes:
+                    labels_field += label(k, v)
+                sample_labels[key] = labels_field
+            sample_msgs.append(_bytes(2, stack + _packed(2, s.values) + labels_field))
 
     sample_types = b"".join(_bytes(1, _int(1, strings(vt.type)) + _int(2, strings(vt.unit)))
                             for vt in spec.sample_types)
