@@ -24,6 +24,7 @@ from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.otlp_sender import OtlpSender
 from aggregator.gc_policy import restore_thresholds, use_aggregator_thresholds
+from aggregator.gil_policy import use_switch_interval
 from aggregator.intake import Intake
 from aggregator.merge import Merger
 from aggregator.otlp import encode_request
@@ -53,13 +54,14 @@ async def run_aggregator(
 ) -> Counters:
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
-    previous_gc = use_aggregator_thresholds()
     merger = Merger()
     maybe_nc = await connect_when_available(settings.nats, name="stackfleet-aggregator", counters=counters,
                                             stop=stop)
     if maybe_nc is None:  # stopped before NATS was ever reachable: nothing was taken in
         return counters
     nc = maybe_nc
+    previous_gc = use_aggregator_thresholds()
+    previous_switch = use_switch_interval(settings.gil_switch_interval_s)
 
     async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
         await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
@@ -157,6 +159,7 @@ async def run_aggregator(
         if sender is not None:
             await sender.close(timeout_s=5.0)
         restore_thresholds(previous_gc)
+        use_switch_interval(previous_switch)
         log.info("aggregator stopped: %s", counters.snapshot())
     return counters
 

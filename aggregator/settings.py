@@ -75,6 +75,8 @@ class AggregatorSettings(BaseSettings):
     # Messages delivered but not yet acked, across all replicas: at least one export interval's
     # worth of sample messages of the whole fleet (about hosts x types x interval / flush interval).
     max_ack_pending: int = Field(default=100_000, ge=100)
+    # How often the export thread must hand the GIL to intake (aggregator/gil_policy.py).
+    gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
 
     @model_validator(mode="after")
     def _ack_wait_covers_export(self) -> AggregatorSettings:

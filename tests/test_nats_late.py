@@ -4,6 +4,7 @@ keeps its batches meanwhile, and everything arrives once the server comes up."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.test_export_durability import PERIOD, cpu_samples, wait_for
 async def test_services_started_before_nats_wait_for_it_and_lose_nothing(tmp_path: Path) -> None:
     port = free_port()
     settings = NatsSettings(url=f"nats://127.0.0.1:{port}")
+    switch_interval = sys.getswitchinterval()
     agent_counters, agg_counters = Counters(), Counters()
     stop = asyncio.Event()
     aggregator = asyncio.create_task(run_aggregator(
@@ -39,9 +41,11 @@ async def test_services_started_before_nats_wait_for_it_and_lose_nothing(tmp_pat
     with NatsServer(port=port):
         assert await wait_for(lambda: agent_counters.get("samples_published") == 100, 30), agent_counters.snapshot()
         assert await wait_for(lambda: agg_counters.get("samples_received") == 100, 30), agg_counters.snapshot()
+        assert sys.getswitchinterval() == 0.0005  # while it runs (aggregator/gil_policy.py)
         await publisher.close()
         stop.set()
         await asyncio.wait_for(aggregator, 30)
+    assert sys.getswitchinterval() == switch_interval  # an embedding process gets its own back
 
 
 async def test_an_aggregator_stopped_before_nats_ever_came_returns() -> None:
