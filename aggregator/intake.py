@@ -58,11 +58,16 @@ class Intake:
         max_parked: int = 10_000,
         park_timeout_s: float = 5.0,
         on_done: Callable[[object], None] | None = None,
+        on_expired: Callable[[object], Awaitable[bool]] | None = None,
     ) -> None:
         self.counters = counters
         # Called with a samples message's token once the message is finished with (merged,
         # rejected, stale or dropped): the JetStream transport acks it after the next export.
         self.on_done = on_done
+        # Called with the token of a message parked longer than park_timeout_s; True means the
+        # transport will deliver it again later (JetStream: nak with a delay), so it is not
+        # dropped: a dictionary held up by a NATS node failover then still arrives in time.
+        self.on_expired = on_expired
         self.deliver = deliver
         self.request_resync = request_resync
         self.max_parked = max_parked
@@ -193,10 +198,15 @@ class Intake:
         now = time.monotonic()
         while self.parked and now - self.parked[0].arrived > self.park_timeout_s:
             p = self.parked.popleft()
-            self.counters.inc("messages_dropped", reason="dictionary_missing", host=p.stream.host)
-            self._done(p.token)
-            log.warning("dropped a samples message from %s/%s: its dictionary never arrived",
-                        p.stream.host, p.stream.profile_type.value)
+            if self.on_expired is not None and p.token is not None and await self.on_expired(p.token):
+                self.counters.inc("messages_deferred", reason="dictionary_missing", host=p.stream.host)
+                log.info("a samples message from %s/%s waits for its dictionary: redelivered later",
+                         p.stream.host, p.stream.profile_type.value)
+            else:
+                self.counters.inc("messages_dropped", reason="dictionary_missing", host=p.stream.host)
+                self._done(p.token)
+                log.warning("dropped a samples message from %s/%s: its dictionary never arrived",
+                            p.stream.host, p.stream.profile_type.value)
             await self._resync(p.stream, self.streams.get(p.stream), "dictionary missing")
         for key in [k for k, s in self.streams.items() if now - s.last_seen > STREAM_IDLE_TIMEOUT_S]:
             del self.streams[key]

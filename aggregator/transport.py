@@ -104,6 +104,32 @@ class AckLedger:
 
 Stopper = Callable[[], bool]
 
+# A samples message whose dictionary has not arrived is delivered again this many times, each
+# after DEFER_DELAY_S (plus the intake's park timeout), before it is dropped and counted.
+MAX_DEFERRED_DELIVERIES = 6
+DEFER_DELAY_S = 5.0
+
+
+async def defer_redelivery(token: object) -> bool:
+    """Hand a JetStream message back for a later redelivery; False once it has had its chances.
+
+    Used for samples whose dictionary is late (e.g. the dictionary consumer is waiting for a
+    new leader after a NATS node died): unacked, they are not lost, just merged later.
+    """
+    if not isinstance(token, Msg):
+        return False
+    try:
+        delivered = token.metadata.num_delivered
+    except Exception:  # not a JetStream message
+        return False
+    if delivered >= MAX_DEFERRED_DELIVERIES:
+        return False
+    try:
+        await token.nak(delay=DEFER_DELAY_S)
+    except Exception:  # NATS away: never acked, so the stream redelivers it after ack_wait anyway
+        log.debug("nak failed; the message comes back after ack_wait")
+    return True
+
 
 def _stream_seq(msg: Msg) -> int | None:
     """The stream sequence of a JetStream message (None for anything else)."""
