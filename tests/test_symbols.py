@@ -174,8 +174,11 @@ def test_vdso_frames_are_named() -> None:
 
     from agent.symbols.procmaps import read_maps
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(5)"],
+                             stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        child.stdout.readline()  # exec'd and running: its maps are its own, with the vDSO
         vdso = next(e for e in read_maps(child.pid) if e.path == "[vdso]")
         sym = Symbolizer()
         names = set()
