@@ -32,7 +32,10 @@ class AgentSettings(BaseSettings):
     frequency_hz: int = Field(default=99, ge=1, le=1000)
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
-    max_pending_events: int = Field(default=50_000, ge=100)
+    # A record is ~4 KiB (stack plus Python frames): 8,192 is ~32 MiB and 40 s of CPU samples at
+    # 99 Hz x 2 CPUs, enough to ride out a stalled symbolizer (a big binary's first tables);
+    # 50,000 let a stall hold ~200 MiB (measured with tracemalloc).
+    max_pending_events: int = Field(default=8_192, ge=100)
     ringbuf_pages: int = Field(default=256, ge=8)
     # Outgoing NATS messages waiting to be published (e.g. while NATS is unreachable); beyond
     # either bound the oldest are dropped and counted. At ~1 message/s per profile type the
