@@ -148,7 +148,7 @@ def test_callback_under_libc_qsort_shows_frames_beyond_libc(unwound: Profiled, f
     hit, total = _beyond_libc(unwound)
     # The issue asks that such stacks show frames beyond libc; 90 % is the bar for the plain
     # chain above. Through glibc's recursive merge sort, fresh-clone runs on a loaded machine
-    # gave 86 - 88 % (a quiet one ~95 %); frame pointers alone give almost none.
+    # gave 86 - 88 % (quiet ones above 90 %); frame pointers alone give almost none.
     assert total >= 50 and hit >= 0.8 * total, f"{hit}/{total} compare_slow samples reach main through libc"
     fp_hit, fp_total = _beyond_libc(frame_pointers_only)
     assert fp_total and fp_hit <= 0.5 * fp_total, f"frame pointers alone: {fp_hit}/{fp_total}"
