@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker
+from aggregator.exported_messages import ExportedMessages, ExportMarker, stream_position
 from aggregator.intake import Intake
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
@@ -67,9 +67,9 @@ class AckLedger:
     def finished(self, token: object) -> None:
         if isinstance(token, Msg):
             self._finished.append(token)
-            seq = _stream_seq(token)
-            if seq is not None:
-                self._held.add(seq)
+            pos = stream_position(token)
+            if pos is not None:
+                self._held.add(pos[1])
 
     def holds(self, msg: Msg) -> bool:
         """True when ``msg`` is a redelivery of a message this replica finished but has not acked.
@@ -79,8 +79,8 @@ class AckLedger:
         count its samples twice. The caller adds it with :meth:`finished` instead, so this
         delivery too is acked after the export that holds the first one.
         """
-        seq = _stream_seq(msg)
-        return seq is not None and seq in self._held
+        pos = stream_position(msg)
+        return pos is not None and pos[1] in self._held
 
     def take(self) -> list[Msg]:
         done, self._finished = self._finished, []
@@ -118,25 +118,14 @@ async def defer_redelivery(token: object) -> bool:
     """
     if not isinstance(token, Msg):
         return False
-    try:
-        delivered = token.metadata.num_delivered
-    except Exception:  # not a JetStream message
-        return False
-    if delivered >= MAX_DEFERRED_DELIVERIES:
+    pos = stream_position(token)
+    if pos is None or pos[3] >= MAX_DEFERRED_DELIVERIES:  # core NATS, or it has had its chances
         return False
     try:
         await token.nak(delay=DEFER_DELAY_S)
     except Exception:  # NATS away: never acked, so the stream redelivers it after ack_wait anyway
         log.debug("nak failed; the message comes back after ack_wait")
     return True
-
-
-def _stream_seq(msg: Msg) -> int | None:
-    """The stream sequence of a JetStream message (None for anything else)."""
-    try:
-        return int(msg.metadata.sequence.stream)
-    except Exception:  # not a JetStream delivery (no or foreign reply subject)
-        return None
 
 
 class Consumers:
