@@ -31,7 +31,7 @@ from agent.spool import DiskOutbox
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
 from shared.model import Sample
-from shared.nats_connection import connect_when_available
+from shared.nats_connection import connect
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT, dict_subject, samples_subject
 from shared.tasks import cancel_and_wait
@@ -76,10 +76,8 @@ class Publisher(SampleSink):
         self._sender = asyncio.create_task(self._send_loop(), name="publisher-send")
 
     async def _connect(self) -> None:
-        """Connect, retrying while NATS is not there yet (the agent samples meanwhile)."""
-        nc = await connect_when_available(self.settings.nats, name=f"stackfleet-agent@{self.host}",
-                                          counters=self.counters)
-        assert nc is not None  # without a stop event it returns only once connected
+        """Connect; nats-py retries while NATS is not there yet (the agent samples meanwhile)."""
+        nc = await connect(self.settings.nats, name=f"stackfleet-agent@{self.host}", counters=self.counters)
         await nc.subscribe(RESYNC_SUBJECT, cb=self._on_resync)
         if self.settings.nats.jetstream:
             self._js = nc.jetstream(timeout=self.settings.nats.jetstream_timeout_s)

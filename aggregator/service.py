@@ -55,8 +55,7 @@ async def run_aggregator(
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
     merger = Merger()
-    maybe_nc = await connect_when_available(settings.nats, name="stackfleet-aggregator", counters=counters,
-                                            stop=stop)
+    maybe_nc = await connect_when_available(settings.nats, "stackfleet-aggregator", stop, counters)
     if maybe_nc is None:  # stopped before NATS was ever reachable: nothing was taken in
         return counters
     nc = maybe_nc

@@ -118,9 +118,8 @@ async def connect(s: NatsSettings, name: str, counters: Counters | None = None, 
     return await nats.connect(**options)
 
 
-
-async def connect_when_available(s: NatsSettings, name: str, counters: Counters | None = None,
-                                 stop: asyncio.Event | None = None, **callbacks: Any) -> NATS | None:
+async def connect_when_available(s: NatsSettings, name: str, stop: asyncio.Event, counters: Counters | None = None,
+                                 **callbacks: Any) -> NATS | None:
     """:func:`connect`, which waits for a server that is not there yet; None if ``stop`` is set first.
 
     With unlimited reconnects nats-py also retries the very first connection forever (each
@@ -128,8 +127,6 @@ async def connect_when_available(s: NatsSettings, name: str, counters: Counters 
     started before NATS waits for it. That wait must not outlive a shutdown request.
     """
     connecting = asyncio.ensure_future(connect(s, name, counters, **callbacks))
-    if stop is None:
-        return await connecting
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if connecting.done():
