@@ -59,18 +59,14 @@ class _Lru(OrderedDict[object, object]):
         # after insertion (line tables are built lazily), so the sum is taken at each insert.
         self.max_bytes = max_bytes
 
-    def _over_budget(self) -> bool:
-        if len(self) > self.capacity:
-            return True
-        if self.max_bytes is None or len(self) <= 1:
-            return False
-        return sum(getattr(v, "estimated_bytes", lambda: 0)() for v in self.values()) > self.max_bytes
-
     def put(self, key: object, value: object) -> None:
         self[key] = value
         self.move_to_end(key)
-        while self._over_budget():
+        # Summed once per insert, then reduced by what each eviction frees.
+        total = sum(_estimated_bytes(v) for v in self.values()) if self.max_bytes is not None else 0
+        while len(self) > self.capacity or (self.max_bytes is not None and len(self) > 1 and total > self.max_bytes):
             _, evicted = self.popitem(last=False)
+            total -= _estimated_bytes(evicted)
             self.evictions += 1
             close = getattr(evicted, "close", None)
             # A file shared by several keys (same build) is left to the garbage collector.
@@ -82,6 +78,12 @@ class _Lru(OrderedDict[object, object]):
         if value is not None:
             self.move_to_end(key)
         return value
+
+
+def _estimated_bytes(value: object) -> int:
+    """Memory an entry says it holds (ElfSymbols.estimated_bytes); 0 for entries that do not say."""
+    estimate = getattr(value, "estimated_bytes", None)
+    return int(estimate()) if estimate is not None else 0
 
 
 @dataclass
