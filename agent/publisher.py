@@ -41,6 +41,7 @@ log = logging.getLogger("stackfleet.agent.publisher")
 
 
 RETRY_INITIAL_S = 0.2
+DUPLICATE_ID_IN_PROCESS = 10158  # JetStream err_code
 RETRY_MAX_S = 5.0
 
 
@@ -147,7 +148,9 @@ class Publisher(SampleSink):
             except (NoStreamResponseError, ServiceUnavailableError) as exc:
                 await self._stream_missing(item, exc)
             except APIError as exc:
-                if exc.code is not None and 400 <= exc.code < 500:  # the server refuses this message
+                # 10158: the first attempt under this Nats-Msg-Id is still being stored (a timed-out
+                # publish retried during a cluster failover): transient, so retried, not dropped.
+                if exc.err_code != DUPLICATE_ID_IN_PROCESS and exc.code is not None and 400 <= exc.code < 500:
                     self.outbox.drop(item, "rejected_by_server")
                     log.warning("JetStream refused a message for %s: %s", item.subject, exc)
                     continue
