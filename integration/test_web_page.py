@@ -52,6 +52,7 @@ def browser() -> Any:
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, shown on failure
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
@@ -109,6 +110,14 @@ def drive_page(base: str, shots: Path) -> dict[str, Any]:
         driver.save_screenshot(str(shots / "failure.png"))
         print(f"failed at {seen.keys()}; status {driver.find_element(By.ID, 'status').text!r}; "
               f"screenshot: {shots / 'failure.png'}")
+        print("browser console:", driver.get_log("browser"))
+        for path in ("api/types?since=15m", "api/hosts?type=cpu&since=15m", "static/app.js"):
+            started = time.monotonic()
+            try:
+                size = len(fetch(f"{base}/{path}"))
+                print(f"server answers {path}: {size} bytes in {time.monotonic() - started:.1f} s")
+            except OSError as exc:
+                print(f"server does not answer {path}: {exc!r} after {time.monotonic() - started:.1f} s")
         raise
     finally:
         driver.quit()

@@ -1,11 +1,12 @@
 """CPU workload for the CPython-frames test: main -> handler -> compute, spinning in compute.
 
-Spins briefly in ``warm_up`` first (so the agent meets the process and loads what it
-needs for it), prints "ready", then runs main -> handler -> compute for argv[1] seconds
-after reading a line on stdin (the test's go signal: the test measures steady state, not
-how fast a new process is discovered).
+Prints "ready" and spins in ``warm_up`` until a line arrives on stdin (so the agent meets
+the process and loads what it needs for it: the test sends that line once the agent's
+profile shows ``warm_up`` as a Python frame), then runs main -> handler -> compute for
+argv[1] seconds. The test measures steady state, not how fast a new process is discovered.
 """
 
+import select
 import sys
 import time
 
@@ -23,13 +24,14 @@ def handler(seconds: float) -> int:
 
 
 def warm_up() -> None:
-    compute(time.monotonic() + 0.3)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        compute(time.monotonic() + 0.01)
+    sys.stdin.readline()
 
 
 def main() -> None:
-    warm_up()
     print("ready", flush=True)
-    sys.stdin.readline()
+    warm_up()
     handler(float(sys.argv[1]))
 
 
