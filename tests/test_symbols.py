@@ -237,3 +237,31 @@ def test_file_cache_is_bounded_by_bytes_too(tmp_path: Path) -> None:
     finally:
         for t in targets:
             t.stop()
+
+
+def test_kernel_symbols_compact_table_matches_kallsyms(tmp_path: Path) -> None:
+    """Unsorted input, data symbols left out, module names kept, lookups between symbols."""
+    from agent.symbols.kallsyms import KernelSymbols
+
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffffffff81000200 T second\n"
+                        "ffffffff81000100 t first\n"
+                        "ffffffff81000150 D some_data\n"
+                        "ffffffffc0000000 t mod_fn\t[nf_tables]\n"
+                        "0000000000000000 T hidden\n")
+    table = KernelSymbols(str(kallsyms))
+    assert table.usable and len(table) == 3
+    assert table.lookup(0xFFFFFFFF81000100) == "first"
+    assert table.lookup(0xFFFFFFFF81000180) == "first"  # the data symbol does not end a function
+    assert table.lookup(0xFFFFFFFF81000204) == "second"
+    assert table.lookup(0xFFFFFFFFC0000010) == "mod_fn [nf_tables]"
+    assert table.lookup(0xFFFFFFFF81000000) == ""
+
+
+def test_kernel_symbols_without_addresses_are_unusable(tmp_path: Path) -> None:
+    from agent.symbols.kallsyms import KernelSymbols
+
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("0000000000000000 T hidden\n")
+    assert not KernelSymbols(str(kallsyms)).usable
+    assert not KernelSymbols(str(tmp_path / "missing")).usable
