@@ -43,6 +43,9 @@ from shared.profile_types import ProfileType
 log = logging.getLogger("stackfleet.goroutine")
 DISCOVERY_INTERVAL_S = 2.0
 CURRENT_SCAN_INTERVAL_S = 1.0
+# Binaries known not to be Go (file identities): forgotten all at once past this many, so a
+# host that keeps building new binaries costs a re-check now and then, not ever more memory.
+MAX_NOT_GO = 16_384
 StackKey = tuple[Frame, ...]
 AttrKey = tuple[tuple[str, str], ...]
 
@@ -52,6 +55,7 @@ class _GoProcess:
     info: GoRuntimeInfo
     comm: str
     exe_path: str
+    identity: tuple[int, int, int, int]
     # start PC -> creation stack -> live goroutines
     live: dict[int, Counter[StackKey]] = dataclasses.field(default_factory=dict)
     start_frames: dict[int, Frame] = dataclasses.field(default_factory=dict)
@@ -74,6 +78,8 @@ class GoroutineActor(RingBufferActor):
         self._not_go: set[tuple[int, int, int, int]] = set()
         self._discovered = 0.0
         self._scanned = 0.0
+        # Symbol tables of Go binaries with a live process (a table can be megabytes: dropped
+        # with the binary's last process).
         self._tables: dict[tuple[int, int, int, int], GoSymbolTable | None] = {}
 
     def period(self) -> int:
@@ -106,7 +112,7 @@ class GoroutineActor(RingBufferActor):
                 continue
             info = go_runtime_info(exe, identity)
             if info is None:
-                self._not_go.add(identity)
+                self._remember_not_go(identity)
                 continue
             self._probe(pid, info, identity)
         for pid in set(self._processes) - alive:
@@ -117,6 +123,14 @@ class GoroutineActor(RingBufferActor):
                 del self.bpf["go_procs"][ctypes.c_uint32(pid)]
             except KeyError:
                 pass
+        running = {proc.identity for proc in self._processes.values()}
+        for identity in [i for i in self._tables if i not in running]:
+            del self._tables[identity]
+
+    def _remember_not_go(self, identity: tuple[int, int, int, int]) -> None:
+        if len(self._not_go) >= MAX_NOT_GO:
+            self._not_go.clear()
+        self._not_go.add(identity)
 
     def _probe(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> None:
         path = os.path.realpath(f"/proc/{pid}/exe")
@@ -128,7 +142,7 @@ class GoroutineActor(RingBufferActor):
             except Exception as exc:
                 log.warning("cannot probe Go binary %s (pid %d): %s", path, pid, exc)
                 self.ctx.counters.inc("go_processes_skipped", reason="uprobe_failed")
-                self._not_go.add(identity)
+                self._remember_not_go(identity)
                 self.ctx.counters.inc("errors", kind=type(exc).__name__)
                 return
             self._probed_binaries.add(identity)
@@ -136,7 +150,7 @@ class GoroutineActor(RingBufferActor):
             self.bpf["go_procs"][ctypes.c_uint32(pid)] = ctypes.c_uint32(info.startpc_offset)
         else:
             self.ctx.counters.inc("go_processes_without_exit_tracking")
-        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path,
+        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path, identity,
                                           reader=self._reader(pid, info, identity))
         self.ctx.counters.inc("go_processes_probed")
 
