@@ -11,6 +11,8 @@ import bisect
 import logging
 from array import array
 
+from agent.symbols.packed_names import PackedNames
+
 log = logging.getLogger("stackfleet.symbols")
 
 
@@ -19,8 +21,7 @@ class KernelSymbols:
 
     def __init__(self, path: str = "/proc/kallsyms") -> None:
         self.addresses: array[int] = array("Q")
-        self._name_starts: array[int] = array("I")
-        self._names = b""
+        self._names = PackedNames()
         self.usable = False
         try:
             self._load(path)
@@ -41,23 +42,13 @@ class KernelSymbols:
                 if addr:
                     rows.append((addr, parts[2] if len(parts) == 3 else parts[2] + b" " + parts[3]))
         rows.sort()
-        blob = bytearray()
-        starts = array("I")
-        for _, name in rows:
-            starts.append(len(blob))
-            blob += name
-        starts.append(len(blob))  # the end of the last name
         self.addresses = array("Q", (a for a, _ in rows))
-        self._name_starts = starts
-        self._names = bytes(blob)
+        self._names = PackedNames(n for _, n in rows)
         # Without CAP_SYSLOG (or with kptr_restrict) every address reads as 0.
         self.usable = bool(rows)
         if not self.usable:
             log.warning("/proc/kallsyms shows no addresses (kptr_restrict?): kernel frames stay unsymbolized")
 
-    def name(self, index: int) -> str:
-        return self._names[self._name_starts[index]:self._name_starts[index + 1]].decode("utf-8", "replace")
-
     def lookup(self, address: int) -> str:
         i = bisect.bisect_right(self.addresses, address) - 1
-        return self.name(i) if i >= 0 else ""
+        return self._names[i] if i >= 0 else ""
