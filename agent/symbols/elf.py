@@ -67,11 +67,13 @@ class ElfSymbols:
     def estimated_bytes(self) -> int:
         """Rough memory this file's tables hold, for the symbolizer's byte-bounded file cache.
 
-        Function symbols: 16 B of start/end plus their packed names. Line rows, measured with
+        Function symbols: 16 B of start/end plus their packed names; a Go table what it holds
+        (its pclntab copy: megabytes for a large Go binary). Line rows, measured with
         tracemalloc on this host's processes: ~80 B each (address, tuple); the ELF headers and
         section objects pyelftools keeps are the fixed part.
         """
-        return 16_384 + 16 * len(self._starts) + self._names.nbytes() + 80 * len(self._line_rows)
+        go_table = self._go_table.nbytes() if self._go_table is not None else 0
+        return 16_384 + 16 * len(self._starts) + self._names.nbytes() + 80 * len(self._line_rows) + go_table
 
     def file_offset_to_vaddr(self, file_offset: int) -> int | None:
         """Translate a file offset (from /proc maps) into the ELF vaddr symbols use."""
