@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,24 @@ def test_non_python_process_is_left_alone() -> None:
     processes = PythonProcesses()
     assert processes.lookup(os.getppid()) is not None  # looked at, found not (or yes) Python: no error
     assert processes.lookup(2**22 + 12345) is None  # no such process
+
+
+def test_exited_python_processes_are_forgotten_and_their_memory_closed() -> None:
+    processes = PythonProcesses()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        entry = None
+        for _ in range(50):  # the interpreter needs a moment to map its libraries
+            entry = processes.lookup(child.pid)
+            if entry is not None and entry.reader is not None:
+                break
+            processes._entries.clear()
+            time.sleep(0.1)
+        assert entry is not None and entry.reader is not None, "the venv's interpreter is a supported CPython"
+        assert processes.sweep_exited(grace_s=0.0) == 0  # alive
+    finally:
+        child.kill()
+        child.wait()
+    assert processes.sweep_exited(grace_s=60.0) == 0  # within the grace period
+    assert processes.sweep_exited(grace_s=0.0) == 1
+    assert entry.reader.memory.closed

@@ -102,6 +102,25 @@ def test_symbols_survive_process_exit_within_a_batch(target: Target) -> None:
     assert sym.symbolize_user(target.pid, [leaf_addr])[0].function == "leaf_function"
 
 
+def test_exited_processes_are_forgotten_after_the_grace_period(target: Target) -> None:
+    """Dead processes' maps do not wait for LRU eviction (a host runs many short-lived ones),
+    but samples that arrive shortly after an exit still symbolize."""
+    sym = Symbolizer()
+    leaf_addr, _ = target.truth["leaf_function"]
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        sym.symbolize_user(sleeper.pid, [1])
+        assert sym.symbolize_user(target.pid, [leaf_addr])[0].function == "leaf_function"
+        target.stop()
+        assert sym.sweep_exited(grace_s=5.0) == 0  # within the grace period
+        assert sym.symbolize_user(target.pid, [leaf_addr])[0].function == "leaf_function"
+        assert sym.sweep_exited(grace_s=0.0) == 1  # the exited target only, not the sleeper
+        assert sym.stats["processes_cached"] == 1
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_file_cache_is_shared_and_bounded(tmp_path: Path) -> None:
     exe = build(tmp_path)
     targets = [Target(exe) for _ in range(3)]

@@ -39,6 +39,8 @@ from shared.counters import Counters
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
+SWEEP_INTERVAL_S = 10.0  # how often the shared caches drop exited processes
+
 log = logging.getLogger("stackfleet.agent")
 
 
@@ -60,6 +62,19 @@ class ActorContext:
     counters: Counters
     clock: MonotonicToUnix
     python: PythonProcesses = field(default_factory=PythonProcesses)
+    _swept: float = field(default_factory=time.monotonic)
+
+    def sweep_exited_processes(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
+        """Forget exited processes in the shared caches, at most every ``interval_s``.
+
+        Called on the symbolization thread (the caches' only user), after a flush."""
+        now = time.monotonic()
+        if now - self._swept < interval_s:
+            return
+        self._swept = now
+        forgotten = self.symbolizer.sweep_exited() + self.python.sweep_exited()
+        if forgotten:
+            self.counters.inc("exited_processes_forgotten", forgotten)
 
 
 class ProfileActor(ABC):
@@ -239,6 +254,7 @@ class RingBufferActor(ProfileActor):
         self.read_bpf_counters()
         samples = self.to_samples(records)
         self.ctx.counters.inc("samples_collected", len(samples), type=self.profile_type.value)
+        self.ctx.sweep_exited_processes()
         return samples
 
 

@@ -59,7 +59,13 @@ class ProcessMemory:
         return int(_PTR.unpack(self.read(address, 8))[0])
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
 
 class CodeReader:

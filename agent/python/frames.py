@@ -17,6 +17,7 @@ Everything here runs on the agent's single symbolization thread.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -76,6 +77,16 @@ class PythonProcesses:
             _, evicted = self._entries.popitem(last=False)
             _close(evicted)
         return entry
+
+    def sweep_exited(self, grace_s: float = NEGATIVE_TTL_S) -> int:
+        """Forget processes gone from /proc for ``grace_s`` (closing their memory readers, which
+        hold an open /proc/PID/mem and a code cache); returns how many."""
+        now = time.monotonic()
+        gone = [pid for pid, e in self._entries.items()
+                if now - e.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
+        for pid in gone:
+            _close(self._entries.pop(pid))
+        return len(gone)
 
     def _probe(self, pid: int, identity: tuple[int, int], now: float) -> _Entry:
         old = self._entries.pop(pid, None)

@@ -45,6 +45,8 @@ IDENTITY_CHECK_S = 1.0
 # managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
 # stat (size, mtime) once this has passed.
 FILE_STAT_TTL_S = 10.0
+# A process gone from /proc this long (since its identity was last confirmed) is forgotten.
+EXITED_GRACE_S = 10.0
 
 
 class _Lru(OrderedDict[object, object]):
@@ -240,6 +242,20 @@ class Symbolizer:
 
     def forget(self, pid: int) -> None:
         self._processes.pop(pid, None)
+
+    def sweep_exited(self, grace_s: float = EXITED_GRACE_S) -> int:
+        """Drop the maps of processes that exited more than ``grace_s`` ago; returns how many.
+
+        Without this a host that runs many short-lived processes keeps up to ``max_processes``
+        dead processes' maps (tens of KB each) until the LRU pushes them out. The grace covers
+        samples taken just before an exit that are still on their way (ring buffer, flush).
+        """
+        now = time.monotonic()
+        gone = [pid for pid, p in self._processes.items()
+                if isinstance(p, _Process) and now - p.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
+        for pid in gone:
+            del self._processes[pid]
+        return len(gone)
 
     # -- processes -------------------------------------------------------------------------
     def _process(self, pid: int, force: bool = False) -> _Process | None:
