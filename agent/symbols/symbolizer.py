@@ -45,6 +45,7 @@ IDENTITY_CHECK_S = 1.0
 # managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
 # stat (size, mtime) once this has passed.
 FILE_STAT_TTL_S = 10.0
+MAX_KERNEL_FRAMES = 16_384  # distinct kernel addresses kept symbolized (~200 B each)
 # A process gone from /proc this long (since its identity was last confirmed) is forgotten.
 EXITED_GRACE_S = 10.0
 
@@ -147,6 +148,7 @@ class Symbolizer:
         # (build id, size) -> ElfSymbols, see _share_by_build_id; only an index, never closes.
         self._builds = _Lru(max_files, close_evicted=False)
         self._kernel: KernelSymbols | None = None
+        self._kernel_frames: dict[int, Frame] = {}
         self._stats = dict.fromkeys(
             ("lookups", "unknown_frames", "unreadable_processes", "elf_errors", "file_cache_hits",
              "file_cache_misses", "maps_reads", "build_id_shares"), 0)
@@ -158,11 +160,25 @@ class Symbolizer:
                 + self._addresses.evictions, "files_cached": len(self._files), "processes_cached": len(self._processes)}
 
     def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
+        # Kernel stacks repeat (timer interrupt, syscall entry, scheduler): one dict lookup per
+        # address instead of a bisect, a name decode and a new Frame every sample.
+        cache = self._kernel_frames
+        frames = []
+        for a in addresses:
+            frame = cache.get(a)
+            if frame is None:
+                frame = self._kernel_frame(a)
+                if len(cache) >= MAX_KERNEL_FRAMES:
+                    cache.clear()  # a kernel has a bounded set of hot addresses: rarely reached
+                cache[a] = frame
+            frames.append(frame)
+        return tuple(frames)
+
+    def _kernel_frame(self, address: int) -> Frame:
         if self._kernel is None:
             self._kernel = KernelSymbols()
         kernel = self._kernel
-        return tuple(Frame(kernel.lookup(a) if kernel.usable else "", "", 0, a, FrameType.KERNEL, KERNEL_MAPPING)
-                     for a in addresses)
+        return Frame(kernel.lookup(address) if kernel.usable else "", "", 0, address, FrameType.KERNEL, KERNEL_MAPPING)
 
     def symbolize_user(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
         """Leaf-first frames for leaf-first ``addresses``. A Go address inside inlined code
@@ -235,6 +251,12 @@ class Symbolizer:
             cached = code.startswith((b"\x55\x48\x89\xe5", b"\x55\x48\x8b\xec"))
             self._addresses.put(key, cached)
         return bool(cached)
+
+    def process_identity(self, pid: int) -> tuple[int, int, int] | None:
+        """(pid, start time, executable inode) as last confirmed (at most a second old), or None
+        for a process never readable: what symbolized results of ``pid`` may be cached under."""
+        process = self._process(pid)
+        return process.identity if process else None
 
     def process_name(self, pid: int) -> str:
         process = self._process(pid)
