@@ -284,3 +284,51 @@ def test_kernel_symbols_without_addresses_are_unusable(tmp_path: Path) -> None:
     kallsyms.write_text("0000000000000000 T hidden\n")
     assert not KernelSymbols(str(kallsyms)).usable
     assert not KernelSymbols(str(tmp_path / "missing")).usable
+
+
+def test_repeated_raw_stacks_are_symbolized_once(target: Target) -> None:
+    """The ring-buffer actors keep symbolized stacks by raw addresses: a hot loop's repeats
+    cost no symbolizer lookups; stacks with unknown frames or a stack copy are not kept."""
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import Any
+
+    from agent.actors.base import ActorContext, RingBufferActor
+    from agent.bpf_events import RawStackEvent
+    from agent.clock import MonotonicToUnix
+    from agent.settings import AgentSettings
+    from shared.counters import Counters
+    from shared.profile_types import ProfileType
+
+    class Actor(RingBufferActor):
+        profile_type = ProfileType.CPU
+        bpf_source = "cpu.bpf.c"
+        python_frames = False
+
+        def attach(self, bpf: Any) -> None:
+            pass
+
+        def period(self) -> int:
+            return 1
+
+        def to_samples(self, records: list[bytes]) -> list[Any]:
+            return []
+
+    sym = Symbolizer()
+    ctx = ActorContext(AgentSettings(), sym, ThreadPoolExecutor(1), None, Counters(),  # type: ignore[arg-type]
+                       MonotonicToUnix())
+    actor = Actor(ctx)
+    leaf, _ = target.truth["leaf_function"]
+    caller, _ = target.truth["caller_function"]
+
+    def event(user: list[int], copy: bytes = b"") -> RawStackEvent:
+        return RawStackEvent(0, 1, 0, target.pid, target.pid, 0, 0, "target", user, [], 0, 0, 0, copy)
+
+    first = actor.frames(event([leaf, caller + 1]))
+    lookups = sym.stats["lookups"]
+    assert actor.frames(event([leaf, caller + 1])) is first  # from the cache: no lookups
+    assert sym.stats["lookups"] == lookups
+    assert [f.function for f in first] == ["leaf_function", "caller_function"]
+    actor.frames(event([leaf, 0x10]))  # an unknown frame: symbolized again next time
+    actor.frames(event([leaf, 0x10]))
+    actor.frames(event([leaf, caller + 1], copy=b"\0" * 64))  # a stack copy: scanned every time
+    assert sym.stats["lookups"] > lookups + 4

@@ -31,6 +31,7 @@ from agent.bpf_loader import BCC_LOCK, cleanup_program, load_program, read_percp
 from agent.clock import MonotonicToUnix
 from agent.memory import release_compiler_memory
 from agent.python import PythonProcesses, PythonStacks
+from agent.python.frames import UNKNOWN_FRAME
 from agent.selectors import ProcessSelector, sync_targets
 from agent.settings import AgentSettings
 from agent.stacks import event_frames
@@ -40,6 +41,9 @@ from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
 SWEEP_INTERVAL_S = 10.0  # how often the shared caches drop exited processes
+# Symbolized stacks kept per actor by their raw addresses (cleared at once when full: hot
+# stacks come back within a flush; ~1 KB each with the key).
+RAW_STACK_CACHE_ENTRIES = 4096
 
 log = logging.getLogger("stackfleet.agent")
 
@@ -115,6 +119,7 @@ class RingBufferActor(ProfileActor):
         self._targets: set[int] = set()
         self._targets_synced = 0.0
         self.python: PythonStacks | None = None
+        self._symbolized_stacks: dict[tuple[Any, ...], tuple[Frame, ...]] = {}
 
     # -- hooks for subclasses -------------------------------------------------------------
     def bpf_defines(self) -> dict[str, int | str]:
@@ -157,8 +162,33 @@ class RingBufferActor(ProfileActor):
                 self.ctx.counters.inc("events_dropped", deltas[slot], type=self.profile_type.value, reason=reason)
 
     def frames(self, ev: RawStackEvent) -> tuple[Frame, ...]:
-        """The event's symbolized stack, leaf first, with Python frames spliced in."""
-        return event_frames(ev, self.ctx.symbolizer, self.ctx.counters, self.profile_type.value, self.python)
+        """The event's symbolized stack, leaf first, with Python frames spliced in.
+
+        A hot loop yields the same raw stack sample after sample: the symbolized result is
+        kept per (process identity, raw addresses), so a repeat costs one dict lookup instead
+        of a symbolizer lookup per frame. Events carrying a stack copy (frames to recover by
+        scanning, different every time) or a stack error (counted per event) are not cached.
+        """
+        symbolizer = self.ctx.symbolizer
+        key = None
+        if not ev.stack_copy and not ev.user_error and not ev.kernel_error:
+            identity = symbolizer.process_identity(ev.pid)
+            if identity is not None:
+                key = (identity, tuple(ev.user), tuple(ev.kernel), ev.python, ev.py_status)
+                cached = self._symbolized_stacks.get(key)
+                if cached is not None:
+                    if self.python is not None:
+                        self.python.note_repeat(ev.pid, ev.py_status)
+                    return cached
+        frames = event_frames(ev, symbolizer, self.ctx.counters, self.profile_type.value, self.python)
+        # Only complete results: a frame left unknown may be named once the process's maps
+        # or code objects are read again (a new process still mapping its libraries).
+        if key is not None and all((f.function or f.mapping is not None) and f.function != UNKNOWN_FRAME
+                                   for f in frames):
+            if len(self._symbolized_stacks) >= RAW_STACK_CACHE_ENTRIES:
+                self._symbolized_stacks.clear()
+            self._symbolized_stacks[key] = frames
+        return frames
 
     def parsed(self, records: list[bytes]) -> Iterator[RawStackEvent]:
         """Decode records, counting (not raising on) malformed ones."""

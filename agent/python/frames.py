@@ -159,12 +159,16 @@ class PythonStacks:
             self.counters.inc("python_processes", result="bpf_map_full")
             log.debug("py_procs update for %d failed: %s", pid, exc)
 
-    def splice(self, pid: int, native: tuple[Frame, ...], records: tuple[tuple[int, int, int], ...],
-               status: int) -> tuple[Frame, ...]:
-        """``native`` (leaf first) with the evaluation-loop frames replaced by Python frames."""
+    def note_repeat(self, pid: int, status: int) -> None:
+        """What ``splice`` does besides splicing, for a stack whose result was cached upstream."""
         self.announce(pid)
         if status:
             self.counters.inc("python_stacks", type=self.type_name, status=PY_STATUS.get(status, "other"))
+
+    def splice(self, pid: int, native: tuple[Frame, ...], records: tuple[tuple[int, int, int], ...],
+               status: int) -> tuple[Frame, ...]:
+        """``native`` (leaf first) with the evaluation-loop frames replaced by Python frames."""
+        self.note_repeat(pid, status)
         if not records:
             return native
         entry = self.processes.lookup(pid)
