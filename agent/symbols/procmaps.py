@@ -32,12 +32,16 @@ class MapEntry:
         return self.inode != 0 and self.path.startswith("/")
 
 
-def parse_maps(text: str) -> list[MapEntry]:
-    """Parse the text of /proc/PID/maps (lines we cannot parse are skipped)."""
+def parse_maps(text: str, executable_only: bool = False) -> list[MapEntry]:
+    """Parse the text of /proc/PID/maps (lines we cannot parse are skipped).
+
+    ``executable_only`` skips other mappings before parsing them: three in four lines of a
+    typical process (data, heap, stacks, read-only segments), and every new process on the
+    host has its maps read by the symbolizer, the unwinder and the CPython probe."""
     entries = []
     for line in text.splitlines():
         parts = line.split(None, 5)
-        if len(parts) < 5:
+        if len(parts) < 5 or (executable_only and "x" not in parts[1]):
             continue
         try:
             lo, hi = parts[0].split("-")
@@ -52,7 +56,7 @@ def parse_maps(text: str) -> list[MapEntry]:
 def read_maps(pid: int) -> list[MapEntry]:
     """Executable mappings of a live process; raises OSError when it is gone or unreadable."""
     with open(f"/proc/{pid}/maps") as f:
-        return [e for e in parse_maps(f.read()) if e.executable]
+        return parse_maps(f.read(), executable_only=True)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
