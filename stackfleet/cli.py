@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from shared.allocator import configure_allocator
 from stackfleet.logging_setup import setup_logging
 
 app = typer.Typer(help="stackfleet: eBPF continuous profiler for a fleet of Linux hosts.", no_args_is_help=True,
@@ -71,6 +72,7 @@ def agent(
 ) -> None:
     """Run the host agent: BPF actors -> symbolization -> NATS."""
     setup_logging(log_level)
+    configure_allocator()
     from agent.main import run_agent
     from agent.settings import AgentSettings
 
@@ -96,6 +98,7 @@ def aggregator(
 ) -> None:
     """Run the aggregator: NATS -> fleet-wide merge -> OTLP + local files + web page."""
     setup_logging(log_level)
+    configure_allocator()
     from aggregator.service import run_aggregator
     from aggregator.settings import AggregatorSettings
 
@@ -123,6 +126,7 @@ def run(
 ) -> None:
     """All in one: an embedded nats-server (unless --nats), the aggregator and this host's agent."""
     setup_logging(log_level)
+    configure_allocator()
     from agent.main import run_agent
     from agent.settings import AgentSettings
     from aggregator.service import run_aggregator
