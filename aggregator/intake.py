@@ -59,6 +59,7 @@ class Intake:
         park_timeout_s: float = 5.0,
         on_done: Callable[[object], None] | None = None,
         on_expired: Callable[[object], Awaitable[bool]] | None = None,
+        message_id: Callable[[object], object] | None = None,
     ) -> None:
         self.counters = counters
         # Called with a samples message's token once the message is finished with (merged,
@@ -68,6 +69,10 @@ class Intake:
         # transport will deliver it again later (JetStream: nak with a delay), so it is not
         # dropped: a dictionary held up by a NATS node failover then still arrives in time.
         self.on_expired = on_expired
+        # What identifies a message across redeliveries (JetStream: stream and sequence), so
+        # that messages handed back and not yet redelivered at shutdown are counted too.
+        self.message_id = message_id
+        self._deferred: dict[object, str] = {}  # message id -> sending host
         self.deliver = deliver
         self.request_resync = request_resync
         self.max_parked = max_parked
@@ -110,6 +115,8 @@ class Intake:
         await self._retry_parked(key)
 
     async def on_samples(self, subject: str, data: bytes, token: object = None) -> None:
+        if self._deferred and self.message_id is not None:
+            self._deferred.pop(self.message_id(token), None)  # a deferred message is back
         try:
             body = unpack(data)
             key, epoch, _seq = header(body, "samples")
@@ -200,6 +207,8 @@ class Intake:
             p = self.parked.popleft()
             if self.on_expired is not None and p.token is not None and await self.on_expired(p.token):
                 self.counters.inc("messages_deferred", reason="dictionary_missing", host=p.stream.host)
+                if self.message_id is not None:
+                    self._deferred[self.message_id(p.token)] = p.stream.host
                 log.info("a samples message from %s/%s waits for its dictionary: redelivered later",
                          p.stream.host, p.stream.profile_type.value)
             else:
@@ -227,6 +236,11 @@ class Intake:
         for p in self.parked:
             self.counters.inc("messages_released", reason="shutdown_parked", host=p.stream.host)
         self.parked.clear()
+        # Handed back for a later redelivery that has not come yet: in the stream, not here.
+        for host in self._deferred.values():
+            self.counters.inc("messages_released", reason="shutdown_deferred", host=host)
+        n += len(self._deferred)
+        self._deferred.clear()
         return n
 
     async def _resync(self, key: StreamKey, state: StreamState | None, reason: str) -> None:

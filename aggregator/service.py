@@ -30,7 +30,7 @@ from aggregator.merge import Merger
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
-from aggregator.transport import AckLedger, defer_redelivery, start_core, start_jetstream
+from aggregator.transport import AckLedger, defer_redelivery, deferral_id, start_core, start_jetstream
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
@@ -67,7 +67,8 @@ async def run_aggregator(
 
     ledger = AckLedger(counters)
     intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
-                    on_done=ledger.finished, on_expired=defer_redelivery if settings.nats.jetstream else None)
+                    on_done=ledger.finished, on_expired=defer_redelivery if settings.nats.jetstream else None,
+                    message_id=deferral_id if settings.nats.jetstream else None)
     writer = None
     if settings.output_dir:
         writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files,

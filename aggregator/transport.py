@@ -110,6 +110,12 @@ MAX_DEFERRED_DELIVERIES = 6
 DEFER_DELAY_S = 5.0
 
 
+def deferral_id(token: object) -> object:
+    """(stream, stream sequence) of a JetStream message: the same across its redeliveries."""
+    pos = stream_position(token) if isinstance(token, Msg) else None
+    return (pos[0], pos[1]) if pos is not None else None
+
+
 async def defer_redelivery(token: object) -> bool:
     """Hand a JetStream message back for a later redelivery; False once it has had its chances.
 

@@ -48,3 +48,32 @@ async def test_a_message_is_handed_back_only_a_bounded_number_of_times() -> None
 
     assert not await defer_redelivery(js_msg(5, delivered=MAX_DEFERRED_DELIVERIES))  # then dropped, counted
     assert not await defer_redelivery(object())  # core NATS: nothing to hand back
+
+
+async def test_messages_handed_back_and_not_yet_redelivered_are_counted_at_shutdown() -> None:
+    """Nothing leaves the aggregator uncounted: a deferred message that has not come back by
+    shutdown is in the stream (released), one that came back is handled again."""
+    from aggregator.intake import Intake
+
+    encoder = StreamEncoder("late-host", ProfileType.CPU, new_agent_id(), 1000)
+    _dict_msg, samples_msg = encoder.encode(cpu_samples(5), PERIOD)
+    assert samples_msg is not None
+    counters = Counters()
+
+    async def hand_back(token: object) -> bool:
+        return True
+
+    async def no_resync(host: str, ptype: ProfileType, reason: str) -> None:
+        pass
+
+    intake = Intake(counters, lambda decoded: None, no_resync, park_timeout_s=0.0,
+                    on_expired=hand_back, message_id=lambda token: token)
+    subject = samples_subject(ProfileType.CPU, "late-host")
+    for token in ("seq-1", "seq-2"):
+        await intake.on_samples(subject, samples_msg, token)
+    await intake.sweep()
+    assert counters.get("messages_deferred") == 2
+    await intake.on_samples(subject, samples_msg, "seq-2")  # redelivered: parked again
+    assert intake.release_parked() == 2
+    assert counters.get("messages_released", reason="shutdown_parked", host="late-host") == 1  # seq-2
+    assert counters.get("messages_released", reason="shutdown_deferred", host="late-host") == 1  # seq-1
