@@ -29,7 +29,7 @@ from stackfleet.nats_server import NatsServer, free_port
 PPROF = Path(__file__).resolve().parents[1] / ".tools" / "pprof"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HIGHLIGHT = "#E600E6"  # d3-flame-graph's fill for search matches
-WAIT_S = 60  # generous: the machine is shared and slow
+WAIT_S = 120  # generous: a run beside an hour-long soak saw the first views take ~35 s each
 
 
 def frame_css(name: str) -> str:

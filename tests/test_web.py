@@ -120,6 +120,28 @@ def test_flamegraph_of_exports_read_after_a_restart(tmp_path: Path) -> None:
                                               {"host": "web-2", "pid": 10, "name": "app"}]}
 
 
+def test_views_reuse_decoded_exports_without_changing_them(tmp_path: Path) -> None:
+    """Each export is decoded once; repeated and overlapping views sum the same cached parts."""
+    write_exports(tmp_path, [30, 20])
+    store = RetainedExports(tmp_path)
+    first = q.flamegraph(q.load_fleet(store, cpu_query())[0], cpu_query())
+    decoded_before = len(store._decoded)
+    again = q.flamegraph(q.load_fleet(store, cpu_query())[0], cpu_query())
+    assert again == first and len(store._decoded) == decoded_before == 2
+    fleet_, _ = q.load_fleet(store, cpu_query())
+    for hp in fleet_.hosts.values():  # a view's samples are its own: changing them leaves the cache
+        for sample in hp.samples.values():
+            sample.values[0] = 0
+            sample.timestamps_ns.clear()
+    assert q.flamegraph(q.load_fleet(store, cpu_query())[0], cpu_query()) == first
+    write_exports(tmp_path, [10])  # a new export: only it is decoded
+    assert q.flamegraph(q.load_fleet(store, cpu_query())[0], cpu_query())["value"] == first["value"] * 3 // 2
+    assert len(store._decoded) == 3
+    small = RetainedExports(tmp_path, max_decoded_samples=1)  # bounded by samples: views stay exact
+    assert q.flamegraph(q.load_fleet(small, cpu_query())[0], cpu_query())["value"] == first["value"] * 3 // 2
+    assert len(small._decoded) <= 1
+
+
 def test_small_frames_fold_into_their_caller() -> None:
     f = fleet()
     tree = q.flamegraph(f, cpu_query(), min_fraction=0.5)  # schedule is 1/3 of the total

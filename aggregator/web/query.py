@@ -118,12 +118,42 @@ def load_fleet(store: RetainedExports, query: ProfileQuery) -> tuple[FleetProfil
     fleet = FleetProfiles(start_ns=query.since_ns, end_ns=query.until_ns)
     exports = store.list(query.since_ns, query.until_ns)
     read = 0
+    # Types with snapshot (gauge) columns merge from the requests: whether an export carried a
+    # gauge column for a sample decides if it replaces the value, and the decoded form loses that.
+    from_parts = not PROFILE_TYPES[query.profile_type].snapshot_columns
     for export in exports:
+        if from_parts:
+            part = store.decoded(export, query.profile_type)
+            if part is not None:
+                _add_part(fleet, part)
+                read += 1
+            continue
         req = store.load(export)
         if req is not None:
             merge_request(fleet, req, query.profile_type)
             read += 1
     return filter_fleet(fleet, query), read
+
+
+def _add_part(fleet: FleetProfiles, part: FleetProfiles) -> None:
+    """Sum one decoded export (cached, so copied, never shared) into ``fleet``."""
+    for key, hp in part.hosts.items():
+        into = fleet.hosts.get(key)
+        if into is None:
+            into = HostProfile(hp.host, hp.profile_type, hp.start_ns, hp.end_ns, hp.period,
+                               dict(hp.resource_attributes))
+            fleet.hosts[key] = into
+        else:
+            into.start_ns, into.end_ns = min(into.start_ns, hp.start_ns), max(into.end_ns, hp.end_ns)
+        samples = into.samples
+        for sample_key, s in hp.samples.items():
+            agg = samples.get(sample_key)
+            if agg is None:
+                samples[sample_key] = AggregatedSample(s.frames, s.pid, s.tid, s.thread_name, s.process_name, s.cpu,
+                                                       s.attributes, list(s.values), list(s.timestamps_ns))
+            else:
+                agg.values = [a + b for a, b in zip(agg.values, s.values, strict=True)]
+                agg.timestamps_ns.extend(s.timestamps_ns)
 
 
 def filter_fleet(fleet: FleetProfiles, query: ProfileQuery) -> FleetProfiles:

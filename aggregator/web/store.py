@@ -19,7 +19,10 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 
 from aggregator.exporters.files import stamp_ns
+from aggregator.otlp_decode import merge_request
+from aggregator.profile import FleetProfiles
 from shared.counters import Counters
+from shared.profile_types import ProfileType
 
 log = logging.getLogger("stackfleet.aggregator.web")
 
@@ -35,11 +38,18 @@ class StoredExport:
 class RetainedExports:
     """The exports in one directory, listed by time range and parsed on demand."""
 
-    def __init__(self, directory: Path, counters: Counters | None = None, cache_size: int = 512) -> None:
+    def __init__(self, directory: Path, counters: Counters | None = None, cache_size: int = 512,
+                 max_decoded_samples: int = 300_000) -> None:
         self.directory = Path(directory)
         self.counters = counters or Counters()
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[Path, int, int], ExportProfilesServiceRequest] = OrderedDict()
+        # Exports already turned into samples of one type (the costly, pure-Python step of every
+        # view), bounded by their samples' count: a page's selectors, graph and refreshes re-read
+        # only new exports. See decoded().
+        self.max_decoded_samples = max_decoded_samples
+        self._decoded: OrderedDict[tuple[Path, int, int, ProfileType], tuple[FleetProfiles, int]] = OrderedDict()
+        self._decoded_samples = 0
         self._bad: set[tuple[Path, int, int]] = set()  # damaged files: counted and logged once
         self._lock = threading.Lock()  # handlers run in several worker threads
 
@@ -51,6 +61,34 @@ class RetainedExports:
             if end is not None and since_ns <= end <= until_ns:
                 out.append(StoredExport(path, end))
         return sorted(out, key=lambda e: e.end_ns)
+
+    def decoded(self, export: StoredExport, profile_type: ProfileType) -> FleetProfiles | None:
+        """The export's samples of ``profile_type`` as profiles (cached; never mutate them)."""
+        try:
+            st = export.path.stat()
+        except FileNotFoundError:
+            return None
+        key = (export.path, st.st_size, st.st_mtime_ns, profile_type)
+        with self._lock:
+            cached = self._decoded.get(key)
+            if cached is not None:
+                self._decoded.move_to_end(key)
+                return cached[0]
+        req = self.load(export)
+        if req is None:
+            return None
+        part = FleetProfiles(0, 0)
+        merge_request(part, req, profile_type)
+        size = sum(len(hp.samples) for hp in part.hosts.values())
+        with self._lock:
+            if key not in self._decoded:
+                self._decoded[key] = (part, size)
+                self._decoded_samples += size
+            while self._decoded and (self._decoded_samples > self.max_decoded_samples
+                                     or len(self._decoded) > self.cache_size):
+                _, (_, evicted) = self._decoded.popitem(last=False)
+                self._decoded_samples -= evicted
+        return part
 
     def load(self, export: StoredExport) -> ExportProfilesServiceRequest | None:
         """The parsed request, or None (counted and logged) if the file is gone or damaged."""
