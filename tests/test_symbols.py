@@ -332,3 +332,31 @@ def test_repeated_raw_stacks_are_symbolized_once(target: Target) -> None:
     actor.frames(event([leaf, 0x10]))
     actor.frames(event([leaf, caller + 1], copy=b"\0" * 64))  # a stack copy: scanned every time
     assert sym.stats["lookups"] > lookups + 4
+
+
+def test_maps_of_identical_text_are_parsed_once() -> None:
+    """A forked child has its parent's maps text: its maps come from the parse cache, and a
+    process whose maps differ gets its own."""
+    import os
+
+    from agent.symbols.procmaps import read_maps
+
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only sleeps
+        import time
+        time.sleep(5)
+        os._exit(0)
+    try:
+        mine = read_maps(os.getpid())
+        assert read_maps(child) is mine  # the same text, parsed once
+        assert any(e.path.endswith(("python3", "python3.11")) or "python" in e.path for e in mine)
+        sleeper = subprocess.Popen(["sleep", "5"])
+        try:
+            other = read_maps(sleeper.pid)
+            assert other is not mine and any("sleep" in e.path for e in other)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)

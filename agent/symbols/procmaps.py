@@ -53,10 +53,39 @@ def parse_maps(text: str, executable_only: bool = False) -> list[MapEntry]:
     return entries
 
 
+# Parsed executable mappings by the exact text of a maps file's executable lines. Forked
+# children that have not exec'd (workers, shells' subshells, short jobs of a busy parent) map
+# the same code at the same addresses as their parent, and the symbolizer, the unwinder and
+# the CPython probe each read every new process's maps: the parse is done once per distinct
+# set of code mappings. Bounded; dict get/set are atomic, and those three run on different
+# threads.
+_PARSED: dict[tuple[str, ...], list[MapEntry]] = {}
+_MAX_PARSED = 128
+
+
+def _executable_lines(text: str) -> tuple[str, ...]:
+    """The lines whose permissions (the second field, e.g. ``r-xp``) include x."""
+    out = []
+    for line in text.splitlines():
+        space = line.find(" ")
+        if space > 0 and line[space + 3 : space + 4] == "x":
+            out.append(line)
+    return tuple(out)
+
+
 def read_maps(pid: int) -> list[MapEntry]:
-    """Executable mappings of a live process; raises OSError when it is gone or unreadable."""
+    """Executable mappings of a live process; raises OSError when it is gone or unreadable.
+
+    The list may be shared with other callers and processes: do not modify it."""
     with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read(), executable_only=True)
+        lines = _executable_lines(f.read())
+    entries = _PARSED.get(lines)
+    if entries is None:
+        entries = parse_maps("\n".join(lines), executable_only=True)
+        if len(_PARSED) >= _MAX_PARSED:
+            _PARSED.clear()
+        _PARSED[lines] = entries
+    return entries
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
