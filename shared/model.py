@@ -55,6 +55,18 @@ class Frame:
     address: int
     frame_type: FrameType
     mapping: Mapping | None = None
+    # Stacks (tuples of frames) are dictionary keys on both sides (stack ids on the wire,
+    # merged samples in the aggregator), and a tuple's hash is not cached: every lookup hashed
+    # every frame with its mapping again (~2 us a frame, ~40 us a 20-frame stack). Cached here
+    # on first use; not part of equality.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if not h:
+            h = hash((self.function, self.filename, self.line, self.address, self.frame_type, self.mapping)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
 
 
 @dataclass(slots=True)

@@ -248,3 +248,20 @@ def test_equal_frames_from_different_streams_are_one_object() -> None:
         got.append(decoded[0].frames)
     assert got[0] == got[1] == stack
     assert all(a is b for a, b in zip(got[0], got[1], strict=True))
+
+
+def test_frame_hash_is_cached_and_equality_ignores_it() -> None:
+    """Stacks are dict keys everywhere: a frame's hash is computed once, and two equal frames
+    (one hashed, one not) are the same key."""
+    import dataclasses
+
+    from shared.model import Frame, FrameType, Mapping
+
+    libc = Mapping(0x7F00_0000_0000, 0x7F00_0010_0000, 0, "/usr/lib/libc.so.6", "ab12")
+    hashed = Frame("memcpy", "", 0, 0x7F00_0000_1000, FrameType.NATIVE, libc)
+    fresh = Frame("memcpy", "", 0, 0x7F00_0000_1000, FrameType.NATIVE, libc)
+    key = hash(hashed)
+    assert hashed._hash == key and fresh._hash == 0
+    assert hashed == fresh and {(hashed,): 1}[(fresh,)] == 1
+    other = dataclasses.replace(hashed, frame_type=FrameType.GO)
+    assert other != hashed and other._hash == 0 and hash(other) != key
