@@ -553,3 +553,26 @@ def test_tables_exceeding_capacity_fall_back_and_are_counted(tmp_path: Path) -> 
 
 def test_readelf_available() -> None:
     assert shutil.which("readelf"), "binutils' readelf is the independent ground truth for CFI"
+
+
+def test_second_process_of_a_binary_reuses_file_identities_and_still_gets_tables(tmp_path: Path) -> None:
+    """Files seen in one process's maps are not stat'ed again for the next process of the same
+    binary, and the second process's table requests open its own mappings."""
+    exe = build(tmp_path, "nofp_chain.c", NOFP)
+    maps = FakeMaps()
+    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000)
+    first, second = Running(exe), Running(exe)
+    try:
+        _new(unwinder, maps, first.proc.pid)
+        known = len(unwinder._file_keys)
+        assert known >= 2  # the program and libc at least
+        _new(unwinder, maps, second.proc.pid)
+        assert len(unwinder._file_keys) == known  # nothing new to stat
+        program = next(e for e in read_maps(second.proc.pid) if e.path == str(exe))
+        maps.requests = [(second.proc.pid, encode_request(REQUEST_TABLE, program.start + 16))]
+        unwinder.serve_requests()
+        after = {m[0]: m for m in _mappings(maps.procs[second.proc.pid])}
+        assert after[program.start][4] > 0  # built from the second process's mapping
+    finally:
+        first.stop()
+        second.stop()

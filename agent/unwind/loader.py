@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.symbols.procmaps import MapEntry, read_maps, start_time
+from agent.symbols.symbolizer import FILE_STAT_TTL_S
 from agent.unwind.cache import VDSO, FileKey, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 
@@ -231,6 +232,10 @@ class NativeUnwinder:
         self._resident: OrderedDict[object, _Resident] = OrderedDict()
         self._processes: dict[int, _Process] = {}
         self._retry_after: dict[int, float] = {}
+        # (device, inode, path) from the maps -> (file identity, when stat'ed): every new
+        # process maps the same libraries, and a stat per mapping of each short-lived process
+        # was most of loading it (as in the symbolizer, agent.symbols.symbolizer.FILE_STAT_TTL_S).
+        self._file_keys: dict[tuple[str, int, str], tuple[FileKey | str, float, bool]] = {}
         self._bpf_counters_seen: list[int] = []
         self._build_ms_published = 0
         self._worker_ms_published = 0
@@ -344,8 +349,7 @@ class NativeUnwinder:
             return False
         slots = []
         for entry in entries:
-            ref = file_ref(pid, entry.start, entry.end, entry.path) if entry.file_backed or entry.path == VDSO \
-                else None
+            ref = self._file_ref(pid, entry) if entry.file_backed or entry.path == VDSO else None
             slot = _Slot(entry, ref)
             if ref is not None:
                 known, table = self.tables.peek(ref)
@@ -465,6 +469,26 @@ class NativeUnwinder:
                 self.allocator.free(resident.first_slot, resident.table.bpf_len())
                 return True
         return False
+
+    def _file_ref(self, pid: int, entry: MapEntry) -> FileRef | None:
+        """``file_ref`` for one mapping, stat'ing a file seen in other processes' maps at most
+        every FILE_STAT_TTL_S (a file replaced in place keeps its inode: noticed after that)."""
+        seen = (entry.device, entry.inode, entry.path)
+        now = time.monotonic()
+        cached = self._file_keys.get(seen) if entry.device and entry.path != VDSO else None
+        if cached is not None and now - cached[1] < FILE_STAT_TTL_S:
+            # Opened the way that worked for the process that was stat'ed (map_files needs
+            # more privilege than the process's root view).
+            via_map_files = cached[2]
+            open_path = f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}" if via_map_files \
+                else f"/proc/{pid}/root{entry.path}"
+            return FileRef(cached[0], open_path, entry.path)
+        ref = file_ref(pid, entry.start, entry.end, entry.path)
+        if ref is not None and entry.device and entry.path != VDSO:
+            if len(self._file_keys) >= 4096:
+                self._file_keys.clear()
+            self._file_keys[seen] = (ref.key, now, "/map_files/" in ref.open_path)
+        return ref
 
     def _release(self, pid: int) -> None:
         process = self._processes.pop(pid, None)
