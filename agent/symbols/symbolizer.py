@@ -46,6 +46,7 @@ IDENTITY_CHECK_S = 1.0
 # stat (size, mtime) once this has passed.
 FILE_STAT_TTL_S = 10.0
 MAX_KERNEL_FRAMES = 16_384  # distinct kernel addresses kept symbolized (~200 B each)
+MAX_CACHED_CODE = 32_768  # code bytes before candidate return addresses (~150 B each)
 # A process gone from /proc this long (since its identity was last confirmed) is forgotten.
 EXITED_GRACE_S = 10.0
 
@@ -149,6 +150,7 @@ class Symbolizer:
         self._builds = _Lru(max_files, close_evicted=False)
         self._kernel: KernelSymbols | None = None
         self._kernel_frames: dict[int, Frame] = {}
+        self._code: dict[tuple[FileKey, int, int], bytes] = {}  # see code_before
         self._stats = dict.fromkeys(
             ("lookups", "unknown_frames", "unreadable_processes", "elf_errors", "file_cache_hits",
              "file_cache_misses", "maps_reads", "build_id_shares"), 0)
@@ -215,13 +217,24 @@ class Symbolizer:
         region = self._find_region(process, address)
         if region is None or region.file_key is None or address - size < region.entry.start:
             return None
+        offset = address - size - region.entry.start + region.entry.offset
+        # The same return addresses sit on the stacks of every sample of a thread: a file read
+        # (seek + read) per candidate word per new stack was the stack scan's main cost.
+        key = (region.file_key, offset, size)
+        code = self._code.get(key)
+        if code is not None:
+            return code
         elf = self._elf(pid, region)
         if elf is None:
             return None
         try:
-            return elf.read(address - size - region.entry.start + region.entry.offset, size)
+            code = elf.read(offset, size)
         except OSError:
             return None
+        if len(self._code) >= MAX_CACHED_CODE:
+            self._code.clear()
+        self._code[key] = code
+        return code
 
     def has_frame_pointer_prologue(self, pid: int, address: int) -> bool | None:
         """Whether the function containing ``address`` starts with ``push rbp; mov rbp, rsp``.
