@@ -212,6 +212,7 @@ def test_vdso_frames_are_named() -> None:
 
 def test_mapped_files_are_stated_once_per_ttl_not_per_process(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.symbols.procmaps as procmaps_module
     import agent.symbols.symbolizer as symbolizer_module
 
     exe = build(tmp_path)
@@ -234,7 +235,7 @@ def test_mapped_files_are_stated_once_per_ttl_not_per_process(tmp_path: Path,
             per_process.append(len(stats) - before)
         # The first process stats each of its mapped files; the others map the same files.
         assert per_process[0] >= 2 and per_process[1:] == [0, 0], per_process
-        monkeypatch.setattr(symbolizer_module, "FILE_STAT_TTL_S", 0.0)  # expired: stat'ed again
+        monkeypatch.setattr(procmaps_module, "FILE_STAT_TTL_S", 0.0)  # expired: stat'ed again
         sym2_before = len(stats)
         sym._process(targets[0].pid, force=True)
         assert len(stats) > sym2_before

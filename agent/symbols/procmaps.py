@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+# A file seen in some process's maps (same device, inode and path) is not stat'ed again for
+# this long: every new process maps the same libraries, and two syscalls per mapping of each
+# short-lived process were a visible part of the agent's CPU. Compilers, linkers and package
+# managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
+# stat (size, mtime) once this has passed.
+FILE_STAT_TTL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,16 +44,12 @@ class MapEntry:
         return self.inode != 0 and self.path.startswith("/")
 
 
-def parse_maps(text: str, executable_only: bool = False) -> list[MapEntry]:
-    """Parse the text of /proc/PID/maps (lines we cannot parse are skipped).
-
-    ``executable_only`` skips other mappings before parsing them: three in four lines of a
-    typical process (data, heap, stacks, read-only segments), and every new process on the
-    host has its maps read by the symbolizer, the unwinder and the CPython probe."""
+def _parse_lines(lines: Iterable[str]) -> list[MapEntry]:
+    """Parse lines of /proc/PID/maps (lines we cannot parse are skipped)."""
     entries = []
-    for line in text.splitlines():
+    for line in lines:
         parts = line.split(None, 5)
-        if len(parts) < 5 or (executable_only and "x" not in parts[1]):
+        if len(parts) < 5:
             continue
         try:
             lo, hi = parts[0].split("-")
@@ -64,7 +72,8 @@ _MAX_PARSED = 128
 
 
 def _executable_lines(text: str) -> tuple[str, ...]:
-    """The lines whose permissions (the second field, e.g. ``r-xp``) include x."""
+    """The lines whose permissions (the second field, e.g. ``r-xp``) include x: three in four
+    lines of a typical process (data, heap, stacks, read-only segments) are not parsed."""
     out = []
     for line in text.splitlines():
         space = line.find(" ")
@@ -81,11 +90,52 @@ def read_maps(pid: int) -> list[MapEntry]:
         lines = _executable_lines(f.read())
     entries = _PARSED.get(lines)
     if entries is None:
-        entries = parse_maps("\n".join(lines), executable_only=True)
+        entries = _parse_lines(lines)
         if len(_PARSED) >= _MAX_PARSED:
             _PARSED.clear()
         _PARSED[lines] = entries
     return entries
+
+
+def map_files_path(pid: int, entry: MapEntry) -> str:
+    """The mapped file through /proc/PID/map_files: works for files inside containers and for
+    deleted-but-mapped files (needs more privilege than the root view)."""
+    return f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}"
+
+
+def root_view_path(pid: int, path: str) -> str:
+    """``path`` as the process sees it (its mount namespace), through /proc/PID/root."""
+    return f"/proc/{pid}/root{path}"
+
+
+class RecentFileStats(Generic[V]):
+    """What stat'ing a mapped file told us, per (device, inode, path) of its maps line, for
+    FILE_STAT_TTL_S; the symbolizer and the unwinder each keep one. Bounded LRU; lines
+    without a device (vDSO, anonymous) are never kept."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[tuple[str, int, str], tuple[V, float]] = OrderedDict()
+
+    def get(self, entry: MapEntry) -> V | None:
+        key = (entry.device, entry.inode, entry.path)
+        hit = self._seen.get(key) if entry.device else None
+        if hit is None or time.monotonic() - hit[1] >= FILE_STAT_TTL_S:
+            return None
+        self._seen.move_to_end(key)
+        return hit[0]
+
+    def put(self, entry: MapEntry, value: V) -> None:
+        if not entry.device:
+            return
+        key = (entry.device, entry.inode, entry.path)
+        self._seen[key] = (value, time.monotonic())
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

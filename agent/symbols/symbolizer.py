@@ -26,7 +26,17 @@ from typing import IO, cast
 
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.kallsyms import KernelSymbols
-from agent.symbols.procmaps import YOUNG_PROCESS_S, MapEntry, age_s, read_comm, read_maps, start_time
+from agent.symbols.procmaps import (
+    YOUNG_PROCESS_S,
+    MapEntry,
+    RecentFileStats,
+    age_s,
+    map_files_path,
+    read_comm,
+    read_maps,
+    root_view_path,
+    start_time,
+)
 from shared.model import KERNEL_MAPPING, Frame, FrameType, Mapping
 
 log = logging.getLogger("stackfleet.symbols")
@@ -39,12 +49,6 @@ VDSO = "[vdso]"
 YOUNG_MAPS_TTL_S = 0.25
 MAX_VDSO_BYTES = 64 * 1024
 IDENTITY_CHECK_S = 1.0
-# A file seen in some process's maps (same device, inode and path) is not stat'ed again for
-# this long: every new process maps the same libraries, and two syscalls per mapping of each
-# short-lived process were a visible part of the agent's CPU. Compilers, linkers and package
-# managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
-# stat (size, mtime) once this has passed.
-FILE_STAT_TTL_S = 10.0
 MAX_KERNEL_FRAMES = 16_384  # distinct kernel addresses kept symbolized (~200 B each)
 MAX_CACHED_CODE = 32_768  # code bytes before candidate return addresses (~150 B each)
 # A process gone from /proc this long (since its identity was last confirmed) is forgotten.
@@ -144,8 +148,8 @@ class Symbolizer:
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
         self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
-        # (device, inode, path) from the maps -> (file key, when stat'ed), see FILE_STAT_TTL_S
-        self._file_stats = _Lru(max_processes)
+        # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.symbols.procmaps)
+        self._file_stats: RecentFileStats[FileKey] = RecentFileStats(max_processes)
         # (build id, size) -> ElfSymbols, see _share_by_build_id; only an index, never closes.
         self._builds = _Lru(max_files, close_evicted=False)
         self._kernel: KernelSymbols | None = None
@@ -343,24 +347,21 @@ class Symbolizer:
 
     def _file_key(self, pid: int, entry: MapEntry) -> FileKey | None:
         """(dev, inode, size, mtime) of a mapped file, stat'ed at most every FILE_STAT_TTL_S."""
-        seen = (entry.device, entry.inode, entry.path)
-        now = time.monotonic()
-        cached = self._file_stats.hit(seen) if entry.device else None
-        if isinstance(cached, tuple) and now - cached[1] < FILE_STAT_TTL_S:
-            return cached[0]
+        cached = self._file_stats.get(entry)
+        if cached is not None:
+            return cached
         try:
             st = os.stat(self._open_path(pid, entry))
         except OSError:
             return None
         file_key: FileKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if entry.device:
-            self._file_stats.put(seen, (file_key, now))
+        self._file_stats.put(entry, file_key)
         return file_key
 
     @staticmethod
     def _open_path(pid: int, entry: MapEntry) -> str:
-        by_range = f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}"
-        return by_range if os.path.exists(by_range) else f"/proc/{pid}/root{entry.path}"
+        by_range = map_files_path(pid, entry)
+        return by_range if os.path.exists(by_range) else root_view_path(pid, entry.path)
 
     def _find_region(self, process: _Process, address: int) -> _Region | None:
         i = bisect.bisect_right(process.starts, address) - 1

@@ -28,8 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.symbols.procmaps import MapEntry, read_maps, start_time
-from agent.symbols.symbolizer import FILE_STAT_TTL_S
+from agent.symbols.procmaps import MapEntry, RecentFileStats, map_files_path, read_maps, root_view_path, start_time
 from agent.unwind.cache import VDSO, FileKey, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 
@@ -232,10 +231,10 @@ class NativeUnwinder:
         self._resident: OrderedDict[object, _Resident] = OrderedDict()
         self._processes: dict[int, _Process] = {}
         self._retry_after: dict[int, float] = {}
-        # (device, inode, path) from the maps -> (file identity, when stat'ed): every new
-        # process maps the same libraries, and a stat per mapping of each short-lived process
-        # was most of loading it (as in the symbolizer, agent.symbols.symbolizer.FILE_STAT_TTL_S).
-        self._file_keys: dict[tuple[str, int, str], tuple[FileKey | str, float, bool]] = {}
+        # Each mapped file's identity and whether map_files opened it: every new process maps
+        # the same libraries, and a stat per mapping of each short-lived process was most of
+        # loading it (kept FILE_STAT_TTL_S, as in the symbolizer).
+        self._file_keys: RecentFileStats[tuple[FileKey | str, bool]] = RecentFileStats(4096)
         self._bpf_counters_seen: list[int] = []
         self._build_ms_published = 0
         self._worker_ms_published = 0
@@ -473,21 +472,16 @@ class NativeUnwinder:
     def _file_ref(self, pid: int, entry: MapEntry) -> FileRef | None:
         """``file_ref`` for one mapping, stat'ing a file seen in other processes' maps at most
         every FILE_STAT_TTL_S (a file replaced in place keeps its inode: noticed after that)."""
-        seen = (entry.device, entry.inode, entry.path)
-        now = time.monotonic()
-        cached = self._file_keys.get(seen) if entry.device and entry.path != VDSO else None
-        if cached is not None and now - cached[1] < FILE_STAT_TTL_S:
+        cached = self._file_keys.get(entry) if entry.path != VDSO else None
+        if cached is not None:
             # Opened the way that worked for the process that was stat'ed (map_files needs
             # more privilege than the process's root view).
-            via_map_files = cached[2]
-            open_path = f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}" if via_map_files \
-                else f"/proc/{pid}/root{entry.path}"
-            return FileRef(cached[0], open_path, entry.path)
+            key, via_map_files = cached
+            open_path = map_files_path(pid, entry) if via_map_files else root_view_path(pid, entry.path)
+            return FileRef(key, open_path, entry.path)
         ref = file_ref(pid, entry.start, entry.end, entry.path)
-        if ref is not None and entry.device and entry.path != VDSO:
-            if len(self._file_keys) >= 4096:
-                self._file_keys.clear()
-            self._file_keys[seen] = (ref.key, now, "/map_files/" in ref.open_path)
+        if ref is not None and entry.path != VDSO:
+            self._file_keys.put(entry, (ref.key, ref.open_path == map_files_path(pid, entry)))
         return ref
 
     def _release(self, pid: int) -> None:
