@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,7 +172,6 @@ def test_kernel_symbols() -> None:
 def test_exec_after_first_sight_is_noticed() -> None:
     """A process seen between fork and exec must not keep its pre-exec maps and name."""
     import sys
-    import time
 
     from agent.symbols.symbolizer import IDENTITY_CHECK_S
 
@@ -344,7 +344,6 @@ def test_maps_of_identical_text_are_parsed_once() -> None:
 
     child = os.fork()
     if child == 0:  # pragma: no cover - the child only sleeps
-        import time
         time.sleep(5)
         os._exit(0)
     try:
@@ -353,7 +352,13 @@ def test_maps_of_identical_text_are_parsed_once() -> None:
         assert any(e.path.endswith(("python3", "python3.11")) or "python" in e.path for e in mine)
         sleeper = subprocess.Popen(["sleep", "5"])
         try:
+            # Right after exec the new image may not be mapped yet (one CI run read only
+            # [vsyscall]): wait until it is, then compare.
+            deadline = time.monotonic() + 5
             other = read_maps(sleeper.pid)
+            while not any("sleep" in e.path for e in other) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                other = read_maps(sleeper.pid)
             assert other is not mine and any("sleep" in e.path for e in other)
         finally:
             sleeper.kill()
