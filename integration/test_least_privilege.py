@@ -153,19 +153,27 @@ def test_agent_with_documented_capabilities_only(tmp_path: Path) -> None:
     assert total >= 0.5 * 99 * workload_cpu_s, (
         f"only {total} CPU samples for {workload_cpu_s:.1f} CPU s of pid {pid}; seen {sorted(seen)[:20]}")
     chained = 0
-    kernel_named = 0
     for s in cpu:
         user = [f.function for f in s.frames if f.frame_type != FrameType.KERNEL]
         # hot_leaf calls clock_gettime (vDSO), so the chain may start one frame in.
         i = user.index("hot_leaf") if "hot_leaf" in user else -1
         if i >= 0 and user[i : i + len(CHAIN)] == CHAIN:
             chained += len(s.timestamps_ns)
-        kernel = [f for f in s.frames if f.frame_type == FrameType.KERNEL]
-        if kernel and all(f.function and not f.function.startswith("0x") for f in kernel):
-            kernel_named += len(s.timestamps_ns)
     assert chained / total >= 0.9, f"{chained}/{total} samples with {CHAIN}"
-    # Kernel frames (timer interrupt, syscalls) need CAP_SYSLOG to be named from kallsyms.
-    assert kernel_named > 0, "no sample with named kernel frames"
+    # Kernel frames need CAP_SYSLOG to be named from kallsyms. The busy loop stays in user
+    # space (its kernel-mode samples are a few at exec and exit, by chance), so the check
+    # takes every process's CPU samples: the NATS server, this test's aggregator and the
+    # agent itself enter the kernel all the time.
+    with_kernel = kernel_named = 0
+    for s in (s for f in fleets for (_, t), p in f.hosts.items() if t == ProfileType.CPU for s in p.samples.values()):
+        kernel = [f for f in s.frames if f.frame_type == FrameType.KERNEL]
+        if kernel:
+            with_kernel += len(s.timestamps_ns)
+            if all(f.function and not f.function.startswith("0x") for f in kernel):
+                kernel_named += len(s.timestamps_ns)
+    print(f"{kernel_named} of {with_kernel} CPU samples with kernel frames have every kernel frame named")
+    assert with_kernel > 0, "no CPU sample with kernel frames from any process"
+    assert kernel_named >= 0.5 * with_kernel, f"only {kernel_named} of {with_kernel} kernel stacks fully named"
 
     wall = [s for f in fleets for (_, t), p in f.hosts.items() if t == ProfileType.WALL
             for s in p.samples.values() if s.pid == pid]
