@@ -12,9 +12,8 @@ timestamp fall inside a recorded export is acked and skipped, not merged.
 The record is bounded: an export is forgotten once the consumer's ack floor passes its
 highest sequence (nothing at or below the floor can come back), and at most
 ``max_exports`` are kept. The timestamp span guards against a recreated stream reusing
-sequence numbers. Scope: one output directory. A message redelivered to a *different*
-replica (with its own directory) is still exported again there: across replicas delivery
-stays at-least-once (docs/design/durability.md).
+sequence numbers. Scope: one replica. Across replicas the markers are shared through a
+JetStream key-value bucket (aggregator/peer_markers.py, docs/design/durability.md).
 
 Hand-written: JetStream offers no exactly-once consumption, only these building blocks.
 """

@@ -117,6 +117,8 @@ async def run_aggregator(
             sender.offer(request)
         if on_export is not None:
             on_export(fleet, request)
+        if marker is not None and consumers.peers is not None:  # before the acks: see peer_markers
+            await consumers.peers.publish(marker)
         # Only now is the interval safe (written locally / queued for OTLP): the stream may forget it.
         await ledger.ack(nc, finished)
 

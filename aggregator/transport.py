@@ -35,6 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from aggregator.exported_messages import ExportedMessages, ExportMarker, stream_position
 from aggregator.intake import Intake
+from aggregator.peer_markers import PeerMarkers
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
@@ -138,12 +139,13 @@ class Consumers:
     """The running message sources: tasks to cancel, subscriptions to close on shutdown."""
 
     def __init__(self, tasks: list[asyncio.Task[None]], subs: list[Any], js: JetStreamContext | None = None,
-                 stream: str = "", own_consumer: str = "") -> None:
+                 stream: str = "", own_consumer: str = "", peers: PeerMarkers | None = None) -> None:
         self.tasks = tasks
         self.subs = subs
         self.js = js
         self.stream = stream
         self.own_consumer = own_consumer
+        self.peers = peers  # export markers shared with other replicas (JetStream only)
 
     async def stop(self) -> None:
         """Stop pulling (before the final export); messages not yet exported stay unacked."""
@@ -166,7 +168,8 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
     A redelivered samples message is not merged a second time: ``ledger`` knows the ones this
     replica holds merged but not yet exported (JetStream redelivers after ``ack_wait`` even to
     the replica holding it), ``exported`` the ones already in an export (those on disk from
-    before a restart are loaded here, above the consumer's ack floor).
+    before a restart are loaded here, above the consumer's ack floor), and the shared bucket
+    of :class:`PeerMarkers` the ones another replica exported.
     """
     exported = exported if exported is not None else ExportedMessages()
     js = nc.jetstream(timeout=settings.nats.jetstream_timeout_s)
@@ -183,6 +186,9 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                               ack_wait=settings.effective_ack_wait_s, max_ack_pending=settings.max_ack_pending)))
 
+    peers = await _retry("open the shared export-marker bucket", stopping, counters, lambda: PeerMarkers.open(
+        js, settings.nats.stream, exported, counters, settings.nats.jetstream_timeout_s))
+
     async def on_dict(m: Msg) -> None:
         await intake.on_dict(m.subject, m.data)
 
@@ -196,7 +202,8 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
             counters.inc("messages_redelivered_held")
             ledger.finished(m)  # acked with the export that holds the first delivery
             return
-        if exported.already_exported(m):
+        if exported.already_exported(m) or (_redelivered(m) and await peers.refresh()
+                                            and exported.already_exported(m)):
             counters.inc("messages_already_exported")
             try:
                 await m.ack()
@@ -210,9 +217,14 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
              caught_up, stream, settings.queue_group)
     tasks = [asyncio.create_task(_pull_forever(dict_sub, on_dict, counters, "dict"), name="pull-dict"),
              asyncio.create_task(_pull_forever(samples_sub, on_samples, counters, "samples"), name="pull-samples"),
-             asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters, exported),
+             asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters, exported, peers),
                                  name="watch-stream-limits")]
-    return Consumers(tasks, [dict_sub, samples_sub], js, stream, dict_name)
+    return Consumers(tasks, [dict_sub, samples_sub], js, stream, dict_name, peers)
+
+
+def _redelivered(m: Msg) -> bool:
+    pos = stream_position(m)
+    return pos is not None and pos[3] > 1
 
 
 async def _ack_floor(js: JetStreamContext, stream: str, consumer: str) -> int | None:
@@ -227,7 +239,7 @@ async def _ack_floor(js: JetStreamContext, stream: str, consumer: str) -> int | 
 
 
 async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str, counters: Counters,
-                               exported: ExportedMessages | None = None) -> None:
+                               exported: ExportedMessages | None = None, peers: PeerMarkers | None = None) -> None:
     """Count messages the stream discarded (size/age limit) before the samples consumer acked them.
 
     JetStream drops them silently; the evidence is the stream's first sequence moving past
@@ -248,6 +260,8 @@ async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str,
         floor = ack_floor.stream_seq if ack_floor is not None and ack_floor.stream_seq else 0
         if exported is not None:
             exported.forget_acked(floor)
+        if peers is not None:
+            await peers.forget_acked(floor)
         lost_upto = first_seq - 1
         start = max(floor, counted_upto)
         if lost_upto > start:

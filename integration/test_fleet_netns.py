@@ -8,9 +8,10 @@ aggregator replicas share the samples through the durable consumer and write loc
 
 Mid-run one NATS node and one aggregator replica are killed (SIGKILL). Afterwards the union
 of both replicas' exported files must hold, for every host, exactly the samples its agent got
-JetStream acknowledgements for (identified by pid, tid, timestamp; at-least-once delivery may
-duplicate a killed replica's last interval, nothing may be missing), each host's workload
-only under its own host, and no agent may report drops.
+JetStream acknowledgements for (identified by pid, tid, timestamp; nothing may be missing; the
+replicas' shared export markers keep the survivor from exporting again what the killed one
+exported, except one interval killed between its write and its marker: at most 10 %), each
+host's workload only under its own host, and no agent may report drops.
 """
 
 from __future__ import annotations

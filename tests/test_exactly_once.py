@@ -21,6 +21,7 @@ from agent.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
 from aggregator.exporters.files import MARKER_SUFFIX, LocalFileWriter
+from aggregator.peer_markers import PeerMarkers
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings
 from aggregator.transport import AckLedger
@@ -155,3 +156,56 @@ async def test_redelivery_after_a_restart_is_recognised_from_the_markers_on_disk
     assert published == 200 and len(seen) == published
     assert max(seen.values()) == 1, f"{sum(n - 1 for n in seen.values())} samples exported twice"
     assert second.get("samples_received") == 0
+
+
+async def test_a_redelivery_to_another_replica_is_recognised_from_the_shared_markers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas, two output directories: what the first exported (acks lost) and the
+    stream then redelivers to the second is skipped there, through the shared marker bucket."""
+    first_out, second_out = tmp_path / "replica1", tmp_path / "replica2"
+    with NatsServer() as nats:
+        with monkeypatch.context() as patch:
+            _lose_acks(patch)
+            first, stop = Counters(), asyncio.Event()
+            task = asyncio.create_task(run_aggregator(_settings(nats.url, first_out, ack_wait_s=6.0), stop, first))
+            published = await asyncio.wait_for(_publish(nats.url, batches=20, per_batch=10), 30)
+            assert await wait_for(lambda: first.get("samples_received") >= published, 20), first.snapshot()
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert first.get("export_markers_shared") > 0, first.snapshot()
+        second, stop = Counters(), asyncio.Event()
+        task = asyncio.create_task(run_aggregator(_settings(nats.url, second_out, ack_wait_s=6.0), stop, second))
+        assert await wait_for(lambda: second.get("messages_already_exported") > 0, 30), second.snapshot()
+        assert (await wait_consumer_settled(nats.url, timeout_s=30))[:2] == (0, 0)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    seen, _ = exported_samples(first_out, ProfileType.CPU)
+    again, _ = exported_samples(second_out, ProfileType.CPU)
+    assert published == 200 and len(seen) == published
+    assert not again, f"{sum(again.values())} samples exported again by the second replica"
+    assert second.get("samples_received") == 0
+
+
+async def test_an_unshared_marker_is_counted_and_put_again_with_the_next_export() -> None:
+    class FlakyBucket:
+        def __init__(self) -> None:
+            self.down = True
+            self.stored: dict[str, bytes] = {}
+
+        async def put(self, key: str, value: bytes) -> int:
+            if self.down:
+                raise ConnectionError("JetStream unavailable")
+            self.stored[key] = value
+            return len(self.stored)
+
+    bucket, counters = FlakyBucket(), Counters()
+    peers = PeerMarkers(bucket, ExportedMessages(), counters, timeout_s=1.0)  # type: ignore[arg-type]
+    first = marker_for([js_msg(s) for s in (1, 2, 3)])
+    second = marker_for([js_msg(s) for s in (4, 5)])
+    assert first is not None and second is not None
+    await peers.publish(first)
+    assert counters.get("export_markers_unshared") == 1 and not bucket.stored
+    bucket.down = False
+    await peers.publish(second)
+    assert [ExportMarker.from_json(v) for v in bucket.stored.values()] == [first, second]
+    assert counters.get("export_markers_shared") == 2
