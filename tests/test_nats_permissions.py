@@ -12,9 +12,12 @@ import pytest
 
 from agent.publisher import Publisher
 from agent.settings import AgentSettings
+from aggregator.exported_messages import ExportedMessages
+from aggregator.peer_markers import PeerMarkers
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
+from shared.jetstream import StreamSettings
 from shared.nats_connection import NatsSettings
 from shared.profile_types import ProfileType
 from shared.subjects import samples_subject
@@ -82,5 +85,15 @@ async def test_each_agent_publishes_only_as_its_own_host(secured_nats: NatsServe
         await asyncio.sleep(1.5)  # two export intervals: nothing of web-02 may have arrived
         stop.set()
         await asyncio.wait_for(aggregator, 30)
+
+        # Another replica, with the aggregator's permissions, reads the shared export markers.
+        peer = await nats.connect(server.url, user="aggregator", password="pw-agg")
+        peer_counters = Counters()
+        peer_markers = await PeerMarkers.open(peer.jetstream(), StreamSettings(), ExportedMessages(),
+                                              peer_counters, timeout_s=5.0)
+        assert await peer_markers.refresh() >= 1, peer_counters.snapshot()
+        await peer.close()
     assert agg_counters.get("samples_received") == 50
     assert agg_counters.get("messages_rejected") == 0, agg_counters.snapshot()
+    assert agg_counters.get("export_markers_shared") >= 1, agg_counters.snapshot()
+    assert agg_counters.get("export_markers_unshared") == 0, agg_counters.snapshot()
