@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +137,31 @@ def test_file_cache_is_shared_and_bounded(tmp_path: Path) -> None:
     finally:
         for t in targets:
             t.stop()
+
+
+def test_idle_files_are_closed_and_freed_and_read_again_when_needed(tmp_path: Path) -> None:
+    """A file no lookup needed for the idle time is closed and its tables freed (the build-id
+    index holds it only weakly); a later sample of a new address reads it again."""
+    exe = build(tmp_path, "-Wl,--build-id")
+    target = Target(exe)
+    try:
+        sym = Symbolizer()
+        leaf_addr, _ = target.truth["leaf_function"]
+        assert sym.symbolize_user(target.pid, [leaf_addr])[0].function == "leaf_function"
+        files = [f for f in sym._files.values()]
+        assert len(files) == 1
+        parsed = weakref.ref(files[0])
+        assert sym.sweep_idle_files(idle_s=60.0) == 0  # just used
+        assert sym.sweep_idle_files(idle_s=0.0) == 1
+        del files
+        gc.collect()
+        assert parsed() is None, "the closed file's tables are still referenced"
+        assert sym.stats["files_cached"] == 0
+        caller_addr, _ = target.truth["caller_function"]  # not in the frame cache: needs the file
+        assert sym.symbolize_user(target.pid, [caller_addr])[0].function == "caller_function"
+        assert sym.stats["file_cache_misses"] == 2
+    finally:
+        target.stop()
 
 
 def test_copies_of_one_build_share_line_tables_but_stripped_copies_do_not(tmp_path: Path) -> None:

@@ -79,6 +79,9 @@ class ActorContext:
         forgotten = self.symbolizer.sweep_exited() + self.python.sweep_exited()
         if forgotten:
             self.counters.inc("exited_processes_forgotten", forgotten)
+        idle = self.symbolizer.sweep_idle_files()
+        if idle:
+            self.counters.inc("symbol_files_closed_idle", idle)
 
 
 class ProfileActor(ABC):

@@ -59,8 +59,12 @@ class ElfSymbols:
         self._has_dwarf = elf.get_section_by_name(".debug_line") is not None
         self._gopclntab = elf.get_section_by_name(".gopclntab")
         self._go_table: GoSymbolTable | None = None
+        # Line table as three parallel arrays (address, index into _line_files, line): ~16 B a
+        # row where a (file, line) tuple per row cost ~80 B (DWARF-rich libraries have 10^5 rows).
         self._line_addrs: array[int] | None = None
-        self._line_rows: list[tuple[str, int]] = []
+        self._line_file_ids: array[int] = array("I")
+        self._line_numbers: array[int] = array("I")
+        self._line_files: list[str] = []
         self.line_table_skipped = False
         self.shared = False  # used for several files of the same build (Symbolizer._share_by_build_id)
 
@@ -68,12 +72,12 @@ class ElfSymbols:
         """Rough memory this file's tables hold, for the symbolizer's byte-bounded file cache.
 
         Function symbols: 16 B of start/end plus their packed names; a Go table what it holds
-        (its pclntab copy: megabytes for a large Go binary). Line rows, measured with
-        tracemalloc on this host's processes: ~80 B each (address, tuple); the ELF headers and
-        section objects pyelftools keeps are the fixed part.
+        (its pclntab copy: megabytes for a large Go binary); line rows 16 B each plus their
+        file names; the ELF headers and section objects pyelftools keeps are the fixed part.
         """
         go_table = self._go_table.nbytes() if self._go_table is not None else 0
-        return 16_384 + 16 * len(self._starts) + self._names.nbytes() + 80 * len(self._line_rows) + go_table
+        rows = 16 * len(self._line_numbers) + sum(100 + len(f) for f in self._line_files)
+        return 16_384 + 16 * len(self._starts) + self._names.nbytes() + rows + go_table
 
     def file_offset_to_vaddr(self, file_offset: int) -> int | None:
         """Translate a file offset (from /proc maps) into the ELF vaddr symbols use."""
@@ -129,7 +133,7 @@ class ElfSymbols:
         i = bisect.bisect_right(self._line_addrs, vaddr) - 1
         if i < 0:
             return "", 0
-        return self._line_rows[i]
+        return self._line_files[self._line_file_ids[i]], self._line_numbers[i]
 
     def _build_line_table(self) -> None:
         rows: list[tuple[int, str, int]] = []
@@ -150,7 +154,10 @@ class ElfSymbols:
         rows.sort(key=lambda r: r[0])
         self._line_addrs = array("Q", (r[0] for r in rows))
         # End-of-sequence rows carry line 0: lookups past a sequence's end return ("", 0).
-        self._line_rows = [(r[1], r[2]) for r in rows]
+        file_ids: dict[str, int] = {}
+        self._line_file_ids = array("I", (file_ids.setdefault(r[1], len(file_ids)) for r in rows))
+        self._line_numbers = array("I", (min(max(r[2], 0), 0xFFFFFFFF) for r in rows))
+        self._line_files = list(file_ids)
         self._has_dwarf = bool(rows)
 
     def read(self, file_offset: int, size: int) -> bytes:

@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ MAX_KERNEL_FRAMES = 16_384  # distinct kernel addresses kept symbolized (~200 B 
 MAX_CACHED_CODE = 32_768  # code bytes before candidate return addresses (~150 B each)
 # A process gone from /proc this long (since its identity was last confirmed) is forgotten.
 EXITED_GRACE_S = 10.0
+# Cached ELF files unused for this long are closed (Symbolizer.sweep_idle_files).
+FILE_IDLE_S = 600.0
 
 
 class _Lru(OrderedDict[object, object]):
@@ -150,8 +153,11 @@ class Symbolizer:
         self._bad_files: set[FileKey] = set()
         # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.symbols.procmaps)
         self._file_stats: RecentFileStats[FileKey] = RecentFileStats(max_processes)
-        # (build id, size) -> ElfSymbols, see _share_by_build_id; only an index, never closes.
+        # (build id, size) -> weak reference to an ElfSymbols, see _share_by_build_id: only an
+        # index, so a file evicted from _files is freed rather than kept alive here.
         self._builds = _Lru(max_files, close_evicted=False)
+        # When each cached file was last looked up (see sweep_idle_files).
+        self._file_used: dict[object, float] = {}
         self._kernel: KernelSymbols | None = None
         self._kernel_frames: dict[int, Frame] = {}
         self._code: dict[tuple[FileKey, int, int], bytes] = {}  # see code_before
@@ -296,6 +302,27 @@ class Symbolizer:
             del self._processes[pid]
         return len(gone)
 
+    def sweep_idle_files(self, idle_s: float = FILE_IDLE_S) -> int:
+        """Close the files no lookup has needed for ``idle_s``; returns how many.
+
+        The byte bound alone keeps whatever was loaded until something pushes it out: the
+        compiler libraries the agent samples itself in while it compiles its BPF programs at
+        start (megabytes of C++ names), a tool that ran once, a binary since upgraded. Hot
+        addresses are answered from the frame cache without touching their file, so an
+        evicted file that is needed again is simply read again.
+        """
+        now = time.monotonic()
+        idle = [key for key, used in self._file_used.items() if now - used > idle_s]
+        for key in idle:
+            del self._file_used[key]
+            elf = self._files.pop(key, None)
+            if isinstance(elf, ElfSymbols) and not elf.shared:
+                elf.close()
+        # Keys the size/count bound evicted meanwhile.
+        if len(self._file_used) > len(self._files):
+            self._file_used = {k: t for k, t in self._file_used.items() if k in self._files}
+        return len(idle)
+
     # -- processes -------------------------------------------------------------------------
     def _process(self, pid: int, force: bool = False) -> _Process | None:
         cached = self._processes.hit(pid)
@@ -417,6 +444,7 @@ class Symbolizer:
         cached = self._files.hit(key)
         if isinstance(cached, ElfSymbols):
             self._stats["file_cache_hits"] += 1
+            self._file_used[key] = time.monotonic()
             return cached
         self._stats["file_cache_misses"] += 1
         try:
@@ -440,6 +468,7 @@ class Symbolizer:
             return None
         elf = self._share_by_build_id(elf, stream)
         self._files.put(key, elf)
+        self._file_used[key] = time.monotonic()
         return elf
 
     def _share_by_build_id(self, elf: ElfSymbols, stream: IO[bytes]) -> ElfSymbols:
@@ -457,11 +486,12 @@ class Symbolizer:
         except OSError:
             return elf
         build = (elf.build_id, size)
-        shared = self._builds.hit(build)
+        ref = self._builds.hit(build)
+        shared = ref() if isinstance(ref, weakref.ref) else None
         if isinstance(shared, ElfSymbols) and not shared.closed:
             stream.close()
             shared.shared = True
             self._stats["build_id_shares"] += 1
             return shared
-        self._builds.put(build, elf)
+        self._builds.put(build, weakref.ref(elf))
         return elf
