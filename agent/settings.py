@@ -80,6 +80,14 @@ class AgentSettings(BaseSettings):
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
 
+    @field_validator("nats")
+    @classmethod
+    def _tcp_only(cls, v: NatsSettings) -> NatsSettings:
+        # The agent process does not load nats-py's WebSocket transport (agent/lean_imports.py).
+        if any(u.strip().lower().startswith(("ws://", "wss://")) for u in v.url.split(",")):
+            raise ValueError("the agent connects to NATS over TCP: use nats:// or tls:// URLs, not ws:// or wss://")
+        return v
+
     @field_validator("types", "target_pids", mode="before")
     @classmethod
     def _split_list(cls, v: object) -> object:

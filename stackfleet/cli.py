@@ -73,6 +73,9 @@ def agent(
     """Run the host agent: BPF actors -> symbolization -> NATS."""
     setup_logging(log_level)
     configure_allocator()
+    from agent.lean_imports import skip_unused_imports
+
+    skip_unused_imports()
     from agent.main import run_agent
     from agent.settings import AgentSettings
 
