@@ -91,6 +91,11 @@ def go_pipeline(exe: Path) -> Run:
         proc.stdin.write(b"exit\n")
         await proc.stdin.drain()
         await proc.wait()
+        # The binary's last process is gone: its uprobes are detached at the next discovery.
+        for _ in range(100):
+            if run.agent_counters.get("go_binaries_unprobed"):
+                break
+            await asyncio.sleep(0.1)
 
     with NatsServer() as nats:
         run = asyncio.run(run_pipeline(nats.url, [ProfileType.GOROUTINE], workload, export_interval_s=1.0))
@@ -174,6 +179,16 @@ def test_live_count_matches_num_goroutine(go_run: tuple[PipelineRun, int, int, i
     last, by_start_after = live(fleet_samples(run, reporting[-1]), pid)
     assert abs(last - after_close) <= 2, (last, after_close, by_start_after)
     assert by_start_after.get("main.startWorkers.func1", 0) == 0
+
+
+def test_uprobes_are_detached_after_the_last_process(go_run: Run) -> None:
+    run = go_run[0]
+    counters = run.agent_counters.snapshot()
+    assert run.agent_counters.get("go_processes_probed") >= 1, counters
+    # Every probed Go binary of this test's agent had exited by the end (the workload, and
+    # any other short-lived Go program on the host); none failed to detach.
+    assert run.agent_counters.get("go_binaries_unprobed") >= 1, counters
+    assert run.agent_counters.get("errors", kind="uprobe_detach") == 0, counters
 
 
 def test_creation_stacks_name_the_go_statement(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:

@@ -74,7 +74,10 @@ class GoroutineActor(RingBufferActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._processes: dict[int, _GoProcess] = {}
-        self._probed_binaries: set[tuple[int, int, int, int]] = set()
+        # Go binaries with uprobes attached -> bcc's event names of those uprobes (detached with
+        # the binary's last process, so a host that runs many Go binaries does not keep every
+        # one probed and pinned in the kernel).
+        self._probed_binaries: dict[tuple[int, int, int, int], list[bytes]] = {}
         self._not_go: set[tuple[int, int, int, int]] = set()
         self._discovered = 0.0
         self._scanned = 0.0
@@ -126,6 +129,23 @@ class GoroutineActor(RingBufferActor):
         running = {proc.identity for proc in self._processes.values()}
         for identity in [i for i in self._tables if i not in running]:
             del self._tables[identity]
+        for identity in [i for i in self._probed_binaries if i not in running]:
+            self._unprobe(identity)
+
+    def _unprobe(self, identity: tuple[int, int, int, int]) -> None:
+        """Detach a binary's uprobes: its last process is gone."""
+        self._detach(self._probed_binaries.pop(identity))
+        self.ctx.counters.inc("go_binaries_unprobed")
+
+    def _detach(self, events: list[bytes]) -> None:
+        """Detach uprobes by bcc event name; failures are counted and logged."""
+        with BCC_LOCK:
+            for event in events:
+                try:
+                    self.bpf.detach_uprobe_event(event)
+                except Exception as exc:  # bcc raises plain Exception
+                    self.ctx.counters.inc("errors", kind="uprobe_detach")
+                    log.warning("cannot detach uprobe %s: %s", event.decode(errors="replace"), exc)
 
     def _remember_not_go(self, identity: tuple[int, int, int, int]) -> None:
         if len(self._not_go) >= MAX_NOT_GO:
@@ -135,17 +155,24 @@ class GoroutineActor(RingBufferActor):
     def _probe(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> None:
         path = os.path.realpath(f"/proc/{pid}/exe")
         if identity not in self._probed_binaries:
-            try:
-                with BCC_LOCK:
+            with BCC_LOCK:
+                before = set(self.bpf.uprobe_fds)
+                try:
                     for sym, fn in (("runtime.newproc1", "on_newproc1"), ("runtime.goexit1", "on_goexit1")):
                         attach_go_probe(self.bpf, path, info, sym, fn, pid=-1)
-            except Exception as exc:
-                log.warning("cannot probe Go binary %s (pid %d): %s", path, pid, exc)
+                except Exception as exc:
+                    failure: Exception | None = exc
+                else:
+                    failure = None
+                events = [e for e in self.bpf.uprobe_fds if e not in before]
+            if failure is not None:
+                log.warning("cannot probe Go binary %s (pid %d): %s", path, pid, failure)
                 self.ctx.counters.inc("go_processes_skipped", reason="uprobe_failed")
                 self._remember_not_go(identity)
-                self.ctx.counters.inc("errors", kind=type(exc).__name__)
+                self.ctx.counters.inc("errors", kind=type(failure).__name__)
+                self._detach(events)  # the half that did attach
                 return
-            self._probed_binaries.add(identity)
+            self._probed_binaries[identity] = events
         if info.startpc_offset is not None:
             self.bpf["go_procs"][ctypes.c_uint32(pid)] = ctypes.c_uint32(info.startpc_offset)
         else:
