@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from agent.python.offsets import OFFSETS, PythonOffsets
-from agent.symbols.procmaps import MapEntry, read_maps
+from agent.symbols.procmaps import MapEntry, map_files_path, read_maps, root_view_path
 from agent.unwind.cfi import parse_cfi
 from agent.unwind.elfread import ElfHeaders
 
@@ -92,9 +92,9 @@ class FileCache:
         self._files: OrderedDict[tuple[int, int, int, int], InterpreterFile | None] = OrderedDict()
 
     def get(self, pid: int, entry: MapEntry) -> InterpreterFile | None:
-        path = f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}"
+        path = map_files_path(pid, entry)
         if not os.path.exists(path):
-            path = f"/proc/{pid}/root{entry.path}"
+            path = root_view_path(pid, entry.path)
         st = os.stat(path)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if key in self._files:

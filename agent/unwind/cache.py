@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from agent.symbols.procmaps import MapEntry, map_files_path, root_view_path
 from agent.unwind.elfread import ElfHeaders
 from agent.unwind.table import TableTooLarge, UnwindTable, build_table
 
@@ -35,18 +36,18 @@ class FileRef:
     display: str
 
 
-def file_ref(pid: int, start: int, end: int, path: str) -> FileRef | None:
+def file_ref(pid: int, entry: MapEntry) -> FileRef | None:
     """Identity of the file behind a mapping, or None when it cannot be opened (gone, no rights).
 
     ``/proc/PID/map_files/`` reaches files inside containers and deleted-but-mapped files,
     the same way the symbolizer opens them.
     """
+    path = entry.path
     if path == VDSO:
         return FileRef(VDSO, "", VDSO)
     if not path.startswith("/"):
         return None
-    candidates = (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}")
-    for candidate in candidates:
+    for candidate in (map_files_path(pid, entry), root_view_path(pid, path)):
         try:
             st = os.stat(candidate)
         except OSError:

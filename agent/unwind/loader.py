@@ -306,7 +306,7 @@ class NativeUnwinder:
         for entry in entries:
             name = os.path.basename(entry.path)
             if entry.path == VDSO or name.startswith(_PREWARM_PREFIXES):
-                ref = file_ref(os.getpid(), entry.start, entry.end, entry.path)
+                ref = file_ref(os.getpid(), entry)
                 if ref is not None:
                     self._resident_for(os.getpid(), entry, ref)
 
@@ -479,7 +479,7 @@ class NativeUnwinder:
             key, via_map_files = cached
             open_path = map_files_path(pid, entry) if via_map_files else root_view_path(pid, entry.path)
             return FileRef(key, open_path, entry.path)
-        ref = file_ref(pid, entry.start, entry.end, entry.path)
+        ref = file_ref(pid, entry)
         if ref is not None and entry.path != VDSO:
             self._file_keys.put(entry, (ref.key, ref.open_path == map_files_path(pid, entry)))
         return ref

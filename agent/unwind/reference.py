@@ -51,7 +51,7 @@ def process_tables(pid: int, cache: TableCache) -> list[MappedTable]:
         table = None
         bias = 0
         if entry.file_backed or entry.path == VDSO:
-            ref = file_ref(pid, entry.start, entry.end, entry.path)
+            ref = file_ref(pid, entry)
             table = cache.get(ref) if ref is not None else None
             if table is not None:
                 load_bias = table.vaddr_bias(entry.start, entry.offset)
