@@ -14,9 +14,11 @@ has no marker for looks at its peers' markers first.
 * Bounded: the bucket's age limit is the stream's (a marker is useless once its messages can
   no longer be redelivered), and each replica deletes its own keys once the consumer's ack
   floor has passed them.
-* A put that fails (JetStream unavailable) is kept (bounded) and retried before the next
-  export's, so a replica that survives a NATS node failure still shares what it exported
-  while the acks were being lost. Failures are counted (``export_markers_unshared``).
+* A put that fails (JetStream unavailable) is kept (bounded) and retried with the first
+  export at least RETRY_AFTER_S later, so a replica that survives a NATS node failure still
+  shares what it exported while the acks were being lost, and a bucket that stays
+  unreachable delays an export by PUT_TIMEOUT_S at most once per period. Failures are counted
+  (``export_markers_unshared``).
 * Peers' markers are read on demand — only when a redelivered message is not known locally,
   at most once per :data:`REFRESH_INTERVAL_S` — not watched, so an ordinary run makes no
   extra reads.
@@ -48,6 +50,10 @@ log = logging.getLogger("stackfleet.aggregator.peers")
 
 BUCKET = "stackfleet-exports"
 REFRESH_INTERVAL_S = 1.0
+RETRY_AFTER_S = 2.0
+# A put takes about a millisecond; during a NATS failover it fails or hangs, and the export
+# (whose acks wait for it) should not hang with it for the whole JetStream timeout.
+PUT_TIMEOUT_S = 1.0
 MAX_UNSHARED = 256
 MAX_KNOWN_KEYS = 50_000
 
@@ -66,6 +72,8 @@ class PeerMarkers:
         self._own: deque[tuple[str, int]] = deque()  # (key, max_seq), oldest first
         self._known: set[str] = set()  # peers' keys already read
         self._last_refresh = 0.0
+        self._retry_at = 0.0
+        self._failing = False
         self._refresh_lock = asyncio.Lock()
 
     @classmethod
@@ -82,22 +90,35 @@ class PeerMarkers:
         return cls(kv, exported, counters, timeout_s)
 
     async def publish(self, marker: ExportMarker) -> None:
-        """Share one export's marker (and any earlier ones whose put failed) before its acks."""
+        """Share one export's marker (and any earlier ones whose put failed) before its acks.
+
+        After a failed put the bucket is left alone for RETRY_AFTER_S: a bucket that stays
+        unreachable (e.g. permissions without its subjects) costs one timeout per period,
+        not one per export."""
         if not marker.ranges:
             return
         self._n += 1
         self._unshared.append((f"{self.replica}.{self._n}", marker))
+        if time.monotonic() < self._retry_at:
+            self.counters.inc("export_markers_unshared")
+            return
         while self._unshared:
             key, pending = self._unshared[0]
             try:
-                await asyncio.wait_for(self.kv.put(key, pending.to_json()), self.timeout_s)
+                await asyncio.wait_for(self.kv.put(key, pending.to_json()), min(self.timeout_s, PUT_TIMEOUT_S))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # kept and retried with the next export
+            except Exception as exc:  # kept and retried with an export after RETRY_AFTER_S
                 self.counters.inc("export_markers_unshared")
-                log.warning("could not share export marker %s with other replicas (%d waiting): %s", key,
-                            len(self._unshared), exc or type(exc).__name__)
+                self._retry_at = time.monotonic() + RETRY_AFTER_S
+                if not self._failing:  # logged when sharing starts failing, not at every retry
+                    log.warning("could not share export marker %s with other replicas (retrying every %gs "
+                                "while it fails): %s", key, RETRY_AFTER_S, exc or type(exc).__name__)
+                self._failing = True
                 return
+            if self._failing:
+                log.info("sharing export markers with other replicas works again")
+                self._failing = False
             self._unshared.popleft()
             self._own.append((key, pending.max_seq))
             self.counters.inc("export_markers_shared")

@@ -186,8 +186,7 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                               ack_wait=settings.effective_ack_wait_s, max_ack_pending=settings.max_ack_pending)))
 
-    peers = await _retry("open the shared export-marker bucket", stopping, counters, lambda: PeerMarkers.open(
-        js, settings.nats.stream, exported, counters, settings.nats.jetstream_timeout_s))
+    peers = await _open_peer_markers(js, settings, exported, counters)
 
     async def on_dict(m: Msg) -> None:
         await intake.on_dict(m.subject, m.data)
@@ -202,7 +201,7 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
             counters.inc("messages_redelivered_held")
             ledger.finished(m)  # acked with the export that holds the first delivery
             return
-        if exported.already_exported(m) or (_redelivered(m) and await peers.refresh()
+        if exported.already_exported(m) or (peers is not None and _redelivered(m) and await peers.refresh()
                                             and exported.already_exported(m)):
             counters.inc("messages_already_exported")
             try:
@@ -220,6 +219,32 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
              asyncio.create_task(_watch_stream_limits(js, stream, settings.queue_group, counters, exported, peers),
                                  name="watch-stream-limits")]
     return Consumers(tasks, [dict_sub, samples_sub], js, stream, dict_name, peers)
+
+
+async def _open_peer_markers(js: JetStreamContext, settings: AggregatorSettings, exported: ExportedMessages,
+                             counters: Counters, attempts: int = 3) -> PeerMarkers | None:
+    """The shared export-marker bucket, or None (logged, counted) when it cannot be opened.
+
+    JetStream itself is up (the stream was just created), so a failure here is most likely
+    NATS permissions without the bucket's subjects (deploy/nats/accounts.conf): the replica
+    then works as before, exactly-once only within its own output directory.
+    """
+    for attempt in range(attempts):
+        try:
+            return await PeerMarkers.open(js, settings.nats.stream, exported, counters,
+                                          settings.nats.jetstream_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if attempt + 1 < attempts:
+                await asyncio.sleep(1.0)
+                continue
+            counters.inc("jetstream_setup_errors", step="open the shared export-marker bucket",
+                         error=type(exc).__name__)
+            log.error("export markers are not shared with other replicas (%r): a batch redelivered to "
+                      "another replica after this one exported it may be exported twice; allow the "
+                      "$KV.stackfleet-exports subjects (deploy/nats/accounts.conf)", exc)
+    return None
 
 
 def _redelivered(m: Msg) -> bool:

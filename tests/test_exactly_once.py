@@ -186,13 +186,15 @@ async def test_a_redelivery_to_another_replica_is_recognised_from_the_shared_mar
     assert second.get("samples_received") == 0
 
 
-async def test_an_unshared_marker_is_counted_and_put_again_with_the_next_export() -> None:
+async def test_an_unshared_marker_is_counted_and_put_again_after_the_retry_delay() -> None:
     class FlakyBucket:
         def __init__(self) -> None:
             self.down = True
+            self.attempts = 0
             self.stored: dict[str, bytes] = {}
 
         async def put(self, key: str, value: bytes) -> int:
+            self.attempts += 1
             if self.down:
                 raise ConnectionError("JetStream unavailable")
             self.stored[key] = value
@@ -200,12 +202,15 @@ async def test_an_unshared_marker_is_counted_and_put_again_with_the_next_export(
 
     bucket, counters = FlakyBucket(), Counters()
     peers = PeerMarkers(bucket, ExportedMessages(), counters, timeout_s=1.0)  # type: ignore[arg-type]
-    first = marker_for([js_msg(s) for s in (1, 2, 3)])
-    second = marker_for([js_msg(s) for s in (4, 5)])
-    assert first is not None and second is not None
-    await peers.publish(first)
-    assert counters.get("export_markers_unshared") == 1 and not bucket.stored
+    markers = [marker_for([js_msg(s) for s in seqs]) for seqs in ((1, 2, 3), (4, 5), (6,), (7,))]
+    await peers.publish(markers[0])  # type: ignore[arg-type]
+    assert counters.get("export_markers_unshared") == 1 and bucket.attempts == 1 and not bucket.stored
     bucket.down = False
-    await peers.publish(second)
-    assert [ExportMarker.from_json(v) for v in bucket.stored.values()] == [first, second]
-    assert counters.get("export_markers_shared") == 2
+    await peers.publish(markers[1])  # type: ignore[arg-type]
+    await peers.publish(markers[2])  # type: ignore[arg-type]
+    assert bucket.attempts == 1, "retried within the delay"  # one timeout per delay, not per export
+    assert counters.get("export_markers_unshared") == 3
+    peers._retry_at = 0.0  # the delay has passed
+    await peers.publish(markers[3])  # type: ignore[arg-type]
+    assert [ExportMarker.from_json(v) for v in bucket.stored.values()] == markers  # in order, none lost
+    assert counters.get("export_markers_shared") == 4

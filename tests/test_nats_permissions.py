@@ -97,3 +97,36 @@ async def test_each_agent_publishes_only_as_its_own_host(secured_nats: NatsServe
     assert agg_counters.get("messages_rejected") == 0, agg_counters.snapshot()
     assert agg_counters.get("export_markers_shared") >= 1, agg_counters.snapshot()
     assert agg_counters.get("export_markers_unshared") == 0, agg_counters.snapshot()
+
+
+async def test_aggregator_without_the_marker_bucket_permission_still_consumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older permission set without the shared export-marker bucket's subjects: the markers
+    cannot be shared (counted, logged) and the aggregator goes on consuming and exporting,
+    exactly-once per replica only."""
+    for name, value in PASSWORDS.items():
+        monkeypatch.setenv(name, value)
+    accounts = ACCOUNTS.read_text().replace('"$KV.stackfleet-exports.>", ', "")
+    assert "$KV.stackfleet-exports" not in accounts.split("# replicas share")[-1]
+    (tmp_path / "accounts.conf").write_text(accounts)
+    conf = tmp_path / "server.conf"
+    conf.write_text(f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\ninclude "accounts.conf"\n')
+    with NatsServer(jetstream=False, extra_args=["-c", str(conf)]) as server:
+        agg_counters, stop = Counters(), asyncio.Event()
+        aggregator = asyncio.create_task(run_aggregator(AggregatorSettings(
+            nats=_nats(server.url, "aggregator", "pw-agg"), otlp_endpoint="", output_dir=tmp_path / "out",
+            export_interval_s=0.5, web_address=""), stop, agg_counters))
+        agent_counters = Counters()
+        agent = Publisher(AgentSettings(nats=_nats(server.url, "web-01", "pw-web-01"), host_name="web-01"),
+                          agent_counters)
+        await agent.start()
+        for _ in range(5):
+            await agent.submit(ProfileType.CPU, cpu_samples(10), PERIOD)
+        await agent.close()
+        assert await wait_for(lambda: agg_counters.get("samples_received") == 50, 30), agg_counters.snapshot()
+        stop.set()
+        await asyncio.wait_for(aggregator, 30)
+    # The puts fail (permission violation: no reply), counted; intake and export went on.
+    assert agg_counters.get("export_markers_unshared") >= 1, agg_counters.snapshot()
+    assert agg_counters.get("export_markers_shared") == 0
+    assert agg_counters.get("exports") >= 1
