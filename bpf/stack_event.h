@@ -59,8 +59,10 @@ struct stack_event {
 #include "python.h"
 #endif
 
-/* Fill pid/tid/cpu/comm/ts and both stacks into a reserved event. */
-static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, u64 pid_tgid)
+/* Fill pid/tid/cpu/comm/ts and the stacks into a reserved event; the kernel stack only if
+ * `with_kernel` (it is the costly part: the kernel's unwinder walks from the probe). */
+static __always_inline void fill_stack_event_parts(void *ctx, struct stack_event *ev, u64 pid_tgid,
+                                                   int with_kernel)
 {
     ev->ts_ns = bpf_ktime_get_ns();
     ev->pid = pid_tgid >> 32;
@@ -68,7 +70,12 @@ static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, 
     ev->cpu = bpf_get_smp_processor_id();
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
     ev->user_len = bpf_get_stack(ctx, ev->user, sizeof(ev->user), BPF_F_USER_STACK);
-    ev->kernel_len = bpf_get_stack(ctx, ev->kernel, sizeof(ev->kernel), 0);
+    if (with_kernel) {
+        ev->kernel_len = bpf_get_stack(ctx, ev->kernel, sizeof(ev->kernel), 0);
+    } else {
+        ev->kernel_len = 0;
+        ev->kernel[0] = 0;  /* stack ids hash up to the first zero */
+    }
     /* The task's user registers (pt_regs layout is the hardware frame: stable across
      * kernel versions, unlike task_struct), whether we interrupted user or kernel mode. */
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
@@ -86,6 +93,11 @@ static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, 
     ev->py_count = 0;
     ev->py_status = 0;
 #endif
+}
+
+static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, u64 pid_tgid)
+{
+    fill_stack_event_parts(ctx, ev, pid_tgid, 1);
 }
 
 #endif

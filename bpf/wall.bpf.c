@@ -10,7 +10,9 @@
  * Nothing goes through a ring buffer: the agent drains the aggregates every flush.
  * Kernel threads (no user stack) are skipped: idle kthreads must not drown the profile.
  * Labels: ON_CPU_LABEL for on-CPU samples, SHORT_OFF_CPU_LABEL for the per-thread sum of
- * short blocks, else the task state at switch-out.
+ * short blocks, else the task state at switch-out. A thread rescheduled on its way back to
+ * user space (prev_state 0) is recorded without its kernel stack, which would only show
+ * that return path.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -71,7 +73,11 @@ TRACEPOINT_PROBE(sched, sched_switch)
         u32 zero = 0;
         struct stack_event *ev = agg_scratch.lookup(&zero);
         if (ev) {
-            fill_stack_event(args, ev, pid_tgid);
+            /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on its
+             * way back to user space (a timer tick took its CPU). Its kernel stack is always
+             * that same return path and costs half of this program: left out. Preempted in
+             * the kernel (TASK_REPORT_MAX) or blocked, the kernel stack says where. */
+            fill_stack_event_parts(args, ev, pid_tgid, args->prev_state != 0);
             if (ev->user_len > 0) {
                 ev->ts_ns = now;
                 ev->aux = (u64)args->prev_state;

@@ -16,6 +16,7 @@ import pytest
 
 from aggregator.otlp import validate_request
 from integration.harness import PipelineRun, build_c, run_pipeline
+from shared.model import FrameType
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
 
@@ -63,6 +64,23 @@ def test_busy_and_sleep_split_30_70(wall_run: tuple[PipelineRun, int, float, Pat
     assert abs(100 * asleep / total - 70) <= 5, (busy / total, asleep / total)
     states = {dict(s.attributes)["wall.state"] for s in samples if any(f.function == "sleep_part" for f in s.frames)}
     assert "sleeping" in states
+
+
+def test_kernel_stacks_only_where_they_say_something(wall_run: tuple[PipelineRun, int, float, Path]) -> None:
+    """Asleep: the kernel stack shows the sleep (schedule under the nanosleep system call).
+    Rescheduled on the way back to user space ("preempted": the two busy threads share the
+    two CPUs with the agent, so it happens): no kernel stack, the user stack says it all."""
+    run, pid, _, _ = wall_run
+    samples = worker_samples(run, pid)
+    by_state: dict[str, list] = {}  # type: ignore[type-arg]
+    for s in samples:
+        by_state.setdefault(dict(s.attributes)["wall.state"], []).append(s)
+    assert by_state.get("sleeping") and by_state.get("preempted"), sorted(by_state)
+    for s in by_state["sleeping"]:
+        kernel = [f.function for f in s.frames if f.frame_type == FrameType.KERNEL]
+        assert "schedule" in kernel, kernel
+    for s in by_state["preempted"]:
+        assert not [f for f in s.frames if f.frame_type == FrameType.KERNEL], s.frames
 
 
 def test_total_wall_time_per_thread_matches_elapsed(wall_run: tuple[PipelineRun, int, float, Path]) -> None:

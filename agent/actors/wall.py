@@ -25,7 +25,14 @@ ON_CPU_LABEL = 1 << 63
 SHORT_OFF_CPU_LABEL = (1 << 63) | 1
 
 
+# prev_state when the task was preempted inside the kernel (TASK_REPORT_MAX); plain 0 is a
+# task rescheduled on its way back to user space (recorded without its kernel stack).
+_PREEMPTED_IN_KERNEL = 0x100
+
+
 def task_state_name(state: int) -> str:
+    if state == _PREEMPTED_IN_KERNEL:
+        return "preempted_in_kernel"
     return _STATES.get(state & 0xFF, f"state-{state:#x}")
 
 
