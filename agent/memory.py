@@ -1,4 +1,4 @@
-"""Giving back the memory bcc's compiler leaves behind after a BPF program is loaded.
+"""Giving memory back to the system: after each BPF compile, and periodically.
 
 bcc compiles with clang/LLVM inside the agent: the compile leaves ~60 MB of freed heap
 that glibc keeps, and ~90 MB of LLVM/clang library pages resident. Neither is needed until
@@ -7,6 +7,12 @@ the next compile (an actor restart), so after each load the agent trims the heap
 pages (``MADV_PAGEOUT``, Linux >= 5.4). Those pages come back from disk on demand, so
 this is safe; it only costs time on the next compile. Measured: RSS 168 MB -> ~25 MB of
 anonymous memory plus what the agent itself uses.
+
+Periodically (:func:`trim_heap`, every ``TRIM_INTERVAL_S`` from the agent's cache sweep): the
+symbolizer's caches free what they drop in many small blocks, which glibc keeps resident
+inside its arenas; only ``malloc_trim`` hands whole free pages inside the arenas back
+(``MADV_DONTNEED``). Measured on the agent an hour-long soak had left at 227 MiB after a
+burst of test processes: 130 MB of malloc arenas, 37 MB of it in use.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ _COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc")
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+
+
+TRIM_INTERVAL_S = 60.0
+
+
+def trim_heap() -> None:
+    """Return the free pages inside glibc's arenas to the kernel (milliseconds)."""
+    _libc.malloc_trim(0)
 
 
 def release_compiler_memory() -> int:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from agent.bpf_events import RawStackEvent, parse_stack_event
 from agent.bpf_loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.clock import MonotonicToUnix
-from agent.memory import release_compiler_memory
+from agent.memory import TRIM_INTERVAL_S, release_compiler_memory, trim_heap
 from agent.python import PythonProcesses, PythonStacks
 from agent.python.frames import UNKNOWN_FRAME
 from agent.selectors import ProcessSelector, sync_targets
@@ -67,6 +67,7 @@ class ActorContext:
     clock: MonotonicToUnix
     python: PythonProcesses = field(default_factory=PythonProcesses)
     _swept: float = field(default_factory=time.monotonic)
+    _trimmed: float = field(default_factory=time.monotonic)
 
     def sweep_exited_processes(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
         """Forget exited processes in the shared caches, at most every ``interval_s``.
@@ -82,6 +83,10 @@ class ActorContext:
         idle = self.symbolizer.sweep_idle_files()
         if idle:
             self.counters.inc("symbol_files_closed_idle", idle)
+        if now - self._trimmed >= TRIM_INTERVAL_S:  # what the caches freed, back to the system
+            self._trimmed = now
+            trim_heap()
+            self.counters.inc("heap_trims")
 
 
 class ProfileActor(ABC):
