@@ -23,7 +23,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, cast
+from typing import IO, Any, cast
 
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.kallsyms import KernelSymbols
@@ -298,8 +298,14 @@ class Symbolizer:
         now = time.monotonic()
         gone = [pid for pid, p in self._processes.items()
                 if isinstance(p, _Process) and now - p.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
+        identities = set()
         for pid in gone:
-            del self._processes[pid]
+            process = self._processes.pop(pid)
+            if isinstance(process, _Process):
+                identities.add(process.identity)
+        if identities:  # their resolved frames too: a fork-heavy host fills the cache with them
+            for key in [k for k in self._frames if cast(tuple[Any, ...], k)[0] in identities]:
+                del self._frames[key]
         return len(gone)
 
     def sweep_idle_files(self, idle_s: float = FILE_IDLE_S) -> int:
