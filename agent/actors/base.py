@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from agent.bpf_events import RawStackEvent, parse_stack_event
 from agent.bpf_loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.clock import MonotonicToUnix
-from agent.memory import TRIM_INTERVAL_S, release_compiler_memory, trim_heap
+from agent.memory import TRIM_INTERVAL_S, release_compiler_memory
 from agent.python import PythonProcesses, PythonStacks
 from agent.python.frames import UNKNOWN_FRAME
 from agent.selectors import ProcessSelector, sync_targets
@@ -85,7 +85,7 @@ class ActorContext:
             self.counters.inc("symbol_files_closed_idle", idle)
         if now - self._trimmed >= TRIM_INTERVAL_S:  # what the caches freed, back to the system
             self._trimmed = now
-            trim_heap()
+            release_compiler_memory()
             self.counters.inc("heap_trims")
 
 
