@@ -133,25 +133,34 @@ async def test_redelivery_after_lost_acks_is_recognised_in_memory(tmp_path: Path
     assert counters.get("samples_received") == published
 
 
+async def _lost_acks_then_a_second_aggregator(nats_url: str, monkeypatch: pytest.MonkeyPatch, first_out: Path,
+                                             second_out: Path) -> tuple[int, Counters, Counters]:
+    """A first aggregator exports 200 samples and stops before any ack reaches the server; a
+    second one (writing to ``second_out``) then gets the redeliveries. Returns (published,
+    first's counters, second's counters) once the consumer has settled."""
+    with monkeypatch.context() as patch:
+        _lose_acks(patch)
+        first, stop = Counters(), asyncio.Event()
+        task = asyncio.create_task(run_aggregator(_settings(nats_url, first_out, ack_wait_s=6.0), stop, first))
+        published = await asyncio.wait_for(_publish(nats_url, batches=20, per_batch=10), 30)
+        assert await wait_for(lambda: first.get("samples_received") >= published, 20), first.snapshot()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert first.get("messages_already_exported") == 0  # stopped before ack_wait ran out
+    second, stop = Counters(), asyncio.Event()
+    task = asyncio.create_task(run_aggregator(_settings(nats_url, second_out, ack_wait_s=6.0), stop, second))
+    assert await wait_for(lambda: second.get("messages_already_exported") > 0, 30), second.snapshot()
+    assert (await wait_consumer_settled(nats_url, timeout_s=30))[:2] == (0, 0)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    return published, first, second
+
+
 async def test_redelivery_after_a_restart_is_recognised_from_the_markers_on_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     with NatsServer() as nats:
-        with monkeypatch.context() as patch:
-            _lose_acks(patch)  # the first aggregator stops before any ack reaches the server
-            first, stop = Counters(), asyncio.Event()
-            task = asyncio.create_task(run_aggregator(_settings(nats.url, out, ack_wait_s=6.0), stop, first))
-            published = await asyncio.wait_for(_publish(nats.url, batches=20, per_batch=10), 30)
-            assert await wait_for(lambda: first.get("samples_received") >= published, 20), first.snapshot()
-            stop.set()
-            await asyncio.wait_for(task, 30)
-        assert first.get("messages_already_exported") == 0  # stopped before ack_wait ran out
-        second, stop = Counters(), asyncio.Event()
-        task = asyncio.create_task(run_aggregator(_settings(nats.url, out, ack_wait_s=6.0), stop, second))
-        assert await wait_for(lambda: second.get("messages_already_exported") > 0, 30), second.snapshot()
-        assert (await wait_consumer_settled(nats.url, timeout_s=30))[:2] == (0, 0)
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        published, _, second = await _lost_acks_then_a_second_aggregator(nats.url, monkeypatch, out, out)
     seen, _ = exported_samples(out, ProfileType.CPU)
     assert published == 200 and len(seen) == published
     assert max(seen.values()) == 1, f"{sum(n - 1 for n in seen.values())} samples exported twice"
@@ -164,21 +173,9 @@ async def test_a_redelivery_to_another_replica_is_recognised_from_the_shared_mar
     stream then redelivers to the second is skipped there, through the shared marker bucket."""
     first_out, second_out = tmp_path / "replica1", tmp_path / "replica2"
     with NatsServer() as nats:
-        with monkeypatch.context() as patch:
-            _lose_acks(patch)
-            first, stop = Counters(), asyncio.Event()
-            task = asyncio.create_task(run_aggregator(_settings(nats.url, first_out, ack_wait_s=6.0), stop, first))
-            published = await asyncio.wait_for(_publish(nats.url, batches=20, per_batch=10), 30)
-            assert await wait_for(lambda: first.get("samples_received") >= published, 20), first.snapshot()
-            stop.set()
-            await asyncio.wait_for(task, 30)
-        assert first.get("export_markers_shared") > 0, first.snapshot()
-        second, stop = Counters(), asyncio.Event()
-        task = asyncio.create_task(run_aggregator(_settings(nats.url, second_out, ack_wait_s=6.0), stop, second))
-        assert await wait_for(lambda: second.get("messages_already_exported") > 0, 30), second.snapshot()
-        assert (await wait_consumer_settled(nats.url, timeout_s=30))[:2] == (0, 0)
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        published, first, second = await _lost_acks_then_a_second_aggregator(nats.url, monkeypatch, first_out,
+                                                                              second_out)
+    assert first.get("export_markers_shared") > 0, first.snapshot()
     seen, _ = exported_samples(first_out, ProfileType.CPU)
     again, _ = exported_samples(second_out, ProfileType.CPU)
     assert published == 200 and len(seen) == published

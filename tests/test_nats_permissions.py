@@ -28,14 +28,19 @@ ACCOUNTS = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "account
 PASSWORDS = {"WEB_01_PASSWORD": "pw-web-01", "WEB_02_PASSWORD": "pw-web-02", "AGGREGATOR_PASSWORD": "pw-agg"}
 
 
-@pytest.fixture
-def secured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NatsServer:
+def _secured_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accounts: str) -> NatsServer:
+    """A nats-server with JetStream and the given accounts (users, passwords, permissions)."""
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)  # the server reads them from its environment
-    (tmp_path / "accounts.conf").write_text(ACCOUNTS.read_text())  # nats-server includes relative paths only
+    (tmp_path / "accounts.conf").write_text(accounts)  # nats-server includes relative paths only
     conf = tmp_path / "server.conf"
     conf.write_text(f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\ninclude "accounts.conf"\n')
     return NatsServer(jetstream=False, extra_args=["-c", str(conf)])
+
+
+@pytest.fixture
+def secured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NatsServer:
+    return _secured_server(tmp_path, monkeypatch, ACCOUNTS.read_text())
 
 
 def _nats(url: str, user: str, password: str) -> NatsSettings:
@@ -104,14 +109,9 @@ async def test_aggregator_without_the_marker_bucket_permission_still_consumes(
     """An older permission set without the shared export-marker bucket's subjects: the markers
     cannot be shared (counted, logged) and the aggregator goes on consuming and exporting,
     exactly-once per replica only."""
-    for name, value in PASSWORDS.items():
-        monkeypatch.setenv(name, value)
     accounts = ACCOUNTS.read_text().replace('"$KV.stackfleet-exports.>", ', "")
     assert "$KV.stackfleet-exports" not in accounts.split("# replicas share")[-1]
-    (tmp_path / "accounts.conf").write_text(accounts)
-    conf = tmp_path / "server.conf"
-    conf.write_text(f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\ninclude "accounts.conf"\n')
-    with NatsServer(jetstream=False, extra_args=["-c", str(conf)]) as server:
+    with _secured_server(tmp_path, monkeypatch, accounts) as server:
         agg_counters, stop = Counters(), asyncio.Event()
         aggregator = asyncio.create_task(run_aggregator(AggregatorSettings(
             nats=_nats(server.url, "aggregator", "pw-agg"), otlp_endpoint="", output_dir=tmp_path / "out",
