@@ -45,7 +45,7 @@ def trim_heap() -> None:
 
 def release_compiler_memory() -> int:
     """Trim the heap and page out compiler libraries; returns how many mappings were advised."""
-    _libc.malloc_trim(0)
+    trim_heap()
     advised = 0
     try:
         with open("/proc/self/maps") as f:
