@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +30,7 @@ from stackfleet.nats_server import NatsServer, free_port
 PPROF = Path(__file__).resolve().parents[1] / ".tools" / "pprof"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HIGHLIGHT = "#E600E6"  # d3-flame-graph's fill for search matches
+T = TypeVar("T")
 WAIT_S = 120  # generous: a run beside an hour-long soak saw the first views take ~35 s each
 
 
@@ -42,6 +44,33 @@ def widest(driver: Any, name: str) -> Any:
 
     rects = driver.find_elements(By.CSS_SELECTOR, frame_css(name) + " rect")
     return max(rects, key=lambda r: float(r.get_attribute("width") or 0))
+
+
+def frames_and_fills(driver: Any) -> list[tuple[str, str]]:
+    """Every drawn frame's name and fill, read in one script so a re-render cannot interleave."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll('g.frame')).map(g => {"
+        " const r = g.querySelector('rect'); return [g.getAttribute('name'), r ? r.getAttribute('fill') : ''];"
+        " });")
+    return [(str(name), str(fill or "")) for name, fill in rows]
+
+
+def again_if_redrawn(step: Callable[[], T], attempts: int = 5) -> T:
+    """Run a step that touches elements, again if the page redrew one of them under it.
+
+    The page redraws the chart when its data or search changes; an element found just
+    before a redraw is stale when read. Redrawn elements are found afresh on each attempt.
+    """
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(attempts):
+        try:
+            return step()
+        except StaleElementReferenceException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def browser() -> Any:
@@ -58,6 +87,7 @@ def browser() -> Any:
 
 def drive_page(base: str, shots: Path) -> dict[str, Any]:
     """Everything a person would do on the page; blocking (runs in a thread, off the server's loop)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -65,7 +95,7 @@ def drive_page(base: str, shots: Path) -> dict[str, Any]:
 
     seen: dict[str, Any] = {}
     driver = browser()
-    wait = WebDriverWait(driver, WAIT_S)
+    wait = WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
     try:
         driver.get(base + "/?type=cpu&since=15m")
         # the service list is filled from the data: choose the workload's executable
@@ -75,24 +105,24 @@ def drive_page(base: str, shots: Path) -> dict[str, Any]:
         wait.until(lambda d: "service=cpu_chain" in d.current_url)  # the filtered view is drawn
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, frame_css("hot_leaf"))))
         seen["status"] = driver.find_element(By.ID, "status").text
-        seen["frames"] = {e.get_attribute("name") for e in driver.find_elements(By.CSS_SELECTOR, "g.frame")}
+        seen["frames"] = {name for name, _ in frames_and_fills(driver)}
 
         driver.find_element(By.ID, "search").send_keys("hot_le")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, frame_css("hot_leaf") + " rect")
                    .get_attribute("fill").upper() == HIGHLIGHT)
-        seen["highlighted"] = {e.get_attribute("name") for e in driver.find_elements(By.CSS_SELECTOR, "g.frame")
-                               if (e.find_element(By.TAG_NAME, "rect").get_attribute("fill") or "").upper()
-                               == HIGHLIGHT}
+        seen["highlighted"] = {name for name, fill in frames_and_fills(driver) if fill.upper() == HIGHLIGHT}
         seen["search_details"] = driver.find_element(By.ID, "details").text
 
-        ActionChains(driver).move_to_element(widest(driver, "hot_leaf")).perform()
-        tip = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".d3-flame-graph-tip")))
-        seen["tooltip"] = tip.text
-        width = float(driver.find_element(By.CSS_SELECTOR, "#chart svg").get_attribute("width"))
-        ActionChains(driver).move_to_element(widest(driver, "middle")).click().perform()
+        again_if_redrawn(lambda: ActionChains(driver).move_to_element(widest(driver, "hot_leaf")).perform())
+        wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".d3-flame-graph-tip")))
+        seen["tooltip"] = again_if_redrawn(lambda: driver.find_element(By.CSS_SELECTOR, ".d3-flame-graph-tip").text)
+        width = again_if_redrawn(
+            lambda: float(driver.find_element(By.CSS_SELECTOR, "#chart svg").get_attribute("width")))
+        again_if_redrawn(lambda: ActionChains(driver).move_to_element(widest(driver, "middle")).click().perform())
         wait.until(lambda d: float(widest(d, "middle").get_attribute("width")) / width > 0.95)
-        seen["root_after_zoom"] = float(driver.find_element(By.CSS_SELECTOR, frame_css("all") + " rect")
-                                        .get_attribute("width")) / width
+        seen["root_after_zoom"] = again_if_redrawn(
+            lambda: float(driver.find_element(By.CSS_SELECTOR, frame_css("all") + " rect").get_attribute("width"))
+        ) / width
         shot = shots / "flamegraph-cpu.png"
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
@@ -101,7 +131,7 @@ def drive_page(base: str, shots: Path) -> dict[str, Any]:
         Select(driver.find_element(By.ID, "type")).select_by_value("wall")
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("wall"))
         seen["wall_status"] = driver.find_element(By.ID, "status").text
-        seen["wall_frames"] = {e.get_attribute("name") for e in driver.find_elements(By.CSS_SELECTOR, "g.frame")}
+        seen["wall_frames"] = {name for name, _ in frames_and_fills(driver)}
         seen["wall_url"] = driver.current_url
         shot = shots / "flamegraph-wall.png"
         driver.save_screenshot(str(shot))
