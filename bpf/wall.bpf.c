@@ -13,6 +13,18 @@
  * short blocks, else the task state at switch-out. A thread rescheduled on its way back to
  * user space (prev_state 0) is recorded without its kernel stack, which would only show
  * that return path.
+ *
+ * Capture sampling (CAPTURE_RATE_HZ > 0): the stack capture is most of this program's cost,
+ * and a thread that switches out thousands of times a second would pay it every time. So a
+ * switch-out takes its stack with probability p = min(1, t x CAPTURE_RATE_HZ), t being the
+ * time since the thread's last captured switch-out: a thread switching out less often than
+ * CAPTURE_RATE_HZ is captured every time, a faster one about CAPTURE_RATE_HZ times a second,
+ * at random moments (no aliasing with a periodic thread). Every switch-out still records its
+ * time, so each off-CPU interval's length is known exactly: short ones are summed per thread
+ * as before; long ones not captured are summed per thread under UNCAPTURED_LABEL. The agent
+ * (agent/actors/wall.py) spreads that sum over the thread's captured intervals of the same
+ * window in proportion (a ratio estimate: the capture decision never depends on the stack),
+ * so per-thread totals stay exact and only the split between stacks is estimated.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -22,24 +34,50 @@
 
 #define ON_CPU_LABEL (1ULL << 63)
 #define SHORT_OFF_CPU_LABEL ((1ULL << 63) | 1)
+#define UNCAPTURED_LABEL ((1ULL << 63) | 2)
+
+#ifndef CAPTURE_RATE_HZ
+#define CAPTURE_RATE_HZ 0
+#endif
+#define P_ONE 65536         /* capture probability in 1/65536ths */
 
 struct blocked_thread {
     u64 ts_ns;          /* switch-out time */
-    u64 stack_id;
+    u64 stack_id;       /* 0: the stack was not captured (sampled out) */
     u64 state;          /* prev_state at switch-out */
     u32 tgid;
     u32 _pad;
 };
 
 BPF_HASH(blocked, u32, struct blocked_thread, MAX_BLOCKED_THREADS);
-/* 0: on-cpu samples, 1: (unused: was ring full), 2: blocked map full, 3: off-cpu intervals */
-BPF_PERCPU_ARRAY(counters, u64, 4);
+/* Per thread: its last captured switch-out, for the capture probability. LRU: exited
+ * threads age out; a thread whose entry did is captured on its next switch-out. */
+BPF_TABLE("lru_hash", u32, u64, last_capture, MAX_BLOCKED_THREADS);
+/* 0: on-cpu samples, 1: (unused: was ring full), 2: blocked map full, 3: off-cpu intervals,
+ * 4: switch-outs whose stack was not captured, 5: of their intervals, those at least
+ * MIN_BLOCK_NS long (summed under UNCAPTURED_LABEL) */
+BPF_PERCPU_ARRAY(counters, u64, 6);
 
 static __always_inline void count(int idx)
 {
     u64 *c = counters.lookup(&idx);
     if (c)
         (*c)++;
+}
+
+/* Whether to capture this switch-out's stack (see the header); a capture is remembered. */
+static __always_inline int capture_now(u32 tid, u64 now)
+{
+    if (CAPTURE_RATE_HZ == 0)
+        return 1;
+    u64 *last = last_capture.lookup(&tid);
+    if (last && *last < now) {
+        u64 scaled = (now - *last) * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
+        if (scaled < 1000000000ULL && (bpf_get_prandom_u32() & (P_ONE - 1)) >= scaled * P_ONE / 1000000000ULL)
+            return 0;
+    }
+    last_capture.update(&tid, &now);
+    return 1;
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -72,7 +110,20 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (prev_tid != 0 && is_target(pid_tgid >> 32)) {
         u32 zero = 0;
         struct stack_event *ev = agg_scratch.lookup(&zero);
-        if (ev) {
+        if (ev && !capture_now(prev_tid, now)) {
+            /* Not captured: the time only, for the exact sum of short blocks. Kernel threads
+             * and exiting tasks (no user stack) are left out here as they are below; a
+             * one-entry user stack says which (task_struct offsets from this build's headers
+             * cannot be trusted on the running kernel). */
+            u64 user_ip = 0;
+            if (bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) > 0) {
+                struct blocked_thread b = {.ts_ns = now, .stack_id = 0, .state = (u64)args->prev_state,
+                                           .tgid = pid_tgid >> 32};
+                if (blocked.update(&prev_tid, &b) != 0)
+                    count(2);
+                count(4);
+            }
+        } else if (ev) {
             /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on its
              * way back to user space (a timer tick took its CPU). Its kernel stack is always
              * that same return path and costs half of this program: left out. Preempted in
@@ -99,11 +150,14 @@ TRACEPOINT_PROBE(sched, sched_switch)
         return 0;
     u64 duration = now - saved->ts_ns;
     struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id, .label = saved->state};
+    u64 start = saved->ts_ns;
     if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
         key.stack_id = 0;
         key.label = SHORT_OFF_CPU_LABEL;
+    } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread */
+        key.label = UNCAPTURED_LABEL;
+        count(5);
     }
-    u64 start = saved->ts_ns;
     blocked.delete(&next_tid);
     agg_add(&key, duration, start);
     count(3);
