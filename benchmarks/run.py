@@ -1,6 +1,6 @@
 """The overhead and scale suite: one command, every figure measured side by side, with targets.
 
-    sudo .venv/bin/python -m benchmarks.run [--repeats 3] [--seconds 15] [--hosts 1000]
+    sudo .venv/bin/python -m benchmarks.run [--repeats 3] [--seconds 15] [--hosts 1000] [--replicas 2]
 
 Measured in one run on this machine:
 - agent CPU (user+sys of the agent process, plus its BPF programs' run time from the
@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--intake-seconds", type=int, default=20)
     parser.add_argument("--skip-intake", action="store_true")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="aggregator replicas sharing the intake (the target is 2 cores: one per core)")
     parser.add_argument("--warmup", type=float, default=20,
                         help="seconds of workload with the agent on before each measured run")
     parser.add_argument("--target-comm", default="",
@@ -236,7 +238,7 @@ def main() -> None:
         results["target_comm"] = args.target_comm or "(all processes)"
     results.update(wire_sizes())
     if not args.skip_intake:
-        results.update(aggregator_intake(args.hosts, args.intake_seconds))
+        results.update(aggregator_intake(args.hosts, args.intake_seconds, args.replicas))
     print(f"\n{'measure':34} {'value (median ±half-range)':>30}  {'target':>24}  met")
     flat: dict[str, Any] = {}
     for name, value in results.items():
