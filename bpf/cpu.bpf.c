@@ -12,6 +12,7 @@
 #include <uapi/linux/bpf_perf_event.h>
 #define PYTHON_FRAMES_COLLECTED 1  /* by on_cpu_sample, before the tail call */
 #include "stack_event.h"
+#include "ring_wakeup.h"
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
 #include "unwind.h"
 #endif
@@ -66,6 +67,6 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
     ev->value = SAMPLE_PERIOD_NS;
     ev->aux = 0;
     ev->kind = 0;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }

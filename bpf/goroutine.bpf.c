@@ -11,6 +11,7 @@
  */
 #include <uapi/linux/ptrace.h>
 #include "stack_event.h"
+#include "ring_wakeup.h"
 
 struct exit_key {
     u32 tgid;
@@ -46,7 +47,7 @@ int on_newproc1(struct pt_regs *ctx)
     ev->aux = start_pc;
     ev->kind = 0;
     count(0);
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
 

@@ -13,6 +13,7 @@
  */
 #include <uapi/linux/ptrace.h>
 #include "stack_event.h"
+#include "ring_wakeup.h"
 
 struct pending_alloc {
     u64 size;
@@ -95,7 +96,7 @@ static __always_inline void record_free(void *ctx, u64 addr)
     ev->value = freed;
     ev->aux = addr;
     ev->kind = 1;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, ring_wakeup_flag());
 }
 
 /* Go: runtime.mallocgc(size uintptr, typ *_type, needzero bool), size in AX (register ABI).
@@ -116,7 +117,7 @@ int on_mallocgc(struct pt_regs *ctx)
     ev->value = size;
     ev->aux = 0;
     ev->kind = 2;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
 
@@ -159,6 +160,6 @@ int on_alloc_return(struct pt_regs *ctx)
     ev->value = size;
     ev->aux = addr;
     ev->kind = 0;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }

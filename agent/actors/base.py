@@ -26,7 +26,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from agent.bpf_events import RawStackEvent, parse_stack_event
+from agent.bpf_events import EVENT_SIZE, RawStackEvent, parse_stack_event
 from agent.bpf_loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.clock import MonotonicToUnix
 from agent.memory import TRIM_INTERVAL_S, release_compiler_memory
@@ -131,7 +131,8 @@ class RingBufferActor(ProfileActor):
 
     # -- hooks for subclasses -------------------------------------------------------------
     def bpf_defines(self) -> dict[str, int | str]:
-        defines: dict[str, int | str] = {"RINGBUF_PAGES": _pow2(self.ctx.settings.ringbuf_pages)}
+        pages = _pow2(self.ctx.settings.ringbuf_pages)
+        defines: dict[str, int | str] = {"RINGBUF_PAGES": pages, "WAKEUP_EVERY": wakeup_every(pages * PAGE_SIZE)}
         if self.python_frames:
             defines["PYTHON_FRAMES"] = 1
         if self.uses_targets:
@@ -214,8 +215,11 @@ class RingBufferActor(ProfileActor):
         return 0
 
     def _poll_loop(self) -> None:
+        # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
+        # what came in without a wakeup is taken when the poll times out.
         while not self._stop_polling.is_set():
             self.bpf.ring_buffer_poll(self.poll_timeout_ms)
+            self.bpf.ring_buffer_consume()
 
     def _load_and_attach(self) -> None:
         with BCC_LOCK:
@@ -265,6 +269,8 @@ class RingBufferActor(ProfileActor):
             self._stop_polling.set()
             if poller.is_alive():
                 await asyncio.shield(asyncio.to_thread(poller.join))
+            if self.ring_buffer and self.bpf is not None:  # records that came without a wakeup
+                await asyncio.shield(asyncio.to_thread(self.bpf.ring_buffer_consume))
             if flushing is not None and not flushing.done():
                 await asyncio.shield(asyncio.gather(flushing, return_exceptions=True))
             try:
@@ -294,6 +300,15 @@ class RingBufferActor(ProfileActor):
         self.ctx.counters.inc("samples_collected", len(samples), type=self.profile_type.value)
         self.ctx.sweep_exited_processes()
         return samples
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def wakeup_every(ring_bytes: int, cpus: int | None = None) -> int:
+    """Records per CPU between forced wakeups (bpf/ring_wakeup.h): the ring is at most about a
+    quarter full when they come, whichever CPUs the records come from."""
+    return max(1, ring_bytes // (4 * EVENT_SIZE * max(1, cpus or os.cpu_count() or 1)))
 
 
 def _pow2(n: int) -> int:
