@@ -62,9 +62,10 @@ class AgentSettings(BaseSettings):
     # Off-CPU periods shorter than this are summed per thread without a stack.
     wall_min_block_ns: int = Field(default=1_000_000, ge=0)
     # Off-CPU stacks: a thread switching out more often than this many times a second has its
-    # switch-out stack captured about this often, each capture weighted by 1/probability
-    # (bpf/wall.bpf.c: an unbiased estimate that bounds the cost on busy hosts); slower threads
-    # are captured at every switch-out. 0: capture every switch-out.
+    # switch-out stack captured about this often, at random; its other long blocks are summed
+    # and spread over its captured stacks (bpf/wall.bpf.c, agent/actors/wall.py: per-thread
+    # totals exact, the cost bounded on busy hosts). Slower threads are captured at every
+    # switch-out. 0: capture every switch-out.
     wall_capture_rate_hz: int = Field(default=99, ge=0, le=40_000)
     # Wall and lock aggregate in BPF (bpf/stack_agg.h): entries per flush window in each of
     # the two aggregation maps, and distinct stacks kept (LRU, ~4.2 KiB each in the kernel).

@@ -97,8 +97,8 @@ class WallActor(AggregatingActor):
     def read_bpf_counters(self) -> None:
         deltas = self.counter_deltas()
         self.count_drops(deltas, {2: "blocked_map_full"})
-        # Not drops: switch-outs sampled out to bound the cost, and of their blocks those long
-        # enough to need a stack, which the captured blocks' weights stand for.
+        # Not drops: switch-outs not captured (to bound the cost), and of their blocks those long
+        # enough to need a stack, whose time spread_uncaptured puts on the captured stacks.
         for slot, name in ((4, "wall_switch_outs_not_captured"), (5, "wall_blocks_estimated")):
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc(name, deltas[slot])
