@@ -108,37 +108,41 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 prev_tid = (u32)pid_tgid;
     if (prev_tid != 0 && is_target(pid_tgid >> 32)) {
-        u32 zero = 0;
-        struct stack_event *ev = agg_scratch.lookup(&zero);
-        if (ev && !capture_now(prev_tid, now)) {
-            /* Not captured: the time only, for the exact sum of short blocks. Kernel threads
-             * and exiting tasks (no user stack) are left out here as they are below; a
-             * one-entry user stack says which (task_struct offsets from this build's headers
-             * cannot be trusted on the running kernel). */
+        u64 stack_id = 0;   /* stays 0 when the stack is not captured */
+        int user = 0;       /* a user thread with a user stack: kernel threads are skipped */
+        if (capture_now(prev_tid, now)) {
+            u32 zero = 0;
+            struct stack_event *ev = agg_scratch.lookup(&zero);
+            if (ev) {
+                /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on
+                 * its way back to user space (a timer tick took its CPU). Its kernel stack is
+                 * always that same return path and costs half of this program: left out.
+                 * Preempted in the kernel (TASK_REPORT_MAX) or blocked, the kernel stack says
+                 * where. */
+                fill_stack_event_parts(args, ev, pid_tgid, args->prev_state != 0);
+                if (ev->user_len > 0) {
+                    ev->ts_ns = now;
+                    ev->aux = (u64)args->prev_state;
+                    ev->kind = 1;
+                    ev->value = 0;
+                    stack_id = agg_store_stack(ev);
+                    user = 1;
+                }
+            }
+        } else {
+            /* Not captured: the time only, for the exact sum of short blocks. A one-entry user
+             * stack tells user threads from kernel threads and exiting tasks (task_struct
+             * offsets from this build's headers cannot be trusted on the running kernel). */
             u64 user_ip = 0;
-            if (bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) > 0) {
-                struct blocked_thread b = {.ts_ns = now, .stack_id = 0, .state = (u64)args->prev_state,
-                                           .tgid = pid_tgid >> 32};
-                if (blocked.update(&prev_tid, &b) != 0)
-                    count(2);
+            user = bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) > 0;
+            if (user)
                 count(4);
-            }
-        } else if (ev) {
-            /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on its
-             * way back to user space (a timer tick took its CPU). Its kernel stack is always
-             * that same return path and costs half of this program: left out. Preempted in
-             * the kernel (TASK_REPORT_MAX) or blocked, the kernel stack says where. */
-            fill_stack_event_parts(args, ev, pid_tgid, args->prev_state != 0);
-            if (ev->user_len > 0) {
-                ev->ts_ns = now;
-                ev->aux = (u64)args->prev_state;
-                ev->kind = 1;
-                ev->value = 0;
-                struct blocked_thread b = {.ts_ns = now, .stack_id = agg_store_stack(ev),
-                                           .state = (u64)args->prev_state, .tgid = pid_tgid >> 32};
-                if (blocked.update(&prev_tid, &b) != 0)
-                    count(2);
-            }
+        }
+        if (user) {
+            struct blocked_thread b = {.ts_ns = now, .stack_id = stack_id, .state = (u64)args->prev_state,
+                                       .tgid = pid_tgid >> 32};
+            if (blocked.update(&prev_tid, &b) != 0)
+                count(2);
         }
     }
     /* The incoming task: if we saw it leave, its off-CPU interval ends now. */
