@@ -81,6 +81,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$req_hash" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   echo "$req_hash" > "$STAMP"
 fi
+# Go toolchains 1.21 ... 1.27 for the Go test matrix, next to Debian's 1.19 (never into the system).
+bash "$ROOT/scripts/go_toolchains.sh"
 "$VENV/bin/python" -c 'import bcc, nats, msgpack, uvloop, grpc, aiohttp, opentelemetry.proto.profiles.v1development.profiles_pb2' \
   || { echo "venv check failed: bcc or a dependency does not import" >&2; exit 1; }
 log "ready: $VENV"
