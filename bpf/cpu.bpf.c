@@ -6,7 +6,7 @@
  * aggregation happens in the agent. The idle task (pid 0) is skipped: idle is not CPU use.
  *
  * Kernel structs are never dereferenced: the headers bcc compiles against may not match
- * the running kernel (see docs/platform.md). Only helpers are used.
+ * the running kernel (see docs/design/kernel-compatibility.md). Only helpers are used.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>

@@ -2,7 +2,7 @@
  *
  * Stacks are copied with bpf_get_stack() straight into the reserved ring-buffer record:
  * no BPF_STACK_TRACE map, so no stack-id collisions and nothing to clear (see
- * docs/design/001-stack-capture.md). Lengths are in bytes; a negative length is the
+ * docs/design/kernel-compatibility.md). Lengths are in bytes; a negative length is the
  * helper's error code and is counted by the agent.
  *
  * The same header is parsed in agent/bpf_events.py: keep the two in step.

@@ -33,7 +33,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   pkgs=("${APT_PKGS[@]}")
   if ! ls -d /usr/src/linux-headers-6.1.0-*-amd64 >/dev/null 2>&1; then
     # The running kernel has no packaged headers; Debian 12's 6.1 headers are what bcc can use
-    # (see docs/platform.md: BPF code here must not dereference kernel structs).
+    # (see docs/design/kernel-compatibility.md: BPF code here must not dereference kernel structs).
     hdr=$(apt-cache search --names-only '^linux-headers-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -n1)
     [ -n "$hdr" ] || { echo "no linux-headers-6.1.0-*-amd64 package found" >&2; exit 1; }
     pkgs+=("$hdr")
