@@ -270,6 +270,9 @@ def _sample_attributes(b: DictionaryBuilder, s: AggregatedSample, own: tuple[tup
 ResourceKey = tuple[Any, ...]
 
 
+Row = tuple[AggregatedSample, tuple[tuple[str, str], ...]]  # a sample and its own (non-resource) attributes
+
+
 class _Process:
     """One profiled process of one host: its resource attributes and its samples per profile type."""
 
@@ -277,12 +280,12 @@ class _Process:
 
     def __init__(self, attributes: dict[str, str | int]) -> None:
         self.attributes = attributes
-        self.samples: dict[ProfileType, list[tuple[AggregatedSample, int, list[int]]]] = {}
+        self.samples: dict[ProfileType, list[Row]] = {}
 
 
-def _processes(b: DictionaryBuilder, profiles: list[HostProfile], default_service_name: str,
+def _processes(profiles: list[HostProfile], default_service_name: str,
                default_service_version: str) -> dict[ResourceKey, _Process]:
-    """The host's samples grouped by process, with stacks and sample attributes interned."""
+    """The host's samples grouped by process."""
     out: dict[ResourceKey, _Process] = {}
     split_cache: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], tuple[tuple[str, str], ...]]] = {}
     for hp in profiles:
@@ -296,8 +299,7 @@ def _processes(b: DictionaryBuilder, profiles: list[HostProfile], default_servic
             if process is None:
                 process = out[key] = _Process(_resource_attributes(hp.host, s, resource, default_service_name,
                                                                    default_service_version))
-            row = (s, b.stack(s.frames), _sample_attributes(b, s, own))
-            process.samples.setdefault(hp.profile_type, []).append(row)
+            process.samples.setdefault(hp.profile_type, []).append((s, own))
     return out
 
 
@@ -318,28 +320,23 @@ def _resource_attributes(host: str, s: AggregatedSample, resource: dict[str, str
     return attrs
 
 
-def _time_range(host: HostProfile, samples: list[tuple[AggregatedSample, int, list[int]]]) -> tuple[int, int]:
+def _time_range(host: HostProfile, samples: list[Row]) -> tuple[int, int]:
     """(time, duration) covering the interval and every sample timestamp: timestamps must be
     in [time, time + duration)."""
-    stamps = [t for s, _, _ in samples for t in (s.timestamps_ns[:1] + s.timestamps_ns[-1:])]
+    stamps = [t for s, _ in samples for t in (s.timestamps_ns[:1] + s.timestamps_ns[-1:])]
     start = min([host.start_ns, *stamps])
     end = max([host.end_ns, *(t + 1 for t in stamps)])
     return start, end - start
 
 
-def _cpu_profile(b: DictionaryBuilder, host: HostProfile, samples: list[tuple[AggregatedSample, int, list[int]]],
-                 ) -> Profile | None:
+def _cpu_profile(b: DictionaryBuilder, host: HostProfile, samples: list[Row]) -> Profile | None:
     """The CPU profile in the eBPF profiler's shape: one timestamp per sample taken, no values;
-    when some sample has no timestamps (read back from a values-only file), counts instead."""
+    when some sample has no timestamps (read back from a values-only file), counts instead.
+    Dictionary entries are made only for what is emitted (nothing unreferenced)."""
     period = host.period
-    time_ns, duration = _time_range(host, samples)
-    profile = Profile(sample_type=ValueType(type_strindex=b.string(CPU_SAMPLE_TYPE[0]),
-                                            unit_strindex=b.string(CPU_SAMPLE_TYPE[1])),
-                      period_type=ValueType(type_strindex=b.string("cpu"), unit_strindex=b.string("nanoseconds")),
-                      period=period, time_unix_nano=time_ns, duration_nano=duration, profile_id=os.urandom(16))
     rows = []
     with_timestamps = True
-    for s, stack_index, attrs in samples:
+    for s, own in samples:
         if s.values[0] <= 0:
             continue
         if period > 0 and s.timestamps_ns and s.values[0] == period * len(s.timestamps_ns):
@@ -350,10 +347,16 @@ def _cpu_profile(b: DictionaryBuilder, host: HostProfile, samples: list[tuple[Ag
         else:
             stamps = []
             with_timestamps = False
-        rows.append((s, stack_index, attrs, stamps))
+        rows.append((s, own, stamps))
     if not rows:
         return None
-    for s, stack_index, attrs, stamps in rows:
+    time_ns, duration = _time_range(host, samples)
+    profile = Profile(sample_type=ValueType(type_strindex=b.string(CPU_SAMPLE_TYPE[0]),
+                                            unit_strindex=b.string(CPU_SAMPLE_TYPE[1])),
+                      period_type=ValueType(type_strindex=b.string("cpu"), unit_strindex=b.string("nanoseconds")),
+                      period=period, time_unix_nano=time_ns, duration_nano=duration, profile_id=os.urandom(16))
+    for s, own, stamps in rows:
+        stack_index, attrs = b.stack(s.frames), _sample_attributes(b, s, own)
         if with_timestamps:
             profile.samples.append(Sample(stack_index=stack_index, attribute_indices=attrs,
                                           timestamps_unix_nano=stamps))
@@ -363,23 +366,22 @@ def _cpu_profile(b: DictionaryBuilder, host: HostProfile, samples: list[tuple[Ag
     return profile
 
 
-def _value_profiles(b: DictionaryBuilder, host: HostProfile,
-                    samples: list[tuple[AggregatedSample, int, list[int]]]) -> Iterable[Profile]:
+def _value_profiles(b: DictionaryBuilder, host: HostProfile, samples: list[Row]) -> Iterable[Profile]:
     """One Profile per value column, one value per sample (interval sum or latest gauge), no timestamps."""
     spec = PROFILE_TYPES[host.profile_type]
-    period_type = ValueType(type_strindex=b.string(spec.period_type.type),
-                            unit_strindex=b.string(spec.period_type.unit))
     time_ns, duration = _time_range(host, samples)
     for column, sample_type in enumerate(spec.sample_types):
-        rows = [(stack_index, attrs, s.values[column]) for s, stack_index, attrs in samples if s.values[column]]
+        rows = [(s, own) for s, own in samples if s.values[column]]
         if not rows:
             continue
         profile = Profile(
             sample_type=ValueType(type_strindex=b.string(sample_type.type), unit_strindex=b.string(sample_type.unit)),
-            time_unix_nano=time_ns, duration_nano=duration, period_type=period_type, period=host.period,
-            profile_id=os.urandom(16))
-        profile.samples.extend(Sample(stack_index=stack_index, attribute_indices=attrs, values=[value])
-                               for stack_index, attrs, value in rows)
+            time_unix_nano=time_ns, duration_nano=duration,
+            period_type=ValueType(type_strindex=b.string(spec.period_type.type),
+                                  unit_strindex=b.string(spec.period_type.unit)),
+            period=host.period, profile_id=os.urandom(16))
+        profile.samples.extend(Sample(stack_index=b.stack(s.frames), attribute_indices=_sample_attributes(b, s, own),
+                                      values=[s.values[column]]) for s, own in rows)
         yield profile
 
 
@@ -403,7 +405,7 @@ def encode_request(
         by_host.setdefault(host, []).append(profile)
     for profiles in by_host.values():
         by_type = {hp.profile_type: hp for hp in profiles}
-        for _, process in sorted(_processes(b, profiles, service_name, service_version).items(),
+        for _, process in sorted(_processes(profiles, service_name, service_version).items(),
                                  key=lambda item: (item[0][0], item[0][1])):
             sp = ScopeProfiles(scope=scope)
             for ptype, samples in process.samples.items():

@@ -40,6 +40,9 @@ def every_type_fleet() -> FleetProfiles:
         hp.add(stack, 30, 31, "t", "server", 2, (("service.name", "api"),), vals, 4_000)
         hp.add(stack, 30, 31, "t", "server", 2, (("service.name", "api"),), vals, 9_000)  # at the interval's end
         f.hosts[("go-1", ptype)] = hp
+    # A sample no profile emits (zero value): nothing of it may be left in the dictionary.
+    f.hosts[("go-1", ProfileType.CPU)].add((Frame("never_emitted", "/src/z.c", 1, 0x7F77, FrameType.NATIVE, GO),),
+                                           32, 32, "z", "zero", 0, (("zero.only", "x"),), (0,), 5_000)
     return f
 
 
