@@ -51,6 +51,14 @@ def _value(v: AnyValue) -> Any:
     return getattr(v, kind) if kind else ""
 
 
+def _as_int(value: Any) -> int:
+    """An integer attribute another producer may have sent as a string (or not at all): 0 if not a number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def profile_column(strings: Sequence[str], prof: Profile) -> tuple[ProfileType, int] | None:
     """(stackfleet profile type, value column) a Profile holds, None for a sample type of another kind."""
     sample_type = (strings[prof.sample_type.type_strindex], strings[prof.sample_type.unit_strindex])
@@ -138,9 +146,9 @@ def merge_request(fleet: FleetProfiles, req: ExportProfilesServiceRequest, profi
                                                        if k not in _FIELDS and k not in resource}}
                     extra = tuple(sorted(extra_attrs.items()))
                     frames = frames_of(sample.stack_index)
-                    sample_key = (frames, int(attrs.get("process.pid", 0)), int(attrs.get("thread.id", 0)),
+                    sample_key = (frames, _as_int(attrs.get("process.pid")), _as_int(attrs.get("thread.id")),
                                   str(attrs.get("thread.name", "")), str(attrs.get("process.executable.name", "")),
-                                  int(attrs.get("cpu.logical_number", 0)), extra)
+                                  _as_int(attrs.get("cpu.logical_number")), extra)
                     agg = hp.samples.get(sample_key)
                     if agg is None:
                         agg = AggregatedSample(frames, sample_key[1], sample_key[2], sample_key[3], sample_key[4],

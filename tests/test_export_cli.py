@@ -146,6 +146,13 @@ def test_another_producers_request_is_read_and_written_again(tmp_path: Path) -> 
     if not PPROF.exists():
         pytest.fail("Google pprof missing: scripts/setup.sh builds it into .tools/pprof")
     traces = subprocess.run([str(PPROF), "-traces", str(out)], capture_output=True, text=True, check=True).stdout
+    # a request referring to entries it does not have is skipped whole, with the reason
+    broken = other_producer_request()
+    broken.dictionary.stack_table[1].location_indices.append(99)
+    (tmp_path / "p" / "20260101T000001-000000000.otlp.pb").write_bytes(broken.SerializeToString())
+    result = subprocess.run([STACKFLEET, "export", "--type", "cpu", "--since", "10m", "-o", str(out),
+                             "--dir", str(tmp_path / "p")], capture_output=True, text=True)
+    assert result.returncode == 0 and "index_out_of_range" in result.stdout + result.stderr, result
     # 3 samples x 50 ms; the inlined call marked as such by pprof, the unknown frame by address
     assert re.search(r"150ms\s+inlinedHelper \(inline\)\s+caller\s+0x7f0000005678 \(libjvm\.so\)\s+"
                      r"com\.example\.Cart\.total\s+com\.example\.Main\.main", traces), traces
