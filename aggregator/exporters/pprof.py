@@ -215,16 +215,25 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
     whose file is the sample's process executable (``process.executable.name``, else the
     process name), counted once per sample."""
     weights: dict[ModelMapping, int] = {}
+    executables: dict[tuple[tuple[str, str], ...], str] = {}
+    # Samples share stack tuples (see stack_field): each (stack, executable) is searched once.
+    found: dict[tuple[int, str], ModelMapping | None] = {}
     for (_, ptype), profile in fleet.hosts.items():
         if ptype != profile_type:
             continue
         for s in profile.samples.values():
-            executable = dict(s.attributes).get("process.executable.name") or s.process_name
-            for f in reversed(s.frames):  # the executable's frames are at the root end
-                m = f.mapping
-                if m is not None and m.filename.rsplit("/", 1)[-1] == executable:
-                    weights[m] = weights.get(m, 0) + (s.values[0] if s.values else 0) + 1
-                    break
+            executable = executables.get(s.attributes)
+            if executable is None:
+                executable = executables[s.attributes] = dict(s.attributes).get("process.executable.name", "")
+            executable = executable or s.process_name
+            key = (id(s.frames), executable)
+            if key not in found:
+                found[key] = next((f.mapping for f in reversed(s.frames)  # the executable is at the root end
+                                   if f.mapping is not None and f.mapping.filename.rsplit("/", 1)[-1] == executable),
+                                  None)
+            m = found[key]
+            if m is not None:
+                weights[m] = weights.get(m, 0) + (s.values[0] if s.values else 0) + 1
     return max(weights, key=lambda m: weights[m]) if weights else None
 
 
