@@ -19,7 +19,7 @@ value) and no timestamps. Thread id, thread name and CPU stay sample attributes.
 Frames marked ``inlined`` and the frame they were inlined into become one Location with
 several Lines, innermost first; a frame with neither function nor file gets no Line at all
 (address and mapping only). Every Location has a mapping carrying an htlhash, as Elastic
-requires: frames without a file mapping get a pseudo-mapping (see ``_pseudo_mapping``).
+requires: frames without a file mapping get a pseudo-mapping (see ``_pseudo_mapping_key``).
 """
 
 from __future__ import annotations
