@@ -102,6 +102,10 @@ async def run_aggregator(
         request = await asyncio.to_thread(
             encode_request, fleet, settings.service_name, settings.service_version, settings.resource_attributes
         )
+        if not request.resource_profiles:  # every sample was zero (e.g. only gauges that fell to 0): nothing to say
+            counters.inc("exports_empty")
+            await ledger.ack(nc, finished)
+            return
         counters.inc("exports")
         marker = None
         if settings.nats.jetstream:  # what this export holds, so a redelivery is not exported twice

@@ -1,8 +1,9 @@
 """Aggregator configuration: ``STACKFLEET_*`` env vars, the ``[aggregator]`` TOML table, CLI.
 
 The OTLP destination also honours the standard OpenTelemetry variables
-(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) when
-the stackfleet-specific ones are not set.
+``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_RESOURCE_ATTRIBUTES`` (applied to every exported
+resource as given). ``OTEL_SERVICE_NAME`` is not read: ``service.name`` on a profile names the
+*profiled* process (see docs/design/otlp.md), not the aggregator.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class AggregatorSettings(BaseSettings):
         default_factory=lambda: _env_default("OTEL_EXPORTER_OTLP_ENDPOINT", DEFAULT_OTLP_ENDPOINT)
     )
     # Empty string disables the OTLP exporter (local outputs only).
-    service_name: str = Field(default_factory=lambda: _env_default("OTEL_SERVICE_NAME", "stackfleet"))
-    service_version: str = Field(default_factory=lambda: _version())
+    # service.name (and service.version) for processes that name no service themselves;
+    # "" gives the semantic conventions' unknown_service:<executable name>.
+    service_name: str = ""
+    service_version: str = ""
     resource_attributes: dict[str, str] = Field(
         default_factory=lambda: parse_resource_attributes(os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
     )
@@ -99,12 +102,3 @@ class AggregatorSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, file_source(settings_cls, "aggregator"))
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("stackfleet")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"

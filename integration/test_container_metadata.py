@@ -123,7 +123,9 @@ def test_samples_carry_container_pod_and_service(tmp_path: Path, pod_cgroup: Pat
     assert rule_attrs and all(dict(a).get("service.name") == "jobs-batch_job" for a in rule_attrs), rule_attrs
     assert run.agent_counters.get("service_names", source="pod_label") >= 1
 
-    # The OTLP export carries them as sample attributes.
-    keys = {(r.dictionary.string_table[a.key_strindex], a.value.string_value)
-            for r in run.requests for a in r.dictionary.attribute_table}
-    assert ("k8s.pod.name", "checkout-5c7d") in keys and ("container.id", CONTAINER_ID) in keys
+    # The OTLP export carries them on the resource of the pod's process.
+    resources = [{a.key: a.value.string_value or a.value.int_value for a in rp.resource.attributes}
+                 for r in run.requests for rp in r.resource_profiles]
+    pod = [a for a in resources if a["process.pid"] == pids["pod"]]
+    assert pod and all(a["k8s.pod.name"] == "checkout-5c7d" and a["container.id"] == CONTAINER_ID
+                       and a["service.name"] == "checkout" for a in pod), pod

@@ -135,13 +135,16 @@ def test_otlp_export_received_and_valid(cpu_run: tuple[PipelineRun, int, Path, O
         strings = req.dictionary.string_table
         names |= {strings[f.name_strindex] for f in req.dictionary.function_table}
         for rp in req.resource_profiles:
-            attrs = {a.key: a.value.string_value for a in rp.resource.attributes}
-            assert attrs["host.name"] and attrs["service.name"] and "service.version" in attrs
+            attrs = {a.key: a.value.string_value or a.value.int_value for a in rp.resource.attributes}
+            assert attrs["host.name"] and attrs["service.name"] and "process.pid" in attrs
             for sp in rp.scope_profiles:
                 for prof in sp.profiles:
-                    assert strings[prof.sample_type.type_strindex] == "cpu"
-                    assert strings[prof.sample_type.unit_strindex] == "nanoseconds"
+                    # the OpenTelemetry eBPF profiler's shape: counted samples, one timestamp each
+                    assert strings[prof.sample_type.type_strindex] == "samples"
+                    assert strings[prof.sample_type.unit_strindex] == "count"
+                    assert strings[prof.period_type.type_strindex] == "cpu"
                     assert prof.period == 1_000_000_000 // HZ
+                    assert all(s.timestamps_unix_nano and not s.values for s in prof.samples)
     assert {"hot_leaf", "middle", "outer"} <= names
 
 

@@ -206,7 +206,7 @@ def test_creation_stacks_name_the_go_statement(go_run: tuple[PipelineRun, int, i
 
 def test_outputs_are_valid(go_run: tuple[PipelineRun, int, int, int, list[int]]) -> None:
     run, _, _, _, _ = go_run
-    assert all(validate_request(r) == [] for r in run.requests)
+    assert [e for r in run.requests for e in validate_request(r)] == []
 
 
 def test_current_stacks_show_workers_in_channel_receive(go_run: Run) -> None:

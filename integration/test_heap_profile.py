@@ -83,7 +83,7 @@ def test_inuse_and_alloc_estimates(heap_run: tuple[PipelineRun, int, int, list[i
 
 def test_outputs_are_valid(heap_run: tuple[PipelineRun, int, int, list[int]]) -> None:
     run, _, _, _ = heap_run
-    assert all(validate_request(r) == [] for r in run.requests)
+    assert [e for r in run.requests for e in validate_request(r)] == []
     strings = {s for r in run.requests for s in r.dictionary.string_table}
     assert {"alloc_objects", "alloc_space", "inuse_objects", "inuse_space"} <= strings
     out_dir = Path(run.workload_output)

@@ -73,14 +73,14 @@ def test_delay_is_attributed_to_the_caller_of_pthread_mutex_lock(
     chains = [[f.function for f in s.frames] for s in samples]
     assert any(c.index("contend_lock") + 1 < len(c) and c[c.index("contend_lock") + 1] == "worker"
                for c in chains if "contend_lock" in c)
-    assert all(a[0] == "lock.address" and a[1].startswith("0x") for s in samples for a in s.attributes)
+    assert all(dict(s.attributes)["lock.address"].startswith("0x") for s in samples)
 
 
 def test_outputs_are_valid(lock_run: tuple[PipelineRun, int, int, Path]) -> None:
     import subprocess
 
     run, _, _, out_dir = lock_run
-    assert all(validate_request(r) == [] for r in run.requests)
+    assert [e for r in run.requests for e in validate_request(r)] == []
     decoded = "".join(protoc_decode(f) for f in out_dir.glob("*.otlp.pb"))
     assert '"contentions"' in decoded and '"delay"' in decoded
     pprof_file = max(out_dir.glob("*.lock.pb.gz"), key=lambda f: f.stat().st_size)

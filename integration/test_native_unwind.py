@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from integration.harness import PipelineRun, build_c, run_pipeline
-from shared.model import KERNEL_MAPPING, Frame, FrameType
+from shared.model import KERNEL_FILENAME, Frame, FrameType
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
 
@@ -161,7 +161,7 @@ def test_every_location_has_a_frame_type(unwound: Profiled) -> None:
             assert f.frame_type in FrameType
             seen.add(f.frame_type)
             if f.frame_type == FrameType.KERNEL:
-                assert f.mapping == KERNEL_MAPPING
+                assert f.mapping is not None and f.mapping.filename == KERNEL_FILENAME
     assert {FrameType.NATIVE, FrameType.KERNEL} <= seen
     ours = unwound.run.samples(ProfileType.CPU, unwound.chain_pid)
     assert all(f.frame_type == FrameType.NATIVE for s in ours for f in s.frames if f.function in CHAIN)

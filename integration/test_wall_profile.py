@@ -110,7 +110,7 @@ def test_selector_kept_other_processes_out(wall_run: tuple[PipelineRun, int, flo
 
 def test_outputs_are_valid(wall_run: tuple[PipelineRun, int, float, Path]) -> None:
     run, _, _, out_dir = wall_run
-    assert all(validate_request(r) == [] for r in run.requests)
+    assert [e for r in run.requests for e in validate_request(r)] == []
     pprof_file = max(out_dir.glob("*.wall.pb.gz"), key=lambda f: f.stat().st_size)
     top = subprocess.run([str(PPROF), "-top", "-cum", str(pprof_file)], capture_output=True, text=True,
                          check=True).stdout

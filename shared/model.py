@@ -20,14 +20,31 @@ class FrameType(StrEnum):
     KERNEL = "kernel"
     CPYTHON = "cpython"
     GO = "go"
+    # Frame types other producers send (semantic conventions' list): stackfleet's agent does
+    # not produce them, but requests read back by ``stackfleet export`` may carry them.
+    DOTNET = "dotnet"
+    JVM = "jvm"
+    PERL = "perl"
+    PHP = "php"
+    RUBY = "ruby"
+    V8JS = "v8js"
+    BEAM = "beam"
+    RUST = "rust"
+
+
+# Frames of interpreted code: their function names are the language's own, not symbols.
+INTERPRETED_FRAME_TYPES = frozenset(t for t in FrameType if t not in (FrameType.NATIVE, FrameType.KERNEL, FrameType.GO))
 
 
 @dataclass(frozen=True, slots=True)
 class Mapping:
     """A file-backed (or anonymous) memory region of a process, as in /proc/PID/maps.
 
-    ``build_id`` is the hex GNU build id (or Go build id) when known, else "".
-    Kernel frames use the pseudo-mapping ``KERNEL_MAPPING``.
+    Build ids, each "" when unknown: ``build_id`` is the hex GNU build id
+    (``.note.gnu.build-id``), ``go_build_id`` the Go build id (what ``go tool buildid``
+    prints), ``htlhash`` the file id the OpenTelemetry eBPF profiler computes (hex, see
+    :mod:`agent.symbols.file_ids`). Kernel frames use a mapping named ``KERNEL_FILENAME``
+    whose addresses are relative to the start of the kernel's text.
     """
 
     start: int
@@ -35,9 +52,13 @@ class Mapping:
     offset: int
     filename: str
     build_id: str = ""
+    go_build_id: str = ""
+    htlhash: str = ""
 
 
-KERNEL_MAPPING = Mapping(start=0, limit=0, offset=0, filename="[kernel.kallsyms]")
+KERNEL_FILENAME = "[kernel.kallsyms]"
+# The kernel's mapping when its text range and build id are unknown.
+KERNEL_MAPPING = Mapping(start=0, limit=0, offset=0, filename=KERNEL_FILENAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +67,12 @@ class Frame:
 
     ``function`` is "" when no symbol covers ``address``; ``filename``/``line`` are
     ""/0 when no line information exists. ``address`` is the absolute virtual
-    address in the process (for kernel frames, the kernel address).
+    address in the process (for kernel frames, the offset into the kernel's text).
+    ``inlined`` marks a frame of code inlined into the *next* frame of the stack (its
+    caller) at the same address: a Go address inside inlined code is the inlined callees,
+    innermost first, each ``inlined``, then the function they were inlined into. Exporters
+    make such a run one location with several lines. Equal consecutive addresses alone do
+    not say it (recursion through one call site has them too).
     """
 
     function: str
@@ -55,6 +81,7 @@ class Frame:
     address: int
     frame_type: FrameType
     mapping: Mapping | None = None
+    inlined: bool = False
     # Stacks (tuples of frames) are dictionary keys on both sides (stack ids on the wire,
     # merged samples in the aggregator), and a tuple's hash is not cached: every lookup hashed
     # every frame with its mapping again (~2 us a frame, ~40 us a 20-frame stack). Cached here
@@ -64,7 +91,8 @@ class Frame:
     def __hash__(self) -> int:
         h = self._hash
         if not h:
-            h = hash((self.function, self.filename, self.line, self.address, self.frame_type, self.mapping)) or 1
+            h = hash((self.function, self.filename, self.line, self.address, self.frame_type, self.mapping,
+                      self.inlined)) or 1
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -87,3 +115,17 @@ class Sample:
     frames: tuple[Frame, ...]
     values: tuple[int, ...]
     attributes: dict[str, str] = field(default_factory=dict)
+
+
+def inline_runs(frames: tuple[Frame, ...]) -> list[tuple[Frame, ...]]:
+    """Leaf-first frames grouped into locations: each run of ``inlined`` frames with the frame
+    after it (same address), then every other frame on its own."""
+    runs: list[tuple[Frame, ...]] = []
+    run: list[Frame] = []
+    for i, f in enumerate(frames):
+        run.append(f)
+        following = frames[i + 1] if i + 1 < len(frames) else None
+        if not (f.inlined and following is not None and following.address == f.address):
+            runs.append(tuple(run))
+            run = []
+    return runs

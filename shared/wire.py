@@ -12,9 +12,13 @@ Dict message (map)::
     seq: int        dict message counter within the epoch
     full: bool      true when this message re-sends the whole dictionary (resync)
     strings:   [base_id, [str, ...]]
-    mappings:  [base_id, [[start, limit, offset, filename_sid, build_id_sid], ...]]
+    mappings:  [base_id, [[start, limit, offset, filename_sid, build_id_sid, go_build_id_sid,
+                           htlhash_sid], ...]]
     functions: [base_id, [[name_sid, filename_sid], ...]]
-    locations: [base_id, [[mapping_id, address, function_id, line, frame_type_sid], ...]]
+    locations: [base_id, [[mapping_id, address, function_id, line, frame_type_sid, inlined], ...]]
+
+Receivers also accept the shorter rows of older agents: mappings without the last two
+build ids and locations without ``inlined`` (0 or 1; absent means 0).
     stacks:    [base_id, [[location_id, ...] (leaf first), ...]]
 
 Entries with ids ``base_id, base_id+1, ...``. A receiver applies a table delta only when
@@ -160,7 +164,8 @@ class StreamEncoder:
         found = self._mappings.ids.get(m)
         if found is not None:
             return found
-        row = [m.start, m.limit, m.offset, self._string(m.filename), self._string(m.build_id)]
+        row = [m.start, m.limit, m.offset, self._string(m.filename), self._string(m.build_id),
+               self._string(m.go_build_id), self._string(m.htlhash)]
         return self._mappings.intern(m, row)
 
     def _location(self, f: Frame) -> int:
@@ -171,7 +176,7 @@ class StreamEncoder:
         fn_id = self._functions.ids.get(fn_key)
         if fn_id is None:
             fn_id = self._functions.intern(fn_key, [self._string(f.function), self._string(f.filename)])
-        row = [self._mapping(f.mapping), f.address, fn_id, f.line, self._string(f.frame_type.value)]
+        row = [self._mapping(f.mapping), f.address, fn_id, f.line, self._string(f.frame_type.value), int(f.inlined)]
         return self._locations.intern(f, row)
 
     def _stack(self, frames: tuple[Frame, ...]) -> int:
@@ -356,8 +361,9 @@ def _uint_column(col: list[Any]) -> bool:
     return set(map(type, col)) == _INT_ONLY and min(col) >= 0 and max(col) < 2**64
 
 
-def _uint_row(row: object, n: int, what: str) -> list[int]:
-    if not isinstance(row, list) or len(row) != n or not _uint_column(row):
+def _uint_row(row: object, n: int, what: str, old_n: int | None = None) -> list[int]:
+    """A row of ``n`` uints; an older sender's row of ``old_n`` uints is accepted as is."""
+    if not isinstance(row, list) or len(row) not in (n, old_n) or not _uint_column(row):
         raise WireError(f"bad_{what}")
     return row
 
@@ -434,22 +440,28 @@ class StreamDictionary:
         return row
 
     def _make_mapping(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> Mapping:
-        start, limit, offset, fname, build_id = _uint_row(row, 5, "mapping")
-        return _interned(Mapping(start, limit, offset, self._ref(staged, "strings", fname, True),
-                                 self._ref(staged, "strings", build_id, True)))
+        fields = _uint_row(row, 7, "mapping", old_n=5)
+        start, limit, offset = fields[:3]
+        fname, build_id, go_build_id, htlhash = (self._ref(staged, "strings", sid, True) for sid in
+                                                 (*fields[3:], 0, 0)[:4])
+        return _interned(Mapping(start, limit, offset, fname, build_id, go_build_id, htlhash))
 
     def _make_function(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[str, str]:
         name, fname = _uint_row(row, 2, "function")
         return (self._ref(staged, "strings", name, True), self._ref(staged, "strings", fname, True))
 
     def _make_location(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> Frame:
-        mapping_id, address, function_id, line, ftype = _uint_row(row, 5, "location")
+        fields = _uint_row(row, 6, "location", old_n=5)
+        mapping_id, address, function_id, line, ftype = fields[:5]
+        inlined = fields[5] if len(fields) == 6 else 0
+        if inlined > 1:
+            raise WireError("bad_location", "inlined")
         mapping = self._ref(staged, "mappings", mapping_id, True)
         name, fname = self._ref(staged, "functions", function_id, True)
         frame_type = _FRAME_TYPE_BY_VALUE.get(self._ref(staged, "strings", ftype, True))
         if frame_type is None:
             raise WireError("bad_frame_type")
-        return _interned(Frame(name, fname, line, address, frame_type, mapping))
+        return _interned(Frame(name, fname, line, address, frame_type, mapping, bool(inlined)))
 
     def _make_stack(self, row: object, staged: dict[str, tuple[int, list[Any]]]) -> tuple[Frame, ...]:
         if not isinstance(row, list) or len(row) > MAX_STACK_DEPTH:

@@ -226,6 +226,7 @@ def export(
     )
 
     from aggregator.exporters.pprof import write_pprof
+    from aggregator.otlp_checks import INDEX, NO_DICTIONARY, check_request
     from aggregator.otlp_decode import merge_request
     from aggregator.profile import FleetProfiles
     from shared.profile_types import ProfileType
@@ -246,6 +247,10 @@ def export(
             req.ParseFromString(f.read_bytes())
         except Exception as exc:  # a damaged file must not stop the export of the others
             console.print(f"[yellow]skipping unreadable {f.name}: {exc}[/]")
+            continue
+        broken = [v for v in check_request(req) if v.rule in (INDEX, NO_DICTIONARY)]
+        if broken:  # it refers to entries it does not have: nothing of it is merged
+            console.print(f"[yellow]skipping {f.name}: {broken[0]} ({len(broken)} such problems)[/]")
             continue
         samples += merge_request(fleet, req, ptype)
     if host:

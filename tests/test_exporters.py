@@ -12,6 +12,8 @@ from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.pprof import write_pprof
 from aggregator.otlp import encode_request
+from aggregator.profile import FleetProfiles, HostProfile
+from shared.model import KERNEL_FILENAME, Frame, FrameType, Mapping
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import free_port
 from tests.otlp_server import OtlpTestServer
@@ -57,6 +59,26 @@ def test_pprof_file_is_read_by_google_pprof(tmp_path: Path) -> None:
     lock = tmp_path / "lock.pb.gz"
     write_pprof(str(lock), fleet(), ProfileType.LOCK)
     assert "wait" in pprof_top(lock, "-sample_index=delay")
+
+
+def test_pprof_names_the_main_binary_and_keeps_python_module_frames(tmp_path: Path) -> None:
+    kernel = Mapping(0, 0x1000000, 0, KERNEL_FILENAME, "cd" * 20)
+    python = Mapping(0x400000, 0x700000, 0, "/usr/bin/python3.11", "ee" * 20)
+    libc = Mapping(0x7F0000000000, 0x7F0000200000, 0, "/usr/lib/x86_64-linux-gnu/libc.so.6", "ab" * 20)
+    f = FleetProfiles(0, 10_000)
+    hp = HostProfile("h", ProfileType.CPU, 1_000, 9_000, 10)
+    stack = (Frame("do_syscall_64", "", 0, 0x1234, FrameType.KERNEL, kernel),
+             Frame("read", "", 0, 0x7F0000001000, FrameType.NATIVE, libc),
+             Frame("<module>", "/app/main.py", 3, 0, FrameType.CPYTHON),
+             Frame("_PyEval_EvalFrameDefault", "", 0, 0x401000, FrameType.NATIVE, python),
+             Frame("_start", "", 0, 0x400100, FrameType.NATIVE, python))
+    hp.add(stack, 7, 7, "python3", "python3", 0, (("process.executable.name", "python3.11"),), (10,), 5_000)
+    f.hosts[("h", ProfileType.CPU)] = hp
+    path = tmp_path / "cpu.pb.gz"
+    write_pprof(str(path), f, ProfileType.CPU)
+    top = pprof_top(path)
+    assert "File: python3.11" in top and "Build ID: " + "ee" * 20 in top  # the main binary is the first mapping
+    assert "<module>" in top and "<unknown>" not in top
 
 
 def test_local_writer_is_atomic_and_bounded(tmp_path: Path) -> None:

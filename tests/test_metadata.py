@@ -13,7 +13,7 @@ import pytest
 
 from agent.metadata.cgroup import parse_cgroup_file, parse_cgroup_path
 from agent.metadata.kubelet import parse_pod_list
-from agent.metadata.resolver import MetadataResolver
+from agent.metadata.resolver import MetadataResolver, executable_name
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings, ServiceRule
 from shared.counters import Counters
@@ -98,7 +98,7 @@ def fake_proc(tmp_path: Path) -> Path:
         (d / "cgroup").write_text(cgroup)
         (d / "comm").write_text("worker\n")
         (d / "environ").write_bytes(env)
-        os.symlink("/usr/bin/worker", d / "exe")
+        os.symlink("/usr/bin/worker-daemon", d / "exe")  # the comm is "worker"
     return tmp_path
 
 
@@ -131,8 +131,8 @@ def test_resolver_with_kubelet(fake_proc: Path, kubelet: str) -> None:
     # The kubelet does not list the pod yet: container and pod uid from the cgroup only.
     r.refresh_kubelet()
     r.resolve_many([100, 200, 999])
-    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD}
-    assert r.cached(200) == {"service.name": "billing"}
+    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD, "process.executable.name": "worker-daemon"}
+    assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
     assert r.cached(999) == {}  # gone: nothing to add, counted
     assert counters.get("metadata_unreadable", reason="FileNotFoundError") == 1
     # Once it does, the entry waiting for a pod name is dropped and resolved again.
@@ -142,7 +142,8 @@ def test_resolver_with_kubelet(fake_proc: Path, kubelet: str) -> None:
     assert set(r.stale([(200, 'renamed')])) == {200}
     r.resolve_many([100])
     assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD, "k8s.pod.name": "checkout-7d9f",
-                             "k8s.namespace.name": "shop", "k8s.container.name": "app", "service.name": "checkout"}
+                             "k8s.namespace.name": "shop", "k8s.container.name": "app", "service.name": "checkout",
+                             "process.executable.name": "worker-daemon"}
 
 
 def test_resolver_survives_a_kubelet_that_is_down(fake_proc: Path) -> None:
@@ -152,22 +153,28 @@ def test_resolver_survives_a_kubelet_that_is_down(fake_proc: Path) -> None:
     r.refresh_kubelet()
     assert counters.get("kubelet_refreshes", result="failed") == 1
     r.resolve_many([100])
-    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD}
+    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD, "process.executable.name": "worker-daemon"}
 
 
 def test_scan_resolves_live_processes_and_keeps_what_it_learned(fake_proc: Path) -> None:
     r = MetadataResolver(MetadataSettings(), Counters(), str(fake_proc))
     assert r.scan() == 2
-    assert r.cached(200) == {"service.name": "billing"}
+    assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
     # The process exits: a later resolution keeps what was learned while it lived.
     for f in (fake_proc / "200").iterdir():
         f.unlink()
     (fake_proc / "200").rmdir()
     r.resolve_many({200: "worker"})
-    assert r.cached(200) == {"service.name": "billing"}
+    assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
 
 
 def test_resolver_cache_is_bounded(fake_proc: Path) -> None:
     r = MetadataResolver(MetadataSettings(max_cached_processes=16), Counters(), str(fake_proc))
     r.resolve_many(range(1000, 1100))
     assert len(r._cache) == 16
+
+
+def test_executable_name_is_the_exe_links_base_name() -> None:
+    assert executable_name("/usr/local/bin/python3.11") == "python3.11"
+    assert executable_name("/memfd:sealed-91 (deleted)") == "memfd:sealed-91"
+    assert executable_name("/opt/app/server (deleted)") == "server"

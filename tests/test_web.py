@@ -38,7 +38,7 @@ def write_exports(directory: Path, ends_s_ago: list[float], **bounds: int | floa
     for ago in ends_s_ago:
         f = fleet()
         f.end_ns = now - int(ago * 1e9)
-        writer.write(f, encode_request(f, "svc", "1"))
+        writer.write(f, encode_request(f))
     return writer
 
 

@@ -63,6 +63,28 @@ def test_round_trip_preserves_every_field() -> None:
     assert got == batch
 
 
+def test_inlined_frames_and_build_ids_round_trip() -> None:
+    go = Mapping(0x400000, 0x500000, 0, "/bin/server", "", "aaa/bbb/ccc/ddd", "0f" * 16)
+    stack = (Frame("main.inner", "a.go", 5, 0x401000, FrameType.GO, go, True),
+             Frame("main.outer", "a.go", 9, 0x401000, FrameType.GO, go),
+             Frame("main.outer", "a.go", 9, 0x401000, FrameType.GO, go))  # recursion: not inlined
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    dict_msg, samples_msg = enc.encode([sample(1_000, stack)], period=10_101_010)
+    assert samples_msg is not None
+    _, (got,) = receive(None, dict_msg, samples_msg)
+    assert got.frames == stack and [f.inlined for f in got.frames] == [True, False, False]
+    assert got.frames[0].mapping == go
+
+
+def test_older_agents_rows_without_inlined_and_extra_build_ids_are_read() -> None:
+    d = StreamDictionary(epoch=1)
+    d.apply({"strings": [1, ["native", "app.c", "/bin/app", "beef"]], "mappings": [1, [[1, 2, 0, 3, 4]]],
+             "functions": [1, [[2, 2]]], "locations": [1, [[1, 4198400, 1, 10, 1]]], "stacks": [1, [[1]]]})
+    (frame,) = d.stacks[1]
+    assert frame.mapping == Mapping(1, 2, 0, "/bin/app", "beef") and not frame.inlined
+    assert (frame.function, frame.line, frame.frame_type) == ("app.c", 10, FrameType.NATIVE)
+
+
 def test_known_entries_are_not_sent_again() -> None:
     enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
     stack = frames("leaf", "mid", "main")
@@ -118,6 +140,8 @@ def test_gap_in_dictionary_is_rejected_without_partial_apply() -> None:
     ("locations", [1, 4198400, 1, 10, 2], "bad_frame_type"),  # string 2 is not a frame type
     ("mappings", [1, 2, 0, 1, 1.5], "bad_mapping"),
     ("functions", [1], "bad_function"),
+    ("locations", [1, 4198400, 1, 10, 1, 2], "bad_location"),  # inlined is 0 or 1
+    ("mappings", [1, 2, 0, 1, 0, 0], "bad_mapping"),  # 5 (older agents) or 7 fields
 ])
 def test_malformed_dictionary_rows_are_rejected(table: str, row: list[object], reason: str) -> None:
     body = {"strings": [1, ["native", "app.c"]], "mappings": [1, [[1, 2, 0, 1, 0]]],

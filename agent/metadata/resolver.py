@@ -51,6 +51,12 @@ def process_age_s(pid: int, proc: str = "/proc") -> float:
         return float("inf")
 
 
+def executable_name(exe_link: str) -> str:
+    """Base name of a process's /proc/PID/exe target, without the " (deleted)" the kernel
+    appends for a replaced or unlinked file (memfd executables, upgraded binaries)."""
+    return os.path.basename(exe_link.removesuffix(" (deleted)"))
+
+
 class MetadataResolver:
     """pid -> sample attributes, with a bounded, time-limited cache."""
 
@@ -166,7 +172,7 @@ class MetadataResolver:
         except OSError:
             pass
         try:
-            exe = os.path.basename(os.readlink(f"{self.proc}/{pid}/exe"))
+            exe = executable_name(os.readlink(f"{self.proc}/{pid}/exe"))
         except OSError:
             exe = ""  # kernel threads and zombies have no exe
         try:
@@ -175,6 +181,8 @@ class MetadataResolver:
             self.counters.inc("metadata_environ_unreadable", reason=type(exc).__name__)
             environ = {}
         attrs: dict[str, str] = {}
+        if exe:  # the semantic conventions' process.executable.name: not the 15-character comm
+            attrs["process.executable.name"] = exe
         pod: PodInfo | None = None
         if cgroup.container_id:
             attrs["container.id"] = cgroup.container_id

@@ -23,6 +23,10 @@ class KernelSymbols:
         self.addresses: array[int] = array("Q")
         self._names = PackedNames()
         self.usable = False
+        # The kernel image's text, [_stext, _etext), 0 when unknown: kernel frames are given
+        # as offsets into it (the same for every boot of a build, whatever KASLR chose).
+        self.text_start = 0
+        self.text_end = 0
         try:
             self._load(path)
         except OSError as exc:
@@ -39,6 +43,10 @@ class KernelSymbols:
                 if len(parts) < 3 or parts[1] not in (b"t", b"T", b"w", b"W"):
                     continue
                 addr = int(parts[0], 16)
+                if parts[2] == b"_stext":
+                    self.text_start = addr
+                elif parts[2] == b"_etext":
+                    self.text_end = addr
                 if addr:
                     rows.append((addr, parts[2] if len(parts) == 3 else parts[2] + b" " + parts[3]))
         rows.sort()

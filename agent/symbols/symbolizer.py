@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from agent.symbols.elf import ElfSymbols
+from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
 from agent.symbols.kallsyms import KernelSymbols
 from agent.symbols.procmaps import (
     YOUNG_PROCESS_S,
@@ -38,7 +39,7 @@ from agent.symbols.procmaps import (
     root_view_path,
     start_time,
 )
-from shared.model import KERNEL_MAPPING, Frame, FrameType, Mapping
+from shared.model import KERNEL_FILENAME, KERNEL_MAPPING, Frame, FrameType, Mapping
 
 log = logging.getLogger("stackfleet.symbols")
 
@@ -56,6 +57,7 @@ MAX_CACHED_CODE = 32_768  # code bytes before candidate return addresses (~150 B
 EXITED_GRACE_S = 10.0
 # Cached ELF files unused for this long are closed (Symbolizer.sweep_idle_files).
 FILE_IDLE_S = 600.0
+MAX_FILE_IDS = 4096  # files whose Go build id and htlhash are kept (~200 B each)
 
 
 class _Lru(OrderedDict[object, object]):
@@ -159,6 +161,9 @@ class Symbolizer:
         # When each cached file was last looked up (see sweep_idle_files).
         self._file_used: dict[object, float] = {}
         self._kernel: KernelSymbols | None = None
+        self._kernel_mapping = KERNEL_MAPPING
+        # (Go build id, htlhash) per file, computed when the file is opened (see file_ids)
+        self._file_ids: dict[FileKey, tuple[str, str]] = {}
         self._kernel_frames: dict[int, Frame] = {}
         self._code: dict[tuple[FileKey, int, int], bytes] = {}  # see code_before
         self._stats = dict.fromkeys(
@@ -189,8 +194,15 @@ class Symbolizer:
     def _kernel_frame(self, address: int) -> Frame:
         if self._kernel is None:
             self._kernel = KernelSymbols()
+            if self._kernel.text_start < self._kernel.text_end:
+                build_id = kernel_build_id()
+                self._kernel_mapping = Mapping(0, self._kernel.text_end - self._kernel.text_start, 0,
+                                               KERNEL_FILENAME, build_id, "", kernel_htlhash(build_id))
         kernel = self._kernel
-        return Frame(kernel.lookup(address) if kernel.usable else "", "", 0, address, FrameType.KERNEL, KERNEL_MAPPING)
+        name = kernel.lookup(address) if kernel.usable else ""
+        if kernel.text_start <= address < kernel.text_end:  # as an offset into the kernel's text
+            return Frame(name, "", 0, address - kernel.text_start, FrameType.KERNEL, self._kernel_mapping)
+        return Frame(name, "", 0, address, FrameType.KERNEL, KERNEL_MAPPING)  # modules, BPF programs
 
     def symbolize_user(self, pid: int, addresses: Sequence[int]) -> tuple[Frame, ...]:
         """Leaf-first frames for leaf-first ``addresses``. A Go address inside inlined code
@@ -416,8 +428,11 @@ class Symbolizer:
         elf = self._elf(pid, region)
         if elf is None:
             return (Frame("", "", 0, address, FrameType.NATIVE, region.mapping),)
-        mapping = region.mapping if region.mapping.build_id == elf.build_id else Mapping(
-            region.mapping.start, region.mapping.limit, region.mapping.offset, region.mapping.filename, elf.build_id)
+        go_build_id, htlhash = self._ids_of(pid, region)
+        mapping = region.mapping
+        if (mapping.build_id, mapping.go_build_id, mapping.htlhash) != (elf.build_id, go_build_id, htlhash):
+            mapping = Mapping(mapping.start, mapping.limit, mapping.offset, mapping.filename, elf.build_id,
+                              go_build_id, htlhash)
         region.mapping = mapping
         # Return addresses point after the call instruction, which may already belong to the
         # next line or even the next function: look up the call site (address - 1) instead.
@@ -440,8 +455,32 @@ class Symbolizer:
         rows = cast(tuple[tuple[str, str, int, FrameType], ...], resolved)
         if not rows[0][0]:
             self._stats["unknown_frames"] += 1
-        return tuple(Frame(function, filename, line, address, frame_type, mapping)
-                     for function, filename, line, frame_type in rows)
+        last = len(rows) - 1  # rows before the last are inlined into the one after them
+        return tuple(Frame(function, filename, line, address, frame_type, mapping, i < last)
+                     for i, (function, filename, line, frame_type) in enumerate(rows))
+
+    def _ids_of(self, pid: int, region: _Region) -> tuple[str, str]:
+        """(Go build id, htlhash) of a region's file: computed when the file was opened, read
+        again if the bounded table has let it go since."""
+        key = region.file_key
+        if key is None:
+            return "", ""
+        ids = self._file_ids.get(key)
+        if ids is None:
+            ids = ("", "")
+            if region.entry.path != VDSO:
+                try:
+                    with open(self._open_path(pid, region.entry), "rb") as f:
+                        ids = read_file_ids(f)
+                except OSError:
+                    pass
+            self._remember_ids(key, ids)
+        return ids
+
+    def _remember_ids(self, key: FileKey, ids: tuple[str, str]) -> None:
+        if len(self._file_ids) >= MAX_FILE_IDS:
+            del self._file_ids[next(iter(self._file_ids))]  # the oldest
+        self._file_ids[key] = ids
 
     def _elf(self, pid: int, region: _Region) -> ElfSymbols | None:
         key = region.file_key
@@ -462,6 +501,7 @@ class Symbolizer:
             self._stats["elf_errors"] += 1
             log.info("cannot open %s of pid %d: %s", region.entry.path, pid, exc)
             return None
+        self._remember_ids(key, read_file_ids(stream))
         try:
             elf = ElfSymbols(stream, region.entry.path)
         except Exception as exc:  # pyelftools raises many types on unusual files

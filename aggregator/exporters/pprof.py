@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from aggregator.profile import FleetProfiles
-from shared.model import Frame
+from shared.model import INTERPRETED_FRAME_TYPES as _INTERPRETED
+from shared.model import Frame, FrameType, inline_runs
 from shared.model import Mapping as ModelMapping
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
@@ -63,15 +64,19 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
     """Uncompressed profile.proto bytes for one profile type, merged across hosts.
 
     Each sample keeps ``host``, ``pid``, ``tid``, ``thread`` and its own attributes as labels,
-    so ``pprof -tagfocus=host=web-1`` narrows to one host.
+    so ``pprof -tagfocus=host=web-1`` narrows to one host. The first mapping is the main
+    binary (pprof names the profile after it): the executable that carries the most weight.
+    A run of inlined frames is one location with several lines, innermost first.
     """
     spec = PROFILE_TYPES[profile_type]
     strings = _Strings()
-    functions: dict[tuple[str, str], int] = {}
+    functions: dict[tuple[str, str, str], int] = {}
     mappings: dict[ModelMapping, int] = {}
-    locations: dict[Frame, int] = {}
+    mapping_order: list[ModelMapping] = []
+    # per mapping id: [every location has a function, ... a file name, ... a line, has Go frames]
+    mapping_flags: dict[int, list[bool]] = {}
+    locations: dict[tuple[Frame, ...], int] = {}
     function_msgs: list[bytes] = []
-    mapping_msgs: list[bytes] = []
     location_msgs: list[bytes] = []
     sample_msgs: list[bytes] = []
 
@@ -82,29 +87,44 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
         if mid is None:
             mid = len(mappings) + 1
             mappings[m] = mid
-            mapping_msgs.append(_int(1, mid) + _int(2, m.start) + _int(3, m.limit) + _int(4, m.offset)
-                                + _int(5, strings(m.filename)) + _int(6, strings(m.build_id)) + _int(7, 1))
+            mapping_order.append(m)
+            mapping_flags[mid] = [True, True, True, False]
         return mid
 
     def function_id(f: Frame) -> int:
-        key = (f.function or _unknown_name(f), f.filename)
+        name = f.function or _unknown_name(f)
+        # pprof demangles a name whose system name equals it: interpreted code has none.
+        system_name = "" if f.frame_type in _INTERPRETED else name
+        key = (name, system_name, f.filename)
         fid = functions.get(key)
         if fid is None:
             fid = len(functions) + 1
             functions[key] = fid
-            function_msgs.append(_int(1, fid) + _int(2, strings(key[0])) + _int(3, strings(key[0]))
+            function_msgs.append(_int(1, fid) + _int(2, strings(name)) + _int(3, strings(system_name))
                                  + _int(4, strings(f.filename)))
         return fid
 
-    def location_id(f: Frame) -> int:
-        lid = locations.get(f)
+    def location_id(run: tuple[Frame, ...]) -> int:
+        lid = locations.get(run)
         if lid is None:
             lid = len(locations) + 1
-            locations[f] = lid
-            line = _int(1, function_id(f)) + _int(2, f.line)
-            location_msgs.append(_int(1, lid) + _int(2, mapping_id(f.mapping)) + _int(3, f.address)
-                                 + _bytes(4, line))
+            locations[run] = lid
+            outer = run[-1]
+            mid = mapping_id(outer.mapping)
+            lines = b"".join(_bytes(4, _int(1, function_id(f)) + _int(2, f.line)) for f in run)
+            location_msgs.append(_int(1, lid) + _int(2, mid) + _int(3, outer.address) + lines)
+            if mid:
+                flags = mapping_flags[mid]
+                for f in run:
+                    flags[0] &= bool(f.function)
+                    flags[1] &= bool(f.filename)
+                    flags[2] &= f.line > 0
+                    flags[3] |= f.frame_type == FrameType.GO
         return lid
+
+    main = _main_binary(fleet, profile_type)
+    if main is not None:
+        mapping_id(main)  # id 1
 
     # Merged samples share their stream dictionary's stack tuples (and the wire decoder
     # interns equal frames), so the encoded location list of a stack is cached by identity:
@@ -117,16 +137,20 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
     def location_varint(f: Frame) -> bytes:
         known = location_varints.get(id(f))
         if known is None:
-            known = location_varints[id(f)] = _varint(location_id(f))
+            known = location_varints[id(f)] = _varint(location_id((f,)))
             located.append(f)
         return known
 
     def stack_field(frames: tuple[Frame, ...]) -> bytes:
         known = stack_fields.get(id(frames))
         if known is None:
-            # Lookups by identity in C (map over id and dict.get); new frames take the slow path.
-            parts = list(map(location_varints.get, map(id, frames)))
-            body = b"".join(cast(list[bytes], parts) if None not in parts else [location_varint(f) for f in frames])
+            if any(f.inlined for f in frames):
+                body = b"".join(_varint(location_id(run)) for run in inline_runs(frames))
+            else:
+                # Lookups by identity in C (map over id and dict.get); new frames take the slow path.
+                parts = list(map(location_varints.get, map(id, frames)))
+                body = b"".join(cast(list[bytes], parts) if None not in parts else
+                                [location_varint(f) for f in frames])
             known = (_bytes(1, body) if body else b"", frames)
             stack_fields[id(frames)] = known
         return known[0]
@@ -168,12 +192,49 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
     period_type = _bytes(11, _int(1, strings(spec.period_type.type)) + _int(2, strings(spec.period_type.unit)))
     out = bytearray(sample_types)
     out += b"".join(sample_msgs)
+    mapping_msgs = [_mapping_message(m, mid, mapping_flags[mid], strings) for mid, m in enumerate(mapping_order, 1)]
     out += b"".join(_bytes(3, m) for m in mapping_msgs)
     out += b"".join(_bytes(4, m) for m in location_msgs)
     out += b"".join(_bytes(5, m) for m in function_msgs)
     out += b"".join(_bytes(6, s.encode()) for s in strings.table)  # string_table (index 0 = "")
     out += _int(9, start) + _int(10, max(0, end - start)) + period_type + _int(12, period)
     return bytes(out)
+
+
+def _mapping_message(m: ModelMapping, mid: int, flags: list[bool], strings: _Strings) -> bytes:
+    """A pprof Mapping; has_functions/filenames/line_numbers only where every location of it has
+    them, has_inline_frames for Go code (its inlined calls are expanded)."""
+    has_functions, has_filenames, has_lines, go = flags
+    return (_int(1, mid) + _int(2, m.start) + _int(3, m.limit) + _int(4, m.offset) + _int(5, strings(m.filename))
+            + _int(6, strings(m.build_id or m.go_build_id)) + _int(7, has_functions) + _int(8, has_filenames)
+            + _int(9, has_lines) + _int(10, go))
+
+
+def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMapping | None:
+    """The mapping of the executable with the most weight in the profile: a frame's mapping
+    whose file is the sample's process executable (``process.executable.name``, else the
+    process name), counted once per sample."""
+    weights: dict[ModelMapping, int] = {}
+    executables: dict[tuple[tuple[str, str], ...], str] = {}
+    # Samples share stack tuples (see stack_field): each (stack, executable) is searched once.
+    found: dict[tuple[int, str], ModelMapping | None] = {}
+    for (_, ptype), profile in fleet.hosts.items():
+        if ptype != profile_type:
+            continue
+        for s in profile.samples.values():
+            executable = executables.get(s.attributes)
+            if executable is None:
+                executable = executables[s.attributes] = dict(s.attributes).get("process.executable.name", "")
+            executable = executable or s.process_name
+            key = (id(s.frames), executable)
+            if key not in found:
+                found[key] = next((f.mapping for f in reversed(s.frames)  # the executable is at the root end
+                                   if f.mapping is not None and f.mapping.filename.rsplit("/", 1)[-1] == executable),
+                                  None)
+            m = found[key]
+            if m is not None:
+                weights[m] = weights.get(m, 0) + (s.values[0] if s.values else 0) + 1
+    return max(weights, key=lambda m: weights[m]) if weights else None
 
 
 def _unknown_name(f: Frame) -> str:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from aggregator.exporters.pprof import _unknown_name
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp_decode import merge_request, profile_column
 from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from aggregator.web.store import RetainedExports
 from shared.model import Frame
@@ -269,7 +269,6 @@ def add_deltas(tree: dict[str, Any], baseline: dict[str, Any]) -> None:
 
 def present_types(store: RetainedExports, since_ns: int, until_ns: int) -> set[ProfileType]:
     """Profile types that have any data in range (read from the exports' sample types)."""
-    by_column = {(vt.type, vt.unit): ptype for ptype, spec in PROFILE_TYPES.items() for vt in spec.sample_types}
     found: set[ProfileType] = set()
     for export in store.list(since_ns, until_ns):
         req = store.load(export)
@@ -279,8 +278,7 @@ def present_types(store: RetainedExports, since_ns: int, until_ns: int) -> set[P
         for rp in req.resource_profiles:
             for sp in rp.scope_profiles:
                 for prof in sp.profiles:
-                    ptype = by_column.get((strings[prof.sample_type.type_strindex],
-                                           strings[prof.sample_type.unit_strindex]))
-                    if ptype is not None and prof.samples:
-                        found.add(ptype)
+                    column = profile_column(strings, prof)
+                    if column is not None and prof.samples:
+                        found.add(column[0])
     return found
