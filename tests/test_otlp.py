@@ -196,3 +196,12 @@ def test_protoc_decodes_the_request(tmp_path: Path) -> None:
     path.write_bytes(encode_request(fleet(), "svc", "1").SerializeToString())
     text = protoc_decode(path)
     assert 'string_table: "leaf"' in text and "resource_profiles" in text
+
+
+def test_an_interval_of_zero_values_is_an_empty_request() -> None:
+    f = FleetProfiles(0, 10_000)
+    hp = HostProfile("h", ProfileType.GOROUTINE, 1_000, 9_000, 1)
+    hp.add((frame("main", 1, 0x7F10),), 1, 1, "t", "app", 0, (), (0,), 5_000)  # the goroutines ended
+    f.hosts[("h", ProfileType.GOROUTINE)] = hp
+    req = encode_request(f)
+    assert not req.resource_profiles and len(req.dictionary.string_table) == 1  # nothing left behind
