@@ -16,7 +16,7 @@ from functools import lru_cache
 from elftools.elf.elffile import ELFFile
 
 from agent.go_layout import GLayout, allgs_candidates, layout_for
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table
+from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 
 log = logging.getLogger("stackfleet.go")
 
@@ -44,7 +44,7 @@ _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 
 
 def is_go_binary(elf: ELFFile) -> bool:
-    return elf.get_section_by_name(".gopclntab") is not None or elf.get_section_by_name(".go.buildinfo") is not None
+    return pclntab_section(elf) is not None or elf.get_section_by_name(".go.buildinfo") is not None
 
 
 @lru_cache(maxsize=1024)
