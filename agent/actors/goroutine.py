@@ -117,6 +117,10 @@ class GoroutineActor(RingBufferActor):
             if info is None:
                 self._remember_not_go(identity)
                 continue
+            if info.unsupported:  # logged once per binary by go_runtime_info; counted once here
+                self.ctx.counters.inc("go_binaries_unsupported", reason=info.unsupported)
+                self._remember_not_go(identity)
+                continue
             self._probe(pid, info, identity)
         for pid in set(self._processes) - alive:
             gone = self._processes.pop(pid)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import Section
+from elftools.elf.sections import Section, SymbolTableSection
 
 MAGIC_118 = 0xFFFFFFF0
 MAGIC_120 = 0xFFFFFFF1
@@ -58,6 +58,7 @@ MODULEDATA_SECTIONS = (".go.module", ".noptrdata", ".data")
 # (typedesclen, itaboffset, itabsize). An index is used only where the word before it is
 # ``rodata`` and no other candidate fits (find_moduledata), so a future layout gives no
 # inline expansion, never a wrong one.
+MODULEDATA_MINPC_WORD = 20  # minpc = text + the first function's entry offset: checks ``text``
 MODULEDATA_TEXT_WORD = 22
 MODULEDATA_GOFUNC_WORDS = {MAGIC_118: (38,), MAGIC_120: (40, 43)}
 
@@ -275,8 +276,9 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
 
     Function entries are offsets from ``runtime.text``. The header's textStart gives it up to
     Go 1.25; Go 1.26 stopped filling it (0), so it is read from the module data, else the
-    header's non-zero value, else the start of ``.text`` (right for Go's internal linker,
-    which starts .text with runtime.text)."""
+    header's non-zero value, else the ``runtime.text`` symbol. Not the start of ``.text``:
+    with external linking (cgo) the C start-up code comes first, and every name would be
+    shifted; without any of the three the pclntab is refused (ValueError), never guessed."""
     section = pclntab_section(elf)
     if section is None:
         return None
@@ -288,10 +290,9 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
     elif header_text:
         text_start = header_text
     else:
-        text = elf.get_section_by_name(".text")
-        if text is None:
-            raise ValueError("pclntab without a text start: no module data, header field 0 and no .text")
-        text_start = text["sh_addr"]
+        text_start = _symbol_value(elf, "runtime.text")
+        if not text_start:
+            raise ValueError("pclntab text start unknown: no module data found, header field 0, no runtime.text")
     funcdata = None
     if module is not None and module.gofunc is not None:
         for sec in elf.iter_sections():
@@ -302,20 +303,34 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
     return GoSymbolTable(data, funcdata, text_start)
 
 
+def _symbol_value(elf: ELFFile, name: str) -> int:
+    """Value of symbol ``name`` in .symtab (0: none; slow on big tables, used only as a fallback)."""
+    symtab = elf.get_section_by_name(".symtab")
+    if not isinstance(symtab, SymbolTableSection):
+        return 0
+    found = symtab.get_symbol_by_name(name)
+    return int(found[0]["st_value"]) if found else 0
+
+
 def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> ModuleData | None:
     """``runtime.firstmoduledata``, read from the file so stripped binaries work too.
 
     It starts with a pointer to the pclntab header followed by the ``funcnametab`` slice,
     whose data pointer is the header address plus the header's funcnameOffset: both are
-    checked. It sits in ``.go.module`` (Go 1.26+) or ``.noptrdata``; PIE builds by Go's
-    linker keep the link-time addresses in the file (plus R_X86_64_RELATIVE relocations),
-    so the same check works on them. ``gofunc`` is at a word index that moved with the
+    checked, and ``minpc`` must be ``text`` plus the first function's offset. It sits in
+    ``.go.module`` (Go 1.26+) or ``.noptrdata``; PIE builds by Go's linker keep the link-time
+    addresses in the file (plus R_X86_64_RELATIVE relocations), so the same check works on
+    them. ``gofunc`` is at a word index that moved with the
     struct (see MODULEDATA_GOFUNC_WORDS); the word before it is always ``rodata``, which must
     equal the start of ``.rodata``. (``types`` may equal it too, so candidates are per pclntab
     magic, and an ambiguous fit is not used.)"""
-    if len(pclntab) < 64:
+    if len(pclntab) < 72:
         return None
     (funcname_off,) = struct.unpack_from("<Q", pclntab, 32)
+    (pcln_off,) = struct.unpack_from("<Q", pclntab, 64)
+    if pcln_off + 4 > len(pclntab):
+        return None
+    (first_entry,) = struct.unpack_from("<I", pclntab, pcln_off)  # functab[0].entryoff
     needle = struct.pack("<QQ", pclntab_addr, pclntab_addr + funcname_off)
     rodata = elf.get_section_by_name(".rodata")
     rodata_start = rodata["sh_addr"] if rodata is not None else None
@@ -331,6 +346,9 @@ def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> ModuleDa
             if pos % 8 == 0 and pos + 8 * (MODULEDATA_TEXT_WORD + 1) <= len(data):
                 count = min(words_needed, (len(data) - pos) // 8)
                 words = struct.unpack_from(f"<{count}Q", data, pos)
+                if words[MODULEDATA_MINPC_WORD] != words[MODULEDATA_TEXT_WORD] + first_entry:
+                    pos = data.find(needle, pos + 1)  # not the layout we know: text unproven
+                    continue
                 fits = [words[i] for i in candidates if i < count and words[i - 1] == rodata_start and words[i]]
                 gofunc = fits[0] if len(fits) == 1 else None
                 return ModuleData(sec["sh_addr"] + pos, words[MODULEDATA_TEXT_WORD], gofunc)
