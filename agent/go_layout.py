@@ -1,10 +1,10 @@
 """Where a Go process keeps its goroutines: ``runtime.allgs`` and the ``runtime.g`` fields
 the current-stack goroutine profile reads (see docs/design/goroutine.md).
 
-Offsets come from the binary's own DWARF when it has some (``-ldflags=-w`` drops it; Go
-1.25+ writes DWARF 5, which pyelftools reads: only struct members are needed, no location
-or range lists), else from ``G_LAYOUTS`` below, a per-release table for linux/amd64 from
-each release's ``runtime/runtime2.go``:
+Offsets come from ``G_LAYOUTS`` below, a per-release table for linux/amd64 from each
+release's ``runtime/runtime2.go``, else from the binary's own DWARF (``-ldflags=-w`` drops
+it; Go 1.25+ writes DWARF 5, which pyelftools reads: only struct members are needed, no
+location or range lists):
 
     g:      stack{lo, hi} at 0, stackguard0/1, _panic, _defer, m, sched (gobuf) at 56,
             syscallsp, syscallpc, [syscallbp: Go 1.23+], stktopsp, param, atomicstatus u32,
@@ -27,15 +27,12 @@ No Python library reads any of this; hand-written.
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass, replace
 
 from elftools.elf.elffile import ELFFile
 
 from agent.symbols.gopclntab import GoSymbolTable
-
-log = logging.getLogger("stackfleet.go")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +93,16 @@ def unsupported_reason(version: str) -> str | None:
 
 
 def layout_for(elf: ELFFile, version: str) -> GLayout | None:
-    """The g layout from DWARF, else from the table for ``version``, else None (unsupported)."""
+    """The g layout: the table's row for ``version``, else the binary's DWARF, else None.
+
+    A row is used before DWARF because tests prove each row equal to its release's DWARF,
+    while reading the runtime's DWARF types costs ~1 s of CPU per binary with pyelftools
+    (the agent may meet many binaries at once); releases without a row need DWARF."""
     if unsupported_reason(version) is not None:
         return None
     minor = go_minor(version)
-    table = G_LAYOUTS.get(minor) if minor is not None else None
-    dwarf = layout_from_dwarf(elf)
-    if dwarf is not None:
-        if table is not None and replace(dwarf, source="table") != table:
-            log.warning("Go %s: runtime.g layout from DWARF %s differs from the table %s; using DWARF",
-                        version, dwarf, table)
-        return dwarf
-    return table
+    row = G_LAYOUTS.get(minor) if minor is not None else None
+    return row if row is not None else layout_from_dwarf(elf)
 
 
 def layout_from_dwarf(elf: ELFFile) -> GLayout | None:

@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 from agent.go_layout import GLayout, allgs_candidates, layout_for, unsupported_reason
 from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 
-log = logging.getLogger("stackfleet.go")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

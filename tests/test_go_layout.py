@@ -3,7 +3,8 @@ every Go release installed (integration/go_toolchains.py).
 
 Every row of the per-release table must equal what the DWARF of a real build by that release
 says (plain and PIE builds: DWARF 5 from Go 1.25 on), and every row must have a toolchain
-here to check it; stripped builds (no DWARF) must get the row. The address picked for
+here to check it; every build gets the row (stripped ones have no DWARF); a release without
+a row falls back to DWARF. The address picked for
 runtime.allgs must be the symbol's (per that toolchain's `go tool nm`) and must work on
 stripped and PIE builds; the reader must find the 100 parked workers in runtime.gopark; its
 bounds must hold (goroutines cut at the limit and counted, stacks cut at the depth limit and
@@ -60,16 +61,23 @@ def test_table_matches_dwarf(go_builds: GoBuilds, toolchain: GoToolchain) -> Non
             dwarf = layout_from_dwarf(ELFFile(f))
         assert dwarf is not None and dwarf.startpc is not None, exe
         assert dataclasses.replace(dwarf, source="table") == G_LAYOUTS[toolchain.minor], exe
-        assert info(exe).g_layout == dwarf and info(exe).startpc_offset == dwarf.startpc
+        assert info(exe).g_layout == G_LAYOUTS[toolchain.minor] and info(exe).startpc_offset == dwarf.startpc
     stripped_info = info(stripped)
     assert stripped_info.g_layout == G_LAYOUTS[toolchain.minor] and not stripped_info.unsupported
     assert stripped_info.startpc_offset == G_LAYOUTS[toolchain.minor].startpc  # exits tracked when stripped
 
 
-def test_newer_release_is_refused(binaries: tuple[Path, Path]) -> None:
-    """The same binary, read as if a release after the checked range had built it."""
-    with open(binaries[0], "rb") as f:
-        assert layout_for(ELFFile(f), f"go1.{NEWEST_GO_MINOR + 1}.0") is None
+def test_release_without_a_row_uses_dwarf_and_a_newer_one_is_refused(binaries: tuple[Path, Path]) -> None:
+    """The same binaries, read as if a release without a row (1.20: none of its toolchain
+    here), or one after the checked range, had built them."""
+    plain, stripped = binaries
+    with open(plain, "rb") as f:
+        elf = ELFFile(f)
+        from_dwarf = layout_for(elf, "go1.20.14")
+        assert from_dwarf is not None and from_dwarf.source == "dwarf" and from_dwarf == layout_from_dwarf(elf)
+        assert layout_for(elf, f"go1.{NEWEST_GO_MINOR + 1}.0") is None
+    with open(stripped, "rb") as f:
+        assert layout_for(ELFFile(f), "go1.20.14") is None  # no row, no DWARF: not guessed
 
 
 @pytest.fixture
