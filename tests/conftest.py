@@ -26,12 +26,14 @@ class GoBuilds:
         self._built: dict[tuple[str, str, str], Path] = {}
 
     def get(self, workload: str | Path, toolchain: GoToolchain, variant: str = "plain") -> Path:
-        """``workload``: a folder name under integration/workloads, or a source folder."""
+        """``workload``: a folder name under integration/workloads, or a source folder;
+        ``variant``: one of VARIANTS, or "trimpath" (plain with ``-trimpath``)."""
         source = WORKLOADS / workload if isinstance(workload, str) else workload
         key = (str(source), toolchain.version, variant)
         if key not in self._built:
             exe = self.out / f"{source.name}-{toolchain.version}-{variant}"
-            self._built[key] = toolchain.build(source, exe, variant, cache=GO_CACHE / toolchain.version)
+            base, extra = ("plain", ("-trimpath",)) if variant == "trimpath" else (variant, ())
+            self._built[key] = toolchain.build(source, exe, base, cache=GO_CACHE / toolchain.version, extra=extra)
         return self._built[key]
 
 

@@ -143,3 +143,28 @@ def test_allgs_found_and_goroutines_read(running: tuple[GoToolchain, str, Path, 
             small.close()
     finally:
         reader.close()
+
+
+def test_binary_of_a_newer_release_is_refused_once_and_keeps_its_frames(
+        go_builds: GoBuilds, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest toolchain's stripped build with its recorded version rewritten to a release
+    after the checked range (same length, in .go.buildinfo): no goroutine reading, one
+    warning however often it is looked at, and the same frames as before."""
+    toolchain = TOOLCHAINS[-1]
+    original = go_builds.get("goroutines", toolchain, "stripped")
+    future = f"go1.{NEWEST_GO_MINOR + 1}".ljust(len(f"go{toolchain.version}"), "0")
+    data = original.read_bytes()
+    assert data.count(f"go{toolchain.version}".encode()) >= 1
+    patched = tmp_path / "future"
+    patched.write_bytes(data.replace(f"go{toolchain.version}".encode(), future.encode()))
+    with caplog.at_level("WARNING", logger="agent.go_runtime"):
+        found = [info(patched) for _ in range(3)]
+    assert found[0].go_version == future and found[0].unsupported == "go_version_newer_than_supported"
+    assert found[0].g_layout is None and found[0].allgs == () and found[0].startpc_offset is None
+    assert len([r for r in caplog.records if "not profiled" in r.getMessage()]) == 1
+    before, after = GoSymbolTable.from_elf(str(original)), GoSymbolTable.from_elf(str(patched))
+    assert before is not None and after is not None
+    for address in range(before.entries[0], before.entries[-1], 997):
+        # (file names of the toolchain's sources carried its version too: compared by base name)
+        assert [(f.function, os.path.basename(f.file), f.line) for f in after.lookup_inline(address)] == \
+               [(f.function, os.path.basename(f.file), f.line) for f in before.lookup_inline(address)]

@@ -2,6 +2,7 @@
 
 For the goroutine workload built by every toolchain (integration/go_toolchains.py: Debian's
 1.19 and 1.21 ... 1.27), plain, stripped (``-s -w``) and PIE:
+(and -trimpath with the newest):
 - every function our table lists is `go tool nm`'s symbol of that name at that address
   (plain and PIE: stripped builds have no symbol table);
 - at the entry of every function and up to 15 more addresses spread over its code,
@@ -28,6 +29,8 @@ from integration.go_toolchains import GoToolchain
 from tests.conftest import GO_CACHE, TOOLCHAINS, VARIANTS, GoBuilds
 
 MATRIX = [pytest.param(t, v, id=f"{t.version}-{v}") for t in TOOLCHAINS for v in VARIANTS]
+# -trimpath changes only the file names the pclntab holds: checked with the newest release.
+WITH_TRIMPATH = [*MATRIX, *(pytest.param(t, "trimpath", id=f"{t.version}-trimpath") for t in TOOLCHAINS[-1:])]
 POINTS_PER_FUNCTION = 16
 # Frames the runtime leaves out of CallersFrames (funcID wrapper: method wrappers, defer/go
 # statement wrappers, method values); the symbolizer keeps them, as they are in the code.
@@ -62,7 +65,7 @@ def for_print(name: str) -> str:
     return name if i < 0 or j < i else name[:i] + "[...]" + name[j + 1:]
 
 
-@pytest.mark.parametrize(("toolchain", "variant"), MATRIX)
+@pytest.mark.parametrize(("toolchain", "variant"), WITH_TRIMPATH)
 def test_every_function_matches_nm_and_addr2line(go_builds: GoBuilds, toolchain: GoToolchain, variant: str) -> None:
     exe = go_builds.get("goroutines", toolchain, variant)
     table = GoSymbolTable.from_elf(str(exe))
@@ -90,6 +93,9 @@ def test_every_function_matches_nm_and_addr2line(go_builds: GoBuilds, toolchain:
         assert frame is not None, hex(address)
         # addr2line prints file "" and line -1 for the padding after a function's code.
         assert (frame.function, frame.file, frame.line) == (function, file, max(int(line), 0)), hex(address)
+    worker = {table.lookup(a).file for a in addresses if table.lookup(a).function == "main.worker"} - {""}  # type: ignore[union-attr]
+    # -trimpath leaves no build directory in file names ("./main.go" for a GOPATH-less build).
+    assert len(worker) == 1 and worker.pop().endswith("goroutines/main.go") != (variant == "trimpath")
 
 
 @pytest.mark.parametrize(("toolchain", "variant"), MATRIX)
