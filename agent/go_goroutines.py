@@ -21,13 +21,19 @@ import os
 import struct
 from dataclasses import dataclass
 
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
 from agent.go_layout import GLayout
 from agent.symbols.gopclntab import GoSymbolTable
 
+# runtime/runtime2.go's _G* states; 10 and 11 are new in Go 1.26 (unused before): _Gleaked, a
+# goroutine the GC found blocked forever (still counted by NumGoroutine), and _Gdeadextra, a
+# dead g kept for cgo callbacks.
 STATUS_NAMES = {0: "idle", 1: "runnable", 2: "running", 3: "syscall", 4: "waiting", 5: "moribund", 6: "dead",
-                7: "enqueue", 8: "copystack", 9: "preempted"}
+                7: "enqueue", 8: "copystack", 9: "preempted", 10: "leaked", 11: "deadextra"}
 G_SCAN = 0x1000  # _Gscan bit: being scanned by the GC, the rest of the status still holds
-SKIPPED_STATES = ("idle", "dead", "moribund")  # not goroutines the runtime's profile counts
+SKIPPED_STATES = ("idle", "dead", "moribund", "deadextra")  # not goroutines the runtime's profile counts
 MAX_ALLGS_LEN = 1 << 24
 
 
@@ -38,7 +44,7 @@ class Goroutine:
     pcs: tuple[int, ...]  # leaf first; the leaf is a return address too (saved by mcall / entersyscall)
     start: str  # start function: the frame below runtime.goexit, else from g.startpc, else ""
     truncated: bool
-    start_pc: int = 0  # g.startpc when its offset is known (DWARF)
+    start_pc: int = 0  # g.startpc (a run-time address) when its offset is known
 
 
 @dataclass(slots=True)
@@ -50,6 +56,27 @@ class ReadStats:
     over_limit: int = 0
 
 
+def load_bias(pid: int) -> int:
+    """Run-time minus link-time address of the process's executable (0 unless PIE).
+
+    From /proc/PID/maps: the executable's mapping of file offset 0 (matched by inode, so a
+    replaced or deleted file is still found) against the ELF's PT_LOAD of offset 0."""
+    exe = f"/proc/{pid}/exe"
+    inode = os.stat(exe).st_ino
+    try:
+        with open(exe, "rb") as f:
+            link = min((seg["p_vaddr"] - seg["p_offset"] for seg in ELFFile(f).iter_segments()
+                        if seg["p_type"] == "PT_LOAD"), default=0)
+    except (ELFError, ValueError, struct.error) as exc:
+        raise OSError(f"unreadable executable of pid {pid}: {exc}") from exc
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and int(fields[2], 16) == 0 and int(fields[4]) == inode:
+                return int(fields[0].split("-")[0], 16) - link
+    raise OSError(f"executable of pid {pid} not in its maps")
+
+
 class GoroutineReader:
     """Reads one process's goroutines; opened once, ``read`` called periodically."""
 
@@ -58,10 +85,12 @@ class GoroutineReader:
         self.pid, self.table, self.layout = pid, table, layout
         self.max_goroutines, self.max_depth, self.max_stack_bytes = max_goroutines, max_depth, max_stack_bytes
         self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        self._candidates = allgs_candidates
+        # PIE builds run away from their link-time addresses, which the table and the allgs
+        # candidates use: ``bias`` is added to those, subtracted from what memory holds.
+        self.bias = load_bias(pid)
+        self._candidates = tuple(address + self.bias for address in allgs_candidates)
         self.allgs: int | None = None
-        text_end = table.entries[-1]
-        self._text = (table.entries[0], text_end)
+        self._text = (table.entries[0] + self.bias, table.entries[-1] + self.bias)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -146,7 +175,7 @@ class GoroutineReader:
         return Goroutine(goid, state, pcs, start, not reached_goexit, start_pc)
 
     def _name(self, pc: int) -> str:
-        frame = self.table.lookup(pc)
+        frame = self.table.lookup(pc - self.bias)
         return frame.function if frame is not None else ""
 
     def _unwind(self, pc: int, sp: int, lo: int, hi: int) -> tuple[tuple[int, ...], bool]:
@@ -165,7 +194,7 @@ class GoroutineReader:
             if name == "runtime.goexit":
                 return tuple(pcs), True
             pcs.append(pc)
-            delta = self.table.sp_delta(pc)
+            delta = self.table.sp_delta(pc - self.bias)
             if delta is None:
                 break
             fp = sp + delta + 8  # caller's SP: above the frame and the return address

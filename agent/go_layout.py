@@ -1,40 +1,38 @@
 """Where a Go process keeps its goroutines: ``runtime.allgs`` and the ``runtime.g`` fields
 the current-stack goroutine profile reads (see docs/design/goroutine.md).
 
-Offsets come from the binary's own DWARF when it has some (``-ldflags=-w`` drops it), else
-from ``G_LAYOUTS`` below, a per-version table for linux/amd64 written from each release's
-``runtime/runtime2.go``:
+Offsets come from ``G_LAYOUTS`` below, a per-release table for linux/amd64 from each
+release's ``runtime/runtime2.go``, else from the binary's own DWARF (``-ldflags=-w`` drops
+it; Go 1.25+ writes DWARF 5, which pyelftools reads: only struct members are needed, no
+location or range lists):
 
     g:      stack{lo, hi} at 0, stackguard0/1, _panic, _defer, m, sched (gobuf) at 56,
             syscallsp, syscallpc, [syscallbp: Go 1.23+], stktopsp, param, atomicstatus u32,
-            stackLock u32, goid
-    gobuf:  sp 0, pc 8, g 16, ctxt 24, ret 32, lr 40, bp 48           (1.18 - 1.23 alike)
+            stackLock u32, goid, ...  startpc further down (moves with almost every release)
+    gobuf:  sp 0, pc 8, g 16, ctxt 24, [ret 32: up to Go 1.24], lr, bp
 
-so atomicstatus/goid are at 144/152 for Go 1.18 - 1.22 and 152/160 for 1.23. Only Go 1.19
-(installed here) is checked against DWARF by the tests; when DWARF is present it wins, and
-a disagreement with the table is logged. ``startpc`` moves too often to tabulate: without
-DWARF the start function is taken from the unwound stack instead (the frame below
-``runtime.goexit``).
+Every row is checked in tests against the DWARF of a real build by that release
+(tests/test_go_layout.py): only releases with a toolchain in the test matrix have a row.
+Other releases from 1.18 to ``NEWEST_GO_MINOR`` work from DWARF only; releases outside that
+range are not read at all (``unsupported_reason``): a future runtime may move anything this
+module and the goroutine probes rely on, so it is reported, never guessed.
 
 ``runtime.allgs`` (a ``[]*g``) is found the same way with or without a symbol table (reading
 a Go symbol table with pyelftools takes seconds): the RIP-relative data references in
 ``runtime.allgadd`` (the only function that appends to it), each candidate then validated
 against the live process (a slice whose first element is the main goroutine, goid 1: see
-``agent.go_goroutines``).
+``agent.go_goroutines``). ``data_references`` does this for any function.
 No Python library reads any of this; hand-written.
 """
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass, replace
 
 from elftools.elf.elffile import ELFFile
 
 from agent.symbols.gopclntab import GoSymbolTable
-
-log = logging.getLogger("stackfleet.go")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +46,7 @@ class GLayout:
     sched_bp: int
     atomicstatus: int
     goid: int
-    startpc: int | None = None  # DWARF only
+    startpc: int | None = None
     source: str = "table"
 
     @property
@@ -58,11 +56,19 @@ class GLayout:
 
 
 _SCHED = 56
-_BEFORE_123 = GLayout(0, 8, _SCHED + 0, _SCHED + 8, _SCHED + 48, 144, 152)
+_GO119 = GLayout(0, 8, _SCHED + 0, _SCHED + 8, _SCHED + 48, 144, 152, startpc=312)
+# Go 1.23 added g.syscallbp; Go 1.25 has no gobuf.ret (gobuf 48 bytes, bp at 40).
+_GO125 = GLayout(0, 8, _SCHED + 0, _SCHED + 8, _SCHED + 40, 144, 152, startpc=296)
 G_LAYOUTS: dict[int, GLayout] = {
-    18: _BEFORE_123, 19: _BEFORE_123, 20: _BEFORE_123, 21: _BEFORE_123, 22: _BEFORE_123,
-    23: replace(_BEFORE_123, atomicstatus=152, goid=160),  # g.syscallbp added before stktopsp
+    19: _GO119,
+    21: replace(_GO119, startpc=296),
+    23: replace(_GO119, atomicstatus=152, goid=160, startpc=304),
+    25: _GO125,
+    26: replace(_GO125, startpc=304),
+    27: replace(_GO125, startpc=304),
 }
+OLDEST_GO_MINOR = 18  # the pclntab format of Go 1.18 (agent.symbols.gopclntab)
+NEWEST_GO_MINOR = 27  # newest release whose runtime structures and probes were checked
 
 
 def go_minor(version: str) -> int | None:
@@ -74,17 +80,29 @@ def go_minor(version: str) -> int | None:
     return int(parts[1][:digits]) if digits else None
 
 
-def layout_for(elf: ELFFile, version: str) -> GLayout | None:
-    """The g layout from DWARF, else from the table for ``version``, else None (unsupported)."""
+def unsupported_reason(version: str) -> str | None:
+    """Why goroutines of a binary built by Go ``version`` are not read (None: they are)."""
     minor = go_minor(version)
-    table = G_LAYOUTS.get(minor) if minor is not None else None
-    dwarf = layout_from_dwarf(elf)
-    if dwarf is not None:
-        if table is not None and replace(dwarf, startpc=None, source="table") != table:
-            log.warning("Go %s: runtime.g layout from DWARF %s differs from the table %s; using DWARF",
-                        version, dwarf, table)
-        return dwarf
-    return table
+    if minor is None:
+        return "go_version_unknown"
+    if minor < OLDEST_GO_MINOR:
+        return "go_version_too_old"
+    if minor > NEWEST_GO_MINOR:
+        return "go_version_newer_than_supported"
+    return None
+
+
+def layout_for(elf: ELFFile, version: str) -> GLayout | None:
+    """The g layout: the table's row for ``version``, else the binary's DWARF, else None.
+
+    A row is used before DWARF because tests prove each row equal to its release's DWARF,
+    while reading the runtime's DWARF types costs ~1 s of CPU per binary with pyelftools
+    (the agent may meet many binaries at once); releases without a row need DWARF."""
+    if unsupported_reason(version) is not None:
+        return None
+    minor = go_minor(version)
+    row = G_LAYOUTS.get(minor) if minor is not None else None
+    return row if row is not None else layout_from_dwarf(elf)
 
 
 def layout_from_dwarf(elf: ELFFile) -> GLayout | None:
@@ -121,10 +139,17 @@ def layout_from_dwarf(elf: ELFFile) -> GLayout | None:
 def allgs_candidates(elf: ELFFile, table: GoSymbolTable, allgadd: int | None) -> tuple[int, ...]:
     """Addresses that may be ``runtime.allgs``: data references from the code of
     ``runtime.allgadd`` (entry ``allgadd``), to be validated against the process."""
-    index = table.function_index(allgadd) if allgadd is not None else None
-    if allgadd is None or index is None or index + 1 >= len(table.entries):
+    return data_references(elf, table, allgadd) if allgadd is not None else ()
+
+
+def data_references(elf: ELFFile, table: GoSymbolTable, entry: int) -> tuple[int, ...]:
+    """Addresses in .data/.bss (and their no-pointer twins) that the function starting at
+    ``entry`` loads or stores RIP-relative: how a runtime variable is found in a stripped
+    binary (candidates, in code order; callers validate them against the process)."""
+    index = table.function_index(entry)
+    if index is None or index + 1 >= len(table.entries):
         return ()
-    entry, end = allgadd, table.entries[index + 1]
+    end = table.entries[index + 1]
     code = _read_vaddr(elf, entry, end - entry)
     bss = [(s["sh_addr"], s["sh_addr"] + s["sh_size"]) for s in elf.iter_sections()
            if s.name in (".bss", ".noptrbss", ".data", ".noptrdata")]

@@ -1,9 +1,12 @@
-"""Facts about a Go binary that the goroutine actor needs: is it Go, where is g.startpc,
-and how to find its goroutines (``runtime.g`` layout, ``runtime.allgs``: agent.go_layout).
+"""Facts about a Go binary that the Go actors need: is it Go, which Go release built it
+(``go_version``), where its runtime functions start (``GoRuntimeInfo.entries``, from the
+pclntab, so stripped binaries work), where is g.startpc, and how to find its goroutines
+(``runtime.g`` layout, ``runtime.allgs``: agent.go_layout).
 
-Offsets inside ``runtime.g`` change between Go versions, so they are read from the
-binary's own DWARF (Go emits it, compressed, unless built with ``-ldflags=-w``). Without
-DWARF the actor still counts creations but cannot attribute exits; that is counted.
+A binary built by a Go release outside the checked range (agent.go_layout.unsupported_reason)
+gets ``unsupported`` set, logged once per binary: its runtime structures and probe
+conventions may have moved, so the goroutine actor leaves it alone; its CPU frames still
+come from the pclntab, whose own format is checked independently.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
 
-from agent.go_layout import GLayout, allgs_candidates, layout_for
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table
+from agent.go_layout import GLayout, allgs_candidates, layout_for, unsupported_reason
+from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 
-log = logging.getLogger("stackfleet.go")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,8 @@ class GoRuntimeInfo:
     # For the current-stack goroutine profile (agent.go_goroutines): None/() when unsupported.
     g_layout: GLayout | None = None
     allgs: tuple[int, ...] = ()
+    # Why this binary's runtime is not read ("": it is): agent.go_layout.unsupported_reason.
+    unsupported: str = ""
 
     def entry(self, function: str) -> int | None:
         return dict(self.entries).get(function)
@@ -44,7 +49,7 @@ _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 
 
 def is_go_binary(elf: ELFFile) -> bool:
-    return elf.get_section_by_name(".gopclntab") is not None or elf.get_section_by_name(".go.buildinfo") is not None
+    return pclntab_section(elf) is not None or elf.get_section_by_name(".go.buildinfo") is not None
 
 
 @lru_cache(maxsize=1024)
@@ -57,23 +62,34 @@ def go_runtime_info(path: str, identity: tuple[int, int, int, int]) -> GoRuntime
                 return None
             has_symbols = elf.get_section_by_name(".symtab") is not None
             table: GoSymbolTable | None = load_go_table(elf)
-            version = _go_version(elf)
+            version = go_version(elf)
+            unsupported = unsupported_reason(version) or ""
+            if unsupported:  # logged once per binary: this function is cached per file identity
+                log.warning("%s was built by %s: %s, its goroutines are not profiled (CPU frames are)",
+                            path, version or "an unknown Go release", unsupported.replace("_", " "))
             layout = layout_for(elf, version)
+            if layout is None and not unsupported:
+                log.warning("%s (%s) has no DWARF and its release has no checked runtime.g layout: "
+                            "current goroutine stacks and exit tracking are off for it", path, version)
             allgs: tuple[int, ...] = ()
+            entries: list[tuple[str, int]] = []
             if table is not None:
                 found = table.function_entries((*PROBED_FUNCTIONS, "runtime.allgadd"))
                 entries = [(name, found[name]) for name in PROBED_FUNCTIONS if name in found]
                 if layout is not None:  # else this Go version's goroutines cannot be read anyway
                     allgs = allgs_candidates(elf, table, found.get("runtime.allgadd"))
             startpc = layout.startpc if layout is not None else None
-            return GoRuntimeInfo(path, startpc, has_symbols, version, _go_build_id(elf), tuple(entries), layout, allgs)
+            return GoRuntimeInfo(path, startpc, has_symbols, version, _go_build_id(elf), tuple(entries), layout, allgs,
+                                 unsupported)
     except Exception as exc:  # unreadable or unusual file: not profiled, logged once (cached)
         log.info("cannot inspect %s: %s", path, exc)
         return None
 
 
-def _go_version(elf: ELFFile) -> str:
-    """Go version from .go.buildinfo (Go 1.18+ inline-string format: flag bit 2)."""
+def go_version(elf: ELFFile) -> str:
+    """The Go release that built ``elf`` ("go1.27.3"), from .go.buildinfo ("": not found).
+
+    Go 1.18+ writes the version inline (flag bit 2 of byte 15), a varint length and the bytes."""
     section = elf.get_section_by_name(".go.buildinfo")
     if section is None:
         return ""

@@ -1,23 +1,49 @@
-"""Fixtures shared by the fast tests."""
+"""Fixtures shared by the fast tests: Go workloads built once per session per toolchain."""
 
 from __future__ import annotations
 
-import os
-import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-GOROUTINES = Path(__file__).resolve().parents[1] / "integration" / "workloads" / "goroutines"
+from integration.go_toolchains import BUILD_FLAGS, GoToolchain, available
+
+WORKLOADS = Path(__file__).resolve().parents[1] / "integration" / "workloads"
+GOROUTINES = WORKLOADS / "goroutines"
+TOOLCHAINS = available()
+VARIANTS = tuple(BUILD_FLAGS)  # plain, stripped, pie
+# Compiled packages are kept between sessions (Go's cache is safe to share): building the
+# standard library for 6 toolchains x 3 variants costs minutes, a warm build seconds.
+GO_CACHE = Path(tempfile.gettempdir()) / "stackfleet-gocache"
+
+
+class GoBuilds:
+    """Workload binaries, each built once per session by (workload, toolchain, variant)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._built: dict[tuple[str, str, str], Path] = {}
+
+    def get(self, workload: str | Path, toolchain: GoToolchain, variant: str = "plain") -> Path:
+        """``workload``: a folder name under integration/workloads, or a source folder;
+        ``variant``: one of VARIANTS, or "trimpath" (plain with ``-trimpath``)."""
+        source = WORKLOADS / workload if isinstance(workload, str) else workload
+        key = (str(source), toolchain.version, variant)
+        if key not in self._built:
+            exe = self.out / f"{source.name}-{toolchain.version}-{variant}"
+            base, extra = ("plain", ("-trimpath",)) if variant == "trimpath" else (variant, ())
+            self._built[key] = toolchain.build(source, exe, base, cache=GO_CACHE / toolchain.version, extra=extra)
+        return self._built[key]
 
 
 @pytest.fixture(scope="session")
-def binaries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The goroutine workload built twice: plain, and stripped (``-ldflags=-s -w``)."""
-    out = tmp_path_factory.mktemp("go")
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "cache"), "GOFLAGS": ""}
-    plain, stripped = out / "plain", out / "stripped"
-    subprocess.run(["go", "build", "-o", str(plain), "main.go"], cwd=GOROUTINES, env=env, check=True)
-    subprocess.run(["go", "build", "-ldflags=-s -w", "-o", str(stripped), "main.go"], cwd=GOROUTINES, env=env,
-                   check=True)
-    return plain, stripped
+def go_builds(tmp_path_factory: pytest.TempPathFactory) -> GoBuilds:
+    return GoBuilds(tmp_path_factory.mktemp("go_builds"))
+
+
+@pytest.fixture(scope="session")
+def binaries(go_builds: GoBuilds) -> tuple[Path, Path]:
+    """The goroutine workload of the system ``go`` (Debian's 1.19), plain and stripped."""
+    system = next(t for t in TOOLCHAINS if t.goroot is None)
+    return go_builds.get("goroutines", system, "plain"), go_builds.get("goroutines", system, "stripped")

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from agent.symbols.gopclntab import GoSymbolTable
+from integration.go_toolchains import GoToolchain
+from tests.conftest import TOOLCHAINS, GoBuilds
 
 SOURCE = Path(__file__).resolve().parent / "fixtures" / "go_inline"
 
@@ -46,10 +48,11 @@ def test_compiler_inlines_the_fixture(built: tuple[str, Path, Path]) -> None:
     assert "inlining call to outer" not in decisions  # outer is the real (physical) frame
 
 
-@pytest.mark.parametrize("variant", ["plain", "stripped"])
-def test_inlined_frames_match_runtime_callers_frames(built: tuple[str, Path, Path], variant: str) -> None:
-    _, plain, stripped = built
-    binary = plain if variant == "plain" else stripped
+@pytest.mark.parametrize(("toolchain", "variant"), [pytest.param(t, v, id=f"{t.version}-{v}")
+                                                    for t in TOOLCHAINS for v in ("plain", "stripped")])
+def test_inlined_frames_match_runtime_callers_frames(go_builds: GoBuilds, toolchain: GoToolchain,
+                                                     variant: str) -> None:
+    binary = go_builds.get(SOURCE, toolchain, variant)
     pc, truth = runtime_view(binary)
     physical = [f[0] for f in truth].index("main.outer") + 1
     assert [f[0] for f in truth[:physical]] == ["main.leaf", "main.middle", "main.outer"]

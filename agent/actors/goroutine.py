@@ -2,11 +2,13 @@
 
 Go processes are discovered by a /proc scan every few seconds; each new Go binary gets
 entry uprobes on ``runtime.newproc1`` and ``runtime.goexit1`` (once per binary: a uprobe on
-a file covers every process running it) and each process its ``runtime.g.startpc`` offset
-in the BPF ``go_procs`` map. Creations arrive with the creator's stack; exits are counted
-per start PC in the kernel. Live = created - exited, per (process, start function,
-creation stack); when a start function was created from several stacks, an exit is taken
-from the stack with the most live goroutines.
+a file covers every process running it) and each process its ``runtime.g`` offsets
+(``startpc`` for exits, ``sched.bp`` for creation stacks: bpf/goroutine.bpf.c says why) in
+the BPF ``go_procs`` map. Binaries of a Go release outside the checked range are not probed
+(agent.go_layout.unsupported_reason; counted as ``go_binaries_unsupported``). Creations
+arrive with the creator's stack; exits are counted per start PC in the kernel. Live =
+created - exited, per (process, start function, creation stack); when a start function was
+created from several stacks, an exit is taken from the stack with the most live goroutines.
 
 Reported as a snapshot every flush (profile type ``goroutine``, value = live count, the
 aggregator keeps the latest): the leaf frame is the goroutine's start function, the rest is
@@ -117,6 +119,10 @@ class GoroutineActor(RingBufferActor):
             if info is None:
                 self._remember_not_go(identity)
                 continue
+            if info.unsupported:  # logged once per binary by go_runtime_info; counted once here
+                self.ctx.counters.inc("go_binaries_unsupported", reason=info.unsupported)
+                self._remember_not_go(identity)
+                continue
             self._probe(pid, info, identity)
         for pid in set(self._processes) - alive:
             gone = self._processes.pop(pid)
@@ -173,10 +179,13 @@ class GoroutineActor(RingBufferActor):
                 self._detach(events)  # the half that did attach
                 return
             self._probed_binaries[identity] = events
-        if info.startpc_offset is not None:
-            self.bpf["go_procs"][ctypes.c_uint32(pid)] = ctypes.c_uint32(info.startpc_offset)
-        else:
+        layout = info.g_layout
+        if info.startpc_offset is None:
             self.ctx.counters.inc("go_processes_without_exit_tracking")
+        if layout is not None or info.startpc_offset is not None:
+            procs = self.bpf["go_procs"]
+            procs[ctypes.c_uint32(pid)] = procs.Leaf(info.startpc_offset or 0,
+                                                     layout.sched_bp if layout is not None else 0)
         self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path, identity,
                                           reader=self._reader(pid, info, identity))
         self.ctx.counters.inc("go_processes_probed")

@@ -20,7 +20,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table
+from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.packed_names import PackedNames
 
 log = logging.getLogger("stackfleet.symbols")
@@ -57,7 +57,7 @@ class ElfSymbols:
         ]
         self._starts, self._ends, self._names = _function_symbols(elf)
         self._has_dwarf = elf.get_section_by_name(".debug_line") is not None
-        self._gopclntab = elf.get_section_by_name(".gopclntab")
+        self._gopclntab = pclntab_section(elf)
         self._go_table: GoSymbolTable | None = None
         # Line table as three parallel arrays (address, index into _line_files, line): ~16 B a
         # row where a (file, line) tuple per row cost ~80 B (DWARF-rich libraries have 10^5 rows).

@@ -1,13 +1,14 @@
-"""Go symbolization from ``.gopclntab``, present even in stripped Go binaries.
+"""Go symbolization from the pclntab, present even in stripped Go binaries.
 
 Hand-written because no maintained Python library reads it (pyelftools does not). Layout
 for Go 1.18+ (magic 0xfffffff0; 1.20+ is 0xfffffff1 and adds ``startLine`` to ``_func``),
 all offsets relative to the start of the table:
 
-    header: magic u32, pad u16, minLC u8, ptrSize u8, nfunc, nfiles, textStart,
-            funcnameOffset, cuOffset, filetabOffset, pctabOffset, pclnOffset  (ptrSize each)
+    header: magic u32, pad u16, minLC u8, ptrSize u8, nfunc, nfiles, textStart (0 from
+            Go 1.26: use moduledata.text), funcnameOffset, cuOffset, filetabOffset,
+            pctabOffset, pclnOffset  (ptrSize each)
     functab (at pclnOffset): nfunc+1 pairs (entryOff u32, funcOff u32); entries are
-            relative to textStart, funcOff relative to pclnOffset
+            relative to runtime.text, funcOff relative to pclnOffset
     _func (at pclnOffset+funcOff): entryOff u32, nameOff i32, args i32, deferreturn u32,
             pcsp u32, pcfile u32, pcln u32, npcdata u32, cuOffset u32, [startLine i32 1.20+],
             funcID u8, flag u8, pad u8, nfuncdata u8
@@ -17,7 +18,7 @@ all offsets relative to the start of the table:
             filetabOffset + that.
 
     after _func: pcdata u32[npcdata] (pc-value table offsets), funcdata u32[nfuncdata]
-            (offsets from moduledata.gofunc, the ``go:func.*`` data in .rodata; ~0 = none).
+            (offsets from moduledata.gofunc, the ``go:func.*`` data; ~0 = none).
 
 Inlining (``lookup_inline``), as the runtime's own traceback expands it: PCDATA 2
 (InlTreeIndex) at a PC is the index of the innermost inlined call covering it (-1: none) in
@@ -28,9 +29,10 @@ at that PC. Entry layouts:
     1.18/1.19 (magic ...f0, 20 bytes): parent i16, funcID u8, pad u8, file i32, line i32,
             nameOff i32, parentPc i32
     1.20+     (magic ...f1, 16 bytes): funcID u8, pad 3, nameOff i32, parentPc i32, startLine i32
-``gofunc`` is not in the pclntab: it is read from ``runtime.firstmoduledata`` in .noptrdata,
-found by the pointer to the pclntab it starts with (works on stripped binaries; see
-``find_gofunc``).
+``gofunc`` and ``text`` are not in the pclntab: they are read from ``runtime.firstmoduledata``,
+found by the pointers to the pclntab it starts with (works on stripped and PIE binaries; see
+``find_moduledata``). The format is the same from Go 1.18 to 1.27 (checked against each
+release's runtime/symtab.go and, in tests, against `go tool objdump` of real builds).
 """
 
 from __future__ import annotations
@@ -42,15 +44,23 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import Section, SymbolTableSection
 
 MAGIC_118 = 0xFFFFFFF0
 MAGIC_120 = 0xFFFFFFF1
 PCDATA_INL_TREE_INDEX = 2
 FUNCDATA_INL_TREE = 3
 NO_FUNCDATA = 0xFFFFFFFF
-# Word index of ``gofunc`` in runtime.moduledata (runtime/symtab.go): 1.20 added covctrs/ecovctrs.
+PCLNTAB_SECTIONS = (".gopclntab", ".data.rel.ro.gopclntab")
+MODULEDATA_SECTIONS = (".go.module", ".noptrdata", ".data")
+# Word indexes in runtime.moduledata (runtime/symtab.go): ``text`` has stayed at 22 since
+# Go 1.18; ``gofunc`` moved: 38 in 1.18/1.19, 40 from 1.20 (covctrs, ecovctrs), 43 from 1.27
+# (typedesclen, itaboffset, itabsize). An index is used only where the word before it is
+# ``rodata`` and no other candidate fits (find_moduledata), so a future layout gives no
+# inline expansion, never a wrong one.
+MODULEDATA_MINPC_WORD = 20  # minpc = text + the first function's entry offset: checks ``text``
 MODULEDATA_TEXT_WORD = 22
-MODULEDATA_GOFUNC_WORD = {MAGIC_118: 38, MAGIC_120: 40}
+MODULEDATA_GOFUNC_WORDS = {MAGIC_118: (38,), MAGIC_120: (40, 43)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +79,17 @@ class GoSymbolTable:
     frame, like ``lookup``).
     """
 
-    def __init__(self, data: bytes, gofunc: bytes | None = None) -> None:
+    def __init__(self, data: bytes, gofunc: bytes | None = None, text_start: int | None = None) -> None:
         magic, _pad, self.min_lc, self.ptr_size = struct.unpack_from("<IHBB", data, 0)
         if magic not in (MAGIC_118, MAGIC_120) or self.ptr_size != 8:
             raise ValueError(f"unsupported pclntab (magic {magic:#x}, pointer size {self.ptr_size})")
         self.go120 = magic == MAGIC_120
         fields = struct.unpack_from("<8Q", data, 8)
-        nfunc, _nfiles, self.text_start, funcname, cu, filetab, pctab, pcln = fields
+        nfunc, _nfiles, header_text, funcname, cu, filetab, pctab, pcln = fields
+        # The header's textStart is 0 from Go 1.26 on: callers pass runtime.text (load_go_table).
+        self.text_start = header_text if text_start is None else text_start
+        if not self.text_start:
+            raise ValueError("pclntab text start unknown (header field 0 and none given)")
         self.data = data
         self.funcname_off, self.cu_off, self.filetab_off = funcname, cu, filetab
         self.pctab_off, self.pcln_off = pctab, pcln
@@ -238,44 +252,106 @@ class GoSymbolTable:
         return found
 
 
+def pclntab_section(elf: ELFFile) -> Section | None:
+    """The section holding the pclntab: ``.gopclntab``, or ``.data.rel.ro.gopclntab`` in PIE
+    builds of Go before 1.26 (the linker put it among relocated read-only data there)."""
+    for name in PCLNTAB_SECTIONS:
+        section = elf.get_section_by_name(name)
+        if section is not None and section["sh_type"] == "SHT_PROGBITS":
+            return section
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleData:
+    """The words of ``runtime.firstmoduledata`` this parser needs (runtime/symtab.go)."""
+
+    address: int
+    text: int  # runtime.text: the base of every function entry offset
+    gofunc: int | None  # go:func.*, base of funcdata offsets; None when the layout is unknown
+
+
 def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
-    """The pclntab of ``elf`` with its funcdata area (for inlining), or None for non-Go files."""
-    section = elf.get_section_by_name(".gopclntab")
+    """The pclntab of ``elf`` with its funcdata area (for inlining), or None for non-Go files.
+
+    Function entries are offsets from ``runtime.text``. The header's textStart gives it up to
+    Go 1.25; Go 1.26 stopped filling it (0), so it is read from the module data, else the
+    header's non-zero value, else the ``runtime.text`` symbol. Not the start of ``.text``:
+    with external linking (cgo) the C start-up code comes first, and every name would be
+    shifted; without any of the three the pclntab is refused (ValueError), never guessed."""
+    section = pclntab_section(elf)
     if section is None:
         return None
     data = section.data()
-    gofunc = find_gofunc(elf, section["sh_addr"], data)
+    module = find_moduledata(elf, section["sh_addr"], data)
+    (header_text,) = struct.unpack_from("<Q", data, 24) if len(data) >= 32 else (0,)
+    if module is not None:
+        text_start = module.text
+    elif header_text:
+        text_start = header_text
+    else:
+        text_start = _symbol_value(elf, "runtime.text")
+        if not text_start:
+            raise ValueError("pclntab text start unknown: no module data found, header field 0, no runtime.text")
     funcdata = None
-    if gofunc is not None:
+    if module is not None and module.gofunc is not None:
         for sec in elf.iter_sections():
             start, size = sec["sh_addr"], sec["sh_size"]
-            if sec["sh_type"] == "SHT_PROGBITS" and start <= gofunc < start + size:
-                funcdata = sec.data()[gofunc - start:]
+            if sec["sh_type"] == "SHT_PROGBITS" and start <= module.gofunc < start + size:
+                funcdata = sec.data()[module.gofunc - start:]
                 break
-    return GoSymbolTable(data, funcdata)
+    return GoSymbolTable(data, funcdata, text_start)
 
 
-def find_gofunc(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> int | None:
-    """``runtime.firstmoduledata.gofunc``: moduledata starts with a pointer to the pclntab
-    header and holds ``text`` (checked against the header's textStart) a fixed number of
-    words later. Read from the file, so stripped binaries work too."""
-    magic = struct.unpack_from("<I", pclntab, 0)[0]
-    word = MODULEDATA_GOFUNC_WORD.get(magic)
-    (text_start,) = struct.unpack_from("<Q", pclntab, 24)
-    if word is None:
+def _symbol_value(elf: ELFFile, name: str) -> int:
+    """Value of symbol ``name`` in .symtab (0: none; slow on big tables, used only as a fallback)."""
+    symtab = elf.get_section_by_name(".symtab")
+    if not isinstance(symtab, SymbolTableSection):
+        return 0
+    found = symtab.get_symbol_by_name(name)
+    return int(found[0]["st_value"]) if found else 0
+
+
+def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> ModuleData | None:
+    """``runtime.firstmoduledata``, read from the file so stripped binaries work too.
+
+    It starts with a pointer to the pclntab header followed by the ``funcnametab`` slice,
+    whose data pointer is the header address plus the header's funcnameOffset: both are
+    checked, and ``minpc`` must be ``text`` plus the first function's offset. It sits in
+    ``.go.module`` (Go 1.26+) or ``.noptrdata``; PIE builds by Go's linker keep the link-time
+    addresses in the file (plus R_X86_64_RELATIVE relocations), so the same check works on
+    them. ``gofunc`` is at a word index that moved with the
+    struct (see MODULEDATA_GOFUNC_WORDS); the word before it is always ``rodata``, which must
+    equal the start of ``.rodata``. (``types`` may equal it too, so candidates are per pclntab
+    magic, and an ambiguous fit is not used.)"""
+    if len(pclntab) < 72:
         return None
-    needle = struct.pack("<Q", pclntab_addr)
-    for name in (".noptrdata", ".data"):
+    (funcname_off,) = struct.unpack_from("<Q", pclntab, 32)
+    (pcln_off,) = struct.unpack_from("<Q", pclntab, 64)
+    if pcln_off + 4 > len(pclntab):
+        return None
+    (first_entry,) = struct.unpack_from("<I", pclntab, pcln_off)  # functab[0].entryoff
+    needle = struct.pack("<QQ", pclntab_addr, pclntab_addr + funcname_off)
+    rodata = elf.get_section_by_name(".rodata")
+    rodata_start = rodata["sh_addr"] if rodata is not None else None
+    candidates = MODULEDATA_GOFUNC_WORDS.get(struct.unpack_from("<I", pclntab, 0)[0], ())
+    words_needed = max(candidates, default=MODULEDATA_TEXT_WORD) + 1
+    for name in MODULEDATA_SECTIONS:
         sec = elf.get_section_by_name(name)
-        if sec is None:
+        if sec is None or sec["sh_type"] != "SHT_PROGBITS":
             continue
         data = sec.data()
         pos = data.find(needle)
         while pos >= 0:
-            if pos % 8 == 0 and pos + 8 * (word + 1) <= len(data):
-                words = struct.unpack_from(f"<{word + 1}Q", data, pos)
-                if words[MODULEDATA_TEXT_WORD] == text_start:
-                    return int(words[word])
+            if pos % 8 == 0 and pos + 8 * (MODULEDATA_TEXT_WORD + 1) <= len(data):
+                count = min(words_needed, (len(data) - pos) // 8)
+                words = struct.unpack_from(f"<{count}Q", data, pos)
+                if words[MODULEDATA_MINPC_WORD] != words[MODULEDATA_TEXT_WORD] + first_entry:
+                    pos = data.find(needle, pos + 1)  # not the layout we know: text unproven
+                    continue
+                fits = [words[i] for i in candidates if i < count and words[i - 1] == rodata_start and words[i]]
+                gofunc = fits[0] if len(fits) == 1 else None
+                return ModuleData(sec["sh_addr"] + pos, words[MODULEDATA_TEXT_WORD], gofunc)
             pos = data.find(needle, pos + 1)
     return None
 

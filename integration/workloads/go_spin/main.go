@@ -1,8 +1,11 @@
-// CPU workload for Go symbolization: spins in main.spin for the given seconds. step is
-// small enough for the compiler to inline into spin (inlined frames in CPU stacks).
+// CPU workload for Go symbolization: spins in main.spin for the given seconds, then waits
+// until stdin closes (so a profiler can still read its maps and symbols, however late it
+// gets to its samples). step is small enough for the compiler to inline into spin (inlined
+// frames in CPU stacks).
 package main
 
 import (
+	"io"
 	"os"
 	"strconv"
 	"time"
@@ -26,4 +29,5 @@ func spin(until time.Time) {
 func main() {
 	seconds, _ := strconv.ParseFloat(os.Args[1], 64)
 	spin(time.Now().Add(time.Duration(seconds * float64(time.Second))))
+	_, _ = io.Copy(io.Discard, os.Stdin)
 }
