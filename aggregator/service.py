@@ -34,7 +34,7 @@ from aggregator.transport import AckLedger, defer_redelivery, deferral_id, start
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
-from shared.metrics_server import MetricsServer, parse_address
+from shared.metrics_server import MetricsServer, metrics_registry, parse_address
 from shared.nats_connection import connect_when_available
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT
@@ -131,7 +131,7 @@ async def run_aggregator(
     metrics = None
     if settings.metrics_address:
         mhost, mport = parse_address(settings.metrics_address)
-        metrics = MetricsServer(mhost, mport, lambda: counters.prometheus("stackfleet_aggregator"),
+        metrics = MetricsServer(mhost, mport, metrics_registry(counters, "stackfleet_aggregator"),
                                 lambda: (nc.is_connected, f"nats={nc.is_connected} streams={len(intake.streams)}"))
         await metrics.start()
     web = await _start_web(settings, counters)
