@@ -31,6 +31,7 @@ from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
 from aggregator.transport import AckLedger, defer_redelivery, deferral_id, start_core, start_jetstream
+from aggregator.web.access import WebAccess
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
@@ -174,8 +175,11 @@ async def _start_web(settings: AggregatorSettings, counters: Counters) -> WebSer
         log.warning("web page disabled: it shows the retained exports and there is no output directory")
         return None
     host, port = parse_address(settings.web_address)
+    access = WebAccess(settings.web_token.get_secret_value() if settings.web_token else None, settings.web_user,
+                       settings.web_password.get_secret_value() if settings.web_password else None,
+                       settings.web_tls_cert, settings.web_tls_key)
     web = WebServer(host, port, RetainedExports(settings.output_dir, counters), counters, settings.service_name,
-                    settings.service_version, settings.resource_attributes)
+                    settings.service_version, settings.resource_attributes, access=access)
     try:
         await web.start()
     except OSError as exc:  # port taken: profiling goes on without the page

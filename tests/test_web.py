@@ -20,6 +20,7 @@ from aggregator.otlp import encode_request, validate_request
 from aggregator.otlp_decode import merge_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
+from aggregator.web.access import WebAccess
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
@@ -251,3 +252,89 @@ def test_service_is_the_samples_service_name_else_the_executable() -> None:
     named = AggregatedSample((), 1, 1, "t", "java", 0, (("container.id", "c"), ("service.name", "checkout")), [1])
     plain = AggregatedSample((), 2, 2, "t", "nginx", 0, (), [1])
     assert sample_service(named) == "checkout" and sample_service(plain) == "nginx"
+
+
+# ---- access: token, basic auth, TLS ------------------------------------------------------------
+
+async def _serve(tmp_path: Path, access: WebAccess) -> tuple[WebServer, int]:
+    write_exports(tmp_path / "p", [20])
+    port = free_port()
+    server = WebServer("127.0.0.1", port, RetainedExports(tmp_path / "p"), access=access)
+    await server.start()
+    return server, port
+
+
+async def test_token_guards_the_page_and_the_api(tmp_path: Path) -> None:
+    server, port = await _serve(tmp_path, WebAccess(token="s3cret-token"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/", "/static/app.js", "/api/flamegraph?type=cpu", "/api/download/pprof"):
+                async with http.get(base + path) as r:
+                    assert r.status == 401, path
+            async with http.get(base + "/api/types", headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+            async with http.get(base + "/api/flamegraph", headers={"Authorization": "Bearer s3cret-token"}) as r:
+                assert r.status == 200 and (await r.json())["total"] == 2 * 3 * SAMPLE
+        # A browser: the link with the token sets a cookie and drops the token from the URL.
+        # (aiohttp keeps cookies of IP-address hosts only when "unsafe"; browsers keep them)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            async with browser.get(base + "/?type=cpu&token=s3cret-token") as r:
+                assert r.status == 200 and "d3-flamegraph" in await r.text()
+                assert [str(h.url) for h in r.history] == [base + "/?type=cpu&token=s3cret-token"]
+                assert r.url.query == {"type": "cpu"}
+                cookie = r.history[0].cookies["stackfleet_token"]
+                assert cookie["httponly"] and cookie["samesite"] == "Strict"
+            async with browser.get(base + "/api/hosts") as r:  # the cookie alone admits
+                assert r.status == 200 and (await r.json())["hosts"] == ["web-1", "web-2"]
+        async with aiohttp.ClientSession() as stranger, stranger.get(base + "/?token=guess") as r:
+            assert r.status == 401
+    finally:
+        await server.close()
+
+
+def basic(user: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_basic_auth(tmp_path: Path) -> None:
+    server, port = await _serve(tmp_path, WebAccess(user="ops", password="pa:ss"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/") as r:
+                assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic ")
+            async with http.get(base + "/", headers={"Authorization": basic("ops", "wrong")}) as r:
+                assert r.status == 401
+            async with http.get(base + "/api/types", headers={"Authorization": basic("ops", "pa:ss")}) as r:
+                assert r.status == 200
+    finally:
+        await server.close()
+    with pytest.raises(ValueError, match="user and a password"):
+        WebAccess(user="ops")
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server, port = await _serve(tmp_path, WebAccess(token="t", tls_cert=cert, tls_key=key))
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"https://127.0.0.1:{port}/api/types", ssl=trusting,
+                                headers={"Authorization": "Bearer t"}) as r:
+                assert r.status == 200 and r.url.scheme == "https"
+            async with http.get(f"https://127.0.0.1:{port}/api/types", ssl=trusting) as r:
+                assert r.status == 401
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not trusted: refused by the client
+                await http.get(f"https://127.0.0.1:{port}/")
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP is not served
+                await http.get(f"http://127.0.0.1:{port}/api/types", headers={"Authorization": "Bearer t"})
+    finally:
+        await server.close()

@@ -34,6 +34,7 @@ from aggregator.exporters.pprof import encode_pprof
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
+from aggregator.web.access import WebAccess
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.profile_types import PROFILE_TYPES, ProfileType
@@ -50,8 +51,10 @@ class WebServer:
 
     def __init__(self, host: str, port: int, store: RetainedExports, counters: Counters | None = None,
                  service_name: str = "stackfleet", service_version: str = "",
-                 resource_attributes: dict[str, str] | None = None, max_concurrent: int = 2) -> None:
+                 resource_attributes: dict[str, str] | None = None, max_concurrent: int = 2,
+                 access: WebAccess | None = None) -> None:
         self.host, self.port = host, port
+        self.access = access or WebAccess()
         self.store = store
         self.counters = counters or Counters()
         self.service_name, self.service_version = service_name, service_version
@@ -60,7 +63,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self.access.middleware, self._errors])
         app.router.add_get("/", self._index)
         app.router.add_static("/static/", STATIC_DIR)
         app.router.add_get("/api/types", self._types)
@@ -73,8 +76,12 @@ class WebServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        log.info("web page at http://%s:%d/ (retained exports in %s)", self.host, self.port, self.store.directory)
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.access.ssl_context()).start()
+        log.info("web page at %s://%s:%d/ (retained exports in %s)", self.access.scheme, self.host, self.port,
+                 self.store.directory)
+        if not self.access.protected and not _loopback(self.host):
+            log.warning("the web page on %s has no authentication: set web_token or web_user/web_password "
+                        "(and web_tls_cert/web_tls_key), see the README", self.host)
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -157,6 +164,10 @@ class WebServer:
         self.counters.inc("web_downloads")
         return web.Response(body=body, content_type=content_type,
                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _gzipped_pprof(fleet: FleetProfiles, ptype: ProfileType) -> bytes:
