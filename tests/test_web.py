@@ -219,6 +219,12 @@ async def test_api_and_downloads_over_http(tmp_path: Path) -> None:
             async with http.get(base + "/api/flamegraph", params={"compare_since": "2h", "compare_until": "1h"}) as r:
                 diff = await r.json()
             assert diff["compare"]["exports"] == 0 and diff["tree"]["delta"] == diff["total"]
+            async with http.get(base + "/api/flamegraph", params={"type": "cpu"}) as r:
+                cpu = await r.json()
+            assert cpu["top"][0] == {"name": "main", "self": 0, "total": 2 * 2 * 2 * SAMPLE}
+            async with http.get(base + "/api/timeline", params={"type": "cpu", "host": "web-1"}) as r:
+                line = await r.json()
+            assert [p["value"] for p in line["points"]] == [3 * SAMPLE] * 2 and line["unit"] == "nanoseconds"
             async with http.get(base + "/api/flamegraph", params={"type": "bogus"}) as r:
                 assert r.status == 400 and "unknown profile type" in (await r.json())["error"]
             async with http.get(base + "/api/download/pprof", params={"type": "cpu", "host": "web-1"}) as r:
@@ -338,3 +344,44 @@ async def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
                 await http.get(f"http://127.0.0.1:{port}/api/types", headers={"Authorization": "Bearer t"})
     finally:
         await server.close()
+
+
+# ---- the top table and the timeline --------------------------------------------------------
+
+def test_top_functions_self_and_total() -> None:
+    from aggregator.web.summaries import top_functions
+    from tests.test_otlp import frame
+
+    f = fleet()  # per host: leaf<-main twice, schedule once
+    recursive = f.hosts[("web-1", ProfileType.CPU)]
+    recursive.add((frame("walk", 4, 0x7F40), frame("walk", 4, 0x7F48), frame("main", 9, 0x7F20)), 10, 11, "w",
+                  "app", 0, (), (7,), 8_000)
+    rows = {r["name"]: (r["self"], r["total"]) for r in top_functions(f, cpu_query())}
+    assert rows == {"leaf": (4 * SAMPLE, 4 * SAMPLE), "main": (0, 4 * SAMPLE + 7),
+                    "schedule": (2 * SAMPLE, 2 * SAMPLE), "walk": (7, 7)}  # walk counted once in its total
+    tree = q.flamegraph(f, cpu_query())
+    assert sum(s for s, _ in rows.values()) == tree["value"]  # every sample has a leaf
+    assert [r["name"] for r in top_functions(f, cpu_query(), limit=2)] == ["main", "leaf"]  # by total
+    nowhere = cpu_query(hosts=frozenset({"nowhere"}))
+    assert top_functions(q.filter_fleet(f, nowhere), nowhere) == []  # the view's filtered samples only
+
+
+def test_timeline_buckets_follow_the_exports(tmp_path: Path) -> None:
+    from aggregator.web.summaries import timeline
+
+    write_exports(tmp_path, [40, 30, 20])
+    store = RetainedExports(tmp_path)
+    query = cpu_query()
+    points = timeline(store, query)
+    ends = [e.end_ns for e in store.list(query.since_ns, query.until_ns)]
+    assert [(s, e) for s, e, _ in points] == [(query.since_ns, ends[0]), (ends[0], ends[1]), (ends[1], ends[2])]
+    assert [v for _, _, v in points] == [2 * 3 * SAMPLE] * 3  # per export: 2 hosts x 3 samples
+    assert [v for _, _, v in timeline(store, cpu_query(hosts=frozenset({"web-1"})))] == [3 * SAMPLE] * 3
+    # Narrowing the range to the last two exports: what the page's drag does.
+    narrow = cpu_query(since_ns=ends[0] + 1, until_ns=ends[2])
+    assert sum(v for _, _, v in timeline(store, narrow)) == q.flamegraph(q.load_fleet(store, narrow)[0], narrow)[
+        "value"] == 2 * 2 * 3 * SAMPLE
+    few = timeline(store, query, max_points=2)  # more exports than points: even buckets, values add up
+    assert len(few) == 2 and few[0][0] == query.since_ns and few[-1][1] >= query.until_ns
+    assert sum(v for _, _, v in few) == 3 * 2 * 3 * SAMPLE
+    assert timeline(store, cpu_query(since_ns=0, until_ns=1)) == []

@@ -9,7 +9,8 @@ Routes:
   GET /static/...             its JS/CSS and the vendored d3 + d3-flame-graph builds
   GET /api/types              profile types, value columns and units, which have data in range
   GET /api/hosts              hosts, services (executable names) and processes in range
-  GET /api/flamegraph         the flame-graph tree of one view
+  GET /api/flamegraph         the flame-graph tree of one view, and its top-functions table
+  GET /api/timeline           the view's value over its range (buckets), for the range selector
   GET /api/download/pprof     the same view as gzipped pprof (profile.proto)
   GET /api/download/otlp      the same view as an OTLP ExportProfilesServiceRequest
 Views take ``type``, ``host`` (repeatable or comma separated), ``service``, ``pid``,
@@ -34,6 +35,7 @@ from aggregator.exporters.pprof import encode_pprof
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
+from aggregator.web import summaries
 from aggregator.web.access import WebAccess
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
@@ -69,6 +71,7 @@ class WebServer:
         app.router.add_get("/api/types", self._types)
         app.router.add_get("/api/hosts", self._hosts)
         app.router.add_get("/api/flamegraph", self._flamegraph)
+        app.router.add_get("/api/timeline", self._timeline)
         app.router.add_get("/api/download/pprof", self._download_pprof)
         app.router.add_get("/api/download/otlp", self._download_otlp)
         return app
@@ -128,10 +131,11 @@ class WebServer:
         baseline = q.comparison(request.query.get, lambda k: request.query.getall(k, []), query)
         fleet, exports = await self._in_thread(q.load_fleet, self.store, query)
         tree = await self._in_thread(q.flamegraph, fleet, query)
+        top = await self._in_thread(summaries.top_functions, fleet, query)
         value_type = PROFILE_TYPES[query.profile_type].sample_types[query.column]
         body = {"type": query.profile_type.value, "value": value_type.type, "unit": value_type.unit,
                 "since_ns": query.since_ns, "until_ns": query.until_ns, "exports": exports,
-                "total": tree["value"], "tree": tree}
+                "total": tree["value"], "tree": tree, "top": top}
         if baseline is not None:
             base_fleet, base_exports = await self._in_thread(q.load_fleet, self.store, baseline)
             base_tree = await self._in_thread(q.flamegraph, base_fleet, baseline, 0.0)
@@ -140,6 +144,13 @@ class WebServer:
                                "hosts": sorted(baseline.hosts), "exports": base_exports, "total": base_tree["value"]}
         self.counters.inc("web_requests", result="ok")
         return web.json_response(body)
+
+    async def _timeline(self, request: web.Request) -> web.Response:
+        query = self._query(request)
+        buckets = await self._in_thread(summaries.timeline, self.store, query)
+        value_type = PROFILE_TYPES[query.profile_type].sample_types[query.column]
+        return web.json_response({"since_ns": query.since_ns, "until_ns": query.until_ns, "unit": value_type.unit,
+                                  "points": [{"start_ns": s, "end_ns": e, "value": v} for s, e, v in buckets]})
 
     async def _download_pprof(self, request: web.Request) -> web.Response:
         query = self._query(request)
