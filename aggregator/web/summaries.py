@@ -60,7 +60,9 @@ def timeline(store: RetainedExports, query: q.ProfileQuery,
     span = max(query.until_ns - query.since_ns, 1)
     ends = sorted({e.end_ns for e in exports})  # replicas' exports may share an end
     if len(ends) <= max_points:
-        edges = [query.since_ns, *ends]
+        # the first export's interval is taken to be as long as the next one's (its start is not stored)
+        first = ends[0] - (ends[1] - ends[0]) if len(ends) > 1 else query.since_ns
+        edges = [max(query.since_ns, first), *ends]
         index = {end: i for i, end in enumerate(ends)}
         bucket_of = [index[e.end_ns] for e in exports]
     else:
