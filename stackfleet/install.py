@@ -167,7 +167,9 @@ class Manifest:
         self.mkdir(path.parent)
         if not path.exists():
             self.created.append(str(path))
-        path.write_text(text)
+        # Created with its mode (an env file may hold credentials), then the mode of an existing one.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+            f.write(text)
         path.chmod(mode)
 
     def save(self) -> None:
@@ -248,6 +250,7 @@ def install(component: str, nats_url: str, layout: Layout, wheel: Path | None = 
     manifest_path = layout.manifest(component)
     manifest = Manifest.load(manifest_path) if manifest_path.exists() else Manifest(manifest_path)
     manifest.mkdir(layout.prefix)
+    manifest.save()  # from here on, --uninstall can clean up even if a later step fails
     if not (layout.venv / "bin" / "python").exists():
         print(f"creating {layout.venv} on {python} (with the system's site-packages, for bcc)")
         _run([str(python), "-m", "venv", "--system-site-packages", str(layout.venv)], "creating the venv")

@@ -172,3 +172,15 @@ def test_uninstall_hands_shared_files_to_the_other_component(tmp_path: Path) -> 
         assert not layout.unit(first).exists() and layout.unit(second).exists()
         uninstall(second, layout, keep_data=True)
         assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["etc", "etc/operator-notes"]
+
+
+def test_a_failed_install_can_be_uninstalled(tmp_path: Path) -> None:
+    """A step that fails (here: no wheel) after the venv exists leaves a manifest that uninstall follows."""
+    from stackfleet.install import InstallError, Layout, install, uninstall
+
+    layout = Layout(tmp_path / "opt/sf", tmp_path / "etc/sf", tmp_path / "units")
+    with pytest.raises(InstallError, match="no wheel at"):
+        install("aggregator", "nats://x:4222", layout, wheel=tmp_path / "missing.whl", start=False, check=False)
+    assert (layout.venv / "bin" / "python").exists()
+    uninstall("aggregator", layout, keep_data=True)
+    assert list(tmp_path.iterdir()) == []
