@@ -175,9 +175,14 @@ async def _start_web(settings: AggregatorSettings, counters: Counters) -> WebSer
         log.warning("web page disabled: it shows the retained exports and there is no output directory")
         return None
     host, port = parse_address(settings.web_address)
-    access = WebAccess(settings.web_token.get_secret_value() if settings.web_token else None, settings.web_user,
-                       settings.web_password.get_secret_value() if settings.web_password else None,
-                       settings.web_tls_cert, settings.web_tls_key)
+    try:
+        access = WebAccess(settings.web_token.get_secret_value() if settings.web_token else None, settings.web_user,
+                           settings.web_password.get_secret_value() if settings.web_password else None,
+                           settings.web_tls_cert, settings.web_tls_key)
+    except ValueError as exc:  # half an auth or TLS setting: the page stays closed, profiling goes on
+        counters.inc("web_start_errors")
+        log.error("web page not started: %s", exc)
+        return None
     web = WebServer(host, port, RetainedExports(settings.output_dir, counters), counters, settings.service_name,
                     settings.service_version, settings.resource_attributes, access=access)
     try:

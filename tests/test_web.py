@@ -390,3 +390,16 @@ def test_timeline_buckets_follow_the_exports(tmp_path: Path) -> None:
     assert len(few) == 2 and few[0][0] == query.since_ns and few[-1][1] >= query.until_ns
     assert sum(v for _, _, v in few) == 3 * 2 * 3 * SAMPLE
     assert timeline(store, cpu_query(since_ns=0, until_ns=1)) == []
+
+
+async def test_a_broken_access_setting_keeps_the_page_closed(tmp_path: Path) -> None:
+    from aggregator.service import _start_web
+    from aggregator.settings import AggregatorSettings
+
+    counters = Counters()
+    half_auth = AggregatorSettings(output_dir=tmp_path, web_address=f"127.0.0.1:{free_port()}", web_user="ops")
+    assert await _start_web(half_auth, counters) is None
+    missing_cert = AggregatorSettings(output_dir=tmp_path, web_address=f"127.0.0.1:{free_port()}",
+                                      web_tls_cert=tmp_path / "no.pem", web_tls_key=tmp_path / "no.key")
+    assert await _start_web(missing_cert, counters) is None
+    assert counters.get("web_start_errors") == 2
