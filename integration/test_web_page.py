@@ -106,6 +106,14 @@ def table(driver: Any) -> list[tuple[str, int, int]]:
     return [(str(n), int(s), int(t)) for n, s, t in rows]
 
 
+def timeline_bars(driver: Any) -> list[tuple[float, float, int]]:
+    """The timeline's bars: x and width in pixels, and the value each stands for."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#timeline .bars rect')).map(r => "
+        "[Number(r.getAttribute('x')), Number(r.getAttribute('width')), Number(r.dataset.value)]);")
+    return [(float(x), float(w), int(v)) for x, w, v in rows]
+
+
 def drag_on_timeline(driver: Any, from_fraction: float, to_fraction: float) -> None:
     """Press at one fraction of the timeline's width, release at another (selenium offsets are from the centre)."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -121,7 +129,7 @@ def drag_on_timeline(driver: Any, from_fraction: float, to_fraction: float) -> N
 def drive_page(base: str, shots: Path, workload_s: tuple[float, float]) -> dict[str, Any]:
     """Everything a person would do on the page; blocking (runs in a thread, off the server's loop).
 
-    ``workload_s`` is when the workload ran (unix seconds): the timeline's drag selects part of it.
+    ``workload_s`` is when the workload ran (unix seconds): the timeline's range starts before it.
     """
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
@@ -190,18 +198,21 @@ def drive_page(base: str, shots: Path, workload_s: tuple[float, float]) -> dict[
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
 
-        # The timeline of a shared link's absolute range around the workload: a drag over the
-        # workload's first half selects it, and the graph's and the table's totals follow.
-        started, ended = workload_s
-        driver.get(f"{base}/?type=cpu&service=cpu_chain&since={started - 5:.0f}&until={time.time() + 2:.0f}")
+        # The timeline of a shared link's absolute range around the workload: a drag over the first
+        # half of the exports that hold cpu_chain's samples (on a loaded machine they may be exported
+        # well after the workload ran) selects them, and the graph's and the table's totals follow.
+        driver.get(f"{base}/?type=cpu&service=cpu_chain&since={workload_s[0] - 5:.0f}&until={time.time() + 2:.0f}")
         wait.until(lambda d: status_total(d) > 0 and d.find_elements(By.CSS_SELECTOR, "#timeline .brush .overlay")
                    and "hot_leaf" in [row[0] for row in table(d)])
         seen["range_total"] = status_total(driver)
         seen["range_hot_leaf"] = next(row for row in table(driver) if row[0] == "hot_leaf")
-        svg = driver.find_element(By.CSS_SELECTOR, "#timeline svg")
-        since_ns, until_ns = int(svg.get_attribute("data-since-ns")), int(svg.get_attribute("data-until-ns"))
-        middle = ((started + ended) / 2 * 1e9 - since_ns) / (until_ns - since_ns)
-        drag_on_timeline(driver, 0.01, middle)
+        bars = [bar for bar in timeline_bars(driver) if bar[2] > 0]
+        assert len(bars) >= 2, f"cpu_chain's samples in fewer than two exports: {bars}"
+        # From the middle of the first such bar to the middle of the one after the first half:
+        # the exports ending inside (first half) count, the rest do not.
+        width = float(driver.find_element(By.CSS_SELECTOR, "#timeline .brush .overlay").get_attribute("width"))
+        after_half = bars[len(bars) // 2]
+        drag_on_timeline(driver, (bars[0][0] + bars[0][1] / 2) / width, (after_half[0] + after_half[1] / 2) / width)
         wait.until(lambda d: "selected" in d.find_element(By.ID, "selection").text
                    and status_total(d) != seen["range_total"])
         seen["selected_total"] = status_total(driver)
@@ -328,7 +339,7 @@ def test_web_page_shows_the_hot_function(tmp_path: Path) -> None:
     assert len(totals) > 3 and totals == sorted(totals, reverse=True), seen["top_by_total"][:8]
     assert [t for _, _, t in seen["top_by_total_ascending"]] == sorted(totals)
     assert seen["focused_fill"].upper() == HIGHLIGHT
-    # The timeline's drag over the workload's first half: less than the whole range, not nothing,
+    # The timeline's drag over the first half of cpu_chain's exports: less than the whole range, not nothing,
     # and exactly the API's total for the selected range; the table's hot_leaf follows.
     whole, part = seen["range_total"], seen["selected_total"]
     assert 0 < part < whole and part == seen["selected_api_total"], (part, whole, seen["selected_api_total"])

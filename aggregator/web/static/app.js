@@ -209,6 +209,7 @@ function drawTimeline(data) {
     .attr("width", (p) => Math.max(1, x(p.end_ns / 1e6) - x(p.start_ns / 1e6)))
     .attr("y", (p) => y(p.value))
     .attr("height", (p) => height - y(p.value))
+    .attr("data-value", (p) => p.value)
     .append("title").text((p) => `${new Date(p.end_ns / 1e6).toLocaleTimeString()}: ${formatValue(p.value, data.unit)}`);
   svg.append("g").attr("class", "axis").attr("transform", `translate(0,${height})`)
     .call(d3.axisBottom(x).ticks(Math.max(2, Math.floor(width / 110))));
