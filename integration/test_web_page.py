@@ -407,6 +407,7 @@ def test_page_with_a_thousand_hosts(tmp_path: Path) -> None:
         driver.get(f"http://127.0.0.1:{port}/?type=cpu&since=15m")
         wait.until(lambda d: status_total(d) == all_hosts)
         assert len(driver.find_elements(By.CSS_SELECTOR, "#host-options option")) == HOSTS
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#pid-options option")) == HOSTS  # one process each
         # The top table: hot first by self; sorting by total puts main (the caller of both) first.
         assert table(driver)[0] == ("hot", 3 * all_hosts // 4, 3 * all_hosts // 4)
         driver.find_element(By.CSS_SELECTOR, '#top th[data-key="total"]').click()
@@ -437,6 +438,12 @@ def test_page_with_a_thousand_hosts(tmp_path: Path) -> None:
         wait.until(lambda d: status_total(d) == 2 * all_hosts // HOSTS)
         driver.find_element(By.CSS_SELECTOR, '#host-chips [data-host="host-0999"]').click()  # remove one
         wait.until(lambda d: status_total(d) == all_hosts // HOSTS)
+        # the process picker suggests the chosen host's processes; choosing one filters by its pid
+        assert [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#pid-options option")] \
+            == ["10 app on host-0007"]
+        driver.find_element(By.ID, "pid").send_keys("10 app on host-0007", Keys.ENTER)
+        wait.until(lambda d: "pid=10" in d.current_url)
+        assert status_total(driver) == all_hosts // HOSTS
 
         # The timeline: six bars; a drag over the last part selects it, and totals follow.
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#timeline .bars rect")) == 6)

@@ -20,6 +20,7 @@ let viewTotal = 0;
 let topSort = { key: "self", descending: true };
 let focused = null;          // the function clicked in the table: highlighted (exact name) and zoomed to
 const TOP_ROWS_SHOWN = 300;  // more rows than this are reached by searching
+const PROCESS_SUGGESTIONS = 2000;
 
 // ---- values in the profile type's unit -------------------------------------------------
 function formatValue(v, unit) {
@@ -50,7 +51,8 @@ function selectedPid() {
   const text = $("pid").value.trim();
   if (!text) return "";
   if (processes.has(text)) return String(processes.get(text));
-  return /^\d+$/.test(text) ? text : "";
+  const pid = /^(\d+)(\s|$)/.exec(text);  // a typed pid, or a suggestion's label (it starts with the pid)
+  return pid ? pid[1] : "";
 }
 
 // The range of the range picker (what the timeline shows).
@@ -147,14 +149,18 @@ async function loadPickers() {
   hostNames = new Set(labels.hosts);
   fillList($("host-options"), labels.hosts);
   fillList($("service-options"), labels.services);
-  processes = new Map(labels.processes.map((pr) => [`${pr.pid} ${pr.name} on ${pr.host}`, pr.pid]));
-  fillList($("pid-options"), [...processes.keys()]);
   if (fromUrl) {
     setHostChips(fromUrl.hosts);
     $("service").value = fromUrl.service;
     $("pid").value = fromUrl.pid;
     fromUrl = null;
   }
+  // A fleet has far more processes than hosts: suggest those of the chosen hosts, at most
+  // PROCESS_SUGGESTIONS of them (a pid can always be typed).
+  const chosen = new Set(selectedHosts());
+  processes = new Map(labels.processes.filter((pr) => !chosen.size || chosen.has(pr.host))
+    .slice(0, PROCESS_SUGGESTIONS).map((pr) => [`${pr.pid} ${pr.name} on ${pr.host}`, pr.pid]));
+  fillList($("pid-options"), [...processes.keys()]);
 }
 
 async function loadTimeline() {
