@@ -2,7 +2,7 @@
 
 Run with Debian's ``/usr/bin/python3`` (the interpreter that has bcc), before any venv exists,
 so this module uses the standard library only. From a checkout: ``scripts/stackfleet-install``;
-from a wheel alone: ``PYTHONPATH=stackfleet-X-py3-none-any.whl python3 -m stackfleet.install``
+from a wheel alone: ``sudo env PYTHONPATH=stackfleet-X-py3-none-any.whl python3 -m stackfleet.install``
 (the wheel then installs itself).
 
 Install: checks the machine (for the agent: root, bcc, the BPF syscall, tracefs, kernel
