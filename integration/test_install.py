@@ -1,7 +1,8 @@
 """The operator's install path, end to end: wheel -> stackfleet-install -> running -> uninstall.
 
 The wheel is built from the checkout's files (tracked and new, not ignored ones); the
-installer (scripts/stackfleet-install, on Debian's python3) puts the agent and the aggregator
+installer (on Debian's python3: scripts/stackfleet-install for the agent, the wheel alone as
+``python3 -m stackfleet.install`` for the aggregator) puts the agent and the aggregator
 into a temporary prefix with their units and configuration in temporary directories. systemd
 is not PID 1 here, so the units are checked with ``systemd-analyze verify`` against that
 prefix and the installed executables are run directly, with the environment and config file
@@ -112,9 +113,14 @@ def test_install_run_uninstall(tmp_path: Path) -> None:
     units = root / "etc/systemd/system"
 
     with NatsServer() as nats:
-        for component in ("agent", "aggregator"):
-            out = subprocess.run([str(INSTALLER), component, "--nats", nats.url, "--wheel", str(wheel), "--no-start",
-                                  *layout], capture_output=True, text=True, timeout=600)
+        # The agent from the checkout's installer script, the aggregator with the wheel alone
+        # (the installer module runs from inside the wheel and installs that wheel).
+        from_checkout = [str(INSTALLER), "agent", "--wheel", str(wheel)]
+        from_wheel = ["/usr/bin/python3", "-m", "stackfleet.install", "aggregator"]
+        wheel_env = {**os.environ, "PYTHONPATH": str(wheel)}
+        for command, env in ((from_checkout, None), (from_wheel, wheel_env)):
+            out = subprocess.run([*command, "--nats", nats.url, "--no-start", *layout], capture_output=True, text=True,
+                                 timeout=600, env=env, cwd=tmp_path)
             assert out.returncode == 0, out.stdout + out.stderr
             assert f"installed stackfleet {version}" in out.stdout, out.stdout
         assert subprocess.run([str(venv_bin / "stackfleet"), "--version"], capture_output=True, text=True,
