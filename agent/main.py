@@ -19,7 +19,7 @@ from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer
 from shared.counters import Counters
-from shared.metrics_server import MetricsServer, parse_address
+from shared.metrics_server import MetricsServer, metrics_registry, parse_address
 from shared.profile_types import ProfileType
 
 log = logging.getLogger("stackfleet.agent")
@@ -73,7 +73,7 @@ async def run_agent(
             ok = all(v == "running" for v in states.values()) and publisher.connected
             return ok, " ".join(f"{k}={v}" for k, v in states.items()) + f" nats={publisher.connected}"
 
-        metrics = MetricsServer(host, port, lambda: counters.prometheus("stackfleet_agent"), health)
+        metrics = MetricsServer(host, port, metrics_registry(counters, "stackfleet_agent"), health)
         await metrics.start()
     log.info("agent on %s: profiling %s at %d Hz", settings.host_name,
              ",".join(t.value for t in settings.types), settings.frequency_hz)

@@ -31,10 +31,11 @@ from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
 from aggregator.transport import AckLedger, defer_redelivery, deferral_id, start_core, start_jetstream
+from aggregator.web.access import WebAccess
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
-from shared.metrics_server import MetricsServer, parse_address
+from shared.metrics_server import MetricsServer, metrics_registry, parse_address
 from shared.nats_connection import connect_when_available
 from shared.profile_types import ProfileType
 from shared.subjects import RESYNC_SUBJECT
@@ -135,7 +136,7 @@ async def run_aggregator(
     metrics = None
     if settings.metrics_address:
         mhost, mport = parse_address(settings.metrics_address)
-        metrics = MetricsServer(mhost, mport, lambda: counters.prometheus("stackfleet_aggregator"),
+        metrics = MetricsServer(mhost, mport, metrics_registry(counters, "stackfleet_aggregator"),
                                 lambda: (nc.is_connected, f"nats={nc.is_connected} streams={len(intake.streams)}"))
         await metrics.start()
     web = await _start_web(settings, counters)
@@ -178,8 +179,16 @@ async def _start_web(settings: AggregatorSettings, counters: Counters) -> WebSer
         log.warning("web page disabled: it shows the retained exports and there is no output directory")
         return None
     host, port = parse_address(settings.web_address)
+    try:
+        access = WebAccess(settings.web_token.get_secret_value() if settings.web_token else None, settings.web_user,
+                           settings.web_password.get_secret_value() if settings.web_password else None,
+                           settings.web_tls_cert, settings.web_tls_key)
+    except ValueError as exc:  # half an auth or TLS setting: the page stays closed, profiling goes on
+        counters.inc("web_start_errors")
+        log.error("web page not started: %s", exc)
+        return None
     web = WebServer(host, port, RetainedExports(settings.output_dir, counters), counters, settings.service_name,
-                    settings.service_version, settings.resource_attributes)
+                    settings.service_version, settings.resource_attributes, access=access)
     try:
         await web.start()
     except OSError as exc:  # port taken: profiling goes on without the page

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.config_file import file_source
@@ -63,6 +63,12 @@ class AggregatorSettings(BaseSettings):
     retention_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
     # "host:port" of the web page (flame graphs of the retained exports); "" disables.
     web_address: str = "127.0.0.1:4040"
+    # Access to the page (aggregator/web/access.py): a token, and/or basic auth, and TLS (PEM files).
+    web_token: SecretStr | None = None
+    web_user: str | None = None
+    web_password: SecretStr | None = None
+    web_tls_cert: Path | None = None
+    web_tls_key: Path | None = None
     queue_group: str = "stackfleet-aggregators"
     # "host:port" for /metrics and /healthz; None disables.
     metrics_address: str | None = None

@@ -193,7 +193,7 @@ def _metrics(port: int) -> str | None:
 def _counter(port: int, name: str) -> float:
     """Sum of one aggregator counter over its labels (0 when absent or unreachable)."""
     text = _metrics(port) or ""
-    prefix = f"stackfleet_aggregator_{name}"
+    prefix = f"stackfleet_aggregator_{name}_total"
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(prefix) and line[len(prefix):len(prefix) + 1] in ("{", " "))
 

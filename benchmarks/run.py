@@ -80,7 +80,7 @@ def wait_all_actors(metrics_port: int, types: str, started: float, timeout_s: fl
     Compiling a program costs seconds of CPU; the steady-state measurement must not start
     while a later actor is still compiling (on a loaded machine that takes tens of seconds).
     """
-    wanted = {f'stackfleet_agent_actor_started{{type="{t}"}}' for t in types.split(",")}
+    wanted = {f'stackfleet_agent_actor_started_total{{type="{t}"}}' for t in types.split(",")}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

@@ -67,7 +67,7 @@ def unwind_metrics(port: int) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("stackfleet_agent_unwind"):
             name, value = line.rsplit(" ", 1)
-            out[name.removeprefix("stackfleet_agent_")] = float(value)
+            out[name.removeprefix("stackfleet_agent_").removesuffix("_total")] = float(value)
     return out
 
 

@@ -52,7 +52,7 @@ def _agent_env(cluster: NatsCluster) -> dict[str, str]:
 def _attached(address: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{address}:{METRICS_PORT}/metrics", timeout=2) as r:
-            return 'actor_started{type="cpu"}' in r.read().decode()
+            return 'actor_started_total{type="cpu"}' in r.read().decode()
     except OSError:
         return False
 

@@ -78,7 +78,7 @@ async def _wait_attached(agent: subprocess.Popen[bytes], port: int, timeout_s: f
             raise AssertionError(f"agent exited with {agent.returncode}:\n{out[-3000:]}")
         with contextlib.suppress(OSError):
             text = await asyncio.to_thread(_metrics, port)
-            if all(f'actor_started{{type="{t}"}}' in text for t in TYPES):
+            if all(f'actor_started_total{{type="{t}"}}' in text for t in TYPES):
                 return text
         await asyncio.sleep(0.5)
     raise AssertionError(f"actors not attached within {timeout_s}s; metrics:\n{text}")

@@ -1,7 +1,7 @@
 """Named event counters: every drop, error and retry is counted somewhere a person can see.
 
-Deliberately tiny: a dict of ints with optional label tuples, cheap on hot paths, rendered
-as Prometheus text by the metrics endpoints and logged periodically.
+Deliberately tiny: a dict of ints with optional label tuples, cheap on hot paths, read
+by the metrics endpoints (shared/metrics_server.py) and logged periodically.
 """
 
 from __future__ import annotations
@@ -39,16 +39,7 @@ class Counters:
             out[f"{name}{{{suffix}}}" if suffix else name] = value
         return out
 
-    def prometheus(self, prefix: str) -> str:
-        """Prometheus text exposition of all counters."""
+    def series(self) -> list[tuple[str, tuple[tuple[str, str], ...], int]]:
+        """Every series as (name, sorted labels, value), sorted; for the metrics endpoint."""
         with self._lock:
-            items = sorted(self._values.items())
-        lines = []
-        for (name, labels), value in items:
-            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-            lines.append(f"{prefix}_{name}{{{label_text}}} {value}" if label_text else f"{prefix}_{name} {value}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            return sorted((name, labels, value) for (name, labels), value in self._values.items())

@@ -1,7 +1,11 @@
-"""A tiny HTTP endpoint for ``/metrics`` (Prometheus text) and ``/healthz``.
+"""The ``/metrics`` (Prometheus text, rendered by prometheus-client) and ``/healthz`` endpoint.
 
-Hand-written on asyncio streams on purpose: two GET routes do not justify a web framework
-in the agent (which runs on every host), and it keeps everything on the one event loop.
+The exposition format comes from prometheus-client: every stackfleet counter becomes a
+``counter`` family ``<namespace>_<name>_total`` with HELP and TYPE lines, and the library's
+process collector adds ``process_*`` (CPU seconds, resident memory, open file descriptors).
+The HTTP side stays on asyncio streams on purpose: two GET routes do not justify a web
+framework in the agent (which runs on every host), and it keeps the endpoint on the one
+event loop (prometheus-client's own server would add a thread).
 """
 
 from __future__ import annotations
@@ -9,18 +13,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-log = logging.getLogger("stackfleet.metrics")
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from shared.counters import Counters
+
+log = logging.getLogger(__name__)
+
+
+class CountersCollector(Collector):
+    """Presents a :class:`Counters` as Prometheus counter families, read at each scrape."""
+
+    def __init__(self, counters: Counters, namespace: str) -> None:
+        self.counters = counters
+        self.namespace = namespace
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for name, labels, value in self.counters.series():
+            family = families.get(name)
+            if family is None:
+                full = f"{self.namespace}_{name}"
+                # One counter may be incremented with different label sets (e.g. with and
+                # without ``reason``): samples are added one by one, not through a fixed label list.
+                family = families[name] = Metric(full, f"stackfleet counter {name.replace('_', ' ')}", "counter")
+            family.add_sample(f"{family.name}_total", dict(labels), float(value))
+        yield from families.values()
+
+
+def metrics_registry(counters: Counters, namespace: str) -> CollectorRegistry:
+    """A registry with the counters and the process metrics (its own, not the library's global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CountersCollector(counters, namespace))
+    ProcessCollector(registry=registry)
+    return registry
 
 
 class MetricsServer:
-    """Serves ``render_metrics()`` at /metrics and ``health()`` (ok, detail) at /healthz."""
+    """Serves ``registry`` at /metrics and ``health()`` (ok, detail) at /healthz."""
 
-    def __init__(self, host: str, port: int, render_metrics: Callable[[], str],
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  health: Callable[[], tuple[bool, str]]) -> None:
         self.host, self.port = host, port
-        self.render_metrics = render_metrics
+        self.registry = registry
         self.health = health
         self._server: asyncio.AbstractServer | None = None
 
@@ -41,13 +79,14 @@ class MetricsServer:
             first = request.split(b"\r\n", 1)[0].decode("latin-1").split()
             path = first[1] if len(first) >= 2 else "/"
             if path.startswith("/metrics"):
-                status, body, ctype = "200 OK", self.render_metrics(), "text/plain; version=0.0.4"
+                # generate_latest reads /proc/self (a few small files): cheap enough for the loop.
+                status, data, ctype = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
             elif path.startswith("/healthz"):
                 ok, detail = self.health()
-                status, body, ctype = ("200 OK" if ok else "503 Service Unavailable"), detail + "\n", "text/plain"
+                status = "200 OK" if ok else "503 Service Unavailable"
+                data, ctype = (detail + "\n").encode(), "text/plain"
             else:
-                status, body, ctype = "404 Not Found", "not found\n", "text/plain"
-            data = body.encode()
+                status, data, ctype = "404 Not Found", b"not found\n", "text/plain"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + data)
             await writer.drain()

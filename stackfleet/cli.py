@@ -29,6 +29,22 @@ WebOpt = Annotated[str | None, typer.Option(
 TypesOpt = Annotated[str | None, typer.Option(help="profile types, comma separated (cpu,wall,lock,heap,goroutine)")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from stackfleet.version import installed_version
+
+        typer.echo(f"stackfleet {installed_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="print the installed version and exit",
+                                          callback=_print_version, is_eager=True)] = False,
+) -> None:
+    """stackfleet: eBPF continuous profiler for a fleet of Linux hosts."""
+
+
 def _overrides(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 

@@ -94,3 +94,93 @@ def test_kubernetes_manifests_have_what_the_agent_needs() -> None:
     assert docs["ClusterRoleBinding"]["roleRef"]["name"] == docs["ClusterRole"]["metadata"]["name"]
     agg = docs["Deployment"]["spec"]["template"]["spec"]
     assert agg["securityContext"]["runAsNonRoot"] is True
+
+
+# ---- the installer (stackfleet/install.py); the whole path runs in integration/test_install.py ----
+
+def _ready_machine(root: Path) -> Path:
+    """A file tree with everything the agent checks for."""
+    import platform
+
+    (root / "sys/kernel/tracing/events").mkdir(parents=True)
+    (root / "lib/modules" / platform.release() / "build/include").mkdir(parents=True)
+    (root / "sys/kernel/btf").mkdir(parents=True)
+    (root / "sys/kernel/btf/vmlinux").write_bytes(b"BTF")
+    return root
+
+
+def test_install_checks_name_each_missing_kernel_feature(tmp_path: Path) -> None:
+    from stackfleet.install import agent_problems
+
+    root = _ready_machine(tmp_path)
+    assert agent_problems(root) == []  # and this machine's real bpf() and /usr/bin/python3 with bcc
+    (root / "sys/kernel/tracing/events").rmdir()
+    (root / "sys/kernel/btf/vmlinux").unlink()
+    shutil.rmtree(root / "lib/modules")
+    problems = agent_problems(root, bpf_error=lambda: "Operation not permitted",
+                              python=Path("/nonexistent/python3"))
+    assert len(problems) == 5, problems
+    assert "bpf() syscall fails (Operation not permitted)" in problems[0]
+    assert "mount -t tracefs nodev /sys/kernel/tracing" in problems[1]
+    assert "apt-get install linux-headers-" in problems[2]
+    assert "CONFIG_DEBUG_INFO_BTF" in problems[3]
+    assert "apt-get install python3 python3-venv" in problems[4]
+
+
+def test_install_checks_an_interpreter_without_bcc(tmp_path: Path) -> None:
+    from stackfleet.install import agent_problems, aggregator_problems
+
+    python = Path(sys.base_prefix) / "bin" / "python3"  # this interpreter without the venv's packages
+    no_bcc = tmp_path / "python3"
+    no_bcc.write_text(f"#!/bin/sh\nexec {python} -I -S \"$@\"\n")  # -S: no site-packages, so no bcc
+    no_bcc.chmod(0o755)
+    (problem,) = agent_problems(_ready_machine(tmp_path / "root"), python=no_bcc)
+    assert "cannot import venv, ensurepip, bcc" in problem and "python3-bpfcc" in problem
+    assert aggregator_problems(python=no_bcc) == []  # the aggregator needs no bcc
+
+
+def test_units_render_for_a_prefix() -> None:
+    from stackfleet.install import Layout, render_unit
+
+    layout = Layout(Path("/srv/sf"), Path("/srv/conf"), Path("/run/units"))
+    text = render_unit((DEPLOY / "systemd" / "stackfleet-agent.service").read_text(), layout)
+    assert "ExecStart=/srv/sf/.venv/bin/stackfleet agent" in text
+    assert "EnvironmentFile=-/srv/conf/agent.env" in text and "STACKFLEET_CONFIG=/srv/conf/stackfleet.toml" in text
+    assert "/opt/stackfleet" not in text and "/etc/stackfleet" not in text
+
+
+def test_uninstall_hands_shared_files_to_the_other_component(tmp_path: Path) -> None:
+    """Both components installed, removed in either order: nothing stays, nothing foreign goes."""
+    from stackfleet.install import CONFIG_FILE_TEXT, Layout, Manifest, uninstall
+
+    for first, second in (("agent", "aggregator"), ("aggregator", "agent")):
+        root = tmp_path / first
+        (root / "etc").mkdir(parents=True)
+        (root / "etc/operator-notes").write_text("not ours")
+        layout = Layout(root / "opt/sf", root / "etc/sf", root / "etc/units")
+        for component in (first, second):  # what install() records, without pip
+            manifest = Manifest(layout.manifest(component))
+            manifest.mkdir(layout.venv / "bin")
+            manifest.write(layout.config_dir / f"{component}.env", "STACKFLEET_NATS__URL=nats://x:4222\n", 0o600)
+            if not (layout.config_dir / "stackfleet.toml").exists():
+                manifest.write(layout.config_dir / "stackfleet.toml", CONFIG_FILE_TEXT)
+                manifest.config_file_text = CONFIG_FILE_TEXT
+            manifest.write(layout.unit(component), "[Unit]\n")
+            manifest.save()
+        uninstall(first, layout, keep_data=True)
+        assert (layout.config_dir / "stackfleet.toml").exists() and layout.venv.exists()
+        assert not layout.unit(first).exists() and layout.unit(second).exists()
+        uninstall(second, layout, keep_data=True)
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["etc", "etc/operator-notes"]
+
+
+def test_a_failed_install_can_be_uninstalled(tmp_path: Path) -> None:
+    """A step that fails (here: no wheel) after the venv exists leaves a manifest that uninstall follows."""
+    from stackfleet.install import InstallError, Layout, install, uninstall
+
+    layout = Layout(tmp_path / "opt/sf", tmp_path / "etc/sf", tmp_path / "units")
+    with pytest.raises(InstallError, match="no wheel at"):
+        install("aggregator", "nats://x:4222", layout, wheel=tmp_path / "missing.whl", start=False, check=False)
+    assert (layout.venv / "bin" / "python").exists()
+    uninstall("aggregator", layout, keep_data=True)
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ from aggregator.otlp import encode_request, validate_request
 from aggregator.otlp_decode import merge_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
+from aggregator.web.access import WebAccess
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
@@ -218,6 +219,15 @@ async def test_api_and_downloads_over_http(tmp_path: Path) -> None:
             async with http.get(base + "/api/flamegraph", params={"compare_since": "2h", "compare_until": "1h"}) as r:
                 diff = await r.json()
             assert diff["compare"]["exports"] == 0 and diff["tree"]["delta"] == diff["total"]
+            async with http.get(base + "/api/flamegraph", params={"type": "cpu"}) as r:
+                cpu = await r.json()
+            assert cpu["top"][:2] == [{"name": "leaf", "self": 8 * SAMPLE, "total": 8 * SAMPLE},  # ties by name
+                                      {"name": "main", "self": 0, "total": 8 * SAMPLE}]
+            async with http.get(base + "/api/timeline", params={"type": "cpu", "host": "web-1"}) as r:
+                line = await r.json()
+            # two good exports, then the damaged one of 5 s ago: its interval has no value
+            assert [p["value"] for p in line["points"]] == [3 * SAMPLE, 3 * SAMPLE, 0]
+            assert line["unit"] == "nanoseconds"
             async with http.get(base + "/api/flamegraph", params={"type": "bogus"}) as r:
                 assert r.status == 400 and "unknown profile type" in (await r.json())["error"]
             async with http.get(base + "/api/download/pprof", params={"type": "cpu", "host": "web-1"}) as r:
@@ -251,3 +261,145 @@ def test_service_is_the_samples_service_name_else_the_executable() -> None:
     named = AggregatedSample((), 1, 1, "t", "java", 0, (("container.id", "c"), ("service.name", "checkout")), [1])
     plain = AggregatedSample((), 2, 2, "t", "nginx", 0, (), [1])
     assert sample_service(named) == "checkout" and sample_service(plain) == "nginx"
+
+
+# ---- access: token, basic auth, TLS ------------------------------------------------------------
+
+async def _serve(tmp_path: Path, access: WebAccess) -> tuple[WebServer, int]:
+    write_exports(tmp_path / "p", [20])
+    port = free_port()
+    server = WebServer("127.0.0.1", port, RetainedExports(tmp_path / "p"), access=access)
+    await server.start()
+    return server, port
+
+
+async def test_token_guards_the_page_and_the_api(tmp_path: Path) -> None:
+    server, port = await _serve(tmp_path, WebAccess(token="s3cret-token"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/", "/static/app.js", "/api/flamegraph?type=cpu", "/api/download/pprof"):
+                async with http.get(base + path) as r:
+                    assert r.status == 401, path
+            async with http.get(base + "/api/types", headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+            async with http.get(base + "/api/flamegraph", headers={"Authorization": "Bearer s3cret-token"}) as r:
+                assert r.status == 200 and (await r.json())["total"] == 2 * 3 * SAMPLE
+        # A browser: the link with the token sets a cookie and drops the token from the URL.
+        # (aiohttp keeps cookies of IP-address hosts only when "unsafe"; browsers keep them)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            async with browser.get(base + "/?type=cpu&token=s3cret-token") as r:
+                assert r.status == 200 and "d3-flamegraph" in await r.text()
+                assert [str(h.url) for h in r.history] == [base + "/?type=cpu&token=s3cret-token"]
+                assert r.url.query == {"type": "cpu"}
+                cookie = r.history[0].cookies["stackfleet_token"]
+                assert cookie["httponly"] and cookie["samesite"] == "Strict"
+            async with browser.get(base + "/api/hosts") as r:  # the cookie alone admits
+                assert r.status == 200 and (await r.json())["hosts"] == ["web-1", "web-2"]
+        async with aiohttp.ClientSession() as stranger, stranger.get(base + "/?token=guess") as r:
+            assert r.status == 401
+    finally:
+        await server.close()
+
+
+def basic(user: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_basic_auth(tmp_path: Path) -> None:
+    server, port = await _serve(tmp_path, WebAccess(user="ops", password="pa:ss"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/") as r:
+                assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic ")
+            async with http.get(base + "/", headers={"Authorization": basic("ops", "wrong")}) as r:
+                assert r.status == 401
+            async with http.get(base + "/api/types", headers={"Authorization": basic("ops", "pa:ss")}) as r:
+                assert r.status == 200
+    finally:
+        await server.close()
+    with pytest.raises(ValueError, match="user and a password"):
+        WebAccess(user="ops")
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server, port = await _serve(tmp_path, WebAccess(token="t", tls_cert=cert, tls_key=key))
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"https://127.0.0.1:{port}/api/types", ssl=trusting,
+                                headers={"Authorization": "Bearer t"}) as r:
+                assert r.status == 200 and r.url.scheme == "https"
+            async with http.get(f"https://127.0.0.1:{port}/api/types", ssl=trusting) as r:
+                assert r.status == 401
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not trusted: refused by the client
+                await http.get(f"https://127.0.0.1:{port}/")
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP is not served
+                await http.get(f"http://127.0.0.1:{port}/api/types", headers={"Authorization": "Bearer t"})
+    finally:
+        await server.close()
+
+
+# ---- the top table and the timeline --------------------------------------------------------
+
+def test_top_functions_self_and_total() -> None:
+    from aggregator.web.summaries import top_functions
+    from tests.test_otlp import frame
+
+    f = fleet()  # per host: leaf<-main twice, schedule once
+    recursive = f.hosts[("web-1", ProfileType.CPU)]
+    recursive.add((frame("walk", 4, 0x7F40), frame("walk", 4, 0x7F48), frame("main", 9, 0x7F20)), 10, 11, "w",
+                  "app", 0, (), (7,), 8_000)
+    rows = {r["name"]: (r["self"], r["total"]) for r in top_functions(f, cpu_query())}
+    assert rows == {"leaf": (4 * SAMPLE, 4 * SAMPLE), "main": (0, 4 * SAMPLE + 7),
+                    "schedule": (2 * SAMPLE, 2 * SAMPLE), "walk": (7, 7)}  # walk counted once in its total
+    tree = q.flamegraph(f, cpu_query())
+    assert sum(s for s, _ in rows.values()) == tree["value"]  # every sample has a leaf
+    assert [r["name"] for r in top_functions(f, cpu_query(), limit=2)] == ["main", "leaf"]  # by total
+    nowhere = cpu_query(hosts=frozenset({"nowhere"}))
+    assert top_functions(q.filter_fleet(f, nowhere), nowhere) == []  # the view's filtered samples only
+
+
+def test_timeline_buckets_follow_the_exports(tmp_path: Path) -> None:
+    from aggregator.web.summaries import timeline
+
+    write_exports(tmp_path, [40, 30, 20])
+    store = RetainedExports(tmp_path)
+    query = cpu_query()
+    points = timeline(store, query)
+    ends = [e.end_ns for e in store.list(query.since_ns, query.until_ns)]
+    # the first interval is as long as the next (an export's start is not in its name)
+    first = ends[0] - (ends[1] - ends[0])
+    assert [(s, e) for s, e, _ in points] == [(first, ends[0]), (ends[0], ends[1]), (ends[1], ends[2])]
+    assert [v for _, _, v in points] == [2 * 3 * SAMPLE] * 3  # per export: 2 hosts x 3 samples
+    assert [v for _, _, v in timeline(store, cpu_query(hosts=frozenset({"web-1"})))] == [3 * SAMPLE] * 3
+    # Narrowing the range to the last two exports: what the page's drag does.
+    narrow = cpu_query(since_ns=ends[0] + 1, until_ns=ends[2])
+    assert sum(v for _, _, v in timeline(store, narrow)) == q.flamegraph(q.load_fleet(store, narrow)[0], narrow)[
+        "value"] == 2 * 2 * 3 * SAMPLE
+    few = timeline(store, query, max_points=2)  # more exports than points: even buckets, values add up
+    assert len(few) == 2 and few[0][0] == query.since_ns and few[-1][1] >= query.until_ns
+    assert sum(v for _, _, v in few) == 3 * 2 * 3 * SAMPLE
+    assert timeline(store, cpu_query(since_ns=0, until_ns=1)) == []
+
+
+async def test_a_broken_access_setting_keeps_the_page_closed(tmp_path: Path) -> None:
+    from aggregator.service import _start_web
+    from aggregator.settings import AggregatorSettings
+
+    counters = Counters()
+    half_auth = AggregatorSettings(output_dir=tmp_path, web_address=f"127.0.0.1:{free_port()}", web_user="ops")
+    assert await _start_web(half_auth, counters) is None
+    missing_cert = AggregatorSettings(output_dir=tmp_path, web_address=f"127.0.0.1:{free_port()}",
+                                      web_tls_cert=tmp_path / "no.pem", web_tls_key=tmp_path / "no.key")
+    assert await _start_web(missing_cert, counters) is None
+    assert counters.get("web_start_errors") == 2

@@ -9,7 +9,8 @@ Routes:
   GET /static/...             its JS/CSS and the vendored d3 + d3-flame-graph builds
   GET /api/types              profile types, value columns and units, which have data in range
   GET /api/hosts              hosts, services (executable names) and processes in range
-  GET /api/flamegraph         the flame-graph tree of one view
+  GET /api/flamegraph         the flame-graph tree of one view, and its top-functions table
+  GET /api/timeline           the view's value over its range (buckets), for the range selector
   GET /api/download/pprof     the same view as gzipped pprof (profile.proto)
   GET /api/download/otlp      the same view as an OTLP ExportProfilesServiceRequest
 Views take ``type``, ``host`` (repeatable or comma separated), ``service``, ``pid``,
@@ -34,6 +35,8 @@ from aggregator.exporters.pprof import encode_pprof
 from aggregator.otlp import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
+from aggregator.web import summaries
+from aggregator.web.access import WebAccess
 from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.profile_types import PROFILE_TYPES, ProfileType
@@ -50,8 +53,10 @@ class WebServer:
 
     def __init__(self, host: str, port: int, store: RetainedExports, counters: Counters | None = None,
                  service_name: str = "stackfleet", service_version: str = "",
-                 resource_attributes: dict[str, str] | None = None, max_concurrent: int = 2) -> None:
+                 resource_attributes: dict[str, str] | None = None, max_concurrent: int = 2,
+                 access: WebAccess | None = None) -> None:
         self.host, self.port = host, port
+        self.access = access or WebAccess()
         self.store = store
         self.counters = counters or Counters()
         self.service_name, self.service_version = service_name, service_version
@@ -60,12 +65,13 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self.access.middleware, self._errors])
         app.router.add_get("/", self._index)
         app.router.add_static("/static/", STATIC_DIR)
         app.router.add_get("/api/types", self._types)
         app.router.add_get("/api/hosts", self._hosts)
         app.router.add_get("/api/flamegraph", self._flamegraph)
+        app.router.add_get("/api/timeline", self._timeline)
         app.router.add_get("/api/download/pprof", self._download_pprof)
         app.router.add_get("/api/download/otlp", self._download_otlp)
         return app
@@ -73,8 +79,12 @@ class WebServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        log.info("web page at http://%s:%d/ (retained exports in %s)", self.host, self.port, self.store.directory)
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.access.ssl_context()).start()
+        log.info("web page at %s://%s:%d/ (retained exports in %s)", self.access.scheme, self.host, self.port,
+                 self.store.directory)
+        if not self.access.protected and not _loopback(self.host):
+            log.warning("the web page on %s has no authentication: set web_token or web_user/web_password "
+                        "(and web_tls_cert/web_tls_key), see the README", self.host)
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -121,10 +131,11 @@ class WebServer:
         baseline = q.comparison(request.query.get, lambda k: request.query.getall(k, []), query)
         fleet, exports = await self._in_thread(q.load_fleet, self.store, query)
         tree = await self._in_thread(q.flamegraph, fleet, query)
+        top = await self._in_thread(summaries.top_functions, fleet, query)
         value_type = PROFILE_TYPES[query.profile_type].sample_types[query.column]
         body = {"type": query.profile_type.value, "value": value_type.type, "unit": value_type.unit,
                 "since_ns": query.since_ns, "until_ns": query.until_ns, "exports": exports,
-                "total": tree["value"], "tree": tree}
+                "total": tree["value"], "tree": tree, "top": top}
         if baseline is not None:
             base_fleet, base_exports = await self._in_thread(q.load_fleet, self.store, baseline)
             base_tree = await self._in_thread(q.flamegraph, base_fleet, baseline, 0.0)
@@ -133,6 +144,13 @@ class WebServer:
                                "hosts": sorted(baseline.hosts), "exports": base_exports, "total": base_tree["value"]}
         self.counters.inc("web_requests", result="ok")
         return web.json_response(body)
+
+    async def _timeline(self, request: web.Request) -> web.Response:
+        query = self._query(request)
+        buckets = await self._in_thread(summaries.timeline, self.store, query)
+        value_type = PROFILE_TYPES[query.profile_type].sample_types[query.column]
+        return web.json_response({"since_ns": query.since_ns, "until_ns": query.until_ns, "unit": value_type.unit,
+                                  "points": [{"start_ns": s, "end_ns": e, "value": v} for s, e, v in buckets]})
 
     async def _download_pprof(self, request: web.Request) -> web.Response:
         query = self._query(request)
@@ -157,6 +175,10 @@ class WebServer:
         self.counters.inc("web_downloads")
         return web.Response(body=body, content_type=content_type,
                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _gzipped_pprof(fleet: FleetProfiles, ptype: ProfileType) -> bytes:
