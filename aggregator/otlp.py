@@ -52,6 +52,7 @@ from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from shared.model import INTERPRETED_FRAME_TYPES as _INTERPRETED
 from shared.model import KERNEL_FILENAME, Frame, inline_runs
 from shared.profile_types import PROFILE_TYPES, ProfileType
+from shared.version import installed_version
 
 SCOPE_NAME = "stackfleet"
 
@@ -84,12 +85,7 @@ UNKNOWN_KERNEL_FILE_ID = "fffffffffffffffdfffffffffffffffd"
 
 def profiler_version() -> str:
     """The installed stackfleet distribution's version (what ``stackfleet --version`` says)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("stackfleet")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
+    return installed_version()
 
 
 class DictionaryBuilder:

@@ -31,7 +31,7 @@ TypesOpt = Annotated[str | None, typer.Option(help="profile types, comma separat
 
 def _print_version(value: bool) -> None:
     if value:
-        from stackfleet.version import installed_version
+        from shared.version import installed_version
 
         typer.echo(f"stackfleet {installed_version()}")
         raise typer.Exit()
