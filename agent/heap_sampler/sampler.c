@@ -52,7 +52,7 @@ void stackfleet_heap_sampled_free(void *addr);
 
 #if defined(__x86_64__)
 /* Written in assembly so that the probed instruction is a nop5 (see the header comment). */
-__asm__(".text\n"
+__asm__(".pushsection .text\n"
         ".globl stackfleet_heap_sampled_alloc\n"
         ".type stackfleet_heap_sampled_alloc, @function\n"
         "stackfleet_heap_sampled_alloc:\n"
@@ -64,7 +64,8 @@ __asm__(".text\n"
         "stackfleet_heap_sampled_free:\n"
         "    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
         "    ret\n"
-        ".size stackfleet_heap_sampled_free, .-stackfleet_heap_sampled_free\n");
+        ".size stackfleet_heap_sampled_free, .-stackfleet_heap_sampled_free\n"
+        ".popsection\n");
 #else
 EXPORT __attribute__((noinline, noipa)) void stackfleet_heap_sampled_alloc(void *addr, size_t size, size_t mean_bytes)
 {

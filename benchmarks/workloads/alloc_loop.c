@@ -1,5 +1,8 @@
 /* Allocation-heavy micro workload: waits for a line on stdin, then times N malloc/free
- * pairs of mixed sizes (16 B .. 2 KiB) and prints
+ * pairs of mixed sizes (16 B .. 2 KiB), each followed by WORK steps of a dependent
+ * multiply chain (the rest of a program: 0 makes a loop that does nothing but allocate),
+ *   alloc_loop N [WORK]
+ * and prints
  *   "ns_per_pair <wall> cpu_ns_per_pair <thread cpu> sampled <n>"
  * The thread's CPU time includes the time spent in uprobe handlers (they run in the thread's
  * context) but not time the thread waited for a CPU, which on a busy machine is most of the
@@ -25,6 +28,8 @@ static double ns_between(struct timespec a, struct timespec b)
 int main(int argc, char **argv)
 {
     long n = argc > 1 ? atol(argv[1]) : 2000000;
+    long work = argc > 2 ? atol(argv[2]) : 0;
+    unsigned long long acc = 1;
     char line[16];
     printf("ready\n");
     fflush(stdout);
@@ -40,7 +45,10 @@ int main(int argc, char **argv)
         p[0] = 1;
         sink += p[0];
         free(p);
+        for (long k = 0; k < work; k++)
+            acc = acc * 6364136223846793005ULL + 1442695040888963407ULL;
     }
+    sink += acc;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cb);
     clock_gettime(CLOCK_MONOTONIC, &b);
     long long sampled = -1;
