@@ -1,7 +1,7 @@
 /* Heap workload with a known answer. After "go" on stdin:
  *  - keep_alive() allocates 64 MiB in 4096 blocks of 16 KiB and keeps them;
  *  - churn() allocates and frees at once ROUNDS x 64 blocks of sizes 64 B .. 16 KiB,
- *    counting the bytes itself, pausing 1 ms every 10 rounds (the sampled mode's records then
+ *    counting the bytes itself, pausing 5 ms every 10 rounds (the sampled mode's records then
  *    come at a pace the agent's ring buffer absorbs, as in a program that does other work).
  * Prints "churn_bytes <n>" and then waits for "exit" (the live set stays live until then). */
 #include <stdio.h>
@@ -38,7 +38,7 @@ __attribute__((noinline)) unsigned long long churn(int rounds)
             bytes += size;
         }
         if (r % 10 == 9)
-            usleep(1000);
+            usleep(5000);
     }
     return bytes;
 }
