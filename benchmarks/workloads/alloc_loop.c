@@ -3,10 +3,13 @@
  * multiply chain (the rest of a program: 0 makes a loop that does nothing but allocate),
  *   alloc_loop N [WORK]
  * and prints
- *   "ns_per_pair <wall> cpu_ns_per_pair <thread cpu> sampled <n>"
+ *   "ns_per_pair <wall> cpu_ns_per_pair <thread cpu> sampled <n> probe_byte <b>"
  * The thread's CPU time includes the time spent in uprobe handlers (they run in the thread's
  * context) but not time the thread waited for a CPU, which on a busy machine is most of the
- * noise. <n> is the number of allocations the heap sampler library sampled (-1 without it). */
+ * noise. <n> is the number of allocations the heap sampler library sampled (-1 without it);
+ * <b> the first byte of its probe function as the process sees it: 15 (0x0f, the nop5) when
+ * no uprobe is on it, 204 (int3) or 232 (call, an optimized uprobe) when one is; -1 without
+ * the library. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdint.h>
@@ -52,12 +55,17 @@ int main(int argc, char **argv)
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cb);
     clock_gettime(CLOCK_MONOTONIC, &b);
     long long sampled = -1;
+    int probe_byte = -1;
+    const unsigned char *probe = (const unsigned char *)dlsym(RTLD_DEFAULT, "stackfleet_heap_sampled_alloc");
+    if (probe)
+        probe_byte = probe[0];
     void (*stats)(struct sampler_stats *) = (void (*)(struct sampler_stats *))dlsym(RTLD_DEFAULT, "stackfleet_heap_stats");
     if (stats) {
         struct sampler_stats s;
         stats(&s);
         sampled = (long long)s.sampled_allocs;
     }
-    printf("ns_per_pair %.1f cpu_ns_per_pair %.1f sampled %lld\n", ns_between(a, b) / n, ns_between(ca, cb) / n, sampled);
+    printf("ns_per_pair %.1f cpu_ns_per_pair %.1f sampled %lld probe_byte %d\n", ns_between(a, b) / n,
+           ns_between(ca, cb) / n, sampled, probe_byte);
     return 0;
 }
