@@ -59,6 +59,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     wait_s: float = 0.0  # the precise mode's selector scan must probe the process first
     runs: list[Run] = field(default_factory=list)
+    agent_cpu_s: float = 0.0  # the agent's CPU time while this configuration's runs ran
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
@@ -74,6 +75,12 @@ def timed(config: Config, work: int) -> Run:
     out, _ = proc.communicate("go\n")
     words = out.split()
     return Run(float(words[1]), float(words[3]), int(words[5]), int(words[7]))
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def calibrate(exe: Path) -> int:
@@ -120,7 +127,10 @@ def main() -> int:
                 ]
                 for _ in range(args.rounds):
                     for config in configs:
+                        before = process_cpu_s(agent.pid)
                         config.runs.append(timed(config, work))
+                        time.sleep(1.0)  # the agent's flush of this run's records
+                        config.agent_cpu_s += process_cpu_s(agent.pid) - before
                 check_probes(configs)
                 loops[loop] = (work, configs)
         finally:
@@ -165,9 +175,13 @@ def report(loops: dict[str, tuple[int, list[Config]]], args: argparse.Namespace)
         sampled_slowdown = configs[2].median("cpu_ns") / base_cpu - 1
         per_sample = ((configs[2].median("cpu_ns") - configs[1].median("cpu_ns")) * configs[2].calls
                       / max(1.0, statistics.median(r.sampled for r in configs[2].runs)))
+        samples = sum(r.sampled for r in configs[2].runs)
+        agent_per_sample = (configs[2].agent_cpu_s - configs[0].agent_cpu_s) / max(1, samples)
         print(f"  per sample (alloc + free probes, beyond the library): {per_sample / 1e3:.2f} us;"
               f" sampled-mode target < 5% slowdown: {'met' if sampled_slowdown < 0.05 else 'NOT met'}")
-        out["loops"][loop] = {"work": work, "per_sample_us": per_sample / 1e3, "modes": rows}  # type: ignore[index]
+        print(f"  agent CPU per sample (sampled runs minus unprofiled runs): {agent_per_sample * 1e6:.0f} us")
+        out["loops"][loop] = {"work": work, "per_sample_us": per_sample / 1e3,  # type: ignore[index]
+                              "agent_us_per_sample": agent_per_sample * 1e6, "modes": rows}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
 

@@ -249,6 +249,10 @@ class HeapActor(RingBufferActor):
             proc = self._new_sampled_process(ev.pid)
             if proc is None:
                 return
+        # The probe is called from the library's slow path, which keeps a frame pointer: the
+        # frames a stack-copy scan could recover between the two are the library's own, dropped
+        # anyway. Without the copy the symbolized stack is also cached by its raw addresses.
+        ev.stack_copy = b""
         frames = _without_sampler_frames(self.frames(ev))
         weight = sample_weight(ev.value, proc.sample_bytes)
         if ev.aux not in proc.live:
