@@ -41,6 +41,7 @@ from typing import Any
 
 from agent.actors.base import RingBufferActor
 from agent.actors.goroutine import attach_go_probe
+from agent.bpf_events import RawStackEvent
 from agent.bpf_loader import BCC_LOCK
 from agent.go_runtime import go_runtime_info
 from agent.heap_sampler import is_sampler_library
@@ -238,7 +239,7 @@ class HeapActor(RingBufferActor):
         return self._report()
 
     # -- sampled mode -----------------------------------------------------------------------------
-    def _sampled_event(self, ev: Any) -> None:
+    def _sampled_event(self, ev: RawStackEvent) -> None:
         """A record from the sampler library's probes: kind 3 a sampled allocation, 4 its free."""
         proc = self._sampled.get(ev.pid)
         if ev.kind == 4:

@@ -7,7 +7,8 @@ built (attached at once, so services started with it are covered from their firs
 allocation) and a scan of the maps of processes not seen before (libraries installed
 elsewhere, or inside containers, reached through ``/proc/PID/root``).
 
-Runs on the symbolization thread (the heap actor's only caller); attaching takes ``BCC_LOCK``.
+Scans run on the symbolization thread, where the heap actor handles its records; attaching
+takes ``BCC_LOCK`` (the first attach runs while the program loads, with the lock held).
 """
 
 from __future__ import annotations
