@@ -1,6 +1,14 @@
-/* Heap profile: sampled native allocations and their frees, via uprobes on libc.
+/* Heap profile: sampled native allocations and their frees.
  *
- * Sampling is byte-based and geometric like tcmalloc's and Go's: each thread counts down
+ * Two modes (agent/actors/heap.py chooses per process):
+ *  - sampled: the preload library agent/heap_sampler/ samples in the process and calls a
+ *    no-op function for each sampled allocation and each free of a sampled block; the
+ *    uprobes on those two functions (on_sampled_alloc/on_sampled_free, end of this file)
+ *    only record. Unsampled calls never trap.
+ *  - precise: uprobes on libc's allocation functions themselves trap on every call and sample
+ *    here (everything down to the Go probe below). For processes selected explicitly only.
+ *
+ * Precise-mode sampling is byte-based and geometric like tcmalloc's and Go's: each thread counts down
  * the bytes until its next sample; the next distance is drawn from an exponential
  * distribution with mean SAMPLE_BYTES using `neg_log_table` (-ln(u) x mean for 1024 values of
  * u, filled by the agent: no floating point in BPF). Small and large allocations are both
@@ -9,7 +17,9 @@
  * return probe (which sees the address), they get a stack and enter `live`. A free of an
  * unsampled address costs one hash lookup. Uretprobes are fine here: this is libc, not Go.
  * Kinds: 0 = sampled allocation (value = size, aux = address), 1 = free of a sampled address,
- * 2 = sampled Go allocation (no address: Go allocations are sampled at runtime.mallocgc).
+ * 2 = sampled Go allocation (no address: Go allocations are sampled at runtime.mallocgc),
+ * 3 = allocation sampled by the preload library (value = size, aux = address; its mean
+ * sampling distance is in `sampler_mean` under the tgid), 4 = free of a block of kind 3.
  */
 #include <uapi/linux/ptrace.h>
 #include "stack_event.h"
@@ -69,15 +79,9 @@ int on_calloc(struct pt_regs *ctx) { account(PT_REGS_PARM1(ctx) * PT_REGS_PARM2(
 int on_aligned(struct pt_regs *ctx) { account(PT_REGS_PARM2(ctx), 0); return 0; } /* memalign, aligned_alloc */
 int on_posix_memalign(struct pt_regs *ctx) { account(PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx)); return 0; }
 
-static __always_inline void record_free(void *ctx, u64 addr)
+/* A record without stacks (frees): the header fields only. */
+static __always_inline void submit_stackless(u32 kind, u64 value, u64 aux)
 {
-    if (!addr)
-        return;
-    u64 *size = live.lookup(&addr);
-    if (!size)
-        return;
-    u64 freed = *size;
-    live.delete(&addr);
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
         add(1, 1);
@@ -93,10 +97,23 @@ static __always_inline void record_free(void *ctx, u64 addr)
     ev->copy_len = 0;
     ev->py_count = 0;
     ev->py_status = 0;
-    ev->value = freed;
-    ev->aux = addr;
-    ev->kind = 1;
+    ev->comm[0] = 0;
+    ev->value = value;
+    ev->aux = aux;
+    ev->kind = kind;
     events.ringbuf_submit(ev, ring_wakeup_flag());
+}
+
+static __always_inline void record_free(void *ctx, u64 addr)
+{
+    if (!addr)
+        return;
+    u64 *size = live.lookup(&addr);
+    if (!size)
+        return;
+    u64 freed = *size;
+    live.delete(&addr);
+    submit_stackless(1, freed, addr);
 }
 
 /* Go: runtime.mallocgc(size uintptr, typ *_type, needzero bool), size in AX (register ABI).
@@ -161,5 +178,44 @@ int on_alloc_return(struct pt_regs *ctx)
     ev->aux = addr;
     ev->kind = 0;
     events.ringbuf_submit(ev, ring_wakeup_flag());
+    return 0;
+}
+
+/* ---- Sampled mode: uprobes on the preload library's probe functions --------------------
+ * stackfleet_heap_sampled_alloc(void *addr, size_t size, size_t mean_bytes) and
+ * stackfleet_heap_sampled_free(void *addr) (agent/heap_sampler/sampler.c). The library has
+ * made the sampling decision and keeps the set of sampled blocks: each hit is one record.
+ * Attached per library file for all processes, so the agent's own process is skipped. */
+BPF_HASH(sampler_mean, u32, u64, 16384); /* tgid -> the library's mean sampling distance */
+
+int on_sampled_alloc(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (tgid == AGENT_TGID)
+        return 0;
+    u64 mean = PT_REGS_PARM3(ctx);
+    u64 *known = sampler_mean.lookup(&tgid);
+    if (!known || *known != mean)
+        sampler_mean.update(&tgid, &mean);
+    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
+    if (!ev) {
+        add(1, 1);
+        return 0;
+    }
+    /* No kernel stack: it would only show the uprobe's own path. */
+    fill_stack_event_parts(ctx, ev, pid_tgid, 0);
+    ev->value = PT_REGS_PARM2(ctx);
+    ev->aux = PT_REGS_PARM1(ctx);
+    ev->kind = 3;
+    events.ringbuf_submit(ev, ring_wakeup_flag());
+    return 0;
+}
+
+int on_sampled_free(struct pt_regs *ctx)
+{
+    if ((u32)(bpf_get_current_pid_tgid() >> 32) == AGENT_TGID)
+        return 0;
+    submit_stackless(4, 0, PT_REGS_PARM1(ctx));
     return 0;
 }

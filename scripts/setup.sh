@@ -17,7 +17,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # chromium + chromium-driver: the headless browser of the web page's end-to-end test (selenium).
 APT_PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-dev protobuf-compiler
-          golang-go golang-github-google-pprof-dev gcc libc6-dev iproute2 procps
+          golang-go golang-github-google-pprof-dev gcc libc6-dev make iproute2 procps
           chromium chromium-driver)
 
 missing=()
@@ -68,6 +68,11 @@ if [ ! -x "$ROOT/.tools/pprof" ]; then
   (cd /tmp && GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= go build -o "$ROOT/.tools/pprof" github.com/google/pprof) \
     || log "pprof build failed (pprof checks will be skipped)"
 fi
+
+# The sampled heap profile's preload library (agent/heap_sampler/); make rebuilds it only
+# when sampler.c or its Makefile changed.
+log "building the heap sampler library"
+make -s -C "$ROOT/agent/heap_sampler"
 
 # Python venv on Debian's interpreter so that the system bcc module is importable.
 if [ ! -x "$VENV/bin/python" ]; then

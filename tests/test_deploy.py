@@ -184,3 +184,20 @@ def test_a_failed_install_can_be_uninstalled(tmp_path: Path) -> None:
     assert (layout.venv / "bin" / "python").exists()
     uninstall("aggregator", layout, keep_data=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_heap_sampler_drop_in_verifies_on_a_service(tmp_path: Path) -> None:
+    # Installed as an operator would: <service>.service.d/ next to the service's unit. A typo
+    # in the drop-in must be reported, which shows systemd-analyze really read it.
+    def verify(drop_in_text: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "demo.service").write_text("[Service]\nExecStart=/bin/true\n")
+        (tmp_path / "demo.service.d").mkdir(exist_ok=True)
+        (tmp_path / "demo.service.d" / "stackfleet-heap-sampler.conf").write_text(drop_in_text)
+        return subprocess.run(["systemd-analyze", "verify", str(tmp_path / "demo.service")], capture_output=True,
+                              text=True, env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
+
+    text = (DEPLOY / "systemd" / "stackfleet-heap-sampler.conf").read_text()
+    assert "LD_PRELOAD=/usr/local/lib/stackfleet/libstackfleet_heap.so" in text
+    good = verify(text)
+    assert good.returncode == 0 and not good.stderr.strip(), good.stderr
+    assert "Environmentt" in verify(text.replace("Environment=", "Environmentt=")).stderr

@@ -1,15 +1,26 @@
 """Heap actor: sampled native allocations and live memory per stack (bpf/heap.bpf.c).
 
-Opt-in: uprobes trap on every malloc/free of a probed process (measured cost in
-benchmarks/), so only processes matched by the selectors (``target_pids``,
-``target_comm``, ``target_cgroup``) are probed; with no selector the actor probes nothing
-and says so. Each target process gets uprobes on its own libc (malloc, calloc, realloc,
-free, posix_memalign, aligned_alloc, memalign; return probes where the address is needed).
+The mode is chosen per process:
+
+- Go programs: see ``_probe_go`` (the Go branch point below).
+- Sampled (native, always on): a process that loaded the preload library
+  ``agent/heap_sampler`` (``LD_PRELOAD``) samples its own allocations and calls a no-op
+  function for each sampled allocation and each free of a sampled block; only those calls
+  trap into the kernel, so the cost follows the sampled allocations (benchmarks/heap_overhead.py).
+  The probes are attached per library file for all processes (``SamplerProbes``): every
+  process that maps the library is profiled, selected or not; loading it is the opt-in.
+- Precise (native, opt-in): uprobes trap on every malloc/free of the process (measured cost
+  in benchmarks/), so only processes matched by the selectors (``target_pids``,
+  ``target_comm``, ``target_cgroup``) without the library get them; with no selector
+  nothing is probed this way. Uprobes go on the process's own libc (malloc, calloc,
+  realloc, free, posix_memalign, aligned_alloc, memalign; return probes where the address
+  is needed) and BPF samples with the same geometric countdown.
 
 Values, like pprof's heap profile: ``alloc_objects``/``alloc_space`` are allocations since
 the previous report (deltas), ``inuse_objects``/``inuse_space`` what is live now (a
 snapshot). A sampled allocation of ``s`` bytes with mean sampling distance ``N`` stands for
-``1 / (1 - exp(-s/N))`` allocations of that size (the estimator tcmalloc and Go use).
+``1 / (1 - exp(-s/N))`` allocations of that size (the estimator tcmalloc and Go use); in
+sampled mode ``N`` is the library's, read from each sample.
 In-use figures count from the moment a process was probed: memory allocated before (or
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
 Go programs allocate through ``runtime.mallocgc``: an entry uprobe samples those with the
@@ -30,8 +41,12 @@ from typing import Any
 
 from agent.actors.base import RingBufferActor
 from agent.actors.goroutine import attach_go_probe
+from agent.bpf_events import RawStackEvent
 from agent.bpf_loader import BCC_LOCK
 from agent.go_runtime import go_runtime_info
+from agent.heap_sampler import is_sampler_library
+from agent.heap_sampler.attach import SamplerProbes
+from agent.symbols.procmaps import age_s, start_time
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
@@ -65,6 +80,7 @@ class _HeapProcess:
     since_ns: int
     comm: str
     go: bool = False
+    sample_bytes: int = 0  # sampled mode: the library's mean sampling distance
     live: dict[int, tuple[int, float, tuple[Frame, ...]]] = field(default_factory=dict)  # addr -> size, weight, stack
     alloc: dict[tuple[Frame, ...], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
     reported: set[tuple[Frame, ...]] = field(default_factory=set)
@@ -80,7 +96,11 @@ class HeapActor(RingBufferActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mean_bytes = self.ctx.settings.heap_sample_bytes
-        self._processes: dict[int, _HeapProcess] = {}
+        self._processes: dict[int, _HeapProcess] = {}  # selected processes (precise mode, Go)
+        self._sampled: dict[int, _HeapProcess] = {}  # processes with the sampler library
+        self._sampled_live = 0  # live sampled blocks tracked over all of _sampled
+        self._left_to_sampler: set[int] = set()  # selected processes that have the library
+        self.sampler = SamplerProbes(self.ctx.counters)
         self._scanned = 0.0
         self._warned_no_selector = False
 
@@ -88,12 +108,14 @@ class HeapActor(RingBufferActor):
         return self.mean_bytes
 
     def bpf_defines(self) -> dict[str, int | str]:
-        return {**super().bpf_defines(), "SAMPLE_BYTES": self.mean_bytes, "MAX_LIVE": MAX_LIVE}
+        return {**super().bpf_defines(), "SAMPLE_BYTES": self.mean_bytes, "MAX_LIVE": MAX_LIVE,
+                "AGENT_TGID": os.getpid()}
 
     def attach(self, bpf: Any) -> None:
         table = bpf["neg_log_table"]
         for i, value in enumerate(neg_log_table(self.mean_bytes)):
             table[ctypes.c_int(i)] = ctypes.c_uint64(value)
+        self.sampler.attach_built_library(bpf)
 
     # -- per-process probes ---------------------------------------------------------------------
     def _refresh_targets(self) -> None:
@@ -101,24 +123,34 @@ class HeapActor(RingBufferActor):
         if now - self._scanned < self.TARGET_SCAN_INTERVAL_S:
             return
         self._scanned = now
+        self.sampler.scan(self.bpf)
+        self._forget_exited_sampled()
         if not self.selector.filters:
             if not self._warned_no_selector:
                 import logging
 
                 logging.getLogger("stackfleet.agent").warning(
                     "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
-                    "heap profiling is opt-in, nothing is probed")
+                    "only processes with the sampler library (sampled mode) are profiled")
                 self._warned_no_selector = True
             return
         wanted = self.selector.scan() - {os.getpid()}
-        for pid in wanted - set(self._processes):
+        self._left_to_sampler &= wanted
+        for pid in wanted - set(self._processes) - self._left_to_sampler:
             self._probe(pid)
         for pid in set(self._processes) - wanted:
             self._unprobe(pid)
 
     def _probe(self, pid: int) -> None:
-        if self._probe_go(pid):
+        """A selected process: Go, else sampled mode if it has the library, else precise mode."""
+        if self._probe_go(pid):  # Go branch point: Go processes are handled by their own path
             return
+        if self.sampler.library_of(pid, self.bpf) is not None:
+            self._left_to_sampler.add(pid)  # its library's probes already cover it
+            return
+        self._probe_precise(pid)
+
+    def _probe_precise(self, pid: int) -> None:
         libc = _libc_path(pid)
         if libc is None:
             self.ctx.counters.inc("heap_processes_skipped", reason="no_libc")
@@ -185,6 +217,9 @@ class HeapActor(RingBufferActor):
             return []
         self._refresh_targets()
         for ev in self.parsed(records):
+            if ev.kind in (3, 4):
+                self._sampled_event(ev)
+                continue
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
@@ -203,10 +238,68 @@ class HeapActor(RingBufferActor):
                 proc.live.pop(ev.aux, None)
         return self._report()
 
+    # -- sampled mode -----------------------------------------------------------------------------
+    def _sampled_event(self, ev: RawStackEvent) -> None:
+        """A record from the sampler library's probes: kind 3 a sampled allocation, 4 its free."""
+        proc = self._sampled.get(ev.pid)
+        if ev.kind == 4:
+            if proc is not None and proc.live.pop(ev.aux, None) is not None:
+                self._sampled_live -= 1
+            return
+        if proc is None:
+            proc = self._new_sampled_process(ev.pid)
+            if proc is None:
+                return
+        # The probe is called from the library's slow path, which keeps a frame pointer: the
+        # frames a stack-copy scan could recover between the two are the library's own, dropped
+        # anyway. Without the copy the symbolized stack is also cached by its raw addresses.
+        ev.stack_copy = b""
+        frames = _without_sampler_frames(self.frames(ev))
+        weight = sample_weight(ev.value, proc.sample_bytes)
+        if ev.aux not in proc.live:
+            if self._sampled_live >= MAX_LIVE:
+                self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="sampled_live_full")
+            else:
+                self._sampled_live += 1
+                proc.live[ev.aux] = (ev.value, weight, frames)
+        else:
+            proc.live[ev.aux] = (ev.value, weight, frames)  # its free was lost: the newer block wins
+        totals = proc.alloc[frames]
+        totals[0] += weight
+        totals[1] += weight * ev.value
+
+    def _new_sampled_process(self, pid: int) -> _HeapProcess | None:
+        try:
+            sample_bytes = int(self.bpf["sampler_mean"][ctypes.c_uint32(pid)].value)
+        except KeyError:
+            sample_bytes = 0
+        if sample_bytes <= 0:  # written before every kind-3 record: only a process gone since
+            self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="sampler_mean_unknown")
+            return None
+        library = self.sampler.library_of(pid, self.bpf)
+        since_ns = library.attached_ns if library else time.time_ns()
+        try:  # a process started after the attach is seen from its start
+            since_ns = max(since_ns, time.time_ns() - int(age_s(start_time(pid)) * 1e9))
+        except (OSError, ValueError, IndexError):
+            pass
+        proc = _HeapProcess(library.path if library else "", since_ns, self.ctx.symbolizer.process_name(pid),
+                            sample_bytes=sample_bytes)
+        self._sampled[pid] = proc
+        self.ctx.counters.inc("heap_processes_sampled")
+        return proc
+
+    def _forget_exited_sampled(self) -> None:
+        for pid in [pid for pid in self._sampled if not os.path.exists(f"/proc/{pid}")]:
+            self._sampled_live -= len(self._sampled.pop(pid).live)
+            try:
+                del self.bpf["sampler_mean"][ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+
     def _report(self) -> list[Sample]:
         now = time.time_ns()
         out = []
-        for pid, proc in self._processes.items():
+        for pid, proc in [*self._processes.items(), *self._sampled.items()]:
             inuse: dict[tuple[Frame, ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
             for size, weight, frames in proc.live.values():
                 entry = inuse[frames]
@@ -222,6 +315,18 @@ class HeapActor(RingBufferActor):
             proc.reported = set(inuse)
             proc.alloc.clear()
         return out
+
+
+def _without_sampler_frames(frames: tuple[Frame, ...]) -> tuple[Frame, ...]:
+    """The stack from the function that called the allocator: the library's frames (its
+    probe function and the wrapper that called it) are dropped from the leaf end."""
+    i = 0
+    while i < len(frames) - 1:
+        mapping = frames[i].mapping
+        if mapping is None or not is_sampler_library(mapping.filename):
+            break
+        i += 1
+    return frames[i:]
 
 
 def _libc_path(pid: int) -> str | None:

@@ -1,11 +1,13 @@
 /* Heap workload with a known answer. After "go" on stdin:
  *  - keep_alive() allocates 64 MiB in 4096 blocks of 16 KiB and keeps them;
  *  - churn() allocates and frees at once ROUNDS x 64 blocks of sizes 64 B .. 16 KiB,
- *    counting the bytes itself.
+ *    counting the bytes itself, pausing 5 ms every 10 rounds (the sampled mode's records then
+ *    come at a pace the agent's ring buffer absorbs, as in a program that does other work).
  * Prints "churn_bytes <n>" and then waits for "exit" (the live set stays live until then). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define KEEP_BLOCKS 4096
 #define KEEP_SIZE (16 * 1024)
@@ -35,6 +37,8 @@ __attribute__((noinline)) unsigned long long churn(int rounds)
             free(p);
             bytes += size;
         }
+        if (r % 10 == 9)
+            usleep(5000);
     }
     return bytes;
 }
@@ -47,7 +51,7 @@ int main(void)
     if (!fgets(line, sizeof line, stdin))
         return 1;
     keep_alive();
-    unsigned long long churned = churn(5000);
+    unsigned long long churned = churn(1000);
     printf("churn_bytes %llu\n", churned);
     fflush(stdout);
     if (!fgets(line, sizeof line, stdin))
