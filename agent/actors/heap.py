@@ -12,14 +12,14 @@ snapshot). A sampled allocation of ``s`` bytes with mean sampling distance ``N``
 ``1 / (1 - exp(-s/N))`` allocations of that size (the estimator tcmalloc and Go use).
 In-use figures count from the moment a process was probed: memory allocated before (or
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
-Go programs allocate through ``runtime.mallocgc``: an entry uprobe samples those with the
-same countdown (size from the register ABI); stripped binaries are probed by the address
-the pclntab gives. Without uretprobes (unsafe on Go) the address
-is unknown, so Go in-use memory is not tracked: Go processes report allocations only.
+Go processes are never probed: their heap (and mutex/block) profiles are read from the
+runtime's own records in memory, every process on the host or those the selectors match
+(agent/go_heap_profiles.py, docs/design/heap.md), in-use memory included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import math
 import os
@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.actors.goroutine import attach_go_probe
 from agent.bpf_loader import BCC_LOCK
-from agent.go_runtime import go_runtime_info
+from agent.go_heap_profiles import GoHeapProfiles
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
@@ -64,7 +63,6 @@ class _HeapProcess:
     libc: str  # the probed file: libc, or the Go executable
     since_ns: int
     comm: str
-    go: bool = False
     live: dict[int, tuple[int, float, tuple[Frame, ...]]] = field(default_factory=dict)  # addr -> size, weight, stack
     alloc: dict[tuple[Frame, ...], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
     reported: set[tuple[Frame, ...]] = field(default_factory=set)
@@ -83,6 +81,9 @@ class HeapActor(RingBufferActor):
         self._processes: dict[int, _HeapProcess] = {}
         self._scanned = 0.0
         self._warned_no_selector = False
+        # Go: runtime profiles read from memory, no probes (a separate module, see the docstring).
+        self.go_heap = GoHeapProfiles(self.ctx.symbolizer, self.ctx.counters, self.selector,
+                                      self.ctx.settings.heap_go_interval_s)
 
     def period(self) -> int:
         return self.mean_bytes
@@ -107,7 +108,7 @@ class HeapActor(RingBufferActor):
 
                 logging.getLogger("stackfleet.agent").warning(
                     "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
-                    "heap profiling is opt-in, nothing is probed")
+                    "native heap profiling is opt-in, no process is probed (Go processes are read)")
                 self._warned_no_selector = True
             return
         wanted = self.selector.scan() - {os.getpid()}
@@ -117,8 +118,8 @@ class HeapActor(RingBufferActor):
             self._unprobe(pid)
 
     def _probe(self, pid: int) -> None:
-        if self._probe_go(pid):
-            return
+        if self.go_heap.is_go(pid):
+            return  # read from memory by self.go_heap, never probed
         libc = _libc_path(pid)
         if libc is None:
             self.ctx.counters.inc("heap_processes_skipped", reason="no_libc")
@@ -135,35 +136,8 @@ class HeapActor(RingBufferActor):
         self._processes[pid] = _HeapProcess(libc, time.time_ns(), self.ctx.symbolizer.process_name(pid))
         self.ctx.counters.inc("heap_processes_probed")
 
-    def _probe_go(self, pid: int) -> bool:
-        """Go programs allocate through runtime.mallocgc (entry probe); True if handled."""
-        try:
-            st = os.stat(f"/proc/{pid}/exe")
-            exe = os.path.realpath(f"/proc/{pid}/exe")
-        except OSError:
-            return False
-        info = go_runtime_info(f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        if info is None:
-            return False
-        try:
-            with BCC_LOCK:
-                attach_go_probe(self.bpf, exe, info, "runtime.mallocgc", "on_mallocgc", pid=pid)
-        except Exception as exc:
-            self.ctx.counters.inc("heap_processes_skipped", reason=type(exc).__name__)
-            return True
-        self._processes[pid] = _HeapProcess(exe, time.time_ns(), self.ctx.symbolizer.process_name(pid), go=True)
-        self.ctx.counters.inc("heap_processes_probed", runtime="go")
-        return True
-
     def _unprobe(self, pid: int) -> None:
         proc = self._processes.pop(pid)
-        if proc.go:
-            with BCC_LOCK:
-                try:
-                    self.bpf.detach_uprobe(name=proc.libc, sym="runtime.mallocgc", pid=pid)
-                except Exception:
-                    pass
-            return
         with BCC_LOCK:
             for sym, _fn, has_return in _PROBES:
                 for detach in ([self.bpf.detach_uprobe, self.bpf.detach_uretprobe] if has_return
@@ -188,20 +162,29 @@ class HeapActor(RingBufferActor):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
-            if ev.kind in (0, 2):
+            if ev.kind == 0:
                 frames = self.frames(ev)
-                if ev.kind == 2:  # Go: skip the runtime frames of mallocgc and its callers' helpers
-                    while len(frames) > 1 and frames[0].function.startswith("runtime."):
-                        frames = frames[1:]
                 weight = sample_weight(ev.value, self.mean_bytes)
-                if ev.kind == 0:
-                    proc.live[ev.aux] = (ev.value, weight, frames)
+                proc.live[ev.aux] = (ev.value, weight, frames)
                 totals = proc.alloc[frames]
                 totals[0] += weight
                 totals[1] += weight * ev.value
             else:
                 proc.live.pop(ev.aux, None)
-        return self._report()
+        return self._report() + self.go_heap.collect(time.time_ns())
+
+    # -- Go: mutex/block profiles read with the heap go out as the lock type ---------------------
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        await super()._flush(loop)
+        lock_samples, self.go_heap.lock_samples = self.go_heap.lock_samples, []
+        if lock_samples:
+            await self.ctx.sink.submit(ProfileType.LOCK, lock_samples, 1)
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            self.go_heap.close()
 
     def _report(self) -> list[Sample]:
         now = time.time_ns()
