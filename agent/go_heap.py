@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from elftools.elf.elffile import ELFFile
 
 from agent.go_layout import go_minor
+from agent.go_runtime import go_version, is_go_binary
 
 WORD = 8
 BUCKET_HEADER = struct.Struct("<QQqQQQ")  # next, allnext, typ, hash, size, nstk
@@ -164,15 +165,20 @@ class UnsupportedBinary(Exception):
         self.reason = reason
 
 
-def profile_symbols(path: str, version: str) -> GoProfileSymbols:
-    """The layout and runtime variable addresses for the Go binary at ``path``; raises
-    UnsupportedBinary (reason ``stripped``, ``version``) when they are not known."""
-    minor = go_minor(version)
-    layout = MPROF_LAYOUTS.get(minor) if minor is not None else None
-    if layout is None:
-        raise UnsupportedBinary("version", f"no runtime/mprof.go layout for Go version {version!r}")
+def profile_symbols(path: str) -> GoProfileSymbols | None:
+    """The layout and runtime variable addresses for the file at ``path``: None when it is
+    not a Go binary; raises UnsupportedBinary (reason ``version``, ``stripped``) when the
+    profile cannot be read. One pass over the ELF headers and ``.symtab`` (milliseconds:
+    no DWARF, unlike the goroutine profile's facts)."""
     with open(path, "rb") as f:
         elf = ELFFile(f)
+        if not is_go_binary(elf):
+            return None
+        version = go_version(elf)
+        minor = go_minor(version)
+        layout = MPROF_LAYOUTS.get(minor) if minor is not None else None
+        if layout is None:
+            raise UnsupportedBinary("version", f"no runtime/mprof.go layout for Go version {version!r}")
         addresses = find_runtime_symbols(elf)
         pie = elf["e_type"] == "ET_DYN"
         loads = [seg["p_vaddr"] - seg["p_offset"] for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]

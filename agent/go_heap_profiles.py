@@ -46,7 +46,6 @@ from agent.go_heap import (
     profile_symbols,
     scale_heap_sample,
 )
-from agent.go_runtime import go_runtime_info
 from agent.selectors import ProcessSelector
 from agent.symbols import Symbolizer
 from shared.counters import Counters
@@ -75,17 +74,27 @@ class _GoProcess:
     rate_zero_counted: bool = False
 
 
-@lru_cache(maxsize=256)
-def _symbols(path: str, identity: Identity, version: str) -> GoProfileSymbols | UnsupportedBinary:
-    """Per binary (``identity`` keys the cache): its profile symbols or why there are none."""
+@lru_cache(maxsize=1024)
+def _symbols(path: str, identity: Identity) -> GoProfileSymbols | UnsupportedBinary | None:
+    """Per binary (``identity`` keys the cache): its profile symbols, why there are none
+    (logged once), or None when it is not Go."""
     try:
-        return profile_symbols(path, version)
+        return profile_symbols(path)
     except UnsupportedBinary as exc:
         log.warning("Go heap profile of %s cannot be read (%s): %s", path, exc.reason, exc)
         return exc
-    except (OSError, ValueError) as exc:
-        log.warning("Go heap profile of %s cannot be read: %s", path, exc)
-        return UnsupportedBinary("unreadable_binary", str(exc))
+    except Exception as exc:  # unreadable or malformed file: not profiled, logged once (cached)
+        log.info("cannot inspect %s: %s", path, exc)
+        return None
+
+
+def go_identity(pid: int) -> tuple[str, Identity] | None:
+    """(/proc path, file identity) of ``pid``'s executable, None when it has none."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class GoHeapProfiles:
@@ -104,11 +113,8 @@ class GoHeapProfiles:
 
     def is_go(self, pid: int) -> bool:
         """True for a Go process: the heap actor never probes those (they are read here)."""
-        try:
-            st = os.stat(f"/proc/{pid}/exe")
-        except OSError:
-            return False
-        return go_runtime_info(f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)) is not None
+        found = go_identity(pid)
+        return found is not None and _symbols(*found) is not None
 
     def close(self) -> None:
         for proc in self._processes.values():
@@ -127,23 +133,21 @@ class GoHeapProfiles:
             self._open(pid)
 
     def _open(self, pid: int) -> None:
+        found = go_identity(pid)
+        if found is None or found[1] in self._not_go:  # the common case on a host: one stat per scan
+            return  # gone, a kernel thread, or not Go
+        symbols = _symbols(*found)
+        if symbols is None:
+            if len(self._not_go) >= MAX_NOT_GO:
+                self._not_go.clear()
+            self._not_go.add(found[1])
+            return
         try:
-            st = os.stat(f"/proc/{pid}/exe")
             exe_path = os.path.realpath(f"/proc/{pid}/exe")
             with open(f"/proc/{pid}/stat") as f:
                 start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         except (OSError, ValueError, IndexError):
-            return  # gone, or a kernel thread
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if identity in self._not_go:
             return
-        info = go_runtime_info(f"/proc/{pid}/exe", identity)
-        if info is None:
-            if len(self._not_go) >= MAX_NOT_GO:
-                self._not_go.clear()
-            self._not_go.add(identity)
-            return
-        symbols = _symbols(f"/proc/{pid}/exe", identity, info.go_version)
         if isinstance(symbols, UnsupportedBinary):
             self._skip(pid, symbols.reason)
             return
@@ -155,7 +159,7 @@ class GoHeapProfiles:
             return
         start_boot_s = start_ticks / CLOCK_TICKS
         start_unix_ns = time.time_ns() - int((time.clock_gettime(time.CLOCK_BOOTTIME) - start_boot_s) * 1e9)
-        self._processes[pid] = _GoProcess(reader, self.symbolizer.process_name(pid), exe_path, info.go_version,
+        self._processes[pid] = _GoProcess(reader, self.symbolizer.process_name(pid), exe_path, symbols.version,
                                           start_unix_ns, start_boot_s >= self._started_boot_s)
         self.counters.inc("go_heap_processes_read")
 

@@ -57,7 +57,7 @@ def go_runtime_info(path: str, identity: tuple[int, int, int, int]) -> GoRuntime
                 return None
             has_symbols = elf.get_section_by_name(".symtab") is not None
             table: GoSymbolTable | None = load_go_table(elf)
-            version = _go_version(elf)
+            version = go_version(elf)
             layout = layout_for(elf, version)
             allgs: tuple[int, ...] = ()
             if table is not None:
@@ -72,7 +72,7 @@ def go_runtime_info(path: str, identity: tuple[int, int, int, int]) -> GoRuntime
         return None
 
 
-def _go_version(elf: ELFFile) -> str:
+def go_version(elf: ELFFile) -> str:
     """Go version from .go.buildinfo (Go 1.18+ inline-string format: flag bit 2)."""
     section = elf.get_section_by_name(".go.buildinfo")
     if section is None:

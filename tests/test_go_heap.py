@@ -23,6 +23,8 @@ from agent.go_heap import (
 )
 from agent.go_heap_profiles import GoHeapProfiles
 from agent.selectors import ProcessSelector
+from integration.go_toolchains import available
+from integration.harness import WORKLOADS
 from shared.counters import Counters
 from shared.model import Frame, FrameType
 
@@ -133,12 +135,41 @@ def test_scaling_is_pprofs() -> None:
     assert scale_heap_sample(5, 500, 1) == (5, 500)  # rate 1: everything was recorded
 
 
-def test_unknown_versions_are_refused() -> None:
+@pytest.fixture(scope="module")
+def go_binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The go_heap workload built plain and stripped with the oldest installed toolchain."""
+    toolchain = available()[0]
+    out = tmp_path_factory.mktemp("go_heap_bin")
+    cache = Path("/tmp") / f"gocache-{toolchain.version}"
+    return {variant: toolchain.build(WORKLOADS / "go_heap", out / variant, variant, cache=cache)
+            for variant in ("plain", "stripped")}
+
+
+def test_runtime_symbols_match_go_tool_nm(go_binaries: dict[str, Path]) -> None:
+    symbols = profile_symbols(str(go_binaries["plain"]))
+    assert symbols is not None and not symbols.pie
+    nm = available()[0].tool("nm", str(go_binaries["plain"]))
+    expected = {parts[2]: int(parts[0], 16) for parts in (line.split() for line in nm.splitlines())
+                if len(parts) == 3 and parts[2] in SYMBOLS}
+    assert symbols.addresses == expected and len(expected) == len(SYMBOLS)
+    assert symbols.layout == MPROF_LAYOUTS[available()[0].minor]
+
+
+def test_stripped_unknown_and_non_go_binaries(go_binaries: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UnsupportedBinary) as exc:
-        profile_symbols("/nonexistent", "go1.30.1")
+        profile_symbols(str(go_binaries["stripped"]))
+    assert exc.value.reason == "stripped"
+    # The same binary claiming a Go release with no known layout (same length: go1.<NN>).
+    data = go_binaries["plain"].read_bytes()
+    version = profile_symbols(str(go_binaries["plain"])).version  # type: ignore[union-attr]
+    future = version.replace(version.split(".")[1], "99", 1)
+    assert len(future) == len(version)
+    patched = tmp_path / "future"
+    patched.write_bytes(data.replace(version.encode(), future.encode()))
+    with pytest.raises(UnsupportedBinary) as exc:
+        profile_symbols(str(patched))
     assert exc.value.reason == "version"
-    with pytest.raises(UnsupportedBinary):
-        profile_symbols("/nonexistent", "devel +abc")
+    assert profile_symbols("/bin/true") is None
 
 
 class FakeSymbolizer:
