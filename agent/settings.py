@@ -28,7 +28,10 @@ class AgentSettings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     host_name: str = Field(default_factory=socket.gethostname)
     # Comma-separated in env/CLI ("cpu,wall"); NoDecode stops pydantic-settings expecting JSON.
-    types: Annotated[list[ProfileType], NoDecode] = Field(default_factory=lambda: [ProfileType.CPU])
+    # Heap is on by default: for Go processes it reads the runtime's own profile (no probes,
+    # ~zero cost: docs/design/heap.md); native processes are probed only when selected.
+    types: Annotated[list[ProfileType], NoDecode] = Field(
+        default_factory=lambda: [ProfileType.CPU, ProfileType.HEAP])
     frequency_hz: int = Field(default=99, ge=1, le=1000)
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.

@@ -106,7 +106,7 @@ class HeapActor(RingBufferActor):
             if not self._warned_no_selector:
                 import logging
 
-                logging.getLogger("stackfleet.agent").warning(
+                logging.getLogger("stackfleet.agent").info(
                     "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
                     "native heap profiling is opt-in, no process is probed (Go processes are read)")
                 self._warned_no_selector = True
