@@ -44,7 +44,7 @@ class GoRuntimeInfo:
         return dict(self.entries).get(function)
 
 
-PROBED_FUNCTIONS = ("runtime.newproc1", "runtime.goexit1", "runtime.mallocgc")
+PROBED_FUNCTIONS = ("runtime.newproc1", "runtime.goexit1")  # the goroutine profile's uprobes
 _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 
 

@@ -28,7 +28,10 @@ class AgentSettings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     host_name: str = Field(default_factory=socket.gethostname)
     # Comma-separated in env/CLI ("cpu,wall"); NoDecode stops pydantic-settings expecting JSON.
-    types: Annotated[list[ProfileType], NoDecode] = Field(default_factory=lambda: [ProfileType.CPU])
+    # Heap is on by default: for Go processes it reads the runtime's own profile (no probes,
+    # ~zero cost: docs/design/heap.md); native processes are probed only when selected.
+    types: Annotated[list[ProfileType], NoDecode] = Field(
+        default_factory=lambda: [ProfileType.CPU, ProfileType.HEAP])
     frequency_hz: int = Field(default=99, ge=1, le=1000)
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
@@ -57,6 +60,8 @@ class AgentSettings(BaseSettings):
     target_cgroup: str | None = None
     # Heap: mean bytes between allocation samples (geometric sampling, as tcmalloc and Go).
     heap_sample_bytes: int = Field(default=512 * 1024, ge=1)
+    # Heap, Go processes: seconds between reads of each Go runtime's own profile (agent/go_heap_profiles.py).
+    heap_go_interval_s: float = Field(default=5.0, gt=0, le=3600)
     # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
     lock_min_wait_ns: int = Field(default=10_000, ge=0)
     # Off-CPU periods shorter than this are summed per thread without a stack.

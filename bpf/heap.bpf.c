@@ -17,7 +17,7 @@
  * return probe (which sees the address), they get a stack and enter `live`. A free of an
  * unsampled address costs one hash lookup. Uretprobes are fine here: this is libc, not Go.
  * Kinds: 0 = sampled allocation (value = size, aux = address), 1 = free of a sampled address,
- * 2 = sampled Go allocation (no address: Go allocations are sampled at runtime.mallocgc),
+ * 2 = unused (Go processes are never probed: the agent reads their runtime's own profile),
  * 3 = allocation sampled by the preload library (value = size, aux = address; its mean
  * sampling distance is in `sampler_mean` under the tgid), 4 = free of a block of kind 3.
  */
@@ -114,28 +114,6 @@ static __always_inline void record_free(void *ctx, u64 addr)
     u64 freed = *size;
     live.delete(&addr);
     submit_stackless(1, freed, addr);
-}
-
-/* Go: runtime.mallocgc(size uintptr, typ *_type, needzero bool), size in AX (register ABI).
- * Entry only: uretprobes corrupt Go stacks, so the address and frees are not seen (kind 2,
- * allocations only). The goroutine's stack is frame-pointer walkable. */
-int on_mallocgc(struct pt_regs *ctx)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 size = ctx->ax;
-    if (!should_sample((u32)pid_tgid, size))
-        return 0;
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        add(1, 1);
-        return 0;
-    }
-    fill_stack_event(ctx, ev, pid_tgid);
-    ev->value = size;
-    ev->aux = 0;
-    ev->kind = 2;
-    events.ringbuf_submit(ev, ring_wakeup_flag());
-    return 0;
 }
 
 int on_free(struct pt_regs *ctx) { record_free(ctx, PT_REGS_PARM1(ctx)); return 0; }

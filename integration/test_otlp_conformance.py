@@ -3,7 +3,7 @@
 The agent profiles cpu, wall, lock, heap and goroutine on this kernel while a Go CPU spinner
 (named by its own OTEL_SERVICE_NAME; ``step`` is inlined into ``spin``; its executable's
 name is longer than the 15-character comm), a Go program with
-goroutines, a Go allocator (heap via mallocgc), a Python script and a C lock-contention
+goroutines, a Go allocator (heap read from its runtime's own profile), a Python script and a C lock-contention
 program run; the aggregator exports every 1.5 s to local files and to a real gRPC
 ProfilesService. Every ``.otlp.pb`` written and every request received must break none of
 the rules of :mod:`aggregator.otlp_checks` (profcheck with all options, the proto's MUSTs,
@@ -67,7 +67,7 @@ class Run:
 @pytest.fixture(scope="module")
 def conformance_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("conformance")
-    binaries = {name: build_go(name, tmp) for name in ("goroutines", "go_alloc")}
+    binaries = {name: build_go(name, tmp) for name in ("goroutines", "go_heap")}
     # A name longer than the kernel's 15-character comm: process.executable.name must be the whole name.
     binaries["go_spin"] = build_go("go_spin", tmp, "go_spin_long_executable")
     binaries["lock_contention"] = build_c("lock_contention.c", tmp)
@@ -79,11 +79,11 @@ def conformance_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
                                                     env={**os.environ, "OTEL_SERVICE_NAME": "spinner"})
         gor = await asyncio.create_subprocess_exec(str(binaries["goroutines"]), stdin=asyncio.subprocess.PIPE,
                                                    stdout=asyncio.subprocess.PIPE)
-        alloc = await asyncio.create_subprocess_exec(str(binaries["go_alloc"]), stdin=asyncio.subprocess.PIPE,
-                                                     stdout=asyncio.subprocess.PIPE)
+        alloc = await asyncio.create_subprocess_exec(str(binaries["go_heap"]), str(tmp / "go_heap_own"),
+                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         py = await asyncio.create_subprocess_exec("/usr/bin/python3.11", str(PY_SCRIPT), "5",
                                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        procs = {"go_spin": spin, "goroutines": gor, "go_alloc": alloc, "python": py}
+        procs = {"go_spin": spin, "goroutines": gor, "go_heap": alloc, "python": py}
         for proc in (gor, alloc, py):
             assert proc.stdout is not None
             await proc.stdout.readline()  # ready
@@ -91,9 +91,9 @@ def conformance_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
             pids[name] = proc.pid
             exes[name] = os.path.basename(os.readlink(f"/proc/{proc.pid}/exe"))
         await asyncio.sleep(2.5)  # the scans find and probe the processes
-        # The heap actor attaches to the three Go programs (a busy machine can take a while).
+        # The heap actor reads the Go allocator's own profile (a busy machine can take a while).
         for _ in range(100):
-            if run.agent_counters.get("heap_processes_probed", runtime="go") >= 3:
+            if run.agent_counters.get("go_heap_processes_read") >= 1:
                 break
             await asyncio.sleep(0.2)
         for proc in (gor, alloc, py):
@@ -119,11 +119,12 @@ def conformance_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
                 proc.kill()
                 await proc.wait()
 
-    comms = r"^(go_spin_long_ex|goroutines|go_alloc|python3\.11|lock_contention)$"
+    comms = r"^(go_spin_long_ex|goroutines|go_heap|python3\.11|lock_contention)$"
     with NatsServer() as nats, OtlpTestServer() as server:
         pipeline = asyncio.run(run_pipeline(
             nats.url, ALL_TYPES, workload, output_dir=tmp / "profiles", otlp_endpoint=server.endpoint,
-            export_interval_s=1.5, agent_overrides={"target_comm": comms, "heap_sample_bytes": 64 * 1024},
+            export_interval_s=1.5, agent_overrides={"target_comm": comms, "heap_sample_bytes": 64 * 1024,
+                                                                "heap_go_interval_s": 1.0},
             aggregator_overrides={"resource_attributes": {"deployment.environment": "conformance"}}))
         server.wait_for_requests(len([r for r in pipeline.requests if r.resource_profiles]), 15)
         received = list(server.requests)
@@ -163,7 +164,7 @@ def _resources(requests: list[Any]) -> dict[int, dict[str, Any]]:
 def test_resources_describe_the_profiled_processes(conformance_run: Run) -> None:
     resources = _resources(conformance_run.received)
     pids, exes = conformance_run.pids, conformance_run.exes
-    for name in ("go_spin", "goroutines", "go_alloc", "python"):
+    for name in ("go_spin", "goroutines", "go_heap", "python"):
         attrs = resources[pids[name]]
         assert attrs["process.executable.name"] == exes[name], (name, attrs)
         assert attrs["deployment.environment"] == "conformance" and attrs["host.name"]

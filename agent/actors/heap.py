@@ -2,7 +2,8 @@
 
 The mode is chosen per process:
 
-- Go programs: see ``_probe_go`` (the Go branch point below).
+- Go programs: never probed; their runtime's own sampled profiles are read from memory
+  (``GoHeapProfiles``, below).
 - Sampled (native, always on): a process that loaded the preload library
   ``agent/heap_sampler`` (``LD_PRELOAD``) samples its own allocations and calls a no-op
   function for each sampled allocation and each free of a sampled block; only those calls
@@ -23,14 +24,14 @@ snapshot). A sampled allocation of ``s`` bytes with mean sampling distance ``N``
 sampled mode ``N`` is the library's, read from each sample.
 In-use figures count from the moment a process was probed: memory allocated before (or
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
-Go programs allocate through ``runtime.mallocgc``: an entry uprobe samples those with the
-same countdown (size from the register ABI); stripped binaries are probed by the address
-the pclntab gives. Without uretprobes (unsafe on Go) the address
-is unknown, so Go in-use memory is not tracked: Go processes report allocations only.
+Go processes are never probed: their heap (and mutex/block) profiles are read from the
+runtime's own records in memory, every process on the host or those the selectors match
+(agent/go_heap_profiles.py, docs/design/heap.md), in-use memory included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import math
 import os
@@ -40,10 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.actors.goroutine import attach_go_probe
 from agent.bpf_events import RawStackEvent
 from agent.bpf_loader import BCC_LOCK
-from agent.go_runtime import go_runtime_info
+from agent.go_heap_profiles import GoHeapProfiles
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
 from agent.symbols.procmaps import age_s, start_time
@@ -79,7 +79,6 @@ class _HeapProcess:
     libc: str  # the probed file: libc, or the Go executable
     since_ns: int
     comm: str
-    go: bool = False
     sample_bytes: int = 0  # sampled mode: the library's mean sampling distance
     live: dict[int, tuple[int, float, tuple[Frame, ...]]] = field(default_factory=dict)  # addr -> size, weight, stack
     alloc: dict[tuple[Frame, ...], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
@@ -103,6 +102,9 @@ class HeapActor(RingBufferActor):
         self.sampler = SamplerProbes(self.ctx.counters)
         self._scanned = 0.0
         self._warned_no_selector = False
+        # Go: runtime profiles read from memory, no probes (a separate module, see the docstring).
+        self.go_heap = GoHeapProfiles(self.ctx.symbolizer, self.ctx.counters, self.selector,
+                                      self.ctx.settings.heap_go_interval_s)
 
     def period(self) -> int:
         return self.mean_bytes
@@ -129,9 +131,10 @@ class HeapActor(RingBufferActor):
             if not self._warned_no_selector:
                 import logging
 
-                logging.getLogger("stackfleet.agent").warning(
+                logging.getLogger("stackfleet.agent").info(
                     "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
-                    "only processes with the sampler library (sampled mode) are profiled")
+                    "native processes are profiled only with the sampler library (sampled mode); "
+                    "Go processes are read from memory")
                 self._warned_no_selector = True
             return
         wanted = self.selector.scan() - {os.getpid()}
@@ -142,9 +145,10 @@ class HeapActor(RingBufferActor):
             self._unprobe(pid)
 
     def _probe(self, pid: int) -> None:
-        """A selected process: Go, else sampled mode if it has the library, else precise mode."""
-        if self._probe_go(pid):  # Go branch point: Go processes are handled by their own path
-            return
+        """A selected process: Go is read from memory, never probed; else sampled mode if it has
+        the library, else precise mode."""
+        if self.go_heap.is_go(pid):
+            return  # read from memory by self.go_heap
         if self.sampler.library_of(pid, self.bpf) is not None:
             self._left_to_sampler.add(pid)  # its library's probes already cover it
             return
@@ -167,35 +171,8 @@ class HeapActor(RingBufferActor):
         self._processes[pid] = _HeapProcess(libc, time.time_ns(), self.ctx.symbolizer.process_name(pid))
         self.ctx.counters.inc("heap_processes_probed")
 
-    def _probe_go(self, pid: int) -> bool:
-        """Go programs allocate through runtime.mallocgc (entry probe); True if handled."""
-        try:
-            st = os.stat(f"/proc/{pid}/exe")
-            exe = os.path.realpath(f"/proc/{pid}/exe")
-        except OSError:
-            return False
-        info = go_runtime_info(f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        if info is None:
-            return False
-        try:
-            with BCC_LOCK:
-                attach_go_probe(self.bpf, exe, info, "runtime.mallocgc", "on_mallocgc", pid=pid)
-        except Exception as exc:
-            self.ctx.counters.inc("heap_processes_skipped", reason=type(exc).__name__)
-            return True
-        self._processes[pid] = _HeapProcess(exe, time.time_ns(), self.ctx.symbolizer.process_name(pid), go=True)
-        self.ctx.counters.inc("heap_processes_probed", runtime="go")
-        return True
-
     def _unprobe(self, pid: int) -> None:
         proc = self._processes.pop(pid)
-        if proc.go:
-            with BCC_LOCK:
-                try:
-                    self.bpf.detach_uprobe(name=proc.libc, sym="runtime.mallocgc", pid=pid)
-                except Exception:
-                    pass
-            return
         with BCC_LOCK:
             for sym, _fn, has_return in _PROBES:
                 for detach in ([self.bpf.detach_uprobe, self.bpf.detach_uretprobe] if has_return
@@ -223,20 +200,29 @@ class HeapActor(RingBufferActor):
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
-            if ev.kind in (0, 2):
+            if ev.kind == 0:
                 frames = self.frames(ev)
-                if ev.kind == 2:  # Go: skip the runtime frames of mallocgc and its callers' helpers
-                    while len(frames) > 1 and frames[0].function.startswith("runtime."):
-                        frames = frames[1:]
                 weight = sample_weight(ev.value, self.mean_bytes)
-                if ev.kind == 0:
-                    proc.live[ev.aux] = (ev.value, weight, frames)
+                proc.live[ev.aux] = (ev.value, weight, frames)
                 totals = proc.alloc[frames]
                 totals[0] += weight
                 totals[1] += weight * ev.value
             else:
                 proc.live.pop(ev.aux, None)
-        return self._report()
+        return self._report() + self.go_heap.collect(time.time_ns())
+
+    # -- Go: mutex/block profiles read with the heap go out as the lock type ---------------------
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        await super()._flush(loop)
+        lock_samples, self.go_heap.lock_samples = self.go_heap.lock_samples, []
+        if lock_samples:
+            await self.ctx.sink.submit(ProfileType.LOCK, lock_samples, 1)
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            self.go_heap.close()
 
     # -- sampled mode -----------------------------------------------------------------------------
     def _sampled_event(self, ev: RawStackEvent) -> None:
