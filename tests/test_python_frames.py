@@ -24,7 +24,7 @@ from agent.python.linetable import line_for_offset
 from agent.python.offsets import OFFSETS
 from agent.python.process import EVAL_FUNCTION, FileCache, find_python, read_interpreter_file
 from shared.counters import Counters
-from shared.model import Frame, FrameType
+from shared.model import Frame, FrameType, Mapping
 
 PYENV = Path("/root/.pyenv/versions")
 
@@ -226,8 +226,11 @@ def _stacks(version: tuple[int, int]) -> tuple[PythonStacks, _FakeEntry]:
     return stacks, entry
 
 
-def _native(name: str, address: int) -> Frame:
-    return Frame(name, "", 0, address, FrameType.NATIVE)
+_INTERPRETER = Mapping(0, 0x10000, 0, "python")
+
+
+def _native(name: str, address: int, mapping: Mapping = _INTERPRETER) -> Frame:
+    return Frame(name, "", 0, address, FrameType.NATIVE, mapping)
 
 
 def test_python_runs_replace_evaluation_loop_frames_in_order() -> None:
@@ -254,6 +257,15 @@ def test_runs_without_a_native_evaluation_frame_go_outermost() -> None:
     records = ((1, 0, 0), (2, 0, 0))  # 3.10: one call per frame
     names = [f.function for f in stacks.splice(1, native, records, 1)]
     assert names == ["c_leaf", "py1", "py2"]
+
+
+def test_evaluation_loop_is_matched_by_file_and_offset() -> None:
+    """Native frames are module-relative: the same offset in another file is not the loop."""
+    stacks, _ = _stacks((3, 11))
+    other = Mapping(0, 0x10000, 0, "libother.so")
+    native = (_native("c_leaf", 0x1100, other), _native("eval", 0x1100), _native("main", 0x9200))
+    names = [f.function for f in stacks.splice(1, native, ((1, 0, 1),), 1)]
+    assert names == ["c_leaf", "py1", "main"]
 
 
 def test_non_python_process_is_left_alone() -> None:

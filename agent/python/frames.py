@@ -179,7 +179,7 @@ class PythonStacks:
         out: list[Frame] = []
         used = 0
         for frame in native:
-            if used < len(runs) and process.in_eval_loop(frame.address):
+            if used < len(runs) and process.in_eval_loop(frame):
                 out.extend(runs[used])
                 used += 1
             else:

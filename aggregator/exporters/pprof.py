@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from aggregator.profile import FleetProfiles
-from shared.model import Frame
+from shared.model import Frame, FrameType
 from shared.model import Mapping as ModelMapping
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
@@ -177,7 +177,12 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
 
 
 def _unknown_name(f: Frame) -> str:
+    """An unnamed frame's label: module + file offset for user code (the agent sends
+    module-relative addresses, so the same code has one label in every process), else the
+    address and its mapping."""
     where = f.mapping.filename.rsplit("/", 1)[-1] if f.mapping else "?"
+    if f.mapping is not None and f.frame_type != FrameType.KERNEL:
+        return f"{where}+0x{f.address:x}"
     return f"0x{f.address:x} ({where})"
 
 
