@@ -62,8 +62,16 @@ _LINES_PROBE = textwrap.dedent('''
             total = -1
         return [total for _ in range(2)]
     code = sample.__code__
-    lines = [(start, end, line) for start, end, line in code.co_lines()]
-    print(json.dumps({"table": code.co_linetable.hex(), "first": code.co_firstlineno, "lines": lines}))
+    if hasattr(code, "co_lines"):
+        lines = [(start, end, line) for start, end, line in code.co_lines()]
+        table = code.co_linetable
+    else:  # before 3.10: the line starts dis reads from co_lnotab, as (start, end, line) spans
+        import dis
+        starts = list(dis.findlinestarts(code))
+        ends = [start for start, _ in starts[1:]] + [len(code.co_code)]
+        lines = [(start, end, line) for (start, line), end in zip(starts, ends)]
+        table = code.co_lnotab
+    print(json.dumps({"table": table.hex(), "first": code.co_firstlineno, "lines": lines}))
 ''')
 
 
@@ -83,6 +91,7 @@ def test_line_table_matches_the_interpreter(version: tuple[int, int]) -> None:
 def test_line_table_of_garbage_is_zero_not_an_error() -> None:
     assert line_for_offset((3, 11), b"\x00\x01\x02", 10, 4) == 0
     assert line_for_offset((3, 10), b"\xff", 10, 4) == 0
+    assert line_for_offset((3, 9), b"\xff", 10, 4) == 10  # no complete pair: the first line
 
 
 # A child that keeps running Python and prints the address of a code object with a
@@ -162,7 +171,14 @@ _FIELDS = {
     "ascii_data": "(long)sizeof(PyASCIIObject)",
     "compact_data": "(long)sizeof(PyCompactUnicodeObject)",
 }
+_BEFORE_311 = {"rt_tstate_current": "(long)&((struct pyruntimestate*)0)->gilstate.tstate_current",
+               "is_threads_head": "(long)&((PyInterpreterState*)0)->tstate_head",
+               "ts_frame": "(long)&((PyThreadState*)0)->frame",
+               "fr_code": "(long)&((PyFrameObject*)0)->f_code", "fr_previous": "(long)&((PyFrameObject*)0)->f_back",
+               "fr_instr": "(long)&((PyFrameObject*)0)->f_lasti"}
 _BY_VERSION = {
+    (3, 8): {**_BEFORE_311, "co_linetable": "(long)&((PyCodeObject*)0)->co_lnotab"},
+    (3, 9): {**_BEFORE_311, "co_linetable": "(long)&((PyCodeObject*)0)->co_lnotab"},
     (3, 10): {"rt_tstate_current": "(long)&((struct pyruntimestate*)0)->gilstate.tstate_current",
               "is_threads_head": "(long)&((PyInterpreterState*)0)->tstate_head",
               "ts_frame": "(long)&((PyThreadState*)0)->frame",
