@@ -9,6 +9,7 @@ local functions are (``nm`` on libc6-dbg's file, ``readelf -l`` on libc); the ke
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -159,3 +160,20 @@ def test_finder_remembers_per_build_id_and_is_bounded(tmp_path: Path) -> None:
         finder.find(f"{i + 10:040x}", None, "/usr/lib/liby.so")
     assert finder.find(build_id, None, str(exe)) == str(root / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug")
 
+
+
+def test_container_debug_files_are_looked_for_in_its_root_first(tmp_path: Path) -> None:
+    """A process's root view (/proc/PID/root) is a directory prefix: its debug files win,
+    the host's serve when the container has none."""
+    exe = build(tmp_path, "-Wl,--build-id")
+    build_id = _build_id(exe)
+    relative = Path("usr/lib/debug/.build-id") / build_id[:2] / f"{build_id[2:]}.debug"
+    container, host = tmp_path / "container-root", tmp_path / "host"
+    _split_debug(exe, container / relative)
+    (host / relative).parent.mkdir(parents=True)
+    shutil.copy(container / relative, host / relative)
+    in_container = DebugFileFinder(["/usr/lib/debug"]).find(build_id, None, "/app/target", root=str(container))
+    assert in_container == f"{container}/{relative}"
+    # Not in the container's file system: the host's copy of the same build.
+    on_host = DebugFileFinder([f"{host}/usr/lib/debug"]).find(build_id, None, "/app/target", root=str(container))
+    assert on_host == f"{host}/{relative}"
