@@ -45,8 +45,11 @@ class Frame:
     """One symbolized stack frame.
 
     ``function`` is "" when no symbol covers ``address``; ``filename``/``line`` are
-    ""/0 when no line information exists. ``address`` is the absolute virtual
-    address in the process (for kernel frames, the kernel address).
+    ""/0 when no line information exists. ``address`` is module-relative for code in a
+    file — the file offset, with ``mapping`` in file-offset space — so the same code is the
+    same frame in every process and on every host; the absolute address only for code in
+    no file (JIT, anonymous memory); the kernel address for kernel frames. See
+    docs/design/debug-symbols.md.
     """
 
     function: str
