@@ -177,3 +177,22 @@ def test_container_debug_files_are_looked_for_in_its_root_first(tmp_path: Path) 
     # Not in the container's file system: the host's copy of the same build.
     on_host = DebugFileFinder([f"{host}/usr/lib/debug"]).find(build_id, None, "/app/target", root=str(container))
     assert on_host == f"{host}/{relative}"
+
+
+def test_relative_compilation_directory_is_not_doubled(tmp_path: Path) -> None:
+    """Distribution builds record relative source paths (-fdebug-prefix-map): DWARF 5 lists the
+    compilation directory as directory 0, which must not be joined to itself."""
+    source = tmp_path / "src" / "symbols_target.c"
+    source.parent.mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "symbols_target.c", source)
+    exe = tmp_path / "target"
+    subprocess.run(["gcc", "-g", "-gdwarf-5", "-O0", "-fno-omit-frame-pointer",
+                    f"-fdebug-prefix-map={source.parent}=./src", "-o", str(exe), "symbols_target.c"],
+                   check=True, cwd=source.parent)
+    t = Target(exe)
+    try:
+        leaf_addr, leaf_line = t.truth["leaf_function"]
+        (leaf,) = Symbolizer().symbolize_user(t.pid, [leaf_addr])
+        assert (leaf.function, leaf.filename, leaf.line) == ("leaf_function", "src/symbols_target.c", leaf_line)
+    finally:
+        t.stop()

@@ -258,7 +258,10 @@ def _collect_rows(program: Any, cu: Any, rows: list[tuple[int, str, int]]) -> No
             directory = dirs[dir_index] if dir_index < len(dirs) else ""
         else:
             directory = dirs[dir_index - 1] if 0 < dir_index <= len(dirs) else comp_dir
-        if directory and not os.path.isabs(directory) and comp_dir:
+        # DWARF 5's directory 0 *is* the compilation directory: joining it to itself would
+        # double a relative one (glibc's "./nptl" became "nptl/nptl").
+        is_comp_dir = version >= 5 and dir_index == 0
+        if directory and not os.path.isabs(directory) and comp_dir and not is_comp_dir:
             directory = os.path.join(comp_dir, directory)
         full = base if os.path.isabs(base) else os.path.normpath(os.path.join(directory, base)) if directory else base
         names[index] = full
