@@ -84,33 +84,59 @@ def _libc_range(name: str) -> tuple[int, int]:
     raise AssertionError("no executable segment in libc")
 
 
-def _user_stacks(p: Profiled) -> dict[int, Counter[tuple[int, ...]]]:
-    """Per workload pid: its samples' user stacks as *location indices* of the exported
-    dictionary (leaf first, kernel frames left out), weighted by sample count. Each export
-    is one request with one dictionary: stacks are compared within a request."""
-    out: dict[int, Counter[tuple[int, ...]]] = {pid: Counter() for pid in p.pids}
-    for request_no, request in enumerate(p.run.requests):
+LocationValue = tuple[Any, ...]
+
+
+@dataclass
+class ExportedStacks:
+    """What the exported requests say about the workload's user stacks (kernel frames left out)."""
+
+    # Per pid: its user stacks as tuples of decoded Locations, weighted by sample count.
+    by_value: dict[int, Counter[tuple[LocationValue, ...]]]
+    # User stacks, as location *indices* of one request's dictionary, that hold samples of
+    # every workload process in that request: proof that the exporter made them one stack.
+    same_indices: list[tuple[int, ...]]
+
+
+def _exported_stacks(p: Profiled) -> ExportedStacks:
+    """Each export is one request with its own dictionary: indices are compared within a
+    request, decoded values across requests (the three processes' samples need not all
+    fall into the same one-second export on a loaded machine)."""
+    by_value: dict[int, Counter[tuple[LocationValue, ...]]] = {pid: Counter() for pid in p.pids}
+    same_indices: list[tuple[int, ...]] = []
+    for request in p.run.requests:
         d = request.dictionary
 
         def attr(i: int, d: Any = d) -> tuple[str, Any]:
             kv = d.attribute_table[i]
             return d.string_table[kv.key_strindex], kv.value
 
+        def value(i: int, d: Any = d) -> LocationValue:
+            loc = d.location_table[i]
+            m = d.mapping_table[loc.mapping_index]
+            lines = tuple((d.string_table[d.function_table[ln.function_index].name_strindex], ln.line)
+                          for ln in loc.lines)
+            return (d.string_table[m.filename_strindex], m.memory_start, m.memory_limit, m.file_offset,
+                    loc.address, lines)
+
         kernel = {i for i, loc in enumerate(d.location_table)
                   if any(attr(a)[0] == "profile.frame.type" and attr(a)[1].string_value == "kernel"
                          for a in loc.attribute_indices)}
+        pids_by_stack: dict[tuple[int, ...], set[int]] = {}
         for rp in request.resource_profiles:
             for sp in rp.scope_profiles:
                 for profile in sp.profiles:
                     for sample in profile.samples:
                         pid = next((attr(a)[1].int_value for a in sample.attribute_indices
                                     if attr(a)[0] == "process.pid"), None)
-                        if pid not in out:
+                        if pid not in by_value:
                             continue
                         locations = tuple(i for i in d.stack_table[sample.stack_index].location_indices
                                           if i not in kernel)
-                        out[pid][(request_no, *locations)] += len(sample.timestamps_unix_nano) or 1
-    return out
+                        by_value[pid][tuple(map(value, locations))] += len(sample.timestamps_unix_nano) or 1
+                        pids_by_stack.setdefault(locations, set()).add(pid)
+        same_indices += [stack for stack, pids in pids_by_stack.items() if len(pids) == PROCESSES]
+    return ExportedStacks(by_value, same_indices)
 
 
 def _frames_by_pid(p: Profiled) -> dict[int, list[tuple[Frame, ...]]]:
@@ -119,15 +145,20 @@ def _frames_by_pid(p: Profiled) -> dict[int, list[tuple[Frame, ...]]]:
 
 
 def _assert_merged(p: Profiled) -> None:
-    stacks = _user_stacks(p)
+    exported = _exported_stacks(p)
+    stacks = exported.by_value
     assert all(sum(c.values()) >= 30 for c in stacks.values()), \
         f"{ {pid: sum(c.values()) for pid, c in stacks.items()} }; {p.run.agent_counters.snapshot()}"
+    # The exporter made identical stacks of the three processes one stack (same indices).
+    assert exported.same_indices, "no exported stack holds samples of all three processes"
     shared = set.intersection(*(set(c) for c in stacks.values()))
     for pid, counts in stacks.items():
+        # Each process's most frequent stack is one all three have, and most of its samples
+        # are in such stacks: the same locations. Some stacks are seen in one process only
+        # (rare paths sampled once; on a loaded machine more of them).
+        assert counts.most_common(1)[0][0] in shared, (pid, counts.most_common(3))
         in_shared = sum(n for s, n in counts.items() if s in shared)
-        # Nearly every sample is in a stack all three processes have: the same locations.
-        # (A few stacks are seen in one process only: rare paths sampled once.)
-        assert in_shared >= 0.8 * sum(counts.values()), (pid, in_shared, sum(counts.values()))
+        assert in_shared >= 0.6 * sum(counts.values()), (pid, in_shared, sum(counts.values()))
 
 
 def test_one_program_in_three_processes_is_one_stack_named_from_libc6_dbg(with_debug_files: Profiled) -> None:
