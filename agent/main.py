@@ -51,8 +51,8 @@ async def run_agent(
                                 add_attributes=settings.metadata.enabled, own_network_namespace_only=netns_scope)
         await metadata.start()
         sink = metadata
-    ctx = ActorContext(settings, Symbolizer(), executor, sink, counters, MonotonicToUnix(),
-                       PythonProcesses(counters))
+    symbolizer = Symbolizer(debug_directories=settings.debug_directories)
+    ctx = ActorContext(settings, symbolizer, executor, sink, counters, MonotonicToUnix(), PythonProcesses(counters))
 
     factories: dict[ProfileType, Callable[[], ProfileActor]] = {
         t: functools.partial(ACTORS[t], ctx) for t in settings.types

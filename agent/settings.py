@@ -80,6 +80,9 @@ class AgentSettings(BaseSettings):
     # off = frame pointers only. unwind_table_rows sizes the BPF row table (12 bytes a row).
     native_unwinding: bool = True
     unwind_table_rows: int = Field(default=1 << 20, ge=1 << 12, le=1 << 24)
+    # Where distributions install separate debug files (names of stripped libraries' local
+    # functions, lines): ".build-id/xx/rest.debug" and ".gnu_debuglink" layouts under each.
+    debug_directories: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["/usr/lib/debug"])
     # "host:port" for /metrics and /healthz; None disables (port 0 picks a free one).
     metrics_address: str | None = None
     # "host": every process on the machine. "network_namespace": only processes sharing the
@@ -99,7 +102,7 @@ class AgentSettings(BaseSettings):
             raise ValueError("the agent connects to NATS over TCP: use nats:// or tls:// URLs, not ws:// or wss://")
         return v
 
-    @field_validator("types", "target_pids", mode="before")
+    @field_validator("types", "target_pids", "debug_directories", mode="before")
     @classmethod
     def _split_list(cls, v: object) -> object:
         if isinstance(v, str):

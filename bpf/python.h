@@ -10,7 +10,7 @@
  *
  * Thread state: 3.11+ threads are matched by PyThreadState.native_thread_id (a walk over
  * the interpreters' thread lists, then cached per thread and re-validated at every use).
- * 3.10 has no native id: its GIL holder (gilstate.tstate_current) is used, right for
+ * 3.8-3.10 have no native id: its GIL holder (gilstate.tstate_current) is used, right for
  * threads running Python code (which hold the GIL), and skipped for other threads.
  *
  * Everything is read with bpf_probe_read_user: a wrong offset or a torn read gives a
@@ -26,16 +26,16 @@ struct py_proc {
     u64 runtime;            /* address of _PyRuntime */
     u32 version;            /* major * 100 + minor, e.g. 311 */
     u16 rt_interp_head;     /* _PyRuntimeState.interpreters.head */
-    u16 rt_tstate_current;  /* 3.10: gilstate.tstate_current */
+    u16 rt_tstate_current;  /* 3.8-3.10: gilstate.tstate_current */
     u16 is_next;            /* PyInterpreterState.next */
-    u16 is_threads_head;    /* PyInterpreterState.threads.head (3.10: tstate_head) */
+    u16 is_threads_head;    /* PyInterpreterState.threads.head (3.8-3.10: tstate_head) */
     u16 ts_next;            /* PyThreadState.next */
     u16 ts_native_tid;      /* PyThreadState.native_thread_id, PY_NONE before 3.11 */
-    u16 ts_frame;           /* 3.10 frame, 3.11-3.12 cframe, 3.13+ current_frame */
+    u16 ts_frame;           /* 3.8-3.10 frame, 3.11-3.12 cframe, 3.13+ current_frame */
     u16 cf_current_frame;   /* _PyCFrame.current_frame, PY_NONE from 3.13 */
     u16 fr_code;            /* f_code (3.13: f_executable) */
-    u16 fr_previous;        /* previous (3.10: f_back) */
-    u16 fr_instr;           /* prev_instr (3.13: instr_ptr; 3.10: int f_lasti) */
+    u16 fr_previous;        /* previous (3.8-3.10: f_back) */
+    u16 fr_instr;           /* prev_instr (3.13: instr_ptr; 3.8-3.10: int f_lasti) */
     u16 fr_marker;          /* byte telling call boundaries: 3.11 is_entry, 3.12+ owner */
     u16 _pad[3];
 };

@@ -16,9 +16,10 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 # chromium + chromium-driver: the headless browser of the web page's end-to-end test (selenium).
+# libc6-dbg: names of libc's local functions (start_thread, futex waits), found by build id.
 APT_PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-dev protobuf-compiler
           golang-go golang-github-google-pprof-dev gcc libc6-dev make iproute2 procps
-          chromium chromium-driver)
+          chromium chromium-driver libc6-dbg)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -66,8 +66,11 @@ class Frame:
     """One symbolized stack frame.
 
     ``function`` is "" when no symbol covers ``address``; ``filename``/``line`` are
-    ""/0 when no line information exists. ``address`` is the absolute virtual
-    address in the process (for kernel frames, the offset into the kernel's text).
+    ""/0 when no line information exists. ``address`` is module-relative for code in a
+    file — the file offset, with ``mapping`` in file-offset space — so the same code is the
+    same frame in every process and on every host; the absolute address only for code in
+    no file (JIT, anonymous memory); for kernel frames, the offset into the kernel's text.
+    See docs/design/debug-symbols.md.
     ``inlined`` marks a frame of code inlined into the *next* frame of the stack (its
     caller) at the same address: a Go address inside inlined code is the inlined callees,
     innermost first, each ``inlined``, then the function they were inlined into. Exporters

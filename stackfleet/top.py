@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from aggregator.exporters.pprof import unknown_frame_label
 from aggregator.intake import Intake
 from shared.counters import Counters
 from shared.model import Frame
@@ -32,8 +33,7 @@ def frame_label(frame: Frame) -> str:
     if frame.function:
         where = f" {frame.filename.rsplit('/', 1)[-1]}:{frame.line}" if frame.filename and frame.line else ""
         return f"{frame.function}{where}"
-    mapping = frame.mapping.filename.rsplit("/", 1)[-1] if frame.mapping else "?"
-    return f"0x{frame.address:x} ({mapping})"
+    return unknown_frame_label(frame)
 
 
 @dataclass

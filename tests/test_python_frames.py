@@ -24,7 +24,7 @@ from agent.python.linetable import line_for_offset
 from agent.python.offsets import OFFSETS
 from agent.python.process import EVAL_FUNCTION, FileCache, find_python, read_interpreter_file
 from shared.counters import Counters
-from shared.model import Frame, FrameType
+from shared.model import Frame, FrameType, Mapping
 
 PYENV = Path("/root/.pyenv/versions")
 
@@ -62,8 +62,16 @@ _LINES_PROBE = textwrap.dedent('''
             total = -1
         return [total for _ in range(2)]
     code = sample.__code__
-    lines = [(start, end, line) for start, end, line in code.co_lines()]
-    print(json.dumps({"table": code.co_linetable.hex(), "first": code.co_firstlineno, "lines": lines}))
+    if hasattr(code, "co_lines"):
+        lines = [(start, end, line) for start, end, line in code.co_lines()]
+        table = code.co_linetable
+    else:  # before 3.10: the line starts dis reads from co_lnotab, as (start, end, line) spans
+        import dis
+        starts = list(dis.findlinestarts(code))
+        ends = [start for start, _ in starts[1:]] + [len(code.co_code)]
+        lines = [(start, end, line) for (start, line), end in zip(starts, ends)]
+        table = code.co_lnotab
+    print(json.dumps({"table": table.hex(), "first": code.co_firstlineno, "lines": lines}))
 ''')
 
 
@@ -83,6 +91,7 @@ def test_line_table_matches_the_interpreter(version: tuple[int, int]) -> None:
 def test_line_table_of_garbage_is_zero_not_an_error() -> None:
     assert line_for_offset((3, 11), b"\x00\x01\x02", 10, 4) == 0
     assert line_for_offset((3, 10), b"\xff", 10, 4) == 0
+    assert line_for_offset((3, 9), b"\xff", 10, 4) == 10  # no complete pair: the first line
 
 
 # A child that keeps running Python and prints the address of a code object with a
@@ -162,7 +171,14 @@ _FIELDS = {
     "ascii_data": "(long)sizeof(PyASCIIObject)",
     "compact_data": "(long)sizeof(PyCompactUnicodeObject)",
 }
+_BEFORE_311 = {"rt_tstate_current": "(long)&((struct pyruntimestate*)0)->gilstate.tstate_current",
+               "is_threads_head": "(long)&((PyInterpreterState*)0)->tstate_head",
+               "ts_frame": "(long)&((PyThreadState*)0)->frame",
+               "fr_code": "(long)&((PyFrameObject*)0)->f_code", "fr_previous": "(long)&((PyFrameObject*)0)->f_back",
+               "fr_instr": "(long)&((PyFrameObject*)0)->f_lasti"}
 _BY_VERSION = {
+    (3, 8): {**_BEFORE_311, "co_linetable": "(long)&((PyCodeObject*)0)->co_lnotab"},
+    (3, 9): {**_BEFORE_311, "co_linetable": "(long)&((PyCodeObject*)0)->co_lnotab"},
     (3, 10): {"rt_tstate_current": "(long)&((struct pyruntimestate*)0)->gilstate.tstate_current",
               "is_threads_head": "(long)&((PyInterpreterState*)0)->tstate_head",
               "ts_frame": "(long)&((PyThreadState*)0)->frame",
@@ -226,8 +242,11 @@ def _stacks(version: tuple[int, int]) -> tuple[PythonStacks, _FakeEntry]:
     return stacks, entry
 
 
-def _native(name: str, address: int) -> Frame:
-    return Frame(name, "", 0, address, FrameType.NATIVE)
+_INTERPRETER = Mapping(0, 0x10000, 0, "python")
+
+
+def _native(name: str, address: int, mapping: Mapping = _INTERPRETER) -> Frame:
+    return Frame(name, "", 0, address, FrameType.NATIVE, mapping)
 
 
 def test_python_runs_replace_evaluation_loop_frames_in_order() -> None:
@@ -254,6 +273,15 @@ def test_runs_without_a_native_evaluation_frame_go_outermost() -> None:
     records = ((1, 0, 0), (2, 0, 0))  # 3.10: one call per frame
     names = [f.function for f in stacks.splice(1, native, records, 1)]
     assert names == ["c_leaf", "py1", "py2"]
+
+
+def test_evaluation_loop_is_matched_by_file_and_offset() -> None:
+    """Native frames are module-relative: the same offset in another file is not the loop."""
+    stacks, _ = _stacks((3, 11))
+    other = Mapping(0, 0x10000, 0, "libother.so")
+    native = (_native("c_leaf", 0x1100, other), _native("eval", 0x1100), _native("main", 0x9200))
+    names = [f.function for f in stacks.splice(1, native, ((1, 0, 1),), 1)]
+    assert names == ["c_leaf", "py1", "main"]
 
 
 def test_non_python_process_is_left_alone() -> None:

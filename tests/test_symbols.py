@@ -43,6 +43,17 @@ class Target:
         self.proc.wait(5)
 
 
+def file_offset(pid: int, address: int) -> int:
+    """Ground truth from the kernel: the file offset ``address`` maps, per /proc/PID/maps."""
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return address - lo + int(fields[2], 16)
+    raise AssertionError(f"{address:#x} is not mapped in {pid}")
+
+
 @pytest.fixture
 def target(tmp_path: Path) -> Iterator[Target]:
     t = Target(build(tmp_path))
@@ -60,7 +71,9 @@ def test_functions_files_and_lines(target: Target) -> None:
     assert (leaf.function, leaf.line) == ("leaf_function", leaf_line)
     assert (caller.function, caller.line) == ("caller_function", caller_line)
     assert leaf.filename == str(FIXTURE) and leaf.frame_type == FrameType.NATIVE
-    assert leaf.address == leaf_addr and leaf.mapping is not None
+    # Module-relative: the file offset, and the mapping in file-offset space.
+    assert leaf.address == file_offset(target.pid, leaf_addr) != leaf_addr and leaf.mapping is not None
+    assert leaf.mapping.start <= leaf.address < leaf.mapping.limit and leaf.mapping.offset == leaf.mapping.start
     assert leaf.mapping.filename.endswith("/target") and len(leaf.mapping.build_id) == 40
 
 
@@ -81,7 +94,7 @@ def test_stripped_binary_keeps_mapping_without_error(tmp_path: Path) -> None:
         (frame,) = sym.symbolize_user(t.pid, [t.truth["leaf_function"][0]])
         assert frame.function == "" and frame.line == 0
         assert frame.mapping is not None and frame.mapping.filename.endswith("/stripped")
-        assert frame.address == t.truth["leaf_function"][0]
+        assert frame.address == file_offset(t.pid, t.truth["leaf_function"][0])
     finally:
         t.stop()
 

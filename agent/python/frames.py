@@ -179,7 +179,7 @@ class PythonStacks:
         out: list[Frame] = []
         used = 0
         for frame in native:
-            if used < len(runs) and process.in_eval_loop(frame.address):
+            if used < len(runs) and process.in_eval_loop(frame):
                 out.extend(runs[used])
                 used += 1
             else:
@@ -191,7 +191,7 @@ class PythonStacks:
     def _runs(self, entry: _Entry, records: tuple[tuple[int, int, int], ...]) -> list[list[Frame]]:
         """Python frames grouped by evaluation-loop call, innermost first.
 
-        How a call's outermost (entry) frame is marked differs: in 3.10 every frame is its
+        How a call's outermost (entry) frame is marked differs: up to 3.10 every frame is its
         own call; 3.11 flags it (``is_entry``); 3.12+ puts a shim frame owned by the C
         stack just outside it, which is not a Python frame and is dropped.
         """
@@ -206,8 +206,10 @@ class PythonStacks:
                     runs.append([])
                 continue
             if version < (3, 11):
+                # int f_lasti (the upper half of the 8 bytes read is the next field): -1 before
+                # the first instruction; code units in 3.10, bytes before.
                 lasti = instr & 0xFFFF_FFFF
-                offset = -1 if lasti >= 0x8000_0000 else lasti * 2
+                offset = -1 if lasti >= 0x8000_0000 else lasti * 2 if version >= (3, 10) else lasti
             else:
                 offset = instr - code - adaptive
             runs[-1].append(self._frame(entry, code, offset))

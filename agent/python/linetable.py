@@ -7,6 +7,9 @@ object lives in another process). Formats:
 - 3.11+: the location table (CPython's Objects/locations.md): entries of one header byte
   (bit 7 set, code in bits 3-6, length-1 in code units in bits 0-2) plus varints.
 - 3.10: pairs of (byte-offset delta, signed line delta), -128 meaning "no line" (PEP 626).
+- 3.8, 3.9: ``co_lnotab``, pairs of (byte-offset increment, signed line increment); the line
+  of an offset is the first line plus the increments of every pair whose address (the sum
+  of byte increments so far, this pair's included) is not past the offset.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ def line_for_offset(version: tuple[int, int], table: bytes, first_line: int, off
     """The source line of the instruction at byte ``offset``; 0 when the table has none."""
     if version >= (3, 11):
         return _location_table_line(table, first_line, offset // CODE_UNIT)
-    return _linetable_310_line(table, first_line, offset)
+    if version >= (3, 10):
+        return _linetable_310_line(table, first_line, offset)
+    return _lnotab_line(table, first_line, offset)
 
 
 def _location_table_line(table: bytes, first_line: int, unit: int) -> int:
@@ -84,3 +89,15 @@ def _linetable_310_line(table: bytes, first_line: int, offset: int) -> int:
             return line if delta != -128 else 0
         address += span
     return 0
+
+
+def _lnotab_line(table: bytes, first_line: int, offset: int) -> int:
+    line = first_line
+    address = 0
+    for i in range(0, len(table) - 1, 2):
+        address += table[i]
+        if address > offset:
+            break
+        delta = table[i + 1]
+        line += delta - 256 if delta > 127 else delta
+    return line

@@ -4,7 +4,7 @@ CPython's internal structs change layout between minor versions, and the interpr
 on a fleet are mostly stripped (Debian's has no DWARF), so the offsets cannot be derived
 from the binary at hand. This is a documented table instead, the approach py-spy takes.
 Every value was read from the DWARF of CPython release builds with gdb
-(``ptype /o`` / ``print &((T *)0)->field``) of 3.10.13, 3.11.7, 3.12.1 and 3.13.0;
+(``ptype /o`` / ``print &((T *)0)->field``) of 3.8.18, 3.9.18, 3.10.13, 3.11.7, 3.12.1 and 3.13.0;
 ``tests/test_python_frames.py`` re-derives them the same way whenever such builds are on
 the machine, so a wrong entry fails a test rather than producing wrong stacks. The layouts
 are stable within a minor version for release (non-debug, GIL) builds; debug builds
@@ -60,6 +60,21 @@ BPF_OFFSET_FIELDS = (
 )
 
 OFFSETS: dict[tuple[int, int], PythonOffsets] = {
+    # 3.8 and 3.9: PyFrameObjects as in 3.10, but f_lasti counts bytes, not code units, and
+    # lines come from co_lnotab (in co_linetable's place). 3.8's gilstate sits further into
+    # _PyRuntime (its runtime state has more fields before it); 3.9's is where 3.10 has it.
+    (3, 8): PythonOffsets(
+        rt_interp_head=32, rt_tstate_current=1368, is_next=0, is_threads_head=8, ts_next=8,
+        ts_native_tid=NONE, ts_frame=24, cf_current_frame=NONE, fr_code=32, fr_previous=24,
+        fr_instr=104, fr_marker=104, co_code_adaptive=0,
+        co_filename=104, co_name=112, co_qualname=NONE, co_firstlineno=40, co_linetable=120,
+        ascii_data=48, compact_data=72),
+    (3, 9): PythonOffsets(
+        rt_interp_head=32, rt_tstate_current=568, is_next=0, is_threads_head=8, ts_next=8,
+        ts_native_tid=NONE, ts_frame=24, cf_current_frame=NONE, fr_code=32, fr_previous=24,
+        fr_instr=104, fr_marker=104, co_code_adaptive=0,
+        co_filename=104, co_name=112, co_qualname=NONE, co_firstlineno=40, co_linetable=120,
+        ascii_data=48, compact_data=72),
     # 3.10: frames are PyFrameObjects (f_back, f_code, int f_lasti in code units); one
     # evaluation-loop call per frame; no native thread id (GIL holder used instead).
     (3, 10): PythonOffsets(

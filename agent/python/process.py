@@ -24,6 +24,7 @@ from agent.python.offsets import OFFSETS, PythonOffsets
 from agent.symbols.procmaps import MapEntry, map_files_path, read_maps, root_view_path
 from agent.unwind.cfi import parse_cfi
 from agent.unwind.elfread import ElfHeaders
+from shared.model import Frame
 
 log = logging.getLogger("stackfleet.python")
 
@@ -49,13 +50,16 @@ class PythonProcess:
     pid: int
     version: tuple[int, int]
     runtime: int
-    eval_ranges: tuple[tuple[int, int], ...]  # absolute addresses
+    eval_ranges: tuple[tuple[int, int], ...]  # file offsets in ``path``, as native frames give them
     offsets: PythonOffsets
-    path: str
+    path: str  # the interpreter file as the process maps it
 
-    def in_eval_loop(self, address: int) -> bool:
+    def in_eval_loop(self, frame: Frame) -> bool:
+        """Whether a native frame (module-relative, agent.symbols.symbolizer) is in the loop."""
+        if frame.mapping is None or frame.mapping.filename != self.path:
+            return False
         # Return addresses may sit one past a call that ends the function: inclusive end.
-        return any(lo <= address <= hi for lo, hi in self.eval_ranges)
+        return any(lo <= frame.address <= hi for lo, hi in self.eval_ranges)
 
 
 class UnsupportedPython(Exception):
@@ -77,8 +81,9 @@ def find_python(pid: int, files: FileCache) -> PythonProcess | None:
         if offsets is None:
             raise UnsupportedPython(f"CPython {info.version[0]}.{info.version[1]} in {entry.path}")
         bias = entry.start - entry.offset + info.exec_offset - info.exec_vaddr
+        to_file = info.exec_offset - info.exec_vaddr
         return PythonProcess(pid, info.version, info.runtime_vaddr + bias,
-                             tuple((lo + bias, hi + bias) for lo, hi in info.eval_ranges), offsets, entry.path)
+                             tuple((lo + to_file, hi + to_file) for lo, hi in info.eval_ranges), offsets, entry.path)
     if candidates and any("libpython" in c or re.search(r"python3\.\d+$", c) for c in candidates):
         raise UnsupportedPython(f"no _PyRuntime symbol in {sorted(set(candidates))}")
     return None

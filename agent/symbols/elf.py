@@ -4,6 +4,12 @@ One :class:`ElfSymbols` per *file identity* is built once and shared by every pr
 maps the file. Symbol tables are read eagerly (cheap); the DWARF line table is built
 lazily on the first lookup that needs it, as two sorted arrays, because pyelftools takes
 seconds on large DWARF and must never run per sample.
+
+A stripped file (no ``.symtab`` or no DWARF) may be given a *debug source*: a way to open its
+separate debug file (:mod:`agent.symbols.debuginfo`). It is opened on the first lookup, once
+per file: its full symbol table replaces the file's exported-only one (local functions such
+as libc's ``start_thread`` are named), and its DWARF gives the lines. Debug files keep the
+object's virtual addresses, so lookups are unchanged.
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import logging
 import os
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import NoteSection, SymbolTableSection
+from elftools.elf.sections import SymbolTableSection
 
+from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.packed_names import PackedNames
 
 log = logging.getLogger("stackfleet.symbols")
+
+DebugSource = Callable[["ElfSymbols"], "tuple[IO[bytes], str] | None"]
 
 # Files whose DWARF line program is larger than this are symbolized by name only. Measured:
 # pyelftools needs ~10 us and ~900 bytes of peak memory per line-table row, so a 2.5 MB
@@ -49,14 +59,20 @@ class ElfSymbols:
         elf = ELFFile(stream)
         self._stream = stream
         self._elf = elf
-        self.build_id = _build_id(elf)
+        self.build_id = gnu_build_id(elf)
+        self.debuglink: DebugLink | None = read_debuglink(elf)
         self.segments = [
             Segment(s["p_offset"], s["p_vaddr"], s["p_filesz"])
             for s in elf.iter_segments()
             if s["p_type"] == "PT_LOAD"
         ]
         self._starts, self._ends, self._names = _function_symbols(elf)
+        self._has_symtab = elf.get_section_by_name(".symtab") is not None
         self._has_dwarf = elf.get_section_by_name(".debug_line") is not None
+        self._line_elf = elf  # the file whose DWARF gives lines: this one or its debug file
+        self._debug_source: DebugSource | None = None
+        self._debug_stream: IO[bytes] | None = None
+        self.debug_file = ""  # path of the separate debug file in use, if any
         self._gopclntab = pclntab_section(elf)
         self._go_table: GoSymbolTable | None = None
         # Line table as three parallel arrays (address, index into _line_files, line): ~16 B a
@@ -79,6 +95,41 @@ class ElfSymbols:
         rows = 16 * len(self._line_numbers) + sum(100 + len(f) for f in self._line_files)
         return 16_384 + 16 * len(self._starts) + self._names.nbytes() + rows + go_table
 
+    @property
+    def wants_debug_file(self) -> bool:
+        """Whether a separate debug file could add anything: no full symbol table or no DWARF
+        (Go binaries carry their own table in .gopclntab and are left alone)."""
+        return self._gopclntab is None and not (self._has_symtab and self._has_dwarf)
+
+    def set_debug_source(self, source: DebugSource) -> None:
+        """How to open this file's debug file: called once, on the first symbol lookup, with
+        this object; returns (stream, path) or None when there is none."""
+        self._debug_source = source
+
+    def _use_debug_file(self) -> None:
+        source, self._debug_source = self._debug_source, None
+        assert source is not None
+        opened = source(self)
+        if opened is None:
+            return
+        stream, path = opened
+        keep = False
+        try:
+            debug = ELFFile(stream)
+            starts, ends, names = _function_symbols(debug)
+            if len(starts) > len(self._starts):
+                self._starts, self._ends, self._names = starts, ends, names
+                self.debug_file = path
+            if not self._has_dwarf and debug.get_section_by_name(".debug_line") is not None:
+                self._line_elf, self._has_dwarf, keep = debug, True, True
+                self.debug_file = path
+        except Exception as exc:  # pyelftools raises many types on unusual files
+            log.warning("%s: debug file %s unusable: %s", self.path, path, exc)
+        if keep:
+            self._debug_stream = stream
+        else:
+            stream.close()
+
     def file_offset_to_vaddr(self, file_offset: int) -> int | None:
         """Translate a file offset (from /proc maps) into the ELF vaddr symbols use."""
         for seg in self.segments:
@@ -88,6 +139,8 @@ class ElfSymbols:
 
     def function(self, vaddr: int) -> str:
         """Name of the function symbol containing ``vaddr``, or ""."""
+        if self._debug_source is not None:
+            self._use_debug_file()
         i = bisect.bisect_right(self._starts, vaddr) - 1
         if i < 0:
             return ""
@@ -114,6 +167,8 @@ class ElfSymbols:
 
     def function_start(self, vaddr: int) -> int | None:
         """Start address of the function symbol containing ``vaddr``."""
+        if self._debug_source is not None:
+            self._use_debug_file()
         i = bisect.bisect_right(self._starts, vaddr) - 1
         return self._starts[i] if i >= 0 and self.function(vaddr) else None
 
@@ -125,6 +180,8 @@ class ElfSymbols:
 
     def line(self, vaddr: int) -> tuple[str, int]:
         """(source file, line) for ``vaddr`` from DWARF, or ("", 0)."""
+        if self._debug_source is not None:
+            self._use_debug_file()
         if not self._has_dwarf:
             return "", 0
         if self._line_addrs is None:
@@ -138,8 +195,8 @@ class ElfSymbols:
     def _build_line_table(self) -> None:
         rows: list[tuple[int, str, int]] = []
         try:
-            dwarf = self._elf.get_dwarf_info()
-            section = self._elf.get_section_by_name(".debug_line")
+            dwarf = self._line_elf.get_dwarf_info()
+            section = self._line_elf.get_section_by_name(".debug_line")
             if section is not None and section.data_size > MAX_LINE_PROGRAM_BYTES:
                 self.line_table_skipped = True
                 log.warning("%s: DWARF line program of %d bytes is over the %d-byte budget: "
@@ -167,6 +224,8 @@ class ElfSymbols:
 
     def close(self) -> None:
         self._stream.close()
+        if self._debug_stream is not None:
+            self._debug_stream.close()
 
     @property
     def closed(self) -> bool:
@@ -199,7 +258,10 @@ def _collect_rows(program: Any, cu: Any, rows: list[tuple[int, str, int]]) -> No
             directory = dirs[dir_index] if dir_index < len(dirs) else ""
         else:
             directory = dirs[dir_index - 1] if 0 < dir_index <= len(dirs) else comp_dir
-        if directory and not os.path.isabs(directory) and comp_dir:
+        # DWARF 5's directory 0 *is* the compilation directory: joining it to itself would
+        # double a relative one (glibc's "./nptl" became "nptl/nptl").
+        is_comp_dir = version >= 5 and dir_index == 0
+        if directory and not os.path.isabs(directory) and comp_dir and not is_comp_dir:
             directory = os.path.join(comp_dir, directory)
         full = base if os.path.isabs(base) else os.path.normpath(os.path.join(directory, base)) if directory else base
         names[index] = full
@@ -217,15 +279,6 @@ def _collect_rows(program: Any, cu: Any, rows: list[tuple[int, str, int]]) -> No
 
 def _decode(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _build_id(elf: ELFFile) -> str:
-    for section in elf.iter_sections():
-        if isinstance(section, NoteSection):
-            for note in section.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID":
-                    return str(note["n_desc"])
-    return ""
 
 
 _SYM64 = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size

@@ -9,7 +9,16 @@ Caches, all bounded (LRU):
   addresses recur sample after sample.
 
 Files are opened through ``/proc/PID/map_files/`` first, which works for files inside
-containers' mount namespaces and for deleted-but-mapped binaries.
+containers' mount namespaces and for deleted-but-mapped binaries. Stripped files get their
+names and lines from distribution debug files when present (:mod:`agent.symbols.debuginfo`).
+
+Frames of file-backed code are *module-relative*: a Frame's ``address`` is the file offset of
+the instruction and its Mapping is the mapped part of the file in file-offset space (start =
+file offset, offset = file offset), not the process's load address. Address randomisation
+gives every process its own load addresses; module-relative frames make the same code the
+same Location in every process and on every host, named or not, and a consumer still finds
+the file offset the usual way (address - start + offset). Frames outside any file (JIT,
+anonymous memory) keep their absolute address and no mapping.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
+from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
 from agent.symbols.kallsyms import KernelSymbols
@@ -142,7 +152,8 @@ class Symbolizer:
     """Symbolizes user and kernel addresses; never raises for dead processes or bad files."""
 
     def __init__(self, max_files: int = 512, max_processes: int = 4096, maps_ttl_s: float = 5.0,
-                 max_cached_addresses: int = 50_000, max_file_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_cached_addresses: int = 50_000, max_file_bytes: int = 64 * 1024 * 1024,
+                 debug_directories: Sequence[str] = DEFAULT_DEBUG_DIRECTORIES) -> None:
         # Bounds chosen so the caches level off well under 150 MB on a busy host (measured:
         # ~0.5 MiB of tables per typical library, ~270 B per cached address with its frame).
         self.maps_ttl_s = maps_ttl_s
@@ -160,6 +171,7 @@ class Symbolizer:
         self._builds = _Lru(max_files, close_evicted=False)
         # When each cached file was last looked up (see sweep_idle_files).
         self._file_used: dict[object, float] = {}
+        self._debug_files = DebugFileFinder(debug_directories)
         self._kernel: KernelSymbols | None = None
         self._kernel_mapping = KERNEL_MAPPING
         # (Go build id, htlhash) per file, computed when the file is opened (see file_ids)
@@ -173,8 +185,11 @@ class Symbolizer:
     # -- public API ----------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        return {**self._stats, "evictions": self._processes.evictions + self._files.evictions
-                + self._addresses.evictions, "files_cached": len(self._files), "processes_cached": len(self._processes)}
+        debug = self._debug_files.stats
+        evictions = self._processes.evictions + self._files.evictions + self._addresses.evictions
+        return {**self._stats, "debug_files_found": debug["found"], "debug_files_missing": debug["not_found"],
+                "debug_files_rejected": debug["rejected"], "evictions": evictions,
+                "files_cached": len(self._files), "processes_cached": len(self._processes)}
 
     def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Frame, ...]:
         # Kernel stacks repeat (timer interrupt, syscall entry, scheduler): one dict lookup per
@@ -387,7 +402,9 @@ class Symbolizer:
             file_key = (-1, 0, entry.end - entry.start, 0)
         elif entry.file_backed:
             file_key = self._file_key(pid, entry)
-        mapping = Mapping(entry.start, entry.end, entry.offset, entry.path or "[anon]", "")
+        # Module-relative (see the module docstring): the mapping in file-offset space.
+        size = entry.end - entry.start
+        mapping = Mapping(entry.offset, entry.offset + size, entry.offset, entry.path or "[anon]", "")
         return _Region(entry, mapping, file_key)
 
     def _file_key(self, pid: int, entry: MapEntry) -> FileKey | None:
@@ -425,9 +442,10 @@ class Symbolizer:
                 region = self._find_region(process, address)
         if region is None:
             return None
+        file_offset = address - region.entry.start + region.entry.offset
         elf = self._elf(pid, region)
         if elf is None:
-            return (Frame("", "", 0, address, FrameType.NATIVE, region.mapping),)
+            return (Frame("", "", 0, file_offset, FrameType.NATIVE, region.mapping),)
         go_build_id, htlhash = self._ids_of(pid, region)
         mapping = region.mapping
         if (mapping.build_id, mapping.go_build_id, mapping.htlhash) != (elf.build_id, go_build_id, htlhash):
@@ -439,7 +457,7 @@ class Symbolizer:
         lookup = address if depth == 0 else address - 1
         vaddr = elf.file_offset_to_vaddr(lookup - region.entry.start + region.entry.offset)
         if vaddr is None:
-            return (Frame("", "", 0, address, FrameType.NATIVE, mapping),)
+            return (Frame("", "", 0, file_offset, FrameType.NATIVE, mapping),)
         key = (region.file_key, vaddr)
         resolved = self._addresses.hit(key)
         if resolved is None:
@@ -456,7 +474,7 @@ class Symbolizer:
         if not rows[0][0]:
             self._stats["unknown_frames"] += 1
         last = len(rows) - 1  # rows before the last are inlined into the one after them
-        return tuple(Frame(function, filename, line, address, frame_type, mapping, i < last)
+        return tuple(Frame(function, filename, line, file_offset, frame_type, mapping, i < last)
                      for i, (function, filename, line, frame_type) in enumerate(rows))
 
     def _ids_of(self, pid: int, region: _Region) -> tuple[str, str]:
@@ -512,10 +530,26 @@ class Symbolizer:
             self._bad_files.add(key)
             log.warning("cannot parse %s: %s (its frames stay unsymbolized)", region.entry.path, exc)
             return None
-        elf = self._share_by_build_id(elf, stream)
+        shared = self._share_by_build_id(elf, stream)
+        if shared is elf and elf.wants_debug_file and region.entry.path != VDSO:
+            root = root_view_path(pid, "")
+            elf.set_debug_source(lambda e: self._open_debug_file(e, region.entry.path, root))
+        elf = shared
         self._files.put(key, elf)
         self._file_used[key] = time.monotonic()
         return elf
+
+    def _open_debug_file(self, elf: ElfSymbols, path: str, root: str) -> tuple[IO[bytes], str] | None:
+        """The debug file of ``elf`` (mapped at ``path`` in a process whose root view is
+        ``root``), opened, with its path; None when there is none."""
+        found = self._debug_files.find(elf.build_id, elf.debuglink, path, root)
+        if found is None:
+            return None
+        try:
+            return open(found, "rb"), found
+        except OSError as exc:
+            log.info("cannot open debug file %s: %s", found, exc)
+            return None
 
     def _share_by_build_id(self, elf: ElfSymbols, stream: IO[bytes]) -> ElfSymbols:
         """The already parsed copy of the same build, if any, instead of ``elf``.

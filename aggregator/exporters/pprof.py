@@ -92,7 +92,7 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
         return mid
 
     def function_id(f: Frame) -> int:
-        name = f.function or _unknown_name(f)
+        name = f.function or unknown_frame_label(f)
         # pprof demangles a name whose system name equals it: interpreted code has none.
         system_name = "" if f.frame_type in _INTERPRETED else name
         key = (name, system_name, f.filename)
@@ -237,8 +237,14 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
     return max(weights, key=lambda m: weights[m]) if weights else None
 
 
-def _unknown_name(f: Frame) -> str:
+def unknown_frame_label(f: Frame) -> str:
+    """An unnamed frame's label: module + file offset for user code, so the same code has one
+    label in every process (the agent's mappings are in file-offset space, start = offset, so
+    the offset is the address; another producer's absolute address is translated through its
+    mapping), else the address and its mapping."""
     where = f.mapping.filename.rsplit("/", 1)[-1] if f.mapping else "?"
+    if f.mapping is not None and f.frame_type != FrameType.KERNEL and f.mapping.start <= f.address:
+        return f"{where}+0x{f.address - f.mapping.start + f.mapping.offset:x}"
     return f"0x{f.address:x} ({where})"
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from aggregator.exporters.pprof import _unknown_name
+from aggregator.exporters.pprof import unknown_frame_label
 from aggregator.otlp_decode import merge_request, profile_column
 from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from aggregator.web.store import RetainedExports
@@ -189,7 +189,7 @@ def labels(fleet: FleetProfiles) -> dict[str, Any]:
 
 def frame_name(frame: Frame) -> str:
     """The label of a frame: its function, or address and file when it has no symbol."""
-    return frame.function or _unknown_name(frame)
+    return frame.function or unknown_frame_label(frame)
 
 
 def flamegraph(fleet: FleetProfiles, query: ProfileQuery, min_fraction: float = 1e-4) -> dict[str, Any]:
