@@ -124,11 +124,11 @@ def _exported_stacks(p: Profiled) -> ExportedStacks:
                          for a in loc.attribute_indices)}
         pids_by_stack: dict[tuple[int, ...], set[int]] = {}
         for rp in request.resource_profiles:
+            # One resource per profiled process: process.pid is a resource attribute.
+            pid = next((kv.value.int_value for kv in rp.resource.attributes if kv.key == "process.pid"), None)
             for sp in rp.scope_profiles:
                 for profile in sp.profiles:
                     for sample in profile.samples:
-                        pid = next((attr(a)[1].int_value for a in sample.attribute_indices
-                                    if attr(a)[0] == "process.pid"), None)
                         if pid not in by_value:
                             continue
                         locations = tuple(i for i in d.stack_table[sample.stack_index].location_indices
