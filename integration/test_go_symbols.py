@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import os
 import subprocess
 from pathlib import Path
 
 import nats
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from agent.go_runtime import go_runtime_info
 from integration.go_toolchains import GoToolchain, available, newest
@@ -154,6 +156,22 @@ def nats_server_load_run() -> tuple[PipelineRun, int]:
     return run, box["pid"]
 
 
+@functools.cache
+def load_segments(binary: str) -> tuple[tuple[int, int, int], ...]:
+    """(file offset, size in the file, link-time address) of each PT_LOAD segment."""
+    with open(binary, "rb") as f:
+        return tuple((s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in ELFFile(f).iter_segments("PT_LOAD"))
+
+
+def virtual_address(binary: str, file_offset: int) -> int:
+    """The link-time address of a file offset (frames carry module-relative file offsets; the
+    Go tools answer for link-time addresses): through the PT_LOAD segment that holds it."""
+    for offset, size, vaddr in load_segments(binary):
+        if offset <= file_offset < offset + size:
+            return file_offset - offset + vaddr
+    raise AssertionError(f"offset {file_offset:#x} is in no loaded segment of {binary}")
+
+
 def test_nats_server_frames_match_go_tools() -> None:
     binary = os.path.realpath(find_nats_server())
     toolchain = newest()  # go1.27's tools read the go1.27.2 binary
@@ -176,7 +194,8 @@ def test_nats_server_frames_match_go_tools() -> None:
                 groups.append([frame])
         for depth, group in enumerate(groups):
             if group:
-                address = group[0].address if depth == 0 else group[0].address - 1
+                address = virtual_address(binary, group[0].address)
+                address = address if depth == 0 else address - 1
                 looked_up[address] = (group[-1].function, group[0].filename, group[0].line)
     assert len(looked_up) >= 20, len(looked_up)
     addresses = sorted(looked_up)
