@@ -4,7 +4,9 @@ BPF aggregates contended waits (longer than ``lock_min_wait_ns``) per (thread, w
 stack, lock address) and the actor drains them every flush (agent/actors/aggregated.py);
 each aggregate becomes one sample with values ``contentions`` (waits) and ``delay`` (ns),
 like pprof's mutex profile, stamped with its first wait's time. Shorter waits are counted,
-not profiled.
+not profiled. Every sample carries ``lock.address`` and ``lock.wait.kind`` (mutex, rwlock,
+condition, join, semaphore or other: agent/lock_waits.py); the aggregator's default lock
+views show the contention kinds only (shared/lock_waits.py).
 
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
 parks on a futex. Go's sync.Mutex parks goroutines inside the Go runtime scheduler without
@@ -17,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.aggregated import AggregatingActor
+from agent.lock_waits import futex_address, wait_bits, wait_kind
+from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
@@ -58,6 +62,7 @@ class LockActor(AggregatingActor):
                 process_name=symbolizer.process_name(entry.pid) or thread_name,
                 frames=frames,
                 values=(entry.count, entry.total_ns),
-                attributes={"lock.address": f"0x{entry.label:x}"},
+                attributes={"lock.address": f"0x{futex_address(entry.label):x}",
+                            LOCK_WAIT_KIND: wait_kind(wait_bits(entry.label), frames).value},
             ))
         return out

@@ -46,6 +46,8 @@ function viewParams() {
   selectedHosts().forEach((h) => p.append("host", h));
   if ($("service").value) p.set("service", $("service").value);
   if ($("pid").value) p.set("pid", $("pid").value);
+  // Lock views show contention by default; other futex waits on request (shared/lock_waits.py).
+  if ($("type").value === "lock" && $("lock-kind").value) p.append("label", "lock.wait.kind=" + $("lock-kind").value);
   return p;
 }
 
@@ -90,6 +92,7 @@ async function loadTypes() {
 function fillValues() {
   const t = types.find((x) => x.name === $("type").value);
   setOptions($("value"), t.values.map((v) => [v.name, `${v.name} (${v.unit})`]), [t.values[0].name]);
+  $("lock-kind-label").hidden = t.name !== "lock";
 }
 
 async function loadSelectors() {
@@ -186,6 +189,7 @@ function restoreFromUrl() {
 
 $("type").addEventListener("change", () => { fillValues(); refresh("selectors"); });
 $("value").addEventListener("change", () => refresh("graph"));
+$("lock-kind").addEventListener("change", () => refresh("graph"));
 $("hosts").addEventListener("change", () => refresh("graph"));
 $("service").addEventListener("change", () => refresh("graph"));
 $("pid").addEventListener("change", () => refresh("graph"));
