@@ -21,10 +21,14 @@
  * CAPTURE_RATE_HZ is captured every time, a faster one about CAPTURE_RATE_HZ times a second,
  * at random moments (no aliasing with a periodic thread). Every switch-out still records its
  * time, so each off-CPU interval's length is known exactly: short ones are summed per thread
- * as before; long ones not captured are summed per thread under UNCAPTURED_LABEL. The agent
- * (agent/actors/wall.py) spreads that sum over the thread's captured intervals of the same
- * window in proportion (a ratio estimate: the capture decision never depends on the stack),
- * so per-thread totals stay exact and only the split between stacks is estimated.
+ * as before; long ones not captured are summed per (thread, task state) under
+ * UNCAPTURED_LABEL | state. A captured interval also adds its length divided by p (a
+ * Horvitz-Thompson weight: p depends on the thread's recent history, e.g. the first
+ * preemption after a long sleep always has p = 1, a sleep soon after a captured preemption a
+ * small one) to its aggregate's weighted_ns. The agent (agent/actors/wall.py) shares each
+ * (thread, state)'s exact off-CPU total out over its captured stacks in proportion to
+ * weighted_ns: per-thread and per-state totals stay exact, the split between stacks is
+ * estimated without the bias of treating every capture as equally likely.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -34,17 +38,20 @@
 
 #define ON_CPU_LABEL (1ULL << 63)
 #define SHORT_OFF_CPU_LABEL ((1ULL << 63) | 1)
-#define UNCAPTURED_LABEL ((1ULL << 63) | 2)
+#define UNCAPTURED_LABEL ((1ULL << 63) | (1ULL << 62))   /* | the task state */
 
 #ifndef CAPTURE_RATE_HZ
 #define CAPTURE_RATE_HZ 0
 #endif
-#define P_ONE 65536         /* capture probability in 1/65536ths */
+#define P_SHIFT 32
+#define P_ONE (1ULL << P_SHIFT)     /* capture probability in 1/2^32ths */
+#define WEIGHT_SHIFT 16             /* inverse probabilities in 1/2^16ths */
 
 struct blocked_thread {
     u64 ts_ns;          /* switch-out time */
     u64 stack_id;       /* 0: the stack was not captured (sampled out) */
     u64 state;          /* prev_state at switch-out */
+    u64 inverse_p;      /* 1 / capture probability, in 1/2^WEIGHT_SHIFT ths */
     u32 tgid;
     u32 _pad;
 };
@@ -65,19 +72,33 @@ static __always_inline void count(int idx)
         (*c)++;
 }
 
-/* Whether to capture this switch-out's stack (see the header); a capture is remembered. */
-static __always_inline int capture_now(u32 tid, u64 now)
+/* The probability (in 1/P_ONE ths) with which this switch-out's stack is captured if it is
+ * (see the header), else 0. A capture is remembered. */
+static __always_inline u64 capture_now(u32 tid, u64 now)
 {
     if (CAPTURE_RATE_HZ == 0)
-        return 1;
+        return P_ONE;
+    u64 p = P_ONE;
     u64 *last = last_capture.lookup(&tid);
     if (last && *last < now) {
         u64 scaled = (now - *last) * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
-        if (scaled < 1000000000ULL && (bpf_get_prandom_u32() & (P_ONE - 1)) >= scaled * P_ONE / 1000000000ULL)
-            return 0;
+        if (scaled < 1000000000ULL) {
+            p = (scaled << P_SHIFT) / 1000000000ULL;    /* scaled < 2^30: no overflow */
+            if ((u64)bpf_get_prandom_u32() >= p)
+                return 0;
+        }
     }
     last_capture.update(&tid, &now);
-    return 1;
+    return p;
+}
+
+/* ns x inverse_p / 2^WEIGHT_SHIFT, saturating (an interval of hours captured at a tiny p). */
+static __always_inline u64 weighted_ns(u64 ns, u64 inverse_p)
+{
+    u64 hi = ns >> WEIGHT_SHIFT, lo = ns & ((1ULL << WEIGHT_SHIFT) - 1);
+    if (hi && inverse_p > (1ULL << 62) / hi)
+        return 1ULL << 62;
+    return hi * inverse_p + ((lo * inverse_p) >> WEIGHT_SHIFT);
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -110,7 +131,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (prev_tid != 0 && is_target(pid_tgid >> 32)) {
         u64 stack_id = 0;   /* stays 0 when the stack is not captured */
         int user = 0;       /* a user thread with a user stack: kernel threads are skipped */
-        if (capture_now(prev_tid, now)) {
+        u64 p = capture_now(prev_tid, now);
+        if (p) {
             u32 zero = 0;
             struct stack_event *ev = agg_scratch.lookup(&zero);
             if (ev) {
@@ -140,6 +162,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         }
         if (user) {
             struct blocked_thread b = {.ts_ns = now, .stack_id = stack_id, .state = (u64)args->prev_state,
+                                       .inverse_p = p ? (1ULL << (P_SHIFT + WEIGHT_SHIFT)) / p : 0,
                                        .tgid = pid_tgid >> 32};
             if (blocked.update(&prev_tid, &b) != 0)
                 count(2);
@@ -155,15 +178,18 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u64 duration = now - saved->ts_ns;
     struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id, .label = saved->state};
     u64 start = saved->ts_ns;
+    u64 weighted = duration;
     if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
         key.stack_id = 0;
         key.label = SHORT_OFF_CPU_LABEL;
-    } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread */
-        key.label = UNCAPTURED_LABEL;
+    } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread and state */
+        key.label = UNCAPTURED_LABEL | saved->state;
         count(5);
+    } else {
+        weighted = weighted_ns(duration, saved->inverse_p);
     }
     blocked.delete(&next_tid);
-    agg_add(&key, duration, start);
+    agg_add_weighted(&key, duration, weighted, start);
     count(3);
     return 0;
 }
