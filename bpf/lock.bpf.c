@@ -17,6 +17,9 @@
 #include "stack_event.h"
 #include "stack_agg.h"
 #include "targets.h"
+#ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
+#include "unwind.h"
+#endif
 
 #define FUTEX_CMD_MASK 0x7f /* strips FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256) */
 #define FUTEX_WAIT 0
@@ -63,8 +66,13 @@ static __always_inline int is_thread_tid_word(u64 uaddr)
 }
 
 BPF_HASH(waiting, u32, struct wait_start, 65536);
-/* 0: waits seen, 1: (unused: was ring full), 2: short waits (below MIN_WAIT_NS), 3: short wait ns */
-BPF_PERCPU_ARRAY(counters, u64, 4);
+/* 0: waits seen, 1: (unused: was ring full), 2: short waits (below MIN_WAIT_NS), 3: short wait ns,
+ * 4: waits recorded without unwinding (a failed tail call into stage 2), 5: waits lost (a
+ * failed tail call into stage 3) */
+BPF_PERCPU_ARRAY(counters, u64, 6);
+/* With native unwinding a wait takes three programs, as in bpf/wall.bpf.c: stage 1 captures
+ * (sys_exit_futex), stage 2 (slot 0) unwinds, stage 3 (slot 1) hashes, stores, aggregates. */
+BPF_PROG_ARRAY(lock_stages, 2);
 
 static __always_inline void add(int idx, u64 v)
 {
@@ -100,6 +108,36 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
     return 0;
 }
 
+/* Stage 1 left the wait's start in ts_ns, its length in value and its label in aux. */
+static __always_inline void record_wait(struct stack_event *ev)
+{
+    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ev->aux};
+    agg_add(&key, ev->value, ev->ts_ns);
+}
+
+#ifdef NATIVE_UNWINDING
+int lock_wait_unwind(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    unwind_task_user_stack(ev);
+    lock_stages.call(ctx, 1);
+    add(5, 1);
+    return 0;
+}
+
+int lock_wait_record(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (ev)
+        record_wait(ev);
+    return 0;
+}
+#endif
+
 TRACEPOINT_PROBE(syscalls, sys_exit_futex)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -123,10 +161,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     if (!ev)
         return 0;
     fill_stack_event(args, ev, pid_tgid);
+    ev->ts_ns = started;
     ev->value = delay;
-    ev->aux = uaddr;
+    ev->aux = label;
     ev->kind = 0;
-    struct agg_key key = {.pid = ev->pid, .tid = tid, .stack_id = agg_store_stack(ev), .label = label};
-    agg_add(&key, delay, started);
+#ifdef NATIVE_UNWINDING
+    lock_stages.call(args, 0);
+    add(4, 1);
+#endif
+    record_wait(ev);
     return 0;
 }

@@ -173,8 +173,10 @@ def test_fast_switchers_are_sampled_and_weighted(fast_switch_run: WallRun) -> No
     be ~40 % short of its elapsed time."""
     run = fast_switch_run.run
     cycles = THREADS * FAST_SECONDS / 0.005
+    # At least a quarter of the ~3,200 sleeps' switch-outs went uncaptured (captures are bounded
+    # at ~99 a second per thread). No upper bound: preemptions on a loaded host add switch-outs.
     not_captured = run.agent_counters.get("wall_switch_outs_not_captured")
-    assert 0.25 * cycles <= not_captured <= 0.75 * cycles, (not_captured, cycles, run.agent_counters.snapshot())
+    assert 0.25 * cycles <= not_captured, (not_captured, cycles, run.agent_counters.snapshot())
     # Of those, the sleeps (4 ms, long enough to need a stack) are estimated; preemptions of the
     # busy millisecond mostly are not (shorter than wall_min_block_ns), more so on a loaded host.
     assert 0.25 * cycles <= run.agent_counters.get("wall_blocks_estimated") <= not_captured

@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.aggregated import AggregatingActor
+from agent.actors.base import ActorContext
 from agent.lock_waits import futex_address, wait_bits, wait_kind
+from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
 from shared.profile_types import ProfileType
@@ -32,6 +34,10 @@ class LockActor(AggregatingActor):
     bpf_source = "lock.bpf.c"
     uses_targets = True
 
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+
     def period(self) -> int:
         return 1  # values are exact counts of waits, not sampled
 
@@ -39,7 +45,13 @@ class LockActor(AggregatingActor):
         return {**super().bpf_defines(), "MIN_WAIT_NS": self.ctx.settings.lock_min_wait_ns}
 
     def attach(self, bpf: Any) -> None:
-        pass  # TRACEPOINT_PROBE programs are attached by bcc when loaded
+        # TRACEPOINT_PROBE programs are attached by bcc when loaded; with unwinding, stages 2
+        # and 3 of each wait (bpf/lock.bpf.c) go into the program array.
+        if self.unwinding.active:
+            from bcc import BPF
+
+            chain_stages(bpf, "lock_stages", [("lock_wait_unwind", BPF.TRACEPOINT),
+                                              ("lock_wait_record", BPF.TRACEPOINT)])
 
     def read_bpf_counters(self) -> None:
         delta = self.counter_deltas()
@@ -49,6 +61,9 @@ class LockActor(AggregatingActor):
         if delta[2]:
             c.inc("lock_short_waits", delta[2])
             c.inc("lock_short_wait_ns", delta[3])
+        if len(delta) > 4 and delta[4]:
+            c.inc("unwind_tail_call_failed", delta[4], type=self.profile_type.value)
+        self.count_drops(delta, {5: "tail_call_failed"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer

@@ -19,6 +19,8 @@ import dataclasses
 from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor
+from agent.actors.base import ActorContext
+from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
@@ -94,6 +96,10 @@ class WallActor(AggregatingActor):
     bpf_source = "wall.bpf.c"
     uses_targets = True
 
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
@@ -103,14 +109,21 @@ class WallActor(AggregatingActor):
                 "CAPTURE_RATE_HZ": self.ctx.settings.wall_capture_rate_hz}
 
     def attach(self, bpf: Any) -> None:
-        from bcc import PerfSWConfig, PerfType
+        from bcc import BPF, PerfSWConfig, PerfType
 
+        if self.unwinding.active:  # stages 2 and 3 of each event (bpf/wall.bpf.c)
+            chain_stages(bpf, "on_cpu_stages", [("wall_on_cpu_unwind", BPF.PERF_EVENT),
+                                                ("wall_on_cpu_record", BPF.PERF_EVENT)])
+            chain_stages(bpf, "switch_out_stages", [("wall_switch_out_unwind", BPF.TRACEPOINT),
+                                                    ("wall_switch_out_record", BPF.TRACEPOINT)])
         bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
                               fn_name="on_cpu_sample", sample_freq=self.ctx.settings.frequency_hz)
 
     def read_bpf_counters(self) -> None:
         deltas = self.counter_deltas()
-        self.count_drops(deltas, {2: "blocked_map_full"})
+        self.count_drops(deltas, {2: "blocked_map_full", 7: "tail_call_failed"})
+        if len(deltas) > 6 and deltas[6]:
+            self.ctx.counters.inc("unwind_tail_call_failed", deltas[6], type=self.profile_type.value)
         # Not drops: switch-outs not captured (to bound the cost), and of their blocks those long
         # enough to need a stack, whose time spread_uncaptured puts on the captured stacks.
         for slot, name in ((4, "wall_switch_outs_not_captured"), (5, "wall_blocks_estimated")):

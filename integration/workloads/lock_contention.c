@@ -8,12 +8,19 @@
  * workers are done, and the main thread waits in pthread_join for the workers.
  * Prints "wait_ns <mutex wait>", "rw_wait_ns <rwlock wait>", "locks <n>" and the waiting
  * threads' ids: "cond_tid", "sem_tid".
- * Usage: lock_contention THREADS ITERS HOLD_US */
+ * With "gate", a warm-up thread waits on a semaphore nobody posts, in 50 ms waits (in
+ * warm_up), until a line arrives on stdin; only then do the lockers start, and the process
+ * sleeps 1 s before it exits: a profiler that selects processes by a periodic scan and
+ * prepares per-process state on a process's first event (native unwinding tables) can have
+ * both in place before the contention, and the process is still there to be read when its
+ * last waits are reported.
+ * Usage: lock_contention THREADS ITERS HOLD_US [gate] */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -121,6 +128,31 @@ static void *sem_waiter(void *arg)
     return NULL;
 }
 
+static volatile int gate_open;
+
+__attribute__((noinline)) void warm_up(void)
+{
+    sem_t never;
+    sem_init(&never, 0, 0);
+    while (!gate_open) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 50 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec += 1;
+            until.tv_nsec -= 1000000000L;
+        }
+        sem_timedwait(&never, &until);
+    }
+}
+
+static void *warm_up_thread(void *arg)
+{
+    (void)arg;
+    warm_up();
+    return NULL;
+}
+
 __attribute__((noinline)) void join_all(pthread_t *threads, int n)
 {
     for (int i = 0; i < n; i++)
@@ -132,6 +164,16 @@ int main(int argc, char **argv)
     int threads = argc > 1 ? atoi(argv[1]) : 4;
     iters = argc > 2 ? atoi(argv[2]) : 200;
     hold_us = argc > 3 ? atoi(argv[3]) : 2000;
+    int gate = argc > 4 && strcmp(argv[4], "gate") == 0;
+    if (gate) {
+        pthread_t warmer;
+        char line[16];
+        pthread_create(&warmer, NULL, warm_up_thread, NULL);
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+        gate_open = 1;
+        join_all(&warmer, 1);
+    }
     if (threads > 60)
         threads = 60;
     sem_init(&done_sem, 0, 0);
@@ -151,5 +193,8 @@ int main(int argc, char **argv)
     join_all(waiters, 2);
     printf("wait_ns %llu\nrw_wait_ns %llu\nlocks %d\ncond_tid %d\nsem_tid %d\n", total_wait_ns, total_rw_wait_ns,
            threads * iters, (int)cond_tid, (int)sem_tid);
+    fflush(stdout);
+    if (gate)
+        sleep(1);
     return 0;
 }
