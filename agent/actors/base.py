@@ -264,9 +264,7 @@ class RingBufferActor(ProfileActor):
         except asyncio.CancelledError:
             # The compile thread cannot be interrupted: let it finish, then undo what it attached.
             await asyncio.gather(load, return_exceptions=True)
-            if self.bpf is not None:
-                await asyncio.to_thread(cleanup_program, self.bpf)
-            await asyncio.to_thread(self.unwinding.drop)
+            await asyncio.shield(asyncio.to_thread(self._teardown, self.bpf))
             raise
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
         self.ctx.counters.inc("actor_started", type=name)
@@ -293,9 +291,17 @@ class RingBufferActor(ProfileActor):
                 await asyncio.shield(self._flush(loop))
             finally:
                 bpf, self.bpf = self.bpf, None
-                await asyncio.shield(asyncio.to_thread(cleanup_program, bpf))
-                await asyncio.shield(asyncio.to_thread(self.unwinding.drop))
+                await asyncio.shield(asyncio.to_thread(self._teardown, bpf))
                 log.info("%s actor: BPF detached", name)
+
+    def _teardown(self, bpf: Any) -> None:
+        """Detach the program, then let go of the shared unwinder: one blocking call, so a
+        second cancellation of the actor cannot leave the release undone."""
+        try:
+            if bpf is not None:
+                cleanup_program(bpf)
+        finally:
+            self.unwinding.drop()
 
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         # popleft is atomic against the poll thread's append: nothing slips between read and clear.

@@ -6,11 +6,13 @@ modules of this process; the CPU, wall and lock programs declare them extern. On
 :class:`NativeUnwinder` worker serves all of them, so a file's table is built and loaded once,
 whichever profile asked for it first, and a process is read from /proc once.
 
-bcc keeps an exported map reachable by name only while the module that defined it lives, so
-:class:`SharedUnwinding` keeps that module while any actor holds it (``acquire``/``release``,
-counted), and tears both down with the last user. Every acquire and release runs under
-``BCC_LOCK``: compiling an extern declaration needs the exporting module, and destroying that
-module must not race a compile.
+bcc resolves exported names process-wide and binds an extern declaration to the first live
+export of that name, so the maps module is made once per process and kept for its lifetime
+(``_maps_module``); :class:`SharedUnwinding` runs the worker while any actor holds it
+(``acquire``/``release``, counted) and stops it with the last user. A new worker starts from
+empty process and request maps (its row allocator knows nothing of earlier rows). Every
+acquire and release runs under ``BCC_LOCK``: compiling an extern declaration needs the
+exporting module.
 
 :class:`ActorUnwinding` is one actor's side: the defines for its program, holding the shared
 maps across its compile, falling back to frame pointers if its program does not load with
@@ -32,6 +34,17 @@ log = logging.getLogger(__name__)
 MAPS_SOURCE = "unwind_maps.bpf.c"
 
 
+_MAPS_MODULE: Any = None
+
+
+def _maps_module(max_rows: int) -> Any:
+    """The process's unwind maps module, compiled on first use (caller holds ``BCC_LOCK``)."""
+    global _MAPS_MODULE
+    if _MAPS_MODULE is None:
+        _MAPS_MODULE = load_program(MAPS_SOURCE, {"UNWIND_MAX_ROWS": max_rows})
+    return _MAPS_MODULE
+
+
 class SharedUnwinding:
     """The agent's unwind maps and table worker, shared by the actors that unwind."""
 
@@ -50,24 +63,25 @@ class SharedUnwinding:
         """Make sure the maps exist and the worker runs, for one more user. Blocking (the first
         call compiles the maps module); the caller holds ``BCC_LOCK``."""
         if self._owner is None:
-            self._owner = load_program(MAPS_SOURCE, {"UNWIND_MAX_ROWS": self.max_rows})
+            self._owner = _maps_module(self.max_rows)
             self._start_worker()
         elif self.unwinder is not None and self.unwinder.failure is not None:
-            self._replace_failed_worker()
+            log.warning("restarting the native unwinder after: %s", self.unwinder.failure)
+            self.unwinder.close()
+            self._start_worker()
         self._users += 1
 
     def release(self) -> None:
-        """One user fewer; the last one stops the worker and frees the maps. Blocking; takes
-        ``BCC_LOCK`` itself."""
+        """One user fewer; the last one stops the worker (the maps stay with the process).
+        Blocking; takes ``BCC_LOCK`` itself."""
         with BCC_LOCK:
             self._users -= 1
             if self._users > 0 or self._owner is None:
                 return
-            owner, self._owner = self._owner, None
+            self._owner = None
             unwinder, self.unwinder = self.unwinder, None
             if unwinder is not None:
                 unwinder.close()
-            owner.cleanup()
 
     def check(self) -> None:
         """Raise if the worker stopped on an error (the actor's supervisor restarts the actor,
@@ -76,20 +90,13 @@ class SharedUnwinding:
             raise RuntimeError("native unwinder failed") from self.unwinder.failure
 
     def _start_worker(self) -> None:
-        # Served before the first sample: a process's tables load while it is young.
-        self.unwinder = NativeUnwinder(BccUnwindMaps(self._owner), self.counters, self.max_rows)
-        self.unwinder.start()
-
-    def _replace_failed_worker(self) -> None:
-        """A fresh worker over the same maps: BPF forgets every process (and falls back to frame
-        pointers until the new worker loads it again), so no walk uses rows the new worker's
-        allocator does not know about."""
-        assert self.unwinder is not None
-        log.warning("restarting the native unwinder after: %s", self.unwinder.failure)
-        self.unwinder.close()
+        """A worker over empty process and request maps: BPF falls back to frame pointers for
+        every process until this worker loads it, so no walk uses rows its allocator does not
+        know about. Served before the first sample: a process's tables load while it is young."""
         self._owner["unwind_procs"].clear()
         self._owner["unwind_requests"].clear()
-        self._start_worker()
+        self.unwinder = NativeUnwinder(BccUnwindMaps(self._owner), self.counters, self.max_rows)
+        self.unwinder.start()
 
 
 class ActorUnwinding:
