@@ -18,6 +18,7 @@ from agent.python import PythonProcesses
 from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer
+from agent.unwind import SharedUnwinding
 from shared.counters import Counters
 from shared.metrics_server import MetricsServer, metrics_registry, parse_address
 from shared.profile_types import ProfileType
@@ -51,8 +52,11 @@ async def run_agent(
                                 add_attributes=settings.metadata.enabled, own_network_namespace_only=netns_scope)
         await metadata.start()
         sink = metadata
+    # Created on first use by an actor, gone with the last: one table build per file for all types.
+    unwinding = SharedUnwinding(counters, settings.unwind_table_rows) if settings.native_unwinding else None
     symbolizer = Symbolizer(debug_directories=settings.debug_directories)
-    ctx = ActorContext(settings, symbolizer, executor, sink, counters, MonotonicToUnix(), PythonProcesses(counters))
+    ctx = ActorContext(settings, symbolizer, executor, sink, counters, MonotonicToUnix(),
+                       PythonProcesses(counters), unwinding)
 
     factories: dict[ProfileType, Callable[[], ProfileActor]] = {
         t: functools.partial(ACTORS[t], ctx) for t in settings.types

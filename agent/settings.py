@@ -76,8 +76,9 @@ class AgentSettings(BaseSettings):
     # the two aggregation maps, and distinct stacks kept (LRU, ~4.2 KiB each in the kernel).
     agg_map_entries: int = Field(default=16384, ge=16, le=1 << 20)
     agg_stack_entries: int = Field(default=4096, ge=256, le=1 << 18)
-    # CPU profile: unwind user stacks from DWARF CFI inside BPF (docs/design/native-unwinding.md);
-    # off = frame pointers only. unwind_table_rows sizes the BPF row table (12 bytes a row).
+    # CPU, wall and lock profiles: unwind user stacks from DWARF CFI inside BPF, one shared set
+    # of tables (docs/design/native-unwinding.md); off = frame pointers only.
+    # unwind_table_rows sizes the BPF row table (12 bytes a row).
     native_unwinding: bool = True
     unwind_table_rows: int = Field(default=1 << 20, ge=1 << 12, le=1 << 24)
     # Where distributions install separate debug files (names of stripped libraries' local

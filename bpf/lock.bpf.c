@@ -1,16 +1,25 @@
 /* Lock profile: user-space lock contention, seen as futex waits.
  *
- * sys_enter_futex records (start time, lock address) per thread for *wait* operations only;
- * at sys_exit_futex the thread is current, so its stack is exactly the one that called
- * pthread_mutex_lock & co: the stack is stored once per distinct stack and the wait is
- * added to its (pid, tid, stack, lock address) aggregate (bpf/stack_agg.h), which the agent
+ * sys_enter_futex records (start time, lock address, how it waits) per thread for *wait*
+ * operations only; at sys_exit_futex the thread is current, so its stack is exactly the one
+ * that called pthread_mutex_lock & co: the stack is stored once per distinct stack and the
+ * wait is added to its (pid, tid, stack, label) aggregate (bpf/stack_agg.h), which the agent
  * drains every flush. Waits shorter than MIN_WAIT_NS are not contention worth a stack and
  * are only counted. Syscall tracepoints, not kprobes (unavailable here).
+ *
+ * The label is the lock address (user addresses fit in 56 bits, also with 5-level paging)
+ * with WAIT_BITS in its top byte: the futex command and flags, and whether the futex word
+ * is the thread-id field of a glibc thread descriptor (what pthread_join waits on). The
+ * agent tells mutex, rwlock, condition, join and semaphore waits apart from these and the
+ * waiting stack (agent/lock_waits.py).
  */
 #include <uapi/linux/ptrace.h>
 #include "stack_event.h"
 #include "stack_agg.h"
 #include "targets.h"
+#ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
+#include "unwind.h"
+#endif
 
 #define FUTEX_CMD_MASK 0x7f /* strips FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256) */
 #define FUTEX_WAIT 0
@@ -18,15 +27,52 @@
 #define FUTEX_WAIT_BITSET 9
 #define FUTEX_WAIT_REQUEUE_PI 11
 #define FUTEX_LOCK_PI2 13
+#define FUTEX_PRIVATE_FLAG 128
+#define FUTEX_CLOCK_REALTIME 256
+#define FUTEX_BITSET_MATCH_ANY 0xffffffff
+
+/* WAIT_BITS, mirrored in agent/lock_waits.py: bits 0-3 the command, then flags. */
+#define WAIT_PRIVATE 0x10
+#define WAIT_REALTIME 0x20
+#define WAIT_MATCH_ANY 0x40
+#define WAIT_THREAD_TID 0x80
+#define LABEL_ADDRESS_BITS 56
+
+/* glibc (x86-64) keeps a thread's id at this offset in its descriptor, struct pthread,
+ * which starts with tcbhead_t {tcb, dtv, self}: tcb and self point at the descriptor
+ * itself. pthread_join waits on the joined thread's id field until the kernel clears it.
+ * Checked by integration/test_lock_profile.py on the machine's glibc. */
+#ifndef GLIBC_PTHREAD_TID_OFFSET
+#define GLIBC_PTHREAD_TID_OFFSET 0x2d0
+#endif
 
 struct wait_start {
     u64 ts_ns;
     u64 uaddr;
+    u64 bits;       /* WAIT_BITS */
 };
 
+/* 1 if uaddr is the tid field of a glibc thread descriptor: the words at its start
+ * point at the descriptor (tcbhead_t's tcb and self). Reads user memory only. */
+static __always_inline int is_thread_tid_word(u64 uaddr)
+{
+    if (uaddr < GLIBC_PTHREAD_TID_OFFSET)
+        return 0;
+    u64 pd = uaddr - GLIBC_PTHREAD_TID_OFFSET;
+    u64 head[3] = {};
+    if (bpf_probe_read_user(head, sizeof(head), (void *)pd) != 0)
+        return 0;
+    return head[0] == pd && head[2] == pd;
+}
+
 BPF_HASH(waiting, u32, struct wait_start, 65536);
-/* 0: waits seen, 1: (unused: was ring full), 2: short waits (below MIN_WAIT_NS), 3: short wait ns */
-BPF_PERCPU_ARRAY(counters, u64, 4);
+/* 0: waits seen, 1: (unused: was ring full), 2: short waits (below MIN_WAIT_NS), 3: short wait ns,
+ * 4: waits recorded without unwinding (a failed tail call into stage 2), 5: waits lost (a
+ * failed tail call into stage 3) */
+BPF_PERCPU_ARRAY(counters, u64, 6);
+/* With native unwinding a wait takes three programs, as in bpf/wall.bpf.c: stage 1 captures
+ * (sys_exit_futex), stage 2 (slot 0) unwinds, stage 3 (slot 1) hashes, stores, aggregates. */
+BPF_PROG_ARRAY(lock_stages, 2);
 
 static __always_inline void add(int idx, u64 v)
 {
@@ -45,10 +91,52 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
     if (!is_target(pid_tgid >> 32))
         return 0;
     u32 tid = (u32)pid_tgid;
-    struct wait_start start = {.ts_ns = bpf_ktime_get_ns(), .uaddr = (u64)args->uaddr};
+    u64 uaddr = (u64)args->uaddr;
+    if (uaddr >> LABEL_ADDRESS_BITS)
+        return 0;   /* not a user address: the wait fails at once */
+    u64 bits = cmd;
+    if (args->op & FUTEX_PRIVATE_FLAG)
+        bits |= WAIT_PRIVATE;
+    if (args->op & FUTEX_CLOCK_REALTIME)
+        bits |= WAIT_REALTIME;
+    if (cmd == FUTEX_WAIT_BITSET && (u32)args->val3 == FUTEX_BITSET_MATCH_ANY)
+        bits |= WAIT_MATCH_ANY;
+    if ((cmd == FUTEX_WAIT || cmd == FUTEX_WAIT_BITSET) && is_thread_tid_word(uaddr))
+        bits |= WAIT_THREAD_TID;
+    struct wait_start start = {.ts_ns = bpf_ktime_get_ns(), .uaddr = uaddr, .bits = bits};
     waiting.update(&tid, &start);
     return 0;
 }
+
+/* Stage 1 left the wait's start in ts_ns, its length in value and its label in aux. */
+static __always_inline void record_wait(struct stack_event *ev)
+{
+    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ev->aux};
+    agg_add(&key, ev->value, ev->ts_ns);
+}
+
+#ifdef NATIVE_UNWINDING
+int lock_wait_unwind(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    unwind_task_user_stack(ev);
+    lock_stages.call(ctx, 1);
+    add(5, 1);
+    return 0;
+}
+
+int lock_wait_record(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (ev)
+        record_wait(ev);
+    return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_exit_futex)
 {
@@ -60,6 +148,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     u64 started = start->ts_ns;
     u64 delay = bpf_ktime_get_ns() - started;
     u64 uaddr = start->uaddr;
+    u64 label = uaddr | (start->bits << LABEL_ADDRESS_BITS);
     waiting.delete(&tid);
     add(0, 1);
     if (delay < MIN_WAIT_NS) {
@@ -72,10 +161,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     if (!ev)
         return 0;
     fill_stack_event(args, ev, pid_tgid);
+    ev->ts_ns = started;
     ev->value = delay;
-    ev->aux = uaddr;
+    ev->aux = label;
     ev->kind = 0;
-    struct agg_key key = {.pid = ev->pid, .tid = tid, .stack_id = agg_store_stack(ev), .label = uaddr};
-    agg_add(&key, delay, started);
+#ifdef NATIVE_UNWINDING
+    lock_stages.call(args, 0);
+    add(4, 1);
+#endif
+    record_wait(ev);
     return 0;
 }

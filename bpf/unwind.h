@@ -15,13 +15,20 @@
  * tables of files a sample lands in for the first time (mappings marked pending).
  *
  * Kernel structs are never dereferenced: user registers come from the perf context when the
- * sample hit user mode, else from bpf_task_pt_regs() (struct pt_regs is ABI-stable on x86-64).
+ * sample hit user mode, else from bpf_task_pt_regs() (struct pt_regs is ABI-stable on x86-64):
+ * unwind_task_user_stack() serves tracepoints, where the task is always in the kernel.
+ *
+ * One set of maps for every program: bpf/unwind_maps.bpf.c defines them (UNWIND_MAPS_OWNER,
+ * exported by name to the other bcc modules of the agent process) and the profile programs
+ * declare them extern, so each file's table is built and loaded once for the CPU, wall and
+ * lock profiles (agent/unwind/sharing.py).
  *
  * The row kinds and struct layouts are mirrored in agent/unwind/: keep them in step.
  */
 #ifndef STACKFLEET_UNWIND_H
 #define STACKFLEET_UNWIND_H
 
+#include <uapi/linux/bpf_perf_event.h>
 #include "stack_event.h"
 
 #ifndef UNWIND_MAX_ROWS
@@ -106,10 +113,21 @@ struct unwind_cpu {
     u64 bp;
 };
 
-BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_MAX_ROWS);
-BPF_F_TABLE("hash", u32, struct unwind_proc, unwind_procs, UNWIND_MAX_PROCS, BPF_F_NO_PREALLOC);
-BPF_HASH(unwind_requests, u32, u64, 1024);
-BPF_PERCPU_ARRAY(unwind_cpus, struct unwind_cpu, 1);
+#ifdef UNWIND_MAPS_OWNER
+#define UNWIND_MAP(_type, _key, _leaf, _name, _entries, _flags) \
+    BPF_F_TABLE(_type, _key, _leaf, _name, _entries, _flags); \
+    __attribute__((section("maps/export"))) struct _name##_table_t __##_name
+#else
+#define UNWIND_MAP(_type, _key, _leaf, _name, _entries, _flags) \
+    BPF_F_TABLE("extern", _key, _leaf, _name, _entries, _flags)
+#endif
+
+/* unwind_cpus is per-CPU scratch shared by the programs: BPF tracing programs do not nest on
+ * one CPU (the kernel's bpf_prog_active guard), so two walks never share it at once. */
+UNWIND_MAP("array", u32, struct unwind_row, unwind_rows, UNWIND_MAX_ROWS, 0);
+UNWIND_MAP("hash", u32, struct unwind_proc, unwind_procs, UNWIND_MAX_PROCS, BPF_F_NO_PREALLOC);
+UNWIND_MAP("hash", u32, u64, unwind_requests, 1024, 0);
+UNWIND_MAP("percpu_array", u32, struct unwind_cpu, unwind_cpus, 1, 0);
 
 /* One pending request per pid (BPF_NOEXIST); the agent deletes what it has served. */
 static __always_inline void unwind_request(u32 pid, u64 why)
@@ -118,10 +136,10 @@ static __always_inline void unwind_request(u32 pid, u64 why)
 }
 
 /* The interrupted user registers: from the perf context if the sample hit user mode, else
- * the ones saved on kernel entry. Returns 0 on success. */
+ * (and always without a perf context) the ones saved on kernel entry. Returns 0 on success. */
 static __always_inline int unwind_user_regs(struct bpf_perf_event_data *ctx, u64 *ip, u64 *sp, u64 *bp)
 {
-    if ((ctx->regs.cs & 3) == 3) {
+    if (ctx && (ctx->regs.cs & 3) == 3) {
         *ip = ctx->regs.ip;
         *sp = ctx->regs.sp;
         *bp = ctx->regs.bp;
@@ -166,8 +184,8 @@ static __always_inline struct unwind_mapping *unwind_find_mapping(struct unwind_
 }
 
 /* Replace ev's frame-pointer user stack with a CFI-unwound one when the process has tables.
- * Returns 1 if it did. Call after fill_stack_event(). */
-static __always_inline int unwind_user_stack(struct bpf_perf_event_data *ctx, struct stack_event *ev)
+ * Returns 1 if it did. Call after fill_stack_event(); ctx NULL: the task is in the kernel. */
+static __always_inline int unwind_user_stack_from(struct bpf_perf_event_data *ctx, struct stack_event *ev)
 {
     u32 pid = ev->pid;
 #ifdef UNWIND_SELF_TGID
@@ -307,6 +325,18 @@ done:
     if (stop >= 0 && stop < UNWIND_STAT_SLOTS)
         st->counters[stop]++;
     return 1;
+}
+
+/* From a perf event (CPU and wall on-CPU samples). */
+static __always_inline int unwind_user_stack(struct bpf_perf_event_data *ctx, struct stack_event *ev)
+{
+    return unwind_user_stack_from(ctx, ev);
+}
+
+/* From a tracepoint (sched_switch, futex system calls): the user registers saved on entry. */
+static __always_inline int unwind_task_user_stack(struct stack_event *ev)
+{
+    return unwind_user_stack_from(NULL, ev);
 }
 
 #endif

@@ -21,30 +21,40 @@
  * CAPTURE_RATE_HZ is captured every time, a faster one about CAPTURE_RATE_HZ times a second,
  * at random moments (no aliasing with a periodic thread). Every switch-out still records its
  * time, so each off-CPU interval's length is known exactly: short ones are summed per thread
- * as before; long ones not captured are summed per thread under UNCAPTURED_LABEL. The agent
- * (agent/actors/wall.py) spreads that sum over the thread's captured intervals of the same
- * window in proportion (a ratio estimate: the capture decision never depends on the stack),
- * so per-thread totals stay exact and only the split between stacks is estimated.
+ * as before; long ones not captured are summed per (thread, task state) under
+ * UNCAPTURED_LABEL | state. A captured interval also adds its length divided by p (a
+ * Horvitz-Thompson weight: p depends on the thread's recent history, e.g. the first
+ * preemption after a long sleep always has p = 1, a sleep soon after a captured preemption a
+ * small one) to its aggregate's weighted_ns. The agent (agent/actors/wall.py) shares each
+ * (thread, state)'s exact off-CPU total out over its captured stacks in proportion to
+ * weighted_ns: per-thread and per-state totals stay exact, the split between stacks is
+ * estimated without the bias of treating every capture as equally likely.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 #include "stack_event.h"
 #include "stack_agg.h"
 #include "targets.h"
+#ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
+#include "unwind.h"
+#endif
 
 #define ON_CPU_LABEL (1ULL << 63)
 #define SHORT_OFF_CPU_LABEL ((1ULL << 63) | 1)
-#define UNCAPTURED_LABEL ((1ULL << 63) | 2)
+#define UNCAPTURED_LABEL ((1ULL << 63) | (1ULL << 62))   /* | the task state */
 
 #ifndef CAPTURE_RATE_HZ
 #define CAPTURE_RATE_HZ 0
 #endif
-#define P_ONE 65536         /* capture probability in 1/65536ths */
+#define P_SHIFT 32
+#define P_ONE (1ULL << P_SHIFT)     /* capture probability in 1/2^32ths */
+#define WEIGHT_SHIFT 16             /* inverse probabilities in 1/2^16ths */
 
 struct blocked_thread {
     u64 ts_ns;          /* switch-out time */
     u64 stack_id;       /* 0: the stack was not captured (sampled out) */
     u64 state;          /* prev_state at switch-out */
+    u64 inverse_p;      /* 1 / capture probability, in 1/2^WEIGHT_SHIFT ths */
     u32 tgid;
     u32 _pad;
 };
@@ -55,8 +65,9 @@ BPF_HASH(blocked, u32, struct blocked_thread, MAX_BLOCKED_THREADS);
 BPF_TABLE("lru_hash", u32, u64, last_capture, MAX_BLOCKED_THREADS);
 /* 0: on-cpu samples, 1: (unused: was ring full), 2: blocked map full, 3: off-cpu intervals,
  * 4: switch-outs whose stack was not captured, 5: of their intervals, those at least
- * MIN_BLOCK_NS long (summed under UNCAPTURED_LABEL) */
-BPF_PERCPU_ARRAY(counters, u64, 6);
+ * MIN_BLOCK_NS long (summed under UNCAPTURED_LABEL), 6: events recorded without unwinding (a
+ * failed tail call into stage 2), 7: events lost (a failed tail call into stage 3) */
+BPF_PERCPU_ARRAY(counters, u64, 8);
 
 static __always_inline void count(int idx)
 {
@@ -65,19 +76,61 @@ static __always_inline void count(int idx)
         (*c)++;
 }
 
-/* Whether to capture this switch-out's stack (see the header); a capture is remembered. */
-static __always_inline int capture_now(u32 tid, u64 now)
+/* The probability (in 1/P_ONE ths) with which this switch-out's stack is captured if it is
+ * (see the header), else 0. A capture is remembered. */
+static __always_inline u64 capture_now(u32 tid, u64 now)
 {
     if (CAPTURE_RATE_HZ == 0)
-        return 1;
+        return P_ONE;
+    u64 p = P_ONE;
     u64 *last = last_capture.lookup(&tid);
     if (last && *last < now) {
         u64 scaled = (now - *last) * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
-        if (scaled < 1000000000ULL && (bpf_get_prandom_u32() & (P_ONE - 1)) >= scaled * P_ONE / 1000000000ULL)
-            return 0;
+        if (scaled < 1000000000ULL) {
+            p = (scaled << P_SHIFT) / 1000000000ULL;    /* scaled < 2^30: no overflow */
+            if ((u64)bpf_get_prandom_u32() >= p)
+                return 0;
+        }
     }
     last_capture.update(&tid, &now);
-    return 1;
+    return p;
+}
+
+/* ns x inverse_p / 2^WEIGHT_SHIFT, saturating (an interval of hours captured at a tiny p). */
+static __always_inline u64 weighted_ns(u64 ns, u64 inverse_p)
+{
+    u64 hi = ns >> WEIGHT_SHIFT, lo = ns & ((1ULL << WEIGHT_SHIFT) - 1);
+    if (hi && inverse_p > (1ULL << 62) / hi)
+        return 1ULL << 62;
+    return hi * inverse_p + ((lo * inverse_p) >> WEIGHT_SHIFT);
+}
+
+/* With native unwinding each event takes three programs, each within the verifier's budget:
+ * stage 1 (below) captures the stacks and CPython frames into agg_scratch, stage 2 (slot 0)
+ * unwinds the user stack from CFI tables, stage 3 (slot 1) hashes, stores and aggregates. A
+ * failed tail call from stage 1 (no stage loaded) records the frame-pointer stack as stage 1
+ * has it; one from stage 2 loses the event (counted). Slots are set by the agent, one array
+ * per program type (the kernel binds an array to the type of the programs that use it). */
+BPF_PROG_ARRAY(on_cpu_stages, 2);
+BPF_PROG_ARRAY(switch_out_stages, 2);
+
+static __always_inline void record_on_cpu(struct stack_event *ev)
+{
+    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ON_CPU_LABEL};
+    agg_add(&key, SAMPLE_PERIOD_NS, ev->ts_ns);
+    count(0);
+}
+
+/* The outgoing thread's entry: when and why it stopped, and its stack if captured (stage 1
+ * left the switch-out time in ts_ns, prev_state in aux and the capture probability in value). */
+static __always_inline void record_switch_out(struct stack_event *ev)
+{
+    u64 p = ev->value;
+    struct blocked_thread b = {.ts_ns = ev->ts_ns, .stack_id = agg_store_stack(ev), .state = ev->aux,
+                               .inverse_p = p ? (1ULL << (P_SHIFT + WEIGHT_SHIFT)) / p : 0, .tgid = ev->pid};
+    u32 tid = ev->tid;
+    if (blocked.update(&tid, &b) != 0)
+        count(2);
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -95,75 +148,122 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     ev->value = SAMPLE_PERIOD_NS;
     ev->aux = ON_CPU_LABEL;
     ev->kind = 0;
-    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ON_CPU_LABEL};
-    agg_add(&key, SAMPLE_PERIOD_NS, ev->ts_ns);
-    count(0);
+#ifdef NATIVE_UNWINDING
+    on_cpu_stages.call(ctx, 0);
+    count(6);
+#endif
+    record_on_cpu(ev);
     return 0;
 }
+
+#ifdef NATIVE_UNWINDING
+int wall_on_cpu_unwind(struct bpf_perf_event_data *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    unwind_user_stack(ctx, ev);
+    on_cpu_stages.call(ctx, 1);
+    count(7);
+    return 0;
+}
+
+int wall_on_cpu_record(struct bpf_perf_event_data *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (ev)
+        record_on_cpu(ev);
+    return 0;
+}
+
+int wall_switch_out_unwind(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    unwind_task_user_stack(ev);
+    switch_out_stages.call(ctx, 1);
+    count(7);
+    return 0;
+}
+
+int wall_switch_out_record(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (ev)
+        record_switch_out(ev);
+    return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
+    /* The incoming task: if we saw it leave, its off-CPU interval ends now. */
+    u32 next_tid = args->next_pid;
+    struct blocked_thread *saved = next_tid ? blocked.lookup(&next_tid) : 0;
+    if (saved) {
+        u64 duration = now - saved->ts_ns;
+        struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id,
+                              .label = saved->state};
+        u64 start = saved->ts_ns;
+        u64 weighted = duration;
+        if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
+            key.stack_id = 0;
+            key.label = SHORT_OFF_CPU_LABEL;
+        } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread and state */
+            key.label = UNCAPTURED_LABEL | saved->state;
+            count(5);
+        } else {
+            weighted = weighted_ns(duration, saved->inverse_p);
+        }
+        blocked.delete(&next_tid);
+        agg_add_weighted(&key, duration, weighted, start);
+        count(3);
+    }
     /* The outgoing task is current: store its stack, remember when and why it stopped. */
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 prev_tid = (u32)pid_tgid;
-    if (prev_tid != 0 && is_target(pid_tgid >> 32)) {
-        u64 stack_id = 0;   /* stays 0 when the stack is not captured */
-        int user = 0;       /* a user thread with a user stack: kernel threads are skipped */
-        if (capture_now(prev_tid, now)) {
-            u32 zero = 0;
-            struct stack_event *ev = agg_scratch.lookup(&zero);
-            if (ev) {
-                /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on
-                 * its way back to user space (a timer tick took its CPU). Its kernel stack is
-                 * always that same return path and costs half of this program: left out.
-                 * Preempted in the kernel (TASK_REPORT_MAX) or blocked, the kernel stack says
-                 * where. */
-                fill_stack_event_parts(args, ev, pid_tgid, args->prev_state != 0);
-                if (ev->user_len > 0) {
-                    ev->ts_ns = now;
-                    ev->aux = (u64)args->prev_state;
-                    ev->kind = 1;
-                    ev->value = 0;
-                    stack_id = agg_store_stack(ev);
-                    user = 1;
-                }
-            }
-        } else {
-            /* Not captured: the time only, for the exact sum of short blocks. A one-entry user
-             * stack tells user threads from kernel threads and exiting tasks (task_struct
-             * offsets from this build's headers cannot be trusted on the running kernel). */
-            u64 user_ip = 0;
-            user = bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) > 0;
-            if (user)
-                count(4);
-        }
-        if (user) {
-            struct blocked_thread b = {.ts_ns = now, .stack_id = stack_id, .state = (u64)args->prev_state,
-                                       .tgid = pid_tgid >> 32};
-            if (blocked.update(&prev_tid, &b) != 0)
-                count(2);
-        }
-    }
-    /* The incoming task: if we saw it leave, its off-CPU interval ends now. */
-    u32 next_tid = args->next_pid;
-    if (next_tid == 0)
+    if (prev_tid == 0 || !is_target(pid_tgid >> 32))
         return 0;
-    struct blocked_thread *saved = blocked.lookup(&next_tid);
-    if (!saved)
+    u64 p = capture_now(prev_tid, now);
+    if (!p) {
+        /* Not captured: the time only, for the exact sum of short blocks. A one-entry user
+         * stack tells user threads from kernel threads and exiting tasks (task_struct
+         * offsets from this build's headers cannot be trusted on the running kernel). */
+        u64 user_ip = 0;
+        if (bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) <= 0)
+            return 0;
+        count(4);
+        struct blocked_thread b = {.ts_ns = now, .stack_id = 0, .state = (u64)args->prev_state, .inverse_p = 0,
+                                   .tgid = pid_tgid >> 32};
+        if (blocked.update(&prev_tid, &b) != 0)
+            count(2);
         return 0;
-    u64 duration = now - saved->ts_ns;
-    struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id, .label = saved->state};
-    u64 start = saved->ts_ns;
-    if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
-        key.stack_id = 0;
-        key.label = SHORT_OFF_CPU_LABEL;
-    } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread */
-        key.label = UNCAPTURED_LABEL;
-        count(5);
     }
-    blocked.delete(&next_tid);
-    agg_add(&key, duration, start);
-    count(3);
+    u32 zero = 0;
+    struct stack_event *ev = agg_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on its way back
+     * to user space (a timer tick took its CPU). Its kernel stack is always that same return
+     * path and costs half of this program: left out. Preempted in the kernel (TASK_REPORT_MAX)
+     * or blocked, the kernel stack says where. */
+    fill_stack_event_parts(args, ev, pid_tgid, args->prev_state != 0);
+    if (ev->user_len <= 0)  /* kernel thread: skipped */
+        return 0;
+    ev->ts_ns = now;
+    ev->aux = (u64)args->prev_state;
+    ev->kind = 1;
+    ev->value = p;
+#ifdef NATIVE_UNWINDING
+    switch_out_stages.call(args, 0);
+    count(6);
+#endif
+    record_switch_out(ev);
     return 0;
 }

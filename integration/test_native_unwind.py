@@ -1,13 +1,15 @@
 """Native unwinding end to end: programs without frame pointers, profiled by the real agent.
 
-Two workloads run side by side for a few seconds, both built with
+Three workloads run side by side for a few seconds, all built with
 ``-O2 -fomit-frame-pointer -g``:
 - nofp_chain: main -> chain_one -> chain_two -> chain_three -> hot_leaf, each chain frame
   ~280 bytes deep, so neither frame pointers nor the stack-copy scan reach main;
-- qsort_callback: main -> sort_rounds -> qsort (Debian's libc, no frame pointers) -> compare_slow.
-The pipeline runs once with ``native_unwinding`` on and once off, on the same binaries: the
-"off" run shows what the workloads look like to frame pointers alone, so the "on" numbers
-measure the unwinder and not a lucky build.
+- qsort_callback: main -> sort_rounds -> qsort (Debian's libc, no frame pointers) -> compare_slow;
+- nofp_chain waits: the same chain into wait_leaf, which spins, sleeps and waits for a mutex
+  (for the wall and lock profiles, which share the CPU profile's unwinder and tables).
+The pipeline runs the CPU, wall and lock profiles once with ``native_unwinding`` on and once
+off, on the same binaries: the "off" run shows what the workloads look like to frame pointers
+alone, so the "on" numbers measure the unwinder and not a lucky build.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Profiled:
     run: PipelineRun
     chain_pid: int
     qsort_pid: int
+    waits_pid: int
 
 
 def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
@@ -41,19 +44,24 @@ def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
     qsort_exe = build_c("qsort_callback.c", tmp, NOFP)
     pids: dict[str, int] = {}
 
-    async def start(name: str, exe: Path) -> None:
-        proc = await asyncio.create_subprocess_exec(str(exe), str(SECONDS), stdout=asyncio.subprocess.PIPE)
+    async def start(name: str, exe: Path, *args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(str(exe), str(SECONDS), *args, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE)
         pids[name] = proc.pid
-        await proc.communicate()
+        if args:  # the waits mode starts on a line from stdin: after the selector's scan (1 s)
+            await asyncio.sleep(2.0)
+        await proc.communicate(b"go\n")
         assert proc.returncode == 0
 
     async def workload(run: PipelineRun) -> None:
-        await asyncio.gather(start("chain", chain_exe), start("qsort", qsort_exe))
+        await asyncio.gather(start("chain", chain_exe), start("qsort", qsort_exe), start("waits", chain_exe, "waits"))
 
     with NatsServer() as nats:
-        run = asyncio.run(run_pipeline(nats.url, [ProfileType.CPU], workload,
-                                       agent_overrides={"native_unwinding": native_unwinding}))
-    return Profiled(run, pids["chain"], pids["qsort"])
+        # Wall and lock trace selected processes only (the CPU profile samples every process).
+        run = asyncio.run(run_pipeline(nats.url, [ProfileType.CPU, ProfileType.WALL, ProfileType.LOCK], workload,
+                                       agent_overrides={"native_unwinding": native_unwinding,
+                                                        "target_comm": "^nofp_chain$"}))
+    return Profiled(run, pids["chain"], pids["qsort"], pids["waits"])
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +87,10 @@ def _user_names(frames: tuple[Frame, ...]) -> list[str]:
 WARMUP_NS = 1_000_000_000
 
 
-def _steady(p: Profiled, pid: int, complete: Callable[[tuple[Frame, ...]], bool]) -> int:
+def _steady(p: Profiled, pid: int, complete: Callable[[tuple[Frame, ...]], bool],
+            profile_type: ProfileType = ProfileType.CPU) -> int:
     """Start of the steady state: the pid's first complete stack, else its first sample + 1 s."""
-    samples = p.run.samples(ProfileType.CPU, pid)
+    samples = p.run.samples(profile_type, pid)
     done = [t for s in samples if complete(s.frames) for t in s.timestamps_ns]
     if done:
         return min(done)
@@ -152,6 +161,40 @@ def test_callback_under_libc_qsort_shows_frames_beyond_libc(unwound: Profiled, f
     assert total >= 50 and hit >= 0.8 * total, f"{hit}/{total} compare_slow samples reach main through libc"
     fp_hit, fp_total = _beyond_libc(frame_pointers_only)
     assert fp_total and fp_hit <= 0.5 * fp_total, f"frame pointers alone: {fp_hit}/{fp_total}"
+
+
+WAIT_CHAIN = ["chain_three", "chain_two", "chain_one", "main"]
+
+
+def _reaches_main(names: list[str]) -> bool:
+    """The wait's stack runs from its leaf (libc, wait_leaf) through the whole chain to main."""
+    return "wait_leaf" in names and any(names[i : i + len(WAIT_CHAIN)] == WAIT_CHAIN for i in range(len(names)))
+
+
+def _main_thread_share(p: Profiled, profile_type: ProfileType) -> tuple[int, int]:
+    """(weight of the waits workload's main-thread samples whose stack reaches main, weight of
+    all of them), in the steady state; the weight is wall ns or lock waits (values[0]). An
+    aggregate counts from the start of its flush window, so one that began before the
+    steady state is left out whole."""
+    since = _steady(p, p.waits_pid, lambda frames: _reaches_main(_user_names(frames)), profile_type)
+    hit = total = 0
+    for s in p.run.samples(profile_type, p.waits_pid):
+        if s.tid != p.waits_pid or min(s.timestamps_ns) < since:
+            continue  # the holder thread's stacks never pass through main
+        total += s.values[0]
+        if _reaches_main(_user_names(s.frames)):
+            hit += s.values[0]
+    return hit, total
+
+
+@pytest.mark.parametrize("profile_type", [ProfileType.WALL, ProfileType.LOCK])
+def test_wall_and_lock_stacks_reach_main_without_frame_pointers(unwound: Profiled, frame_pointers_only: Profiled,
+                                                                 profile_type: ProfileType) -> None:
+    hit, total = _main_thread_share(unwound, profile_type)
+    unwind_counters = {k: v for k, v in unwound.run.agent_counters.snapshot().items() if "unwind" in k}
+    assert total and hit >= 0.95 * total, f"{profile_type}: {hit}/{total} reach main; {unwind_counters}"
+    fp_hit, fp_total = _main_thread_share(frame_pointers_only, profile_type)
+    assert fp_total and fp_hit <= 0.1 * fp_total, f"frame pointers alone: {fp_hit}/{fp_total}"
 
 
 def test_every_location_has_a_frame_type(unwound: Profiled) -> None:

@@ -1,39 +1,120 @@
-"""Spreading a thread's uncaptured off-CPU time over its captured stacks (agent/actors/wall.py)."""
+"""Sharing out uncaptured off-CPU time over captured stacks (agent/actors/wall.py).
+
+The last test runs the capture process of bpf/wall.bpf.c on a simulated thread whose sleeps
+differ in how likely they are to be captured, and checks the estimate against the known
+truth: the reason for inverse-probability weights and per-state strata.
+"""
 
 from __future__ import annotations
+
+import random
 
 from agent.actors.aggregated import AggregatedEntry
 from agent.actors.wall import ON_CPU_LABEL, SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL, spread_uncaptured
 
-SLEEPING = 0x1
+SLEEPING, PREEMPTED = 0x1, 0x0
 
 
-def entry(tid: int, stack_id: int, label: int, total_ns: int) -> AggregatedEntry:
+def entry(tid: int, stack_id: int, label: int, total_ns: int, weighted_ns: int | None = None) -> AggregatedEntry:
     return AggregatedEntry(pid=10, tid=tid, stack_id=stack_id, label=label, count=1, total_ns=total_ns,
-                           first_ts_mono_ns=0, last_ts_mono_ns=0, cpu=0)
+                           first_ts_mono_ns=0, last_ts_mono_ns=0, cpu=0,
+                           weighted_ns=total_ns if weighted_ns is None else weighted_ns)
 
 
 def totals(entries: list[AggregatedEntry]) -> dict[tuple[int, int, int], int]:
     return {(e.tid, e.stack_id, e.label): e.total_ns for e in entries}
 
 
-def test_uncaptured_time_goes_to_captured_stacks_in_proportion() -> None:
-    entries = [entry(1, 7, SLEEPING, 3_000), entry(1, 8, SLEEPING, 1_000), entry(1, 0, UNCAPTURED_LABEL, 4_001),
-               entry(1, 9, ON_CPU_LABEL, 500), entry(1, 0, SHORT_OFF_CPU_LABEL, 50)]
+def test_uncaptured_time_goes_to_captured_stacks_by_their_weights() -> None:
+    entries = [entry(1, 7, SLEEPING, 3_000, weighted_ns=3_000), entry(1, 8, SLEEPING, 1_000, weighted_ns=5_000),
+               entry(1, 0, UNCAPTURED_LABEL | SLEEPING, 4_001), entry(1, 9, ON_CPU_LABEL, 500),
+               entry(1, 0, SHORT_OFF_CPU_LABEL, 50)]
     out = totals(spread_uncaptured(entries))
-    assert (1, 0, UNCAPTURED_LABEL) not in out
-    assert out[(1, 7, SLEEPING)] == 3_000 + 3_000 and out[(1, 8, SLEEPING)] == 1_000 + 1_001
+    assert (1, 0, UNCAPTURED_LABEL | SLEEPING) not in out
+    # 8,001 ns asleep in all, shared 3:5 by weight (not 3:1 by captured time).
+    assert out[(1, 7, SLEEPING)] == 8_001 * 3 // 8 and out[(1, 8, SLEEPING)] == 8_001 - 8_001 * 3 // 8
     assert out[(1, 9, ON_CPU_LABEL)] == 500 and out[(1, 0, SHORT_OFF_CPU_LABEL)] == 50  # not spread onto
     assert sum(out.values()) == sum(e.total_ns for e in entries)  # the thread's total stays exact
 
 
-def test_threads_are_spread_separately_and_nothing_captured_keeps_its_entry() -> None:
-    entries = [entry(1, 7, SLEEPING, 1_000), entry(1, 0, UNCAPTURED_LABEL, 1_000),
-               entry(2, 7, ON_CPU_LABEL, 1_000), entry(2, 0, UNCAPTURED_LABEL, 2_000)]
+def test_each_task_state_keeps_its_own_total() -> None:
+    entries = [entry(1, 7, SLEEPING, 1_000), entry(1, 8, PREEMPTED, 9_000),
+               entry(1, 0, UNCAPTURED_LABEL | SLEEPING, 2_000), entry(1, 0, UNCAPTURED_LABEL | PREEMPTED, 500)]
     out = totals(spread_uncaptured(entries))
-    assert out == {(1, 7, SLEEPING): 2_000, (2, 7, ON_CPU_LABEL): 1_000, (2, 0, UNCAPTURED_LABEL): 2_000}
+    assert out == {(1, 7, SLEEPING): 3_000, (1, 8, PREEMPTED): 9_500}
+
+
+def test_threads_are_spread_separately_and_nothing_captured_keeps_its_entry() -> None:
+    entries = [entry(1, 7, SLEEPING, 1_000), entry(1, 0, UNCAPTURED_LABEL | SLEEPING, 1_000),
+               entry(2, 7, ON_CPU_LABEL, 1_000), entry(2, 0, UNCAPTURED_LABEL | SLEEPING, 2_000),
+               entry(3, 7, PREEMPTED, 1_000), entry(3, 0, UNCAPTURED_LABEL | SLEEPING, 3_000)]
+    out = totals(spread_uncaptured(entries))
+    assert out == {(1, 7, SLEEPING): 2_000, (2, 7, ON_CPU_LABEL): 1_000, (2, 0, UNCAPTURED_LABEL | SLEEPING): 2_000,
+                   (3, 7, PREEMPTED): 1_000, (3, 0, UNCAPTURED_LABEL | SLEEPING): 3_000}
 
 
 def test_nothing_uncaptured_is_left_as_it_is() -> None:
-    entries = [entry(1, 7, SLEEPING, 1_000), entry(1, 0, SHORT_OFF_CPU_LABEL, 10)]
+    entries = [entry(1, 7, SLEEPING, 1_000, weighted_ns=4_000), entry(1, 0, SHORT_OFF_CPU_LABEL, 10)]
     assert spread_uncaptured(entries) == entries
+
+
+# ---- the capture process of bpf/wall.bpf.c, simulated ---------------------------------------
+
+RATE_HZ = 99
+FAST_NAP, SLOW_NAP, BURST = 11, 12, 13  # stack ids: a 2 ms sleep in a burst, a 40 ms sleep after it
+
+
+def simulate(seconds: float, seed: int) -> tuple[list[list[AggregatedEntry]], dict[int, int]]:
+    """One thread: 10 cycles of (1 ms work, 2 ms FAST_NAP), then 20 ms of work and a 40 ms
+    SLOW_NAP, for ``seconds``; every nap is captured with bpf/wall.bpf.c's probability
+    min(1, t x RATE_HZ), t since the last capture. Returns the aggregates of 1 s windows as
+    BPF would fill them, and the true sleep time per stack."""
+    rng = random.Random(seed)
+    windows: list[dict[int, list[int]]] = []  # per window: stack/label -> [ns, weighted ns]
+    truth = {FAST_NAP: 0, SLOW_NAP: 0}
+    now, last_capture = 0, -(10**12)
+
+    def nap(stack: int, ns: int) -> None:
+        nonlocal now, last_capture
+        p = min(1.0, (now - last_capture) / 1e9 * RATE_HZ)
+        window = windows[-1] if windows and now < len(windows) * 10**9 else None
+        if window is None:
+            windows.append({})
+            window = windows[-1]
+        truth[stack] += ns
+        if rng.random() < p:
+            last_capture = now
+            sums = window.setdefault(stack, [0, 0])
+            sums[0] += ns
+            sums[1] += int(ns / p)
+        else:
+            window.setdefault(0, [0, 0])[0] += ns
+        now += ns
+
+    while now < seconds * 1e9:
+        for _ in range(10):
+            now += 1_000_000
+            nap(FAST_NAP, 2_000_000)
+        now += 20_000_000
+        nap(SLOW_NAP, 40_000_000)
+    drains = []
+    for window in windows:
+        drains.append([entry(1, stack, UNCAPTURED_LABEL | SLEEPING if stack == 0 else SLEEPING, ns, weighted)
+                       for stack, (ns, weighted) in window.items()])
+    return drains, truth
+
+
+def test_naps_less_likely_to_be_captured_get_their_share_back() -> None:
+    drains, truth = simulate(seconds=60, seed=7)
+    true_fast = truth[FAST_NAP] / (truth[FAST_NAP] + truth[SLOW_NAP])
+
+    def fast_share(drains: list[list[AggregatedEntry]]) -> float:
+        spread = [e for drain in drains for e in spread_uncaptured(drain)]
+        assert sum(e.total_ns for e in spread) == sum(truth.values())  # every nap accounted for
+        return sum(e.total_ns for e in spread if e.stack_id == FAST_NAP) / sum(truth.values())
+
+    assert abs(fast_share(drains) - true_fast) < 0.02, (fast_share(drains), true_fast)
+    # The same data spread by captured time alone (every capture taken as equally likely)
+    # under-reports the naps that follow a capture closely: what the weights are for.
+    unweighted = [[entry(e.tid, e.stack_id, e.label, e.total_ns) for e in drain] for drain in drains]
+    assert fast_share(unweighted) < true_fast - 0.05, (fast_share(unweighted), true_fast)

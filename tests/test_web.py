@@ -179,7 +179,8 @@ def test_parse_time_and_bad_parameters() -> None:
                    {"since": "now", "until": "1h"}):
         with pytest.raises(q.QueryError):
             q.parse_query(params.get, lambda k, p=params: [p[k]] if k in p else [], now)  # type: ignore[misc]
-    query = q.parse_query({"type": "lock", "value": "delay", "host": "a,b"}.get, lambda k: ["a,b"], now)
+    query = q.parse_query({"type": "lock", "value": "delay", "host": "a,b"}.get,
+                          lambda k: ["a,b"] if k == "host" else [], now)
     assert query.column == 1 and query.hosts == {"a", "b"}
 
 

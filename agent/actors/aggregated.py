@@ -34,7 +34,7 @@ from shared.model import Frame
 log = logging.getLogger("stackfleet.agent")
 
 AGG_KEY = struct.Struct("<IIQQ")        # struct agg_key: pid, tid, stack_id, label
-AGG_VALUE = struct.Struct("<QQQQII")    # struct agg_value: count, total_ns, first_ts, last_ts, cpu, pad
+AGG_VALUE = struct.Struct("<QQQQIIQ")  # struct agg_value: count, total_ns, first_ts, last_ts, cpu, pad, weighted_ns
 # How long after flipping the generation we wait before reading the quiet map: BPF
 # programs do not sleep and finish within microseconds of reading the generation.
 GENERATION_GRACE_S = 0.002
@@ -53,6 +53,9 @@ class AggregatedEntry:
     first_ts_mono_ns: int
     last_ts_mono_ns: int
     cpu: int
+    # Sum of each event's ns divided by the probability it was captured (wall's capture
+    # rate, bpf/wall.bpf.c); equal to total_ns where every event is captured.
+    weighted_ns: int
 
 
 class AggregatingActor(RingBufferActor):
@@ -102,8 +105,8 @@ class AggregatingActor(RingBufferActor):
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
         self._count_agg_overflow()
-        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu)
-                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _) in rows]
+        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted)
+                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted) in rows]
         self._fetch_new_stacks(entries)
         return entries
 

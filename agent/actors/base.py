@@ -36,6 +36,7 @@ from agent.selectors import ProcessSelector, sync_targets
 from agent.settings import AgentSettings
 from agent.stacks import event_frames
 from agent.symbols import Symbolizer
+from agent.unwind.sharing import ActorUnwinding, SharedUnwinding
 from shared.counters import Counters
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
@@ -66,6 +67,8 @@ class ActorContext:
     counters: Counters
     clock: MonotonicToUnix
     python: PythonProcesses = field(default_factory=PythonProcesses)
+    # The native unwinder's maps and worker, shared by the actors that unwind (None: off).
+    unwinding: SharedUnwinding | None = None
     _swept: float = field(default_factory=time.monotonic)
     _trimmed: float = field(default_factory=time.monotonic)
 
@@ -128,6 +131,8 @@ class RingBufferActor(ProfileActor):
         self._targets_synced = 0.0
         self.python: PythonStacks | None = None
         self._symbolized_stacks: dict[tuple[Any, ...], tuple[Frame, ...]] = {}
+        # Actors whose programs unwind user stacks in BPF replace this with an active one.
+        self.unwinding = ActorUnwinding(None, ctx.counters, self.profile_type.value)
 
     # -- hooks for subclasses -------------------------------------------------------------
     def bpf_defines(self) -> dict[str, int | str]:
@@ -138,7 +143,7 @@ class RingBufferActor(ProfileActor):
         if self.uses_targets:
             defines["AGENT_TGID"] = os.getpid()
             defines["TARGET_FILTER"] = int(self.selector.filters)
-        return defines
+        return defines | self.unwinding.defines()
 
     @abstractmethod
     def attach(self, bpf: Any) -> None:
@@ -222,7 +227,17 @@ class RingBufferActor(ProfileActor):
             self.bpf.ring_buffer_consume()
 
     def _load_and_attach(self) -> None:
+        if not self.unwinding.active:
+            return self._load_and_attach_once()
+        try:
+            self._load_and_attach_once()
+        except Exception as exc:
+            self.unwinding.give_up(exc)
+            self._load_and_attach_once()
+
+    def _load_and_attach_once(self) -> None:
         with BCC_LOCK:
+            self.unwinding.hold()  # the shared unwind maps exist before a program declares them extern
             bpf = load_program(self.bpf_source, self.bpf_defines())
             try:
                 if self.ring_buffer:
@@ -249,8 +264,7 @@ class RingBufferActor(ProfileActor):
         except asyncio.CancelledError:
             # The compile thread cannot be interrupted: let it finish, then undo what it attached.
             await asyncio.gather(load, return_exceptions=True)
-            if self.bpf is not None:
-                await asyncio.to_thread(cleanup_program, self.bpf)
+            await asyncio.shield(asyncio.to_thread(self._teardown, self.bpf))
             raise
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
         self.ctx.counters.inc("actor_started", type=name)
@@ -277,8 +291,17 @@ class RingBufferActor(ProfileActor):
                 await asyncio.shield(self._flush(loop))
             finally:
                 bpf, self.bpf = self.bpf, None
-                await asyncio.shield(asyncio.to_thread(cleanup_program, bpf))
+                await asyncio.shield(asyncio.to_thread(self._teardown, bpf))
                 log.info("%s actor: BPF detached", name)
+
+    def _teardown(self, bpf: Any) -> None:
+        """Detach the program, then let go of the shared unwinder: one blocking call, so a
+        second cancellation of the actor cannot leave the release undone."""
+        try:
+            if bpf is not None:
+                cleanup_program(bpf)
+        finally:
+            self.unwinding.drop()
 
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         # popleft is atomic against the poll thread's append: nothing slips between read and clear.
@@ -295,6 +318,7 @@ class RingBufferActor(ProfileActor):
             if now - self._targets_synced >= self.TARGET_SCAN_INTERVAL_S:
                 self._targets = sync_targets(self.selector, self.bpf["targets"], self._targets, self.ctx.counters)
                 self._targets_synced = now
+        self.unwinding.check()  # a failed worker: raise, the supervisor restarts this actor
         self.read_bpf_counters()
         samples = self.to_samples(records)
         self.ctx.counters.inc("samples_collected", len(samples), type=self.profile_type.value)

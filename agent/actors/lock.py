@@ -4,7 +4,9 @@ BPF aggregates contended waits (longer than ``lock_min_wait_ns``) per (thread, w
 stack, lock address) and the actor drains them every flush (agent/actors/aggregated.py);
 each aggregate becomes one sample with values ``contentions`` (waits) and ``delay`` (ns),
 like pprof's mutex profile, stamped with its first wait's time. Shorter waits are counted,
-not profiled.
+not profiled. Every sample carries ``lock.address`` and ``lock.wait.kind`` (mutex, rwlock,
+condition, join, semaphore or other: agent/lock_waits.py); the aggregator's default lock
+views show the contention kinds only (shared/lock_waits.py).
 
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
 parks on a futex. Go's sync.Mutex parks goroutines inside the Go runtime scheduler without
@@ -17,6 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.aggregated import AggregatingActor
+from agent.actors.base import ActorContext
+from agent.lock_waits import futex_address, wait_bits, wait_kind
+from agent.unwind import ActorUnwinding, chain_stages
+from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
@@ -28,6 +34,10 @@ class LockActor(AggregatingActor):
     bpf_source = "lock.bpf.c"
     uses_targets = True
 
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+
     def period(self) -> int:
         return 1  # values are exact counts of waits, not sampled
 
@@ -35,7 +45,13 @@ class LockActor(AggregatingActor):
         return {**super().bpf_defines(), "MIN_WAIT_NS": self.ctx.settings.lock_min_wait_ns}
 
     def attach(self, bpf: Any) -> None:
-        pass  # TRACEPOINT_PROBE programs are attached by bcc when loaded
+        # TRACEPOINT_PROBE programs are attached by bcc when loaded; with unwinding, stages 2
+        # and 3 of each wait (bpf/lock.bpf.c) go into the program array.
+        if self.unwinding.active:
+            from bcc import BPF
+
+            chain_stages(bpf, "lock_stages", [("lock_wait_unwind", BPF.TRACEPOINT),
+                                              ("lock_wait_record", BPF.TRACEPOINT)])
 
     def read_bpf_counters(self) -> None:
         delta = self.counter_deltas()
@@ -45,6 +61,9 @@ class LockActor(AggregatingActor):
         if delta[2]:
             c.inc("lock_short_waits", delta[2])
             c.inc("lock_short_wait_ns", delta[3])
+        if len(delta) > 4 and delta[4]:
+            c.inc("unwind_tail_call_failed", delta[4], type=self.profile_type.value)
+        self.count_drops(delta, {5: "tail_call_failed"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
@@ -58,6 +77,7 @@ class LockActor(AggregatingActor):
                 process_name=symbolizer.process_name(entry.pid) or thread_name,
                 frames=frames,
                 values=(entry.count, entry.total_ns),
-                attributes={"lock.address": f"0x{entry.label:x}"},
+                attributes={"lock.address": f"0x{futex_address(entry.label):x}",
+                            LOCK_WAIT_KIND: wait_kind(wait_bits(entry.label), frames).value},
             ))
         return out

@@ -7,9 +7,10 @@ aggregate, stamped with its first event's time. Off-CPU periods shorter than
 ``wall_min_block_ns`` are summed per thread in the kernel and reported once per flush
 without a stack. Values are nanoseconds; per thread they add up to its elapsed time.
 Threads switching out faster than ``wall_capture_rate_hz`` have only some switch-out
-stacks captured; the kernel sums their other long blocks per thread (UNCAPTURED_LABEL) and
-that sum is spread over the thread's captured blocks of the same window in proportion
-(``spread_uncaptured``): per-thread totals stay exact, the split between stacks is estimated.
+stacks captured; the kernel sums their other long blocks per (thread, task state) and each
+such sum is shared out over the captured blocks of the same thread, state and window in
+proportion to their inverse-probability weights (``spread_uncaptured``): per-thread and
+per-state totals stay exact, the split between stacks is an unbiased-ratio estimate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import dataclasses
 from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor
+from agent.actors.base import ActorContext
+from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
@@ -28,7 +31,7 @@ MAX_BLOCKED_THREADS = 16384
 # bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
 ON_CPU_LABEL = 1 << 63
 SHORT_OFF_CPU_LABEL = (1 << 63) | 1
-UNCAPTURED_LABEL = (1 << 63) | 2
+UNCAPTURED_LABEL = (1 << 63) | (1 << 62)  # | the task state the uncaptured blocks had
 
 
 # prev_state when the task was preempted inside the kernel (TASK_REPORT_MAX); plain 0 is a
@@ -36,33 +39,46 @@ UNCAPTURED_LABEL = (1 << 63) | 2
 _PREEMPTED_IN_KERNEL = 0x100
 
 
-def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-    """Each thread's uncaptured off-CPU sum, spread over its captured off-CPU entries.
+def is_uncaptured(label: int) -> bool:
+    return label & UNCAPTURED_LABEL == UNCAPTURED_LABEL
 
-    A captured entry of ``c`` ns in a thread with ``C`` ns captured and ``U`` ns uncaptured
-    becomes ``c * (C + U) / C`` (rounded so the thread's total stays exactly ``C + U``).
-    Capture is random and blind to the stack, so this is a ratio estimate of where the
-    uncaptured time went. A thread with nothing captured in the window keeps its
-    uncaptured entry, reported without a stack.
+
+def uncaptured_state(label: int) -> int:
+    return label & ~UNCAPTURED_LABEL
+
+
+def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+    """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries.
+
+    In a stratum (one thread's long off-CPU blocks in one task state, one window) with
+    ``C`` ns captured and ``U`` ns uncaptured, the exact total ``C + U`` is divided among
+    the captured entries in proportion to their ``weighted_ns`` (each block's ns divided by
+    the probability it had of being captured): a ratio of Horvitz-Thompson estimates, so a
+    stack whose blocks were less likely to be captured (a sleep right after a captured
+    preemption) gets its share back. Rounded so the stratum's total stays exactly ``C + U``.
+    Strata with nothing uncaptured are exact already and left alone; uncaptured time of a
+    stratum with nothing captured keeps its entry, reported without a stack.
     """
-    uncaptured: dict[tuple[int, int], int] = {}
-    captured: dict[tuple[int, int], list[int]] = {}
+    uncaptured: dict[tuple[int, int, int], int] = {}
+    captured: dict[tuple[int, int, int], list[int]] = {}
     for i, entry in enumerate(entries):
-        if entry.label == UNCAPTURED_LABEL:
-            uncaptured[(entry.pid, entry.tid)] = i
+        if is_uncaptured(entry.label):
+            uncaptured[(entry.pid, entry.tid, uncaptured_state(entry.label))] = i
         elif entry.label not in (ON_CPU_LABEL, SHORT_OFF_CPU_LABEL):
-            captured.setdefault((entry.pid, entry.tid), []).append(i)
+            captured.setdefault((entry.pid, entry.tid, entry.label), []).append(i)
     out: list[AggregatedEntry | None] = list(entries)
-    for thread, u in uncaptured.items():
-        indexes = captured.get(thread, [])
-        base = sum(entries[i].total_ns for i in indexes)
-        if base <= 0:
-            continue  # nothing captured in this window: reported as it is
-        extra = remaining = entries[u].total_ns
-        for n, i in enumerate(indexes):
-            share = remaining if n == len(indexes) - 1 else extra * entries[i].total_ns // base
+    for stratum, u in uncaptured.items():
+        indexes = captured.get(stratum, [])
+        # weighted_ns >= total_ns (p <= 1) but for BPF's rounding down: max() keeps that true.
+        weights = [max(entries[i].weighted_ns, entries[i].total_ns) for i in indexes]
+        weight_sum = sum(weights)
+        if weight_sum <= 0:
+            continue  # nothing captured in this stratum and window: reported as it is
+        total = remaining = entries[u].total_ns + sum(entries[i].total_ns for i in indexes)
+        for n, (i, weight) in enumerate(zip(indexes, weights, strict=True)):
+            share = remaining if n == len(indexes) - 1 else total * weight // weight_sum
             remaining -= share
-            out[i] = dataclasses.replace(entries[i], total_ns=entries[i].total_ns + share)
+            out[i] = dataclasses.replace(entries[i], total_ns=share)
         out[u] = None
     return [e for e in out if e is not None]
 
@@ -80,6 +96,10 @@ class WallActor(AggregatingActor):
     bpf_source = "wall.bpf.c"
     uses_targets = True
 
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
@@ -89,14 +109,21 @@ class WallActor(AggregatingActor):
                 "CAPTURE_RATE_HZ": self.ctx.settings.wall_capture_rate_hz}
 
     def attach(self, bpf: Any) -> None:
-        from bcc import PerfSWConfig, PerfType
+        from bcc import BPF, PerfSWConfig, PerfType
 
+        if self.unwinding.active:  # stages 2 and 3 of each event (bpf/wall.bpf.c)
+            chain_stages(bpf, "on_cpu_stages", [("wall_on_cpu_unwind", BPF.PERF_EVENT),
+                                                ("wall_on_cpu_record", BPF.PERF_EVENT)])
+            chain_stages(bpf, "switch_out_stages", [("wall_switch_out_unwind", BPF.TRACEPOINT),
+                                                    ("wall_switch_out_record", BPF.TRACEPOINT)])
         bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
                               fn_name="on_cpu_sample", sample_freq=self.ctx.settings.frequency_hz)
 
     def read_bpf_counters(self) -> None:
         deltas = self.counter_deltas()
-        self.count_drops(deltas, {2: "blocked_map_full"})
+        self.count_drops(deltas, {2: "blocked_map_full", 7: "tail_call_failed"})
+        if len(deltas) > 6 and deltas[6]:
+            self.ctx.counters.inc("unwind_tail_call_failed", deltas[6], type=self.profile_type.value)
         # Not drops: switch-outs not captured (to bound the cost), and of their blocks those long
         # enough to need a stack, whose time spread_uncaptured puts on the captured stacks.
         for slot, name in ((4, "wall_switch_outs_not_captured"), (5, "wall_blocks_estimated")):
@@ -107,11 +134,13 @@ class WallActor(AggregatingActor):
         symbolizer = self.ctx.symbolizer
         out = []
         for entry in spread_uncaptured(self.drain()):
-            if entry.label in (SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL):
+            if entry.label == SHORT_OFF_CPU_LABEL or is_uncaptured(entry.label):
                 frames: tuple[Frame, ...] = ()
                 thread_name = self.thread_name(entry.pid, entry.tid)
-                state = "short-off-cpu" if entry.label == SHORT_OFF_CPU_LABEL else "off-cpu-not-captured"
-                attributes = {"wall.state": state, "wall.blocks": str(entry.count)}
+                attributes = {"wall.state": "short-off-cpu", "wall.blocks": str(entry.count)}
+                if entry.label != SHORT_OFF_CPU_LABEL:
+                    attributes = {"wall.state": "off-cpu-not-captured", "wall.blocks": str(entry.count),
+                                  "wall.task_state": task_state_name(uncaptured_state(entry.label))}
             else:
                 frames, comm = self.stack_frames(entry.pid, entry.stack_id)
                 thread_name = self.thread_name(entry.pid, entry.tid, comm)

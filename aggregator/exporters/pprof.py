@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from aggregator.profile import FleetProfiles
+from shared.lock_waits import is_contention
 from shared.model import INTERPRETED_FRAME_TYPES as _INTERPRETED
 from shared.model import Frame, FrameType, inline_runs
 from shared.model import Mapping as ModelMapping
@@ -60,13 +61,14 @@ class _Strings:
         return idx
 
 
-def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
+def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType, contention_only: bool = False) -> bytes:
     """Uncompressed profile.proto bytes for one profile type, merged across hosts.
 
     Each sample keeps ``host``, ``pid``, ``tid``, ``thread`` and its own attributes as labels,
     so ``pprof -tagfocus=host=web-1`` narrows to one host. The first mapping is the main
     binary (pprof names the profile after it): the executable that carries the most weight.
     A run of inlined frames is one location with several lines, innermost first.
+    ``contention_only``: a lock profile keeps mutex and rwlock waits only (shared/lock_waits.py).
     """
     spec = PROFILE_TYPES[profile_type]
     strings = _Strings()
@@ -176,6 +178,8 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType) -> bytes:
         # A thread's labels are the same for every stack it ran: encoded once per export.
         sample_labels: dict[tuple[Any, ...], bytes] = {}
         for s in profile.samples.values():
+            if contention_only and profile_type == ProfileType.LOCK and not is_contention(s.attributes):
+                continue
             stack = stack_field(s.frames)  # first: it interns strings, whose order is the file's
             key = (s.pid, s.tid, s.thread_name, s.process_name, s.attributes)
             labels_field = sample_labels.get(key)
@@ -249,6 +253,7 @@ def unknown_frame_label(f: Frame) -> str:
 
 
 def write_pprof(path: str, fleet: FleetProfiles, profile_type: ProfileType) -> None:
-    """Write ``encode_pprof`` gzipped to ``path`` (pprof's own on-disk form)."""
+    """Write ``encode_pprof`` gzipped to ``path`` (pprof's own on-disk form); lock files
+    hold lock contention only, like pprof's mutex profile."""
     with gzip.open(path, "wb", compresslevel=6) as f:
-        f.write(encode_pprof(fleet, profile_type))
+        f.write(encode_pprof(fleet, profile_type, contention_only=True))

@@ -18,6 +18,7 @@ from aggregator.exporters.pprof import unknown_frame_label
 from aggregator.otlp_decode import merge_request, profile_column
 from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from aggregator.web.store import RetainedExports
+from shared.lock_waits import LOCK_WAIT_KIND, is_contention
 from shared.model import Frame
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
@@ -41,11 +42,24 @@ class ProfileQuery:
     service: str | None = None  # see sample_service()
     pid: int | None = None
     column: int = 0
+    # Sample label filters: (key, accepted values); "*" accepts any value. See keeps_labels.
+    labels: tuple[tuple[str, frozenset[str]], ...] = ()
 
     def keeps(self, host: str, service: str, pid: int) -> bool:
         return ((not self.hosts or host in self.hosts)
                 and (self.service is None or service == self.service)
                 and (self.pid is None or pid == self.pid))
+
+    def keeps_labels(self, attributes: tuple[tuple[str, str], ...]) -> bool:
+        """Every label filter accepts the sample's value; with no filter on the wait kind, a
+        lock view keeps lock contention only (shared/lock_waits.py)."""
+        values = dict(attributes)
+        for key, accepted in self.labels:
+            if "*" not in accepted and values.get(key) not in accepted:
+                return False
+        if self.profile_type == ProfileType.LOCK and not any(key == LOCK_WAIT_KIND for key, _ in self.labels):
+            return is_contention(attributes)
+        return True
 
 
 def sample_service(s: AggregatedSample) -> str:
@@ -98,7 +112,21 @@ def parse_query(get: Callable[[str], str | None], get_all: Callable[[str], list[
         raise QueryError(f"pid must be a number, not {pid_text!r}") from None
     column = _column(ptype, get("value"))
     hosts = frozenset(h for value in get_all("host") for h in value.split(",") if h)
-    return ProfileQuery(ptype, since, until, hosts, get("service") or None, pid, column)
+    return ProfileQuery(ptype, since, until, hosts, get("service") or None, pid, column,
+                        parse_labels(get_all("label")))
+
+
+def parse_labels(values: list[str]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """``label=key=value[,value...]`` parameters (repeatable; values of one key are
+    alternatives, keys must all match); ``key=*`` accepts any value, e.g.
+    ``label=lock.wait.kind=*`` for every lock wait instead of contention only."""
+    accepted: dict[str, set[str]] = {}
+    for text in values:
+        key, sep, rest = text.partition("=")
+        if not sep or not key or not rest:
+            raise QueryError(f"label filter must be key=value, not {text!r}")
+        accepted.setdefault(key, set()).update(v for v in rest.split(",") if v)
+    return tuple((key, frozenset(v)) for key, v in sorted(accepted.items()))
 
 
 def _column(ptype: ProfileType, value: str | None) -> int:
@@ -162,7 +190,8 @@ def filter_fleet(fleet: FleetProfiles, query: ProfileQuery) -> FleetProfiles:
     for (host, ptype), hp in fleet.hosts.items():
         if ptype != query.profile_type or (query.hosts and host not in query.hosts):
             continue
-        samples = {k: s for k, s in hp.samples.items() if query.keeps(host, sample_service(s), s.pid)}
+        samples = {k: s for k, s in hp.samples.items()
+                   if query.keeps(host, sample_service(s), s.pid) and query.keeps_labels(s.attributes)}
         if samples:
             out.hosts[(host, ptype)] = HostProfile(host, ptype, hp.start_ns, hp.end_ns, hp.period,
                                                    dict(hp.resource_attributes), samples)
@@ -246,7 +275,7 @@ def comparison(get: Callable[[str], str | None], get_all: Callable[[str], list[s
     if since_ns > until_ns:
         raise QueryError("compare_since is after compare_until")
     return ProfileQuery(query.profile_type, since_ns, until_ns, hosts or query.hosts, query.service, query.pid,
-                        query.column)
+                        query.column, query.labels)
 
 
 def add_deltas(tree: dict[str, Any], baseline: dict[str, Any]) -> None:

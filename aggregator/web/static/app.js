@@ -72,6 +72,8 @@ function filterParams(range) {
   selectedHosts().forEach((h) => p.append("host", h));
   if ($("service").value) p.set("service", $("service").value);
   if (selectedPid()) p.set("pid", selectedPid());
+  // Lock views show contention by default; other futex waits on request (shared/lock_waits.py).
+  if ($("type").value === "lock" && $("lock-kind").value) p.append("label", "lock.wait.kind=" + $("lock-kind").value);
   return p;
 }
 
@@ -142,6 +144,7 @@ async function loadTypes() {
 function fillValues() {
   const t = types.find((x) => x.name === $("type").value);
   setOptions($("value"), t.values.map((v) => [v.name, `${v.name} (${v.unit})`]), [t.values[0].name]);
+  $("lock-kind-label").hidden = t.name !== "lock";
 }
 
 async function loadPickers() {
@@ -386,6 +389,7 @@ function onPickerChange(input, valid) {
 
 $("type").addEventListener("change", () => { fillValues(); refresh("view"); });
 $("value").addEventListener("change", () => refresh("view"));
+$("lock-kind").addEventListener("change", () => refresh("view"));
 $("host-input").addEventListener("change", () => {
   const host = $("host-input").value.trim();
   if (!hostNames.has(host)) { $("host-input").classList.toggle("invalid", !!host); return; }
