@@ -18,9 +18,12 @@ and none of it is written after the bucket is created except the record. What
 | flushed): the heap as of the last completed GC cycle. ``read_heap`` computes exactly that
 without writing to the process; see docs/design/heap.md.
 
-Addresses of the runtime variables come from the ELF symbol table: a stripped binary
-(``-ldflags=-s``) has none and is not read (the caller counts and logs it). Versions
-without a layout below are not read either. Reads are bounded and checked (bucket count,
+Addresses of the runtime variables come from the ELF symbol table; a stripped binary
+(``-ldflags=-s``) has none, and for the releases checked in tests they are found from the
+runtime code that uses them (``agent.go_heap_code``); otherwise it is not read (the caller
+counts and logs it). Versions without a layout below are not read either. Every bucket's
+type must match its list (mbuckets: memProfile, bbuckets: blockProfile, xbuckets:
+mutexProfile), so a wrong address is a read failure, never a wrong profile. Reads are bounded and checked (bucket count,
 stack depth, pointer alignment, loops); the process keeps running while we read, so a
 read that sees the profile cycle change is retried, then given up (``InconsistentRead``).
 Blocking file reads: call from a worker thread. No library reads Go's runtime memory:
@@ -36,12 +39,15 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
+from agent.go_heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
 from agent.go_layout import go_minor
 from agent.go_runtime import go_version, is_go_binary
 
 WORD = 8
 BUCKET_HEADER = struct.Struct("<QQqQQQ")  # next, allnext, typ, hash, size, nstk
 MEM_PROFILE, BLOCK_PROFILE, MUTEX_PROFILE = 1, 2, 3  # runtime.bucketType
+BUCKET_TYPES = {"runtime.mbuckets": MEM_PROFILE, "runtime.bbuckets": BLOCK_PROFILE,
+                "runtime.xbuckets": MUTEX_PROFILE}
 MAX_STACK_DEPTH = 1024  # runtime.maxProfStackDepth: a larger nstk is corrupt data
 MAX_BUCKETS = 200_000
 FUTURE_CYCLES = 3
@@ -155,6 +161,7 @@ class GoProfileSymbols:
     addresses: dict[str, int]  # link-time; add the load bias for PIE
     pie: bool
     first_load: int = 0  # page-aligned vaddr of the first PT_LOAD (file offset 0)
+    source: str = "symtab"  # or "code": found from the runtime's code (stripped binary)
 
 
 class UnsupportedBinary(Exception):
@@ -168,8 +175,9 @@ class UnsupportedBinary(Exception):
 def profile_symbols(path: str) -> GoProfileSymbols | None:
     """The layout and runtime variable addresses for the file at ``path``: None when it is
     not a Go binary; raises UnsupportedBinary (reason ``version``, ``stripped``) when the
-    profile cannot be read. One pass over the ELF headers and ``.symtab`` (milliseconds:
-    no DWARF, unlike the goroutine profile's facts)."""
+    profile cannot be read. One pass over the ELF headers and ``.symtab``, or the pclntab and
+    a few functions' code when stripped (milliseconds: no DWARF, unlike the goroutine
+    profile's facts)."""
     with open(path, "rb") as f:
         elf = ELFFile(f)
         if not is_go_binary(elf):
@@ -179,13 +187,21 @@ def profile_symbols(path: str) -> GoProfileSymbols | None:
         layout = MPROF_LAYOUTS.get(minor) if minor is not None else None
         if layout is None:
             raise UnsupportedBinary("version", f"no runtime/mprof.go layout for Go version {version!r}")
-        addresses = find_runtime_symbols(elf)
+        addresses, source = find_runtime_symbols(elf), "symtab"
+        missing = [name for name in SYMBOLS[:5] if name not in addresses]
+        if missing:
+            if minor not in CHECKED_MINORS:
+                raise UnsupportedBinary("stripped", f"no symbol table entries for {', '.join(missing)}, and "
+                                        f"finding them from code is not checked for {version}")
+            try:
+                addresses, source = find_from_code(elf, layout.ticks_val), "code"
+            except NotFoundInCode as exc:
+                raise UnsupportedBinary("stripped", f"no symbol table, and not found from code: {exc}") from exc
+            except Exception as exc:  # a malformed pclntab or code section: reported, not a crash
+                raise UnsupportedBinary("stripped", f"no symbol table, and its code cannot be read: {exc!r}") from exc
         pie = elf["e_type"] == "ET_DYN"
         loads = [seg["p_vaddr"] - seg["p_offset"] for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
-    missing = [name for name in SYMBOLS[:5] if name not in addresses]
-    if missing:
-        raise UnsupportedBinary("stripped", f"no symbol table entries for {', '.join(missing)}")
-    return GoProfileSymbols(version, layout, addresses, pie, min(loads, default=0))
+    return GoProfileSymbols(version, layout, addresses, pie, min(loads, default=0), source)
 
 
 def load_bias(pid: int, exe_path: str, first_load: int) -> int:
@@ -233,6 +249,7 @@ class GoProfileReader:
 
     def _buckets(self, head_name: str, record_words: int) -> list[tuple[int, int, tuple[int, ...], bytes]]:
         """(address, size, pcs, record bytes) of every bucket on the list at ``head_name``."""
+        bucket_type = BUCKET_TYPES[head_name]
         head = self._word(head_name)
         out: list[tuple[int, int, tuple[int, ...], bytes]] = []
         seen: set[int] = set()
@@ -246,7 +263,9 @@ class GoProfileReader:
                 data = self._read(address, FIRST_READ)
             except OSError:  # at the end of a mapping: the exact size instead
                 data = self._read(address, BUCKET_HEADER.size)
-            _next, allnext, _typ, _hash, size, nstk = BUCKET_HEADER.unpack_from(data)
+            _next, allnext, typ, _hash, size, nstk = BUCKET_HEADER.unpack_from(data)
+            if typ != bucket_type:
+                raise OSError(f"bucket at {address:#x} on {head_name} has type {typ}, not {bucket_type}")
             if nstk > MAX_STACK_DEPTH:
                 raise OSError(f"bucket at {address:#x} claims {nstk} frames")
             need = BUCKET_HEADER.size + nstk * WORD + record_size

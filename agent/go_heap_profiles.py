@@ -20,10 +20,10 @@ Mutex and block profiles, when the program enabled them (``SetMutexProfileFracti
 counts scaled as pprof scales them) with ``lock.source`` = ``go.mutex`` or ``go.block``.
 
 Processes that cannot be read are counted per reason under ``go_heap_processes_skipped``
-and logged once per binary: stripped (no symbol table: the runtime variables cannot be
-found), unknown Go version, memory profiling off (``MemProfileRate`` 0: the linker turns it
-off in programs that never reference ``runtime.MemProfile``, e.g. ones without
-runtime/pprof), unreadable memory.
+and logged once per binary: stripped (no symbol table, and the runtime variables cannot
+be found from code either: see agent.go_heap_code), unknown Go version, memory profiling
+off (``MemProfileRate`` 0: the linker turns it off in programs that never reference
+``runtime.MemProfile``, e.g. ones without runtime/pprof), unreadable memory.
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ def _symbols(path: str, identity: Identity) -> GoProfileSymbols | UnsupportedBin
     """Per binary (``identity`` keys the cache): its profile symbols, why there are none
     (logged once), or None when it is not Go."""
     try:
-        return profile_symbols(path)
+        symbols = profile_symbols(path)
+        if symbols is not None and symbols.source != "symtab":
+            log.info("Go heap profile of %s: runtime variables found from %s (no symbol table)", path, symbols.source)
+        return symbols
     except UnsupportedBinary as exc:
         log.warning("Go heap profile of %s cannot be read (%s): %s", path, exc.reason, exc)
         return exc

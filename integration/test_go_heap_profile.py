@@ -1,12 +1,14 @@
 """Go heap profile read from the runtime's memory, checked against the program's own pprof.
 
 One agent run (heap type, Go reads every second) watches one go_heap workload per
-installed toolchain (1.19 ... 1.27), a PIE build and a stripped build of the newest, and a
-native program (heap_pattern) as a control. Each Go workload keeps 24 MiB live, churns
+installed toolchain (1.19 ... 1.27) built plain and stripped (``-ldflags=-s -w``: the
+runtime variables found from code), a PIE build of the newest, a stripped build of the
+newest that no longer names a function the code rules need (unidentifiable), and a native
+program (heap_pattern) as a control. Each Go workload keeps 24 MiB live, churns
 112 MiB from two other sites, contends a mutex, runs runtime.GC() and writes its own
 runtime/pprof heap, mutex and block profiles (read here with ``pprof -raw``), then idles.
 
-What must hold, per toolchain:
+What must hold, per toolchain and for plain and stripped builds alike:
 - heap: the top three allocation sites (innermost main.* function) are the same, in the
   same order by alloc_space, as in the program's profile, and each site's alloc_space and
   inuse_space is within 5% of it (the sum of our alloc deltas over the run, since the
@@ -15,7 +17,8 @@ What must hold, per toolchain:
 - no probe in the Go processes: their text in memory equals the file byte for byte (a
   uprobe is an int3 written into the process's copy of the page), while the native
   control, matched by the same selector, does have probes in its libc text;
-- the stripped build is counted as skipped (reason ``stripped``) and has no heap samples.
+- the unidentifiable stripped build is counted as skipped (reason ``stripped``) and has no
+  heap samples: not guessed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from agent.symbols.gopclntab import GoSymbolTable
-from integration.go_toolchains import ROOT, GoToolchain, available
+from integration.go_toolchains import ROOT, GoToolchain, available, unidentifiable
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
@@ -111,11 +114,13 @@ def go_heap_run(tmp_path_factory: pytest.TempPathFactory) -> Result:
     tmp = tmp_path_factory.mktemp("go_heap")
     toolchains = available()
     assert {19, 23, 26, 27} <= {t.minor for t in toolchains}, [t.version for t in toolchains]
-    jobs = [(t, "plain") for t in toolchains] + [(toolchains[-1], "pie"), (toolchains[-1], "stripped")]
+    jobs = [(t, v) for t in toolchains for v in ("plain", "stripped")] + [(toolchains[-1], "pie")]
     with ThreadPoolExecutor(4) as pool:
         exes = list(pool.map(lambda job: _build(job[0], tmp, job[1]), jobs))
     programs = [GoProgram(exe.name, exe, tmp / exe.name, variant)
                 for exe, (_t, variant) in zip(exes, jobs, strict=True)]
+    renamed = unidentifiable(exes[-2], tmp / "go_heap_unidentifiable")  # the newest's stripped build
+    programs.append(GoProgram(renamed.name, renamed, tmp / renamed.name, "unidentifiable"))
     native = build_c("heap_pattern.c", tmp)
     box: dict[str, object] = {}
 
@@ -131,7 +136,7 @@ def go_heap_run(tmp_path_factory: pytest.TempPathFactory) -> Result:
         for proc in [*procs, control]:
             assert proc.stdout
             assert await proc.stdout.readline() == b"ready\n"
-        readable = len(programs) - 1  # all but the stripped one
+        readable = len(programs) - 1  # all but the unidentifiable one
         for _ in range(300):  # the agent found them (reads every second; slack for a loaded host)
             if run.agent_counters.get("go_heap_processes_read") >= readable and \
                     run.agent_counters.get("heap_processes_probed") >= 1:
@@ -227,10 +232,12 @@ def within(ours: float, theirs: float, fraction: float = 0.05) -> bool:
 
 
 def programs_of(result: Result, variant: str) -> list[GoProgram]:
-    return [p for p in result.programs if p.variant == variant]
+    programs = [p for p in result.programs if p.variant == variant]
+    assert programs, variant
+    return programs
 
 
-@pytest.mark.parametrize("variant", ["plain", "pie"])
+@pytest.mark.parametrize("variant", ["plain", "stripped", "pie"])
 def test_heap_matches_the_programs_own_profile(go_heap_run: Result, variant: str) -> None:
     run = go_heap_run.run
     for program in programs_of(go_heap_run, variant):
@@ -258,10 +265,11 @@ def test_heap_matches_the_programs_own_profile(go_heap_run: Result, variant: str
         assert within(sum(alloc.values()), total_theirs), (program.name, sum(alloc.values()), total_theirs)
 
 
-def test_mutex_and_block_profiles_match(go_heap_run: Result) -> None:
+@pytest.mark.parametrize("variant", ["plain", "stripped"])
+def test_mutex_and_block_profiles_match(go_heap_run: Result, variant: str) -> None:
     run = go_heap_run.run
     checked = 0
-    for program in programs_of(go_heap_run, "plain"):
+    for program in programs_of(go_heap_run, variant):
         for kind in ("mutex", "block"):
             theirs = pprof_sites(program.prefix.with_suffix(f".{kind}"))["main.holdLock"]
             ours = [0, 0]
@@ -292,9 +300,11 @@ def test_no_probes_in_go_processes(go_heap_run: Result) -> None:
         assert functions <= GOROUTINE_PROBES, (name, functions)
 
 
-def test_stripped_binary_is_counted_not_guessed(go_heap_run: Result) -> None:
-    (stripped,) = programs_of(go_heap_run, "stripped")
-    with open(stripped.exe, "rb") as f:
+def test_unidentifiable_binary_is_counted_not_guessed(go_heap_run: Result) -> None:
+    (renamed,) = programs_of(go_heap_run, "unidentifiable")
+    with open(renamed.exe, "rb") as f:
         assert ELFFile(f).get_section_by_name(".symtab") is None
+    assert renamed.prefix.with_suffix(".heap").stat().st_size > 0  # it ran and wrote its own profile
     assert go_heap_run.run.agent_counters.get("go_heap_processes_skipped", reason="stripped") == 1
-    assert go_heap_run.run.samples(ProfileType.HEAP, stripped.pid) == []
+    assert go_heap_run.run.samples(ProfileType.HEAP, renamed.pid) == []
+    assert go_heap_run.run.samples(ProfileType.LOCK, renamed.pid) == []
