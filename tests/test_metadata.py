@@ -178,3 +178,32 @@ def test_executable_name_is_the_exe_links_base_name() -> None:
     assert executable_name("/usr/local/bin/python3.11") == "python3.11"
     assert executable_name("/memfd:sealed-91 (deleted)") == "memfd:sealed-91"
     assert executable_name("/opt/app/server (deleted)") == "server"
+
+
+def test_an_earlier_reading_of_proc_does_not_overwrite_a_later_one(fake_proc: Path) -> None:
+    """The scan thread reads a process just before it execs and is descheduled; the sink, seeing
+    samples under the new name, resolves it after the exec; then the scan stores what it read.
+    The later reading must stay, or the next samples get the old executable's name."""
+    read_before_exec, resume_scan = threading.Event(), threading.Event()
+
+    class PausedScan(MetadataResolver):
+        def resolve(self, pid: int) -> tuple[dict[str, str] | None, str]:
+            out = super().resolve(pid)
+            if threading.current_thread().name == "scan":
+                read_before_exec.set()
+                resume_scan.wait(10)
+            return out
+
+    r = PausedScan(MetadataSettings(), Counters(), str(fake_proc))
+    scan = threading.Thread(target=r.resolve_many, args=([200],), name="scan")
+    scan.start()
+    assert read_before_exec.wait(10)
+    (fake_proc / "200" / "exe").unlink()  # the exec: a new executable and comm
+    os.symlink("/opt/app/cpu_chain", fake_proc / "200" / "exe")
+    (fake_proc / "200" / "comm").write_text("cpu_chain\n")
+    r.resolve_many({200: "cpu_chain"})
+    resume_scan.set()
+    scan.join(10)
+    assert (r.cached(200) or {}).get("process.executable.name") == "cpu_chain"
+    assert r.stale([(200, "cpu_chain")]) == {}
+    assert r.counters.get("metadata_resolutions_superseded") == 1

@@ -68,10 +68,13 @@ class MetadataResolver:
         self._kubelet_generation = 0
         # The scan thread and the sink's resolutions both write the cache.
         self._lock = threading.Lock()
-        # pid -> (expires at, kubelet generation used, process name seen, attributes). The name
-        # is the sample's process name at resolution: a different name later means the pid was
-        # reused or the process exec'd, and the entry is resolved again.
-        self._cache: OrderedDict[int, tuple[float, int, str, dict[str, str]]] = OrderedDict()
+        # pid -> (expires at, kubelet generation used, process name seen, attributes, when the
+        # resolution began reading /proc). The name is the sample's process name at resolution:
+        # a different name later means the pid was reused or the process exec'd, and the entry is
+        # resolved again. The start time orders concurrent resolutions (scan thread, sink): the
+        # one that read /proc last wins, so a scan that read a process just before its exec cannot
+        # overwrite what the sink read after it.
+        self._cache: OrderedDict[int, tuple[float, int, str, dict[str, str], float]] = OrderedDict()
         # pid -> network namespace inode (for agents scoped to their own network namespace)
         self._netns: dict[int, int] = {}
 
@@ -103,7 +106,7 @@ class MetadataResolver:
             self.counters.inc("kubelet_refreshes", result="ok")
             # Processes whose pod was not listed yet are looked up again with the new list.
             with self._lock:
-                for pid, (_, gen, _name, attrs) in list(self._cache.items()):
+                for pid, (_, gen, _name, attrs, _began) in list(self._cache.items()):
                     if "k8s.pod.uid" in attrs and "k8s.pod.name" not in attrs and gen < self._kubelet_generation:
                         del self._cache[pid]
         elif self.kubelet is not None:
@@ -141,15 +144,20 @@ class MetadataResolver:
         named = processes if isinstance(processes, dict) else dict.fromkeys(processes, "")
         now = time.monotonic()
         for pid, name in named.items():
+            began = time.monotonic()
             young = process_age_s(pid, self.proc) < YOUNG_PROCESS_S
             expires = now + (YOUNG_TTL_S if young else self.settings.cache_ttl_s)
             resolved, comm = self.resolve(pid)
             with self._lock:
+                newer = self._cache.get(pid)
+                if newer is not None and newer[4] > began:  # another thread read /proc after us
+                    self.counters.inc("metadata_resolutions_superseded")
+                    continue
                 if resolved is None:
                     old = self._cache.get(pid)
                     resolved = old[3] if old is not None else {}
                     expires = now + self.settings.cache_ttl_s  # gone: nothing new to learn
-                self._cache[pid] = (expires, self._kubelet_generation, name or comm, resolved)
+                self._cache[pid] = (expires, self._kubelet_generation, name or comm, resolved, began)
                 self._cache.move_to_end(pid)
                 while len(self._cache) > self.settings.max_cached_processes:
                     evicted, _ = self._cache.popitem(last=False)
