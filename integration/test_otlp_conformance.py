@@ -209,6 +209,11 @@ def test_pprof_names_a_process_executable_as_main_binary_and_shows_python_module
         req.ParseFromString((conformance_run.out_dir / f"{stamp}.otlp.pb").read_bytes())
         executables = {a.value.string_value for rp in req.resource_profiles for a in rp.resource.attributes
                        if a.key == "process.executable.name"}
+        d = req.dictionary
+        mapped = {d.string_table[d.mapping_table[loc.mapping_index].filename_strindex].rsplit("/", 1)[-1]
+                  for loc in d.location_table}
+        if not executables & mapped:
+            continue  # an interval whose samples have no frame in their executable (e.g. kernel only)
         top = subprocess.run([str(PPROF), "-top", "-nodefraction=0", str(path)], capture_output=True, text=True,
                              check=True).stdout
         main_binary = top.splitlines()[0].removeprefix("File: ")
