@@ -64,6 +64,8 @@ class _GoProcess:
     reported: set[tuple[int, StackKey]] = dataclasses.field(default_factory=set)
     reader: GoroutineReader | None = None
     reported_current: set[tuple[StackKey, AttrKey]] = dataclasses.field(default_factory=set)
+    # start PC -> exits counted so far (the kernel's counts are cumulative, see _apply_exits)
+    exits_seen: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class GoroutineActor(RingBufferActor):
@@ -238,28 +240,43 @@ class GoroutineActor(RingBufferActor):
             if ev.aux not in proc.start_frames:
                 start = ctx.symbolizer.symbolize_user(ev.pid, [ev.aux])[-1]  # an entry PC: never inlined
                 proc.start_frames[ev.aux] = self._go_frames((start,), proc.exe_path)[0]
-        exits = self.bpf["exits"]
-        for key, value in list(exits.items()):
-            try:
-                del exits[key]
-            except KeyError:
-                pass
-            proc = self._processes.get(key.tgid)
-            stacks = proc.live.get(key.start_pc) if proc else None
-            for _ in range(int(value.value)):
-                if not stacks:
-                    ctx.counters.inc("goroutine_exits_unmatched")  # created before probing
-                    continue
-                stack, _n = stacks.most_common(1)[0]
-                stacks[stack] -= 1
-                if stacks[stack] <= 0:
-                    del stacks[stack]
+        self._apply_exits()
         out = self._snapshot()
         now = time.monotonic()
         if now - self._scanned >= CURRENT_SCAN_INTERVAL_S:
             self._scanned = now
             out.extend(self._current_snapshot())
         return out
+
+    def _apply_exits(self) -> None:
+        """Take the goroutines that exited since the last flush off their creation stacks.
+
+        The kernel's per-(process, start PC) exit counts only grow: each flush takes the
+        difference to what it saw last. Reading and then deleting an entry would lose the
+        exits counted between the two; an entry is deleted only when its process is gone.
+        """
+        exits = self.bpf["exits"]
+        counters = self.ctx.counters
+        for key, value in list(exits.items()):
+            proc = self._processes.get(key.tgid)
+            if proc is None:  # the process has exited (or was never probed by this actor)
+                try:
+                    del exits[key]
+                except KeyError:
+                    pass
+                continue
+            total = int(value.value)
+            new = total - proc.exits_seen.get(key.start_pc, 0)
+            proc.exits_seen[key.start_pc] = total
+            stacks = proc.live.get(key.start_pc)
+            for _ in range(new):
+                if not stacks:
+                    counters.inc("goroutine_exits_unmatched")  # created before probing
+                    continue
+                stack, _n = stacks.most_common(1)[0]
+                stacks[stack] -= 1
+                if stacks[stack] <= 0:
+                    del stacks[stack]
 
     def _current_snapshot(self) -> list[Sample]:
         """Current stacks of every goroutine of every probed process, grouped by stack and state."""
