@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from agent.bpf_events import RawStackEvent
+from agent.bpf.records import RawStackEvent
 from agent.stack_scan import recover_skipped_frames
 from agent.symbols import Symbolizer
 from shared.counters import Counters

@@ -5,7 +5,7 @@
  * docs/design/kernel-compatibility.md). Lengths are in bytes; a negative length is the
  * helper's error code and is counted by the agent.
  *
- * The same header is parsed in agent/bpf_events.py: keep the two in step.
+ * The same header is parsed in agent/bpf/records.py: keep the two in step.
  */
 #ifndef STACKFLEET_STACK_EVENT_H
 #define STACKFLEET_STACK_EVENT_H

@@ -336,7 +336,7 @@ def test_repeated_raw_stacks_are_symbolized_once(target: Target) -> None:
     from typing import Any
 
     from agent.actors.base import ActorContext, RingBufferActor
-    from agent.bpf_events import RawStackEvent
+    from agent.bpf.records import RawStackEvent
     from agent.clock import MonotonicToUnix
     from agent.settings import AgentSettings
     from shared.counters import Counters

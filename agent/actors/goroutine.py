@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_loader import BCC_LOCK
+from agent.bpf.loader import BCC_LOCK
 from agent.go_goroutines import GoroutineReader, ReadStats
 from agent.go_runtime import GoRuntimeInfo, go_runtime_info
 from agent.symbols.gopclntab import GoSymbolTable

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_events import RawStackEvent
-from agent.bpf_loader import BCC_LOCK
+from agent.bpf.loader import BCC_LOCK
+from agent.bpf.records import RawStackEvent
 from agent.go_heap_profiles import GoHeapProfiles
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
