@@ -46,7 +46,7 @@ from agent.go_heap import (
     profile_symbols,
     scale_heap_sample,
 )
-from agent.selectors import ProcessSelector
+from agent.process.selectors import ProcessSelector
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Sample

@@ -23,7 +23,7 @@ from agent.go_heap import (
     scale_heap_sample,
 )
 from agent.go_heap_profiles import GoHeapProfiles
-from agent.selectors import ProcessSelector
+from agent.process.selectors import ProcessSelector
 from integration.go_toolchains import available
 from integration.harness import WORKLOADS
 from shared.counters import Counters

@@ -30,9 +30,9 @@ from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
 from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.bpf.records import EVENT_SIZE, RawStackEvent, parse_stack_event
 from agent.clock import MonotonicToUnix
+from agent.process.selectors import ProcessSelector, sync_targets
 from agent.python import PythonProcesses, PythonStacks
 from agent.python.frames import UNKNOWN_FRAME
-from agent.selectors import ProcessSelector, sync_targets
 from agent.settings import AgentSettings
 from agent.stacks import event_frames
 from agent.symbols import Symbolizer

@@ -46,7 +46,7 @@ from agent.bpf.records import RawStackEvent
 from agent.go_heap_profiles import GoHeapProfiles
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
-from agent.symbols.procmaps import age_s, start_time
+from agent.process.procmaps import age_s, start_time
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 

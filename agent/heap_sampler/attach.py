@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.bpf.loader import BCC_LOCK
 from agent.heap_sampler import PROBE_ALLOC, PROBE_FREE, is_sampler_library, library_path
-from agent.symbols.procmaps import read_maps, root_view_path
+from agent.process.procmaps import read_maps, root_view_path
 from shared.counters import Counters
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from agent.metadata.cgroup import parse_cgroup_file
 from agent.metadata.kubelet import KubeletPods, PodInfo
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings
-from agent.symbols.procmaps import YOUNG_PROCESS_S, age_s, start_time
+from agent.process.procmaps import YOUNG_PROCESS_S, age_s, start_time
 from shared.counters import Counters
 
 log = logging.getLogger("stackfleet.metadata")

@@ -23,10 +23,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from agent.process.procmaps import start_time
 from agent.python.code import BadObject, CodeReader, ProcessMemory
 from agent.python.linetable import line_for_offset
 from agent.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
-from agent.symbols.procmaps import start_time
 from shared.counters import Counters
 from shared.model import Frame, FrameType
 

@@ -20,8 +20,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent.process.procmaps import MapEntry, map_files_path, read_maps, root_view_path
 from agent.python.offsets import OFFSETS, PythonOffsets
-from agent.symbols.procmaps import MapEntry, map_files_path, read_maps, root_view_path
 from agent.unwind.cfi import parse_cfi
 from agent.unwind.elfread import ElfHeaders
 from shared.model import Frame

@@ -34,11 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
-from agent.symbols.elf import ElfSymbols
-from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
-from agent.symbols.kallsyms import KernelSymbols
-from agent.symbols.procmaps import (
+from agent.process.procmaps import (
     YOUNG_PROCESS_S,
     MapEntry,
     RecentFileStats,
@@ -49,6 +45,10 @@ from agent.symbols.procmaps import (
     root_view_path,
     start_time,
 )
+from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
+from agent.symbols.elf import ElfSymbols
+from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
+from agent.symbols.kallsyms import KernelSymbols
 from shared.model import KERNEL_FILENAME, KERNEL_MAPPING, Frame, FrameType, Mapping
 
 log = logging.getLogger("stackfleet.symbols")
@@ -164,7 +164,7 @@ class Symbolizer:
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
         self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
-        # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.symbols.procmaps)
+        # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.process.procmaps)
         self._file_stats: RecentFileStats[FileKey] = RecentFileStats(max_processes)
         # (build id, size) -> weak reference to an ElfSymbols, see _share_by_build_id: only an
         # index, so a file evicted from _files is freed rather than kept alive here.

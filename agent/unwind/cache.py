@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent.symbols.procmaps import MapEntry, map_files_path, root_view_path
+from agent.process.procmaps import MapEntry, map_files_path, root_view_path
 from agent.unwind.elfread import ElfHeaders
 from agent.unwind.table import TableTooLarge, UnwindTable, build_table
 

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.symbols.procmaps import MapEntry, RecentFileStats, map_files_path, read_maps, root_view_path, start_time
+from agent.process.procmaps import MapEntry, RecentFileStats, map_files_path, read_maps, root_view_path, start_time
 from agent.unwind.cache import VDSO, FileKey, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 

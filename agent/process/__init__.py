@@ -1,0 +1,1 @@
+"""Processes on the host: /proc maps, selectors, reading process memory, scanning /proc."""
