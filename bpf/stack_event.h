@@ -44,7 +44,7 @@ struct stack_event {
     u64 kernel[MAX_STACK_DEPTH];
     /* User stack pointer and a copy of the words above it: lets the agent recover the
      * frames that frame-pointer walking skips when the leaf is in code built without
-     * frame pointers (libc), see agent/stack_scan.py. copy_len is 0 if the read failed. */
+     * frame pointers (libc), see agent/stacks/scan.py. copy_len is 0 if the read failed. */
     u64 user_sp;
     u32 copy_len;
     u32 _pad;

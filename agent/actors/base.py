@@ -34,7 +34,7 @@ from agent.process.selectors import ProcessSelector, sync_targets
 from agent.python import PythonProcesses, PythonStacks
 from agent.python.frames import UNKNOWN_FRAME
 from agent.settings import AgentSettings
-from agent.stacks import event_frames
+from agent.stacks.assembly import event_frames
 from agent.symbols import Symbolizer
 from agent.unwind.sharing import ActorUnwinding, SharedUnwinding
 from shared.counters import Counters

@@ -6,7 +6,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from agent.bpf.records import RawStackEvent
-from agent.stack_scan import recover_skipped_frames
+from agent.stacks.scan import recover_skipped_frames
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame
