@@ -14,7 +14,7 @@ from agent.clock import MonotonicToUnix
 from agent.metadata.resolver import MetadataResolver
 from agent.metadata.sink import MetadataSink
 from agent.publisher import Publisher
-from agent.python import PythonProcesses
+from agent.runtimes.python import PythonProcesses
 from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer

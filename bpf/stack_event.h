@@ -19,7 +19,7 @@
 #define PY_MAX_FRAMES 64          /* a power of two: indexes are masked for the verifier */
 enum py_status { PY_STATUS_NOT_PYTHON = 0, PY_STATUS_OK = 1, PY_STATUS_NO_THREAD = 2, PY_STATUS_TRUNCATED = 3 };
 
-/* One CPython frame as read from the interpreter (agent/python/frames.py interprets it):
+/* One CPython frame as read from the interpreter (agent/runtimes/python/frames.py interprets it):
  * the code object's address, the instruction field (a pointer; 3.10: int f_lasti) and the
  * byte that marks evaluation-loop call boundaries (3.11 is_entry, 3.12+ owner). */
 struct py_frame {

@@ -31,8 +31,8 @@ from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percp
 from agent.bpf.records import EVENT_SIZE, RawStackEvent, parse_stack_event
 from agent.clock import MonotonicToUnix
 from agent.process.selectors import ProcessSelector, sync_targets
-from agent.python import PythonProcesses, PythonStacks
-from agent.python.frames import UNKNOWN_FRAME
+from agent.runtimes.python import PythonProcesses, PythonStacks
+from agent.runtimes.python.frames import UNKNOWN_FRAME
 from agent.settings import AgentSettings
 from agent.stacks.assembly import event_frames
 from agent.symbols import Symbolizer

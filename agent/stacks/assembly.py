@@ -12,7 +12,7 @@ from shared.counters import Counters
 from shared.model import Frame
 
 if TYPE_CHECKING:
-    from agent.python import PythonStacks
+    from agent.runtimes.python import PythonStacks
 
 
 def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, type_name: str,

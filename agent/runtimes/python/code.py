@@ -14,7 +14,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent.python.offsets import NONE, PythonOffsets
+from agent.runtimes.python.offsets import NONE, PythonOffsets
 
 _PTR = struct.Struct("<Q")
 _I32 = struct.Struct("<i")

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.process.procmaps import start_time
-from agent.python.code import BadObject, CodeReader, ProcessMemory
-from agent.python.linetable import line_for_offset
-from agent.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
+from agent.runtimes.python.code import BadObject, CodeReader, ProcessMemory
+from agent.runtimes.python.linetable import line_for_offset
+from agent.runtimes.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
 from shared.counters import Counters
 from shared.model import Frame, FrameType
 

@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from agent.process.procmaps import MapEntry, map_files_path, read_maps, root_view_path
-from agent.python.offsets import OFFSETS, PythonOffsets
+from agent.runtimes.python.offsets import OFFSETS, PythonOffsets
 from agent.unwind.cfi import parse_cfi
 from agent.unwind.elfread import ElfHeaders
 from shared.model import Frame
