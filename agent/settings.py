@@ -60,7 +60,7 @@ class AgentSettings(BaseSettings):
     target_cgroup: str | None = None
     # Heap: mean bytes between allocation samples (geometric sampling, as tcmalloc and Go).
     heap_sample_bytes: int = Field(default=512 * 1024, ge=1)
-    # Heap, Go processes: seconds between reads of each Go runtime's own profile (agent/go_heap_profiles.py).
+    # Heap, Go processes: seconds between reads of each Go runtime's own profile (agent/runtimes/go/heap_profiles.py).
     heap_go_interval_s: float = Field(default=5.0, gt=0, le=3600)
     # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
     lock_min_wait_ns: int = Field(default=10_000, ge=0)

@@ -5,7 +5,7 @@ entry uprobes on ``runtime.newproc1`` and ``runtime.goexit1`` (once per binary: 
 a file covers every process running it) and each process its ``runtime.g`` offsets
 (``startpc`` for exits, ``sched.bp`` for creation stacks: bpf/goroutine.bpf.c says why) in
 the BPF ``go_procs`` map. Binaries of a Go release outside the checked range are not probed
-(agent.go_layout.unsupported_reason; counted as ``go_binaries_unsupported``). Creations
+(agent.runtimes.go.layout.unsupported_reason; counted as ``go_binaries_unsupported``). Creations
 arrive with the creator's stack; exits are counted per start PC in the kernel. Live =
 created - exited, per (process, start function, creation stack); when a start function was
 created from several stacks, an exit is taken from the stack with the most live goroutines.
@@ -18,7 +18,7 @@ Runtime-internal goroutines (start function in package ``runtime``, except runti
 carry ``goroutine.system=true``, matching what ``runtime.NumGoroutine`` leaves out.
 
 Alongside, every ``CURRENT_SCAN_INTERVAL_S`` the *current* stack of every goroutine is read
-from the process's memory (agent.go_goroutines, on this symbolization thread, never the
+from the process's memory (agent.runtimes.go.goroutines, on this symbolization thread, never the
 event loop). Both go out as the same profile type, told apart by the sample attribute
 ``goroutine.stack.kind`` = ``current`` | ``creation`` (docs/design/goroutine.md says why);
 current stacks also carry ``goroutine.state``.
@@ -36,9 +36,9 @@ from typing import Any
 
 from agent.actors.base import RingBufferActor
 from agent.bpf.loader import BCC_LOCK
-from agent.go_goroutines import GoroutineReader, ReadStats
-from agent.go_runtime import GoRuntimeInfo, go_runtime_info
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.runtimes.go.buildinfo import GoRuntimeInfo, go_runtime_info
+from agent.runtimes.go.goroutines import GoroutineReader, ReadStats
+from agent.runtimes.go.pclntab import GoSymbolTable
 from shared.model import Frame, FrameType, Sample
 from shared.profile_types import ProfileType
 

@@ -26,7 +26,7 @@ In-use figures count from the moment a process was probed: memory allocated befo
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
 Go processes are never probed: their heap (and mutex/block) profiles are read from the
 runtime's own records in memory, every process on the host or those the selectors match
-(agent/go_heap_profiles.py, docs/design/heap.md), in-use memory included.
+(agent/runtimes/go/heap_profiles.py, docs/design/heap.md), in-use memory included.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from typing import Any
 from agent.actors.base import RingBufferActor
 from agent.bpf.loader import BCC_LOCK
 from agent.bpf.records import RawStackEvent
-from agent.go_heap_profiles import GoHeapProfiles
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
 from agent.process.procmaps import age_s, start_time
+from agent.runtimes.go.heap_profiles import GoHeapProfiles
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 

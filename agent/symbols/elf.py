@@ -27,8 +27,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.packed_names import PackedNames
 
 log = logging.getLogger("stackfleet.symbols")

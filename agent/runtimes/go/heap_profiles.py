@@ -2,7 +2,7 @@
 
 The heap actor calls ``GoHeapProfiles.collect`` on each flush (symbolization thread). Every
 ``interval_s`` it finds the Go processes (all of them, or those the process selectors
-match when any is set), reads each one's profile buckets (agent.go_heap) and turns them
+match when any is set), reads each one's profile buckets (agent.runtimes.go.heap) and turns them
 into samples. No probe is attached to a Go process: the cost is a /proc scan and one
 ``pread`` per bucket (a few hundred microseconds for a typical program).
 
@@ -21,7 +21,7 @@ counts scaled as pprof scales them) with ``lock.source`` = ``go.mutex`` or ``go.
 
 Processes that cannot be read are counted per reason under ``go_heap_processes_skipped``
 and logged once per binary: stripped (no symbol table, and the runtime variables cannot
-be found from code either: see agent.go_heap_code), unknown Go version, memory profiling
+be found from code either: see agent.runtimes.go.heap_code), unknown Go version, memory profiling
 off (``MemProfileRate`` 0: the linker turns it off in programs that never reference
 ``runtime.MemProfile``, e.g. ones without runtime/pprof), unreadable memory.
 """
@@ -35,7 +35,8 @@ import time
 from collections import defaultdict
 from functools import lru_cache
 
-from agent.go_heap import (
+from agent.process.selectors import ProcessSelector
+from agent.runtimes.go.heap import (
     RUNTIME_PREFIXES,
     BlockBucket,
     GoProfileReader,
@@ -46,7 +47,6 @@ from agent.go_heap import (
     profile_symbols,
     scale_heap_sample,
 )
-from agent.process.selectors import ProcessSelector
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Sample

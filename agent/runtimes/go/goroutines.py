@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from agent.go_layout import GLayout
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.runtimes.go.layout import GLayout
+from agent.runtimes.go.pclntab import GoSymbolTable
 
 # runtime/runtime2.go's _G* states; 10 and 11 are new in Go 1.26 (unused before): _Gleaked, a
 # goroutine the GC found blocked forever (still counted by NumGoroutine), and _Gdeadextra, a

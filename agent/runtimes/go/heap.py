@@ -20,7 +20,7 @@ without writing to the process; see docs/design/heap.md.
 
 Addresses of the runtime variables come from the ELF symbol table; a stripped binary
 (``-ldflags=-s``) has none, and for the releases checked in tests they are found from the
-runtime code that uses them (``agent.go_heap_code``); otherwise it is not read (the caller
+runtime code that uses them (``agent.runtimes.go.heap_code``); otherwise it is not read (the caller
 counts and logs it). Versions without a layout below are not read either. Every bucket's
 type must match its list (mbuckets: memProfile, bbuckets: blockProfile, xbuckets:
 mutexProfile), so a wrong address is a read failure, never a wrong profile. Reads are bounded and checked (bucket count,
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
-from agent.go_heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
-from agent.go_layout import go_minor
-from agent.go_runtime import go_version, is_go_binary
+from agent.runtimes.go.buildinfo import go_version, is_go_binary
+from agent.runtimes.go.heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
+from agent.runtimes.go.layout import go_minor
 
 WORD = 8
 BUCKET_HEADER = struct.Struct("<QQqQQQ")  # next, allnext, typ, hash, size, nstk

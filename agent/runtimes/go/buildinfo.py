@@ -1,9 +1,9 @@
 """Facts about a Go binary that the Go actors need: is it Go, which Go release built it
 (``go_version``), where its runtime functions start (``GoRuntimeInfo.entries``, from the
 pclntab, so stripped binaries work), where is g.startpc, and how to find its goroutines
-(``runtime.g`` layout, ``runtime.allgs``: agent.go_layout).
+(``runtime.g`` layout, ``runtime.allgs``: agent.runtimes.go.layout).
 
-A binary built by a Go release outside the checked range (agent.go_layout.unsupported_reason)
+A binary built by a Go release outside the checked range (agent.runtimes.go.layout.unsupported_reason)
 gets ``unsupported`` set, logged once per binary: its runtime structures and probe
 conventions may have moved, so the goroutine actor leaves it alone; its CPU frames still
 come from the pclntab, whose own format is checked independently.
@@ -18,8 +18,8 @@ from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
 
-from agent.go_layout import GLayout, allgs_candidates, layout_for, unsupported_reason
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
+from agent.runtimes.go.layout import GLayout, allgs_candidates, layout_for, unsupported_reason
+from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ class GoRuntimeInfo:
     # Entry addresses of the runtime functions the actors probe, from .gopclntab: usable
     # on stripped binaries, where there is no symbol table to probe by name.
     entries: tuple[tuple[str, int], ...] = ()
-    # For the current-stack goroutine profile (agent.go_goroutines): None/() when unsupported.
+    # For the current-stack goroutine profile (agent.runtimes.go.goroutines): None/() when unsupported.
     g_layout: GLayout | None = None
     allgs: tuple[int, ...] = ()
-    # Why this binary's runtime is not read ("": it is): agent.go_layout.unsupported_reason.
+    # Why this binary's runtime is not read ("": it is): agent.runtimes.go.layout.unsupported_reason.
     unsupported: str = ""
 
     def entry(self, function: str) -> int | None:
