@@ -13,7 +13,7 @@ from agent.actors.base import SampleSink
 from agent.clock import MonotonicToUnix
 from agent.metadata.resolver import MetadataResolver
 from agent.metadata.sink import MetadataSink
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.runtimes.python import PythonProcesses
 from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
