@@ -22,6 +22,15 @@ V = TypeVar("V")
 # stat (size, mtime) once this has passed.
 FILE_STAT_TTL_S = 10.0
 
+# A file's content identity: the same device, inode, size and mtime (ns) means the same bytes.
+# Everything derived from a file's bytes (symbols, unwind tables, Go runtime facts) is keyed by it.
+FileKey = tuple[int, int, int, int]
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    """The content identity (:data:`FileKey`) of a stat'ed file."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 @dataclass(frozen=True, slots=True)
 class MapEntry:

@@ -36,9 +36,11 @@ from typing import IO, Any, cast
 
 from agent.process.procmaps import (
     YOUNG_PROCESS_S,
+    FileKey,
     MapEntry,
     RecentFileStats,
     age_s,
+    file_key,
     map_files_path,
     read_comm,
     read_maps,
@@ -53,7 +55,6 @@ from shared.model import KERNEL_FILENAME, KERNEL_MAPPING, Frame, FrameType, Mapp
 
 log = logging.getLogger("stackfleet.symbols")
 
-FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 # The kernel's vDSO (clock_gettime, gettimeofday, ...) is an ELF image mapped into every
 # process but backed by no file: it is read from the process's memory, and is the same image
 # for every process of one size (64-bit or compat), so its key is its size.
@@ -416,9 +417,9 @@ class Symbolizer:
             st = os.stat(self._open_path(pid, entry))
         except OSError:
             return None
-        file_key: FileKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        self._file_stats.put(entry, file_key)
-        return file_key
+        key = file_key(st)
+        self._file_stats.put(entry, key)
+        return key
 
     @staticmethod
     def _open_path(pid: int, entry: MapEntry) -> str:

@@ -28,8 +28,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.process.procmaps import MapEntry, RecentFileStats, map_files_path, read_maps, root_view_path, start_time
-from agent.unwind.cache import VDSO, FileKey, FileRef, TableCache, file_ref
+from agent.process.procmaps import (
+    FileKey,
+    MapEntry,
+    RecentFileStats,
+    file_key,
+    map_files_path,
+    read_maps,
+    root_view_path,
+    start_time,
+)
+from agent.unwind.cache import VDSO, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 
 log = logging.getLogger("stackfleet.unwind")
@@ -574,4 +583,4 @@ def _exe_key(pid: int) -> FileKey | None:
         st = os.stat(f"/proc/{pid}/exe")
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return file_key(st)

@@ -35,6 +35,7 @@ import time
 from collections import defaultdict
 from functools import lru_cache
 
+from agent.process.procmaps import FileKey, file_key
 from agent.process.selectors import ProcessSelector
 from agent.runtimes.go.heap import (
     RUNTIME_PREFIXES,
@@ -53,7 +54,6 @@ from shared.model import Frame, FrameType, Sample
 
 log = logging.getLogger(__name__)
 StackKey = tuple[Frame, ...]
-Identity = tuple[int, int, int, int]
 MAX_NOT_GO = 16_384
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -75,7 +75,7 @@ class _GoProcess:
 
 
 @lru_cache(maxsize=1024)
-def _symbols(path: str, identity: Identity) -> GoProfileSymbols | UnsupportedBinary | None:
+def _symbols(path: str, identity: FileKey) -> GoProfileSymbols | UnsupportedBinary | None:
     """Per binary (``identity`` keys the cache): its profile symbols, why there are none
     (logged once), or None when it is not Go."""
     try:
@@ -91,13 +91,13 @@ def _symbols(path: str, identity: Identity) -> GoProfileSymbols | UnsupportedBin
         return None
 
 
-def go_identity(pid: int) -> tuple[str, Identity] | None:
+def go_identity(pid: int) -> tuple[str, FileKey] | None:
     """(/proc path, file identity) of ``pid``'s executable, None when it has none."""
     try:
         st = os.stat(f"/proc/{pid}/exe")
     except OSError:
         return None
-    return f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return f"/proc/{pid}/exe", file_key(st)
 
 
 class GoHeapProfiles:
@@ -109,7 +109,7 @@ class GoHeapProfiles:
         self.interval_s = interval_s
         self._processes: dict[int, _GoProcess] = {}
         self._skipped: set[int] = set()  # pids counted as not readable (until they exit)
-        self._not_go: set[Identity] = set()
+        self._not_go: set[FileKey] = set()
         self._read_at = 0.0
         self._started_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.lock_samples: list[Sample] = []  # mutex/block samples of the last read, for the lock type
