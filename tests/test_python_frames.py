@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtimes.python.code import BadObject, CodeReader, ProcessMemory
+from agent.process.memory import ProcessMemory
+from agent.runtimes.python.code import BadObject, CodeReader
 from agent.runtimes.python.frames import PythonProcesses, PythonStacks
 from agent.runtimes.python.linetable import line_for_offset
 from agent.runtimes.python.offsets import OFFSETS

@@ -23,8 +23,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from agent.process.memory import ProcessMemory
 from agent.process.procmaps import start_time
-from agent.runtimes.python.code import BadObject, CodeReader, ProcessMemory
+from agent.runtimes.python.code import BadObject, CodeReader
 from agent.runtimes.python.linetable import line_for_offset
 from agent.runtimes.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
 from shared.counters import Counters
