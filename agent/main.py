@@ -23,7 +23,7 @@ from shared.counters import Counters
 from shared.metrics_server import MetricsServer, metrics_registry, parse_address
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.agent")
+log = logging.getLogger(__name__)
 
 
 async def run_agent(

@@ -44,7 +44,7 @@ from agent.runtimes.go.probes import attach_go_probe
 from shared.model import Frame, FrameType, Sample
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.goroutine")
+log = logging.getLogger(__name__)
 DISCOVERY_INTERVAL_S = 2.0
 CURRENT_SCAN_INTERVAL_S = 1.0
 # Binaries known not to be Go (file identities): forgotten all at once past this many, so a

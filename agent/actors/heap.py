@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import math
 import os
 import time
@@ -50,6 +51,7 @@ from agent.runtimes.go.heap_profiles import GoHeapProfiles
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
+log = logging.getLogger(__name__)
 MAX_LIVE = 262144
 _PROBES = (
     ("malloc", "on_malloc", True),
@@ -129,9 +131,7 @@ class HeapActor(RingBufferActor):
         self._forget_exited_sampled()
         if not self.selector.filters:
             if not self._warned_no_selector:
-                import logging
-
-                logging.getLogger("stackfleet.agent").info(
+                log.info(
                     "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
                     "native processes are profiled only with the sampler library (sampled mode); "
                     "Go processes are read from memory")

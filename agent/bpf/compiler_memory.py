@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-log = logging.getLogger("stackfleet.agent.memory")
+log = logging.getLogger(__name__)
 
 MADV_PAGEOUT = 21
 _COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc")

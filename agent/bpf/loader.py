@@ -15,7 +15,7 @@ from typing import Any
 
 import bpf as bpf_sources
 
-log = logging.getLogger("stackfleet.bpf")
+log = logging.getLogger(__name__)
 
 
 class BpfUnavailable(RuntimeError):

@@ -21,7 +21,7 @@ from agent.metadata.settings import MetadataSettings
 from agent.process.procmaps import YOUNG_PROCESS_S, age_s, start_time
 from shared.counters import Counters
 
-log = logging.getLogger("stackfleet.metadata")
+log = logging.getLogger(__name__)
 
 # A process younger than YOUNG_PROCESS_S may still exec: its entry is re-checked after
 # YOUNG_TTL_S instead of the configured TTL.

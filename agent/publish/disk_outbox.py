@@ -24,7 +24,7 @@ from pathlib import Path
 from agent.publish.memory_outbox import MemoryOutbox, Outgoing
 from shared.counters import Counters
 
-log = logging.getLogger("stackfleet.agent.spool")
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outgoing (

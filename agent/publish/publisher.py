@@ -37,7 +37,7 @@ from shared.subjects import RESYNC_SUBJECT, dict_subject, samples_subject
 from shared.tasks import cancel_and_wait
 from shared.wire import StreamEncoder, WireError, new_agent_id, parse_resync
 
-log = logging.getLogger("stackfleet.agent.publisher")
+log = logging.getLogger(__name__)
 
 
 RETRY_INITIAL_S = 0.2

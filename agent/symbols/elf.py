@@ -31,7 +31,7 @@ from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_sect
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.packed_names import PackedNames
 
-log = logging.getLogger("stackfleet.symbols")
+log = logging.getLogger(__name__)
 
 DebugSource = Callable[["ElfSymbols"], "tuple[IO[bytes], str] | None"]
 

@@ -53,7 +53,7 @@ from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_id
 from agent.symbols.kallsyms import KernelSymbols
 from shared.model import KERNEL_FILENAME, KERNEL_MAPPING, Frame, FrameType, Mapping
 
-log = logging.getLogger("stackfleet.symbols")
+log = logging.getLogger(__name__)
 
 # The kernel's vDSO (clock_gettime, gettimeofday, ...) is an ELF image mapped into every
 # process but backed by no file: it is read from the process's memory, and is the same image

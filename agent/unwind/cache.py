@@ -18,7 +18,7 @@ from agent.process.procmaps import FileKey, MapEntry, file_key, map_files_path, 
 from agent.unwind.elfread import ElfHeaders
 from agent.unwind.table import TableTooLarge, UnwindTable, build_table
 
-log = logging.getLogger("stackfleet.unwind")
+log = logging.getLogger(__name__)
 
 # Measured: libc (150 KB of .eh_frame) 40 ms, python3.11 (410 KB) 100 ms, git (390 KB) 100 ms.
 _BUILD_S_PER_CFI_BYTE = 2.6e-7

@@ -41,7 +41,7 @@ from agent.process.procmaps import (
 from agent.unwind.cache import VDSO, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 
-log = logging.getLogger("stackfleet.unwind")
+log = logging.getLogger(__name__)
 
 # Mirrors of bpf/unwind.h: keep in step.
 MAX_MAPPINGS = 256

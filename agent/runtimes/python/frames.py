@@ -31,7 +31,7 @@ from agent.runtimes.python.process import FileCache, PythonProcess, UnsupportedP
 from shared.counters import Counters
 from shared.model import Frame, FrameType
 
-log = logging.getLogger("stackfleet.python")
+log = logging.getLogger(__name__)
 
 OWNED_BY_CSTACK = 3  # 3.12+ _PyInterpreterFrame.owner of the shim each evaluation-loop call pushes
 # bpf/stack_event.h enum py_status

@@ -26,7 +26,7 @@ from agent.unwind.cfi import parse_cfi
 from agent.unwind.elfread import ElfHeaders
 from shared.model import Frame
 
-log = logging.getLogger("stackfleet.python")
+log = logging.getLogger(__name__)
 
 _INTERPRETER_NAME = re.compile(r"(?:^|/)(?:lib)?python(3)\.(\d+)[^/]*$")
 EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
