@@ -17,7 +17,7 @@ V = TypeVar("V")
 
 # A file seen in some process's maps (same device, inode and path) is not stat'ed again for
 # this long: every new process maps the same libraries, and two syscalls per mapping of each
-# short-lived process were a visible part of the agent's CPU. Compilers, linkers and package
+# short-lived process would be a visible part of the agent's CPU. Compilers, linkers and package
 # managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
 # stat (size, mtime) once this has passed.
 FILE_STAT_TTL_S = 10.0

@@ -37,7 +37,7 @@ DebugSource = Callable[["ElfSymbols"], "tuple[IO[bytes], str] | None"]
 
 # Files whose DWARF line program is larger than this are symbolized by name only. Measured:
 # pyelftools needs ~10 us and ~900 bytes of peak memory per line-table row, so a 2.5 MB
-# .debug_line (CPython built with -g: 620k rows) took 6.3 s and 560 MB — not acceptable in
+# .debug_line (CPython built with -g: 620k rows) costs 6.3 s and 560 MB — not acceptable in
 # an agent on every host. At 1 MiB the worst case is ~2.5 s once per file.
 MAX_LINE_PROGRAM_BYTES = 1024 * 1024
 

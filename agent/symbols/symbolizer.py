@@ -257,7 +257,7 @@ class Symbolizer:
             return None
         offset = address - size - region.entry.start + region.entry.offset
         # The same return addresses sit on the stacks of every sample of a thread: a file read
-        # (seek + read) per candidate word per new stack was the stack scan's main cost.
+        # (seek + read) per candidate word per new stack would be the stack scan's main cost.
         key = (region.file_key, offset, size)
         code = self._code.get(key)
         if code is not None:

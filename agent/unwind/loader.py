@@ -241,7 +241,7 @@ class NativeUnwinder:
         self._processes: dict[int, _Process] = {}
         self._retry_after: dict[int, float] = {}
         # Each mapped file's identity and whether map_files opened it: every new process maps
-        # the same libraries, and a stat per mapping of each short-lived process was most of
+        # the same libraries, and a stat per mapping of each short-lived process would be most of
         # loading it (kept FILE_STAT_TTL_S, as in the symbolizer).
         self._file_keys: RecentFileStats[tuple[FileKey | str, bool]] = RecentFileStats(4096)
         self._bpf_counters_seen: list[int] = []
