@@ -37,6 +37,7 @@ from typing import Any
 from agent.actors.base import RingBufferActor
 from agent.bpf.loader import BCC_LOCK
 from agent.process.procmaps import FileKey, file_key
+from agent.process.watcher import running_pids
 from agent.runtimes.go.buildinfo import GoRuntimeInfo, go_runtime_info
 from agent.runtimes.go.goroutines import GoroutineReader, ReadStats
 from agent.runtimes.go.pclntab import GoSymbolTable
@@ -101,12 +102,8 @@ class GoroutineActor(RingBufferActor):
         if now - self._discovered < DISCOVERY_INTERVAL_S:
             return
         self._discovered = now
-        alive = set()
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            alive.add(pid)
+        alive = running_pids()
+        for pid in alive:
             if pid in self._processes or pid == os.getpid():
                 continue
             try:

@@ -37,6 +37,7 @@ from functools import lru_cache
 
 from agent.process.procmaps import FileKey, file_key
 from agent.process.selectors import ProcessSelector
+from agent.process.watcher import running_pids
 from agent.runtimes.go.heap import (
     RUNTIME_PREFIXES,
     BlockBucket,
@@ -126,8 +127,7 @@ class GoHeapProfiles:
 
     # -- discovery ---------------------------------------------------------------------------
     def _discover(self) -> None:
-        pids = self.selector.scan() if self.selector.filters else {
-            int(n) for n in os.listdir("/proc") if n.isdigit()}
+        pids = self.selector.scan() if self.selector.filters else running_pids()
         pids.discard(os.getpid())
         for pid in set(self._processes) - pids:
             self._processes.pop(pid).reader.close()
