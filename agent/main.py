@@ -13,8 +13,8 @@ from agent.actors.base import SampleSink
 from agent.clock import MonotonicToUnix
 from agent.metadata.resolver import MetadataResolver
 from agent.metadata.sink import MetadataSink
-from agent.publisher import Publisher
-from agent.python import PythonProcesses
+from agent.publish.publisher import Publisher
+from agent.runtimes.python import PythonProcesses
 from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer
@@ -23,7 +23,7 @@ from shared.counters import Counters
 from shared.metrics_server import MetricsServer, metrics_registry, parse_address
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.agent")
+log = logging.getLogger(__name__)
 
 
 async def run_agent(

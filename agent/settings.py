@@ -36,8 +36,8 @@ class AgentSettings(BaseSettings):
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
     # A record is ~4 KiB (stack plus Python frames): 8,192 is ~32 MiB and 40 s of CPU samples at
-    # 99 Hz x 2 CPUs, enough to ride out a stalled symbolizer (a big binary's first tables);
-    # 50,000 let a stall hold ~200 MiB (measured with tracemalloc).
+    # 99 Hz x 2 CPUs, enough to ride out a stalled symbolizer (a big binary's first tables)
+    # without a stall holding hundreds of MiB (docs/design/overhead.md).
     max_pending_events: int = Field(default=8_192, ge=100)
     ringbuf_pages: int = Field(default=256, ge=8)
     # Outgoing NATS messages waiting to be published (e.g. while NATS is unreachable); beyond
@@ -50,9 +50,9 @@ class AgentSettings(BaseSettings):
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     # Entries per dictionary table (strings, mappings, functions, locations, stacks) before the
-    # stream starts a new epoch and sends what it uses again. Memory: ~650 B per stack entry
-    # (measured: 64 MiB for 100,000 stacks of 20 frames), per profile type; at 100,000 four
-    # types held ~250 MiB on a busy host. A quiet host's few thousand stacks never reach it.
+    # stream starts a new epoch and sends what it uses again. Memory: ~650 B per stack entry of
+    # 20 frames, per profile type (docs/design/overhead.md). A quiet host's few thousand stacks
+    # never reach it.
     max_dictionary_entries: int = Field(default=16_384, ge=100)
     # Process selection for the event-tracing actors (wall, lock, heap); none set = all user processes.
     target_pids: Annotated[list[int], NoDecode] = Field(default_factory=list)
@@ -60,7 +60,7 @@ class AgentSettings(BaseSettings):
     target_cgroup: str | None = None
     # Heap: mean bytes between allocation samples (geometric sampling, as tcmalloc and Go).
     heap_sample_bytes: int = Field(default=512 * 1024, ge=1)
-    # Heap, Go processes: seconds between reads of each Go runtime's own profile (agent/go_heap_profiles.py).
+    # Heap, Go processes: seconds between reads of each Go runtime's own profile (agent/runtimes/go/heap_profiles.py).
     heap_go_interval_s: float = Field(default=5.0, gt=0, le=3600)
     # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
     lock_min_wait_ns: int = Field(default=10_000, ge=0)

@@ -18,7 +18,7 @@ from agent.actors.base import ProfileActor
 from shared.counters import Counters
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.agent.supervisor")
+log = logging.getLogger(__name__)
 
 HEALTHY_AFTER_S = 60.0
 

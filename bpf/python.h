@@ -1,12 +1,12 @@
 /* CPython frames: which Python functions a sampled thread is running.
  *
- * The agent finds CPython processes (agent/python/process.py) and writes one py_procs
+ * The agent finds CPython processes (agent/runtimes/python/process.py) and writes one py_procs
  * entry per process: the address of _PyRuntime and the struct offsets of its version
- * (agent/python/offsets.py). At a sample this code finds the thread's PyThreadState and
+ * (agent/runtimes/python/offsets.py). At a sample this code finds the thread's PyThreadState and
  * walks its interpreter frames, recording per frame the code object's address and the
  * byte offset of the current instruction. The agent reads the code objects (name, file,
  * line table) from the live process and splices the frames into the native stack in place
- * of the interpreter's evaluation-loop frames (agent/python/frames.py).
+ * of the interpreter's evaluation-loop frames (agent/runtimes/python/frames.py).
  *
  * Thread state: 3.11+ threads are matched by PyThreadState.native_thread_id (a walk over
  * the interpreters' thread lists, then cached per thread and re-validated at every use).

@@ -10,7 +10,7 @@
  * counted by the agent (stack_missing), its values are kept.
  *
  * What the hash covers: the user and kernel return addresses, the CPython frames, and the
- * words of the stack copy that agent/stack_scan.py could turn into recovered frames (the
+ * words of the stack copy that agent/stacks/scan.py could turn into recovered frames (the
  * ones below the first frame-pointer return address that follow a call instruction in the
  * process's memory). Other words of the copy (locals, counters, saved registers) are left
  * out so they do not split one stack into many. The call check here is looser than the
@@ -76,7 +76,7 @@ static __always_inline u64 agg_mix(u64 h, u64 w)
 }
 
 /* True if the 8 bytes ending at a candidate return address end with an x86-64 call:
- * E8 rel32, or FF /2 with a ModRM form whose length matches (see agent/stack_scan.py). */
+ * E8 rel32, or FF /2 with a ModRM form whose length matches (see agent/stacks/scan.py). */
 static __always_inline int agg_call_form(const u8 *c, int len)
 {
     if (c[8 - len] != 0xFF)

@@ -5,7 +5,7 @@
  * docs/design/kernel-compatibility.md). Lengths are in bytes; a negative length is the
  * helper's error code and is counted by the agent.
  *
- * The same header is parsed in agent/bpf_events.py: keep the two in step.
+ * The same header is parsed in agent/bpf/records.py: keep the two in step.
  */
 #ifndef STACKFLEET_STACK_EVENT_H
 #define STACKFLEET_STACK_EVENT_H
@@ -19,7 +19,7 @@
 #define PY_MAX_FRAMES 64          /* a power of two: indexes are masked for the verifier */
 enum py_status { PY_STATUS_NOT_PYTHON = 0, PY_STATUS_OK = 1, PY_STATUS_NO_THREAD = 2, PY_STATUS_TRUNCATED = 3 };
 
-/* One CPython frame as read from the interpreter (agent/python/frames.py interprets it):
+/* One CPython frame as read from the interpreter (agent/runtimes/python/frames.py interprets it):
  * the code object's address, the instruction field (a pointer; 3.10: int f_lasti) and the
  * byte that marks evaluation-loop call boundaries (3.11 is_entry, 3.12+ owner). */
 struct py_frame {
@@ -44,7 +44,7 @@ struct stack_event {
     u64 kernel[MAX_STACK_DEPTH];
     /* User stack pointer and a copy of the words above it: lets the agent recover the
      * frames that frame-pointer walking skips when the leaf is in code built without
-     * frame pointers (libc), see agent/stack_scan.py. copy_len is 0 if the read failed. */
+     * frame pointers (libc), see agent/stacks/scan.py. copy_len is 0 if the read failed. */
     u64 user_sp;
     u32 copy_len;
     u32 _pad;

@@ -318,7 +318,7 @@ done:
     if (n < 2 && stop != UNWIND_STAT_END)
         return 0;
     ev->user_len = n * sizeof(u64);
-    /* The stack copy only serves agent/stack_scan.py's recovery of frames that frame-pointer
+    /* The stack copy only serves agent/stacks/scan.py's recovery of frames that frame-pointer
      * walking skipped; this stack skipped none, so the copy is withdrawn and not scanned. */
     ev->copy_len = 0;
     st->counters[UNWIND_STAT_SAMPLES]++;

@@ -103,7 +103,7 @@ def newest() -> GoToolchain:
 def unidentifiable(stripped: Path, out: Path) -> Path:
     """A copy of a stripped Go build whose pclntab no longer names runtime.mProf_FlushLocked
     (renamed to a name of the same length: the program still runs), so the runtime's profile
-    variables cannot be found from code (agent.go_heap_code)."""
+    variables cannot be found from code (agent.runtimes.go.heap_code)."""
     data = stripped.read_bytes()
     name = b"runtime.mProf_FlushLocked\0"
     if data.count(name) != 1:

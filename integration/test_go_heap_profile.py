@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.runtimes.go.pclntab import GoSymbolTable
 from integration.go_toolchains import ROOT, GoToolchain, available, unidentifiable
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType

@@ -25,7 +25,7 @@ import nats
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from agent.go_runtime import go_runtime_info
+from agent.runtimes.go.buildinfo import go_runtime_info
 from integration.go_toolchains import GoToolchain, available, newest
 from integration.harness import WORKLOADS, PipelineRun, run_pipeline
 from shared.model import FrameType

@@ -1,7 +1,7 @@
 """CPython frames end to end: a Python script profiled by the real agent.
 
 ``py_chain.py`` spins in ``compute`` called as main -> handler -> compute. It runs under
-every CPython of a supported version (agent/python/offsets.py: 3.8-3.13) found on the
+every CPython of a supported version (agent/runtimes/python/offsets.py: 3.8-3.13) found on the
 machine (at least the default ``python3``, Debian's ``/usr/bin/python3.11`` and pyenv's 3.8
 and 3.9); the CPU profile must show those three
 functions with file and line, innermost first, as ``cpython`` frames, nested under the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.python.offsets import OFFSETS
+from agent.runtimes.python.offsets import OFFSETS
 from integration.harness import PipelineRun, run_pipeline
 from shared.model import Frame, FrameType
 from shared.profile_types import ProfileType

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent.main import run_agent
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from integration.durability import (
     AggregatorProcess,

@@ -1,6 +1,6 @@
 """What kind of wait a lock-profile sample is, and which kinds are lock contention.
 
-The agent labels every lock sample with ``lock.wait.kind`` (agent/lock_waits.py decides it);
+The agent labels every lock sample with ``lock.wait.kind`` (agent/actors/lock_waits.py decides it);
 the aggregator's default lock views (the web page's lock view, pprof lock files) keep the
 contention kinds only, mutex and rwlock: a thread parked on a condition variable, in
 pthread_join or on a semaphore waits for an event, not for a lock another thread holds. The

@@ -37,7 +37,7 @@ def test_fixed_mmap_threshold_returns_large_temporaries() -> None:
 
 TRIM = r"""
 import sys
-from agent.memory import trim_heap
+from agent.bpf.compiler_memory import trim_heap
 from shared.allocator import configure_allocator
 configure_allocator()
 def anon():

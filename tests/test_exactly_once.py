@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
 from aggregator.exporters.files import MARKER_SUFFIX, LocalFileWriter

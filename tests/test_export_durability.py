@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.otlp_decode import merge_request
 from aggregator.profile import FleetProfiles

@@ -1,4 +1,4 @@
-"""The Go runtime profile reader on synthetic memory images (agent/go_heap.py).
+"""The Go runtime profile reader on synthetic memory images (agent/runtimes/go/heap.py).
 
 Each image lays out runtime variables and buckets as runtime/mprof.go does on amd64; the
 expected values are what runtime.MemProfile computes from the same records (active plus
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.go_heap import (
+from agent.process.selectors import ProcessSelector
+from agent.runtimes.go.heap import (
     BUCKET_TYPES,
     MPROF_LAYOUTS,
     SYMBOLS,
@@ -22,8 +23,7 @@ from agent.go_heap import (
     profile_symbols,
     scale_heap_sample,
 )
-from agent.go_heap_profiles import GoHeapProfiles
-from agent.selectors import ProcessSelector
+from agent.runtimes.go.heap_profiles import GoHeapProfiles
 from integration.go_toolchains import available
 from integration.harness import WORKLOADS
 from shared.counters import Counters

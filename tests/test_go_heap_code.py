@@ -1,4 +1,4 @@
-"""Runtime profile variables found from code (agent/go_heap_code.py), for stripped binaries.
+"""Runtime profile variables found from code (agent/runtimes/go/heap_code.py), for stripped binaries.
 
 Ground truth is the toolchain's own ``go tool nm``: for every installed toolchain the
 go_heap workload is built plain, and the addresses found from its code (ignoring its symbol
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from agent.go_heap import MPROF_LAYOUTS, SYMBOLS, UnsupportedBinary, find_runtime_symbols, profile_symbols
-from agent.go_heap_code import CHECKED_MINORS, find_from_code
-from agent.go_layout import go_minor
-from agent.go_runtime import go_version
+from agent.runtimes.go.buildinfo import go_version
+from agent.runtimes.go.heap import MPROF_LAYOUTS, SYMBOLS, UnsupportedBinary, find_runtime_symbols, profile_symbols
+from agent.runtimes.go.heap_code import CHECKED_MINORS, find_from_code
+from agent.runtimes.go.layout import go_minor
 from integration.go_toolchains import GoToolchain, available, unidentifiable
 from integration.harness import WORKLOADS
 from stackfleet.nats_server import find_nats_server

@@ -22,10 +22,17 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from agent.go_goroutines import GoroutineReader, ReadStats
-from agent.go_layout import G_LAYOUTS, NEWEST_GO_MINOR, go_minor, layout_for, layout_from_dwarf, unsupported_reason
-from agent.go_runtime import GoRuntimeInfo, go_runtime_info
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.runtimes.go.buildinfo import GoRuntimeInfo, go_runtime_info
+from agent.runtimes.go.goroutines import GoroutineReader, ReadStats
+from agent.runtimes.go.layout import (
+    G_LAYOUTS,
+    NEWEST_GO_MINOR,
+    go_minor,
+    layout_for,
+    layout_from_dwarf,
+    unsupported_reason,
+)
+from agent.runtimes.go.pclntab import GoSymbolTable
 from integration.go_toolchains import GoToolchain
 from tests.conftest import GO_CACHE, TOOLCHAINS, VARIANTS, GoBuilds
 
@@ -157,7 +164,7 @@ def test_binary_of_a_newer_release_is_refused_once_and_keeps_its_frames(
     assert data.count(f"go{toolchain.version}".encode()) >= 1
     patched = tmp_path / "future"
     patched.write_bytes(data.replace(f"go{toolchain.version}".encode(), future.encode()))
-    with caplog.at_level("WARNING", logger="agent.go_runtime"):
+    with caplog.at_level("WARNING", logger="agent.runtimes.go.buildinfo"):
         found = [info(patched) for _ in range(3)]
     assert found[0].go_version == future and found[0].unsupported == "go_version_newer_than_supported"
     assert found[0].g_layout is None and found[0].allgs == () and found[0].startpc_offset is None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.runtimes.go.pclntab import GoSymbolTable
 from integration.go_toolchains import GoToolchain
 from tests.conftest import GO_CACHE, TOOLCHAINS, VARIANTS, GoBuilds
 

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from agent.outbox import MemoryOutbox, Outgoing
+from agent.publish.memory_outbox import MemoryOutbox, Outgoing
 from aggregator import transport
 from shared.counters import Counters
 from shared.jetstream import StreamSettings, ensure_stream

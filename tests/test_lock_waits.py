@@ -1,4 +1,4 @@
-"""Telling futex waits apart (agent/lock_waits.py) and the contention-only lock views.
+"""Telling futex waits apart (agent/actors/lock_waits.py) and the contention-only lock views.
 
 The stacks are the ones glibc 2.36 produces (Debian 12): with its stripped libc only the
 exported entry points have names; with libc6-dbg's debug file the internal helpers too.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from agent.lock_waits import (
+from agent.actors.lock_waits import (
     FUTEX_LOCK_PI,
     FUTEX_WAIT,
     FUTEX_WAIT_BITSET,

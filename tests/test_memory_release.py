@@ -7,7 +7,7 @@ import sys
 
 PROBE = r"""
 from bcc import BPF
-from agent.memory import release_compiler_memory
+from agent.bpf.compiler_memory import release_compiler_memory
 def file_kib():
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(status["RssFile"].split()[0])

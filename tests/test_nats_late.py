@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings

@@ -10,7 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.exported_messages import ExportedMessages
 from aggregator.peer_markers import PeerMarkers

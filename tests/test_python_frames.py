@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.python.code import BadObject, CodeReader, ProcessMemory
-from agent.python.frames import PythonProcesses, PythonStacks
-from agent.python.linetable import line_for_offset
-from agent.python.offsets import OFFSETS
-from agent.python.process import EVAL_FUNCTION, FileCache, find_python, read_interpreter_file
+from agent.process.memory import ProcessMemory
+from agent.runtimes.python.code import BadObject, CodeReader
+from agent.runtimes.python.frames import PythonProcesses, PythonStacks
+from agent.runtimes.python.linetable import line_for_offset
+from agent.runtimes.python.offsets import OFFSETS
+from agent.runtimes.python.process import EVAL_FUNCTION, FileCache, find_python, read_interpreter_file
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Mapping
 
@@ -228,7 +229,7 @@ def test_offset_table_matches_dwarf(version: tuple[int, int]) -> None:
 # -- placement -----------------------------------------------------------------------------------
 class _FakeEntry:
     def __init__(self, version: tuple[int, int]) -> None:
-        from agent.python.process import PythonProcess
+        from agent.runtimes.python.process import PythonProcess
         self.identity = (1, 1)
         self.process = PythonProcess(1, version, 0, ((0x1000, 0x2000),), OFFSETS[version], "python")
         self.reader = object()  # only checked for presence: frames are faked

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.bpf_loader import expand_local_includes
+from agent.bpf.loader import expand_local_includes
 
 PROGRAM = """
 #include "ring_wakeup.h"

@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from agent.selectors import ProcessSelector, sync_targets
+from agent.process.selectors import ProcessSelector, sync_targets
 from shared.counters import Counters
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from agent.outbox import Outgoing
-from agent.publisher import Publisher
+from agent.publish.disk_outbox import DiskOutbox
+from agent.publish.memory_outbox import Outgoing
+from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
-from agent.spool import DiskOutbox
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Sample
 from shared.nats_connection import NatsSettings

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from agent.stack_scan import looks_like_call_site
+from agent.stacks.scan import looks_like_call_site
 from agent.symbols.elf import ElfSymbols
 
 

@@ -233,7 +233,7 @@ def test_vdso_frames_are_named() -> None:
     """clock_gettime and friends run in the vDSO, which no file backs: named from memory."""
     import sys
 
-    from agent.symbols.procmaps import read_maps
+    from agent.process.procmaps import read_maps
 
     child = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(5)"],
                              stdout=subprocess.PIPE)
@@ -254,7 +254,7 @@ def test_vdso_frames_are_named() -> None:
 
 def test_mapped_files_are_stated_once_per_ttl_not_per_process(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.symbols.procmaps as procmaps_module
+    import agent.process.procmaps as procmaps_module
     import agent.symbols.symbolizer as symbolizer_module
 
     exe = build(tmp_path)
@@ -336,7 +336,7 @@ def test_repeated_raw_stacks_are_symbolized_once(target: Target) -> None:
     from typing import Any
 
     from agent.actors.base import ActorContext, RingBufferActor
-    from agent.bpf_events import RawStackEvent
+    from agent.bpf.records import RawStackEvent
     from agent.clock import MonotonicToUnix
     from agent.settings import AgentSettings
     from shared.counters import Counters
@@ -382,7 +382,7 @@ def test_maps_of_identical_text_are_parsed_once() -> None:
     process whose maps differ gets its own."""
     import os
 
-    from agent.symbols.procmaps import read_maps
+    from agent.process.procmaps import read_maps
 
     child = os.fork()
     if child == 0:  # pragma: no cover - the child only sleeps

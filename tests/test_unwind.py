@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.process.procmaps import read_maps
 from agent.symbols import Symbolizer
-from agent.symbols.procmaps import read_maps
 from agent.unwind.cache import TableCache, build_vdso_table
 from agent.unwind.cfi import RowKind, parse_cfi
 from agent.unwind.loader import (

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_batch import HashMapDrainer
-from agent.bpf_events import EVENT_SIZE, parse_stack_event
+from agent.bpf.map_drain import HashMapDrainer
+from agent.bpf.records import EVENT_SIZE, parse_stack_event
 from shared.model import Frame
 
 log = logging.getLogger("stackfleet.agent")
@@ -127,7 +127,7 @@ class AggregatingActor(RingBufferActor):
                 self._raw_stacks[cache_key] = self._stack_buffer.raw
 
     def _count_agg_overflow(self) -> None:
-        from agent.bpf_loader import read_percpu_counters
+        from agent.bpf.loader import read_percpu_counters
 
         now = read_percpu_counters(self.bpf["agg_counters"])
         seen = self._agg_seen or [0] * len(now)

@@ -26,15 +26,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from agent.bpf_events import EVENT_SIZE, RawStackEvent, parse_stack_event
-from agent.bpf_loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
+from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
+from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
+from agent.bpf.records import EVENT_SIZE, RawStackEvent, parse_stack_event
 from agent.clock import MonotonicToUnix
-from agent.memory import TRIM_INTERVAL_S, release_compiler_memory
-from agent.python import PythonProcesses, PythonStacks
-from agent.python.frames import UNKNOWN_FRAME
-from agent.selectors import ProcessSelector, sync_targets
+from agent.process.selectors import ProcessSelector, sync_targets
+from agent.runtimes.python import PythonProcesses, PythonStacks
+from agent.runtimes.python.frames import UNKNOWN_FRAME
 from agent.settings import AgentSettings
-from agent.stacks import event_frames
+from agent.stacks.assembly import event_frames
 from agent.symbols import Symbolizer
 from agent.unwind.sharing import ActorUnwinding, SharedUnwinding
 from shared.counters import Counters

@@ -5,7 +5,7 @@ entry uprobes on ``runtime.newproc1`` and ``runtime.goexit1`` (once per binary: 
 a file covers every process running it) and each process its ``runtime.g`` offsets
 (``startpc`` for exits, ``sched.bp`` for creation stacks: bpf/goroutine.bpf.c says why) in
 the BPF ``go_procs`` map. Binaries of a Go release outside the checked range are not probed
-(agent.go_layout.unsupported_reason; counted as ``go_binaries_unsupported``). Creations
+(agent.runtimes.go.layout.unsupported_reason; counted as ``go_binaries_unsupported``). Creations
 arrive with the creator's stack; exits are counted per start PC in the kernel. Live =
 created - exited, per (process, start function, creation stack); when a start function was
 created from several stacks, an exit is taken from the stack with the most live goroutines.
@@ -18,7 +18,7 @@ Runtime-internal goroutines (start function in package ``runtime``, except runti
 carry ``goroutine.system=true``, matching what ``runtime.NumGoroutine`` leaves out.
 
 Alongside, every ``CURRENT_SCAN_INTERVAL_S`` the *current* stack of every goroutine is read
-from the process's memory (agent.go_goroutines, on this symbolization thread, never the
+from the process's memory (agent.runtimes.go.goroutines, on this symbolization thread, never the
 event loop). Both go out as the same profile type, told apart by the sample attribute
 ``goroutine.stack.kind`` = ``current`` | ``creation`` (docs/design/goroutine.md says why);
 current stacks also carry ``goroutine.state``.
@@ -35,14 +35,17 @@ from collections import Counter
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_loader import BCC_LOCK
-from agent.go_goroutines import GoroutineReader, ReadStats
-from agent.go_runtime import GoRuntimeInfo, go_runtime_info
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.bpf.loader import BCC_LOCK
+from agent.process.procmaps import FileKey, file_key
+from agent.process.watcher import running_pids
+from agent.runtimes.go.buildinfo import GoRuntimeInfo, go_runtime_info
+from agent.runtimes.go.goroutines import GoroutineReader, ReadStats
+from agent.runtimes.go.pclntab import GoSymbolTable
+from agent.runtimes.go.probes import attach_go_probe
 from shared.model import Frame, FrameType, Sample
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.goroutine")
+log = logging.getLogger(__name__)
 DISCOVERY_INTERVAL_S = 2.0
 CURRENT_SCAN_INTERVAL_S = 1.0
 # Binaries known not to be Go (file identities): forgotten all at once past this many, so a
@@ -57,7 +60,7 @@ class _GoProcess:
     info: GoRuntimeInfo
     comm: str
     exe_path: str
-    identity: tuple[int, int, int, int]
+    identity: FileKey
     # start PC -> creation stack -> live goroutines
     live: dict[int, Counter[StackKey]] = dataclasses.field(default_factory=dict)
     start_frames: dict[int, Frame] = dataclasses.field(default_factory=dict)
@@ -81,13 +84,13 @@ class GoroutineActor(RingBufferActor):
         # Go binaries with uprobes attached -> bcc's event names of those uprobes (detached with
         # the binary's last process, so a host that runs many Go binaries does not keep every
         # one probed and pinned in the kernel).
-        self._probed_binaries: dict[tuple[int, int, int, int], list[bytes]] = {}
-        self._not_go: set[tuple[int, int, int, int]] = set()
+        self._probed_binaries: dict[FileKey, list[bytes]] = {}
+        self._not_go: set[FileKey] = set()
         self._discovered = 0.0
         self._scanned = 0.0
         # Symbol tables of Go binaries with a live process (a table can be megabytes: dropped
         # with the binary's last process).
-        self._tables: dict[tuple[int, int, int, int], GoSymbolTable | None] = {}
+        self._tables: dict[FileKey, GoSymbolTable | None] = {}
 
     def period(self) -> int:
         return 1
@@ -101,12 +104,8 @@ class GoroutineActor(RingBufferActor):
         if now - self._discovered < DISCOVERY_INTERVAL_S:
             return
         self._discovered = now
-        alive = set()
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            alive.add(pid)
+        alive = running_pids()
+        for pid in alive:
             if pid in self._processes or pid == os.getpid():
                 continue
             try:
@@ -114,7 +113,7 @@ class GoroutineActor(RingBufferActor):
                 exe = f"/proc/{pid}/exe"
             except OSError:
                 continue
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            identity = file_key(st)
             if identity in self._not_go:
                 continue
             info = go_runtime_info(exe, identity)
@@ -140,7 +139,7 @@ class GoroutineActor(RingBufferActor):
         for identity in [i for i in self._probed_binaries if i not in running]:
             self._unprobe(identity)
 
-    def _unprobe(self, identity: tuple[int, int, int, int]) -> None:
+    def _unprobe(self, identity: FileKey) -> None:
         """Detach a binary's uprobes: its last process is gone."""
         self._detach(self._probed_binaries.pop(identity))
         self.ctx.counters.inc("go_binaries_unprobed")
@@ -155,12 +154,12 @@ class GoroutineActor(RingBufferActor):
                     self.ctx.counters.inc("errors", kind="uprobe_detach")
                     log.warning("cannot detach uprobe %s: %s", event.decode(errors="replace"), exc)
 
-    def _remember_not_go(self, identity: tuple[int, int, int, int]) -> None:
+    def _remember_not_go(self, identity: FileKey) -> None:
         if len(self._not_go) >= MAX_NOT_GO:
             self._not_go.clear()
         self._not_go.add(identity)
 
-    def _probe(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> None:
+    def _probe(self, pid: int, info: GoRuntimeInfo, identity: FileKey) -> None:
         path = os.path.realpath(f"/proc/{pid}/exe")
         if identity not in self._probed_binaries:
             with BCC_LOCK:
@@ -192,7 +191,7 @@ class GoroutineActor(RingBufferActor):
                                           reader=self._reader(pid, info, identity))
         self.ctx.counters.inc("go_processes_probed")
 
-    def _reader(self, pid: int, info: GoRuntimeInfo, identity: tuple[int, int, int, int]) -> GoroutineReader | None:
+    def _reader(self, pid: int, info: GoRuntimeInfo, identity: FileKey) -> GoroutineReader | None:
         """A current-stack reader for ``pid``, or None (counted) when its Go is not supported."""
         if info.g_layout is None or not info.allgs:
             self.ctx.counters.inc("go_processes_without_current_stacks", reason="layout_unknown")
@@ -367,13 +366,3 @@ class GoroutineActor(RingBufferActor):
         attrs = self._attributes(proc, start.function, system, "creation")
         return Sample(now, 0, pid, pid, proc.comm, proc.comm, (start, *stack), (count,), attrs)
 
-
-def attach_go_probe(bpf: Any, path: str, info: GoRuntimeInfo, sym: str, fn: str, pid: int) -> None:
-    """Entry uprobe on a Go runtime function: by name, or by pclntab address when stripped."""
-    if info.has_symbols:
-        bpf.attach_uprobe(name=path, sym=sym, fn_name=fn, pid=pid)
-        return
-    addr = info.entry(sym)
-    if addr is None:
-        raise LookupError(f"{sym} not in the pclntab of {path}")
-    bpf.attach_uprobe(name=path, addr=addr, fn_name=fn, pid=pid)

@@ -26,13 +26,14 @@ In-use figures count from the moment a process was probed: memory allocated befo
 before an agent restart) is not seen; ``heap.inuse_since`` on every sample says from when.
 Go processes are never probed: their heap (and mutex/block) profiles are read from the
 runtime's own records in memory, every process on the host or those the selectors match
-(agent/go_heap_profiles.py, docs/design/heap.md), in-use memory included.
+(agent/runtimes/go/heap_profiles.py, docs/design/heap.md), in-use memory included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import math
 import os
 import time
@@ -41,15 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf_events import RawStackEvent
-from agent.bpf_loader import BCC_LOCK
-from agent.go_heap_profiles import GoHeapProfiles
+from agent.bpf.loader import BCC_LOCK
+from agent.bpf.records import RawStackEvent
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
-from agent.symbols.procmaps import age_s, start_time
+from agent.process.procmaps import age_s, start_time
+from agent.runtimes.go.heap_profiles import GoHeapProfiles
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
+log = logging.getLogger(__name__)
 MAX_LIVE = 262144
 _PROBES = (
     ("malloc", "on_malloc", True),
@@ -129,9 +131,7 @@ class HeapActor(RingBufferActor):
         self._forget_exited_sampled()
         if not self.selector.filters:
             if not self._warned_no_selector:
-                import logging
-
-                logging.getLogger("stackfleet.agent").info(
+                log.info(
                     "heap actor: no process selector set (STACKFLEET_TARGET_PIDS / _COMM / _CGROUP): "
                     "native processes are profiled only with the sampler library (sampled mode); "
                     "Go processes are read from memory")

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.actors.aggregated import AggregatingActor
 from agent.actors.base import ActorContext
-from agent.lock_waits import futex_address, wait_bits, wait_kind
+from agent.actors.lock_waits import futex_address, wait_bits, wait_kind
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample

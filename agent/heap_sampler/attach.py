@@ -20,9 +20,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from agent.bpf_loader import BCC_LOCK
+from agent.bpf.loader import BCC_LOCK
 from agent.heap_sampler import PROBE_ALLOC, PROBE_FREE, is_sampler_library, library_path
-from agent.symbols.procmaps import read_maps, root_view_path
+from agent.process.procmaps import read_maps, root_view_path
+from agent.process.watcher import running_pids
 from shared.counters import Counters
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class SamplerProbes:
             return
         self._scanned = now
         try:
-            pids = {int(name) for name in os.listdir("/proc") if name.isdigit()}
+            pids = running_pids()
         except OSError:
             return
         own = os.getpid()

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.metadata.settings import MetadataSettings
 
-log = logging.getLogger("stackfleet.metadata")
+log = logging.getLogger(__name__)
 
 # A kubelet with many pods answers with a few MiB; more than this is not a PodList we want.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024

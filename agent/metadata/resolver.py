@@ -18,10 +18,11 @@ from agent.metadata.cgroup import parse_cgroup_file
 from agent.metadata.kubelet import KubeletPods, PodInfo
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings
-from agent.symbols.procmaps import YOUNG_PROCESS_S, age_s, start_time
+from agent.process.procmaps import YOUNG_PROCESS_S, age_s, start_time
+from agent.process.watcher import running_pids
 from shared.counters import Counters
 
-log = logging.getLogger("stackfleet.metadata")
+log = logging.getLogger(__name__)
 
 # A process younger than YOUNG_PROCESS_S may still exec: its entry is re-checked after
 # YOUNG_TTL_S instead of the configured TTL.
@@ -119,7 +120,7 @@ class MetadataResolver:
         which time a short-lived process may be gone, and its cgroup and environment with it.
         """
         try:
-            pids = [int(name) for name in os.listdir(self.proc) if name.isdigit()]
+            pids = running_pids(self.proc)
         except OSError as exc:
             self.counters.inc("metadata_scan_failed", reason=type(exc).__name__)
             return 0

@@ -13,7 +13,7 @@ from shared.model import Sample
 from shared.profile_types import ProfileType
 from shared.tasks import cancel_and_wait
 
-log = logging.getLogger("stackfleet.metadata")
+log = logging.getLogger(__name__)
 
 
 class MetadataSink(SampleSink):

@@ -1,4 +1,4 @@
-"""Host-side symbolization: /proc maps, ELF symbols + DWARF lines, kernel symbols."""
+"""Host-side native symbolization: ELF symbols + DWARF lines, debug files, kernel symbols."""
 
 from agent.symbols.symbolizer import Symbolizer
 

@@ -27,17 +27,17 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.packed_names import PackedNames
 
-log = logging.getLogger("stackfleet.symbols")
+log = logging.getLogger(__name__)
 
 DebugSource = Callable[["ElfSymbols"], "tuple[IO[bytes], str] | None"]
 
 # Files whose DWARF line program is larger than this are symbolized by name only. Measured:
 # pyelftools needs ~10 us and ~900 bytes of peak memory per line-table row, so a 2.5 MB
-# .debug_line (CPython built with -g: 620k rows) took 6.3 s and 560 MB — not acceptable in
+# .debug_line (CPython built with -g: 620k rows) costs 6.3 s and 560 MB — not acceptable in
 # an agent on every host. At 1 MiB the worst case is ~2.5 s once per file.
 MAX_LINE_PROGRAM_BYTES = 1024 * 1024
 

@@ -13,7 +13,7 @@ from array import array
 
 from agent.symbols.packed_names import PackedNames
 
-log = logging.getLogger("stackfleet.symbols")
+log = logging.getLogger(__name__)
 
 
 class KernelSymbols:

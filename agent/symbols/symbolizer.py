@@ -34,26 +34,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
-from agent.symbols.elf import ElfSymbols
-from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
-from agent.symbols.kallsyms import KernelSymbols
-from agent.symbols.procmaps import (
+from agent.process.procmaps import (
     YOUNG_PROCESS_S,
+    FileKey,
     MapEntry,
     RecentFileStats,
     age_s,
+    file_key,
     map_files_path,
     read_comm,
     read_maps,
     root_view_path,
     start_time,
 )
+from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
+from agent.symbols.elf import ElfSymbols
+from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
+from agent.symbols.kallsyms import KernelSymbols
 from shared.model import KERNEL_FILENAME, KERNEL_MAPPING, Frame, FrameType, Mapping
 
-log = logging.getLogger("stackfleet.symbols")
+log = logging.getLogger(__name__)
 
-FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 # The kernel's vDSO (clock_gettime, gettimeofday, ...) is an ELF image mapped into every
 # process but backed by no file: it is read from the process's memory, and is the same image
 # for every process of one size (64-bit or compat), so its key is its size.
@@ -164,7 +165,7 @@ class Symbolizer:
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
         self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
-        # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.symbols.procmaps)
+        # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.process.procmaps)
         self._file_stats: RecentFileStats[FileKey] = RecentFileStats(max_processes)
         # (build id, size) -> weak reference to an ElfSymbols, see _share_by_build_id: only an
         # index, so a file evicted from _files is freed rather than kept alive here.
@@ -256,7 +257,7 @@ class Symbolizer:
             return None
         offset = address - size - region.entry.start + region.entry.offset
         # The same return addresses sit on the stacks of every sample of a thread: a file read
-        # (seek + read) per candidate word per new stack was the stack scan's main cost.
+        # (seek + read) per candidate word per new stack would be the stack scan's main cost.
         key = (region.file_key, offset, size)
         code = self._code.get(key)
         if code is not None:
@@ -416,9 +417,9 @@ class Symbolizer:
             st = os.stat(self._open_path(pid, entry))
         except OSError:
             return None
-        file_key: FileKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        self._file_stats.put(entry, file_key)
-        return file_key
+        key = file_key(st)
+        self._file_stats.put(entry, key)
+        return key
 
     @staticmethod
     def _open_path(pid: int, entry: MapEntry) -> str:

@@ -14,16 +14,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent.symbols.procmaps import MapEntry, map_files_path, root_view_path
+from agent.process.procmaps import FileKey, MapEntry, file_key, map_files_path, root_view_path
 from agent.unwind.elfread import ElfHeaders
 from agent.unwind.table import TableTooLarge, UnwindTable, build_table
 
-log = logging.getLogger("stackfleet.unwind")
+log = logging.getLogger(__name__)
 
 # Measured: libc (150 KB of .eh_frame) 40 ms, python3.11 (410 KB) 100 ms, git (390 KB) 100 ms.
 _BUILD_S_PER_CFI_BYTE = 2.6e-7
 
-FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns (as agent.symbols.symbolizer)
 VDSO = "[vdso]"
 
 
@@ -52,7 +51,7 @@ def file_ref(pid: int, entry: MapEntry) -> FileRef | None:
             st = os.stat(candidate)
         except OSError:
             continue
-        return FileRef((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), candidate, path)
+        return FileRef(file_key(st), candidate, path)
     return None
 
 

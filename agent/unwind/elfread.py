@@ -1,9 +1,8 @@
 """Just the ELF headers the unwinder needs, read with ``struct``.
 
 pyelftools parses every section header through ``construct`` objects; on binaries with
-many sections that took seconds per file in the agent (measured with cProfile on the
-unwinder's worker). This reads the ELF header, program headers and section headers
-directly: a few syscalls and microseconds.
+many sections that costs seconds per file (docs/design/overhead.md). This reads the ELF
+header, program headers and section headers directly: a few syscalls and microseconds.
 """
 
 from __future__ import annotations

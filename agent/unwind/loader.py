@@ -28,11 +28,20 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.symbols.procmaps import MapEntry, RecentFileStats, map_files_path, read_maps, root_view_path, start_time
-from agent.unwind.cache import VDSO, FileKey, FileRef, TableCache, file_ref
+from agent.process.procmaps import (
+    FileKey,
+    MapEntry,
+    RecentFileStats,
+    file_key,
+    map_files_path,
+    read_maps,
+    root_view_path,
+    start_time,
+)
+from agent.unwind.cache import VDSO, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 
-log = logging.getLogger("stackfleet.unwind")
+log = logging.getLogger(__name__)
 
 # Mirrors of bpf/unwind.h: keep in step.
 MAX_MAPPINGS = 256
@@ -232,7 +241,7 @@ class NativeUnwinder:
         self._processes: dict[int, _Process] = {}
         self._retry_after: dict[int, float] = {}
         # Each mapped file's identity and whether map_files opened it: every new process maps
-        # the same libraries, and a stat per mapping of each short-lived process was most of
+        # the same libraries, and a stat per mapping of each short-lived process would be most of
         # loading it (kept FILE_STAT_TTL_S, as in the symbolizer).
         self._file_keys: RecentFileStats[tuple[FileKey | str, bool]] = RecentFileStats(4096)
         self._bpf_counters_seen: list[int] = []
@@ -574,4 +583,4 @@ def _exe_key(pid: int) -> FileKey | None:
         st = os.stat(f"/proc/{pid}/exe")
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return file_key(st)

@@ -12,7 +12,7 @@ import bisect
 import struct
 from dataclasses import dataclass
 
-from agent.symbols.procmaps import read_maps
+from agent.process.procmaps import read_maps
 from agent.unwind.cache import VDSO, TableCache, file_ref
 from agent.unwind.cfi import RowKind
 from agent.unwind.table import BUCKET_STEPS, ROW, UnwindTable

@@ -26,7 +26,7 @@ import logging
 import os
 from typing import Any
 
-from agent.bpf_loader import BCC_LOCK, load_program
+from agent.bpf.loader import BCC_LOCK, load_program
 from agent.unwind.loader import BccUnwindMaps, NativeUnwinder
 
 log = logging.getLogger(__name__)

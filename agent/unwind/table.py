@@ -24,7 +24,7 @@ from typing import IO
 from agent.unwind.cfi import NO_INFO, CfiError, Fde, Rule, parse_cfi
 from agent.unwind.elfread import ElfHeaders, LoadSegment, NotUsableElf
 
-log = logging.getLogger("stackfleet.unwind")
+log = logging.getLogger(__name__)
 
 # struct unwind_row in bpf/unwind.h: u32 pc; s32 cfa_offset; s16 rbp_offset; u8 kind; u8 pad
 ROW = struct.Struct("<IihBx")

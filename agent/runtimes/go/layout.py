@@ -21,7 +21,7 @@ module and the goroutine probes rely on, so it is reported, never guessed.
 a Go symbol table with pyelftools takes seconds): the RIP-relative data references in
 ``runtime.allgadd`` (the only function that appends to it), each candidate then validated
 against the live process (a slice whose first element is the main goroutine, goid 1: see
-``agent.go_goroutines``). ``data_references`` does this for any function.
+``agent.runtimes.go.goroutines``). ``data_references`` does this for any function.
 No Python library reads any of this; hand-written.
 """
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 from elftools.elf.elffile import ELFFile
 
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.runtimes.go.pclntab import GoSymbolTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ G_LAYOUTS: dict[int, GLayout] = {
     26: replace(_GO125, startpc=304),
     27: replace(_GO125, startpc=304),
 }
-OLDEST_GO_MINOR = 18  # the pclntab format of Go 1.18 (agent.symbols.gopclntab)
+OLDEST_GO_MINOR = 18  # the pclntab format of Go 1.18 (agent.runtimes.go.pclntab)
 NEWEST_GO_MINOR = 27  # newest release whose runtime structures and probes were checked
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from agent.bpf_events import RawStackEvent
-from agent.stack_scan import recover_skipped_frames
+from agent.bpf.records import RawStackEvent
+from agent.stacks.scan import recover_skipped_frames
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame
 
 if TYPE_CHECKING:
-    from agent.python import PythonStacks
+    from agent.runtimes.python import PythonStacks
 
 
 def event_frames(ev: RawStackEvent, symbolizer: Symbolizer, counters: Counters, type_name: str,

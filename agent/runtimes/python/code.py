@@ -9,12 +9,12 @@ read or a freed-and-reused address can point anywhere.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent.python.offsets import NONE, PythonOffsets
+from agent.process.memory import ProcessMemory, UnreadableMemory
+from agent.runtimes.python.offsets import NONE, PythonOffsets
 
 _PTR = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
@@ -40,34 +40,6 @@ class CodeInfo:
     linetable: bytes
 
 
-class ProcessMemory:
-    """Reads another process's memory with pread on /proc/PID/mem (one open per process)."""
-
-    def __init__(self, pid: int) -> None:
-        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-
-    def read(self, address: int, size: int) -> bytes:
-        try:
-            data = os.pread(self.fd, size, address)
-        except (OSError, OverflowError) as exc:
-            raise BadObject(f"unreadable {size} bytes at {address:#x}: {exc}") from exc
-        if len(data) != size:
-            raise BadObject(f"short read at {address:#x}")
-        return data
-
-    def pointer(self, address: int) -> int:
-        return int(_PTR.unpack(self.read(address, 8))[0])
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
-
 class CodeReader:
     """Code objects of one process, validated and cached (bounded LRU)."""
 
@@ -83,7 +55,10 @@ class CodeReader:
         if cached is not None:
             self._cache.move_to_end(address)
             return cached
-        info = self._read(address)
+        try:
+            info = self._read(address)
+        except UnreadableMemory as exc:  # a freed or torn address: as bad as a wrong type
+            raise BadObject(str(exc)) from exc
         self._cache[address] = info
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
@@ -93,7 +68,7 @@ class CodeReader:
         if address < 4096 or address & 7:
             raise BadObject(f"not an object address: {address:#x}")
         o = self.offsets
-        self._check_type(self.memory.pointer(address + _OB_TYPE))
+        self._check_type(self.memory.word(address + _OB_TYPE))
         name_field = o.co_qualname if o.co_qualname != NONE else o.co_name
         header = self.memory.read(address, max(name_field, o.co_filename, o.co_linetable, o.co_firstlineno) + 8)
         name = self.string(_PTR.unpack_from(header, name_field)[0])
@@ -105,7 +80,7 @@ class CodeReader:
     def _check_type(self, type_address: int) -> None:
         if type_address in self._code_types:
             return
-        name_pointer = self.memory.pointer(type_address + _TP_NAME)
+        name_pointer = self.memory.word(type_address + _TP_NAME)
         if self.memory.read(name_pointer, 5) != b"code\0":
             raise BadObject(f"object of type at {type_address:#x} is not a code object")
         self._code_types.add(type_address)

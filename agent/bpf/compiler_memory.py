@@ -1,23 +1,20 @@
 """Giving memory back to the system: after each BPF compile, and periodically.
 
-bcc compiles with clang/LLVM inside the agent: the compile leaves ~60 MB of freed heap
-that glibc keeps, and ~90 MB of LLVM/clang library pages resident. Neither is needed until
-the next compile (an actor restart), so after each load the agent trims the heap
+bcc compiles with clang/LLVM inside the agent: a compile leaves tens of MB of freed heap
+that glibc keeps, and the LLVM/clang library pages resident. Neither is needed until the
+next compile (an actor restart), so after each load the agent trims the heap
 (``malloc_trim``) and asks the kernel to page out the compiler libraries' file-backed
 pages (``MADV_PAGEOUT``, Linux >= 5.4). Those pages come back from disk on demand, so
-this is safe; it only costs time on the next compile. Measured: RSS 168 MB -> ~25 MB of
-anonymous memory plus what the agent itself uses.
+this is safe; it only costs time on the next compile.
 
 Periodically, both again (every ``TRIM_INTERVAL_S`` from the agent's cache sweep):
 - the symbolizer's caches free what they drop in many small blocks, which glibc keeps
   resident inside its arenas; only ``malloc_trim`` hands whole free pages inside the arenas
-  back (``MADV_DONTNEED``). Measured on the agent an hour-long soak had left at 227 MiB after
-  a burst of test processes: 130 MB of malloc arenas, 37 MB of it in use; one trim: 236 ->
-  204 MB.
-- the compiler libraries' pages come back into the agent's resident set after the page-out
-  at load (a soak's agent had 71 MB of libLLVM/libclang-cpp resident again after other
-  processes on the host had compiled BPF programs); paged out again they stayed out (RSS
-  278 -> 193 MB, file-backed 90 -> 26 MB, unchanged over the following minutes).
+  back (``MADV_DONTNEED``).
+- the compiler libraries' pages come back into the agent's resident set when other
+  processes on the host compile BPF programs; paged out again they stay out.
+
+Figures: docs/design/overhead.md ("Where the agent's memory and CPU went").
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-log = logging.getLogger("stackfleet.agent.memory")
+log = logging.getLogger(__name__)
 
 MADV_PAGEOUT = 21
 _COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc")

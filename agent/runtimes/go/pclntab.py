@@ -202,11 +202,11 @@ class GoSymbolTable:
         data, pos = self.data, self.pctab_off + table_off
         pc, value, first = entry, -1, True
         while True:
-            delta, pos = _uvarint(data, pos)
+            delta, pos = uvarint(data, pos)
             if delta == 0 and not first:
                 return -1
             value += -(delta >> 1) - 1 if delta & 1 else delta >> 1  # zig-zag
-            pc_delta, pos = _uvarint(data, pos)
+            pc_delta, pos = uvarint(data, pos)
             pc += pc_delta * self.min_lc
             first = False
             if target < pc:
@@ -356,7 +356,8 @@ def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> ModuleDa
     return None
 
 
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+def uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    """Go's unsigned LEB128 varint at ``pos``: (value, position after it); IndexError if cut short."""
     result = shift = 0
     while True:
         b = data[pos]

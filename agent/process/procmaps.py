@@ -17,10 +17,19 @@ V = TypeVar("V")
 
 # A file seen in some process's maps (same device, inode and path) is not stat'ed again for
 # this long: every new process maps the same libraries, and two syscalls per mapping of each
-# short-lived process were a visible part of the agent's CPU. Compilers, linkers and package
+# short-lived process would be a visible part of the agent's CPU. Compilers, linkers and package
 # managers replace a file (new inode); one rewritten in place (cp over it) is noticed by the
 # stat (size, mtime) once this has passed.
 FILE_STAT_TTL_S = 10.0
+
+# A file's content identity: the same device, inode, size and mtime (ns) means the same bytes.
+# Everything derived from a file's bytes (symbols, unwind tables, Go runtime facts) is keyed by it.
+FileKey = tuple[int, int, int, int]
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    """The content identity (:data:`FileKey`) of a stat'ed file."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)

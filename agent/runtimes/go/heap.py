@@ -20,7 +20,7 @@ without writing to the process; see docs/design/heap.md.
 
 Addresses of the runtime variables come from the ELF symbol table; a stripped binary
 (``-ldflags=-s``) has none, and for the releases checked in tests they are found from the
-runtime code that uses them (``agent.go_heap_code``); otherwise it is not read (the caller
+runtime code that uses them (``agent.runtimes.go.heap_code``); otherwise it is not read (the caller
 counts and logs it). Versions without a layout below are not read either. Every bucket's
 type must match its list (mbuckets: memProfile, bbuckets: blockProfile, xbuckets:
 mutexProfile), so a wrong address is a read failure, never a wrong profile. Reads are bounded and checked (bucket count,
@@ -33,15 +33,15 @@ hand-written.
 from __future__ import annotations
 
 import math
-import os
 import struct
 from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
-from agent.go_heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
-from agent.go_layout import go_minor
-from agent.go_runtime import go_version, is_go_binary
+from agent.process.memory import ProcessMemory
+from agent.runtimes.go.buildinfo import go_version, is_go_binary
+from agent.runtimes.go.heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
+from agent.runtimes.go.layout import go_minor
 
 WORD = 8
 BUCKET_HEADER = struct.Struct("<QQqQQQ")  # next, allnext, typ, hash, size, nstk
@@ -222,20 +222,14 @@ class GoProfileReader:
         """``mem_path`` replaces /proc/PID/mem (tests read a memory image from a file)."""
         self.pid, self.layout = pid, symbols.layout
         self._addr = {name: value + bias for name, value in symbols.addresses.items()}
-        self._fd = os.open(mem_path or f"/proc/{pid}/mem", os.O_RDONLY)
+        self._memory = ProcessMemory(pid, mem_path)
         self._record_words = FUTURE_CYCLES * self.layout.cycle_words + self.layout.cycle_words
 
     def close(self) -> None:
-        os.close(self._fd)
-
-    def _read(self, address: int, size: int) -> bytes:
-        data = os.pread(self._fd, size, address)
-        if len(data) != size:
-            raise OSError(f"short read at {address:#x}")
-        return data
+        self._memory.close()
 
     def _word(self, name: str, fmt: str = "<Q") -> int:
-        return int(struct.unpack(fmt, self._read(self._addr[name], struct.calcsize(fmt)))[0])
+        return int(struct.unpack(fmt, self._memory.read(self._addr[name], struct.calcsize(fmt)))[0])
 
     def memprofile_rate(self) -> int:
         return self._word("runtime.MemProfileRate", "<q")
@@ -244,7 +238,7 @@ class GoProfileReader:
         """runtime.ticks.val (CPU ticks per second, for block/mutex delays); None if unknown or unset."""
         if self.layout.ticks_val is None or "runtime.ticks" not in self._addr:
             return None
-        value = int(struct.unpack("<q", self._read(self._addr["runtime.ticks"] + self.layout.ticks_val, 8))[0])
+        value = int(struct.unpack("<q", self._memory.read(self._addr["runtime.ticks"] + self.layout.ticks_val, 8))[0])
         return value if 10**6 <= value <= 10**12 else None
 
     def _buckets(self, head_name: str, record_words: int) -> list[tuple[int, int, tuple[int, ...], bytes]]:
@@ -260,9 +254,9 @@ class GoProfileReader:
                 raise OSError(f"bucket list of {head_name} is corrupt at {address:#x}")
             seen.add(address)
             try:
-                data = self._read(address, FIRST_READ)
+                data = self._memory.read(address, FIRST_READ)
             except OSError:  # at the end of a mapping: the exact size instead
-                data = self._read(address, BUCKET_HEADER.size)
+                data = self._memory.read(address, BUCKET_HEADER.size)
             _next, allnext, typ, _hash, size, nstk = BUCKET_HEADER.unpack_from(data)
             if typ != bucket_type:
                 raise OSError(f"bucket at {address:#x} on {head_name} has type {typ}, not {bucket_type}")
@@ -270,7 +264,7 @@ class GoProfileReader:
                 raise OSError(f"bucket at {address:#x} claims {nstk} frames")
             need = BUCKET_HEADER.size + nstk * WORD + record_size
             if len(data) < need:
-                data = self._read(address, need)
+                data = self._memory.read(address, need)
             pcs = struct.unpack_from(f"<{nstk}Q", data, BUCKET_HEADER.size)
             out.append((address, size, pcs, data[need - record_size:need]))
             address = allnext

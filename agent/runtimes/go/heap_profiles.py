@@ -2,7 +2,7 @@
 
 The heap actor calls ``GoHeapProfiles.collect`` on each flush (symbolization thread). Every
 ``interval_s`` it finds the Go processes (all of them, or those the process selectors
-match when any is set), reads each one's profile buckets (agent.go_heap) and turns them
+match when any is set), reads each one's profile buckets (agent.runtimes.go.heap) and turns them
 into samples. No probe is attached to a Go process: the cost is a /proc scan and one
 ``pread`` per bucket (a few hundred microseconds for a typical program).
 
@@ -21,7 +21,7 @@ counts scaled as pprof scales them) with ``lock.source`` = ``go.mutex`` or ``go.
 
 Processes that cannot be read are counted per reason under ``go_heap_processes_skipped``
 and logged once per binary: stripped (no symbol table, and the runtime variables cannot
-be found from code either: see agent.go_heap_code), unknown Go version, memory profiling
+be found from code either: see agent.runtimes.go.heap_code), unknown Go version, memory profiling
 off (``MemProfileRate`` 0: the linker turns it off in programs that never reference
 ``runtime.MemProfile``, e.g. ones without runtime/pprof), unreadable memory.
 """
@@ -35,7 +35,10 @@ import time
 from collections import defaultdict
 from functools import lru_cache
 
-from agent.go_heap import (
+from agent.process.procmaps import FileKey, file_key
+from agent.process.selectors import ProcessSelector
+from agent.process.watcher import running_pids
+from agent.runtimes.go.heap import (
     RUNTIME_PREFIXES,
     BlockBucket,
     GoProfileReader,
@@ -46,14 +49,12 @@ from agent.go_heap import (
     profile_symbols,
     scale_heap_sample,
 )
-from agent.selectors import ProcessSelector
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Sample
 
 log = logging.getLogger(__name__)
 StackKey = tuple[Frame, ...]
-Identity = tuple[int, int, int, int]
 MAX_NOT_GO = 16_384
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -75,7 +76,7 @@ class _GoProcess:
 
 
 @lru_cache(maxsize=1024)
-def _symbols(path: str, identity: Identity) -> GoProfileSymbols | UnsupportedBinary | None:
+def _symbols(path: str, identity: FileKey) -> GoProfileSymbols | UnsupportedBinary | None:
     """Per binary (``identity`` keys the cache): its profile symbols, why there are none
     (logged once), or None when it is not Go."""
     try:
@@ -91,13 +92,13 @@ def _symbols(path: str, identity: Identity) -> GoProfileSymbols | UnsupportedBin
         return None
 
 
-def go_identity(pid: int) -> tuple[str, Identity] | None:
+def go_identity(pid: int) -> tuple[str, FileKey] | None:
     """(/proc path, file identity) of ``pid``'s executable, None when it has none."""
     try:
         st = os.stat(f"/proc/{pid}/exe")
     except OSError:
         return None
-    return f"/proc/{pid}/exe", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return f"/proc/{pid}/exe", file_key(st)
 
 
 class GoHeapProfiles:
@@ -109,7 +110,7 @@ class GoHeapProfiles:
         self.interval_s = interval_s
         self._processes: dict[int, _GoProcess] = {}
         self._skipped: set[int] = set()  # pids counted as not readable (until they exit)
-        self._not_go: set[Identity] = set()
+        self._not_go: set[FileKey] = set()
         self._read_at = 0.0
         self._started_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.lock_samples: list[Sample] = []  # mutex/block samples of the last read, for the lock type
@@ -126,8 +127,7 @@ class GoHeapProfiles:
 
     # -- discovery ---------------------------------------------------------------------------
     def _discover(self) -> None:
-        pids = self.selector.scan() if self.selector.filters else {
-            int(n) for n in os.listdir("/proc") if n.isdigit()}
+        pids = self.selector.scan() if self.selector.filters else running_pids()
         pids.discard(os.getpid())
         for pid in set(self._processes) - pids:
             self._processes.pop(pid).reader.close()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from shared.counters import Counters
 
-log = logging.getLogger("stackfleet.agent.outbox")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

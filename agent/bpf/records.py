@@ -45,7 +45,7 @@ class RawStackEvent:
     user_sp: int = 0
     stack_copy: bytes = b""
     # CPython frames (bpf/python.h), innermost first, as read: (code address, instruction
-    # field, boundary marker byte); agent/python/frames.py interprets them per version.
+    # field, boundary marker byte); agent/runtimes/python/frames.py interprets them per version.
     py_status: int = 0
     python: tuple[tuple[int, int, int], ...] = ()
 

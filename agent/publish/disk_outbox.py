@@ -1,6 +1,6 @@
 """Optional disk spool for the agent's outbox: outgoing messages survive an agent restart.
 
-Same interface and drop policy as :class:`agent.outbox.MemoryOutbox` (oldest dropped and
+Same interface and drop policy as :class:`agent.publish.memory_outbox.MemoryOutbox` (oldest dropped and
 counted beyond the cap), stored in one SQLite file (stdlib ``sqlite3``: a FIFO table is
 all this needs, no extra dependency). Enabled by ``spool_dir``; capped by ``spool_max_bytes``
 (payload bytes) and ``max_outgoing_messages``.
@@ -21,10 +21,10 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from agent.outbox import MemoryOutbox, Outgoing
+from agent.publish.memory_outbox import MemoryOutbox, Outgoing
 from shared.counters import Counters
 
-log = logging.getLogger("stackfleet.agent.spool")
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outgoing (

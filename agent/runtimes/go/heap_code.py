@@ -1,7 +1,7 @@
 """Addresses of the Go runtime's profile variables found from the code that uses them, for
 binaries without a symbol table (``-ldflags=-s``, common in production).
 
-Each variable is taken from the RIP-relative data references (``agent.go_layout.
+Each variable is taken from the RIP-relative data references (``agent.runtimes.go.layout.
 data_references``) of runtime functions found by name in the pclntab (present in stripped
 binaries), as the intersection of two or more functions' references, so that a variable is
 accepted only when exactly one address fits every rule (runtime/mprof.go, malloc.go):
@@ -19,7 +19,7 @@ The three list heads must also be distinct and in a pointer section (.data/.bss)
 was checked against ``go tool nm`` of real builds for the releases in ``CHECKED_MINORS``
 (tests/test_go_heap_code.py); other releases are not read from code (their inlining may
 differ), and a binary where any rule finds no single answer is reported, never guessed.
-The reader then checks every bucket's type against its list (agent.go_heap), so an address
+The reader then checks every bucket's type against its list (agent.runtimes.go.heap), so an address
 that is wrong all the same gives a counted read failure, not a wrong profile.
 No Python library reads any of this; hand-written.
 """
@@ -31,8 +31,8 @@ from collections.abc import Iterable
 
 from elftools.elf.elffile import ELFFile
 
-from agent.go_layout import data_references
-from agent.symbols.gopclntab import load_go_table
+from agent.runtimes.go.layout import data_references
+from agent.runtimes.go.pclntab import load_go_table
 
 CHECKED_MINORS = frozenset({19, 21, 23, 25, 26, 27})
 DEFAULT_MEMPROFILE_RATE = 512 * 1024

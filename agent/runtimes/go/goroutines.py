@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from agent.go_layout import GLayout
-from agent.symbols.gopclntab import GoSymbolTable
+from agent.process.memory import ProcessMemory
+from agent.runtimes.go.layout import GLayout
+from agent.runtimes.go.pclntab import GoSymbolTable
 
 # runtime/runtime2.go's _G* states; 10 and 11 are new in Go 1.26 (unused before): _Gleaked, a
 # goroutine the GC found blocked forever (still counted by NumGoroutine), and _Gdeadextra, a
@@ -84,7 +85,7 @@ class GoroutineReader:
                  max_goroutines: int = 10_000, max_depth: int = 64, max_stack_bytes: int = 64 * 1024) -> None:
         self.pid, self.table, self.layout = pid, table, layout
         self.max_goroutines, self.max_depth, self.max_stack_bytes = max_goroutines, max_depth, max_stack_bytes
-        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        self._memory = ProcessMemory(pid)
         # PIE builds run away from their link-time addresses, which the table and the allgs
         # candidates use: ``bias`` is added to those, subtracted from what memory holds.
         self.bias = load_bias(pid)
@@ -93,19 +94,10 @@ class GoroutineReader:
         self._text = (table.entries[0] + self.bias, table.entries[-1] + self.bias)
 
     def close(self) -> None:
-        os.close(self._fd)
-
-    def _read(self, address: int, size: int) -> bytes:
-        data = os.pread(self._fd, size, address)
-        if len(data) != size:
-            raise OSError(f"short read at {address:#x}")
-        return data
-
-    def _word(self, address: int) -> int:
-        return int(struct.unpack("<Q", self._read(address, 8))[0])
+        self._memory.close()
 
     def _slice(self, address: int) -> tuple[int, int] | None:
-        ptr, length, cap = struct.unpack("<QQQ", self._read(address, 24))
+        ptr, length, cap = struct.unpack("<QQQ", self._memory.read(address, 24))
         if ptr == 0 or not 0 < length <= cap <= MAX_ALLGS_LEN:
             return None
         return ptr, length
@@ -119,8 +111,8 @@ class GoroutineReader:
                 found = self._slice(address)
                 if found is None:
                     continue
-                first = self._word(found[0])
-                if first and self._word(first + self.layout.goid) == 1:
+                first = self._memory.word(found[0])
+                if first and self._memory.word(first + self.layout.goid) == 1:
                     self.allgs = address
                     return address
             except OSError:
@@ -139,7 +131,7 @@ class GoroutineReader:
         if length > self.max_goroutines:
             stats.over_limit += length - self.max_goroutines
             length = self.max_goroutines
-        pointers = struct.unpack(f"<{length}Q", self._read(ptr, 8 * length))
+        pointers = struct.unpack(f"<{length}Q", self._memory.read(ptr, 8 * length))
         out = []
         for gp in pointers:
             g = self._goroutine(gp, stats)
@@ -150,7 +142,7 @@ class GoroutineReader:
     def _goroutine(self, gp: int, stats: ReadStats) -> Goroutine | None:
         lay = self.layout
         try:
-            raw = self._read(gp, lay.read_size)
+            raw = self._memory.read(gp, lay.read_size)
         except OSError:
             stats.unreadable += 1
             return None
@@ -184,7 +176,7 @@ class GoroutineReader:
             return (), False
         size = min(hi - sp, self.max_stack_bytes)
         try:
-            stack = self._read(sp, size)
+            stack = self._memory.read(sp, size)
         except OSError:
             return (), False
         base, text_lo, text_hi = sp, *self._text

@@ -9,11 +9,11 @@ equal to the matching tgids, so new processes are picked up within one scan inte
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.process.watcher import running_pids
 from shared.counters import Counters
 
 
@@ -55,11 +55,7 @@ class ProcessSelector:
 
     def scan(self) -> set[int]:
         """Tgids of running processes that match (threads are covered by their tgid)."""
-        out = set()
-        for name in os.listdir("/proc"):
-            if name.isdigit() and self.matches(int(name)):
-                out.add(int(name))
-        return out
+        return {pid for pid in running_pids() if self.matches(pid)}
 
 
 def sync_targets(selector: ProcessSelector, bpf_map: Any, current: set[int], counters: Counters) -> set[int]:

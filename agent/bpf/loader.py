@@ -15,7 +15,7 @@ from typing import Any
 
 import bpf as bpf_sources
 
-log = logging.getLogger("stackfleet.bpf")
+log = logging.getLogger(__name__)
 
 
 class BpfUnavailable(RuntimeError):
@@ -88,8 +88,8 @@ BCC_LOCK = threading.Lock()
 def cleanup_program(bpf: Any) -> None:
     """Detach and close a program, under ``BCC_LOCK``. Blocking.
 
-    Two actors stopping together used to destroy their bcc modules in parallel threads (or
-    one while another compiled), which crashed the process inside bcc's module teardown.
+    bcc's module teardown is not safe against another teardown or a compile running in a
+    parallel thread (it crashes the process), so all of them hold the one lock.
     """
     with BCC_LOCK:
         bpf.cleanup()

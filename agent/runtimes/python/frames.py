@@ -23,14 +23,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from agent.python.code import BadObject, CodeReader, ProcessMemory
-from agent.python.linetable import line_for_offset
-from agent.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
-from agent.symbols.procmaps import start_time
+from agent.process.memory import ProcessMemory
+from agent.process.procmaps import start_time
+from agent.runtimes.python.code import BadObject, CodeReader
+from agent.runtimes.python.linetable import line_for_offset
+from agent.runtimes.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
 from shared.counters import Counters
 from shared.model import Frame, FrameType
 
-log = logging.getLogger("stackfleet.python")
+log = logging.getLogger(__name__)
 
 OWNED_BY_CSTACK = 3  # 3.12+ _PyInterpreterFrame.owner of the shim each evaluation-loop call pushes
 # bpf/stack_event.h enum py_status

@@ -20,13 +20,13 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from agent.python.offsets import OFFSETS, PythonOffsets
-from agent.symbols.procmaps import MapEntry, map_files_path, read_maps, root_view_path
+from agent.process.procmaps import FileKey, MapEntry, file_key, map_files_path, read_maps, root_view_path
+from agent.runtimes.python.offsets import OFFSETS, PythonOffsets
 from agent.unwind.cfi import parse_cfi
 from agent.unwind.elfread import ElfHeaders
 from shared.model import Frame
 
-log = logging.getLogger("stackfleet.python")
+log = logging.getLogger(__name__)
 
 _INTERPRETER_NAME = re.compile(r"(?:^|/)(?:lib)?python(3)\.(\d+)[^/]*$")
 EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
@@ -94,14 +94,14 @@ class FileCache:
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._files: OrderedDict[tuple[int, int, int, int], InterpreterFile | None] = OrderedDict()
+        self._files: OrderedDict[FileKey, InterpreterFile | None] = OrderedDict()
 
     def get(self, pid: int, entry: MapEntry) -> InterpreterFile | None:
         path = map_files_path(pid, entry)
         if not os.path.exists(path):
             path = root_view_path(pid, entry.path)
         st = os.stat(path)
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = file_key(st)
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]

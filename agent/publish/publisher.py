@@ -2,7 +2,7 @@
 
 One :class:`shared.wire.StreamEncoder` per profile type keeps what the receivers already
 know, so strings, functions, locations and stacks cross the network once. Outgoing
-messages wait in a bounded outbox (agent/outbox.py): when NATS is slow or away sampling
+messages wait in a bounded outbox (agent/publish/memory_outbox.py): when NATS is slow or away sampling
 goes on, and beyond the bound the oldest are dropped and counted rather than growing
 memory. One sender task publishes them strictly in order; with JetStream (the default) a
 message leaves the outbox only once the stream has acknowledged storing it, so an outage
@@ -25,9 +25,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from agent.actors.base import SampleSink
-from agent.outbox import MemoryOutbox, Outgoing
+from agent.publish.disk_outbox import DiskOutbox
+from agent.publish.memory_outbox import MemoryOutbox, Outgoing
 from agent.settings import AgentSettings
-from agent.spool import DiskOutbox
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
 from shared.model import Sample
@@ -37,7 +37,7 @@ from shared.subjects import RESYNC_SUBJECT, dict_subject, samples_subject
 from shared.tasks import cancel_and_wait
 from shared.wire import StreamEncoder, WireError, new_agent_id, parse_resync
 
-log = logging.getLogger("stackfleet.agent.publisher")
+log = logging.getLogger(__name__)
 
 
 RETRY_INITIAL_S = 0.2

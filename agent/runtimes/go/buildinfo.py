@@ -1,9 +1,9 @@
 """Facts about a Go binary that the Go actors need: is it Go, which Go release built it
 (``go_version``), where its runtime functions start (``GoRuntimeInfo.entries``, from the
 pclntab, so stripped binaries work), where is g.startpc, and how to find its goroutines
-(``runtime.g`` layout, ``runtime.allgs``: agent.go_layout).
+(``runtime.g`` layout, ``runtime.allgs``: agent.runtimes.go.layout).
 
-A binary built by a Go release outside the checked range (agent.go_layout.unsupported_reason)
+A binary built by a Go release outside the checked range (agent.runtimes.go.layout.unsupported_reason)
 gets ``unsupported`` set, logged once per binary: its runtime structures and probe
 conventions may have moved, so the goroutine actor leaves it alone; its CPU frames still
 come from the pclntab, whose own format is checked independently.
@@ -18,8 +18,9 @@ from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
 
-from agent.go_layout import GLayout, allgs_candidates, layout_for, unsupported_reason
-from agent.symbols.gopclntab import GoSymbolTable, load_go_table, pclntab_section
+from agent.process.procmaps import FileKey
+from agent.runtimes.go.layout import GLayout, allgs_candidates, layout_for, unsupported_reason
+from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section, uvarint
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ class GoRuntimeInfo:
     # Entry addresses of the runtime functions the actors probe, from .gopclntab: usable
     # on stripped binaries, where there is no symbol table to probe by name.
     entries: tuple[tuple[str, int], ...] = ()
-    # For the current-stack goroutine profile (agent.go_goroutines): None/() when unsupported.
+    # For the current-stack goroutine profile (agent.runtimes.go.goroutines): None/() when unsupported.
     g_layout: GLayout | None = None
     allgs: tuple[int, ...] = ()
-    # Why this binary's runtime is not read ("": it is): agent.go_layout.unsupported_reason.
+    # Why this binary's runtime is not read ("": it is): agent.runtimes.go.layout.unsupported_reason.
     unsupported: str = ""
 
     def entry(self, function: str) -> int | None:
@@ -53,7 +54,7 @@ def is_go_binary(elf: ELFFile) -> bool:
 
 
 @lru_cache(maxsize=1024)
-def go_runtime_info(path: str, identity: tuple[int, int, int, int]) -> GoRuntimeInfo | None:
+def go_runtime_info(path: str, identity: FileKey) -> GoRuntimeInfo | None:
     """Go facts for the file at ``path`` (``identity`` = dev, ino, size, mtime keys the cache)."""
     try:
         with open(path, "rb") as f:
@@ -96,7 +97,10 @@ def go_version(elf: ELFFile) -> str:
     data = section.data()
     if not data.startswith(_BUILDINFO_MAGIC) or len(data) < 33 or not data[15] & 0x2:
         return ""
-    length, pos = _uvarint(data, 32)
+    try:
+        length, pos = uvarint(data, 32)
+    except IndexError:  # the length runs past the section: no version to read
+        return ""
     return data[pos : pos + length].decode("utf-8", "replace")
 
 
@@ -110,14 +114,3 @@ def _go_build_id(elf: ELFFile) -> str:
     desc_start = 12 + (namesz + 3) // 4 * 4
     return data[desc_start : desc_start + descsz].decode("utf-8", "replace")
 
-
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while pos < len(data):
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            break
-        shift += 7
-    return result, pos

@@ -1,0 +1,1 @@
+"""Processes on the host: /proc maps and file identity, process selectors, reading process memory."""

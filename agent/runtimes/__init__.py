@@ -1,0 +1,1 @@
+"""Language runtimes whose frames and profiles the agent reads from process memory."""

@@ -1,0 +1,1 @@
+"""Go: pclntab symbols, build info, runtime layouts, goroutines, heap profiles and probes."""
