@@ -5,7 +5,7 @@ are encoded and written to local files in a worker thread, and handed to the OTL
 (aggregator/exporters/otlp_sender.py: bounded queue, retried with backoff, oldest dropped
 and counted when the collector is away for long; the local files still have every
 interval). How messages arrive (JetStream consumers, acked after export) is in
-aggregator/transport.py.
+aggregator/delivery/consumers.py.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
+from aggregator.delivery.consumers import AckLedger, defer_redelivery, deferral_id, start_core, start_jetstream
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, marker_for
+from aggregator.delivery.intake import Intake
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.otlp_sender import OtlpSender
 from aggregator.gc_policy import restore_thresholds, use_aggregator_thresholds
 from aggregator.gil_policy import use_switch_interval
-from aggregator.intake import Intake
 from aggregator.merge import Merger
-from aggregator.otlp import encode_request
+from aggregator.otlp.encode import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
-from aggregator.transport import AckLedger, defer_redelivery, deferral_id, start_core, start_jetstream
 from aggregator.web.access import WebAccess
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.heap_sampler import ENV_SAMPLE_BYTES, ENV_SEED, build_library
-from aggregator.otlp import validate_request
+from aggregator.otlp.encode import validate_request
 from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer

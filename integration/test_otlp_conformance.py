@@ -6,7 +6,7 @@ name is longer than the 15-character comm), a Go program with
 goroutines, a Go allocator (heap read from its runtime's own profile), a Python script and a C lock-contention
 program run; the aggregator exports every 1.5 s to local files and to a real gRPC
 ProfilesService. Every ``.otlp.pb`` written and every request received must break none of
-the rules of :mod:`aggregator.otlp_checks` (profcheck with all options, the proto's MUSTs,
+the rules of :mod:`aggregator.otlp.checks` (profcheck with all options, the proto's MUSTs,
 Pyroscope's and Elastic's acceptance), and carry the semantic conventions consumers read:
 resource per process with ``service.name`` and ``process.executable.name`` = base name of
 /proc/PID/exe, the profiler in the scope, build ids on mappings (Go build id =
@@ -30,8 +30,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 
 from agent.symbols.file_ids import kernel_build_id
-from aggregator.otlp_checks import check_request
-from aggregator.otlp_decode import profile_column
+from aggregator.otlp.checks import check_request
+from aggregator.otlp.decode import profile_column
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer

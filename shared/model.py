@@ -1,7 +1,7 @@
 """The profiling data model shared by agent and aggregator.
 
 Agent and aggregator exchange these objects through the wire format in
-:mod:`shared.wire`; the aggregator turns them into OTLP in :mod:`aggregator.otlp`.
+:mod:`shared.wire`; the aggregator turns them into OTLP in :mod:`aggregator.otlp.encode`.
 Frames are *symbolized on the host* (the process may be gone seconds later), so a
 ``Frame`` already carries function, file and line; an unknown frame keeps its
 address and mapping rather than being dropped.

@@ -12,8 +12,8 @@ import pytest
 
 from agent.publisher import Publisher
 from agent.settings import AgentSettings
-from aggregator.exported_messages import ExportedMessages
-from aggregator.peer_markers import PeerMarkers
+from aggregator.delivery.exported_messages import ExportedMessages
+from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from aggregator.exporters.pprof import encode_pprof
-from aggregator.otlp import encode_request
+from aggregator.otlp.encode import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
 from aggregator.web import summaries

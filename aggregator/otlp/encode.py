@@ -428,7 +428,7 @@ def _key_value(key: str, value: str | int) -> KeyValue:
 
 
 def validate_request(req: ExportProfilesServiceRequest) -> list[str]:
-    """Every rule the request breaks (empty when it is valid): see :mod:`aggregator.otlp_checks`."""
-    from aggregator.otlp_checks import check_request
+    """Every rule the request breaks (empty when it is valid): see :mod:`aggregator.otlp.checks`."""
+    from aggregator.otlp.checks import check_request
 
     return [str(v) for v in check_request(req)]

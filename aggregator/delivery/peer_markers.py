@@ -1,7 +1,7 @@
 """Export markers shared between aggregator replicas, so a message one replica exported is
 not exported again by another.
 
-:mod:`aggregator.exported_messages` makes consumption exactly-once per output directory.
+:mod:`aggregator.delivery.exported_messages` makes consumption exactly-once per output directory.
 Across replicas it was at-least-once: when a replica's acks are lost (it died right after an
 export, or a NATS node died and took the consumer leader with it), the stream redelivers the
 messages to whichever replica pulls next, and a *peer* exported them again. Each replica
@@ -42,7 +42,7 @@ from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker
 from shared.counters import Counters
 from shared.jetstream import StreamSettings
 

@@ -33,9 +33,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker, stream_position
-from aggregator.intake import Intake
-from aggregator.peer_markers import PeerMarkers
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, stream_position
+from aggregator.delivery.intake import Intake
+from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
 from shared.jetstream import ensure_stream

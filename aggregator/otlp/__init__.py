@@ -1,0 +1,1 @@
+"""OTLP profiles (v1.10): encoding the fleet's profiles, decoding requests back, checking them against the spec."""
