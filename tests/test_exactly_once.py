@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from agent.publisher import Publisher
 from agent.settings import AgentSettings
-from aggregator.delivery.consumers import AckLedger
+from aggregator.delivery.ack_ledger import AckLedger
 from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, marker_for
 from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.exporters.files import MARKER_SUFFIX, LocalFileWriter

@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from agent.outbox import MemoryOutbox, Outgoing
-from aggregator.delivery import consumers
+from aggregator.delivery import ack_ledger, consumers
 from shared.counters import Counters
 from shared.jetstream import StreamSettings, ensure_stream
 from stackfleet.nats_server import NatsServer
@@ -92,7 +92,7 @@ def _delivery(stream_seq: int, delivered: int) -> Msg:
 
 
 def test_a_redelivery_of_a_held_message_is_recognised_until_the_export_acks_it() -> None:
-    ledger = consumers.AckLedger(Counters())
+    ledger = ack_ledger.AckLedger(Counters())
     first = _delivery(17, delivered=1)
     ledger.finished(first)
     again, other = _delivery(17, delivered=2), _delivery(18, delivered=1)
