@@ -36,7 +36,7 @@ from shared.subjects import RESYNC_SUBJECT
 from shared.tasks import cancel_and_wait
 from shared.wire import resync_request
 
-log = logging.getLogger("stackfleet.aggregator")
+log = logging.getLogger(__name__)
 
 
 async def run_aggregator(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-log = logging.getLogger("stackfleet.allocator")
+log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8

@@ -43,7 +43,7 @@ from shared.jetstream import ensure_stream
 from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS
 from shared.tasks import cancel_and_wait
 
-log = logging.getLogger("stackfleet.aggregator.transport")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

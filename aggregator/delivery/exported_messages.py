@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-log = logging.getLogger("stackfleet.aggregator.exported")
+log = logging.getLogger(__name__)
 
 MARKER_VERSION = 1
 

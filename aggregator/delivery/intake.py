@@ -22,7 +22,7 @@ from shared.profile_types import ProfileType
 from shared.subjects import host_token
 from shared.wire import DecodedSamples, StreamDictionary, StreamKey, WireError, decode_samples, header, unpack
 
-log = logging.getLogger("stackfleet.aggregator.intake")
+log = logging.getLogger(__name__)
 
 RESYNC_MIN_INTERVAL_S = 2.0
 STREAM_IDLE_TIMEOUT_S = 600.0

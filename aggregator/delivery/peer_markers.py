@@ -46,7 +46,7 @@ from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker
 from shared.counters import Counters
 from shared.jetstream import StreamSettings
 
-log = logging.getLogger("stackfleet.aggregator.peers")
+log = logging.getLogger(__name__)
 
 BUCKET = "stackfleet-exports"
 REFRESH_INTERVAL_S = 1.0

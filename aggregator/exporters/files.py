@@ -29,7 +29,7 @@ from aggregator.delivery.exported_messages import ExportMarker, read_markers
 from aggregator.exporters.pprof import write_pprof
 from aggregator.profile import FleetProfiles
 
-log = logging.getLogger("stackfleet.aggregator.files")
+log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".exported.json"
 

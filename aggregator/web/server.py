@@ -41,7 +41,7 @@ from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
-log = logging.getLogger("stackfleet.aggregator.web")
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 T = TypeVar("T")

@@ -24,7 +24,7 @@ from aggregator.profile import FleetProfiles
 from shared.counters import Counters
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.aggregator.web")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
