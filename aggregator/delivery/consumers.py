@@ -15,8 +15,8 @@ JetStream (default), see docs/design/durability.md:
   after ``inactive_threshold`` once its replica is gone. Before pulling samples the
   replica catches up on dictionaries, so a backlog does not have to be parked.
 
-Core NATS (``nats.jetstream = false``): the previous plain subscriptions (queue group for
-samples), fire and forget.
+Core NATS (``nats.jetstream = false``): plain subscriptions (queue group for samples), fire
+and forget.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 not exported again by another.
 
 :mod:`aggregator.delivery.exported_messages` makes consumption exactly-once per output directory.
-Across replicas it was at-least-once: when a replica's acks are lost (it died right after an
-export, or a NATS node died and took the consumer leader with it), the stream redelivers the
-messages to whichever replica pulls next, and a *peer* exported them again. Each replica
+Across replicas that alone is at-least-once: when a replica's acks are lost (it died right
+after an export, or a NATS node died and took the consumer leader with it), the stream
+redelivers the messages to whichever replica pulls next, and a *peer* would export them again. Each replica
 therefore also puts every export's marker into a JetStream key-value bucket — after the
 export is written and before its acks — and a replica that receives a redelivered message it
 has no marker for looks at its peers' markers first.
