@@ -32,6 +32,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from agent.symbols.file_ids import kernel_build_id
 from aggregator.otlp.checks import check_request
 from aggregator.otlp.decode import profile_column
+from integration.go_toolchains import system
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
@@ -43,10 +44,7 @@ ALL_TYPES = list(ProfileType)
 
 
 def build_go(name: str, out: Path, exe_name: str = "") -> Path:
-    exe = out / (exe_name or name)
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "gocache"), "GOFLAGS": ""}
-    subprocess.run(["go", "build", "-o", str(exe), "main.go"], cwd=WORKLOADS / name, env=env, check=True)
-    return exe
+    return system().build(WORKLOADS / name, out / (exe_name or name), cache=out / "gocache")
 
 
 class Run:
@@ -175,8 +173,7 @@ def test_resources_describe_the_profiled_processes(conformance_run: Run) -> None
 
 def test_mappings_carry_build_ids(conformance_run: Run) -> None:
     binary = conformance_run.binaries["go_spin"]
-    go_id = subprocess.run(["go", "tool", "buildid", str(binary)], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    go_id = system().tool("buildid", str(binary)).strip()
     seen_go = seen_kernel = False
     inlined: set[tuple[str, ...]] = set()
     for req in conformance_run.received:
