@@ -6,8 +6,8 @@ JetStream (default), see docs/design/durability.md:
   on ``stackfleet.v1.samples.>``. Every replica pulls from the same consumer, so each
   batch goes to exactly one replica (work-queue semantics) and the consumer's position
   survives restarts of every replica. A message is acked only after the export that
-  contains its samples has been written (:class:`AckLedger`); one that is never acked —
-  the aggregator crashed first — is redelivered after ``ack_wait``.
+  contains its samples has been written (:mod:`aggregator.delivery.export_then_ack`); one
+  that is never acked — the aggregator crashed first — is redelivered after ``ack_wait``.
 * **dictionaries** come from a *per-replica* durable pull consumer on
   ``stackfleet.v1.dict.>`` that starts at the beginning of the stream, so each replica
   sees every retained dictionary delta (also those of agents that have since gone away,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
 
@@ -54,7 +54,7 @@ class IntervalOutput(Protocol[Encoded]):
         ...
 
 
-class ExportThenAck:
+class ExportThenAck(Generic[Encoded]):
     """Exports each interval, records which messages it holds, and only then acks them.
 
     ``exported`` is None on core NATS: nothing is acked or redelivered there, so nothing is
