@@ -3,11 +3,11 @@
 The aggregator holds millions of long-lived objects (every stream's dictionary, the
 interval's merged samples with their timestamp lists) and allocates a few hundred tuples
 per samples message, nearly all freed by reference counting or kept for the interval.
-With CPython's default thresholds (700, 10, 10) a young collection runs every 700 net
-allocations and older generations are re-scanned often: measured with 1,000 simulated
-hosts, 3 - 4 s of collector time per 10 s export interval, about a fifth of the
-aggregator's CPU. With the thresholds below it was 0.7 s. Cycles are still collected;
-garbage that is part of a cycle only lives a little longer (at most ~50,000 young objects).
+CPython's default thresholds (700, 10, 10) run a young collection every 700 net allocations
+and re-scan the older generations often, which at fleet scale costs a large share of the
+aggregator's CPU for no garbage found (figures: docs/design/fleet.md, "Aggregator tuning").
+Cycles are still collected; garbage that is part of a cycle only lives a little longer (at
+most ~50,000 young objects).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Each export interval is encoded (OTLP, pprof) in a worker thread that holds the 
 seconds of pure-Python work at fleet scale. The event loop, which pulls and merges the next
 messages, gets the GIL back only when the worker is forced to release it, every
 ``sys.getswitchinterval()`` (5 ms by default), and then gives it up again at its next network
-wait: measured with a JetStream fetch loop beside a CPU-bound thread, ~1,000 messages/s at
-5 ms against ~3,000 at 0.5 ms (alone: ~13,000). At 1,000 hosts a replica must take in about
-1,000 messages/s, so the default leaves no headroom while an export is being encoded.
+wait. A shorter interval lets the loop take in messages several times faster while an export
+is being encoded; with the default a replica has no headroom at 1,000 hosts (figures:
+docs/design/fleet.md, "Aggregator tuning").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The aggregator's merged, in-memory form of one host's profile for one interval.
 
 Intake rebuilds samples from wire deltas and merges identical ones here; the OTLP
-encoder (:mod:`aggregator.otlp`) and the local exporters read this form. Identical
+encoder (:mod:`aggregator.otlp.encode`) and the local exporters read this form. Identical
 samples (same stack, thread, cpu and attributes) are merged into one
 ``AggregatedSample`` whose values are summed and whose timestamps are kept, so
 memory grows with distinct stacks, not with sample count.

@@ -1,11 +1,10 @@
 """The aggregator service: NATS subscriptions -> intake -> merge -> periodic export.
 
-Intake runs on the event loop and never waits for export: each interval's merged profiles
-are encoded and written to local files in a worker thread, and handed to the OTLP sender
-(aggregator/exporters/otlp_sender.py: bounded queue, retried with backoff, oldest dropped
-and counted when the collector is away for long; the local files still have every
-interval). How messages arrive (JetStream consumers, acked after export) is in
-aggregator/transport.py.
+:func:`run_aggregator` wires the parts and runs the export loop. Intake runs on the event
+loop and never waits for export (aggregator/exporters/interval.py: encoding and file writes
+in worker threads, a bounded OTLP queue). How messages arrive is in
+aggregator/delivery/consumers.py; the order in which an interval is exported, marked and
+acked — what makes delivery exactly-once — is aggregator/delivery/export_then_ack.py.
 """
 
 from __future__ import annotations
@@ -13,24 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
-from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
-    ExportProfilesServiceRequest,
-)
+from nats.aio.client import Client as NATS
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
-from aggregator.exporters.files import LocalFileWriter
-from aggregator.exporters.grpc import OtlpGrpcExporter
-from aggregator.exporters.otlp_sender import OtlpSender
+from aggregator.delivery.ack_ledger import AckLedger
+from aggregator.delivery.consumers import defer_redelivery, deferral_id, start_core, start_jetstream
+from aggregator.delivery.export_then_ack import ExportThenAck
+from aggregator.delivery.exported_messages import ExportedMessages
+from aggregator.delivery.intake import Intake
+from aggregator.exporters.interval import ExportHook, IntervalExporter
 from aggregator.gc_policy import restore_thresholds, use_aggregator_thresholds
 from aggregator.gil_policy import use_switch_interval
-from aggregator.intake import Intake
 from aggregator.merge import Merger
-from aggregator.otlp import encode_request
-from aggregator.profile import FleetProfiles
 from aggregator.settings import AggregatorSettings
-from aggregator.transport import AckLedger, defer_redelivery, deferral_id, start_core, start_jetstream
 from aggregator.web.access import WebAccess
 from aggregator.web.server import WebServer
 from aggregator.web.store import RetainedExports
@@ -42,9 +36,7 @@ from shared.subjects import RESYNC_SUBJECT
 from shared.tasks import cancel_and_wait
 from shared.wire import resync_request
 
-log = logging.getLogger("stackfleet.aggregator")
-
-ExportHook = Callable[[FleetProfiles, ExportProfilesServiceRequest], None]
+log = logging.getLogger(__name__)
 
 
 async def run_aggregator(
@@ -55,120 +47,84 @@ async def run_aggregator(
 ) -> Counters:
     """Run until ``stop`` is set, then export the last interval and return the counters."""
     counters = counters or Counters()
-    merger = Merger()
     maybe_nc = await connect_when_available(settings.nats, "stackfleet-aggregator", stop, counters)
     if maybe_nc is None:  # stopped before NATS was ever reachable: nothing was taken in
         return counters
     nc = maybe_nc
     previous_gc = use_aggregator_thresholds()
     previous_switch = use_switch_interval(settings.gil_switch_interval_s)
-
-    async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
-        await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
-
+    merger = Merger()
     ledger = AckLedger(counters)
-    intake = Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
-                    on_done=ledger.finished, on_expired=defer_redelivery if settings.nats.jetstream else None,
-                    message_id=deferral_id if settings.nats.jetstream else None)
-    writer = None
-    if settings.output_dir:
-        writer = LocalFileWriter(settings.output_dir, keep=settings.keep_files,
-                                 max_age_s=settings.retention_max_age_s, max_bytes=settings.retention_max_bytes)
-        if writer.recover() is not None:
-            counters.inc("exports_rolled_back")
+    intake = _intake(nc, settings, counters, merger, ledger)
+    output = IntervalExporter(settings, counters, on_export)
     exported = ExportedMessages()
     if settings.nats.jetstream:
         consumers = await start_jetstream(nc, settings, intake, counters, stop.is_set, exported,
-                                          writer.markers() if writer is not None else [], ledger)
+                                          output.markers_on_disk(), ledger)
     else:
         consumers = await start_core(nc, settings, intake)
     # Agents already running hold dictionaries we have never seen (or that aged out of the
     # stream): ask everyone once.
     await nc.publish(RESYNC_SUBJECT, resync_request("*", None, "aggregator start"))
     await nc.flush()
-
-    sender = None
-    if settings.otlp_endpoint:
-        sender = OtlpSender(OtlpGrpcExporter(endpoint=settings.otlp_endpoint), settings.max_export_queue, counters)
-        sender.start()
+    output.start()
     log.info("aggregator: NATS %s, export every %gs to %s%s", settings.nats.url, settings.export_interval_s,
-             settings.otlp_endpoint or "(no OTLP)", f" and {settings.output_dir}" if writer else "")
+             settings.otlp_endpoint or "(no OTLP)", f" and {settings.output_dir}" if output.writer else "")
+    delivery = ExportThenAck(nc, ledger, output, merger.rotate, counters,
+                             exported if settings.nats.jetstream else None, settings.nats.stream.name, consumers.peers)
 
-    async def export_once() -> None:
-        fleet = merger.rotate()
-        finished = ledger.take()  # same loop step as rotate(): exactly the messages in `fleet`
-        if not fleet.hosts:
-            await ledger.ack(nc, finished)  # rejected/stale/dropped ones: counted, nothing to export
-            return
-        request = await asyncio.to_thread(
-            encode_request, fleet, settings.service_name, settings.service_version, settings.resource_attributes
-        )
-        if not request.resource_profiles:  # every sample was zero (e.g. only gauges that fell to 0): nothing to say
-            counters.inc("exports_empty")
-            await ledger.ack(nc, finished)
-            return
-        counters.inc("exports")
-        marker = None
-        if settings.nats.jetstream:  # what this export holds, so a redelivery is not exported twice
-            marker = marker_for(finished) or ExportMarker(settings.nats.stream.name, (), 0, 0)
-            exported.remember(marker)
-        if writer is not None:
-            try:
-                await asyncio.to_thread(writer.write, fleet, request, marker)
-            except OSError as exc:
-                counters.inc("local_write_errors")
-                log.error("writing local profiles failed: %s", exc)
-        if sender is not None:
-            sender.offer(request)
-        if on_export is not None:
-            on_export(fleet, request)
-        if marker is not None and consumers.peers is not None:  # before the acks: see peer_markers
-            await consumers.peers.publish(marker)
-        # Only now is the interval safe (written locally / queued for OTLP): the stream may forget it.
-        await ledger.ack(nc, finished)
-
-    async def sweeper() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            await intake.sweep()
-
-    sweep_task = asyncio.create_task(sweeper(), name="intake-sweep")
-    metrics = None
-    if settings.metrics_address:
-        mhost, mport = parse_address(settings.metrics_address)
-        metrics = MetricsServer(mhost, mport, metrics_registry(counters, "stackfleet_aggregator"),
-                                lambda: (nc.is_connected, f"nats={nc.is_connected} streams={len(intake.streams)}"))
-        await metrics.start()
+    sweep_task = asyncio.create_task(_sweep_forever(intake), name="intake-sweep")
+    metrics = await _start_metrics(settings, counters, nc, intake)
     web = await _start_web(settings, counters)
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.export_interval_s)
-            await export_once()
+            await delivery.export_interval()
     finally:
         await cancel_and_wait(sweep_task)
         if metrics is not None:
             await metrics.close()
         if web is not None:
             await web.close()
-        if settings.nats.jetstream:
-            await consumers.stop()
-            intake.release_parked()  # unacked: the stream redelivers them to whoever runs next
-            await export_once()  # acks what it exports, so the connection must still be up
-            with contextlib.suppress(Exception):
-                await nc.flush(timeout=5)
-            await nc.close()
-        else:
-            with contextlib.suppress(Exception):
-                await nc.drain()
-            intake.drop_parked("shutdown_parked")
-            await export_once()
-        if sender is not None:
-            await sender.close(timeout_s=5.0)
+        await delivery.stop_and_export_last(consumers, intake)
+        await output.close()
         restore_thresholds(previous_gc)
         use_switch_interval(previous_switch)
         log.info("aggregator stopped: %s", counters.snapshot())
     return counters
+
+
+def _intake(nc: NATS, settings: AggregatorSettings, counters: Counters, merger: Merger, ledger: AckLedger) -> Intake:
+    """The intake, merging into ``merger``; finished messages go to ``ledger`` (acked after export),
+    and with JetStream a sample whose dictionary is late is handed back for a later redelivery."""
+
+    async def request_resync(host: str, ptype: ProfileType, reason: str) -> None:
+        await nc.publish(RESYNC_SUBJECT, resync_request(host, [ptype], reason))
+
+    jetstream = settings.nats.jetstream
+    return Intake(counters, merger.add, request_resync, settings.max_parked_messages, settings.park_timeout_s,
+                  on_done=ledger.finished, on_expired=defer_redelivery if jetstream else None,
+                  message_id=deferral_id if jetstream else None)
+
+
+async def _sweep_forever(intake: Intake) -> None:
+    """Expire parked messages and idle streams once a second."""
+    while True:
+        await asyncio.sleep(1.0)
+        await intake.sweep()
+
+
+async def _start_metrics(settings: AggregatorSettings, counters: Counters, nc: NATS,
+                         intake: Intake) -> MetricsServer | None:
+    """The Prometheus endpoint, if configured; healthy while the NATS connection is up."""
+    if not settings.metrics_address:
+        return None
+    host, port = parse_address(settings.metrics_address)
+    metrics = MetricsServer(host, port, metrics_registry(counters, "stackfleet_aggregator"),
+                            lambda: (nc.is_connected, f"nats={nc.is_connected} streams={len(intake.streams)}"))
+    await metrics.start()
+    return metrics
 
 
 async def _start_web(settings: AggregatorSettings, counters: Counters) -> WebServer | None:

@@ -75,7 +75,7 @@ class AggregatorSettings(BaseSettings):
     # Samples messages waiting for their dictionary (per aggregator) and how long they may wait.
     max_parked_messages: int = Field(default=10_000, ge=10)
     park_timeout_s: float = Field(default=5.0, gt=0)
-    # Exports waiting for the OTLP endpoint; beyond this the oldest is dropped (and was still written locally).
+    # Exports waiting for the OTLP endpoint; beyond this the oldest is dropped (it is still in the local files).
     max_export_queue: int = Field(default=30, ge=1)
     # JetStream samples consumer: a message is acked after the export holding it is written,
     # so it must stay unacked for up to an export interval. If the aggregator dies, the

@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
 from aggregator.profile import FleetProfiles
 from shared.jetstream import StreamSettings
 from shared.profile_types import ProfileType

@@ -92,6 +92,14 @@ def available() -> list[GoToolchain]:
     return sorted(found.values(), key=lambda t: tuple(int(p) for p in t.version.split(".")))
 
 
+def system() -> GoToolchain:
+    """The ``go`` on PATH (Debian's 1.19): what tests that need one Go build use."""
+    for toolchain in available():
+        if toolchain.goroot is None:
+            return toolchain
+    raise RuntimeError("no go on PATH: install Debian's golang-go (scripts/setup.sh)")
+
+
 def newest() -> GoToolchain:
     """The newest toolchain installed (what most services are built with today)."""
     toolchains = available()

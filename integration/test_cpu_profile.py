@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.otlp import validate_request
+from aggregator.otlp.encode import validate_request
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.model import FrameType
 from shared.profile_types import ProfileType

@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
 from aggregator.profile import FleetProfiles
 from integration.durability import AggregatorProcess, wait_consumer_settled
 from integration.harness import build_c

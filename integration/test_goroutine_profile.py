@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.otlp import validate_request
+from aggregator.otlp.encode import validate_request
 from integration.go_toolchains import GoToolchain, available
 from integration.harness import WORKLOADS, PipelineRun, run_pipeline
 from shared.model import FrameType

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.heap_sampler import ENV_SAMPLE_BYTES, ENV_SEED, build_library
-from aggregator.otlp import validate_request
+from aggregator.otlp.encode import validate_request
 from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
@@ -134,13 +134,10 @@ def test_outputs_are_valid(heap_run: HeapRun) -> None:
 def test_go_without_memory_profiling_is_counted_not_probed(tmp_path: Path) -> None:
     """go_alloc never references runtime.MemProfile, so its linker turned memory profiling
     off (MemProfileRate 0): no heap samples, no probes, one count with the reason."""
-    import os
-
+    from integration.go_toolchains import system
     from integration.harness import WORKLOADS
 
-    exe = tmp_path / "go_alloc"
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "gocache"), "GOFLAGS": ""}
-    subprocess.run(["go", "build", "-o", str(exe), "main.go"], cwd=WORKLOADS / "go_alloc", env=env, check=True)
+    exe = system().build(WORKLOADS / "go_alloc", tmp_path / "go_alloc", cache=tmp_path / "gocache")
     box: dict[str, int] = {}
 
     async def workload(run: PipelineRun) -> None:

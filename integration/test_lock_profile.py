@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.otlp import validate_request
+from aggregator.otlp.encode import validate_request
 from aggregator.profile import AggregatedSample
 from aggregator.web import query as q
 from aggregator.web.store import RetainedExports

@@ -6,7 +6,7 @@ name is longer than the 15-character comm), a Go program with
 goroutines, a Go allocator (heap read from its runtime's own profile), a Python script and a C lock-contention
 program run; the aggregator exports every 1.5 s to local files and to a real gRPC
 ProfilesService. Every ``.otlp.pb`` written and every request received must break none of
-the rules of :mod:`aggregator.otlp_checks` (profcheck with all options, the proto's MUSTs,
+the rules of :mod:`aggregator.otlp.checks` (profcheck with all options, the proto's MUSTs,
 Pyroscope's and Elastic's acceptance), and carry the semantic conventions consumers read:
 resource per process with ``service.name`` and ``process.executable.name`` = base name of
 /proc/PID/exe, the profiler in the scope, build ids on mappings (Go build id =
@@ -30,8 +30,9 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 
 from agent.symbols.file_ids import kernel_build_id
-from aggregator.otlp_checks import check_request
-from aggregator.otlp_decode import profile_column
+from aggregator.otlp.checks import check_request
+from aggregator.otlp.decode import profile_column
+from integration.go_toolchains import system
 from integration.harness import WORKLOADS, PipelineRun, build_c, run_pipeline
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
@@ -43,10 +44,7 @@ ALL_TYPES = list(ProfileType)
 
 
 def build_go(name: str, out: Path, exe_name: str = "") -> Path:
-    exe = out / (exe_name or name)
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "gocache"), "GOFLAGS": ""}
-    subprocess.run(["go", "build", "-o", str(exe), "main.go"], cwd=WORKLOADS / name, env=env, check=True)
-    return exe
+    return system().build(WORKLOADS / name, out / (exe_name or name), cache=out / "gocache")
 
 
 class Run:
@@ -175,8 +173,7 @@ def test_resources_describe_the_profiled_processes(conformance_run: Run) -> None
 
 def test_mappings_carry_build_ids(conformance_run: Run) -> None:
     binary = conformance_run.binaries["go_spin"]
-    go_id = subprocess.run(["go", "tool", "buildid", str(binary)], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    go_id = system().tool("buildid", str(binary)).strip()
     seen_go = seen_kernel = False
     inlined: set[tuple[str, ...]] = set()
     for req in conformance_run.received:

@@ -95,7 +95,7 @@ def _check_nothing_lost(agent: Counters, submitted: set[SampleId], output_dir: P
     missing, extra = submitted - seen.keys(), seen.keys() - submitted
     assert not missing and not extra, f"{len(missing)} published samples missing, {len(extra)} unknown exported"
     # Redelivered messages whose samples an export already holds are recognised and skipped
-    # (aggregator/exported_messages.py), and an export interrupted before its commit marker is
+    # (aggregator/delivery/exported_messages.py), and an export interrupted before its commit marker is
     # removed at restart: into one output directory every sample arrives exactly once.
     print(f"published {published} samples; exported all of them, {duplicates} duplicated")
     assert duplicates == 0, (f"{duplicates} duplicated samples of {published} with {redelivered} redelivered "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.otlp import validate_request
+from aggregator.otlp.encode import validate_request
 from aggregator.profile import AggregatedSample
 from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.model import FrameType

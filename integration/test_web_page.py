@@ -369,7 +369,7 @@ def write_fleet_exports(directory: Path, exports: int) -> list[int]:
     """``exports`` exports of HOSTS hosts; in export i every host has ``hot`` i+1 times 3 and
     ``cold`` i+1 times 1 (in ms of CPU), both under ``main`` of ``app``. Returns their end times."""
     from aggregator.exporters.files import LocalFileWriter
-    from aggregator.otlp import encode_request
+    from aggregator.otlp.encode import encode_request
     from aggregator.profile import FleetProfiles, HostProfile
     from tests.test_otlp import frame
 

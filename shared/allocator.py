@@ -5,8 +5,8 @@ the aggregator) and keep small objects for long. With glibc's defaults that patt
 most of the heap free but resident: the mmap threshold grows with every large block freed
 (up to 32 MiB), so later large temporaries come from the heap, and the long-lived objects
 allocated between them pin it; each thread that allocates also gets its own arena (up to 8
-per core) holding its own free memory. Measured on the agent under binary churn: 426 MiB of
-arenas, 139 MiB in use; with the two settings below 161 MiB of arenas for the same work.
+per core) holding its own free memory. The two settings below keep that memory returnable
+(the soak figures are in docs/design/durability.md).
 
 - ``M_MMAP_THRESHOLD`` fixed at 128 KiB (glibc's initial value): blocks that large always get
   their own mapping and go back to the kernel when freed. Setting it also stops the dynamic
@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-log = logging.getLogger("stackfleet.allocator")
+log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS
 
-log = logging.getLogger("stackfleet.jetstream")
+log = logging.getLogger(__name__)
 
 # JetStream API error code for "stream name already in use with a different configuration".
 _ERR_STREAM_NAME_IN_USE = 10058

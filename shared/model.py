@@ -1,7 +1,7 @@
 """The profiling data model shared by agent and aggregator.
 
 Agent and aggregator exchange these objects through the wire format in
-:mod:`shared.wire`; the aggregator turns them into OTLP in :mod:`aggregator.otlp`.
+:mod:`shared.wire`; the aggregator turns them into OTLP in :mod:`aggregator.otlp.encode`.
 Frames are *symbolized on the host* (the process may be gone seconds later), so a
 ``Frame`` already carries function, file and line; an unknown frame keeps its
 address and mapping rather than being dropped.
@@ -86,9 +86,9 @@ class Frame:
     mapping: Mapping | None = None
     inlined: bool = False
     # Stacks (tuples of frames) are dictionary keys on both sides (stack ids on the wire,
-    # merged samples in the aggregator), and a tuple's hash is not cached: every lookup hashed
-    # every frame with its mapping again (~2 us a frame, ~40 us a 20-frame stack). Cached here
-    # on first use; not part of equality.
+    # merged samples in the aggregator), and a tuple's hash is not cached: every lookup would
+    # hash every frame with its mapping again (~2 us a frame, ~40 us a 20-frame stack). Cached
+    # here on first use; not part of equality.
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __hash__(self) -> int:

@@ -21,7 +21,7 @@ from shared.counters import Counters
 from shared.jetstream import StreamSettings
 from shared.tasks import cancel_and_wait
 
-log = logging.getLogger("stackfleet.nats")
+log = logging.getLogger(__name__)
 
 ERROR_LOG_INTERVAL_S = 30.0
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-log = logging.getLogger("stackfleet.tasks")
+log = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]] | asyncio.Task[object],

@@ -357,7 +357,7 @@ def _uint_column(col: list[Any]) -> bool:
     if not col:
         return True
     # map(type) and the set are built in C: this runs on every column of every samples
-    # message, and a generator expression here was a third of the intake's decode time.
+    # message, where a generator expression costs a large share of the intake's decode time.
     return set(map(type, col)) == _INT_ONLY and min(col) >= 0 and max(col) < 2**64
 
 
@@ -477,12 +477,12 @@ class StreamDictionary:
 # Equal frames and mappings received from different streams (hosts running the same build,
 # a restarted agent's new epoch) are made the very same object. The exporters then
 # deduplicate them by identity, once per distinct object, instead of hashing each stream's
-# copies of a 20-field-deep value again at every export (that hashing was most of the OTLP
-# and pprof encoding time at 1,000 hosts), and the aggregator holds one copy.
+# copies of a 20-field-deep value again at every export (at fleet scale that hashing would
+# dominate the OTLP and pprof encoding time), and the aggregator holds one copy.
 # Bounded: past the limit the table starts over, which only costs some sharing. The table
-# also keeps frames alive that no dictionary uses any more (processes that are gone): at
-# 1,000,000 entries that was ~250 MiB, and an hour-long soak on a busy host showed the
-# aggregator growing towards it; 200,000 (~50 MiB) still holds a large fleet's shared frames.
+# also keeps frames alive that no dictionary uses any more (processes that are gone), about
+# 250 bytes an entry: 200,000 (~50 MiB) still holds a large fleet's shared frames (how the
+# bound was chosen: docs/design/fleet.md, "Aggregator tuning").
 MAX_INTERNED = 200_000
 _INTERN: dict[Any, Any] = {}
 _Interned = TypeVar("_Interned", Frame, Mapping)

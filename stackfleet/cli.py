@@ -242,8 +242,8 @@ def export(
     )
 
     from aggregator.exporters.pprof import write_pprof
-    from aggregator.otlp_checks import INDEX, NO_DICTIONARY, check_request
-    from aggregator.otlp_decode import merge_request
+    from aggregator.otlp.checks import INDEX, NO_DICTIONARY, check_request
+    from aggregator.otlp.decode import merge_request
     from aggregator.profile import FleetProfiles
     from shared.profile_types import ProfileType
 

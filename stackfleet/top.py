@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from aggregator.delivery.intake import Intake
 from aggregator.exporters.pprof import unknown_frame_label
-from aggregator.intake import Intake
 from shared.counters import Counters
 from shared.model import Frame
 from shared.nats_connection import NatsSettings, connect

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.go_toolchains import BUILD_FLAGS, GoToolchain, available
+from integration.go_toolchains import BUILD_FLAGS, GoToolchain, available, system
 
 WORKLOADS = Path(__file__).resolve().parents[1] / "integration" / "workloads"
 GOROUTINES = WORKLOADS / "goroutines"
@@ -45,5 +45,5 @@ def go_builds(tmp_path_factory: pytest.TempPathFactory) -> GoBuilds:
 @pytest.fixture(scope="session")
 def binaries(go_builds: GoBuilds) -> tuple[Path, Path]:
     """The goroutine workload of the system ``go`` (Debian's 1.19), plain and stripped."""
-    system = next(t for t in TOOLCHAINS if t.goroot is None)
-    return go_builds.get("goroutines", system, "plain"), go_builds.get("goroutines", system, "stripped")
+    go = system()
+    return go_builds.get("goroutines", go, "plain"), go_builds.get("goroutines", go, "stripped")

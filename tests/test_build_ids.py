@@ -9,7 +9,6 @@ inlined Go calls.
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -28,9 +27,11 @@ from agent.symbols.file_ids import (
     kernel_htlhash,
 )
 from agent.symbols.symbolizer import Symbolizer
+from integration.go_toolchains import system
 from shared.model import KERNEL_FILENAME, FrameType
+from tests.conftest import GoBuilds
 
-WAIT_SOURCE = Path(__file__).resolve().parent / "fixtures" / "go_inline_wait"
+INLINE_SOURCE = Path(__file__).resolve().parent / "fixtures" / "go_inline"
 
 
 def test_htlhash_and_kernel_file_id_match_the_published_vectors() -> None:
@@ -80,12 +81,10 @@ def test_kernel_frames_are_offsets_into_the_kernel_text_with_its_build_id() -> N
 
 
 @pytest.fixture(scope="module")
-def waiting_go(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[str], Path, str]]:
-    out = tmp_path_factory.mktemp("go_inline_wait")
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "cache"), "GOFLAGS": ""}
-    binary = out / "server"
-    subprocess.run(["go", "build", "-o", str(binary), "main.go"], cwd=WAIT_SOURCE, env=env, check=True)
-    proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def waiting_go(go_builds: GoBuilds) -> Iterator[tuple[subprocess.Popen[str], Path, str]]:
+    """The go_inline fixture program, kept alive ("wait") after printing its own stack."""
+    binary = go_builds.get(INLINE_SOURCE, system(), "plain")
+    proc = subprocess.Popen([str(binary), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
@@ -111,8 +110,7 @@ def test_go_inlined_calls_are_marked_and_the_mapping_has_every_build_id(
     assert [f.inlined for f in caller] == [True, True, False]
     m = caller[0].mapping
     assert m is not None and m.filename == str(binary)
-    buildid = subprocess.run(["go", "tool", "buildid", str(binary)], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    buildid = system().tool("buildid", str(binary)).strip()
     assert m.go_build_id == buildid
     with open(binary, "rb") as f:
         assert go_build_id(ELFFile(f)) == buildid

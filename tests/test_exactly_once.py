@@ -1,4 +1,4 @@
-"""A redelivered samples message is not exported twice (aggregator/exported_messages.py).
+"""A redelivered samples message is not exported twice (aggregator/delivery/exported_messages.py).
 
 Unit level: markers from JetStream ack subjects, the redelivery check and its guards, and
 the files writer's recovery of an export interrupted before its commit marker. With a real
@@ -19,12 +19,12 @@ from nats.aio.msg import Msg
 
 from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
-from aggregator.exported_messages import ExportedMessages, ExportMarker, marker_for
+from aggregator.delivery.ack_ledger import AckLedger
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, marker_for
+from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.exporters.files import MARKER_SUFFIX, LocalFileWriter
-from aggregator.peer_markers import PeerMarkers
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings
-from aggregator.transport import AckLedger
 from integration.durability import exported_samples, wait_consumer_settled
 from shared.counters import Counters
 from shared.nats_connection import NatsSettings

@@ -13,9 +13,9 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 
 from aggregator.exporters.files import LocalFileWriter
-from aggregator.otlp import encode_request
-from aggregator.otlp_checks import check_request
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.checks import check_request
+from aggregator.otlp.decode import merge_request
+from aggregator.otlp.encode import encode_request
 from aggregator.profile import FleetProfiles
 from shared.profile_types import ProfileType
 from tests.test_otlp import fleet

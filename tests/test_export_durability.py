@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 
 from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
 from aggregator.profile import FleetProfiles
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings

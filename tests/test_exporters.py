@@ -11,7 +11,7 @@ import pytest
 from aggregator.exporters.files import LocalFileWriter
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.pprof import write_pprof
-from aggregator.otlp import encode_request
+from aggregator.otlp.encode import encode_request
 from aggregator.profile import FleetProfiles, HostProfile
 from shared.model import KERNEL_FILENAME, Frame, FrameType, Mapping
 from shared.profile_types import ProfileType

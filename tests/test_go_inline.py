@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.runtimes.go.pclntab import GoSymbolTable
-from integration.go_toolchains import GoToolchain
+from integration.go_toolchains import GoToolchain, system
 from tests.conftest import TOOLCHAINS, GoBuilds
 
 SOURCE = Path(__file__).resolve().parent / "fixtures" / "go_inline"
@@ -26,12 +26,12 @@ SOURCE = Path(__file__).resolve().parent / "fixtures" / "go_inline"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     out = tmp_path_factory.mktemp("go_inline")
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out / "cache"), "GOFLAGS": ""}
-    plain, stripped = out / "plain", out / "stripped"
-    decisions = subprocess.run(["go", "build", "-gcflags=-m", "-o", str(plain), "main.go"], cwd=SOURCE, env=env,
-                               check=True, capture_output=True, text=True).stderr
-    subprocess.run(["go", "build", "-ldflags=-s -w", "-o", str(stripped), "main.go"], cwd=SOURCE, env=env, check=True)
-    return decisions, plain, stripped
+    go = system()
+    plain = out / "plain"
+    # The compiler's inlining decisions are its -gcflags=-m report on stderr.
+    decisions = subprocess.run([str(go.go), "build", "-gcflags=-m", "-o", str(plain), "main.go"], cwd=SOURCE,
+                               env=go.env(out / "cache"), check=True, capture_output=True, text=True).stderr
+    return decisions, plain, go.build(SOURCE, out / "stripped", "stripped", cache=out / "cache")
 
 
 def runtime_view(binary: Path) -> tuple[int, list[tuple[str, str, int]]]:
@@ -67,8 +67,7 @@ def test_inlined_frames_match_runtime_callers_frames(go_builds: GoBuilds, toolch
 def test_every_instruction_of_outer_is_consistent_with_objdump(built: tuple[str, Path, Path]) -> None:
     """For each instruction, the innermost frame has objdump's file:line and the outermost is outer."""
     _, plain, _ = built
-    text = subprocess.run(["go", "tool", "objdump", "-s", "^main.outer$", str(plain)], capture_output=True, text=True,
-                          check=True).stdout
+    text = system().tool("objdump", "-s", "^main.outer$", str(plain))
     rows = [(int(m.group(3), 16), m.group(1), int(m.group(2)))
             for m in re.finditer(r"^\s+(\S+):(\d+)\s+0x([0-9a-f]+)\s", text, re.M)]
     table = GoSymbolTable.from_elf(str(plain))

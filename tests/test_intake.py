@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from aggregator.intake import Intake
+from aggregator.delivery.intake import Intake
 from aggregator.merge import Merger
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Sample

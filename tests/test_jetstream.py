@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from agent.publish.memory_outbox import MemoryOutbox, Outgoing
-from aggregator import transport
+from aggregator.delivery import ack_ledger, consumers
 from shared.counters import Counters
 from shared.jetstream import StreamSettings, ensure_stream
 from stackfleet.nats_server import NatsServer
@@ -54,8 +54,8 @@ async def test_messages_discarded_by_the_stream_before_consumption_are_counted(
     first_seq = (await js.stream_info("STACKFLEET")).state.first_seq
     assert first_seq > 1
     counters = Counters()
-    monkeypatch.setattr(transport, "STREAM_WATCH_INTERVAL_S", 0.1)
-    watcher = asyncio.create_task(transport._watch_stream_limits(js, "STACKFLEET", "aggs", counters))
+    monkeypatch.setattr(consumers, "STREAM_WATCH_INTERVAL_S", 0.1)
+    watcher = asyncio.create_task(consumers._watch_stream_limits(js, "STACKFLEET", "aggs", counters))
     await asyncio.sleep(1.0)
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
@@ -92,7 +92,7 @@ def _delivery(stream_seq: int, delivered: int) -> Msg:
 
 
 def test_a_redelivery_of_a_held_message_is_recognised_until_the_export_acks_it() -> None:
-    ledger = transport.AckLedger(Counters())
+    ledger = ack_ledger.AckLedger(Counters())
     first = _delivery(17, delivered=1)
     ledger.finished(first)
     again, other = _delivery(17, delivered=2), _delivery(18, delivered=1)

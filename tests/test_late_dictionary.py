@@ -43,7 +43,7 @@ async def test_samples_waiting_for_a_late_dictionary_are_redelivered_not_dropped
 
 
 async def test_a_message_is_handed_back_only_a_bounded_number_of_times() -> None:
-    from aggregator.transport import MAX_DEFERRED_DELIVERIES, defer_redelivery
+    from aggregator.delivery.consumers import MAX_DEFERRED_DELIVERIES, defer_redelivery
     from tests.test_exactly_once import js_msg
 
     assert not await defer_redelivery(js_msg(5, delivered=MAX_DEFERRED_DELIVERIES))  # then dropped, counted
@@ -53,7 +53,7 @@ async def test_a_message_is_handed_back_only_a_bounded_number_of_times() -> None
 async def test_messages_handed_back_and_not_yet_redelivered_are_counted_at_shutdown() -> None:
     """Nothing leaves the aggregator uncounted: a deferred message that has not come back by
     shutdown is in the stream (released), one that came back is handled again."""
-    from aggregator.intake import Intake
+    from aggregator.delivery.intake import Intake
 
     encoder = StreamEncoder("late-host", ProfileType.CPU, new_agent_id(), 1000)
     _dict_msg, samples_msg = encoder.encode(cpu_samples(5), PERIOD)

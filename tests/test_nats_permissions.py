@@ -12,8 +12,8 @@ import pytest
 
 from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
-from aggregator.exported_messages import ExportedMessages
-from aggregator.peer_markers import PeerMarkers
+from aggregator.delivery.exported_messages import ExportedMessages
+from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
@@ -47,20 +47,30 @@ def _nats(url: str, user: str, password: str) -> NatsSettings:
     return NatsSettings(url=url, user=user, password=password, jetstream_timeout_s=1.0)
 
 
+def _start_aggregator(server: NatsServer, out: Path) -> tuple[asyncio.Task[Counters], Counters, asyncio.Event]:
+    """The aggregator with the example's aggregator user, exporting every 0.5 s to ``out``."""
+    counters, stop = Counters(), asyncio.Event()
+    task = asyncio.create_task(run_aggregator(AggregatorSettings(
+        nats=_nats(server.url, "aggregator", "pw-agg"), otlp_endpoint="", output_dir=out,
+        export_interval_s=0.5, web_address=""), stop, counters))
+    return task, counters, stop
+
+
+async def _publish_as_web_01(server: NatsServer, counters: Counters) -> None:
+    """web-01's real agent publishes 5 batches of 10 CPU samples and closes."""
+    agent = Publisher(AgentSettings(nats=_nats(server.url, "web-01", "pw-web-01"), host_name="web-01"), counters)
+    await agent.start()
+    for _ in range(5):
+        await agent.submit(ProfileType.CPU, cpu_samples(10), PERIOD)
+    await agent.close()
+
+
 async def test_each_agent_publishes_only_as_its_own_host(secured_nats: NatsServer, tmp_path: Path) -> None:
     with secured_nats as server:
-        agg_counters, stop = Counters(), asyncio.Event()
-        aggregator = asyncio.create_task(run_aggregator(AggregatorSettings(
-            nats=_nats(server.url, "aggregator", "pw-agg"), otlp_endpoint="", output_dir=tmp_path / "out",
-            export_interval_s=0.5, web_address=""), stop, agg_counters))
+        aggregator, agg_counters, stop = _start_aggregator(server, tmp_path / "out")
         # The real agent of web-01: everything arrives.
         honest_counters = Counters()
-        honest = Publisher(AgentSettings(nats=_nats(server.url, "web-01", "pw-web-01"), host_name="web-01"),
-                           honest_counters)
-        await honest.start()
-        for _ in range(5):
-            await honest.submit(ProfileType.CPU, cpu_samples(10), PERIOD)
-        await honest.close()
+        await _publish_as_web_01(server, honest_counters)
         assert honest_counters.get("samples_published") == 50, honest_counters.snapshot()
         assert await wait_for(lambda: agg_counters.get("samples_received") == 50, 20), agg_counters.snapshot()
 
@@ -112,17 +122,8 @@ async def test_aggregator_without_the_marker_bucket_permission_still_consumes(
     accounts = ACCOUNTS.read_text().replace('"$KV.stackfleet-exports.>", ', "")
     assert "$KV.stackfleet-exports" not in accounts.split("# replicas share")[-1]
     with _secured_server(tmp_path, monkeypatch, accounts) as server:
-        agg_counters, stop = Counters(), asyncio.Event()
-        aggregator = asyncio.create_task(run_aggregator(AggregatorSettings(
-            nats=_nats(server.url, "aggregator", "pw-agg"), otlp_endpoint="", output_dir=tmp_path / "out",
-            export_interval_s=0.5, web_address=""), stop, agg_counters))
-        agent_counters = Counters()
-        agent = Publisher(AgentSettings(nats=_nats(server.url, "web-01", "pw-web-01"), host_name="web-01"),
-                          agent_counters)
-        await agent.start()
-        for _ in range(5):
-            await agent.submit(ProfileType.CPU, cpu_samples(10), PERIOD)
-        await agent.close()
+        aggregator, agg_counters, stop = _start_aggregator(server, tmp_path / "out")
+        await _publish_as_web_01(server, Counters())
         assert await wait_for(lambda: agg_counters.get("samples_received") == 50, 30), agg_counters.snapshot()
         stop.set()
         await asyncio.wait_for(aggregator, 30)

@@ -8,8 +8,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from aggregator.otlp import encode_request, profiler_version, validate_request
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
+from aggregator.otlp.encode import encode_request, profiler_version, validate_request
 from aggregator.profile import FleetProfiles, HostProfile
 from shared.model import Frame, FrameType, Mapping
 from shared.profile_types import ProfileType

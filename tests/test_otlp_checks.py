@@ -14,8 +14,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import Link, ResourceProfiles, ScopeProfiles
 
-from aggregator import otlp_checks as c
-from aggregator.otlp import encode_request
+from aggregator.otlp import checks as c
+from aggregator.otlp.encode import encode_request
 from aggregator.profile import FleetProfiles, HostProfile
 from shared.model import Frame, FrameType, Mapping
 from shared.profile_types import ProfileType

@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 
 from aggregator.exporters.grpc import OtlpGrpcExporter
 from aggregator.exporters.otlp_sender import OtlpSender
-from aggregator.otlp import encode_request
+from aggregator.otlp.encode import encode_request
 from shared.counters import Counters
 from stackfleet.nats_server import free_port
 from tests.otlp_server import OtlpTestServer

@@ -16,8 +16,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 
 from aggregator.exporters.files import LocalFileWriter, export_stamp, stamp_ns
-from aggregator.otlp import encode_request, validate_request
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
+from aggregator.otlp.encode import encode_request, validate_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
 from aggregator.web.access import WebAccess

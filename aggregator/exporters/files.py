@@ -4,7 +4,7 @@ Per export: ``<stamp>.otlp.pb`` (the binary ExportProfilesServiceRequest, exactl
 collector got) and ``<stamp>.<type>.pb.gz`` per profile type (gzipped pprof, merged across
 hosts). ``latest.<type>.pb.gz`` always points at the newest. Writes are atomic (temp file
 + rename) so readers never see half a file. Under JetStream, ``<stamp>.exported.json`` (the
-stream messages the export holds, :mod:`aggregator.exported_messages`) is written last: it is
+stream messages the export holds, :mod:`aggregator.delivery.exported_messages`) is written last: it is
 the export's commit point. An export without it, newest in a directory that has markers, was
 interrupted before its messages were acked; :meth:`LocalFileWriter.recover` removes it at
 start, since its messages come back by redelivery. Retention bounds the directory three ways —
@@ -25,11 +25,11 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceRequest,
 )
 
-from aggregator.exported_messages import ExportMarker, read_markers
+from aggregator.delivery.exported_messages import ExportMarker, read_markers
 from aggregator.exporters.pprof import write_pprof
 from aggregator.profile import FleetProfiles
 
-log = logging.getLogger("stackfleet.aggregator.files")
+log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".exported.json"
 

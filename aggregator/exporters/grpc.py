@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc import ProfilesServiceStub
 
-log = logging.getLogger("stackfleet.aggregator.otlp")
+log = logging.getLogger(__name__)
 
 
 class _RateLimit(logging.Filter):

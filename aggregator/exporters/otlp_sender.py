@@ -29,7 +29,7 @@ from aggregator.exporters.grpc import OtlpGrpcExporter
 from shared.counters import Counters
 from shared.tasks import cancel_and_wait
 
-log = logging.getLogger("stackfleet.aggregator.otlp_sender")
+log = logging.getLogger(__name__)
 
 
 class OtlpSender:

@@ -47,18 +47,126 @@ def _packed(field: int, values: Iterable[int]) -> bytes:
     return _bytes(field, body) if body else b""
 
 
-class _Strings:
-    def __init__(self) -> None:
-        self.table: list[str] = [""]
-        self.index: dict[str, int] = {"": 0}
+class PprofDictionary:
+    """Interns strings, mappings, functions and locations into profile.proto's tables, each entry
+    encoded once (the pprof counterpart of :class:`aggregator.otlp.encode.DictionaryBuilder`).
 
-    def __call__(self, s: str) -> int:
-        idx = self.index.get(s)
+    Merged samples share their stream dictionary's stack tuples (and the wire decoder interns
+    equal frames), so the encoded location list of a stack is cached by identity: each distinct
+    stack is encoded once, not once per sample, and frames are not hashed by value per sample.
+    The tuples and frames are kept referenced so an id cannot be reused while the builder lives.
+    """
+
+    def __init__(self) -> None:
+        self.string_table: list[str] = [""]
+        self._strings: dict[str, int] = {"": 0}
+        self._functions: dict[tuple[str, str, str], int] = {}
+        self._mappings: dict[ModelMapping, int] = {}
+        self._mapping_order: list[ModelMapping] = []
+        # per mapping id: [every location has a function, ... a file name, ... a line, has Go frames]
+        self._mapping_flags: dict[int, list[bool]] = {}
+        self._locations: dict[tuple[Frame, ...], int] = {}
+        self._labels: dict[tuple[str, str, int | None], bytes] = {}
+        self.function_messages: list[bytes] = []
+        self.location_messages: list[bytes] = []
+        self._stack_fields: dict[int, tuple[bytes, tuple[Frame, ...]]] = {}
+        self._location_varints: dict[int, bytes] = {}
+        self._located: list[Frame] = []  # keeps the frames behind _location_varints alive
+
+    def string(self, s: str) -> int:
+        idx = self._strings.get(s)
         if idx is None:
-            idx = len(self.table)
-            self.table.append(s)
-            self.index[s] = idx
+            idx = len(self.string_table)
+            self.string_table.append(s)
+            self._strings[s] = idx
         return idx
+
+    def mapping(self, m: ModelMapping | None) -> int:
+        """The mapping's id; 0 (none) for a frame without one."""
+        if m is None:
+            return 0
+        mid = self._mappings.get(m)
+        if mid is None:
+            mid = len(self._mappings) + 1
+            self._mappings[m] = mid
+            self._mapping_order.append(m)
+            self._mapping_flags[mid] = [True, True, True, False]
+        return mid
+
+    def function(self, f: Frame) -> int:
+        name = f.function or unknown_frame_label(f)
+        # pprof demangles a name whose system name equals it: interpreted code has none.
+        system_name = "" if f.frame_type in _INTERPRETED else name
+        key = (name, system_name, f.filename)
+        fid = self._functions.get(key)
+        if fid is None:
+            fid = len(self._functions) + 1
+            self._functions[key] = fid
+            self.function_messages.append(_int(1, fid) + _int(2, self.string(name))
+                                          + _int(3, self.string(system_name)) + _int(4, self.string(f.filename)))
+        return fid
+
+    def location(self, run: tuple[Frame, ...]) -> int:
+        """The location of frames at one address: inlined callees innermost first, then their caller."""
+        lid = self._locations.get(run)
+        if lid is None:
+            lid = len(self._locations) + 1
+            self._locations[run] = lid
+            outer = run[-1]
+            mid = self.mapping(outer.mapping)
+            lines = b"".join(_bytes(4, _int(1, self.function(f)) + _int(2, f.line)) for f in run)
+            self.location_messages.append(_int(1, lid) + _int(2, mid) + _int(3, outer.address) + lines)
+            if mid:
+                flags = self._mapping_flags[mid]
+                for f in run:
+                    flags[0] &= bool(f.function)
+                    flags[1] &= bool(f.filename)
+                    flags[2] &= f.line > 0
+                    flags[3] |= f.frame_type == FrameType.GO
+        return lid
+
+    def _location_varint(self, f: Frame) -> bytes:
+        known = self._location_varints.get(id(f))
+        if known is None:
+            known = self._location_varints[id(f)] = _varint(self.location((f,)))
+            self._located.append(f)
+        return known
+
+    def stack(self, frames: tuple[Frame, ...]) -> bytes:
+        """A sample's encoded ``location_id`` field for ``frames`` (leaf first)."""
+        known = self._stack_fields.get(id(frames))
+        if known is None:
+            if any(f.inlined for f in frames):
+                body = b"".join(_varint(self.location(run)) for run in inline_runs(frames))
+            else:
+                # Lookups by identity in C (map over id and dict.get); new frames take the slow path.
+                parts = list(map(self._location_varints.get, map(id, frames)))
+                body = b"".join(cast(list[bytes], parts) if None not in parts else
+                                [self._location_varint(f) for f in frames])
+            known = (_bytes(1, body) if body else b"", frames)
+            self._stack_fields[id(frames)] = known
+        return known[0]
+
+    def label(self, key: str, text: str = "", num: int | None = None) -> bytes:
+        """An encoded sample ``label`` field: a string value, or a number."""
+        cache_key = (key, text, num)
+        encoded = self._labels.get(cache_key)
+        if encoded is None:
+            body = _int(1, self.string(key)) + (_int(2, self.string(text)) if text else b"") + \
+                (_key(3, 0) + _varint(num) if num is not None else b"")
+            encoded = self._labels[cache_key] = _bytes(3, body)
+        return encoded
+
+    def mapping_messages(self) -> list[bytes]:
+        """Every mapping, in id order; has_functions/filenames/line_numbers only where every location
+        of it has them, has_inline_frames for Go code (its inlined calls are expanded)."""
+        out = []
+        for mid, m in enumerate(self._mapping_order, 1):
+            has_functions, has_filenames, has_lines, go = self._mapping_flags[mid]
+            out.append(_int(1, mid) + _int(2, m.start) + _int(3, m.limit) + _int(4, m.offset)
+                       + _int(5, self.string(m.filename)) + _int(6, self.string(m.build_id or m.go_build_id))
+                       + _int(7, has_functions) + _int(8, has_filenames) + _int(9, has_lines) + _int(10, go))
+        return out
 
 
 def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType, contention_only: bool = False) -> bytes:
@@ -71,105 +179,11 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType, contention_onl
     ``contention_only``: a lock profile keeps mutex and rwlock waits only (shared/lock_waits.py).
     """
     spec = PROFILE_TYPES[profile_type]
-    strings = _Strings()
-    functions: dict[tuple[str, str, str], int] = {}
-    mappings: dict[ModelMapping, int] = {}
-    mapping_order: list[ModelMapping] = []
-    # per mapping id: [every location has a function, ... a file name, ... a line, has Go frames]
-    mapping_flags: dict[int, list[bool]] = {}
-    locations: dict[tuple[Frame, ...], int] = {}
-    function_msgs: list[bytes] = []
-    location_msgs: list[bytes] = []
-    sample_msgs: list[bytes] = []
-
-    def mapping_id(m: ModelMapping | None) -> int:
-        if m is None:
-            return 0
-        mid = mappings.get(m)
-        if mid is None:
-            mid = len(mappings) + 1
-            mappings[m] = mid
-            mapping_order.append(m)
-            mapping_flags[mid] = [True, True, True, False]
-        return mid
-
-    def function_id(f: Frame) -> int:
-        name = f.function or unknown_frame_label(f)
-        # pprof demangles a name whose system name equals it: interpreted code has none.
-        system_name = "" if f.frame_type in _INTERPRETED else name
-        key = (name, system_name, f.filename)
-        fid = functions.get(key)
-        if fid is None:
-            fid = len(functions) + 1
-            functions[key] = fid
-            function_msgs.append(_int(1, fid) + _int(2, strings(name)) + _int(3, strings(system_name))
-                                 + _int(4, strings(f.filename)))
-        return fid
-
-    def location_id(run: tuple[Frame, ...]) -> int:
-        lid = locations.get(run)
-        if lid is None:
-            lid = len(locations) + 1
-            locations[run] = lid
-            outer = run[-1]
-            mid = mapping_id(outer.mapping)
-            lines = b"".join(_bytes(4, _int(1, function_id(f)) + _int(2, f.line)) for f in run)
-            location_msgs.append(_int(1, lid) + _int(2, mid) + _int(3, outer.address) + lines)
-            if mid:
-                flags = mapping_flags[mid]
-                for f in run:
-                    flags[0] &= bool(f.function)
-                    flags[1] &= bool(f.filename)
-                    flags[2] &= f.line > 0
-                    flags[3] |= f.frame_type == FrameType.GO
-        return lid
-
+    d = PprofDictionary()
     main = _main_binary(fleet, profile_type)
     if main is not None:
-        mapping_id(main)  # id 1
-
-    # Merged samples share their stream dictionary's stack tuples (and the wire decoder
-    # interns equal frames), so the encoded location list of a stack is cached by identity:
-    # each distinct stack is encoded once, not once per sample, and frames are not hashed by
-    # value per sample. The tuples are kept referenced so an id cannot be reused meanwhile.
-    stack_fields: dict[int, tuple[bytes, tuple[Frame, ...]]] = {}
-    location_varints: dict[int, bytes] = {}
-    located: list[Frame] = []  # keeps the frames behind location_varints alive
-
-    def location_varint(f: Frame) -> bytes:
-        known = location_varints.get(id(f))
-        if known is None:
-            known = location_varints[id(f)] = _varint(location_id((f,)))
-            located.append(f)
-        return known
-
-    def stack_field(frames: tuple[Frame, ...]) -> bytes:
-        known = stack_fields.get(id(frames))
-        if known is None:
-            if any(f.inlined for f in frames):
-                body = b"".join(_varint(location_id(run)) for run in inline_runs(frames))
-            else:
-                # Lookups by identity in C (map over id and dict.get); new frames take the slow path.
-                parts = list(map(location_varints.get, map(id, frames)))
-                body = b"".join(cast(list[bytes], parts) if None not in parts else
-                                [location_varint(f) for f in frames])
-            known = (_bytes(1, body) if body else b"", frames)
-            stack_fields[id(frames)] = known
-        return known[0]
-
-    labels: dict[tuple[str, str, int | None], bytes] = {}
-
-    def label(key: str, text: str = "", num: int | None = None) -> bytes:
-        cache_key = (key, text, num)
-        encoded = labels.get(cache_key)
-        if encoded is None:
-            body = _int(1, strings(key)) + (_int(2, strings(text)) if text else b"") + \
-                (_key(3, 0) + _varint(num) if num is not None else b"")
-            encoded = labels[cache_key] = _bytes(3, body)
-        return encoded
-
-    start = min((p.start_ns for p in fleet.hosts.values()), default=fleet.start_ns)
-    end = max((p.end_ns for p in fleet.hosts.values()), default=fleet.end_ns)
+        d.mapping(main)  # id 1
+    sample_messages: list[bytes] = []
     period = 0
     for (host, ptype), profile in sorted(fleet.hosts.items()):
         if ptype != profile_type:
@@ -180,38 +194,30 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType, contention_onl
         for s in profile.samples.values():
             if contention_only and profile_type == ProfileType.LOCK and not is_contention(s.attributes):
                 continue
-            stack = stack_field(s.frames)  # first: it interns strings, whose order is the file's
+            stack = d.stack(s.frames)  # first: it interns strings, whose order is the file's
             key = (s.pid, s.tid, s.thread_name, s.process_name, s.attributes)
             labels_field = sample_labels.get(key)
             if labels_field is None:
-                labels_field = label("host", host) + label("pid", num=s.pid) + label("tid", num=s.tid)
-                labels_field += label("thread", s.thread_name) + label("process", s.process_name)
+                labels_field = d.label("host", host) + d.label("pid", num=s.pid) + d.label("tid", num=s.tid)
+                labels_field += d.label("thread", s.thread_name) + d.label("process", s.process_name)
                 for k, v in s.attributes:
-                    labels_field += label(k, v)
+                    labels_field += d.label(k, v)
                 sample_labels[key] = labels_field
-            sample_msgs.append(_bytes(2, stack + _packed(2, s.values) + labels_field))
+            sample_messages.append(_bytes(2, stack + _packed(2, s.values) + labels_field))
 
-    sample_types = b"".join(_bytes(1, _int(1, strings(vt.type)) + _int(2, strings(vt.unit)))
+    start = min((p.start_ns for p in fleet.hosts.values()), default=fleet.start_ns)
+    end = max((p.end_ns for p in fleet.hosts.values()), default=fleet.end_ns)
+    sample_types = b"".join(_bytes(1, _int(1, d.string(vt.type)) + _int(2, d.string(vt.unit)))
                             for vt in spec.sample_types)
-    period_type = _bytes(11, _int(1, strings(spec.period_type.type)) + _int(2, strings(spec.period_type.unit)))
+    period_type = _bytes(11, _int(1, d.string(spec.period_type.type)) + _int(2, d.string(spec.period_type.unit)))
     out = bytearray(sample_types)
-    out += b"".join(sample_msgs)
-    mapping_msgs = [_mapping_message(m, mid, mapping_flags[mid], strings) for mid, m in enumerate(mapping_order, 1)]
-    out += b"".join(_bytes(3, m) for m in mapping_msgs)
-    out += b"".join(_bytes(4, m) for m in location_msgs)
-    out += b"".join(_bytes(5, m) for m in function_msgs)
-    out += b"".join(_bytes(6, s.encode()) for s in strings.table)  # string_table (index 0 = "")
+    out += b"".join(sample_messages)
+    out += b"".join(_bytes(3, m) for m in d.mapping_messages())
+    out += b"".join(_bytes(4, m) for m in d.location_messages)
+    out += b"".join(_bytes(5, m) for m in d.function_messages)
+    out += b"".join(_bytes(6, s.encode()) for s in d.string_table)  # string_table (index 0 = "")
     out += _int(9, start) + _int(10, max(0, end - start)) + period_type + _int(12, period)
     return bytes(out)
-
-
-def _mapping_message(m: ModelMapping, mid: int, flags: list[bool], strings: _Strings) -> bytes:
-    """A pprof Mapping; has_functions/filenames/line_numbers only where every location of it has
-    them, has_inline_frames for Go code (its inlined calls are expanded)."""
-    has_functions, has_filenames, has_lines, go = flags
-    return (_int(1, mid) + _int(2, m.start) + _int(3, m.limit) + _int(4, m.offset) + _int(5, strings(m.filename))
-            + _int(6, strings(m.build_id or m.go_build_id)) + _int(7, has_functions) + _int(8, has_filenames)
-            + _int(9, has_lines) + _int(10, go))
 
 
 def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMapping | None:
@@ -220,7 +226,7 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
     process name), counted once per sample."""
     weights: dict[ModelMapping, int] = {}
     executables: dict[tuple[tuple[str, str], ...], str] = {}
-    # Samples share stack tuples (see stack_field): each (stack, executable) is searched once.
+    # Samples share stack tuples (see PprofDictionary): each (stack, executable) is searched once.
     found: dict[tuple[int, str], ModelMapping | None] = {}
     for (_, ptype), profile in fleet.hosts.items():
         if ptype != profile_type:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from aggregator.exporters.pprof import unknown_frame_label
-from aggregator.otlp_decode import merge_request, profile_column
+from aggregator.otlp.decode import merge_request, profile_column
 from aggregator.profile import AggregatedSample, FleetProfiles, HostProfile
 from aggregator.web.store import RetainedExports
 from shared.lock_waits import LOCK_WAIT_KIND, is_contention

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from aggregator.exporters.pprof import encode_pprof
-from aggregator.otlp import encode_request
+from aggregator.otlp.encode import encode_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
 from aggregator.web import summaries
@@ -41,7 +41,7 @@ from aggregator.web.store import RetainedExports
 from shared.counters import Counters
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
-log = logging.getLogger("stackfleet.aggregator.web")
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 T = TypeVar("T")

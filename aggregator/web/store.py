@@ -19,12 +19,12 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 
 from aggregator.exporters.files import stamp_ns
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
 from aggregator.profile import FleetProfiles
 from shared.counters import Counters
 from shared.profile_types import ProfileType
 
-log = logging.getLogger("stackfleet.aggregator.web")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aggregator.otlp_decode import merge_request
+from aggregator.otlp.decode import merge_request
 from aggregator.profile import FleetProfiles
 from aggregator.web import query as q
 from aggregator.web.store import RetainedExports

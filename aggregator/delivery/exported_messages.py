@@ -13,7 +13,7 @@ The record is bounded: an export is forgotten once the consumer's ack floor pass
 highest sequence (nothing at or below the floor can come back), and at most
 ``max_exports`` are kept. The timestamp span guards against a recreated stream reusing
 sequence numbers. Scope: one replica. Across replicas the markers are shared through a
-JetStream key-value bucket (aggregator/peer_markers.py, docs/design/durability.md).
+JetStream key-value bucket (aggregator/delivery/peer_markers.py, docs/design/durability.md).
 
 Hand-written: JetStream offers no exactly-once consumption, only these building blocks.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-log = logging.getLogger("stackfleet.aggregator.exported")
+log = logging.getLogger(__name__)
 
 MARKER_VERSION = 1
 

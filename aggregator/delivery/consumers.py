@@ -6,8 +6,8 @@ JetStream (default), see docs/design/durability.md:
   on ``stackfleet.v1.samples.>``. Every replica pulls from the same consumer, so each
   batch goes to exactly one replica (work-queue semantics) and the consumer's position
   survives restarts of every replica. A message is acked only after the export that
-  contains its samples has been written (:class:`AckLedger`); one that is never acked —
-  the aggregator crashed first — is redelivered after ``ack_wait``.
+  contains its samples has been written (:mod:`aggregator.delivery.export_then_ack`); one
+  that is never acked — the aggregator crashed first — is redelivered after ``ack_wait``.
 * **dictionaries** come from a *per-replica* durable pull consumer on
   ``stackfleet.v1.dict.>`` that starts at the beginning of the stream, so each replica
   sees every retained dictionary delta (also those of agents that have since gone away,
@@ -15,8 +15,8 @@ JetStream (default), see docs/design/durability.md:
   after ``inactive_threshold`` once its replica is gone. Before pulling samples the
   replica catches up on dictionaries, so a backlog does not have to be parked.
 
-Core NATS (``nats.jetstream = false``): the previous plain subscriptions (queue group for
-samples), fire and forget.
+Core NATS (``nats.jetstream = false``): plain subscriptions (queue group for samples), fire
+and forget.
 """
 
 from __future__ import annotations
@@ -33,16 +33,17 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker, stream_position
-from aggregator.intake import Intake
-from aggregator.peer_markers import PeerMarkers
+from aggregator.delivery.ack_ledger import AckLedger
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, stream_position
+from aggregator.delivery.intake import Intake
+from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.settings import AggregatorSettings
 from shared.counters import Counters
 from shared.jetstream import ensure_stream
 from shared.subjects import ALL_DICT_SUBJECTS, ALL_SAMPLE_SUBJECTS
 from shared.tasks import cancel_and_wait
 
-log = logging.getLogger("stackfleet.aggregator.transport")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -51,56 +52,6 @@ FETCH_TIMEOUT_S = 1.0
 DICT_CONSUMER_INACTIVE_S = 600.0
 DICT_CATCH_UP_LIMIT_S = 30.0
 STREAM_WATCH_INTERVAL_S = 30.0
-
-
-class AckLedger:
-    """JetStream messages whose samples are merged but not yet exported, acked after export.
-
-    ``take`` is called in the same event-loop step as ``Merger.rotate``, so the messages it
-    returns are exactly those whose samples are in the interval being exported.
-    """
-
-    def __init__(self, counters: Counters) -> None:
-        self.counters = counters
-        self._finished: list[Msg] = []
-        self._held: set[int] = set()  # stream sequences of _finished
-
-    def finished(self, token: object) -> None:
-        if isinstance(token, Msg):
-            self._finished.append(token)
-            pos = stream_position(token)
-            if pos is not None:
-                self._held.add(pos[1])
-
-    def holds(self, msg: Msg) -> bool:
-        """True when ``msg`` is a redelivery of a message this replica finished but has not acked.
-
-        JetStream redelivers after ``ack_wait`` even to the replica still holding the first
-        delivery (an overloaded replica's exports can lag that long); merging it again would
-        count its samples twice. The caller adds it with :meth:`finished` instead, so this
-        delivery too is acked after the export that holds the first one.
-        """
-        pos = stream_position(msg)
-        return pos is not None and pos[1] in self._held
-
-    def take(self) -> list[Msg]:
-        done, self._finished = self._finished, []
-        self._held = set()
-        return done
-
-    async def ack(self, nc: NATS, msgs: list[Msg]) -> None:
-        """Ack each message (a publish each); if NATS is away they are redelivered later (counted)."""
-        failed = 0
-        for m in msgs:
-            try:
-                await m.ack()
-            except Exception:  # closed connection, already acked...: redelivery covers it
-                failed += 1
-        if failed:
-            self.counters.inc("ack_errors", failed)
-        with contextlib.suppress(Exception):
-            await nc.flush(timeout=5)
-        self.counters.inc("messages_acked", len(msgs) - failed)
 
 
 Stopper = Callable[[], bool]

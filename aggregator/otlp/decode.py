@@ -1,4 +1,4 @@
-"""Reading OTLP profiles back into the aggregator's model (the inverse of aggregator.otlp).
+"""Reading OTLP profiles back into the aggregator's model (the inverse of aggregator.otlp.encode).
 
 Used by ``stackfleet export`` and the web page to merge stored ``*.otlp.pb`` files, and
 accepts any valid v1.10 request whose sample types are stackfleet's, whoever produced it:

@@ -109,8 +109,8 @@ class DictionaryBuilder:
         self._attributes: dict[tuple[str, Any], int] = {}
         # Identity caches in front of the value caches: merged samples share the very tuple
         # and Frame objects of their stream's dictionary, and hashing a 20-frame stack of
-        # dataclasses was most of the export's cost. The objects are kept referenced here so
-        # an id cannot be reused while the builder lives.
+        # dataclasses per sample would dominate the export's cost. The objects are kept
+        # referenced here so an id cannot be reused while the builder lives.
         self._stack_ids: dict[int, tuple[int, tuple[Frame, ...]]] = {}
         self._location_ids: dict[int, int] = {}
         self._located: list[Frame] = []  # keeps the frames behind _location_ids alive
@@ -428,7 +428,7 @@ def _key_value(key: str, value: str | int) -> KeyValue:
 
 
 def validate_request(req: ExportProfilesServiceRequest) -> list[str]:
-    """Every rule the request breaks (empty when it is valid): see :mod:`aggregator.otlp_checks`."""
-    from aggregator.otlp_checks import check_request
+    """Every rule the request breaks (empty when it is valid): see :mod:`aggregator.otlp.checks`."""
+    from aggregator.otlp.checks import check_request
 
     return [str(v) for v in check_request(req)]

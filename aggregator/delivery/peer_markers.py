@@ -1,10 +1,10 @@
 """Export markers shared between aggregator replicas, so a message one replica exported is
 not exported again by another.
 
-:mod:`aggregator.exported_messages` makes consumption exactly-once per output directory.
-Across replicas it was at-least-once: when a replica's acks are lost (it died right after an
-export, or a NATS node died and took the consumer leader with it), the stream redelivers the
-messages to whichever replica pulls next, and a *peer* exported them again. Each replica
+:mod:`aggregator.delivery.exported_messages` makes consumption exactly-once per output directory.
+Across replicas that alone is at-least-once: when a replica's acks are lost (it died right
+after an export, or a NATS node died and took the consumer leader with it), the stream
+redelivers the messages to whichever replica pulls next, and a *peer* would export them again. Each replica
 therefore also puts every export's marker into a JetStream key-value bucket — after the
 export is written and before its acks — and a replica that receives a redelivered message it
 has no marker for looks at its peers' markers first.
@@ -42,11 +42,11 @@ from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
-from aggregator.exported_messages import ExportedMessages, ExportMarker
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker
 from shared.counters import Counters
 from shared.jetstream import StreamSettings
 
-log = logging.getLogger("stackfleet.aggregator.peers")
+log = logging.getLogger(__name__)
 
 BUCKET = "stackfleet-exports"
 REFRESH_INTERVAL_S = 1.0

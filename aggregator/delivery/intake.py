@@ -22,7 +22,7 @@ from shared.profile_types import ProfileType
 from shared.subjects import host_token
 from shared.wire import DecodedSamples, StreamDictionary, StreamKey, WireError, decode_samples, header, unpack
 
-log = logging.getLogger("stackfleet.aggregator.intake")
+log = logging.getLogger(__name__)
 
 RESYNC_MIN_INTERVAL_S = 2.0
 STREAM_IDLE_TIMEOUT_S = 600.0
@@ -85,9 +85,7 @@ class Intake:
     # -- message entry points (NATS callbacks call these with subject + data) -----------
     async def on_dict(self, subject: str, data: bytes) -> None:
         try:
-            body = unpack(data)
-            key, epoch, _seq = header(body, "dict")
-            self._check_subject(subject, key)
+            body, key, epoch = self._open(subject, data, "dict")
         except WireError as exc:
             self._reject(subject, exc)
             return
@@ -118,9 +116,7 @@ class Intake:
         if self._deferred and self.message_id is not None:
             self._deferred.pop(self.message_id(token), None)  # a deferred message is back
         try:
-            body = unpack(data)
-            key, epoch, _seq = header(body, "samples")
-            self._check_subject(subject, key)
+            body, key, epoch = self._open(subject, data, "samples")
         except WireError as exc:
             self._reject(subject, exc)
             self._done(token)
@@ -128,6 +124,13 @@ class Intake:
         await self._decode_or_park(key, epoch, body, subject, token)
 
     # -- internals ------------------------------------------------------------------------
+    def _open(self, subject: str, data: bytes, kind: str) -> tuple[dict[str, Any], StreamKey, int]:
+        """Unpack a message and check its header against its subject: (body, stream, epoch)."""
+        body = unpack(data)
+        key, epoch, _seq = header(body, kind)
+        self._check_subject(subject, key)
+        return body, key, epoch
+
     def _check_subject(self, subject: str, key: StreamKey) -> None:
         parts = subject.split(".")
         if len(parts) < 5 or parts[-1] != host_token(key.host) or parts[-2] != key.profile_type.value:

@@ -1,0 +1,117 @@
+"""One export interval in the order exactly-once delivery depends on: export, then mark, then ack.
+
+Every interval (and once more at shutdown) :meth:`ExportThenAck.export_interval` runs these
+steps, and the order is what keeps a samples message from being lost or exported twice:
+
+1. **Rotate and take, in one event-loop step.** ``Merger.rotate`` hands over the interval's
+   samples and :meth:`AckLedger.take` the messages they came from, with no ``await``
+   between them: the taken messages are exactly those whose samples are in this export.
+2. **Nothing to export, nothing to wait for.** An interval without samples (its messages were
+   rejected, stale or dropped, all counted by the intake) or whose samples were all zero
+   acks its messages at once.
+3. **Mark** (JetStream). The export's :class:`ExportMarker` — the stream sequences it holds —
+   is remembered locally before anything is written, so a redelivery arriving from now on is
+   skipped rather than merged into the next interval.
+4. **Export.** The output writes the local files (the marker file last: the export's commit
+   point), queues the OTLP request and calls the hook.
+5. **Share the marker** with the other replicas, *before* the acks: if the acks are then lost,
+   the replica the stream redelivers to finds the marker and skips the messages.
+6. **Ack.** Only now is the interval safe (written locally, queued for OTLP), so the stream may
+   forget its messages. An ack that fails means a redelivery, which step 3 or 5 catches.
+
+:meth:`ExportThenAck.stop_and_export_last` is the same path at shutdown: stop taking messages
+in, then export and ack what was merged while the connection is still up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from nats.aio.client import Client as NATS
+
+from aggregator.delivery.ack_ledger import AckLedger
+from aggregator.delivery.consumers import Consumers
+from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, marker_for
+from aggregator.delivery.intake import Intake
+from aggregator.delivery.peer_markers import PeerMarkers
+from aggregator.profile import FleetProfiles
+from shared.counters import Counters
+
+Encoded = TypeVar("Encoded")
+
+
+class IntervalOutput(Protocol[Encoded]):
+    """Where an interval's profiles go; the delivery path only decides *when*."""
+
+    async def encode(self, fleet: FleetProfiles) -> Encoded | None:
+        """The interval's export, or None when it holds nothing worth sending (counted by the output)."""
+        ...
+
+    async def write(self, fleet: FleetProfiles, encoded: Encoded, marker: ExportMarker | None) -> None:
+        """Write and queue the export; ``marker`` goes into the local files as their commit point."""
+        ...
+
+
+class ExportThenAck(Generic[Encoded]):
+    """Exports each interval, records which messages it holds, and only then acks them.
+
+    ``exported`` is None on core NATS: nothing is acked or redelivered there, so nothing is
+    marked either. ``peers`` is the bucket shared with other replicas (None when it could not
+    be opened, or on core NATS).
+    """
+
+    def __init__(self, nc: NATS, ledger: AckLedger, output: IntervalOutput[Encoded],
+                 rotate: Callable[[], FleetProfiles], counters: Counters, exported: ExportedMessages | None,
+                 stream: str, peers: PeerMarkers | None) -> None:
+        self.nc = nc
+        self.ledger = ledger
+        self.output = output
+        self.rotate = rotate
+        self.counters = counters
+        self.exported = exported
+        self.stream = stream
+        self.peers = peers
+
+    async def export_interval(self) -> None:
+        """Export what was merged since the last call, then ack the messages it came from."""
+        fleet = self.rotate()
+        finished = self.ledger.take()  # same loop step as rotate(): exactly the messages in `fleet`
+        if not fleet.hosts:
+            await self.ledger.ack(self.nc, finished)
+            return
+        encoded = await self.output.encode(fleet)
+        if encoded is None:
+            await self.ledger.ack(self.nc, finished)
+            return
+        self.counters.inc("exports")
+        marker = None
+        if self.exported is not None:  # what this export holds, so a redelivery is not exported twice
+            marker = marker_for(finished) or ExportMarker(self.stream, (), 0, 0)
+            self.exported.remember(marker)
+        await self.output.write(fleet, encoded, marker)
+        if marker is not None and self.peers is not None:  # before the acks: see peer_markers
+            await self.peers.publish(marker)
+        await self.ledger.ack(self.nc, finished)
+
+    async def stop_and_export_last(self, consumers: Consumers, intake: Intake) -> None:
+        """Stop taking messages in, export and ack the last interval, close the connection.
+
+        JetStream: parked messages are released unacked (the stream redelivers them to whoever
+        runs next) and the last export acks what it holds, so the connection is closed only
+        after it. Core NATS: the subscriptions are drained first, parked messages are dropped
+        and counted, and the last export follows.
+        """
+        if self.exported is not None:
+            await consumers.stop()
+            intake.release_parked()
+            await self.export_interval()
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=5)
+            await self.nc.close()
+        else:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            intake.drop_parked("shutdown_parked")
+            await self.export_interval()
