@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from agent.bpf.layouts import PyStatus
 from agent.python.code import BadObject, CodeReader, ProcessMemory
 from agent.python.linetable import line_for_offset
 from agent.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
@@ -33,8 +34,9 @@ from shared.model import Frame, FrameType
 log = logging.getLogger("stackfleet.python")
 
 OWNED_BY_CSTACK = 3  # 3.12+ _PyInterpreterFrame.owner of the shim each evaluation-loop call pushes
-# bpf/stack_event.h enum py_status
-PY_STATUS = {0: "not_python", 1: "ok", 2: "no_thread_state", 3: "truncated"}
+# The python_stacks counter's status label per bpf/stack_event.h enum py_status.
+PY_STATUS: dict[int, str] = {PyStatus.NOT_PYTHON: "not_python", PyStatus.OK: "ok",
+                             PyStatus.NO_THREAD: "no_thread_state", PyStatus.TRUNCATED: "truncated"}
 IDENTITY_CHECK_S = 1.0  # a recycled PID is noticed within this
 NEGATIVE_TTL_S = 10.0  # a process found not to run Python is looked at again after this
 UNKNOWN_FRAME = "[unknown python frame]"
