@@ -31,7 +31,7 @@ enum heap_event_kind {
     HEAP_EVENT_FREE = 1,           /* precise mode: free of a sampled address */
     HEAP_EVENT_SAMPLED_ALLOC = 3,  /* preload library: value = size, aux = address; its mean
                                       sampling distance is in `sampler_mean` under the tgid */
-    HEAP_EVENT_SAMPLED_FREE = 4,   /* preload library: free of a block of kind 3 */
+    HEAP_EVENT_SAMPLED_FREE = 4,   /* preload library: free of a HEAP_EVENT_SAMPLED_ALLOC block */
 };
 
 struct pending_alloc {

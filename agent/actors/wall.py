@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor
 from agent.actors.base import ActorContext
-from agent.bpf.layouts import WallCounter
+from agent.bpf.layouts import WALL_ON_CPU_LABEL, WALL_SHORT_OFF_CPU_LABEL, WALL_UNCAPTURED_LABEL, WallCounter
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
@@ -29,10 +29,11 @@ from shared.profile_types import ProfileType
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
 MAX_BLOCKED_THREADS = 16384
-# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
-ON_CPU_LABEL = 1 << 63
-SHORT_OFF_CPU_LABEL = (1 << 63) | 1
-UNCAPTURED_LABEL = (1 << 63) | (1 << 62)  # | the task state the uncaptured blocks had
+# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks, uncaptured blocks
+# (| the task state they had); others are task states.
+ON_CPU_LABEL = WALL_ON_CPU_LABEL
+SHORT_OFF_CPU_LABEL = WALL_SHORT_OFF_CPU_LABEL
+UNCAPTURED_LABEL = WALL_UNCAPTURED_LABEL
 
 
 # prev_state when the task was preempted inside the kernel (TASK_REPORT_MAX); plain 0 is a

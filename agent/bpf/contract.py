@@ -102,7 +102,8 @@ def assertions(files: Iterable[str]) -> str:
             by_home.setdefault(spec.home, []).extend(enum_assertions(spec.enum, spec.name, spec.prefix, spec.slots))
     for macro, value, home in C_CONSTANTS:
         if home in wanted:
-            by_home.setdefault(home, []).append(_assert(f"{macro} == {value}ULL", f"{macro} is {value} in the agent"))
+            shown = hex(value) if value > 0xFFFF else str(value)
+            by_home.setdefault(home, []).append(_assert(f"{macro} == {value}ULL", f"{macro} is {shown} in the agent"))
     for program, enum in PROGRAM_COUNTERS.items():
         if program in wanted:
             slots = max(enum) + 1

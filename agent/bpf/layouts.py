@@ -34,6 +34,20 @@ UNWIND_MAPPING_PENDING = 1  # unwind_mapping.flags: no table yet, ask for it whe
 UNWIND_REQUEST_REASON_SHIFT = 56  # unwind_requests values: reason << 56 | pc
 PY_NONE = 0xFFFF  # a py_proc offset field that does not exist in the process's CPython version
 
+# -- aggregate labels (agg_key.label) ---------------------------------------------------------
+# bpf/wall.bpf.c: on-CPU samples, per-thread sums of short blocks, uncaptured blocks | task
+# state; any other label is the task state of a captured block.
+WALL_ON_CPU_LABEL = 1 << 63
+WALL_SHORT_OFF_CPU_LABEL = (1 << 63) | 1
+WALL_UNCAPTURED_LABEL = (1 << 63) | (1 << 62)
+# bpf/lock.bpf.c: the futex address below LABEL_ADDRESS_BITS, WAIT_BITS in the top byte
+# (bits 0-3 the futex command, then these flags).
+LOCK_LABEL_ADDRESS_BITS = 56
+LOCK_WAIT_PRIVATE = 0x10
+LOCK_WAIT_REALTIME = 0x20
+LOCK_WAIT_MATCH_ANY = 0x40
+LOCK_WAIT_THREAD_TID = 0x80
+
 
 class Layout(ctypes.Structure):
     """A C struct shared with BPF; ``c_name`` is its C name, ``c_home`` the bpf/ file defining it."""
@@ -292,6 +306,14 @@ C_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("UNWIND_MAX_MAPPINGS", UNWIND_MAX_MAPPINGS, "unwind.h"),
     ("UNWIND_MAPPING_PENDING", UNWIND_MAPPING_PENDING, "unwind.h"),
     ("UNWIND_REQUEST(1, 0)", 1 << UNWIND_REQUEST_REASON_SHIFT, "unwind.h"),
+    ("ON_CPU_LABEL", WALL_ON_CPU_LABEL, "wall.bpf.c"),
+    ("SHORT_OFF_CPU_LABEL", WALL_SHORT_OFF_CPU_LABEL, "wall.bpf.c"),
+    ("UNCAPTURED_LABEL", WALL_UNCAPTURED_LABEL, "wall.bpf.c"),
+    ("LABEL_ADDRESS_BITS", LOCK_LABEL_ADDRESS_BITS, "lock.bpf.c"),
+    ("WAIT_PRIVATE", LOCK_WAIT_PRIVATE, "lock.bpf.c"),
+    ("WAIT_REALTIME", LOCK_WAIT_REALTIME, "lock.bpf.c"),
+    ("WAIT_MATCH_ANY", LOCK_WAIT_MATCH_ANY, "lock.bpf.c"),
+    ("WAIT_THREAD_TID", LOCK_WAIT_THREAD_TID, "lock.bpf.c"),
 )
 
 # Each program's counters enum: its ``counters`` array has one slot per member (COUNTER_SLOTS).
