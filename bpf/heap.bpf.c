@@ -43,7 +43,8 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(countdown, u32, s64, 65536);
 BPF_HASH(pending, u32, struct pending_alloc, 65536);
 BPF_HASH(live, u64, u64, MAX_LIVE);
-BPF_ARRAY(neg_log_table, u64, 1024);
+#define NEG_LOG_ENTRIES 1024   /* agent/bpf/layouts.py HEAP_NEG_LOG_ENTRIES */
+BPF_ARRAY(neg_log_table, u64, NEG_LOG_ENTRIES);
 
 /* The per-thread countdown: 1 when this allocation is to be sampled. */
 static __always_inline int should_sample(u32 tid, u64 size)
@@ -57,7 +58,7 @@ static __always_inline int should_sample(u32 tid, u64 size)
     *left -= (s64)size;
     if (*left > 0)
         return 0;
-    u32 idx = bpf_get_prandom_u32() % 1024;
+    u32 idx = bpf_get_prandom_u32() % NEG_LOG_ENTRIES;
     u64 *next = neg_log_table.lookup(&idx);
     *left = next ? (s64)*next : (s64)SAMPLE_BYTES;
     return 1;

@@ -33,7 +33,7 @@
 #define FUTEX_CLOCK_REALTIME 256
 #define FUTEX_BITSET_MATCH_ANY 0xffffffff
 
-/* WAIT_BITS, mirrored in agent/lock_waits.py: bits 0-3 the command, then flags. */
+/* WAIT_BITS (agent/bpf/layouts.py LOCK_WAIT_*, checked at compile): bits 0-3 the command, then flags. */
 #define WAIT_PRIVATE 0x10
 #define WAIT_REALTIME 0x20
 #define WAIT_MATCH_ANY 0x40

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
-from agent.bpf.layouts import HeapCounter, HeapEventKind
+from agent.bpf.layouts import HEAP_NEG_LOG_ENTRIES, HeapCounter, HeapEventKind
 from agent.bpf_events import RawStackEvent
 from agent.bpf_loader import BCC_LOCK
 from agent.go_heap_profiles import GoHeapProfiles
@@ -70,7 +70,7 @@ def sample_weight(size: int, mean_bytes: int) -> float:
     return 1.0 / -math.expm1(-size / mean_bytes)
 
 
-def neg_log_table(mean_bytes: int, n: int = 1024) -> list[int]:
+def neg_log_table(mean_bytes: int, n: int = HEAP_NEG_LOG_ENTRIES) -> list[int]:
     """-ln(u) x mean for u evenly spread over (0, 1): exponential draws for the BPF sampler."""
     return [max(1, int(-math.log((i + 0.5) / n) * mean_bytes)) for i in range(n)]
 

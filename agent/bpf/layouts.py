@@ -47,6 +47,8 @@ LOCK_WAIT_PRIVATE = 0x10
 LOCK_WAIT_REALTIME = 0x20
 LOCK_WAIT_MATCH_ANY = 0x40
 LOCK_WAIT_THREAD_TID = 0x80
+# bpf/heap.bpf.c: entries of neg_log_table, the exponential draws the agent fills in.
+HEAP_NEG_LOG_ENTRIES = 1024
 
 
 class Layout(ctypes.Structure):
@@ -314,6 +316,7 @@ C_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("WAIT_REALTIME", LOCK_WAIT_REALTIME, "lock.bpf.c"),
     ("WAIT_MATCH_ANY", LOCK_WAIT_MATCH_ANY, "lock.bpf.c"),
     ("WAIT_THREAD_TID", LOCK_WAIT_THREAD_TID, "lock.bpf.c"),
+    ("NEG_LOG_ENTRIES", HEAP_NEG_LOG_ENTRIES, "heap.bpf.c"),
 )
 
 # Each program's counters enum: its ``counters`` array has one slot per member (COUNTER_SLOTS).
