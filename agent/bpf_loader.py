@@ -99,7 +99,9 @@ def cleanup_program(bpf: Any) -> None:
 
 
 def load_program(name: str, defines: dict[str, int | str]) -> Any:
-    """Compile ``bpf/<name>`` with ``-D`` defines; raises BpfUnavailable on failure. Blocking.
+    """Compile ``bpf/<name>`` with ``-D`` defines and the C<->Python contract's assertions
+    (agent/bpf/contract.py). Raises ContractMismatch, naming the struct and field, when the C
+    and agent/bpf/layouts.py disagree, BpfUnavailable on any other failure. Blocking.
 
     Callers that attach or open ring buffers afterwards should hold ``BCC_LOCK`` around the
     whole sequence (it is reentrant-safe to call this while holding it: see RingBufferActor).
