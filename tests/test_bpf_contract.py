@@ -203,3 +203,11 @@ def test_resized_struct_and_missing_counter_slot_fail_the_load(monkeypatch: pyte
     assert "bpf/goroutine.bpf.c counters: 3 slots in the agent (GoroutineCounterShort)" in message
     # stack_event itself is described correctly: its py array is where the wider frame shows.
     assert "struct stack_event" not in message
+
+
+def test_a_name_the_c_lacks_fails_with_the_compilers_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(contract, "C_CONSTANTS", (("GOROUTINE_NO_SUCH_LIMIT", 7, "goroutine.bpf.c"),))
+    message = _goroutine_load_error()
+    assert message.endswith("use of undeclared identifier 'GOROUTINE_NO_SUCH_LIMIT' "
+                            "(GOROUTINE_NO_SUCH_LIMIT is 7 in the agent)"), message

@@ -117,9 +117,22 @@ def assertions(files: Iterable[str]) -> str:
 
 
 def mismatches(compiler_output: str) -> list[str]:
-    """Our messages among the compiler's diagnostics, in order, without repeats."""
+    """The contract's failed checks among the compiler's diagnostics, in order, without repeats:
+    a failed assertion gives its message; any other error inside a check (a name the C lacks)
+    gives clang's words and the check's message."""
     found: list[str] = []
-    for message in _MESSAGE.findall(compiler_output):
+    lines = compiler_output.splitlines()
+    for i, line in enumerate(lines):
+        if "error:" not in line:
+            continue
+        own = _MESSAGE.search(line)
+        if own is not None:
+            message = own.group(1)
+        else:  # clang echoes the offending source line next
+            check = _MESSAGE.search(lines[i + 1]) if i + 1 < len(lines) else None
+            if check is None:
+                continue
+            message = f"{line.split('error:', 1)[1].strip()} ({check.group(1)})"
         if message not in found:
             found.append(message)
     return found
