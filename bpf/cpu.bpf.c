@@ -11,6 +11,8 @@
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 #define PYTHON_FRAMES_COLLECTED 1  /* by on_cpu_sample, before the tail call */
+#define COUNTER_SLOTS CPU_COUNTER_SLOTS
+#include "counters.h"
 #include "stack_event.h"
 #include "ring_wakeup.h"
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
@@ -19,26 +21,17 @@
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
-/* 0: samples seen, 1: ring buffer full (dropped), 2: idle skipped, 3: tail call failed */
-BPF_PERCPU_ARRAY(counters, u64, 4);
 /* Two programs per sample, each within the verifier's limits: on_cpu_sample reads the
  * CPython frames (bpf/python.h), then tail-calls cpu_sample_stacks (slot 0, set by the
  * agent), which copies the kernel and user stacks and unwinds them (bpf/unwind.h). */
 BPF_PROG_ARRAY(cpu_stages, 1);
 
-static __always_inline void count(int idx)
-{
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        (*c)++;
-}
-
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    count(0);
+    count(CPU_SAMPLES);
     if ((u32)pid_tgid == 0) {
-        count(2);
+        count(CPU_IDLE_SKIPPED);
         return 0;
     }
 #ifdef PYTHON_FRAMES
@@ -48,7 +41,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         collect_python_frames(scratch, pid_tgid);
 #endif
     cpu_stages.call(ctx, 0);
-    count(3);
+    count(CPU_TAIL_CALL_FAILED);
     return 0;
 }
 
@@ -57,7 +50,7 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
-        count(1);
+        count(CPU_RING_FULL);
         return 0;
     }
     fill_stack_event(ctx, ev, pid_tgid);

@@ -8,7 +8,7 @@
  *    start PC; the creator's stack says where the `go` statement is. One ring-buffer record
  *    per creation (kind 0, aux = start PC).
  *  - runtime.goexit1(): R14 is the exiting g; its start PC is read at the per-binary offset
- *    of runtime.g.startpc (agent.go_layout, in `go_procs`) and counted in `exits` (no record).
+ *    of runtime.g.startpc (agent.runtimes.go.layout, in `go_procs`) and counted in `exits` (no record).
  *
  * The creator's stack: a `go` statement reaches newproc1 through systemstack, which runs it
  * on the thread's g0 stack. Walking frame pointers from there leaves the creator's stack
@@ -20,6 +20,8 @@
  * (coroutines call it directly) the ordinary user stack is already the creator's.
  */
 #include <uapi/linux/ptrace.h>
+#define COUNTER_SLOTS GOROUTINE_COUNTER_SLOTS
+#include "counters.h"
 #include "stack_event.h"
 #include "ring_wakeup.h"
 
@@ -38,15 +40,6 @@ struct go_proc {
 
 BPF_HASH(go_procs, u32, struct go_proc, 16384); /* tgid -> runtime.g offsets */
 BPF_HASH(exits, struct exit_key, u64, 65536);
-/* 0: creations, 1: ring full, 2: exits of processes without offsets, 3: exits map full */
-BPF_PERCPU_ARRAY(counters, u64, 4);
-
-static __always_inline void count(int idx)
-{
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        (*c)++;
-}
 
 /* Replace the event's user stack with the creator goroutine's: see the top of this file. */
 static __always_inline void creator_stack(struct pt_regs *ctx, struct stack_event *ev, struct go_proc *proc)
@@ -78,7 +71,7 @@ int on_newproc1(struct pt_regs *ctx)
     bpf_probe_read_user(&start_pc, sizeof(start_pc), (void *)ctx->ax);
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
-        count(1);
+        count(GOROUTINE_RING_FULL);
         return 0;
     }
     fill_stack_event(ctx, ev, pid_tgid);
@@ -88,7 +81,7 @@ int on_newproc1(struct pt_regs *ctx)
     ev->value = 1;
     ev->aux = start_pc;
     ev->kind = 0;
-    count(0);
+    count(GOROUTINE_CREATIONS);
     events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
@@ -98,7 +91,7 @@ int on_goexit1(struct pt_regs *ctx)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct go_proc *proc = go_procs.lookup(&tgid);
     if (!proc || !proc->startpc) {
-        count(2);
+        count(GOROUTINE_EXITS_WITHOUT_OFFSETS);
         return 0;
     }
     struct exit_key key = {.tgid = tgid};
@@ -108,6 +101,6 @@ int on_goexit1(struct pt_regs *ctx)
     if (n)
         __sync_fetch_and_add(n, 1);
     else
-        count(3);
+        count(GOROUTINE_EXITS_MAP_FULL);
     return 0;
 }

@@ -16,14 +16,23 @@
  * Only sampled allocations cost more than a counter update: their size is stashed for the
  * return probe (which sees the address), they get a stack and enter `live`. A free of an
  * unsampled address costs one hash lookup. Uretprobes are fine here: this is libc, not Go.
- * Kinds: 0 = sampled allocation (value = size, aux = address), 1 = free of a sampled address,
- * 2 = unused (Go processes are never probed: the agent reads their runtime's own profile),
- * 3 = allocation sampled by the preload library (value = size, aux = address; its mean
- * sampling distance is in `sampler_mean` under the tgid), 4 = free of a block of kind 3.
+ * Record kinds: enum heap_event_kind below (Go processes are never probed: the agent reads
+ * their runtime's own profile).
  */
 #include <uapi/linux/ptrace.h>
+#define COUNTER_SLOTS HEAP_COUNTER_SLOTS
+#include "counters.h"
 #include "stack_event.h"
 #include "ring_wakeup.h"
+
+/* The `kind` of each record (agent/bpf/layouts.py HeapEventKind). 2 is not used. */
+enum heap_event_kind {
+    HEAP_EVENT_ALLOC = 0,          /* precise mode, sampled: value = size, aux = address */
+    HEAP_EVENT_FREE = 1,           /* precise mode: free of a sampled address */
+    HEAP_EVENT_SAMPLED_ALLOC = 3,  /* preload library: value = size, aux = address; its mean
+                                      sampling distance is in `sampler_mean` under the tgid */
+    HEAP_EVENT_SAMPLED_FREE = 4,   /* preload library: free of a HEAP_EVENT_SAMPLED_ALLOC block */
+};
 
 struct pending_alloc {
     u64 size;
@@ -34,22 +43,14 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(countdown, u32, s64, 65536);
 BPF_HASH(pending, u32, struct pending_alloc, 65536);
 BPF_HASH(live, u64, u64, MAX_LIVE);
-BPF_ARRAY(neg_log_table, u64, 1024);
-/* 0: allocations seen, 1: ring full, 2: live map full, 3: bytes allocated (all) */
-BPF_PERCPU_ARRAY(counters, u64, 4);
-
-static __always_inline void add(int idx, u64 v)
-{
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        *c += v;
-}
+#define NEG_LOG_ENTRIES 1024   /* agent/bpf/layouts.py HEAP_NEG_LOG_ENTRIES */
+BPF_ARRAY(neg_log_table, u64, NEG_LOG_ENTRIES);
 
 /* The per-thread countdown: 1 when this allocation is to be sampled. */
 static __always_inline int should_sample(u32 tid, u64 size)
 {
-    add(0, 1);
-    add(3, size);
+    count(HEAP_ALLOCATIONS);
+    count_add(HEAP_BYTES_ALLOCATED, size);
     s64 fresh = 0;
     s64 *left = countdown.lookup_or_try_init(&tid, &fresh);
     if (!left)
@@ -57,7 +58,7 @@ static __always_inline int should_sample(u32 tid, u64 size)
     *left -= (s64)size;
     if (*left > 0)
         return 0;
-    u32 idx = bpf_get_prandom_u32() % 1024;
+    u32 idx = bpf_get_prandom_u32() % NEG_LOG_ENTRIES;
     u64 *next = neg_log_table.lookup(&idx);
     *left = next ? (s64)*next : (s64)SAMPLE_BYTES;
     return 1;
@@ -84,7 +85,7 @@ static __always_inline void submit_stackless(u32 kind, u64 value, u64 aux)
 {
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
-        add(1, 1);
+        count(HEAP_RING_FULL);
         return;
     }
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -113,7 +114,7 @@ static __always_inline void record_free(void *ctx, u64 addr)
         return;
     u64 freed = *size;
     live.delete(&addr);
-    submit_stackless(1, freed, addr);
+    submit_stackless(HEAP_EVENT_FREE, freed, addr);
 }
 
 int on_free(struct pt_regs *ctx) { record_free(ctx, PT_REGS_PARM1(ctx)); return 0; }
@@ -142,19 +143,19 @@ int on_alloc_return(struct pt_regs *ctx)
     if (!addr)
         return 0;
     if (live.update(&addr, &size) != 0) {
-        add(2, 1);
+        count(HEAP_LIVE_FULL);
         return 0;
     }
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
-        add(1, 1);
+        count(HEAP_RING_FULL);
         live.delete(&addr);
         return 0;
     }
     fill_stack_event(ctx, ev, bpf_get_current_pid_tgid());
     ev->value = size;
     ev->aux = addr;
-    ev->kind = 0;
+    ev->kind = HEAP_EVENT_ALLOC;
     events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
@@ -178,14 +179,14 @@ int on_sampled_alloc(struct pt_regs *ctx)
         sampler_mean.update(&tgid, &mean);
     struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
     if (!ev) {
-        add(1, 1);
+        count(HEAP_RING_FULL);
         return 0;
     }
     /* No kernel stack: it would only show the uprobe's own path. */
     fill_stack_event_parts(ctx, ev, pid_tgid, 0);
     ev->value = PT_REGS_PARM2(ctx);
     ev->aux = PT_REGS_PARM1(ctx);
-    ev->kind = 3;
+    ev->kind = HEAP_EVENT_SAMPLED_ALLOC;
     events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
@@ -194,6 +195,6 @@ int on_sampled_free(struct pt_regs *ctx)
 {
     if ((u32)(bpf_get_current_pid_tgid() >> 32) == AGENT_TGID)
         return 0;
-    submit_stackless(4, 0, PT_REGS_PARM1(ctx));
+    submit_stackless(HEAP_EVENT_SAMPLED_FREE, 0, PT_REGS_PARM1(ctx));
     return 0;
 }

@@ -11,9 +11,11 @@
  * with WAIT_BITS in its top byte: the futex command and flags, and whether the futex word
  * is the thread-id field of a glibc thread descriptor (what pthread_join waits on). The
  * agent tells mutex, rwlock, condition, join and semaphore waits apart from these and the
- * waiting stack (agent/lock_waits.py).
+ * waiting stack (agent/actors/lock_waits.py).
  */
 #include <uapi/linux/ptrace.h>
+#define COUNTER_SLOTS LOCK_COUNTER_SLOTS
+#include "counters.h"
 #include "stack_event.h"
 #include "stack_agg.h"
 #include "targets.h"
@@ -31,7 +33,7 @@
 #define FUTEX_CLOCK_REALTIME 256
 #define FUTEX_BITSET_MATCH_ANY 0xffffffff
 
-/* WAIT_BITS, mirrored in agent/lock_waits.py: bits 0-3 the command, then flags. */
+/* WAIT_BITS (agent/bpf/layouts.py LOCK_WAIT_*, checked at compile): bits 0-3 the command, then flags. */
 #define WAIT_PRIVATE 0x10
 #define WAIT_REALTIME 0x20
 #define WAIT_MATCH_ANY 0x40
@@ -66,20 +68,9 @@ static __always_inline int is_thread_tid_word(u64 uaddr)
 }
 
 BPF_HASH(waiting, u32, struct wait_start, 65536);
-/* 0: waits seen, 1: (unused: was ring full), 2: short waits (below MIN_WAIT_NS), 3: short wait ns,
- * 4: waits recorded without unwinding (a failed tail call into stage 2), 5: waits lost (a
- * failed tail call into stage 3) */
-BPF_PERCPU_ARRAY(counters, u64, 6);
 /* With native unwinding a wait takes three programs, as in bpf/wall.bpf.c: stage 1 captures
  * (sys_exit_futex), stage 2 (slot 0) unwinds, stage 3 (slot 1) hashes, stores, aggregates. */
 BPF_PROG_ARRAY(lock_stages, 2);
-
-static __always_inline void add(int idx, u64 v)
-{
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        *c += v;
-}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_futex)
 {
@@ -124,7 +115,7 @@ int lock_wait_unwind(void *ctx)
         return 0;
     unwind_task_user_stack(ev);
     lock_stages.call(ctx, 1);
-    add(5, 1);
+    count(LOCK_RECORD_TAIL_CALL_FAILED);
     return 0;
 }
 
@@ -150,10 +141,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     u64 uaddr = start->uaddr;
     u64 label = uaddr | (start->bits << LABEL_ADDRESS_BITS);
     waiting.delete(&tid);
-    add(0, 1);
+    count(LOCK_WAITS);
     if (delay < MIN_WAIT_NS) {
-        add(2, 1);
-        add(3, delay);
+        count(LOCK_SHORT_WAITS);
+        count_add(LOCK_SHORT_WAIT_NS, delay);
         return 0;
     }
     u32 zero = 0;
@@ -167,7 +158,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     ev->kind = 0;
 #ifdef NATIVE_UNWINDING
     lock_stages.call(args, 0);
-    add(4, 1);
+    count(LOCK_UNWIND_TAIL_CALL_FAILED);
 #endif
     record_wait(ev);
     return 0;

@@ -21,10 +21,12 @@
  * The agent flips the generation, waits for programs already running to finish (they run
  * for microseconds), then reads and deletes the other map in one batch. Every update lands
  * in a map the agent has not read yet, so no count is lost between read and delete.
- * A full map is counted (agg_counters 0 and 1: events and ns that found no free entry).
+ * A full map is counted (AGG_MAP_FULL, AGG_MAP_FULL_NS: events and ns that found no free entry).
  */
 #ifndef STACKFLEET_STACK_AGG_H
 #define STACKFLEET_STACK_AGG_H
+
+#include "counters.h"   /* the program's counters start with enum agg_counter's slots */
 
 #ifndef AGG_ENTRIES
 #define AGG_ENTRIES 16384
@@ -57,16 +59,6 @@ BPF_HASH(agg1, struct agg_key, struct agg_value, AGG_ENTRIES);
 BPF_ARRAY(agg_generation, u32, 1);
 BPF_TABLE("lru_hash", u64, struct stack_event, stacks, STACK_ENTRIES);
 BPF_PERCPU_ARRAY(agg_scratch, struct stack_event, 1);
-/* 0: events that found the aggregation map full, 1: their ns, 2: stack store failures,
- * 3: stacks stored (new ids: how well stacks aggregate) */
-BPF_PERCPU_ARRAY(agg_counters, u64, 4);
-
-static __always_inline void agg_count(int idx, u64 v)
-{
-    u64 *c = agg_counters.lookup(&idx);
-    if (c)
-        *c += v;
-}
 
 static __always_inline u64 agg_mix(u64 h, u64 w)
 {
@@ -160,7 +152,7 @@ static __always_inline u64 agg_store_stack(struct stack_event *ev)
 {
     u64 id = agg_stack_id(ev);
     if (!stacks.lookup(&id))
-        agg_count(stacks.update(&id, ev) == 0 ? 3 : 2, 1);
+        count(stacks.update(&id, ev) == 0 ? AGG_STACKS_STORED : AGG_STACK_STORE_FAILED);
     return id;
 }
 
@@ -177,8 +169,8 @@ static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 we
     else
         v = agg0.lookup_or_try_init(key, &init);
     if (!v) {
-        agg_count(0, 1);
-        agg_count(1, ns);
+        count(AGG_MAP_FULL);
+        count_add(AGG_MAP_FULL_NS, ns);
         return;
     }
     __sync_fetch_and_add(&v->count, 1);

@@ -5,7 +5,8 @@
  * docs/design/kernel-compatibility.md). Lengths are in bytes; a negative length is the
  * helper's error code and is counted by the agent.
  *
- * The same header is parsed in agent/bpf/records.py: keep the two in step.
+ * agent/bpf/layouts.py describes these structs for the agent (checked against this file at
+ * every compile: docs/design/bpf-contract.md); agent/bpf/records.py decodes them.
  */
 #ifndef STACKFLEET_STACK_EVENT_H
 #define STACKFLEET_STACK_EVENT_H

@@ -23,7 +23,8 @@
  * declare them extern, so each file's table is built and loaded once for the CPU, wall and
  * lock profiles (agent/unwind/sharing.py).
  *
- * The row kinds and struct layouts are mirrored in agent/unwind/: keep them in step.
+ * The enums and struct layouts the agent reads or writes are described in agent/bpf/layouts.py
+ * and checked against this file at every compile (docs/design/bpf-contract.md).
  */
 #ifndef STACKFLEET_UNWIND_H
 #define STACKFLEET_UNWIND_H
@@ -87,7 +88,7 @@ struct unwind_proc {
 enum unwind_request_reason { UNWIND_REQUEST_NEW = 1, UNWIND_REQUEST_UNKNOWN_ADDRESS = 2, UNWIND_REQUEST_TABLE = 3 };
 #define UNWIND_REQUEST(reason, pc) (((u64)(reason) << 56) | (pc))
 
-/* Counter slots, read by agent/unwind/loader.py (STAT_SLOTS, STOP_NAMES there). */
+/* Counter slots, read by agent/unwind/loader.py (agent/bpf/layouts.py UnwindStat). */
 enum unwind_stat {
     UNWIND_STAT_SAMPLES,       /* samples unwound here */
     UNWIND_STAT_CFI_FRAMES,    /* frames stepped with a CFI row */

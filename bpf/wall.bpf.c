@@ -32,6 +32,8 @@
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
+#define COUNTER_SLOTS WALL_COUNTER_SLOTS
+#include "counters.h"
 #include "stack_event.h"
 #include "stack_agg.h"
 #include "targets.h"
@@ -63,18 +65,6 @@ BPF_HASH(blocked, u32, struct blocked_thread, MAX_BLOCKED_THREADS);
 /* Per thread: its last captured switch-out, for the capture probability. LRU: exited
  * threads age out; a thread whose entry did is captured on its next switch-out. */
 BPF_TABLE("lru_hash", u32, u64, last_capture, MAX_BLOCKED_THREADS);
-/* 0: on-cpu samples, 1: (unused: was ring full), 2: blocked map full, 3: off-cpu intervals,
- * 4: switch-outs whose stack was not captured, 5: of their intervals, those at least
- * MIN_BLOCK_NS long (summed under UNCAPTURED_LABEL), 6: events recorded without unwinding (a
- * failed tail call into stage 2), 7: events lost (a failed tail call into stage 3) */
-BPF_PERCPU_ARRAY(counters, u64, 8);
-
-static __always_inline void count(int idx)
-{
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        (*c)++;
-}
 
 /* The probability (in 1/P_ONE ths) with which this switch-out's stack is captured if it is
  * (see the header), else 0. A capture is remembered. */
@@ -118,7 +108,7 @@ static __always_inline void record_on_cpu(struct stack_event *ev)
 {
     struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ON_CPU_LABEL};
     agg_add(&key, SAMPLE_PERIOD_NS, ev->ts_ns);
-    count(0);
+    count(WALL_ON_CPU_SAMPLES);
 }
 
 /* The outgoing thread's entry: when and why it stopped, and its stack if captured (stage 1
@@ -130,7 +120,7 @@ static __always_inline void record_switch_out(struct stack_event *ev)
                                .inverse_p = p ? (1ULL << (P_SHIFT + WEIGHT_SHIFT)) / p : 0, .tgid = ev->pid};
     u32 tid = ev->tid;
     if (blocked.update(&tid, &b) != 0)
-        count(2);
+        count(WALL_BLOCKED_MAP_FULL);
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -150,7 +140,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     ev->kind = 0;
 #ifdef NATIVE_UNWINDING
     on_cpu_stages.call(ctx, 0);
-    count(6);
+    count(WALL_UNWIND_TAIL_CALL_FAILED);
 #endif
     record_on_cpu(ev);
     return 0;
@@ -165,7 +155,7 @@ int wall_on_cpu_unwind(struct bpf_perf_event_data *ctx)
         return 0;
     unwind_user_stack(ctx, ev);
     on_cpu_stages.call(ctx, 1);
-    count(7);
+    count(WALL_RECORD_TAIL_CALL_FAILED);
     return 0;
 }
 
@@ -186,7 +176,7 @@ int wall_switch_out_unwind(void *ctx)
         return 0;
     unwind_task_user_stack(ev);
     switch_out_stages.call(ctx, 1);
-    count(7);
+    count(WALL_RECORD_TAIL_CALL_FAILED);
     return 0;
 }
 
@@ -217,13 +207,13 @@ TRACEPOINT_PROBE(sched, sched_switch)
             key.label = SHORT_OFF_CPU_LABEL;
         } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread and state */
             key.label = UNCAPTURED_LABEL | saved->state;
-            count(5);
+            count(WALL_UNCAPTURED_LONG);
         } else {
             weighted = weighted_ns(duration, saved->inverse_p);
         }
         blocked.delete(&next_tid);
         agg_add_weighted(&key, duration, weighted, start);
-        count(3);
+        count(WALL_OFF_CPU_INTERVALS);
     }
     /* The outgoing task is current: store its stack, remember when and why it stopped. */
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -238,11 +228,11 @@ TRACEPOINT_PROBE(sched, sched_switch)
         u64 user_ip = 0;
         if (bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) <= 0)
             return 0;
-        count(4);
+        count(WALL_NOT_CAPTURED);
         struct blocked_thread b = {.ts_ns = now, .stack_id = 0, .state = (u64)args->prev_state, .inverse_p = 0,
                                    .tgid = pid_tgid >> 32};
         if (blocked.update(&prev_tid, &b) != 0)
-            count(2);
+            count(WALL_BLOCKED_MAP_FULL);
         return 0;
     }
     u32 zero = 0;
@@ -262,7 +252,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     ev->value = p;
 #ifdef NATIVE_UNWINDING
     switch_out_stages.call(args, 0);
-    count(6);
+    count(WALL_UNWIND_TAIL_CALL_FAILED);
 #endif
     record_switch_out(ev);
     return 0;

@@ -7,7 +7,7 @@ stores each distinct stack once; once per flush interval the actor
 
 1. flips ``agg_generation`` so BPF writes the other of the two aggregation maps,
 2. waits for programs already past the flip (they run for microseconds),
-3. reads and deletes the quiet map in one batch syscall (agent/bpf_batch.py),
+3. reads and deletes the quiet map in one batch syscall (agent/bpf/map_drain.py),
 4. turns each entry into one sample whose values are the entry's sums, symbolizing each
    stack id once and caching the frames (an LRU, emptied every minute so stacks of reused
    pids and newly loaded symbols are picked up).
@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.actors.base import RingBufferActor
+from agent.bpf.layouts import AggCounter, AggKey, AggValue, struct_format
 from agent.bpf.map_drain import HashMapDrainer
 from agent.bpf.records import EVENT_SIZE, parse_stack_event
 from shared.model import Frame
 
 log = logging.getLogger("stackfleet.agent")
 
-AGG_KEY = struct.Struct("<IIQQ")        # struct agg_key: pid, tid, stack_id, label
-AGG_VALUE = struct.Struct("<QQQQIIQ")  # struct agg_value: count, total_ns, first_ts, last_ts, cpu, pad, weighted_ns
+AGG_KEY = struct_format(AggKey)  # pid, tid, stack_id, label
+AGG_VALUE = struct_format(AggValue)  # count, total_ns, first_ts, last_ts, cpu, weighted_ns
 # How long after flipping the generation we wait before reading the quiet map: BPF
 # programs do not sleep and finish within microseconds of reading the generation.
 GENERATION_GRACE_S = 0.002
@@ -76,7 +76,6 @@ class AggregatingActor(RingBufferActor):
         self._thread_names_started = time.monotonic()
         self._stack_buffer = ctypes.create_string_buffer(EVENT_SIZE)
         self._raw_stacks: dict[tuple[int, int], bytes] = {}  # read this flush, not yet symbolized
-        self._agg_seen: list[int] = []
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "AGG_ENTRIES": self.ctx.settings.agg_map_entries,
@@ -104,9 +103,8 @@ class AggregatingActor(RingBufferActor):
         self.bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
-        self._count_agg_overflow()
         entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted)
-                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted) in rows]
+                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted) in rows]
         self._fetch_new_stacks(entries)
         return entries
 
@@ -126,13 +124,12 @@ class AggregatingActor(RingBufferActor):
             if lib.bpf_lookup_elem(fd, ctypes.byref(key), self._stack_buffer) == 0:
                 self._raw_stacks[cache_key] = self._stack_buffer.raw
 
-    def _count_agg_overflow(self) -> None:
-        from agent.bpf.loader import read_percpu_counters
-
-        now = read_percpu_counters(self.bpf["agg_counters"])
-        seen = self._agg_seen or [0] * len(now)
-        self._agg_seen = now
-        full, full_ns, store_failed, stored = (n - s for n, s in zip(now[:4], seen[:4], strict=True))
+    def count_aggregation(self, deltas: list[int]) -> None:
+        """Fold bpf/stack_agg.h's slots (the first of the program's counters) into ours."""
+        if len(deltas) < len(AggCounter):
+            return
+        full, full_ns = deltas[AggCounter.MAP_FULL], deltas[AggCounter.MAP_FULL_NS]
+        store_failed, stored = deltas[AggCounter.STACK_STORE_FAILED], deltas[AggCounter.STACKS_STORED]
         type_name = self.profile_type.value
         if full:
             self.ctx.counters.inc("events_dropped", full, type=type_name, reason="agg_map_full")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.actors.base import ActorContext, RingBufferActor
+from agent.bpf.layouts import CpuCounter
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Sample
 from shared.profile_types import ProfileType
@@ -47,7 +48,8 @@ class CpuActor(RingBufferActor):
         )
 
     def read_bpf_counters(self) -> None:
-        self.count_drops(self.counter_deltas(), {1: "ringbuf_full", 3: "tail_call_failed"})
+        self.count_drops(self.counter_deltas(), {CpuCounter.RING_FULL: "ringbuf_full",
+                                                 CpuCounter.TAIL_CALL_FAILED: "tail_call_failed"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         ctx = self.ctx

@@ -35,6 +35,7 @@ from collections import Counter
 from typing import Any
 
 from agent.actors.base import RingBufferActor
+from agent.bpf.layouts import GoProc, GoroutineCounter
 from agent.bpf.loader import BCC_LOCK
 from agent.process.procmaps import FileKey, file_key
 from agent.process.watcher import running_pids
@@ -185,8 +186,8 @@ class GoroutineActor(RingBufferActor):
             self.ctx.counters.inc("go_processes_without_exit_tracking")
         if layout is not None or info.startpc_offset is not None:
             procs = self.bpf["go_procs"]
-            procs[ctypes.c_uint32(pid)] = procs.Leaf(info.startpc_offset or 0,
-                                                     layout.sched_bp if layout is not None else 0)
+            procs[ctypes.c_uint32(pid)] = GoProc(startpc=info.startpc_offset or 0,
+                                                 sched_bp=layout.sched_bp if layout is not None else 0)
         self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path, identity,
                                           reader=self._reader(pid, info, identity))
         self.ctx.counters.inc("go_processes_probed")
@@ -213,7 +214,8 @@ class GoroutineActor(RingBufferActor):
 
     # -- events ------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
-        self.count_drops(self.counter_deltas(), {1: "ringbuf_full", 3: "exit_map_full"})
+        self.count_drops(self.counter_deltas(), {GoroutineCounter.RING_FULL: "ringbuf_full",
+                                                 GoroutineCounter.EXITS_MAP_FULL: "exit_map_full"})
 
     @staticmethod
     def _go_frames(frames: tuple[Frame, ...], exe_path: str) -> tuple[Frame, ...]:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.actors.base import RingBufferActor
+from agent.bpf.layouts import HEAP_NEG_LOG_ENTRIES, HeapCounter, HeapEventKind
 from agent.bpf.loader import BCC_LOCK
 from agent.bpf.records import RawStackEvent
 from agent.heap_sampler import is_sampler_library
@@ -71,7 +72,7 @@ def sample_weight(size: int, mean_bytes: int) -> float:
     return 1.0 / -math.expm1(-size / mean_bytes)
 
 
-def neg_log_table(mean_bytes: int, n: int = 1024) -> list[int]:
+def neg_log_table(mean_bytes: int, n: int = HEAP_NEG_LOG_ENTRIES) -> list[int]:
     """-ln(u) x mean for u evenly spread over (0, 1): exponential draws for the BPF sampler."""
     return [max(1, int(-math.log((i + 0.5) / n) * mean_bytes)) for i in range(n)]
 
@@ -185,22 +186,22 @@ class HeapActor(RingBufferActor):
     # -- events -----------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
         delta = self.counter_deltas()
-        self.count_drops(delta, {1: "ringbuf_full", 2: "live_map_full"})
-        if delta and delta[0]:
-            self.ctx.counters.inc("heap_allocations_seen", delta[0])
+        self.count_drops(delta, {HeapCounter.RING_FULL: "ringbuf_full", HeapCounter.LIVE_FULL: "live_map_full"})
+        if delta and delta[HeapCounter.ALLOCATIONS]:
+            self.ctx.counters.inc("heap_allocations_seen", delta[HeapCounter.ALLOCATIONS])
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         if self.bpf is None:
             return []
         self._refresh_targets()
         for ev in self.parsed(records):
-            if ev.kind in (3, 4):
+            if ev.kind in (HeapEventKind.SAMPLED_ALLOC, HeapEventKind.SAMPLED_FREE):
                 self._sampled_event(ev)
                 continue
             proc = self._processes.get(ev.pid)
             if proc is None:
                 continue
-            if ev.kind == 0:
+            if ev.kind == HeapEventKind.ALLOC:
                 frames = self.frames(ev)
                 weight = sample_weight(ev.value, self.mean_bytes)
                 proc.live[ev.aux] = (ev.value, weight, frames)
@@ -226,9 +227,9 @@ class HeapActor(RingBufferActor):
 
     # -- sampled mode -----------------------------------------------------------------------------
     def _sampled_event(self, ev: RawStackEvent) -> None:
-        """A record from the sampler library's probes: kind 3 a sampled allocation, 4 its free."""
+        """A record from the sampler library's probes: a sampled allocation or its free."""
         proc = self._sampled.get(ev.pid)
-        if ev.kind == 4:
+        if ev.kind == HeapEventKind.SAMPLED_FREE:
             if proc is not None and proc.live.pop(ev.aux, None) is not None:
                 self._sampled_live -= 1
             return
@@ -259,7 +260,7 @@ class HeapActor(RingBufferActor):
             sample_bytes = int(self.bpf["sampler_mean"][ctypes.c_uint32(pid)].value)
         except KeyError:
             sample_bytes = 0
-        if sample_bytes <= 0:  # written before every kind-3 record: only a process gone since
+        if sample_bytes <= 0:  # written before every SAMPLED_ALLOC record: only a process gone since
             self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="sampler_mean_unknown")
             return None
         library = self.sampler.library_of(pid, self.bpf)

@@ -5,7 +5,7 @@ stack, lock address) and the actor drains them every flush (agent/actors/aggrega
 each aggregate becomes one sample with values ``contentions`` (waits) and ``delay`` (ns),
 like pprof's mutex profile, stamped with its first wait's time. Shorter waits are counted,
 not profiled. Every sample carries ``lock.address`` and ``lock.wait.kind`` (mutex, rwlock,
-condition, join, semaphore or other: agent/lock_waits.py); the aggregator's default lock
+condition, join, semaphore or other: agent/actors/lock_waits.py); the aggregator's default lock
 views show the contention kinds only (shared/lock_waits.py).
 
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
@@ -21,6 +21,7 @@ from typing import Any
 from agent.actors.aggregated import AggregatingActor
 from agent.actors.base import ActorContext
 from agent.actors.lock_waits import futex_address, wait_bits, wait_kind
+from agent.bpf.layouts import AggCounter, LockCounter
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
@@ -55,15 +56,16 @@ class LockActor(AggregatingActor):
 
     def read_bpf_counters(self) -> None:
         delta = self.counter_deltas()
-        if not delta:
+        if len(delta) < len(AggCounter) + len(LockCounter):
             return
+        self.count_aggregation(delta)
         c = self.ctx.counters
-        if delta[2]:
-            c.inc("lock_short_waits", delta[2])
-            c.inc("lock_short_wait_ns", delta[3])
-        if len(delta) > 4 and delta[4]:
-            c.inc("unwind_tail_call_failed", delta[4], type=self.profile_type.value)
-        self.count_drops(delta, {5: "tail_call_failed"})
+        if delta[LockCounter.SHORT_WAITS]:
+            c.inc("lock_short_waits", delta[LockCounter.SHORT_WAITS])
+            c.inc("lock_short_wait_ns", delta[LockCounter.SHORT_WAIT_NS])
+        if delta[LockCounter.UNWIND_TAIL_CALL_FAILED]:
+            c.inc("unwind_tail_call_failed", delta[LockCounter.UNWIND_TAIL_CALL_FAILED], type=self.profile_type.value)
+        self.count_drops(delta, {LockCounter.RECORD_TAIL_CALL_FAILED: "tail_call_failed"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer

@@ -29,17 +29,24 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from agent.bpf.layouts import (
+    LOCK_LABEL_ADDRESS_BITS,
+    LOCK_WAIT_MATCH_ANY,
+    LOCK_WAIT_PRIVATE,
+    LOCK_WAIT_REALTIME,
+    LOCK_WAIT_THREAD_TID,
+)
 from shared.lock_waits import LockWaitKind
 from shared.model import Frame, FrameType
 
 # bpf/lock.bpf.c: the label's top byte (WAIT_BITS), below it the futex address.
-LABEL_ADDRESS_BITS = 56
+LABEL_ADDRESS_BITS = LOCK_LABEL_ADDRESS_BITS
 ADDRESS_MASK = (1 << LABEL_ADDRESS_BITS) - 1
 COMMAND_MASK = 0x0F
-WAIT_PRIVATE = 0x10
-WAIT_REALTIME = 0x20
-WAIT_MATCH_ANY = 0x40
-WAIT_THREAD_TID = 0x80
+WAIT_PRIVATE = LOCK_WAIT_PRIVATE
+WAIT_REALTIME = LOCK_WAIT_REALTIME
+WAIT_MATCH_ANY = LOCK_WAIT_MATCH_ANY
+WAIT_THREAD_TID = LOCK_WAIT_THREAD_TID
 
 FUTEX_WAIT, FUTEX_LOCK_PI, FUTEX_WAIT_BITSET, FUTEX_WAIT_REQUEUE_PI, FUTEX_LOCK_PI2 = 0, 6, 9, 11, 13
 FUTEX_COMMAND_NAMES = {FUTEX_WAIT: "wait", FUTEX_LOCK_PI: "lock_pi", FUTEX_WAIT_BITSET: "wait_bitset",

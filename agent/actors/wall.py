@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor
 from agent.actors.base import ActorContext
+from agent.bpf.layouts import WALL_ON_CPU_LABEL, WALL_SHORT_OFF_CPU_LABEL, WALL_UNCAPTURED_LABEL, WallCounter
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
@@ -28,10 +29,11 @@ from shared.profile_types import ProfileType
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
 MAX_BLOCKED_THREADS = 16384
-# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
-ON_CPU_LABEL = 1 << 63
-SHORT_OFF_CPU_LABEL = (1 << 63) | 1
-UNCAPTURED_LABEL = (1 << 63) | (1 << 62)  # | the task state the uncaptured blocks had
+# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks, uncaptured blocks
+# (| the task state they had); others are task states.
+ON_CPU_LABEL = WALL_ON_CPU_LABEL
+SHORT_OFF_CPU_LABEL = WALL_SHORT_OFF_CPU_LABEL
+UNCAPTURED_LABEL = WALL_UNCAPTURED_LABEL
 
 
 # prev_state when the task was preempted inside the kernel (TASK_REPORT_MAX); plain 0 is a
@@ -121,12 +123,16 @@ class WallActor(AggregatingActor):
 
     def read_bpf_counters(self) -> None:
         deltas = self.counter_deltas()
-        self.count_drops(deltas, {2: "blocked_map_full", 7: "tail_call_failed"})
-        if len(deltas) > 6 and deltas[6]:
-            self.ctx.counters.inc("unwind_tail_call_failed", deltas[6], type=self.profile_type.value)
+        self.count_aggregation(deltas)
+        self.count_drops(deltas, {WallCounter.BLOCKED_MAP_FULL: "blocked_map_full",
+                                  WallCounter.RECORD_TAIL_CALL_FAILED: "tail_call_failed"})
+        if len(deltas) > WallCounter.UNWIND_TAIL_CALL_FAILED and deltas[WallCounter.UNWIND_TAIL_CALL_FAILED]:
+            self.ctx.counters.inc("unwind_tail_call_failed", deltas[WallCounter.UNWIND_TAIL_CALL_FAILED],
+                                  type=self.profile_type.value)
         # Not drops: switch-outs not captured (to bound the cost), and of their blocks those long
         # enough to need a stack, whose time spread_uncaptured puts on the captured stacks.
-        for slot, name in ((4, "wall_switch_outs_not_captured"), (5, "wall_blocks_estimated")):
+        for slot, name in ((WallCounter.NOT_CAPTURED, "wall_switch_outs_not_captured"),
+                           (WallCounter.UNCAPTURED_LONG, "wall_blocks_estimated")):
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc(name, deltas[slot])
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import bpf as bpf_sources
+from agent.bpf import contract
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,9 @@ def cleanup_program(bpf: Any) -> None:
 
 
 def load_program(name: str, defines: dict[str, int | str]) -> Any:
-    """Compile ``bpf/<name>`` with ``-D`` defines; raises BpfUnavailable on failure. Blocking.
+    """Compile ``bpf/<name>`` with ``-D`` defines and the C<->Python contract's assertions
+    (agent/bpf/contract.py). Raises ContractMismatch, naming the struct and field, when the C
+    and agent/bpf/layouts.py disagree, BpfUnavailable on any other failure. Blocking.
 
     Callers that attach or open ring buffers afterwards should hold ``BCC_LOCK`` around the
     whole sequence (it is reentrant-safe to call this while holding it: see RingBufferActor).
@@ -111,10 +116,50 @@ def load_program(name: str, defines: dict[str, int | str]) -> Any:
     check_environment()
     cflags = [f"-I{_include_dir()}", "-Wno-macro-redefined"]
     cflags += [f"-D{k}={v}" for k, v in defines.items()]
+    text = program_text(name)
     try:
-        return BPF(text=expand_local_includes(bpf_sources.source(name)), cflags=cflags)
+        return BPF(text=text, cflags=cflags)
     except Exception as exc:
-        raise BpfUnavailable(f"compiling/loading {name} failed: {exc}") from exc
+        if "compile" not in str(exc):
+            raise BpfUnavailable(f"compiling/loading {name} failed: {exc}") from exc
+        errors = compiler_errors(BPF, text, cflags)
+        mismatched = contract.mismatches(errors)
+        if mismatched:
+            raise contract.ContractMismatch(
+                f"{name}: the C program and agent/bpf/layouts.py disagree (edit both sides together, see "
+                f"docs/design/bpf-contract.md): " + "; ".join(mismatched)) from exc
+        first = [line for line in errors.splitlines() if "error:" in line][:3]
+        raise BpfUnavailable(f"compiling {name} failed: {' | '.join(first) or exc}") from exc
+
+
+def program_text(name: str) -> str:
+    """``bpf/<name>`` with our headers inlined and the contract's static assertions appended."""
+    inlined: set[str] = set()
+    text = expand_local_includes(bpf_sources.source(name), inlined)
+    return text + contract.assertions([name, *inlined])
+
+
+def compiler_errors(bpf_class: Any, text: str, cflags: list[str]) -> str:
+    """Compile ``text`` again with file descriptor 2 captured, for clang's diagnostics.
+
+    bcc prints them to stderr and raises only "Failed to compile BPF module"; the capture runs
+    on the failure path alone, and what it took is written to stderr afterwards. Blocking."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        try:
+            os.dup2(capture.fileno(), 2)
+            try:
+                bpf_class(text=text, cflags=cflags).cleanup()  # pragma: no cover - it failed once already
+            except Exception:
+                pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        output = capture.read()
+    os.write(2, output)
+    return output.decode("utf-8", "replace")
 
 
 def read_percpu_counters(table: Any) -> list[int]:

@@ -2,25 +2,32 @@
 
 Parsing is done with ``struct``/``array`` on the raw bytes rather than bcc's generated
 ctypes classes: it is several times cheaper per record and does not depend on bcc's
-C-struct parser.
+C-struct parser. The formats and offsets come from the one description of the record,
+agent/bpf/layouts.py ``StackEvent`` (checked against the C struct at every compile).
 """
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from array import array
 from dataclasses import dataclass
 
-MAX_STACK_DEPTH = 127
-STACK_COPY_BYTES = 512
-_HEADER = struct.Struct("<QQQIIIiiI16s")
-_STACK_BYTES = MAX_STACK_DEPTH * 8
-_TAIL = struct.Struct("<QII")
-PY_MAX_FRAMES = 64
-_PY_HEADER = struct.Struct("<Ii")
-_PY_FRAME = struct.Struct("<QQII")
-EVENT_SIZE = (_HEADER.size + 2 * _STACK_BYTES + _TAIL.size + STACK_COPY_BYTES
-              + _PY_HEADER.size + PY_MAX_FRAMES * _PY_FRAME.size)
+from agent.bpf.layouts import MAX_STACK_DEPTH, PY_MAX_FRAMES, STACK_COPY_BYTES, PyFrame, StackEvent, struct_format
+
+__all__ = ["EVENT_SIZE", "MAX_STACK_DEPTH", "PY_MAX_FRAMES", "STACK_COPY_BYTES", "RawStackEvent", "parse_stack_event"]
+
+EVENT_SIZE = ctypes.sizeof(StackEvent)
+_HEADER = struct_format(StackEvent, "ts_ns", "comm")
+_USER = StackEvent.user.offset
+_KERNEL = StackEvent.kernel.offset
+_STACK_BYTES = StackEvent.user.size
+_TAIL = struct_format(StackEvent, "user_sp", "_pad")
+_TAIL_AT = StackEvent.user_sp.offset
+_COPY_AT = StackEvent.stack_copy.offset
+_PY_HEADER = struct_format(StackEvent, "py_count", "py_status")
+_PY_HEADER_AT = StackEvent.py_count.offset
+_PY_AT = StackEvent.py.offset
+_PY_FRAME = struct_format(PyFrame)  # code, instr, marker
 
 
 @dataclass(slots=True)
@@ -55,24 +62,20 @@ def parse_stack_event(raw: bytes) -> RawStackEvent:
     if len(raw) < EVENT_SIZE:
         raise ValueError(f"stack event of {len(raw)} bytes, expected {EVENT_SIZE}")
     ts, value, aux, pid, tid, cpu, ulen, klen, kind, comm = _HEADER.unpack_from(raw)
-    user = _addresses(raw, _HEADER.size, ulen)
-    kernel = _addresses(raw, _HEADER.size + _STACK_BYTES, klen)
-    tail = _HEADER.size + 2 * _STACK_BYTES
-    user_sp, copy_len, _ = _TAIL.unpack_from(raw, tail)
-    copy_start = tail + _TAIL.size
-    py_start = copy_start + STACK_COPY_BYTES
-    py_count, py_status = _PY_HEADER.unpack_from(raw, py_start)
+    user = _addresses(raw, _USER, ulen)
+    kernel = _addresses(raw, _KERNEL, klen)
+    user_sp, copy_len = _TAIL.unpack_from(raw, _TAIL_AT)
+    py_count, py_status = _PY_HEADER.unpack_from(raw, _PY_HEADER_AT)
     python: tuple[tuple[int, int, int], ...] = ()
     if py_count:
         frames = min(py_count, PY_MAX_FRAMES)
-        python = tuple((code, instr, marker) for code, instr, marker, _ in _PY_FRAME.iter_unpack(
-            raw[py_start + _PY_HEADER.size : py_start + _PY_HEADER.size + frames * _PY_FRAME.size]))
+        python = tuple(_PY_FRAME.iter_unpack(raw[_PY_AT : _PY_AT + frames * _PY_FRAME.size]))
     return RawStackEvent(
         ts, value, aux, pid, tid, cpu, kind,
         comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
         user, kernel,
         ulen if ulen < 0 else 0, klen if klen < 0 else 0,
-        user_sp, raw[copy_start : copy_start + min(copy_len, STACK_COPY_BYTES)],
+        user_sp, raw[_COPY_AT : _COPY_AT + min(copy_len, STACK_COPY_BYTES)],
         py_status, python,
     )
 

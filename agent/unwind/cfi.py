@@ -29,18 +29,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import NamedTuple
 
+from agent.bpf.layouts import UnwindKind
 
-class RowKind(IntEnum):
-    NONE = 0
-    CFA_RSP = 1
-    CFA_RBP = 2
-    PLT = 3
-    CFA_DEREF_RBP = 4
-    END = 5
-    UNSUPPORTED = 6
+# The row kinds are BPF's (bpf/unwind.h enum unwind_kind): one definition, in agent/bpf/layouts.py.
+RowKind = UnwindKind
 
 
 class CfiError(ValueError):

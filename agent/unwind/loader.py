@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import struct
 import threading
 import time
 from array import array
@@ -28,6 +27,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.bpf.layouts import (
+    UNWIND_MAPPING_PENDING,
+    UNWIND_MAX_MAPPINGS,
+    UNWIND_REQUEST_REASON_SHIFT,
+    UnwindCpu,
+    UnwindMapping,
+    UnwindProc,
+    UnwindRequestReason,
+    UnwindStat,
+    struct_format,
+)
 from agent.process.procmaps import (
     FileKey,
     MapEntry,
@@ -43,19 +53,24 @@ from agent.unwind.table import ROW, UnwindTable
 
 log = logging.getLogger(__name__)
 
-# Mirrors of bpf/unwind.h: keep in step.
-MAX_MAPPINGS = 256
-_MAPPING = struct.Struct("<QQQIIII")  # start, end, bias, table slot, buckets, shift, flags
-MAPPING_PENDING = 1
-_PROC_HEADER = struct.Struct("<II")  # count, flags
-PROC_SIZE = _PROC_HEADER.size + MAX_MAPPINGS * _MAPPING.size
-REQUEST_NEW, REQUEST_UNKNOWN_ADDRESS, REQUEST_TABLE = 1, 2, 3
-_REASON_SHIFT = 56
+# bpf/unwind.h's layouts and enums, from their one description (agent/bpf/layouts.py).
+MAX_MAPPINGS = UNWIND_MAX_MAPPINGS
+_MAPPING = struct_format(UnwindMapping)  # start, end, bias, table slot, buckets, shift, flags
+MAPPING_PENDING = UNWIND_MAPPING_PENDING
+_PROC_HEADER = struct_format(UnwindProc, "count", "flags")
+_MAPPINGS_AT = UnwindProc.mappings.offset
+PROC_SIZE = ctypes.sizeof(UnwindProc)
+REQUEST_NEW, REQUEST_UNKNOWN_ADDRESS, REQUEST_TABLE = (
+    UnwindRequestReason.NEW, UnwindRequestReason.UNKNOWN_ADDRESS, UnwindRequestReason.TABLE)
+_REASON_SHIFT = UNWIND_REQUEST_REASON_SHIFT
 _IP_MASK = (1 << _REASON_SHIFT) - 1
-STOP_NAMES = {3: "complete", 4: "unsupported_rule", 5: "read_failed", 6: "bad_frame", 7: "truncated"}
-_SAMPLES, _CFI_FRAMES, _FP_FRAMES, _UNKNOWN_ADDR = 0, 1, 2, 8
-STAT_SLOTS = 9
-CPU_STATE_SIZE = (STAT_SLOTS + 3) * 8  # struct unwind_cpu: counters, then ip, sp, bp
+# How a stack ended, as the unwind_stacks counter's label.
+STOP_NAMES = {UnwindStat.END: "complete", UnwindStat.UNSUPPORTED: "unsupported_rule",
+              UnwindStat.READ_FAILED: "read_failed", UnwindStat.BAD_FRAME: "bad_frame",
+              UnwindStat.TRUNCATED: "truncated"}
+STAT_SLOTS = len(UnwindStat)
+_CPU_COUNTERS = struct_format(UnwindCpu, "counters", "counters")
+CPU_STATE_SIZE = ctypes.sizeof(UnwindCpu)
 _PREWARM_PREFIXES = ("libc.so", "ld-linux", "libm.so", "libstdc++.so", "libgcc_s.so")
 # Building tables for binaries new to the agent is bounded to this share of one core on
 # average, after a burst (start-up: the binaries already running). On hosts that start new
@@ -146,7 +161,7 @@ class BccUnwindMaps:
         self._check(self._lib.bpf_lookup_elem(self._cpus, ctypes.byref(key), buf), "reading unwind counters")
         totals = [0] * STAT_SLOTS
         for cpu in range(self._ncpus):
-            for i, v in enumerate(struct.unpack_from(f"<{STAT_SLOTS}Q", buf.raw, cpu * size)):
+            for i, v in enumerate(_CPU_COUNTERS.unpack_from(buf.raw, cpu * size + UnwindCpu.counters.offset)):
                 totals[i] += v
         return totals
 
@@ -524,14 +539,14 @@ class NativeUnwinder:
         seen = self._bpf_counters_seen or [0] * len(values)
         delta = [v - s for v, s in zip(values, seen, strict=True)]
         self._bpf_counters_seen = values
-        if delta[_SAMPLES]:
-            self.counters.inc("unwind_samples", delta[_SAMPLES])
-        if delta[_CFI_FRAMES]:
-            self.counters.inc("unwind_frames", delta[_CFI_FRAMES], method="cfi")
-        if delta[_FP_FRAMES]:
-            self.counters.inc("unwind_frames", delta[_FP_FRAMES], method="frame_pointer")
-        if delta[_UNKNOWN_ADDR]:
-            self.counters.inc("unwind_unknown_addresses", delta[_UNKNOWN_ADDR])
+        if delta[UnwindStat.SAMPLES]:
+            self.counters.inc("unwind_samples", delta[UnwindStat.SAMPLES])
+        if delta[UnwindStat.CFI_FRAMES]:
+            self.counters.inc("unwind_frames", delta[UnwindStat.CFI_FRAMES], method="cfi")
+        if delta[UnwindStat.FP_FRAMES]:
+            self.counters.inc("unwind_frames", delta[UnwindStat.FP_FRAMES], method="frame_pointer")
+        if delta[UnwindStat.UNKNOWN_ADDR]:
+            self.counters.inc("unwind_unknown_addresses", delta[UnwindStat.UNKNOWN_ADDR])
         for slot, name in STOP_NAMES.items():
             if delta[slot]:
                 self.counters.inc("unwind_stacks", delta[slot], end=name)
@@ -564,7 +579,7 @@ def encode_process(mappings: list[tuple[int, int, int, int, int, int, int]]) -> 
     out = bytearray(PROC_SIZE)
     _PROC_HEADER.pack_into(out, 0, len(mappings), 0)
     for i, (start, end, bias, table, buckets, shift, flags) in enumerate(mappings):
-        _MAPPING.pack_into(out, _PROC_HEADER.size + i * _MAPPING.size, start, end, bias & 0xFFFF_FFFF_FFFF_FFFF,
+        _MAPPING.pack_into(out, _MAPPINGS_AT + i * _MAPPING.size, start, end, bias & 0xFFFF_FFFF_FFFF_FFFF,
                            table, buckets, shift, flags)
     return bytes(out)
 

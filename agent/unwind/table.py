@@ -17,17 +17,17 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import struct
 from array import array
 from typing import IO
 
+from agent.bpf.layouts import UnwindRow, struct_format
 from agent.unwind.cfi import NO_INFO, CfiError, Fde, Rule, parse_cfi
 from agent.unwind.elfread import ElfHeaders, LoadSegment, NotUsableElf
 
 log = logging.getLogger(__name__)
 
-# struct unwind_row in bpf/unwind.h: u32 pc; s32 cfa_offset; s16 rbp_offset; u8 kind; u8 pad
-ROW = struct.Struct("<IihBx")
+# struct unwind_row (bpf/unwind.h, described in agent/bpf/layouts.py): pc, cfa_offset, rbp_offset, kind
+ROW = struct_format(UnwindRow)
 # Binary-search steps within one bucket (UNWIND_BUCKET_STEPS in bpf/unwind.h).
 BUCKET_STEPS = 8
 _MAX_SHIFT, _MIN_SHIFT = 16, 7  # 64 KiB .. 128 bytes of code per bucket

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from agent.bpf.layouts import PyStatus
 from agent.process.memory import ProcessMemory
 from agent.process.procmaps import start_time
 from agent.runtimes.python.code import BadObject, CodeReader
@@ -34,8 +35,9 @@ from shared.model import Frame, FrameType
 log = logging.getLogger(__name__)
 
 OWNED_BY_CSTACK = 3  # 3.12+ _PyInterpreterFrame.owner of the shim each evaluation-loop call pushes
-# bpf/stack_event.h enum py_status
-PY_STATUS = {0: "not_python", 1: "ok", 2: "no_thread_state", 3: "truncated"}
+# The python_stacks counter's status label per bpf/stack_event.h enum py_status.
+PY_STATUS: dict[int, str] = {PyStatus.NOT_PYTHON: "not_python", PyStatus.OK: "ok",
+                             PyStatus.NO_THREAD: "no_thread_state", PyStatus.TRUNCATED: "truncated"}
 IDENTITY_CHECK_S = 1.0  # a recycled PID is noticed within this
 NEGATIVE_TTL_S = 10.0  # a process found not to run Python is looked at again after this
 UNKNOWN_FRAME = "[unknown python frame]"

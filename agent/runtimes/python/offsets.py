@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NONE = 0xFFFF  # bpf/python.h PY_NONE: the field does not exist in this version
+from agent.bpf.layouts import PY_NONE, PY_PROC_OFFSET_FIELDS
+
+NONE = PY_NONE  # the field does not exist in this version
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +56,7 @@ class PythonOffsets:
         return {name: getattr(self, name) for name in BPF_OFFSET_FIELDS}
 
 
-BPF_OFFSET_FIELDS = (
-    "rt_interp_head", "rt_tstate_current", "is_next", "is_threads_head", "ts_next", "ts_native_tid",
-    "ts_frame", "cf_current_frame", "fr_code", "fr_previous", "fr_instr", "fr_marker",
-)
+BPF_OFFSET_FIELDS = PY_PROC_OFFSET_FIELDS  # struct py_proc's offset fields (agent/bpf/layouts.py)
 
 OFFSETS: dict[tuple[int, int], PythonOffsets] = {
     # 3.8 and 3.9: PyFrameObjects as in 3.10, but f_lasti counts bytes, not code units, and

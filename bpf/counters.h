@@ -1,0 +1,85 @@
+/* The per-CPU counters every program keeps, their slots, and the one helper that bumps them.
+ *
+ * Each program names its slots with its enum below, defines COUNTER_SLOTS as that enum's
+ * *_COUNTER_SLOTS and includes this header, which declares the `counters` array (u64 per
+ * slot per CPU, summed by the agent) and count()/count_add(). The agent's side of every
+ * enum is in agent/bpf/layouts.py; agent/bpf/contract.py checks each constant against it at
+ * compile time (docs/design/bpf-contract.md): add a slot in both places.
+ *
+ * Programs that aggregate in kernel maps (wall, lock: bpf/stack_agg.h) start with the
+ * aggregation's own slots, so stack_agg.h counts into the same array.
+ */
+#ifndef STACKFLEET_COUNTERS_H
+#define STACKFLEET_COUNTERS_H
+
+/* bpf/stack_agg.h: first in the counters of the programs that include it. */
+enum agg_counter {
+    AGG_MAP_FULL,               /* events that found the aggregation map full */
+    AGG_MAP_FULL_NS,            /* their ns */
+    AGG_STACK_STORE_FAILED,
+    AGG_STACKS_STORED,          /* new stack ids: how well stacks aggregate */
+    AGG_COUNTER_SLOTS,
+};
+
+enum cpu_counter {
+    CPU_SAMPLES,
+    CPU_RING_FULL,              /* dropped */
+    CPU_IDLE_SKIPPED,
+    CPU_TAIL_CALL_FAILED,       /* into the stack stage: the sample is lost */
+    CPU_COUNTER_SLOTS,
+};
+
+enum wall_counter {
+    WALL_ON_CPU_SAMPLES = AGG_COUNTER_SLOTS,
+    WALL_BLOCKED_MAP_FULL,
+    WALL_OFF_CPU_INTERVALS,
+    WALL_NOT_CAPTURED,          /* switch-outs whose stack was not captured */
+    WALL_UNCAPTURED_LONG,       /* of their intervals, those >= MIN_BLOCK_NS (UNCAPTURED_LABEL) */
+    WALL_UNWIND_TAIL_CALL_FAILED, /* into stage 2: recorded without unwinding */
+    WALL_RECORD_TAIL_CALL_FAILED, /* into stage 3: the event is lost */
+    WALL_COUNTER_SLOTS,
+};
+
+enum lock_counter {
+    LOCK_WAITS = AGG_COUNTER_SLOTS,
+    LOCK_SHORT_WAITS,           /* below MIN_WAIT_NS: counted, no stack */
+    LOCK_SHORT_WAIT_NS,
+    LOCK_UNWIND_TAIL_CALL_FAILED, /* into stage 2: recorded without unwinding */
+    LOCK_RECORD_TAIL_CALL_FAILED, /* into stage 3: the wait is lost */
+    LOCK_COUNTER_SLOTS,
+};
+
+enum heap_counter {
+    HEAP_ALLOCATIONS,           /* precise mode: allocations seen */
+    HEAP_RING_FULL,
+    HEAP_LIVE_FULL,             /* the live map was full: a sampled allocation not tracked */
+    HEAP_BYTES_ALLOCATED,       /* precise mode: bytes of all allocations */
+    HEAP_COUNTER_SLOTS,
+};
+
+enum goroutine_counter {
+    GOROUTINE_CREATIONS,
+    GOROUTINE_RING_FULL,
+    GOROUTINE_EXITS_WITHOUT_OFFSETS, /* exits in processes without runtime.g offsets */
+    GOROUTINE_EXITS_MAP_FULL,
+    GOROUTINE_COUNTER_SLOTS,
+};
+
+#ifndef COUNTER_SLOTS
+#error "define COUNTER_SLOTS (the program's *_COUNTER_SLOTS) before including counters.h"
+#endif
+BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
+
+static __always_inline void count_add(u32 slot, u64 n)
+{
+    u64 *c = counters.lookup(&slot);
+    if (c)
+        *c += n;
+}
+
+static __always_inline void count(u32 slot)
+{
+    count_add(slot, 1);
+}
+
+#endif
