@@ -54,7 +54,7 @@ def measure_window(agent_pid: int, mix: EventMix, duration_s: float) -> Window:
     counts0, ctxt0 = mix.reading()
     before = snapshot(agent_pid)
     time.sleep(duration_s)
-    after = snapshot(agent_pid)
+    after = snapshot(agent_pid, labelled=True)
     counts1, ctxt1 = mix.reading()
     return Window(window_cost(before, after), mix_rates(counts0, counts1, ctxt0, ctxt1),
                   process_tree_rss_bytes(agent_pid) / 2**20)
@@ -132,10 +132,23 @@ def window_fields(w: Window) -> dict[str, Any]:
             "host_context_switches_per_s": round(r.host_context_switches_per_s),
             "futex_waits_per_s": round(r.futex_waits_per_s), "contended_per_s": round(r.contended_per_s),
             "wakeups_per_s": round(r.wakeups_per_s),
-            "programs": [{"id": p.prog_id, "type": p.type_name, "runs_per_s": round(p.runs / c.seconds),
+            "programs": [{"id": p.prog_id, "program": p.label or p.type_name, "runs_per_s": round(p.runs / c.seconds),
                           "us_per_run": round(p.us_per_run, 2),
                           "pct_of_core": round(100 * p.run_time_ns / 1e9 / c.seconds, 2)}
                          for p in c.programs if p.runs]}
+
+
+def print_programs(ws: list[Window]) -> None:
+    """Each BPF program that ran: median runs/s, us per run and % of a core over ``ws``."""
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for w in ws:
+        for p in w.cost.programs:
+            if p.runs:
+                rows.setdefault(p.label or p.type_name, []).append(
+                    (p.runs / w.cost.seconds, p.us_per_run, 100 * p.run_time_ns / 1e9 / w.cost.seconds))
+    for label, values in sorted(rows.items(), key=lambda kv: -median([v[2] for v in kv[1]])):
+        print(f"    {label:52} {median([v[0] for v in values]):>9,.0f} runs/s {median([v[1] for v in values]):>7.2f} us"
+              f" {median([v[2] for v in values]):>6.2f} %")
 
 
 def busy_report(windows: dict[str, list[Window]]) -> dict[str, Any]:
@@ -154,6 +167,7 @@ def busy_report(windows: dict[str, list[Window]]) -> dict[str, Any]:
               f"{median([w.cost.bpf_pct for w in ws]):>6.2f} {rss:>7.0f} "
               f"{median([w.rates.host_context_switches_per_s for w in ws]):>11,.0f} "
               f"{median([w.rates.futex_waits_per_s for w in ws]):>14,.0f}  {'yes' if busy_ok else 'NO':8}  {target}")
+        print_programs(ws)
         out[types] = {"agent_pct_of_core": round(total, 2), "rss_mb": round(rss, 1), "mix_busy_enough": busy_ok,
                       "target_pct": cpu_target, "met": met == "yes", "windows": [window_fields(w) for w in ws]}
     return out
@@ -203,6 +217,9 @@ def storm_report(windows: dict[str, list[Window]], types: str) -> dict[str, Any]
               f"{median([w.cost.process_pct for w in ws]):>8.2f} {median([w.cost.bpf_pct for w in ws]):>6.2f} "
               f"{median([w.rates.host_context_switches_per_s for w in ws]):>11,.0f} "
               f"{median([w.rates.futex_waits_per_s for w in ws]):>14,.0f}")
+    for name, ws in windows.items():
+        print(f"  BPF programs, {name}:")
+        print_programs(ws)
     s = storm_summary(quiet, base, fast)
     print(f"events {names[2]} / {names[1]}: context switches x{s.context_switch_ratio:.2f}, "
           f"futex waits x{s.futex_wait_ratio:.2f}")

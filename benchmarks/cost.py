@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from benchmarks.bpf_attach import program_labels
 from benchmarks.measure import (
     BPF_PROG_TYPE_PERF_EVENT,
     BpfProgStats,
@@ -34,11 +35,18 @@ class CostSnapshot:
     monotonic_s: float
     process_cpu_s: float
     programs: dict[int, BpfProgStats]
+    labels: dict[int, str] = field(default_factory=dict)  # program id -> name @ attach point
 
 
-def snapshot(pid: int) -> CostSnapshot:
-    """Read the counters of ``pid``'s process tree now."""
-    return CostSnapshot(time.monotonic(), process_tree_cpu_s(pid), bpf_programs(process_tree(pid)))
+def snapshot(pid: int, labelled: bool = False) -> CostSnapshot:
+    """Read the counters of ``pid``'s process tree now (``labelled``: and name its programs)."""
+    tree = process_tree(pid)
+    programs = bpf_programs(tree)
+    labels: dict[int, str] = {}
+    if labelled:
+        for p in tree:
+            labels.update(program_labels(p, [i for i in programs if i not in labels]))
+    return CostSnapshot(time.monotonic(), process_tree_cpu_s(pid), programs, labels)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class ProgramDelta:
     type_name: str
     runs: int
     run_time_ns: int
+    label: str = ""
 
     @property
     def us_per_run(self) -> float:
@@ -93,7 +102,8 @@ class WindowCost:
         return self.process_us_per_sample + self.bpf_us_per_sample
 
 
-def program_deltas(before: dict[int, BpfProgStats], after: dict[int, BpfProgStats]) -> list[ProgramDelta]:
+def program_deltas(before: dict[int, BpfProgStats], after: dict[int, BpfProgStats],
+                   labels: dict[int, str] | None = None) -> list[ProgramDelta]:
     """Per-program runs and time between two readings; a program loaded in between counts
     from zero (the kernel's statistics start at load). A program unloaded in between is not
     in ``after`` and its last runs are lost: the windows here are measured while the tools
@@ -103,7 +113,7 @@ def program_deltas(before: dict[int, BpfProgStats], after: dict[int, BpfProgStat
         then = before.get(prog_id)
         runs = now.run_cnt - (then.run_cnt if then else 0)
         ns = now.run_time_ns - (then.run_time_ns if then else 0)
-        deltas.append(ProgramDelta(prog_id, now.type_name, runs, ns))
+        deltas.append(ProgramDelta(prog_id, now.type_name, runs, ns, (labels or {}).get(prog_id, "")))
     return deltas
 
 
@@ -117,7 +127,7 @@ def window_cost(before: CostSnapshot, after: CostSnapshot, process_cpu_s: float 
     """The cost between two snapshots. ``process_cpu_s`` replaces the snapshots' CPU
     difference when it was measured another way (a tool's rusage at exit, which includes
     the work it does after its last snapshot, such as printing its stacks)."""
-    programs = program_deltas(before.programs, after.programs)
+    programs = program_deltas(before.programs, after.programs, {**before.labels, **after.labels})
     cpu = after.process_cpu_s - before.process_cpu_s if process_cpu_s is None else process_cpu_s
     return WindowCost(seconds=after.monotonic_s - before.monotonic_s, process_cpu_s=cpu,
                       bpf_ns=sum(p.run_time_ns for p in programs),

@@ -57,7 +57,7 @@ def agent_arm(nats_url: str, hz: int, warmup_s: float, duration_s: float) -> Win
         time.sleep(warmup_s)
         before = snapshot(agent.pid)
         time.sleep(duration_s)
-        return window_cost(before, snapshot(agent.pid))
+        return window_cost(before, snapshot(agent.pid, labelled=True))
     finally:
         stop(agent)
 
@@ -80,7 +80,7 @@ def reference_arm(hz: int, duration_s: float) -> tuple[WindowCost, float]:
     try:
         start = wait_sampling(proc.pid)
         time.sleep(duration_s)
-        end = snapshot(proc.pid)
+        end = snapshot(proc.pid, labelled=True)
         proc.send_signal(signal.SIGINT)  # profile prints its (folded) stacks and exits
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -117,8 +117,8 @@ def cost_fields(w: WindowCost) -> dict[str, Any]:
             "process_cpu_s": round(w.process_cpu_s, 3), "bpf_ms": round(w.bpf_ns / 1e6, 2),
             "us_per_sample": round(w.us_per_sample, 2), "process_us_per_sample": round(w.process_us_per_sample, 2),
             "bpf_us_per_sample": round(w.bpf_us_per_sample, 2), "pct_of_core": round(w.total_pct, 2),
-            "programs": [{"id": p.prog_id, "type": p.type_name, "runs": p.runs, "us_per_run": round(p.us_per_run, 2)}
-                         for p in w.programs if p.runs]}
+            "programs": [{"id": p.prog_id, "program": p.label or p.type_name, "runs": p.runs,
+                          "us_per_run": round(p.us_per_run, 2)} for p in w.programs if p.runs]}
 
 
 def report(comparisons: list[Comparison]) -> dict[str, Any]:

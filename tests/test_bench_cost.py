@@ -1,6 +1,6 @@
 """The benchmark's measuring arithmetic (benchmarks/measure.py, cost.py, busy_mix.py,
 agent_profile.py) on recorded kernel texts and recorded numbers, with answers worked out by
-hand; and the /proc readers on this test's own process tree."""
+hand; and the /proc and BPF readers on this test's own process tree and a program it loads."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import sys
 import pytest
 
 from benchmarks.agent_profile import function_name, parse_collapsed, summarise
+from benchmarks.bpf_attach import attach_points, program_labels
 from benchmarks.busy_mix import Window, mix_is_busy, storm_summary
 from benchmarks.cost import Comparison, CostSnapshot, WindowCost, cost_ratio, window_cost
 from benchmarks.event_mix import MixRates
 from benchmarks.measure import (
     BpfProgStats,
+    bpf_programs,
+    enable_bpf_stats,
     parse_bpf_prog_fdinfo,
     parse_context_switches,
     parse_ppid,
@@ -206,3 +209,35 @@ def test_collapsed_markers_and_bad_lines() -> None:
     assert function_name("thread (0x7f00)") is None
     with pytest.raises(ValueError):
         parse_collapsed("f (a.py:1);g (a.py:2)\n")
+
+
+BPF_COUNTER = """
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    return 0;
+}
+"""
+
+
+def test_live_program_named_attached_and_counted() -> None:
+    """A tracepoint program this process loads: the kernel's own answers for its name, its
+    attach point and its run count (bpf_stats on), read the way the benchmarks read the agent's."""
+    bcc = pytest.importorskip("bcc")
+    if not enable_bpf_stats():
+        pytest.skip("needs root to enable kernel.bpf_stats_enabled")
+    bpf = bcc.BPF(text=BPF_COUNTER)
+    try:
+        ours = {i: p for i, p in bpf_programs([os.getpid()]).items() if p.prog_type == 5}
+        assert len(ours) == 1
+        (prog_id, before), = ours.items()
+        for _ in range(100):
+            os.getppid()
+        after = bpf_programs([os.getpid()])[prog_id]
+        # Every process's getppid runs it: at least our 100 calls.
+        assert after.run_cnt - before.run_cnt >= 100
+        assert after.run_time_ns > before.run_time_ns
+        # bcc names the program after its function, cut to the kernel's 15 characters.
+        assert program_labels(os.getpid(), [prog_id]) == {prog_id: "syscalls__sys_e @ tracepoint sys_enter_getppid"}
+        assert attach_points(os.getpid()) == {prog_id: "tracepoint sys_enter_getppid"}
+    finally:
+        bpf.cleanup()
