@@ -70,24 +70,33 @@ class FunctionSummary:
     total_samples: int
     self_samples: list[tuple[str, int]]
     inclusive_samples: list[tuple[str, int]]
+    # For each function in self_samples: its callers when it was the innermost frame, most
+    # samples first (a library function such as copy's says nothing without them).
+    callers: dict[str, list[tuple[str, int]]]
 
 
 def summarise(stacks: list[tuple[list[str], int]], top: int = 20) -> FunctionSummary:
     """The ``top`` functions by self and by inclusive samples (ties in name order)."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    callers: dict[str, Counter[str]] = {}
     total = 0
     for frames, count in stacks:
         names = [n for n in (function_name(f) for f in frames) if n is not None]
         total += count
         if names:
             own[names[-1]] += count
+            if len(names) > 1:
+                callers.setdefault(names[-1], Counter())[names[-2]] += count
         for name in set(names):
             inclusive[name] += count
-    def ranked(counts: Counter[str]) -> list[tuple[str, int]]:
-        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]
 
-    return FunctionSummary(total, ranked(own), ranked(inclusive))
+    def ranked(counts: Counter[str], n: int = top) -> list[tuple[str, int]]:
+        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+    self_top = ranked(own)
+    return FunctionSummary(total, self_top, ranked(inclusive),
+                           {name: ranked(callers[name], 3) for name, _ in self_top if name in callers})
 
 
 def profile_agent(exe: Path, types: str, warmup_s: float, duration_s: float, rate_hz: int = 100,
@@ -119,6 +128,11 @@ def report(summary: FunctionSummary, types: str) -> dict[str, Any]:
         print(f"\n{title:>9}  function")
         for name, count in rows:
             print(f"{100 * count / total:>8.1f}%  {name}")
+            if title == "self" and summary.callers.get(name):
+                caller, n = summary.callers[name][0]
+                print(f"{'':>11}called from {caller} ({100 * n / total:.1f}%)")
     return {"types": types, "samples": summary.total_samples,
-            "self": [{"function": n, "pct": round(100 * c / total, 1)} for n, c in summary.self_samples],
+            "self": [{"function": n, "pct": round(100 * c / total, 1),
+                      "callers": [{"function": f, "pct": round(100 * k / total, 1)}
+                                  for f, k in summary.callers.get(n, [])]} for n, c in summary.self_samples],
             "inclusive": [{"function": n, "pct": round(100 * c / total, 1)} for n, c in summary.inclusive_samples]}

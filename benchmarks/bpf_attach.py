@@ -65,10 +65,12 @@ def program_name(prog_id: int) -> str | None:
 
 
 def describe(fd_type: int, name: str, probe_offset: int) -> str:
-    """A readable attach point: ``tracepoint sched_switch``, ``uprobe /usr/bin/x+0x1a0``."""
+    """A readable attach point: ``tracepoint sched_switch``, ``uprobe nats-server+0x5ad40``
+    (a probed file by its base name: results are shared, the machine's paths are not)."""
     kind = FD_TYPES.get(fd_type, f"type {fd_type}")
-    if fd_type in (4, 5) and probe_offset:
-        return f"{kind} {name}+{probe_offset:#x}"
+    if fd_type in (4, 5):
+        base = Path(name).name
+        return f"{kind} {base}+{probe_offset:#x}" if probe_offset else f"{kind} {base}"
     return f"{kind} {name}"
 
 

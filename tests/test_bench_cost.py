@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from benchmarks.agent_profile import function_name, parse_collapsed, summarise
-from benchmarks.bpf_attach import attach_points, program_labels
+from benchmarks.bpf_attach import attach_points, describe, program_labels
 from benchmarks.busy_mix import Window, mix_is_busy, storm_summary
 from benchmarks.cost import Comparison, CostSnapshot, WindowCost, cost_ratio, window_cost
 from benchmarks.event_mix import MixRates
@@ -193,6 +193,8 @@ def test_collapsed_stacks_summarised() -> None:
     assert s.total_samples == 10
     assert s.self_samples == [("decode (events.py)", 7), ("drain (base.py)", 2),
                               ("<module> (<frozen site>)", 1)]
+    assert s.callers["decode (events.py)"] == [("drain (base.py)", 7)]
+    assert s.callers["drain (base.py)"] == [("_run (asyncio/events.py)", 2)]
     # Ties in name order.
     assert s.inclusive_samples == [("_run (asyncio/events.py)", 9), ("_run_once (asyncio/base_events.py)", 9),
                                    ("drain (base.py)", 9)]
@@ -217,6 +219,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
     return 0;
 }
 """
+
+
+def test_attach_point_descriptions() -> None:
+    assert describe(1, "sched_switch", 0) == "tracepoint sched_switch"
+    assert describe(4, "/opt/x/bin/nats-server", 0x5AD40) == "uprobe nats-server+0x5ad40"
+    assert describe(2, "do_sys_open", 0) == "kprobe do_sys_open"
 
 
 def test_live_program_named_attached_and_counted() -> None:
