@@ -75,20 +75,24 @@ def wait_sampling(pid: int, timeout_s: float = 120) -> CostSnapshot:
 def reference_arm(hz: int, duration_s: float) -> tuple[WindowCost, float]:
     """bcc's ``profile -F hz``: its cost over ``duration_s`` from its first sample, and the
     CPU seconds it spends after SIGINT printing (symbolizing) the stacks it collected."""
-    proc = subprocess.Popen([profile_tool(), "-F", str(hz), "-f"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        start = wait_sampling(proc.pid)
-        time.sleep(duration_s)
-        end = snapshot(proc.pid, labelled=True)
-        proc.send_signal(signal.SIGINT)  # profile prints its (folded) stacks and exits
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        return window_cost(start, end), usage.ru_utime + usage.ru_stime - end.process_cpu_s
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait(30)
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([profile_tool(), "-F", str(hz), "-f"], stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            try:
+                start = wait_sampling(proc.pid)
+            except TimeoutError as e:
+                stderr.seek(0)
+                raise TimeoutError(f"{e}; its stderr: {stderr.read()[-2000:]}") from None
+            time.sleep(duration_s)
+            end = snapshot(proc.pid, labelled=True)
+            proc.send_signal(signal.SIGINT)  # profile prints its (folded) stacks and exits
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return window_cost(start, end), usage.ru_utime + usage.ru_stime - end.process_cpu_s
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait(30)
 
 
 def per_sample(rates: list[int], repeats: int, warmup_s: float, duration_s: float) -> list[Comparison]:
