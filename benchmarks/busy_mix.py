@@ -22,6 +22,7 @@ subtracted, also the ratio of the part that follows events (derived, labelled as
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ MIN_FUTEX_WAITS_PER_S = 2_000
 CPU_TARGET_PCT = {"cpu": 1.0, "cpu,wall,lock,goroutine": 2.0}
 RSS_TARGET_MB = 150
 STORM_COST_RATIO_LIMIT = 2.0
+# Below this growth of the events the cost ratio says nothing about how cost follows events.
+STORM_MIN_EVENT_RATIO = 1.2
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,23 @@ class StormSummary:
     event_part_ratio: float  # (fast - spinners only) / (base - spinners only): derived
 
     @property
-    def met(self) -> bool:
-        return self.cost_ratio < STORM_COST_RATIO_LIMIT
+    def event_ratio(self) -> float:
+        """The smaller of the two event growths (the stricter basis for the verdict)."""
+        return min(self.context_switch_ratio, self.futex_wait_ratio)
+
+    @property
+    def elasticity(self) -> float:
+        """How cost follows events: ln(cost ratio) / ln(event ratio); 1 is proportional. The
+        events rarely double exactly on a loaded machine; at this elasticity a doubling would
+        multiply the cost by 2 ** elasticity."""
+        return math.log(self.cost_ratio) / math.log(self.event_ratio)
+
+    @property
+    def met(self) -> bool | None:
+        """Doubling the events does not double the cost; None when the events barely grew."""
+        if self.event_ratio < STORM_MIN_EVENT_RATIO:
+            return None
+        return self.cost_ratio < STORM_COST_RATIO_LIMIT and self.elasticity < 1
 
 
 def storm_summary(quiet: list[Window], base: list[Window], fast: list[Window]) -> StormSummary:
@@ -223,10 +241,13 @@ def storm_report(windows: dict[str, list[Window]], types: str) -> dict[str, Any]
     s = storm_summary(quiet, base, fast)
     print(f"events {names[2]} / {names[1]}: context switches x{s.context_switch_ratio:.2f}, "
           f"futex waits x{s.futex_wait_ratio:.2f}")
-    print(f"agent cost {names[2]} / {names[1]}: x{s.cost_ratio:.2f} (target < x{STORM_COST_RATIO_LIMIT:g}: "
-          f"{'yes' if s.met else 'NO'}); the part above the spinners-only cost (derived): "
+    verdict = {True: "yes", False: "NO", None: f"no verdict: events grew less than x{STORM_MIN_EVENT_RATIO:g}"}[s.met]
+    print(f"agent cost {names[2]} / {names[1]}: x{s.cost_ratio:.2f}; elasticity to events {s.elasticity:.2f} "
+          f"(at x2 events: x{2 ** s.elasticity:.2f}; target < x{STORM_COST_RATIO_LIMIT:g}: {verdict}); "
+          f"the part above the spinners-only cost (derived): "
           f"x{s.event_part_ratio:.2f}")
     return {"types": types, "cost_ratio": round(s.cost_ratio, 2), "met": s.met,
+            "elasticity": round(s.elasticity, 2), "cost_ratio_at_2x_events": round(2 ** s.elasticity, 2),
             "context_switch_ratio": round(s.context_switch_ratio, 2),
             "futex_wait_ratio": round(s.futex_wait_ratio, 2),
             "event_part_cost_ratio_derived": round(s.event_part_ratio, 2),

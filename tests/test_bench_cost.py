@@ -168,8 +168,15 @@ def test_storm_summary_from_recorded_numbers() -> None:
     assert s.context_switch_ratio == pytest.approx(41_000 / 21_000)
     assert s.futex_wait_ratio == pytest.approx(6_100 / 3_100)
     assert s.event_part_ratio == pytest.approx((15 - 5) / (11 - 5))
-    assert s.met
-    assert not storm_summary(quiet, base, [window(22.0, 40_000, 6_000)]).met
+    assert s.event_ratio == pytest.approx(41_000 / 21_000)  # the smaller growth
+    assert s.elasticity == pytest.approx(math.log(15 / 11) / math.log(41 / 21))
+    assert s.met is True
+    # Cost up x2, events x41/21: more than proportional.
+    assert storm_summary(quiet, base, [window(22.0, 40_000, 6_000), window(22.0, 42_000, 6_200)]).met is False
+    # Cost up x1.5 while the events grew only x1.5: proportional, not bounded.
+    assert storm_summary(quiet, base, [window(16.5, 31_500, 4_650)]).met is False
+    # Events barely grew: no verdict.
+    assert storm_summary(quiet, base, [window(11.0, 23_000, 3_200)]).met is None
     assert cost_ratio([w.cost for w in base], [w.cost for w in fast]) == pytest.approx(15 / 11)
 
 
