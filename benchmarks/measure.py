@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,25 +33,141 @@ def process_rss_bytes(pid: int) -> int:
     return 0
 
 
+# enum bpf_prog_type in include/uapi/linux/bpf.h: the types our tools and bcc's load.
+BPF_PROG_TYPE_NAMES = {2: "kprobe", 5: "tracepoint", 7: "perf_event", 17: "raw_tracepoint", 26: "tracing"}
+BPF_PROG_TYPE_PERF_EVENT = 7
+
+
+@dataclass(frozen=True)
+class BpfProgStats:
+    """One loaded BPF program's identity and its kernel-kept run statistics.
+
+    ``run_time_ns`` and ``run_cnt`` grow only while ``kernel.bpf_stats_enabled`` is 1. A
+    program reached by a tail call is not counted on its own: its runs and time are inside
+    the program that called it, so summing every program of a process counts each run once.
+    """
+
+    prog_id: int
+    prog_type: int
+    run_time_ns: int
+    run_cnt: int
+
+    @property
+    def type_name(self) -> str:
+        return BPF_PROG_TYPE_NAMES.get(self.prog_type, str(self.prog_type))
+
+
+def parse_bpf_prog_fdinfo(text: str) -> BpfProgStats | None:
+    """The program statistics in a ``/proc/PID/fdinfo/FD`` text, or None for any other fd.
+
+    The kernel writes one ``key:<tab>value`` line per field; a BPF program's fdinfo has
+    ``prog_type``, ``prog_id``, ``run_time_ns`` and ``run_cnt`` (bpf_prog_show_fdinfo).
+    A program fd without them (an older kernel without bpf_stats) is reported as None too.
+    """
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    try:
+        return BpfProgStats(prog_id=int(fields["prog_id"]), prog_type=int(fields["prog_type"]),
+                            run_time_ns=int(fields["run_time_ns"]), run_cnt=int(fields["run_cnt"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def bpf_programs(pids: Iterable[int]) -> dict[int, BpfProgStats]:
+    """The BPF programs whose fds any of ``pids`` holds, by program id (one entry per program,
+    however many fds and processes hold it). Unreadable processes and fds are skipped: a
+    process can exit, or close an fd, between listing and reading."""
+    programs: dict[int, BpfProgStats] = {}
+    for pid in pids:
+        try:
+            infos = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+        except OSError:
+            continue
+        for info in infos:
+            try:
+                text = info.read_text()
+            except OSError:
+                continue
+            prog = parse_bpf_prog_fdinfo(text)
+            if prog is not None:
+                programs[prog.prog_id] = prog
+    return programs
+
+
 def bpf_runtime_ns(pid: int) -> int:
     """Total time the kernel spent running BPF programs whose fds ``pid`` holds.
 
     Needs ``kernel.bpf_stats_enabled=1`` (see :func:`enable_bpf_stats`); the kernel then
     reports ``run_time_ns`` in each program fd's fdinfo.
     """
-    total = 0
-    fd_dir = Path(f"/proc/{pid}/fdinfo")
-    for info in fd_dir.iterdir():
+    return sum(p.run_time_ns for p in bpf_programs([pid]).values())
+
+
+def parse_ppid(stat_text: str) -> int:
+    """The parent pid from a ``/proc/PID/stat`` line (the comm field may hold spaces and ')')."""
+    return int(stat_text.rsplit(")", 1)[1].split()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (by each process's parent pid in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            text = info.read_text()
+            children.setdefault(parse_ppid((entry / "stat").read_text()), []).append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
+def parse_tree_cpu_ticks(stat_text: str) -> int:
+    """utime + stime + cutime + cstime (clock ticks) from a ``/proc/PID/stat`` line: the
+    process's own CPU and that of the children it has waited for."""
+    fields = stat_text.rsplit(")", 1)[1].split()
+    return sum(int(fields[i]) for i in (11, 12, 13, 14))
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid``, its live descendants and the children they reaped."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            ticks += parse_tree_cpu_ticks(Path(f"/proc/{p}/stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks / CLOCK_TICKS
+
+
+def process_tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its live descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += process_rss_bytes(p)
         except OSError:
             continue
-        if "prog_type" not in text:
-            continue
-        for line in text.splitlines():
-            if line.startswith("run_time_ns:"):
-                total += int(line.split()[1])
     return total
+
+
+def parse_context_switches(proc_stat_text: str) -> int:
+    """The host's context switches since boot: the ``ctxt`` line of ``/proc/stat``."""
+    for line in proc_stat_text.splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    raise ValueError("no ctxt line in /proc/stat")
+
+
+def host_context_switches() -> int:
+    return parse_context_switches(Path("/proc/stat").read_text())
 
 
 def enable_bpf_stats() -> bool:

@@ -1,8 +1,16 @@
 """The overhead and scale suite: one command, every figure measured side by side, with targets.
 
     sudo .venv/bin/python -m benchmarks.run [--repeats 3] [--seconds 15] [--hosts 1000] [--replicas 2]
+    sudo .venv/bin/python -m benchmarks.run --mode per-sample|busy|storm|py-spy [--duration 20]
 
-Measured in one run on this machine:
+The modes other than ``suite`` each measure one thing of issue #20 and write their own JSON
+beside results.json: ``per-sample`` the agent's cost per CPU sample next to bcc's ``profile``
+(benchmarks/per_sample.py), ``busy`` and ``storm`` the agent on a host with many context
+switches and futex waits (benchmarks/busy_mix.py), ``py-spy`` where the agent's own CPU goes
+there (benchmarks/agent_profile.py).
+
+The ``suite`` measures, in one run on this machine:
+
 - agent CPU (user+sys of the agent process, plus its BPF programs' run time from the
   kernel's bpf_stats) while a realistic workload (benchmarks/workloads/host_mix.c) keeps
   both cores busy;
@@ -213,11 +221,55 @@ TARGETS = {
 NOISE_BOUND = {"workload_slowdown_pct": 1.0}
 
 
+MODE_JSON = {"suite": "results.json", "per-sample": "per_sample.json", "busy": "busy_mix.json",
+             "storm": "storm.json", "py-spy": "agent_py_spy.json"}
+ALL_EVENT_TYPES = "cpu,wall,lock,goroutine"
+
+
+def run_mode(args: argparse.Namespace) -> None:
+    """One of issue #20's measurements; prints its table and writes its JSON."""
+    from benchmarks import agent_profile, busy_mix, per_sample
+    from benchmarks.event_mix import build_event_mix
+
+    if not enable_bpf_stats():
+        raise SystemExit("cannot enable kernel.bpf_stats_enabled (run as root): BPF run time would read 0")
+    repeats = 2 if args.repeats is None else args.repeats
+    out: dict[str, Any] = {"mode": args.mode, "duration_s": args.duration, "warmup_s": args.warmup,
+                           "repeats": repeats, "target_comm": args.target_comm or "(all processes)",
+                           "load_average_at_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.mode == "per-sample":
+            rates = [int(r) for r in args.rates.split(",")]
+            out.update(per_sample.report(per_sample.per_sample(rates, repeats, args.warmup, args.duration)))
+        else:
+            exe = build_event_mix(Path(tmp))
+            if args.mode == "busy":
+                type_sets = [args.types] if args.types else ["cpu", ALL_EVENT_TYPES]
+                out.update(busy_mix.busy_report(busy_mix.busy(exe, type_sets, repeats, args.warmup, args.duration,
+                                                              args.target_comm)))
+            elif args.mode == "storm":
+                types = args.types or ALL_EVENT_TYPES
+                out.update(busy_mix.storm_report(busy_mix.storm(
+                    exe, types, args.storm_factor, repeats, args.warmup, args.settle, args.duration,
+                    args.target_comm), types))
+            else:
+                types = args.types or ALL_EVENT_TYPES
+                out.update(agent_profile.report(agent_profile.profile_agent(
+                    exe, types, args.warmup, args.duration, target_comm=args.target_comm), types))
+    out["load_average_at_end"] = os.getloadavg()
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"\nload average at start {out['load_average_at_start'][0]:.1f}, at end {out['load_average_at_end'][0]:.1f} "
+          f"(the machine is shared: other jobs' load is in every figure)\nwritten to {args.json}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=list(MODE_JSON), default="suite")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds per measurement (suite: 3; per-sample, busy, storm: 2)")
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--types", default="cpu")
+    parser.add_argument("--types", default=None,
+                        help="agent profile types (suite: cpu; storm and py-spy: cpu,wall,lock,goroutine)")
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--intake-seconds", type=int, default=20)
     parser.add_argument("--skip-intake", action="store_true")
@@ -228,8 +280,21 @@ def main() -> None:
     parser.add_argument("--target-comm", default="",
                         help="trace only processes whose name matches (STACKFLEET_TARGET_COMM); on a shared "
                              "machine this keeps other people's processes out of the wall/lock figures")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--duration", type=float, default=20,
+                        help="seconds of each measured window in the per-sample, busy, storm and py-spy modes")
+    parser.add_argument("--rates", default="99,999", help="per-sample mode: sampling rates in Hz")
+    parser.add_argument("--storm-factor", type=float, default=2, help="storm mode: how much faster the fast mix is")
+    parser.add_argument("--settle", type=float, default=5,
+                        help="storm mode: seconds between starting a workload and measuring")
+    parser.add_argument("--json", default=None, help="output file (default: per mode, in benchmarks/)")
     args = parser.parse_args()
+    if args.json is None:
+        args.json = str(ROOT / "benchmarks" / MODE_JSON[args.mode])
+    if args.mode != "suite":
+        run_mode(args)
+        return
+    args.repeats = 3 if args.repeats is None else args.repeats
+    args.types = args.types or "cpu"
     if not enable_bpf_stats():
         print("warning: cannot enable kernel.bpf_stats_enabled; BPF CPU will read 0", file=sys.stderr)
     results: dict[str, Any] = {}
