@@ -19,22 +19,24 @@ increment between our read and our delete of the same entry would be lost.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
-import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.actors.base import RingBufferActor
+from agent.bpf.layouts import WEIGHT_SHIFT, AggKey, AggValue, check_layout, unpacker
 from agent.bpf_batch import HashMapDrainer
 from agent.bpf_events import EVENT_SIZE, parse_stack_event
 from shared.model import Frame
 
 log = logging.getLogger("stackfleet.agent")
 
-AGG_KEY = struct.Struct("<IIQQ")        # struct agg_key: pid, tid, stack_id, label
-AGG_VALUE = struct.Struct("<QQQQIIQ")  # struct agg_value: count, total_ns, first_ts, last_ts, cpu, pad, weighted_ns
+AGG_KEY = unpacker(AggKey)
+AGG_VALUE = unpacker(AggValue)
 # How long after flipping the generation we wait before reading the quiet map: BPF
 # programs do not sleep and finish within microseconds of reading the generation.
 GENERATION_GRACE_S = 0.002
@@ -53,9 +55,65 @@ class AggregatedEntry:
     first_ts_mono_ns: int
     last_ts_mono_ns: int
     cpu: int
-    # Sum of each event's ns divided by the probability it was captured (wall's capture
-    # rate, bpf/wall.bpf.c); equal to total_ns where every event is captured.
+    # Captured events: the sums of each event's ns and of 1 (in 1/2^16ths) divided by the
+    # probability it was captured (bpf/event_capture.h); 0 in sums of events not captured.
     weighted_ns: int
+    weighted_count: int = 0
+
+
+# How an entry takes part in spread_uncaptured: (its stratum, True if it is the stratum's sum of
+# events not captured), or None if it is left as it is.
+Stratum = Callable[[AggregatedEntry], "tuple[Hashable, bool] | None"]
+
+
+def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum,
+                         spread_counts: bool = False) -> list[AggregatedEntry]:
+    """Each stratum's sum of events not captured, shared out over its captured entries.
+
+    In a stratum (e.g. one thread's long off-CPU blocks in one task state, or its waits on
+    one lock, in one window) with ``C`` ns captured and ``U`` ns not, the exact total ``C + U``
+    is divided among the captured entries in proportion to their ``weighted_ns`` (each event's
+    ns divided by the probability it had of being captured): a ratio of Horvitz-Thompson
+    estimates, so a stack whose events were less likely to be captured gets its share back.
+    With ``spread_counts`` the event counts are shared the same way by ``weighted_count``.
+    Rounded so the stratum's totals stay exact. Strata with nothing uncaptured are left alone;
+    a stratum with nothing captured keeps its uncaptured entry (reported without a stack).
+    """
+    uncaptured: dict[Hashable, int] = {}
+    captured: dict[Hashable, list[int]] = {}
+    for i, entry in enumerate(entries):
+        role = stratum_of(entry)
+        if role is None:
+            continue
+        stratum, is_uncaptured = role
+        if is_uncaptured:
+            uncaptured[stratum] = i
+        else:
+            captured.setdefault(stratum, []).append(i)
+    out: list[AggregatedEntry | None] = list(entries)
+    for stratum, u in uncaptured.items():
+        indexes = captured.get(stratum, [])
+        # weighted >= exact (probabilities <= 1) but for BPF's rounding down: max() keeps that true.
+        weights = [max(entries[i].weighted_ns, entries[i].total_ns) for i in indexes]
+        weight_sum = sum(weights)
+        if weight_sum <= 0:
+            continue  # nothing captured in this stratum and window: reported as it is
+        ns = _shares(entries[u].total_ns + sum(entries[i].total_ns for i in indexes), weights)
+        counts = [entries[i].count for i in indexes]
+        if spread_counts:
+            count_weights = [max(entries[i].weighted_count, entries[i].count << WEIGHT_SHIFT) for i in indexes]
+            counts = _shares(entries[u].count + sum(counts), count_weights)
+        for i, share, count in zip(indexes, ns, counts, strict=True):
+            out[i] = dataclasses.replace(entries[i], total_ns=share, count=count)
+        out[u] = None
+    return [e for e in out if e is not None]
+
+
+def _shares(total: int, weights: list[int]) -> list[int]:
+    """``total`` divided in proportion to ``weights`` (sum > 0), the rest of rounding to the last."""
+    weight_sum = sum(weights)
+    shares = [total * w // weight_sum for w in weights[:-1]]
+    return [*shares, total - sum(shares)]
 
 
 class AggregatingActor(RingBufferActor):
@@ -80,11 +138,20 @@ class AggregatingActor(RingBufferActor):
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "AGG_ENTRIES": self.ctx.settings.agg_map_entries,
-                "STACK_ENTRIES": self.ctx.settings.agg_stack_entries}
+                "STACK_ENTRIES": self.ctx.settings.agg_stack_entries,
+                "CAPTURE_RATE_HZ": self.capture_rate_hz(),
+                "CAPTURE_BUDGET_HZ": self.ctx.settings.capture_budget_per_cpu_hz}
+
+    def capture_rate_hz(self) -> int:
+        """Per-thread stack captures a second (bpf/event_capture.h); 0: every event."""
+        return 0
 
     def _load_and_attach(self) -> None:
         super()._load_and_attach()
         try:
+            for name in ("agg0", "agg1"):
+                check_layout(AggKey, self.bpf[name].Key)
+                check_layout(AggValue, self.bpf[name].Leaf)
             self._drainers = [HashMapDrainer(self.bpf[name], AGG_KEY, AGG_VALUE) for name in ("agg0", "agg1")]
             stack_leaf = ctypes.sizeof(self.bpf["stacks"].Leaf)
             if stack_leaf != EVENT_SIZE:
@@ -105,8 +172,10 @@ class AggregatingActor(RingBufferActor):
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
         self._count_agg_overflow()
-        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted)
-                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted) in rows]
+        self._count_captures()
+        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
+                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted, weighted_count)
+                   in rows]
         self._fetch_new_stacks(entries)
         return entries
 
@@ -142,6 +211,21 @@ class AggregatingActor(RingBufferActor):
             self.ctx.counters.inc("stack_store_failed", store_failed, type=type_name)
         if stored:
             self.ctx.counters.inc("agg_stacks_stored", stored, type=type_name)
+
+    def _count_captures(self) -> None:
+        """bpf/event_capture.h's counts: events captured, not captured by the draw, and not
+        drawn because the CPU's window hit its hard cap (the one source of bias: logged)."""
+        from agent.bpf_loader import read_percpu_counters
+
+        now = read_percpu_counters(self.bpf["capture_counts"])
+        seen = getattr(self, "_captures_seen", None) or [0] * len(now)
+        self._captures_seen = now
+        type_name = self.profile_type.value
+        for (n, s), result in zip(zip(now, seen, strict=True), ("captured", "sampled_out", "capped"), strict=False):
+            if n - s:
+                self.ctx.counters.inc("stack_captures", n - s, type=type_name, result=result)
+        if now[2] - seen[2]:
+            log.info("%s: %d events over the per-CPU capture budget's hard cap", type_name, now[2] - seen[2])
 
     # -- per-entry lookups, cached ---------------------------------------------------------
     def stack_frames(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str]:

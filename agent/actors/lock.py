@@ -4,9 +4,15 @@ BPF aggregates contended waits (longer than ``lock_min_wait_ns``) per (thread, w
 stack, lock address) and the actor drains them every flush (agent/actors/aggregated.py);
 each aggregate becomes one sample with values ``contentions`` (waits) and ``delay`` (ns),
 like pprof's mutex profile, stamped with its first wait's time. Shorter waits are counted,
-not profiled. Every sample carries ``lock.address`` and ``lock.wait.kind`` (mutex, rwlock,
-condition, join, semaphore or other: agent/lock_waits.py); the aggregator's default lock
-views show the contention kinds only (shared/lock_waits.py).
+not profiled. Waits are captured (their stacks taken) at ``lock_capture_rate_hz`` per thread
+within a per-CPU budget (bpf/event_capture.h); the delay and count of waits not captured are
+shared out over the captured stacks of the same thread and lock in the same window by
+inverse-probability weights (``spread_uncaptured``): per (thread, lock) totals are exact, the
+split between stacks is estimated. A (thread, lock) with nothing captured in a window keeps its
+waits as one sample without a stack, ``lock.stack=not-captured``. Every sample carries
+``lock.address`` and ``lock.wait.kind`` (mutex, rwlock, condition, join, semaphore or other:
+agent/lock_waits.py); the aggregator's default lock views show the contention kinds only
+(shared/lock_waits.py).
 
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
 parks on a futex. Go's sync.Mutex parks goroutines inside the Go runtime scheduler without
@@ -16,15 +22,27 @@ see docs/design/wall-and-lock.md.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
-from agent.actors.aggregated import AggregatingActor
+from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
 from agent.lock_waits import futex_address, wait_bits, wait_kind
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
 from shared.profile_types import ProfileType
+
+
+def lock_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool]:
+    """Waits are spread per (thread, label: lock address and wait bits); stack id 0 holds the
+    waits that were not captured (captured stacks never get id 0)."""
+    return (entry.pid, entry.tid, entry.label), entry.stack_id == 0
+
+
+def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+    """Each (thread, lock)'s uncaptured waits, delay and count, shared out over its captured stacks."""
+    return spread_uncaptured_by(entries, lock_stratum, spread_counts=True)
 
 
 class LockActor(AggregatingActor):
@@ -43,6 +61,9 @@ class LockActor(AggregatingActor):
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "MIN_WAIT_NS": self.ctx.settings.lock_min_wait_ns}
+
+    def capture_rate_hz(self) -> int:
+        return self.ctx.settings.lock_capture_rate_hz
 
     def attach(self, bpf: Any) -> None:
         # TRACEPOINT_PROBE programs are attached by bcc when loaded; with unwinding, stages 2
@@ -63,13 +84,23 @@ class LockActor(AggregatingActor):
             c.inc("lock_short_wait_ns", delta[3])
         if len(delta) > 4 and delta[4]:
             c.inc("unwind_tail_call_failed", delta[4], type=self.profile_type.value)
-        self.count_drops(delta, {5: "tail_call_failed"})
+        # Not a drop: waits not captured keep their delay and count in their thread and lock's
+        # uncaptured sum, which spread_uncaptured shares out.
+        if len(delta) > 6 and delta[6]:
+            c.inc("lock_waits_estimated", delta[6])
+        self.count_drops(delta, {5: "tail_call_failed", 7: "thread_state_unavailable"})
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
-        for entry in self.drain():
-            frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+        for entry in spread_uncaptured(self.drain()):
+            attributes = {"lock.address": f"0x{futex_address(entry.label):x}"}
+            if entry.stack_id:
+                frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+            else:
+                frames, comm = (), ""
+                attributes["lock.stack"] = "not-captured"
+            attributes[LOCK_WAIT_KIND] = wait_kind(wait_bits(entry.label), frames).value
             thread_name = self.thread_name(entry.pid, entry.tid, comm)
             out.append(Sample(
                 timestamp_ns=self.sample_time_ns(entry),
@@ -77,7 +108,6 @@ class LockActor(AggregatingActor):
                 process_name=symbolizer.process_name(entry.pid) or thread_name,
                 frames=frames,
                 values=(entry.count, entry.total_ns),
-                attributes={"lock.address": f"0x{futex_address(entry.label):x}",
-                            LOCK_WAIT_KIND: wait_kind(wait_bits(entry.label), frames).value},
+                attributes=attributes,
             ))
         return out

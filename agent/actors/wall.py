@@ -15,10 +15,10 @@ per-state totals stay exact, the split between stacks is an unbiased-ratio estim
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Hashable
 from typing import Any
 
-from agent.actors.aggregated import AggregatedEntry, AggregatingActor
+from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
@@ -27,7 +27,6 @@ from shared.profile_types import ProfileType
 # Linux task states as sched_switch reports prev_state (TASK_REPORT bits).
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
-MAX_BLOCKED_THREADS = 16384
 # bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
 ON_CPU_LABEL = 1 << 63
 SHORT_OFF_CPU_LABEL = (1 << 63) | 1
@@ -47,40 +46,24 @@ def uncaptured_state(label: int) -> int:
     return label & ~UNCAPTURED_LABEL
 
 
+def wall_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool] | None:
+    """Off-CPU blocks are spread per (thread, task state); on-CPU and short blocks are exact."""
+    if is_uncaptured(entry.label):
+        return (entry.pid, entry.tid, uncaptured_state(entry.label)), True
+    if entry.label in (ON_CPU_LABEL, SHORT_OFF_CPU_LABEL):
+        return None
+    return (entry.pid, entry.tid, entry.label), False
+
+
 def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
     """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries.
 
-    In a stratum (one thread's long off-CPU blocks in one task state, one window) with
-    ``C`` ns captured and ``U`` ns uncaptured, the exact total ``C + U`` is divided among
-    the captured entries in proportion to their ``weighted_ns`` (each block's ns divided by
-    the probability it had of being captured): a ratio of Horvitz-Thompson estimates, so a
-    stack whose blocks were less likely to be captured (a sleep right after a captured
-    preemption) gets its share back. Rounded so the stratum's total stays exactly ``C + U``.
-    Strata with nothing uncaptured are exact already and left alone; uncaptured time of a
-    stratum with nothing captured keeps its entry, reported without a stack.
+    A thread's long off-CPU blocks in one task state and window form a stratum; its exact total
+    is divided among the captured stacks by inverse-probability weights
+    (aggregated.spread_uncaptured_by). A stratum with nothing captured keeps its entry,
+    reported without a stack.
     """
-    uncaptured: dict[tuple[int, int, int], int] = {}
-    captured: dict[tuple[int, int, int], list[int]] = {}
-    for i, entry in enumerate(entries):
-        if is_uncaptured(entry.label):
-            uncaptured[(entry.pid, entry.tid, uncaptured_state(entry.label))] = i
-        elif entry.label not in (ON_CPU_LABEL, SHORT_OFF_CPU_LABEL):
-            captured.setdefault((entry.pid, entry.tid, entry.label), []).append(i)
-    out: list[AggregatedEntry | None] = list(entries)
-    for stratum, u in uncaptured.items():
-        indexes = captured.get(stratum, [])
-        # weighted_ns >= total_ns (p <= 1) but for BPF's rounding down: max() keeps that true.
-        weights = [max(entries[i].weighted_ns, entries[i].total_ns) for i in indexes]
-        weight_sum = sum(weights)
-        if weight_sum <= 0:
-            continue  # nothing captured in this stratum and window: reported as it is
-        total = remaining = entries[u].total_ns + sum(entries[i].total_ns for i in indexes)
-        for n, (i, weight) in enumerate(zip(indexes, weights, strict=True)):
-            share = remaining if n == len(indexes) - 1 else total * weight // weight_sum
-            remaining -= share
-            out[i] = dataclasses.replace(entries[i], total_ns=share)
-        out[u] = None
-    return [e for e in out if e is not None]
+    return spread_uncaptured_by(entries, wall_stratum)
 
 
 def task_state_name(state: int) -> str:
@@ -105,8 +88,10 @@ class WallActor(AggregatingActor):
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
-                "MIN_BLOCK_NS": self.ctx.settings.wall_min_block_ns, "MAX_BLOCKED_THREADS": MAX_BLOCKED_THREADS,
-                "CAPTURE_RATE_HZ": self.ctx.settings.wall_capture_rate_hz}
+                "MIN_BLOCK_NS": self.ctx.settings.wall_min_block_ns}
+
+    def capture_rate_hz(self) -> int:
+        return self.ctx.settings.wall_capture_rate_hz
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType
@@ -121,7 +106,7 @@ class WallActor(AggregatingActor):
 
     def read_bpf_counters(self) -> None:
         deltas = self.counter_deltas()
-        self.count_drops(deltas, {2: "blocked_map_full", 7: "tail_call_failed"})
+        self.count_drops(deltas, {2: "thread_state_unavailable", 7: "tail_call_failed", 8: "interval_end_unseen"})
         if len(deltas) > 6 and deltas[6]:
             self.ctx.counters.inc("unwind_tail_call_failed", deltas[6], type=self.profile_type.value)
         # Not drops: switch-outs not captured (to bound the cost), and of their blocks those long
