@@ -38,6 +38,17 @@ def test_locks_and_threads_are_separate_and_nothing_captured_keeps_its_entry() -
     assert out == {(1, 7, MUTEX): (1_500, 2), (1, 0, OTHER_LOCK): (2_000, 2), (2, 0, MUTEX): (5_000, 5)}
 
 
+def test_a_window_without_captures_uses_the_stacks_of_the_latest_window_with_some() -> None:
+    earlier: dict = {}
+    first = [entry(1, 7, MUTEX, 1_000, 1, 1_000, ONE), entry(1, 8, MUTEX, 1_000, 1, 3_000, 3 * ONE)]
+    assert spread_uncaptured(first, earlier) == first
+    second = [entry(1, 0, MUTEX, 4_000, 4), entry(2, 0, MUTEX, 100, 1)]
+    out = {(e.tid, e.stack_id): (e.total_ns, e.count) for e in spread_uncaptured(second, earlier)}
+    # Thread 1's 4 waits shared 1:3 like its last captured window; thread 2 has no history.
+    assert out == {(1, 7): (1_000, 1), (1, 8): (3_000, 3), (2, 0): (100, 1)}
+    assert spread_uncaptured(second) == second  # without the history: left as it is
+
+
 # ---- bpf/event_capture.h's capture process, simulated ---------------------------------------
 
 RATE_HZ, BUDGET_HZ, WINDOW_NS = 99, 100, 100_000_000

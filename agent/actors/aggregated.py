@@ -66,8 +66,8 @@ class AggregatedEntry:
 Stratum = Callable[[AggregatedEntry], "tuple[Hashable, bool] | None"]
 
 
-def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum,
-                         spread_counts: bool = False) -> list[AggregatedEntry]:
+def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, spread_counts: bool = False,
+                         earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
     """Each stratum's sum of events not captured, shared out over its captured entries.
 
     In a stratum (e.g. one thread's long off-CPU blocks in one task state, or its waits on
@@ -76,8 +76,14 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum,
     ns divided by the probability it had of being captured): a ratio of Horvitz-Thompson
     estimates, so a stack whose events were less likely to be captured gets its share back.
     With ``spread_counts`` the event counts are shared the same way by ``weighted_count``.
-    Rounded so the stratum's totals stay exact. Strata with nothing uncaptured are left alone;
-    a stratum with nothing captured keeps its uncaptured entry (reported without a stack).
+    Rounded so the stratum's totals stay exact. Strata with nothing uncaptured are left alone.
+
+    A stratum with nothing captured in this window keeps its uncaptured entry (reported
+    without a stack), unless ``earlier`` (kept by the caller from window to window) holds the
+    captured entries of that stratum's latest window with captures: then the sum is shared
+    over those stacks by their weights (an estimate from an earlier window; with a tight
+    capture budget a thread's waits on one lock can go a window without a capture).
+    ``earlier`` is updated with this window's captured entries.
     """
     uncaptured: dict[Hashable, int] = {}
     captured: dict[Hashable, list[int]] = {}
@@ -91,22 +97,37 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum,
         else:
             captured.setdefault(stratum, []).append(i)
     out: list[AggregatedEntry | None] = list(entries)
+    added: list[AggregatedEntry] = []
     for stratum, u in uncaptured.items():
+        rest = entries[u]
         indexes = captured.get(stratum, [])
+        base = [entries[i] for i in indexes]
+        if not base and earlier is not None and stratum in earlier:
+            # Those stacks again, with no time of their own in this window: only their weights.
+            base = [dataclasses.replace(e, count=0, total_ns=0, first_ts_mono_ns=rest.first_ts_mono_ns,
+                                        last_ts_mono_ns=rest.last_ts_mono_ns, cpu=rest.cpu)
+                    for e in earlier[stratum]]
         # weighted >= exact (probabilities <= 1) but for BPF's rounding down: max() keeps that true.
-        weights = [max(entries[i].weighted_ns, entries[i].total_ns) for i in indexes]
-        weight_sum = sum(weights)
-        if weight_sum <= 0:
+        weights = [max(e.weighted_ns, e.total_ns) for e in base]
+        if sum(weights) <= 0:
             continue  # nothing captured in this stratum and window: reported as it is
-        ns = _shares(entries[u].total_ns + sum(entries[i].total_ns for i in indexes), weights)
-        counts = [entries[i].count for i in indexes]
+        ns = _shares(rest.total_ns + sum(e.total_ns for e in base), weights)
+        counts = [e.count for e in base]
         if spread_counts:
-            count_weights = [max(entries[i].weighted_count, entries[i].count << WEIGHT_SHIFT) for i in indexes]
-            counts = _shares(entries[u].count + sum(counts), count_weights)
-        for i, share, count in zip(indexes, ns, counts, strict=True):
-            out[i] = dataclasses.replace(entries[i], total_ns=share, count=count)
+            count_weights = [max(e.weighted_count, e.count << WEIGHT_SHIFT, 1) for e in base]
+            counts = _shares(rest.count + sum(counts), count_weights)
+        spread = [dataclasses.replace(e, total_ns=share, count=count)
+                  for e, share, count in zip(base, ns, counts, strict=True)]
+        if indexes:
+            for i, e in zip(indexes, spread, strict=True):
+                out[i] = e
+        else:
+            added.extend(e for e in spread if e.total_ns or e.count)
         out[u] = None
-    return [e for e in out if e is not None]
+    if earlier is not None:
+        for stratum, indexes in captured.items():
+            earlier[stratum] = [entries[i] for i in indexes]
+    return [e for e in out if e is not None] + added
 
 
 def _shares(total: int, weights: list[int]) -> list[int]:
@@ -135,6 +156,7 @@ class AggregatingActor(RingBufferActor):
         self._stack_buffer = ctypes.create_string_buffer(EVENT_SIZE)
         self._raw_stacks: dict[tuple[int, int], bytes] = {}  # read this flush, not yet symbolized
         self._agg_seen: list[int] = []
+        self._earlier: dict[Hashable, list[AggregatedEntry]] = {}
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "AGG_ENTRIES": self.ctx.settings.agg_map_entries,
@@ -176,8 +198,22 @@ class AggregatingActor(RingBufferActor):
         entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
                    for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted, weighted_count)
                    in rows]
+        entries = self.spread(entries)
         self._fetch_new_stacks(entries)
         return entries
+
+    def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        """Share out the window's sums of events not captured (spread_uncaptured_by); runs
+        before the stacks are fetched, so a stack carried over from an earlier window is read."""
+        return entries
+
+    def earlier_captures(self) -> dict[Hashable, list[AggregatedEntry]]:
+        """Per stratum, the captured entries of its latest window with captures (bounded:
+        emptied with the stack cache, every STACK_CACHE_TTL_S, or when it grows too large)."""
+        if len(self._earlier) > self.STACK_CACHE_ENTRIES or \
+                time.monotonic() - self._stack_cache_started > self.STACK_CACHE_TTL_S:
+            self._earlier.clear()
+        return self._earlier
 
     def _fetch_new_stacks(self, entries: list[AggregatedEntry]) -> None:
         """Copy the raw records of stacks not cached yet, before any symbolization: stacks is

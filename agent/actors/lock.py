@@ -8,8 +8,9 @@ not profiled. Waits are captured (their stacks taken) at ``lock_capture_rate_hz`
 within a per-CPU budget (bpf/event_capture.h); the delay and count of waits not captured are
 shared out over the captured stacks of the same thread and lock in the same window by
 inverse-probability weights (``spread_uncaptured``): per (thread, lock) totals are exact, the
-split between stacks is estimated. A (thread, lock) with nothing captured in a window keeps its
-waits as one sample without a stack, ``lock.stack=not-captured``. Every sample carries
+split between stacks is estimated. A (thread, lock) with nothing captured in a window has its
+waits shared over its stacks of its latest window with captures; with none, they stay one
+sample without a stack, ``lock.stack=not-captured``. Every sample carries
 ``lock.address`` and ``lock.wait.kind`` (mutex, rwlock, condition, join, semaphore or other:
 agent/lock_waits.py); the aggregator's default lock views show the contention kinds only
 (shared/lock_waits.py).
@@ -40,9 +41,11 @@ def lock_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool]:
     return (entry.pid, entry.tid, entry.label), entry.stack_id == 0
 
 
-def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-    """Each (thread, lock)'s uncaptured waits, delay and count, shared out over its captured stacks."""
-    return spread_uncaptured_by(entries, lock_stratum, spread_counts=True)
+def spread_uncaptured(entries: list[AggregatedEntry],
+                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
+    """Each (thread, lock)'s uncaptured waits, delay and count, shared out over its captured
+    stacks (those of an earlier window in ``earlier`` if this window has none)."""
+    return spread_uncaptured_by(entries, lock_stratum, spread_counts=True, earlier=earlier)
 
 
 class LockActor(AggregatingActor):
@@ -90,10 +93,13 @@ class LockActor(AggregatingActor):
             c.inc("lock_waits_estimated", delta[6])
         self.count_drops(delta, {5: "tail_call_failed", 7: "thread_state_unavailable"})
 
+    def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        return spread_uncaptured(entries, self.earlier_captures())
+
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
-        for entry in spread_uncaptured(self.drain()):
+        for entry in self.drain():
             attributes = {"lock.address": f"0x{futex_address(entry.label):x}"}
             if entry.stack_id:
                 frames, comm = self.stack_frames(entry.pid, entry.stack_id)

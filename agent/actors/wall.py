@@ -55,15 +55,16 @@ def wall_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool] | None:
     return (entry.pid, entry.tid, entry.label), False
 
 
-def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+def spread_uncaptured(entries: list[AggregatedEntry],
+                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
     """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries.
 
     A thread's long off-CPU blocks in one task state and window form a stratum; its exact total
     is divided among the captured stacks by inverse-probability weights
     (aggregated.spread_uncaptured_by). A stratum with nothing captured keeps its entry,
-    reported without a stack.
+    reported without a stack, unless ``earlier`` has its stacks from an earlier window.
     """
-    return spread_uncaptured_by(entries, wall_stratum)
+    return spread_uncaptured_by(entries, wall_stratum, earlier=earlier)
 
 
 def task_state_name(state: int) -> str:
@@ -115,10 +116,13 @@ class WallActor(AggregatingActor):
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc(name, deltas[slot])
 
+    def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        return spread_uncaptured(entries, self.earlier_captures())
+
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
-        for entry in spread_uncaptured(self.drain()):
+        for entry in self.drain():
             if entry.label == SHORT_OFF_CPU_LABEL or is_uncaptured(entry.label):
                 frames: tuple[Frame, ...] = ()
                 thread_name = self.thread_name(entry.pid, entry.tid)
