@@ -22,6 +22,10 @@
  * for microseconds), then reads and deletes the other map in one batch. Every update lands
  * in a map the agent has not read yet, so no count is lost between read and delete.
  * A full map is counted (agg_counters 0 and 1: events and ns that found no free entry).
+ *
+ * Events whose stack was not captured (bpf/event_capture.h) are added with stack id 0 (or a
+ * label of their own) and no weights; captured ones add their inverse-probability weights.
+ * The agent's side of agg_key/agg_value is agent/bpf/layouts.py, checked at load.
  */
 #ifndef STACKFLEET_STACK_AGG_H
 #define STACKFLEET_STACK_AGG_H
