@@ -72,6 +72,14 @@ class AgentSettings(BaseSettings):
     # totals exact, the cost bounded on busy hosts). Slower threads are captured at every
     # switch-out. 0: capture every switch-out.
     wall_capture_rate_hz: int = Field(default=99, ge=0, le=40_000)
+    # Lock waits (longer than lock_min_wait_ns): the same per-thread rate for wait stacks; the
+    # other waits' delay and count are shared out over the thread's captured waits on the same
+    # lock (agent/actors/lock.py). 0: capture every wait.
+    lock_capture_rate_hz: int = Field(default=99, ge=0, le=40_000)
+    # Wall and lock, each: stack captures per CPU per second, whatever the number of threads
+    # (bpf/event_capture.h: a per-CPU probability from the last 100 ms's demand, hard cap at
+    # twice the budget per 100 ms). Bounds the BPF cost under event storms. 0: no budget.
+    capture_budget_per_cpu_hz: int = Field(default=100, ge=0, le=100_000)
     # Wall and lock aggregate in BPF (bpf/stack_agg.h): entries per flush window in each of
     # the two aggregation maps, and distinct stacks kept (LRU, ~4.2 KiB each in the kernel).
     agg_map_entries: int = Field(default=16384, ge=16, le=1 << 20)

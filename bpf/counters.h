@@ -18,6 +18,9 @@ enum agg_counter {
     AGG_MAP_FULL_NS,            /* their ns */
     AGG_STACK_STORE_FAILED,
     AGG_STACKS_STORED,          /* new stack ids: how well stacks aggregate */
+    AGG_CAPTURED,               /* bpf/event_capture.h: events whose stack was captured */
+    AGG_SAMPLED_OUT,            /* not captured by the draw */
+    AGG_CAPPED,                 /* not drawn: the CPU's window hit its hard cap */
     AGG_COUNTER_SLOTS,
 };
 
@@ -31,12 +34,14 @@ enum cpu_counter {
 
 enum wall_counter {
     WALL_ON_CPU_SAMPLES = AGG_COUNTER_SLOTS,
-    WALL_BLOCKED_MAP_FULL,
+    WALL_THREAD_STATE_UNAVAILABLE, /* no task storage for the thread */
     WALL_OFF_CPU_INTERVALS,
     WALL_NOT_CAPTURED,          /* switch-outs whose stack was not captured */
     WALL_UNCAPTURED_LONG,       /* of their intervals, those >= MIN_BLOCK_NS (UNCAPTURED_LABEL) */
     WALL_UNWIND_TAIL_CALL_FAILED, /* into stage 2: recorded without unwinding */
-    WALL_RECORD_TAIL_CALL_FAILED, /* into stage 3: the event is lost */
+    WALL_RECORD_TAIL_CALL_FAILED, /* into stage 3: an on-CPU sample lost (a switch-out keeps its
+                                   * interval as not captured) */
+    WALL_INTERVAL_END_UNSEEN,   /* intervals of threads switched in before the program attached */
     WALL_COUNTER_SLOTS,
 };
 
@@ -46,6 +51,8 @@ enum lock_counter {
     LOCK_SHORT_WAIT_NS,
     LOCK_UNWIND_TAIL_CALL_FAILED, /* into stage 2: recorded without unwinding */
     LOCK_RECORD_TAIL_CALL_FAILED, /* into stage 3: the wait is lost */
+    LOCK_NOT_CAPTURED,          /* long waits not captured (summed under stack id 0) */
+    LOCK_THREAD_STATE_UNAVAILABLE, /* no task storage for the thread */
     LOCK_COUNTER_SLOTS,
 };
 

@@ -1,11 +1,15 @@
 /* Lock profile: user-space lock contention, seen as futex waits.
  *
- * sys_enter_futex records (start time, lock address, how it waits) per thread for *wait*
- * operations only; at sys_exit_futex the thread is current, so its stack is exactly the one
- * that called pthread_mutex_lock & co: the stack is stored once per distinct stack and the
- * wait is added to its (pid, tid, stack, label) aggregate (bpf/stack_agg.h), which the agent
- * drains every flush. Waits shorter than MIN_WAIT_NS are not contention worth a stack and
- * are only counted. Syscall tracepoints, not kprobes (unavailable here).
+ * sys_enter_futex records (start time, lock address, how it waits) in the thread's
+ * task-local storage for *wait* operations only; at sys_exit_futex the thread is current, so
+ * its stack is exactly the one that called pthread_mutex_lock & co. Waits shorter than
+ * MIN_WAIT_NS are not contention worth a stack and are only counted. Longer ones are
+ * captured with probability p x q (bpf/event_capture.h: per-thread rate, per-CPU budget): a
+ * captured wait stores its stack once per distinct stack and is added to its (pid, tid,
+ * stack, label) aggregate with its inverse-probability weights; a wait not captured adds its
+ * exact delay and count to (pid, tid, stack id 0, label), which the agent shares out over
+ * the captured stacks of the same thread and label (agent/actors/lock.py). Syscall
+ * tracepoints, not kprobes (unavailable here).
  *
  * The label is the lock address (user addresses fit in 56 bits, also with 5-level paging)
  * with WAIT_BITS in its top byte: the futex command and flags, and whether the futex word
@@ -18,6 +22,7 @@
 #include "counters.h"
 #include "stack_event.h"
 #include "stack_agg.h"
+#include "event_capture.h"
 #include "targets.h"
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
 #include "unwind.h"
@@ -48,12 +53,6 @@
 #define GLIBC_PTHREAD_TID_OFFSET 0x2d0
 #endif
 
-struct wait_start {
-    u64 ts_ns;
-    u64 uaddr;
-    u64 bits;       /* WAIT_BITS */
-};
-
 /* 1 if uaddr is the tid field of a glibc thread descriptor: the words at its start
  * point at the descriptor (tcbhead_t's tcb and self). Reads user memory only. */
 static __always_inline int is_thread_tid_word(u64 uaddr)
@@ -67,7 +66,15 @@ static __always_inline int is_thread_tid_word(u64 uaddr)
     return head[0] == pd && head[2] == pd;
 }
 
-BPF_HASH(waiting, u32, struct wait_start, 65536);
+/* Per thread, in task-local storage (freed by the kernel with the task). */
+struct lock_thread {
+    u64 ts_ns;          /* start of the wait in progress, 0: none */
+    u64 label;          /* its lock address | WAIT_BITS << LABEL_ADDRESS_BITS */
+    u64 last_capture;   /* time of the thread's last captured wait, 0: never */
+    u64 inverse_p;      /* 1 / the capture probability of the wait being recorded (1/2^16ths) */
+};
+
+BPF_TASK_STORAGE(lock_threads, struct lock_thread);
 /* With native unwinding a wait takes three programs, as in bpf/wall.bpf.c: stage 1 captures
  * (sys_exit_futex), stage 2 (slot 0) unwinds, stage 3 (slot 1) hashes, stores, aggregates. */
 BPF_PROG_ARRAY(lock_stages, 2);
@@ -81,7 +88,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    u32 tid = (u32)pid_tgid;
     u64 uaddr = (u64)args->uaddr;
     if (uaddr >> LABEL_ADDRESS_BITS)
         return 0;   /* not a user address: the wait fails at once */
@@ -94,35 +100,43 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
         bits |= WAIT_MATCH_ANY;
     if ((cmd == FUTEX_WAIT || cmd == FUTEX_WAIT_BITSET) && is_thread_tid_word(uaddr))
         bits |= WAIT_THREAD_TID;
-    struct wait_start start = {.ts_ns = bpf_ktime_get_ns(), .uaddr = uaddr, .bits = bits};
-    waiting.update(&tid, &start);
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct lock_thread *t = lock_threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!t) {
+        count(LOCK_THREAD_STATE_UNAVAILABLE);
+        return 0;
+    }
+    t->ts_ns = bpf_ktime_get_ns();
+    t->label = uaddr | (bits << LABEL_ADDRESS_BITS);
     return 0;
 }
 
-/* Stage 1 left the wait's start in ts_ns, its length in value and its label in aux. */
+/* Stage 3: the wait (stage 1 left its start in ts_ns, its length in value, its label in aux;
+ * its weight is in the thread's storage). */
 static __always_inline void record_wait(struct stack_event *ev)
 {
-    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ev->aux};
-    agg_add(&key, ev->value, ev->ts_ns);
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct lock_thread *t = lock_threads.task_storage_get(task, 0, 0);
+    if (t)
+        record_captured(ev, ev->aux, ev->value, t->inverse_p, ev->ts_ns);
 }
 
 #ifdef NATIVE_UNWINDING
 int lock_wait_unwind(void *ctx)
 {
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
     unwind_task_user_stack(ev);
     lock_stages.call(ctx, 1);
-    count(LOCK_RECORD_TAIL_CALL_FAILED);
+    count(LOCK_RECORD_TAIL_CALL_FAILED);   /* stage 3 not run: the wait is lost (counted; recording it here
+                            would put this stage over the verifier's budget) */
     return 0;
 }
 
 int lock_wait_record(void *ctx)
 {
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (ev)
         record_wait(ev);
     return 0;
@@ -131,24 +145,30 @@ int lock_wait_record(void *ctx)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_futex)
 {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    struct wait_start *start = waiting.lookup(&tid);
-    if (!start)
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct lock_thread *t = lock_threads.task_storage_get(task, 0, 0);
+    if (!t || !t->ts_ns)
         return 0;
-    u64 started = start->ts_ns;
-    u64 delay = bpf_ktime_get_ns() - started;
-    u64 uaddr = start->uaddr;
-    u64 label = uaddr | (start->bits << LABEL_ADDRESS_BITS);
-    waiting.delete(&tid);
+    u64 now = bpf_ktime_get_ns();
+    u64 started = t->ts_ns;
+    u64 delay = now - started;
+    u64 label = t->label;
+    t->ts_ns = 0;
     count(LOCK_WAITS);
     if (delay < MIN_WAIT_NS) {
         count(LOCK_SHORT_WAITS);
         count_add(LOCK_SHORT_WAIT_NS, delay);
         return 0;
     }
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 pi = capture_probability(&t->last_capture, now);
+    if (!pi) {
+        count(LOCK_NOT_CAPTURED);
+        record_event(pid_tgid >> 32, (u32)pid_tgid, 0, label, delay, 0, started);
+        return 0;
+    }
+    t->inverse_p = inverse_probability(pi);
+    struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
     fill_stack_event(args, ev, pid_tgid);

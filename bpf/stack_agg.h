@@ -22,6 +22,10 @@
  * for microseconds), then reads and deletes the other map in one batch. Every update lands
  * in a map the agent has not read yet, so no count is lost between read and delete.
  * A full map is counted (AGG_MAP_FULL, AGG_MAP_FULL_NS: events and ns that found no free entry).
+ *
+ * Events whose stack was not captured (bpf/event_capture.h) are added with stack id 0 (or a
+ * label of their own) and no weights; captured ones add their inverse-probability weights.
+ * The agent's side of agg_key/agg_value is agent/bpf/layouts.py, checked at load.
  */
 #ifndef STACKFLEET_STACK_AGG_H
 #define STACKFLEET_STACK_AGG_H
@@ -50,8 +54,9 @@ struct agg_value {
     u64 last_ts;
     u32 cpu;            /* CPU of the latest event (for the sample's cpu field) */
     u32 _pad;
-    u64 weighted_ns;    /* sum of ns / (probability the event was captured): = total_ns
-                           for events that are always captured (wall.bpf.c's capture rate) */
+    u64 weighted_ns;    /* captured events: sum of ns / (probability the event was captured);
+                           0 for the per-(thread, label) sums of events not captured */
+    u64 weighted_count; /* captured events: sum of 1 / that probability, in 1/2^16ths */
 };
 
 BPF_HASH(agg0, struct agg_key, struct agg_value, AGG_ENTRIES);
@@ -156,9 +161,10 @@ static __always_inline u64 agg_store_stack(struct stack_event *ev)
     return id;
 }
 
-/* Add one event of `ns` (`weighted` ns once divided by its capture probability) to the
- * current generation's entry for this key. */
-static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 weighted, u64 ts)
+/* Add one event of `ns` to the current generation's entry for this key, with its weights
+ * (bpf/event_capture.h: ns and 1 divided by the probability it was captured; 0 if it was not). */
+static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
+                                             u64 ts)
 {
     u32 zero = 0;
     u32 *gen = agg_generation.lookup(&zero);
@@ -175,18 +181,15 @@ static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 we
     }
     __sync_fetch_and_add(&v->count, 1);
     __sync_fetch_and_add(&v->total_ns, ns);
-    __sync_fetch_and_add(&v->weighted_ns, weighted);
+    if (weighted_count) {
+        __sync_fetch_and_add(&v->weighted_ns, weighted);
+        __sync_fetch_and_add(&v->weighted_count, weighted_count);
+    }
     if (ts < v->first_ts)
         v->first_ts = ts;
     if (ts > v->last_ts)
         v->last_ts = ts;
     v->cpu = bpf_get_smp_processor_id();
-}
-
-/* Add one event that was certain to be recorded. */
-static __always_inline void agg_add(struct agg_key *key, u64 ns, u64 ts)
-{
-    agg_add_weighted(key, ns, ns, ts);
 }
 
 #endif

@@ -2,33 +2,27 @@
  *
  * On-CPU: a perf cpu-clock sample at a fixed frequency, like the CPU profile, for target
  * processes only (value = the period).
- * Off-CPU: at sched_switch the outgoing task (still `current`) gets its stacks stored
- * (bpf/stack_agg.h: once per distinct stack) and a small per-thread entry remembers the
- * stack id, the switch-out time and the task state; when the thread is switched back in,
- * the blocked duration is added to its (pid, tid, stack, state) aggregate. Blocks shorter
- * than MIN_BLOCK_NS are summed per thread without a stack (label SHORT_OFF_CPU_LABEL).
- * Nothing goes through a ring buffer: the agent drains the aggregates every flush.
- * Kernel threads (no user stack) are skipped: idle kthreads must not drown the profile.
+ * Off-CPU: everything happens at sched_switch, in the outgoing thread's context (`current`),
+ * with its state in task-local storage (no hash map keyed by thread id):
+ * - a per-CPU slot remembers which thread was switched in on this CPU and when; the next
+ *   switch on this CPU switches that thread out again, so the thread then learns when its
+ *   previous off-CPU interval ended and adds it to its (pid, tid, stack, state) aggregate.
+ *   (An interval is therefore recorded when the thread next switches out, at the latest when
+ *   it exits; its sample is stamped with the interval's start.)
+ * - then it opens its next interval: switch-out time, task state, and its stack if this
+ *   switch-out is captured (bpf/event_capture.h: probability p x q, per-thread rate and
+ *   per-CPU budget; the stack capture is most of the program's cost).
+ * Blocks shorter than MIN_BLOCK_NS are summed per thread without a stack (label
+ * SHORT_OFF_CPU_LABEL); long blocks whose switch-out was not captured are summed per (thread,
+ * task state) under UNCAPTURED_LABEL | state, and the agent shares them out over that thread and state's
+ * captured stacks by their inverse-probability weights (agent/actors/aggregated.py): per-thread
+ * and per-state totals stay exact, the split between stacks is estimated without bias.
+ * Kernel threads (no user stack, found once per thread) and threads of processes nobody
+ * selected are marked in their storage and cost one storage lookup per switch.
  * Labels: ON_CPU_LABEL for on-CPU samples, SHORT_OFF_CPU_LABEL for the per-thread sum of
  * short blocks, else the task state at switch-out. A thread rescheduled on its way back to
  * user space (prev_state 0) is recorded without its kernel stack, which would only show
  * that return path.
- *
- * Capture sampling (CAPTURE_RATE_HZ > 0): the stack capture is most of this program's cost,
- * and a thread that switches out thousands of times a second would pay it every time. So a
- * switch-out takes its stack with probability p = min(1, t x CAPTURE_RATE_HZ), t being the
- * time since the thread's last captured switch-out: a thread switching out less often than
- * CAPTURE_RATE_HZ is captured every time, a faster one about CAPTURE_RATE_HZ times a second,
- * at random moments (no aliasing with a periodic thread). Every switch-out still records its
- * time, so each off-CPU interval's length is known exactly: short ones are summed per thread
- * as before; long ones not captured are summed per (thread, task state) under
- * UNCAPTURED_LABEL | state. A captured interval also adds its length divided by p (a
- * Horvitz-Thompson weight: p depends on the thread's recent history, e.g. the first
- * preemption after a long sleep always has p = 1, a sleep soon after a captured preemption a
- * small one) to its aggregate's weighted_ns. The agent (agent/actors/wall.py) shares each
- * (thread, state)'s exact off-CPU total out over its captured stacks in proportion to
- * weighted_ns: per-thread and per-state totals stay exact, the split between stacks is
- * estimated without the bias of treating every capture as equally likely.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -36,6 +30,7 @@
 #include "counters.h"
 #include "stack_event.h"
 #include "stack_agg.h"
+#include "event_capture.h"
 #include "targets.h"
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
 #include "unwind.h"
@@ -44,83 +39,57 @@
 #define ON_CPU_LABEL (1ULL << 63)
 #define SHORT_OFF_CPU_LABEL ((1ULL << 63) | 1)
 #define UNCAPTURED_LABEL ((1ULL << 63) | (1ULL << 62))   /* | the task state */
+/* sched_switch's prev_state of a task that has exited (EXIT_DEAD, EXIT_ZOMBIE): no interval */
+#define EXITED_STATES 0x30
+#define TARGET_RECHECK_NS 1000000000ULL  /* selection re-checked per thread every second */
 
-#ifndef CAPTURE_RATE_HZ
-#define CAPTURE_RATE_HZ 0
-#endif
-#define P_SHIFT 32
-#define P_ONE (1ULL << P_SHIFT)     /* capture probability in 1/2^32ths */
-#define WEIGHT_SHIFT 16             /* inverse probabilities in 1/2^16ths */
+#define THREAD_TRACED 1
+#define THREAD_KERNEL 2
 
-struct blocked_thread {
-    u64 ts_ns;          /* switch-out time */
-    u64 stack_id;       /* 0: the stack was not captured (sampled out) */
-    u64 state;          /* prev_state at switch-out */
-    u64 inverse_p;      /* 1 / capture probability, in 1/2^WEIGHT_SHIFT ths */
+/* Per thread, in task-local storage (freed by the kernel with the task). */
+struct wall_thread {
+    u64 out_ts;         /* switch-out time of the open off-CPU interval, 0: none open */
+    u64 stack_id;       /* its stack, 0: not captured */
+    u64 state;          /* prev_state at that switch-out */
+    u64 inverse_p;      /* 1 / its capture probability (1/2^16ths), if captured */
+    u64 last_capture;   /* time of the thread's last captured switch-out, 0: never */
+    u64 checked_ts;     /* when the process selection was last checked */
     u32 tgid;
-    u32 _pad;
+    u32 flags;          /* THREAD_TRACED, THREAD_KERNEL */
 };
 
-BPF_HASH(blocked, u32, struct blocked_thread, MAX_BLOCKED_THREADS);
-/* Per thread: its last captured switch-out, for the capture probability. LRU: exited
- * threads age out; a thread whose entry did is captured on its next switch-out. */
-BPF_TABLE("lru_hash", u32, u64, last_capture, MAX_BLOCKED_THREADS);
+/* The thread switched in on this CPU and when: the next switch here switches it out. */
+struct switched_in {
+    u32 tid;
+    u32 _pad;
+    u64 ts;
+};
 
-/* The probability (in 1/P_ONE ths) with which this switch-out's stack is captured if it is
- * (see the header), else 0. A capture is remembered. */
-static __always_inline u64 capture_now(u32 tid, u64 now)
-{
-    if (CAPTURE_RATE_HZ == 0)
-        return P_ONE;
-    u64 p = P_ONE;
-    u64 *last = last_capture.lookup(&tid);
-    if (last && *last < now) {
-        u64 scaled = (now - *last) * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
-        if (scaled < 1000000000ULL) {
-            p = (scaled << P_SHIFT) / 1000000000ULL;    /* scaled < 2^30: no overflow */
-            if ((u64)bpf_get_prandom_u32() >= p)
-                return 0;
-        }
-    }
-    last_capture.update(&tid, &now);
-    return p;
-}
-
-/* ns x inverse_p / 2^WEIGHT_SHIFT, saturating (an interval of hours captured at a tiny p). */
-static __always_inline u64 weighted_ns(u64 ns, u64 inverse_p)
-{
-    u64 hi = ns >> WEIGHT_SHIFT, lo = ns & ((1ULL << WEIGHT_SHIFT) - 1);
-    if (hi && inverse_p > (1ULL << 62) / hi)
-        return 1ULL << 62;
-    return hi * inverse_p + ((lo * inverse_p) >> WEIGHT_SHIFT);
-}
+BPF_TASK_STORAGE(threads, struct wall_thread);
+BPF_PERCPU_ARRAY(cpu_current, struct switched_in, 1);
 
 /* With native unwinding each event takes three programs, each within the verifier's budget:
  * stage 1 (below) captures the stacks and CPython frames into agg_scratch, stage 2 (slot 0)
  * unwinds the user stack from CFI tables, stage 3 (slot 1) hashes, stores and aggregates. A
  * failed tail call from stage 1 (no stage loaded) records the frame-pointer stack as stage 1
- * has it; one from stage 2 loses the event (counted). Slots are set by the agent, one array
- * per program type (the kernel binds an array to the type of the programs that use it). */
+ * has it. Slots are set by the agent, one array per program type (the kernel binds an array
+ * to the type of the programs that use it). */
 BPF_PROG_ARRAY(on_cpu_stages, 2);
 BPF_PROG_ARRAY(switch_out_stages, 2);
 
 static __always_inline void record_on_cpu(struct stack_event *ev)
 {
-    struct agg_key key = {.pid = ev->pid, .tid = ev->tid, .stack_id = agg_store_stack(ev), .label = ON_CPU_LABEL};
-    agg_add(&key, SAMPLE_PERIOD_NS, ev->ts_ns);
+    record_captured(ev, ON_CPU_LABEL, SAMPLE_PERIOD_NS, WEIGHT_ONE, ev->ts_ns);
     count(WALL_ON_CPU_SAMPLES);
 }
 
-/* The outgoing thread's entry: when and why it stopped, and its stack if captured (stage 1
- * left the switch-out time in ts_ns, prev_state in aux and the capture probability in value). */
+/* Stage 3 of a captured switch-out: the stack goes into the thread's open interval. */
 static __always_inline void record_switch_out(struct stack_event *ev)
 {
-    u64 p = ev->value;
-    struct blocked_thread b = {.ts_ns = ev->ts_ns, .stack_id = agg_store_stack(ev), .state = ev->aux,
-                               .inverse_p = p ? (1ULL << (P_SHIFT + WEIGHT_SHIFT)) / p : 0, .tgid = ev->pid};
-    u32 tid = ev->tid;
-    if (blocked.update(&tid, &b) != 0)
-        count(WALL_BLOCKED_MAP_FULL);
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct wall_thread *t = threads.task_storage_get(task, 0, 0);
+    if (t && t->out_ts == ev->ts_ns)
+        t->stack_id = agg_store_stack(ev);
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -128,8 +97,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if ((u32)pid_tgid == 0 || !is_target(pid_tgid >> 32))
         return 0;
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
     fill_stack_event(ctx, ev, pid_tgid);
@@ -149,8 +117,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 #ifdef NATIVE_UNWINDING
 int wall_on_cpu_unwind(struct bpf_perf_event_data *ctx)
 {
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
     unwind_user_stack(ctx, ev);
@@ -161,8 +128,7 @@ int wall_on_cpu_unwind(struct bpf_perf_event_data *ctx)
 
 int wall_on_cpu_record(struct bpf_perf_event_data *ctx)
 {
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (ev)
         record_on_cpu(ev);
     return 0;
@@ -170,86 +136,129 @@ int wall_on_cpu_record(struct bpf_perf_event_data *ctx)
 
 int wall_switch_out_unwind(void *ctx)
 {
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
     unwind_task_user_stack(ev);
     switch_out_stages.call(ctx, 1);
-    count(WALL_RECORD_TAIL_CALL_FAILED);
-    return 0;
+    return 0;   /* stage 3 not run: the interval stays open as not captured */
 }
 
 int wall_switch_out_record(void *ctx)
 {
-    u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct stack_event *ev = capture_scratch();
     if (ev)
         record_switch_out(ev);
     return 0;
 }
 #endif
 
+/* The storage of a thread seen for the first time: whether it is traced (a selected process,
+ * not a kernel thread: a one-entry user stack read, task_struct offsets from this build's
+ * headers cannot be trusted on the running kernel). */
+static __always_inline struct wall_thread *new_thread(struct task_struct *task, void *ctx, u64 now)
+{
+    struct wall_thread *t = threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!t) {
+        count(WALL_THREAD_STATE_UNAVAILABLE);
+        return 0;
+    }
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 user_ip = 0;
+    t->tgid = pid_tgid >> 32;
+    t->checked_ts = now;
+    if (bpf_get_stack(ctx, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) <= 0)
+        t->flags = THREAD_KERNEL;
+    else
+        t->flags = is_target(t->tgid) ? THREAD_TRACED : 0;
+    return t;
+}
+
+/* The thread's off-CPU interval that ended at `in_ts`, added to its aggregate. */
+static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 in_ts)
+{
+    u64 start = t->out_ts;
+    u64 duration = in_ts - start;
+    if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
+        record_event(t->tgid, tid, 0, SHORT_OFF_CPU_LABEL, duration, 0, start);
+    } else {
+        u64 label = t->state;
+        if (!t->stack_id) {     /* long but not captured: summed per thread and state */
+            label |= UNCAPTURED_LABEL;
+            count(WALL_UNCAPTURED_LONG);
+        }
+        record_event(t->tgid, tid, t->stack_id, label, duration, t->inverse_p, start);
+    }
+    count(WALL_OFF_CPU_INTERVALS);
+}
+
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    u64 now = bpf_ktime_get_ns();
-    /* The incoming task: if we saw it leave, its off-CPU interval ends now. */
-    u32 next_tid = args->next_pid;
-    struct blocked_thread *saved = next_tid ? blocked.lookup(&next_tid) : 0;
-    if (saved) {
-        u64 duration = now - saved->ts_ns;
-        struct agg_key key = {.pid = saved->tgid, .tid = next_tid, .stack_id = saved->stack_id,
-                              .label = saved->state};
-        u64 start = saved->ts_ns;
-        u64 weighted = duration;
-        if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
-            key.stack_id = 0;
-            key.label = SHORT_OFF_CPU_LABEL;
-        } else if (saved->stack_id == 0) {  /* long but not captured: summed per thread and state */
-            key.label = UNCAPTURED_LABEL | saved->state;
-            count(WALL_UNCAPTURED_LONG);
-        } else {
-            weighted = weighted_ns(duration, saved->inverse_p);
-        }
-        blocked.delete(&next_tid);
-        agg_add_weighted(&key, duration, weighted, start);
-        count(WALL_OFF_CPU_INTERVALS);
-    }
-    /* The outgoing task is current: store its stack, remember when and why it stopped. */
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 prev_tid = (u32)pid_tgid;
-    if (prev_tid == 0 || !is_target(pid_tgid >> 32))
-        return 0;
-    u64 p = capture_now(prev_tid, now);
-    if (!p) {
-        /* Not captured: the time only, for the exact sum of short blocks. A one-entry user
-         * stack tells user threads from kernel threads and exiting tasks (task_struct
-         * offsets from this build's headers cannot be trusted on the running kernel). */
-        u64 user_ip = 0;
-        if (bpf_get_stack(args, &user_ip, sizeof(user_ip), BPF_F_USER_STACK) <= 0)
-            return 0;
-        count(WALL_NOT_CAPTURED);
-        struct blocked_thread b = {.ts_ns = now, .stack_id = 0, .state = (u64)args->prev_state, .inverse_p = 0,
-                                   .tgid = pid_tgid >> 32};
-        if (blocked.update(&prev_tid, &b) != 0)
-            count(WALL_BLOCKED_MAP_FULL);
-        return 0;
-    }
     u32 zero = 0;
-    struct stack_event *ev = agg_scratch.lookup(&zero);
+    struct switched_in *cpu = cpu_current.lookup(&zero);
+    if (!cpu)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u32 tid = args->prev_pid;       /* the outgoing thread, still current */
+    u64 in_ts = cpu->tid == tid ? cpu->ts : 0;
+    cpu->tid = args->next_pid;
+    cpu->ts = now;
+    if (!tid)
+        return 0;   /* idle */
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct wall_thread *t = threads.task_storage_get(task, 0, 0);
+    if (!t) {
+        t = new_thread(task, args, now);
+        if (!t)
+            return 0;
+    }
+    if (t->flags & THREAD_KERNEL)
+        return 0;
+#if TARGET_FILTER
+    if (now - t->checked_ts > TARGET_RECHECK_NS) {
+        t->checked_ts = now;
+        t->flags = is_target(t->tgid) ? THREAD_TRACED : 0;
+    }
+#endif
+    if (!(t->flags & THREAD_TRACED)) {
+        t->out_ts = 0;
+        return 0;
+    }
+    /* The interval that ended when this thread was switched in here. */
+    if (t->out_ts) {
+        if (in_ts > t->out_ts)
+            close_interval(t, tid, in_ts);
+        else
+            count(WALL_INTERVAL_END_UNSEEN);
+        t->out_ts = 0;
+    }
+    u64 state = (u64)args->prev_state;
+    if (state & EXITED_STATES)
+        return 0;
+    /* The next one, from now on. */
+    u64 pi = capture_probability(&t->last_capture, now);
+    t->out_ts = now;
+    t->state = state;
+    t->stack_id = 0;
+    if (!pi) {
+        count(WALL_NOT_CAPTURED);
+        return 0;
+    }
+    t->inverse_p = inverse_probability(pi);
+    struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
     /* prev_state 0: runnable and not preempted in the kernel, i.e. rescheduled on its way back
      * to user space (a timer tick took its CPU). Its kernel stack is always that same return
-     * path and costs half of this program: left out. Preempted in the kernel (TASK_REPORT_MAX)
+     * path and costs half of the capture: left out. Preempted in the kernel (TASK_REPORT_MAX)
      * or blocked, the kernel stack says where. */
-    fill_stack_event_parts(args, ev, pid_tgid, args->prev_state != 0);
-    if (ev->user_len <= 0)  /* kernel thread: skipped */
+    fill_stack_event_parts(args, ev, ((u64)t->tgid << 32) | tid, state != 0);
+    if (ev->user_len <= 0)  /* no user stack (the thread is exiting): not captured */
         return 0;
     ev->ts_ns = now;
-    ev->aux = (u64)args->prev_state;
+    ev->aux = state;
     ev->kind = 1;
-    ev->value = p;
+    ev->value = pi;
 #ifdef NATIVE_UNWINDING
     switch_out_stages.call(args, 0);
     count(WALL_UNWIND_TAIL_CALL_FAILED);

@@ -19,22 +19,24 @@ increment between our read and our delete of the same entry would be lost.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.actors.base import RingBufferActor
-from agent.bpf.layouts import AggCounter, AggKey, AggValue, struct_format
+from agent.bpf.layouts import WEIGHT_SHIFT, AggCounter, AggKey, AggValue, struct_format
 from agent.bpf.map_drain import HashMapDrainer
 from agent.bpf.records import EVENT_SIZE, parse_stack_event
 from shared.model import Frame
 
-log = logging.getLogger("stackfleet.agent")
+log = logging.getLogger(__name__)
 
 AGG_KEY = struct_format(AggKey)  # pid, tid, stack_id, label
-AGG_VALUE = struct_format(AggValue)  # count, total_ns, first_ts, last_ts, cpu, weighted_ns
+AGG_VALUE = struct_format(AggValue)  # count, total_ns, first_ts, last_ts, cpu, weighted_ns, weighted_count
 # How long after flipping the generation we wait before reading the quiet map: BPF
 # programs do not sleep and finish within microseconds of reading the generation.
 GENERATION_GRACE_S = 0.002
@@ -53,9 +55,86 @@ class AggregatedEntry:
     first_ts_mono_ns: int
     last_ts_mono_ns: int
     cpu: int
-    # Sum of each event's ns divided by the probability it was captured (wall's capture
-    # rate, bpf/wall.bpf.c); equal to total_ns where every event is captured.
+    # Captured events: the sums of each event's ns and of 1 (in 1/2^16ths) divided by the
+    # probability it was captured (bpf/event_capture.h); 0 in sums of events not captured.
     weighted_ns: int
+    weighted_count: int = 0
+
+
+# How an entry takes part in spread_uncaptured: (its stratum, True if it is the stratum's sum of
+# events not captured), or None if it is left as it is.
+Stratum = Callable[[AggregatedEntry], "tuple[Hashable, bool] | None"]
+
+
+def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, spread_counts: bool = False,
+                         earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
+    """Each stratum's sum of events not captured, shared out over its captured entries.
+
+    In a stratum (e.g. one thread's long off-CPU blocks in one task state, or its waits on
+    one lock, in one window) with ``C`` ns captured and ``U`` ns not, the exact total ``C + U``
+    is divided among the captured entries in proportion to their ``weighted_ns`` (each event's
+    ns divided by the probability it had of being captured): a ratio of Horvitz-Thompson
+    estimates, so a stack whose events were less likely to be captured gets its share back.
+    With ``spread_counts`` the event counts are shared the same way by ``weighted_count``.
+    Rounded so the stratum's totals stay exact. Strata with nothing uncaptured are left alone.
+
+    A stratum with nothing captured in this window keeps its uncaptured entry (reported
+    without a stack), unless ``earlier`` (kept by the caller from window to window) holds the
+    captured entries of that stratum's latest window with captures: then the sum is shared
+    over those stacks by their weights (an estimate from an earlier window; with a tight
+    capture budget a thread's waits on one lock can go a window without a capture).
+    ``earlier`` is updated with this window's captured entries.
+    """
+    uncaptured: dict[Hashable, int] = {}
+    captured: dict[Hashable, list[int]] = {}
+    for i, entry in enumerate(entries):
+        role = stratum_of(entry)
+        if role is None:
+            continue
+        stratum, is_uncaptured = role
+        if is_uncaptured:
+            uncaptured[stratum] = i
+        else:
+            captured.setdefault(stratum, []).append(i)
+    out: list[AggregatedEntry | None] = list(entries)
+    added: list[AggregatedEntry] = []
+    for stratum, u in uncaptured.items():
+        rest = entries[u]
+        indexes = captured.get(stratum, [])
+        base = [entries[i] for i in indexes]
+        if not base and earlier is not None and stratum in earlier:
+            # Those stacks again, with no time of their own in this window: only their weights.
+            base = [dataclasses.replace(e, count=0, total_ns=0, first_ts_mono_ns=rest.first_ts_mono_ns,
+                                        last_ts_mono_ns=rest.last_ts_mono_ns, cpu=rest.cpu)
+                    for e in earlier[stratum]]
+        # weighted >= exact (probabilities <= 1) but for BPF's rounding down: max() keeps that true.
+        weights = [max(e.weighted_ns, e.total_ns) for e in base]
+        if sum(weights) <= 0:
+            continue  # nothing captured in this stratum and window: reported as it is
+        ns = _shares(rest.total_ns + sum(e.total_ns for e in base), weights)
+        counts = [e.count for e in base]
+        if spread_counts:
+            count_weights = [max(e.weighted_count, e.count << WEIGHT_SHIFT, 1) for e in base]
+            counts = _shares(rest.count + sum(counts), count_weights)
+        spread = [dataclasses.replace(e, total_ns=share, count=count)
+                  for e, share, count in zip(base, ns, counts, strict=True)]
+        if indexes:
+            for i, e in zip(indexes, spread, strict=True):
+                out[i] = e
+        else:
+            added.extend(e for e in spread if e.total_ns or e.count)
+        out[u] = None
+    if earlier is not None:
+        for stratum, indexes in captured.items():
+            earlier[stratum] = [entries[i] for i in indexes]
+    return [e for e in out if e is not None] + added
+
+
+def _shares(total: int, weights: list[int]) -> list[int]:
+    """``total`` divided in proportion to ``weights`` (sum > 0), the rest of rounding to the last."""
+    weight_sum = sum(weights)
+    shares = [total * w // weight_sum for w in weights[:-1]]
+    return [*shares, total - sum(shares)]
 
 
 class AggregatingActor(RingBufferActor):
@@ -76,10 +155,18 @@ class AggregatingActor(RingBufferActor):
         self._thread_names_started = time.monotonic()
         self._stack_buffer = ctypes.create_string_buffer(EVENT_SIZE)
         self._raw_stacks: dict[tuple[int, int], bytes] = {}  # read this flush, not yet symbolized
+        self._agg_seen: list[int] = []
+        self._earlier: dict[Hashable, list[AggregatedEntry]] = {}
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "AGG_ENTRIES": self.ctx.settings.agg_map_entries,
-                "STACK_ENTRIES": self.ctx.settings.agg_stack_entries}
+                "STACK_ENTRIES": self.ctx.settings.agg_stack_entries,
+                "CAPTURE_RATE_HZ": self.capture_rate_hz(),
+                "CAPTURE_BUDGET_HZ": self.ctx.settings.capture_budget_per_cpu_hz}
+
+    def capture_rate_hz(self) -> int:
+        """Per-thread stack captures a second (bpf/event_capture.h); 0: every event."""
+        return 0
 
     def _load_and_attach(self) -> None:
         super()._load_and_attach()
@@ -103,10 +190,25 @@ class AggregatingActor(RingBufferActor):
         self.bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
-        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted)
-                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted) in rows]
+        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
+                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted, weighted_count)
+                   in rows]
+        entries = self.spread(entries)
         self._fetch_new_stacks(entries)
         return entries
+
+    def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        """Share out the window's sums of events not captured (spread_uncaptured_by); runs
+        before the stacks are fetched, so a stack carried over from an earlier window is read."""
+        return entries
+
+    def earlier_captures(self) -> dict[Hashable, list[AggregatedEntry]]:
+        """Per stratum, the captured entries of its latest window with captures (bounded:
+        emptied with the stack cache, every STACK_CACHE_TTL_S, or when it grows too large)."""
+        if len(self._earlier) > self.STACK_CACHE_ENTRIES or \
+                time.monotonic() - self._stack_cache_started > self.STACK_CACHE_TTL_S:
+            self._earlier.clear()
+        return self._earlier
 
     def _fetch_new_stacks(self, entries: list[AggregatedEntry]) -> None:
         """Copy the raw records of stacks not cached yet, before any symbolization: stacks is
@@ -125,7 +227,10 @@ class AggregatingActor(RingBufferActor):
                 self._raw_stacks[cache_key] = self._stack_buffer.raw
 
     def count_aggregation(self, deltas: list[int]) -> None:
-        """Fold bpf/stack_agg.h's slots (the first of the program's counters) into ours."""
+        """Fold bpf/stack_agg.h's and bpf/event_capture.h's slots (the first of the program's
+        counters) into ours: map overflow, stacks stored, and events captured, not captured by
+        the draw, and not drawn because the CPU's window hit its hard cap (the one source of
+        bias: logged)."""
         if len(deltas) < len(AggCounter):
             return
         full, full_ns = deltas[AggCounter.MAP_FULL], deltas[AggCounter.MAP_FULL_NS]
@@ -139,6 +244,12 @@ class AggregatingActor(RingBufferActor):
             self.ctx.counters.inc("stack_store_failed", store_failed, type=type_name)
         if stored:
             self.ctx.counters.inc("agg_stacks_stored", stored, type=type_name)
+        for slot, result in ((AggCounter.CAPTURED, "captured"), (AggCounter.SAMPLED_OUT, "sampled_out"),
+                             (AggCounter.CAPPED, "capped")):
+            if deltas[slot]:
+                self.ctx.counters.inc("stack_captures", deltas[slot], type=type_name, result=result)
+        if deltas[AggCounter.CAPPED]:
+            log.info("%s: %d events over the per-CPU capture budget's hard cap", type_name, deltas[AggCounter.CAPPED])
 
     # -- per-entry lookups, cached ---------------------------------------------------------
     def stack_frames(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str]:

@@ -4,9 +4,16 @@ BPF aggregates contended waits (longer than ``lock_min_wait_ns``) per (thread, w
 stack, lock address) and the actor drains them every flush (agent/actors/aggregated.py);
 each aggregate becomes one sample with values ``contentions`` (waits) and ``delay`` (ns),
 like pprof's mutex profile, stamped with its first wait's time. Shorter waits are counted,
-not profiled. Every sample carries ``lock.address`` and ``lock.wait.kind`` (mutex, rwlock,
-condition, join, semaphore or other: agent/actors/lock_waits.py); the aggregator's default lock
-views show the contention kinds only (shared/lock_waits.py).
+not profiled. Waits are captured (their stacks taken) at ``lock_capture_rate_hz`` per thread
+within a per-CPU budget (bpf/event_capture.h); the delay and count of waits not captured are
+shared out over the captured stacks of the same thread and lock in the same window by
+inverse-probability weights (``spread_uncaptured``): per (thread, lock) totals are exact, the
+split between stacks is estimated. A (thread, lock) with nothing captured in a window has its
+waits shared over its stacks of its latest window with captures; with none, they stay one
+sample without a stack, ``lock.stack=not-captured``. Every sample carries
+``lock.address`` and ``lock.wait.kind`` (mutex, rwlock, condition, join, semaphore or other:
+agent/actors/lock_waits.py); the aggregator's default lock views show the contention kinds only
+(shared/lock_waits.py).
 
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
 parks on a futex. Go's sync.Mutex parks goroutines inside the Go runtime scheduler without
@@ -16,9 +23,10 @@ see docs/design/wall-and-lock.md.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
-from agent.actors.aggregated import AggregatingActor
+from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
 from agent.actors.lock_waits import futex_address, wait_bits, wait_kind
 from agent.bpf.layouts import AggCounter, LockCounter
@@ -26,6 +34,19 @@ from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
 from shared.profile_types import ProfileType
+
+
+def lock_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool]:
+    """Waits are spread per (thread, label: lock address and wait bits); stack id 0 holds the
+    waits that were not captured (captured stacks never get id 0)."""
+    return (entry.pid, entry.tid, entry.label), entry.stack_id == 0
+
+
+def spread_uncaptured(entries: list[AggregatedEntry],
+                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
+    """Each (thread, lock)'s uncaptured waits, delay and count, shared out over its captured
+    stacks (those of an earlier window in ``earlier`` if this window has none)."""
+    return spread_uncaptured_by(entries, lock_stratum, spread_counts=True, earlier=earlier)
 
 
 class LockActor(AggregatingActor):
@@ -44,6 +65,9 @@ class LockActor(AggregatingActor):
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "MIN_WAIT_NS": self.ctx.settings.lock_min_wait_ns}
+
+    def capture_rate_hz(self) -> int:
+        return self.ctx.settings.lock_capture_rate_hz
 
     def attach(self, bpf: Any) -> None:
         # TRACEPOINT_PROBE programs are attached by bcc when loaded; with unwinding, stages 2
@@ -65,13 +89,27 @@ class LockActor(AggregatingActor):
             c.inc("lock_short_wait_ns", delta[LockCounter.SHORT_WAIT_NS])
         if delta[LockCounter.UNWIND_TAIL_CALL_FAILED]:
             c.inc("unwind_tail_call_failed", delta[LockCounter.UNWIND_TAIL_CALL_FAILED], type=self.profile_type.value)
-        self.count_drops(delta, {LockCounter.RECORD_TAIL_CALL_FAILED: "tail_call_failed"})
+        # Not a drop: waits not captured keep their delay and count in their thread and lock's
+        # uncaptured sum, which spread_uncaptured shares out.
+        if delta[LockCounter.NOT_CAPTURED]:
+            c.inc("lock_waits_estimated", delta[LockCounter.NOT_CAPTURED])
+        self.count_drops(delta, {LockCounter.RECORD_TAIL_CALL_FAILED: "tail_call_failed",
+                                 LockCounter.THREAD_STATE_UNAVAILABLE: "thread_state_unavailable"})
+
+    def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        return spread_uncaptured(entries, self.earlier_captures())
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
         for entry in self.drain():
-            frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+            attributes = {"lock.address": f"0x{futex_address(entry.label):x}"}
+            if entry.stack_id:
+                frames, comm = self.stack_frames(entry.pid, entry.stack_id)
+            else:
+                frames, comm = (), ""
+                attributes["lock.stack"] = "not-captured"
+            attributes[LOCK_WAIT_KIND] = wait_kind(wait_bits(entry.label), frames).value
             thread_name = self.thread_name(entry.pid, entry.tid, comm)
             out.append(Sample(
                 timestamp_ns=self.sample_time_ns(entry),
@@ -79,7 +117,6 @@ class LockActor(AggregatingActor):
                 process_name=symbolizer.process_name(entry.pid) or thread_name,
                 frames=frames,
                 values=(entry.count, entry.total_ns),
-                attributes={"lock.address": f"0x{futex_address(entry.label):x}",
-                            LOCK_WAIT_KIND: wait_kind(wait_bits(entry.label), frames).value},
+                attributes=attributes,
             ))
         return out

@@ -15,12 +15,18 @@ per-state totals stay exact, the split between stacks is an unbiased-ratio estim
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Hashable
 from typing import Any
 
-from agent.actors.aggregated import AggregatedEntry, AggregatingActor
+from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
-from agent.bpf.layouts import WALL_ON_CPU_LABEL, WALL_SHORT_OFF_CPU_LABEL, WALL_UNCAPTURED_LABEL, WallCounter
+from agent.bpf.layouts import (
+    WALL_ON_CPU_LABEL,
+    WALL_SHORT_OFF_CPU_LABEL,
+    WALL_UNCAPTURED_LABEL,
+    AggCounter,
+    WallCounter,
+)
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
@@ -28,12 +34,10 @@ from shared.profile_types import ProfileType
 # Linux task states as sched_switch reports prev_state (TASK_REPORT bits).
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
-MAX_BLOCKED_THREADS = 16384
-# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks, uncaptured blocks
-# (| the task state they had); others are task states.
+# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
 ON_CPU_LABEL = WALL_ON_CPU_LABEL
 SHORT_OFF_CPU_LABEL = WALL_SHORT_OFF_CPU_LABEL
-UNCAPTURED_LABEL = WALL_UNCAPTURED_LABEL
+UNCAPTURED_LABEL = WALL_UNCAPTURED_LABEL  # | the task state the uncaptured blocks had
 
 
 # prev_state when the task was preempted inside the kernel (TASK_REPORT_MAX); plain 0 is a
@@ -49,40 +53,25 @@ def uncaptured_state(label: int) -> int:
     return label & ~UNCAPTURED_LABEL
 
 
-def spread_uncaptured(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+def wall_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool] | None:
+    """Off-CPU blocks are spread per (thread, task state); on-CPU and short blocks are exact."""
+    if is_uncaptured(entry.label):
+        return (entry.pid, entry.tid, uncaptured_state(entry.label)), True
+    if entry.label in (ON_CPU_LABEL, SHORT_OFF_CPU_LABEL):
+        return None
+    return (entry.pid, entry.tid, entry.label), False
+
+
+def spread_uncaptured(entries: list[AggregatedEntry],
+                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
     """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries.
 
-    In a stratum (one thread's long off-CPU blocks in one task state, one window) with
-    ``C`` ns captured and ``U`` ns uncaptured, the exact total ``C + U`` is divided among
-    the captured entries in proportion to their ``weighted_ns`` (each block's ns divided by
-    the probability it had of being captured): a ratio of Horvitz-Thompson estimates, so a
-    stack whose blocks were less likely to be captured (a sleep right after a captured
-    preemption) gets its share back. Rounded so the stratum's total stays exactly ``C + U``.
-    Strata with nothing uncaptured are exact already and left alone; uncaptured time of a
-    stratum with nothing captured keeps its entry, reported without a stack.
+    A thread's long off-CPU blocks in one task state and window form a stratum; its exact total
+    is divided among the captured stacks by inverse-probability weights
+    (aggregated.spread_uncaptured_by). A stratum with nothing captured keeps its entry,
+    reported without a stack, unless ``earlier`` has its stacks from an earlier window.
     """
-    uncaptured: dict[tuple[int, int, int], int] = {}
-    captured: dict[tuple[int, int, int], list[int]] = {}
-    for i, entry in enumerate(entries):
-        if is_uncaptured(entry.label):
-            uncaptured[(entry.pid, entry.tid, uncaptured_state(entry.label))] = i
-        elif entry.label not in (ON_CPU_LABEL, SHORT_OFF_CPU_LABEL):
-            captured.setdefault((entry.pid, entry.tid, entry.label), []).append(i)
-    out: list[AggregatedEntry | None] = list(entries)
-    for stratum, u in uncaptured.items():
-        indexes = captured.get(stratum, [])
-        # weighted_ns >= total_ns (p <= 1) but for BPF's rounding down: max() keeps that true.
-        weights = [max(entries[i].weighted_ns, entries[i].total_ns) for i in indexes]
-        weight_sum = sum(weights)
-        if weight_sum <= 0:
-            continue  # nothing captured in this stratum and window: reported as it is
-        total = remaining = entries[u].total_ns + sum(entries[i].total_ns for i in indexes)
-        for n, (i, weight) in enumerate(zip(indexes, weights, strict=True)):
-            share = remaining if n == len(indexes) - 1 else total * weight // weight_sum
-            remaining -= share
-            out[i] = dataclasses.replace(entries[i], total_ns=share)
-        out[u] = None
-    return [e for e in out if e is not None]
+    return spread_uncaptured_by(entries, wall_stratum, earlier=earlier)
 
 
 def task_state_name(state: int) -> str:
@@ -107,8 +96,10 @@ class WallActor(AggregatingActor):
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
-                "MIN_BLOCK_NS": self.ctx.settings.wall_min_block_ns, "MAX_BLOCKED_THREADS": MAX_BLOCKED_THREADS,
-                "CAPTURE_RATE_HZ": self.ctx.settings.wall_capture_rate_hz}
+                "MIN_BLOCK_NS": self.ctx.settings.wall_min_block_ns}
+
+    def capture_rate_hz(self) -> int:
+        return self.ctx.settings.wall_capture_rate_hz
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType
@@ -123,10 +114,13 @@ class WallActor(AggregatingActor):
 
     def read_bpf_counters(self) -> None:
         deltas = self.counter_deltas()
+        if len(deltas) < len(WallCounter) + len(AggCounter):
+            return
         self.count_aggregation(deltas)
-        self.count_drops(deltas, {WallCounter.BLOCKED_MAP_FULL: "blocked_map_full",
-                                  WallCounter.RECORD_TAIL_CALL_FAILED: "tail_call_failed"})
-        if len(deltas) > WallCounter.UNWIND_TAIL_CALL_FAILED and deltas[WallCounter.UNWIND_TAIL_CALL_FAILED]:
+        self.count_drops(deltas, {WallCounter.THREAD_STATE_UNAVAILABLE: "thread_state_unavailable",
+                                  WallCounter.RECORD_TAIL_CALL_FAILED: "tail_call_failed",
+                                  WallCounter.INTERVAL_END_UNSEEN: "interval_end_unseen"})
+        if deltas[WallCounter.UNWIND_TAIL_CALL_FAILED]:
             self.ctx.counters.inc("unwind_tail_call_failed", deltas[WallCounter.UNWIND_TAIL_CALL_FAILED],
                                   type=self.profile_type.value)
         # Not drops: switch-outs not captured (to bound the cost), and of their blocks those long
@@ -136,10 +130,13 @@ class WallActor(AggregatingActor):
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc(name, deltas[slot])
 
+    def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        return spread_uncaptured(entries, self.earlier_captures())
+
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
-        for entry in spread_uncaptured(self.drain()):
+        for entry in self.drain():
             if entry.label == SHORT_OFF_CPU_LABEL or is_uncaptured(entry.label):
                 frames: tuple[Frame, ...] = ()
                 thread_name = self.thread_name(entry.pid, entry.tid)

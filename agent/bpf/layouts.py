@@ -43,6 +43,8 @@ WALL_UNCAPTURED_LABEL = (1 << 63) | (1 << 62)
 # bpf/lock.bpf.c: the futex address below LABEL_ADDRESS_BITS, WAIT_BITS in the top byte
 # (bits 0-3 the futex command, then these flags).
 LOCK_LABEL_ADDRESS_BITS = 56
+# 1 / capture probability is kept in 1/2^WEIGHT_SHIFT ths (bpf/event_capture.h).
+WEIGHT_SHIFT = 16
 LOCK_WAIT_PRIVATE = 0x10
 LOCK_WAIT_REALTIME = 0x20
 LOCK_WAIT_MATCH_ANY = 0x40
@@ -100,11 +102,13 @@ class AggKey(Layout):
 
 
 class AggValue(Layout):
-    """``struct agg_value``: one in-kernel aggregate's sums."""
+    """``struct agg_value``: one in-kernel aggregate's sums. ``weighted_ns`` and ``weighted_count``
+    sum a captured event's ns and 1, each divided by the probability it was captured (in
+    1/2^WEIGHT_SHIFT ths, bpf/event_capture.h); both are 0 for events not captured (stack id 0)."""
 
     c_name, c_home = "agg_value", "stack_agg.h"
     _fields_ = [("count", c_uint64), ("total_ns", c_uint64), ("first_ts", c_uint64), ("last_ts", c_uint64),
-                ("cpu", c_uint32), ("_pad", c_uint32), ("weighted_ns", c_uint64)]
+                ("cpu", c_uint32), ("_pad", c_uint32), ("weighted_ns", c_uint64), ("weighted_count", c_uint64)]
 
 
 # -- bpf/python.h -----------------------------------------------------------------------------
@@ -213,6 +217,9 @@ class AggCounter(IntEnum):
     MAP_FULL_NS = 1  # their ns
     STACK_STORE_FAILED = 2
     STACKS_STORED = 3  # new stack ids: how well stacks aggregate
+    CAPTURED = 4  # bpf/event_capture.h: events whose stack was captured
+    SAMPLED_OUT = 5  # not captured by the draw
+    CAPPED = 6  # not drawn: the CPU's window hit its hard cap
 
 
 class CpuCounter(IntEnum):
@@ -228,12 +235,13 @@ class WallCounter(IntEnum):
     """bpf/wall.bpf.c ``counters`` (after :class:`AggCounter`'s slots)."""
 
     ON_CPU_SAMPLES = len(AggCounter)
-    BLOCKED_MAP_FULL = len(AggCounter) + 1
+    THREAD_STATE_UNAVAILABLE = len(AggCounter) + 1  # no task storage for the thread
     OFF_CPU_INTERVALS = len(AggCounter) + 2
     NOT_CAPTURED = len(AggCounter) + 3  # switch-outs whose stack was not captured
     UNCAPTURED_LONG = len(AggCounter) + 4  # of their intervals, those >= MIN_BLOCK_NS
     UNWIND_TAIL_CALL_FAILED = len(AggCounter) + 5  # recorded without unwinding
-    RECORD_TAIL_CALL_FAILED = len(AggCounter) + 6  # lost
+    RECORD_TAIL_CALL_FAILED = len(AggCounter) + 6  # an on-CPU sample lost
+    INTERVAL_END_UNSEEN = len(AggCounter) + 7  # threads switched in before the program attached
 
 
 class LockCounter(IntEnum):
@@ -244,6 +252,8 @@ class LockCounter(IntEnum):
     SHORT_WAIT_NS = len(AggCounter) + 2
     UNWIND_TAIL_CALL_FAILED = len(AggCounter) + 3  # recorded without unwinding
     RECORD_TAIL_CALL_FAILED = len(AggCounter) + 4  # lost
+    NOT_CAPTURED = len(AggCounter) + 5  # long waits not captured (summed under stack id 0)
+    THREAD_STATE_UNAVAILABLE = len(AggCounter) + 6  # no task storage for the thread
 
 
 class HeapCounter(IntEnum):
@@ -308,6 +318,7 @@ C_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("UNWIND_MAX_MAPPINGS", UNWIND_MAX_MAPPINGS, "unwind.h"),
     ("UNWIND_MAPPING_PENDING", UNWIND_MAPPING_PENDING, "unwind.h"),
     ("UNWIND_REQUEST(1, 0)", 1 << UNWIND_REQUEST_REASON_SHIFT, "unwind.h"),
+    ("WEIGHT_SHIFT", WEIGHT_SHIFT, "event_capture.h"),
     ("ON_CPU_LABEL", WALL_ON_CPU_LABEL, "wall.bpf.c"),
     ("SHORT_OFF_CPU_LABEL", WALL_SHORT_OFF_CPU_LABEL, "wall.bpf.c"),
     ("UNCAPTURED_LABEL", WALL_UNCAPTURED_LABEL, "wall.bpf.c"),
