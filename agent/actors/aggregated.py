@@ -191,7 +191,7 @@ class AggregatingActor(RingBufferActor):
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
         entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
-                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, _, weighted, weighted_count)
+                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted, weighted_count)
                    in rows]
         entries = self.spread(entries)
         self._fetch_new_stacks(entries)
