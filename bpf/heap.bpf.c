@@ -20,10 +20,21 @@
  * 2 = unused (Go processes are never probed: the agent reads their runtime's own profile),
  * 3 = allocation sampled by the preload library (value = size, aux = address; its mean
  * sampling distance is in `sampler_mean` under the tgid), 4 = free of a block of kind 3.
+ *
+ * Records with stacks take two programs, like the CPU profile's: the probe (stage 1) decides,
+ * reads the CPython frames and leaves the record's fields in `heap_pending`, then tail-calls
+ * heap_record_stacks (slot 0 of `heap_stages`, set by the agent), which copies the stacks,
+ * unwinds the user stack from DWARF CFI with the tables every profile shares (bpf/unwind.h,
+ * with NATIVE_UNWINDING) and writes the ring-buffer record. Stacks, CPython frames and the
+ * CFI walk in one program exceed the verifier's budget.
  */
 #include <uapi/linux/ptrace.h>
+#define PYTHON_FRAMES_COLLECTED 1  /* by stage 1, before the tail call */
 #include "stack_event.h"
 #include "ring_wakeup.h"
+#ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
+#include "unwind.h"
+#endif
 
 struct pending_alloc {
     u64 size;
@@ -35,8 +46,20 @@ BPF_HASH(countdown, u32, s64, 65536);
 BPF_HASH(pending, u32, struct pending_alloc, 65536);
 BPF_HASH(live, u64, u64, MAX_LIVE);
 BPF_ARRAY(neg_log_table, u64, 1024);
-/* 0: allocations seen, 1: ring full, 2: live map full, 3: bytes allocated (all) */
-BPF_PERCPU_ARRAY(counters, u64, 4);
+/* 0: allocations seen, 1: ring full, 2: live map full, 3: bytes allocated (all),
+ * 4: records lost to a failed tail call into stage 2 */
+BPF_PERCPU_ARRAY(counters, u64, 5);
+
+/* What stage 1 hands stage 2 (per CPU: BPF tracing programs do not nest on a CPU). */
+struct heap_pending_record {
+    u64 pid_tgid;
+    u64 value;
+    u64 aux;
+    u32 kind;
+    u32 with_kernel;
+};
+BPF_PERCPU_ARRAY(heap_pending, struct heap_pending_record, 1);
+BPF_PROG_ARRAY(heap_stages, 1);
 
 static __always_inline void add(int idx, u64 v)
 {
@@ -61,6 +84,63 @@ static __always_inline int should_sample(u32 tid, u64 size)
     u64 *next = neg_log_table.lookup(&idx);
     *left = next ? (s64)*next : (s64)SAMPLE_BYTES;
     return 1;
+}
+
+/* Stage 1's end: collect the CPython frames, leave the record's fields for stage 2 and
+ * tail-call it. Returns 0 once stage 2 runs (which counts its own failures), -1 if the
+ * record is lost here. */
+static __always_inline int record_with_stacks(struct pt_regs *ctx, u64 pid_tgid, u64 value, u64 aux, u32 kind,
+                                              u32 with_kernel)
+{
+    int zero = 0;
+    struct heap_pending_record *rec = heap_pending.lookup(&zero);
+    if (!rec)
+        return -1;
+    rec->pid_tgid = pid_tgid;
+    rec->value = value;
+    rec->aux = aux;
+    rec->kind = kind;
+    rec->with_kernel = with_kernel;
+#ifdef PYTHON_FRAMES
+    struct py_scratch *scratch = py_scratch.lookup(&zero);
+    if (scratch)
+        collect_python_frames(scratch, pid_tgid);
+#endif
+    heap_stages.call(ctx, 0);
+    add(4, 1);
+    return -1;
+}
+
+/* Stage 2: the record with its stacks, the user stack unwound from CFI when the process has
+ * tables. A record that finds the ring full is counted; a lost precise-mode allocation
+ * leaves `live` (its free must not produce a record). */
+int heap_record_stacks(struct pt_regs *ctx)
+{
+    int zero = 0;
+    struct heap_pending_record *rec = heap_pending.lookup(&zero);
+    if (!rec)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (rec->pid_tgid != pid_tgid)
+        return 0;
+    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
+    if (!ev) {
+        add(1, 1);
+        if (rec->kind == 0) {
+            u64 addr = rec->aux;
+            live.delete(&addr);
+        }
+        return 0;
+    }
+    fill_stack_event_parts(ctx, ev, pid_tgid, rec->with_kernel);
+#ifdef NATIVE_UNWINDING
+    unwind_task_user_stack(ev);
+#endif
+    ev->value = rec->value;
+    ev->aux = rec->aux;
+    ev->kind = rec->kind;
+    events.ringbuf_submit(ev, ring_wakeup_flag());
+    return 0;
 }
 
 /* libc: a sampled allocation is stashed for the return probe, which sees the address. */
@@ -145,17 +225,8 @@ int on_alloc_return(struct pt_regs *ctx)
         add(2, 1);
         return 0;
     }
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        add(1, 1);
+    if (record_with_stacks(ctx, bpf_get_current_pid_tgid(), size, addr, 0, 1) != 0)
         live.delete(&addr);
-        return 0;
-    }
-    fill_stack_event(ctx, ev, bpf_get_current_pid_tgid());
-    ev->value = size;
-    ev->aux = addr;
-    ev->kind = 0;
-    events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
 
@@ -176,17 +247,8 @@ int on_sampled_alloc(struct pt_regs *ctx)
     u64 *known = sampler_mean.lookup(&tgid);
     if (!known || *known != mean)
         sampler_mean.update(&tgid, &mean);
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        add(1, 1);
-        return 0;
-    }
     /* No kernel stack: it would only show the uprobe's own path. */
-    fill_stack_event_parts(ctx, ev, pid_tgid, 0);
-    ev->value = PT_REGS_PARM2(ctx);
-    ev->aux = PT_REGS_PARM1(ctx);
-    ev->kind = 3;
-    events.ringbuf_submit(ev, ring_wakeup_flag());
+    record_with_stacks(ctx, pid_tgid, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), 3, 0);
     return 0;
 }
 

@@ -47,6 +47,7 @@ from agent.go_heap_profiles import GoHeapProfiles
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
 from agent.symbols.procmaps import age_s, start_time
+from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
@@ -94,6 +95,8 @@ class HeapActor(RingBufferActor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # User stacks unwound from DWARF CFI with the tables the other profiles share.
+        self.unwinding = ActorUnwinding(self.ctx.unwinding, self.ctx.counters, self.profile_type.value)
         self.mean_bytes = self.ctx.settings.heap_sample_bytes
         self._processes: dict[int, _HeapProcess] = {}  # selected processes (precise mode, Go)
         self._sampled: dict[int, _HeapProcess] = {}  # processes with the sampler library
@@ -114,6 +117,10 @@ class HeapActor(RingBufferActor):
                 "AGENT_TGID": os.getpid()}
 
     def attach(self, bpf: Any) -> None:
+        from bcc import BPF
+
+        # Stage 2 of every record with stacks (bpf/heap.bpf.c), wired before any probe fires.
+        chain_stages(bpf, "heap_stages", [("heap_record_stacks", BPF.KPROBE)])
         table = bpf["neg_log_table"]
         for i, value in enumerate(neg_log_table(self.mean_bytes)):
             table[ctypes.c_int(i)] = ctypes.c_uint64(value)
@@ -185,7 +192,7 @@ class HeapActor(RingBufferActor):
     # -- events -----------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
         delta = self.counter_deltas()
-        self.count_drops(delta, {1: "ringbuf_full", 2: "live_map_full"})
+        self.count_drops(delta, {1: "ringbuf_full", 2: "live_map_full", 4: "tail_call_failed"})
         if delta and delta[0]:
             self.ctx.counters.inc("heap_allocations_seen", delta[0])
 
