@@ -264,6 +264,8 @@ def test_heap_stacks_reach_main_without_frame_pointers(unwound: Profiled, frame_
                 if "unwind" in k or "heap" in k or "dropped" in k}
     # ~230 sampled allocations a second for 5 s: enough for the share to mean something.
     assert total >= 200 * 16384 and hit >= 0.95 * total, f"{mode}: {hit}/{total} bytes reach main; {counters}"
+    # The sampled process exits right after its last allocations: they are still counted.
+    assert not unwound.run.agent_counters.get("events_dropped", type="heap", reason="sampler_mean_unknown"), counters
     fp = frame_pointers_only
     fp_hit, fp_total = _heap_share(fp, fp.allocs_pid if mode == "precise" else fp.allocs_sampled_pid)
     assert fp_total and fp_hit <= 0.1 * fp_total, f"frame pointers alone: {fp_hit}/{fp_total}"

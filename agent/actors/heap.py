@@ -199,7 +199,6 @@ class HeapActor(RingBufferActor):
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         if self.bpf is None:
             return []
-        self._refresh_targets()
         for ev in self.parsed(records):
             if ev.kind in (3, 4):
                 self._sampled_event(ev)
@@ -216,7 +215,11 @@ class HeapActor(RingBufferActor):
                 totals[1] += weight * ev.value
             else:
                 proc.live.pop(ev.aux, None)
-        return self._report() + self.go_heap.collect(time.time_ns())
+        samples = self._report() + self.go_heap.collect(time.time_ns())
+        # After the report: a process that exited since its last records were taken is
+        # forgotten only once they are counted and reported.
+        self._refresh_targets()
+        return samples
 
     # -- Go: mutex/block profiles read with the heap go out as the lock type ---------------------
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
