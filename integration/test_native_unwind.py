@@ -76,7 +76,8 @@ def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
                                                   ProfileType.HEAP], workload,
                                        agent_overrides={"native_unwinding": native_unwinding,
                                                         "target_comm": "^nofp_chain$",
-                                                        "heap_sample_bytes": HEAP_SAMPLE_BYTES},
+                                                        "heap_sample_bytes": HEAP_SAMPLE_BYTES,
+                                                        "ringbuf_pages": 1024},
                                        # Four programs with the unwinder to compile and verify: on
                                        # a loaded 2-core host that has taken over a minute.
                                        ready_timeout_s=240.0))

@@ -52,6 +52,8 @@ from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
 MAX_LIVE = 262144
+# How long a sampled process that exited is kept, so records still in the ring are counted.
+SAMPLED_EXIT_GRACE_S = 3.0
 _PROBES = (
     ("malloc", "on_malloc", True),
     ("calloc", "on_calloc", True),
@@ -102,6 +104,7 @@ class HeapActor(RingBufferActor):
         self._sampled: dict[int, _HeapProcess] = {}  # processes with the sampler library
         self._sampled_live = 0  # live sampled blocks tracked over all of _sampled
         self._left_to_sampler: set[int] = set()  # selected processes that have the library
+        self._gone_since: dict[int, float] = {}  # sampled processes seen exited, and since when
         self.sampler = SamplerProbes(self.ctx.counters)
         self._scanned = 0.0
         self._warned_no_selector = False
@@ -285,7 +288,18 @@ class HeapActor(RingBufferActor):
         return proc
 
     def _forget_exited_sampled(self) -> None:
-        for pid in [pid for pid in self._sampled if not os.path.exists(f"/proc/{pid}")]:
+        """Forget sampled processes gone for SAMPLED_EXIT_GRACE_S: records they made just before
+        exiting may still be in the ring buffer (the poll thread lags on a loaded host), and
+        they need the process's entry (its sampling mean) to be counted."""
+        now = time.monotonic()
+        gone = []
+        for pid in self._sampled:
+            if os.path.exists(f"/proc/{pid}"):
+                continue
+            if now - self._gone_since.setdefault(pid, now) >= SAMPLED_EXIT_GRACE_S:
+                gone.append(pid)
+        for pid in gone:
+            self._gone_since.pop(pid, None)
             self._sampled_live -= len(self._sampled.pop(pid).live)
             try:
                 del self.bpf["sampler_mean"][ctypes.c_uint32(pid)]
