@@ -61,6 +61,7 @@ enum heap_counter {
     HEAP_RING_FULL,
     HEAP_LIVE_FULL,             /* the live map was full: a sampled allocation not tracked */
     HEAP_BYTES_ALLOCATED,       /* precise mode: bytes of all allocations */
+    HEAP_TAIL_CALL_FAILED,      /* records lost to a failed tail call into stage 2 */
     HEAP_COUNTER_SLOTS,
 };
 

@@ -18,12 +18,23 @@
  * unsampled address costs one hash lookup. Uretprobes are fine here: this is libc, not Go.
  * Record kinds: enum heap_event_kind below (Go processes are never probed: the agent reads
  * their runtime's own profile).
+ *
+ * Records with stacks take two programs, like the CPU profile's: the probe (stage 1) decides,
+ * reads the CPython frames and leaves the record's fields in `heap_pending`, then tail-calls
+ * heap_record_stacks (slot 0 of `heap_stages`, set by the agent), which copies the stacks,
+ * unwinds the user stack from DWARF CFI with the tables every profile shares (bpf/unwind.h,
+ * with NATIVE_UNWINDING) and writes the ring-buffer record. Stacks, CPython frames and the
+ * CFI walk in one program exceed the verifier's budget.
  */
 #include <uapi/linux/ptrace.h>
 #define COUNTER_SLOTS HEAP_COUNTER_SLOTS
 #include "counters.h"
+#define PYTHON_FRAMES_COLLECTED 1  /* by stage 1, before the tail call */
 #include "stack_event.h"
 #include "ring_wakeup.h"
+#ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
+#include "unwind.h"
+#endif
 
 /* The `kind` of each record (agent/bpf/layouts.py HeapEventKind). 2 is not used. */
 enum heap_event_kind {
@@ -46,6 +57,17 @@ BPF_HASH(live, u64, u64, MAX_LIVE);
 #define NEG_LOG_ENTRIES 1024   /* agent/bpf/layouts.py HEAP_NEG_LOG_ENTRIES */
 BPF_ARRAY(neg_log_table, u64, NEG_LOG_ENTRIES);
 
+/* What stage 1 hands stage 2 (per CPU: BPF tracing programs do not nest on a CPU). */
+struct heap_pending_record {
+    u64 pid_tgid;
+    u64 value;
+    u64 aux;
+    u32 kind;
+    u32 with_kernel;
+};
+BPF_PERCPU_ARRAY(heap_pending, struct heap_pending_record, 1);
+BPF_PROG_ARRAY(heap_stages, 1);
+
 /* The per-thread countdown: 1 when this allocation is to be sampled. */
 static __always_inline int should_sample(u32 tid, u64 size)
 {
@@ -58,10 +80,67 @@ static __always_inline int should_sample(u32 tid, u64 size)
     *left -= (s64)size;
     if (*left > 0)
         return 0;
-    u32 idx = bpf_get_prandom_u32() % NEG_LOG_ENTRIES;
+    u32 idx = bpf_get_prandom_u32() % 1024;
     u64 *next = neg_log_table.lookup(&idx);
     *left = next ? (s64)*next : (s64)SAMPLE_BYTES;
     return 1;
+}
+
+/* Stage 1's end: collect the CPython frames, leave the record's fields for stage 2 and
+ * tail-call it. Returns 0 once stage 2 runs (which counts its own failures), -1 if the
+ * record is lost here. */
+static __always_inline int record_with_stacks(struct pt_regs *ctx, u64 pid_tgid, u64 value, u64 aux, u32 kind,
+                                              u32 with_kernel)
+{
+    int zero = 0;
+    struct heap_pending_record *rec = heap_pending.lookup(&zero);
+    if (!rec)
+        return -1;
+    rec->pid_tgid = pid_tgid;
+    rec->value = value;
+    rec->aux = aux;
+    rec->kind = kind;
+    rec->with_kernel = with_kernel;
+#ifdef PYTHON_FRAMES
+    struct py_scratch *scratch = py_scratch.lookup(&zero);
+    if (scratch)
+        collect_python_frames(scratch, pid_tgid);
+#endif
+    heap_stages.call(ctx, 0);
+    count(HEAP_TAIL_CALL_FAILED);
+    return -1;
+}
+
+/* Stage 2: the record with its stacks, the user stack unwound from CFI when the process has
+ * tables. A record that finds the ring full is counted; a lost precise-mode allocation
+ * leaves `live` (its free must not produce a record). */
+int heap_record_stacks(struct pt_regs *ctx)
+{
+    int zero = 0;
+    struct heap_pending_record *rec = heap_pending.lookup(&zero);
+    if (!rec)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (rec->pid_tgid != pid_tgid)
+        return 0;
+    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
+    if (!ev) {
+        count(HEAP_RING_FULL);
+        if (rec->kind == HEAP_EVENT_ALLOC) {
+            u64 addr = rec->aux;
+            live.delete(&addr);
+        }
+        return 0;
+    }
+    fill_stack_event_parts(ctx, ev, pid_tgid, rec->with_kernel);
+#ifdef NATIVE_UNWINDING
+    unwind_task_user_stack(ev);
+#endif
+    ev->value = rec->value;
+    ev->aux = rec->aux;
+    ev->kind = rec->kind;
+    events.ringbuf_submit(ev, ring_wakeup_flag());
+    return 0;
 }
 
 /* libc: a sampled allocation is stashed for the return probe, which sees the address. */
@@ -146,17 +225,8 @@ int on_alloc_return(struct pt_regs *ctx)
         count(HEAP_LIVE_FULL);
         return 0;
     }
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        count(HEAP_RING_FULL);
+    if (record_with_stacks(ctx, bpf_get_current_pid_tgid(), size, addr, HEAP_EVENT_ALLOC, 1) != 0)
         live.delete(&addr);
-        return 0;
-    }
-    fill_stack_event(ctx, ev, bpf_get_current_pid_tgid());
-    ev->value = size;
-    ev->aux = addr;
-    ev->kind = HEAP_EVENT_ALLOC;
-    events.ringbuf_submit(ev, ring_wakeup_flag());
     return 0;
 }
 
@@ -177,17 +247,8 @@ int on_sampled_alloc(struct pt_regs *ctx)
     u64 *known = sampler_mean.lookup(&tgid);
     if (!known || *known != mean)
         sampler_mean.update(&tgid, &mean);
-    struct stack_event *ev = events.ringbuf_reserve(sizeof(struct stack_event));
-    if (!ev) {
-        count(HEAP_RING_FULL);
-        return 0;
-    }
     /* No kernel stack: it would only show the uprobe's own path. */
-    fill_stack_event_parts(ctx, ev, pid_tgid, 0);
-    ev->value = PT_REGS_PARM2(ctx);
-    ev->aux = PT_REGS_PARM1(ctx);
-    ev->kind = HEAP_EVENT_SAMPLED_ALLOC;
-    events.ringbuf_submit(ev, ring_wakeup_flag());
+    record_with_stacks(ctx, pid_tgid, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), HEAP_EVENT_SAMPLED_ALLOC, 0);
     return 0;
 }
 

@@ -8,6 +8,7 @@ local functions are (``nm`` on libc6-dbg's file, ``readelf -l`` on libc); the ke
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 
 from agent.symbols import Symbolizer
 from agent.symbols.debuginfo import DebugFileFinder
+from agent.symbols.dwarf_lines import CuLineIndex
+from agent.symbols.elf import MAX_LINE_PROGRAM_BYTES
 from aggregator.exporters.pprof import unknown_frame_label
 from tests.test_symbols import Target, build, file_offset
 
@@ -100,11 +103,32 @@ def test_same_code_in_two_processes_is_one_frame(tmp_path: Path) -> None:
             t.stop()
 
 
+def _nm(debug_file: str, name: str) -> tuple[int, int]:
+    """(vaddr, size) of a function, from nm on the debug file."""
+    nm = subprocess.run(["nm", "-S", debug_file], capture_output=True, text=True, check=True).stdout
+    return next((int(a, 16), int(s, 16)) for a, s, _, n in (line.split() for line in nm.splitlines()
+                                                           if len(line.split()) == 4) if n == name)
+
+
+def _addr2line(debug_file: str, vaddr: int) -> tuple[str, int]:
+    out = subprocess.run(["addr2line", "-e", debug_file, f"{vaddr:#x}"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    path, _, line = out.rpartition(":")
+    return path, int(line.split()[0])
+
+
+def _same_source(ours: str, binutils: str) -> bool:
+    """Our path is binutils' path as a suffix. addr2line joins a relative compilation directory
+    to DWARF 5's directory 0, which is that same directory (glibc: "./nptl/./nptl/x.c" for
+    nptl/x.c; see test_relative_compilation_directory_is_not_doubled)."""
+    theirs = Path(os.path.normpath(binutils)).parts
+    mine = Path(ours).parts
+    return bool(mine) and theirs[-len(mine):] == mine
+
+
 def _libc_truth(libc: str, debug_file: str, name: str) -> tuple[int, int]:
     """File offsets [start, end) of a libc function, from nm on its debug file and libc's segments."""
-    nm = subprocess.run(["nm", "-S", debug_file], capture_output=True, text=True, check=True).stdout
-    vaddr, size = next((int(a, 16), int(s, 16)) for a, s, _, n in (line.split() for line in nm.splitlines()
-                                                                  if len(line.split()) == 4) if n == name)
+    vaddr, size = _nm(debug_file, name)
     segments = subprocess.run(["readelf", "-lW", libc], capture_output=True, text=True, check=True).stdout
     for line in segments.splitlines():
         fields = line.split()
@@ -136,6 +160,10 @@ def test_libc_local_functions_named_from_distribution_debug_symbols(name: str, t
         address = start + lo - map_offset + (hi - lo) // 2
         (named,) = Symbolizer().symbolize_user(t.pid, [address])
         assert named.function == name and named.address == lo + (hi - lo) // 2
+        # Lines too: libc6-dbg's line program is over the whole-table budget, so they come
+        # from the one compilation unit that covers the address.
+        path, line = _addr2line(debug_file, _nm(debug_file, name)[0] + (hi - lo) // 2)
+        assert named.line == line and _same_source(named.filename, path), (named, path, line)
         empty = tmp_path / "empty"
         empty.mkdir()
         (bare,) = Symbolizer(debug_directories=[str(empty)]).symbolize_user(t.pid, [address])
@@ -196,3 +224,31 @@ def test_relative_compilation_directory_is_not_doubled(tmp_path: Path) -> None:
         assert (leaf.function, leaf.filename, leaf.line) == ("leaf_function", "src/symbols_target.c", leaf_line)
     finally:
         t.stop()
+
+
+def test_large_line_program_is_decoded_per_compilation_unit() -> None:
+    """libc6-dbg's line program is over the whole-table budget: each lookup decodes only the CU
+    covering the address (found through .debug_aranges), answers as addr2line does, and the
+    decoded CUs stay within their row budget."""
+    from elftools.elf.elffile import ELFFile
+
+    libc = next(p for p in ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6")
+                if Path(p).exists())
+    build_id = _build_id(Path(libc))
+    debug_file = f"{DEBUG_DIR}/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    assert Path(debug_file).is_file(), f"libc6-dbg's file for this libc ({debug_file}) is missing: run setup"
+    with open(debug_file, "rb") as stream:
+        elf = ELFFile(stream)
+        section = elf.get_section_by_name(".debug_line")
+        assert section is not None and section.data_size > MAX_LINE_PROGRAM_BYTES
+        index = CuLineIndex(elf.get_dwarf_info, debug_file, cache_rows=2000)
+        names = ["start_thread", "__futex_abstimed_wait_common", "__GI___clone3", "qsort_r"]
+        for i, name in enumerate(names):
+            vaddr, size = _nm(debug_file, name)
+            for address in (vaddr, vaddr + size // 2):
+                path, line = _addr2line(debug_file, address)
+                file, ours = index.lookup(address)
+                assert ours == line and _same_source(file, path), (name, hex(address), file, ours, path, line)
+            assert index.cus_decoded == i + 1  # one CU per function, each decoded once
+        assert index._rows <= 2000 or len(index._tables) == 1
+        assert index.lookup(0) == ("", 0)

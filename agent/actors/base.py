@@ -46,7 +46,7 @@ SWEEP_INTERVAL_S = 10.0  # how often the shared caches drop exited processes
 # stacks come back within a flush; ~1 KB each with the key).
 RAW_STACK_CACHE_ENTRIES = 4096
 
-log = logging.getLogger("stackfleet.agent")
+log = logging.getLogger(__name__)
 
 
 class SampleSink:

@@ -49,11 +49,14 @@ from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
 from agent.process.procmaps import age_s, start_time
 from agent.runtimes.go.heap_profiles import GoHeapProfiles
+from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
 
 log = logging.getLogger(__name__)
 MAX_LIVE = 262144
+# How long a sampled process that exited is kept, so records still in the ring are counted.
+SAMPLED_EXIT_GRACE_S = 3.0
 _PROBES = (
     ("malloc", "on_malloc", True),
     ("calloc", "on_calloc", True),
@@ -97,11 +100,14 @@ class HeapActor(RingBufferActor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # User stacks unwound from DWARF CFI with the tables the other profiles share.
+        self.unwinding = ActorUnwinding(self.ctx.unwinding, self.ctx.counters, self.profile_type.value)
         self.mean_bytes = self.ctx.settings.heap_sample_bytes
         self._processes: dict[int, _HeapProcess] = {}  # selected processes (precise mode, Go)
         self._sampled: dict[int, _HeapProcess] = {}  # processes with the sampler library
         self._sampled_live = 0  # live sampled blocks tracked over all of _sampled
         self._left_to_sampler: set[int] = set()  # selected processes that have the library
+        self._gone_since: dict[int, float] = {}  # sampled processes seen exited, and since when
         self.sampler = SamplerProbes(self.ctx.counters)
         self._scanned = 0.0
         self._warned_no_selector = False
@@ -117,6 +123,10 @@ class HeapActor(RingBufferActor):
                 "AGENT_TGID": os.getpid()}
 
     def attach(self, bpf: Any) -> None:
+        from bcc import BPF
+
+        # Stage 2 of every record with stacks (bpf/heap.bpf.c), wired before any probe fires.
+        chain_stages(bpf, "heap_stages", [("heap_record_stacks", BPF.KPROBE)])
         table = bpf["neg_log_table"]
         for i, value in enumerate(neg_log_table(self.mean_bytes)):
             table[ctypes.c_int(i)] = ctypes.c_uint64(value)
@@ -186,14 +196,14 @@ class HeapActor(RingBufferActor):
     # -- events -----------------------------------------------------------------------------------
     def read_bpf_counters(self) -> None:
         delta = self.counter_deltas()
-        self.count_drops(delta, {HeapCounter.RING_FULL: "ringbuf_full", HeapCounter.LIVE_FULL: "live_map_full"})
+        self.count_drops(delta, {HeapCounter.RING_FULL: "ringbuf_full", HeapCounter.LIVE_FULL: "live_map_full",
+                                 HeapCounter.TAIL_CALL_FAILED: "tail_call_failed"})
         if delta and delta[HeapCounter.ALLOCATIONS]:
             self.ctx.counters.inc("heap_allocations_seen", delta[HeapCounter.ALLOCATIONS])
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         if self.bpf is None:
             return []
-        self._refresh_targets()
         for ev in self.parsed(records):
             if ev.kind in (HeapEventKind.SAMPLED_ALLOC, HeapEventKind.SAMPLED_FREE):
                 self._sampled_event(ev)
@@ -210,7 +220,11 @@ class HeapActor(RingBufferActor):
                 totals[1] += weight * ev.value
             else:
                 proc.live.pop(ev.aux, None)
-        return self._report() + self.go_heap.collect(time.time_ns())
+        samples = self._report() + self.go_heap.collect(time.time_ns())
+        # After the report: a process that exited since its last records were taken is
+        # forgotten only once they are counted and reported.
+        self._refresh_targets()
+        return samples
 
     # -- Go: mutex/block profiles read with the heap go out as the lock type ---------------------
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -276,7 +290,18 @@ class HeapActor(RingBufferActor):
         return proc
 
     def _forget_exited_sampled(self) -> None:
-        for pid in [pid for pid in self._sampled if not os.path.exists(f"/proc/{pid}")]:
+        """Forget sampled processes gone for SAMPLED_EXIT_GRACE_S: records they made just before
+        exiting may still be in the ring buffer (the poll thread lags on a loaded host), and
+        they need the process's entry (its sampling mean) to be counted."""
+        now = time.monotonic()
+        gone = []
+        for pid in self._sampled:
+            if os.path.exists(f"/proc/{pid}"):
+                continue
+            if now - self._gone_since.setdefault(pid, now) >= SAMPLED_EXIT_GRACE_S:
+                gone.append(pid)
+        for pid in gone:
+            self._gone_since.pop(pid, None)
             self._sampled_live -= len(self._sampled.pop(pid).live)
             try:
                 del self.bpf["sampler_mean"][ctypes.c_uint32(pid)]

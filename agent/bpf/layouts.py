@@ -263,6 +263,7 @@ class HeapCounter(IntEnum):
     RING_FULL = 1
     LIVE_FULL = 2
     BYTES_ALLOCATED = 3
+    TAIL_CALL_FAILED = 4  # records lost to a failed tail call into stage 2
 
 
 class GoroutineCounter(IntEnum):

@@ -51,19 +51,24 @@ void stackfleet_heap_sampled_alloc(void *addr, size_t size, size_t mean_bytes);
 void stackfleet_heap_sampled_free(void *addr);
 
 #if defined(__x86_64__)
-/* Written in assembly so that the probed instruction is a nop5 (see the header comment). */
+/* Written in assembly so that the probed instruction is a nop5 (see the header comment). The
+ * CFI directives give them an FDE (CFA = rsp + 8), so DWARF unwinders step out of them. */
 __asm__(".pushsection .text\n"
         ".globl stackfleet_heap_sampled_alloc\n"
         ".type stackfleet_heap_sampled_alloc, @function\n"
         "stackfleet_heap_sampled_alloc:\n"
+        "    .cfi_startproc\n"
         "    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
         "    ret\n"
+        "    .cfi_endproc\n"
         ".size stackfleet_heap_sampled_alloc, .-stackfleet_heap_sampled_alloc\n"
         ".globl stackfleet_heap_sampled_free\n"
         ".type stackfleet_heap_sampled_free, @function\n"
         "stackfleet_heap_sampled_free:\n"
+        "    .cfi_startproc\n"
         "    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
         "    ret\n"
+        "    .cfi_endproc\n"
         ".size stackfleet_heap_sampled_free, .-stackfleet_heap_sampled_free\n"
         ".popsection\n");
 #else

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import struct
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -29,16 +28,18 @@ from elftools.elf.sections import SymbolTableSection
 
 from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
+from agent.symbols.dwarf_lines import CuLineIndex, LineTable, whole_line_table
 from agent.symbols.packed_names import PackedNames
 
 log = logging.getLogger(__name__)
 
 DebugSource = Callable[["ElfSymbols"], "tuple[IO[bytes], str] | None"]
 
-# Files whose DWARF line program is larger than this are symbolized by name only. Measured:
-# pyelftools needs ~10 us and ~900 bytes of peak memory per line-table row, so a 2.5 MB
-# .debug_line (CPython built with -g: 620k rows) costs 6.3 s and 560 MB — not acceptable in
-# an agent on every host. At 1 MiB the worst case is ~2.5 s once per file.
+# Files whose DWARF line program is larger than this get their lines one compilation unit at
+# a time (agent/symbols/dwarf_lines.py). Measured: pyelftools needs ~10 us and ~900 bytes of
+# peak memory per line-table row, so a 2.5 MB .debug_line (CPython built with -g: 620k rows)
+# took 6.3 s and 560 MB whole — not acceptable in an agent on every host. At 1 MiB the worst
+# whole decode is ~2.5 s once per file.
 MAX_LINE_PROGRAM_BYTES = 1024 * 1024
 
 
@@ -75,12 +76,9 @@ class ElfSymbols:
         self.debug_file = ""  # path of the separate debug file in use, if any
         self._gopclntab = pclntab_section(elf)
         self._go_table: GoSymbolTable | None = None
-        # Line table as three parallel arrays (address, index into _line_files, line): ~16 B a
-        # row where a (file, line) tuple per row cost ~80 B (DWARF-rich libraries have 10^5 rows).
-        self._line_addrs: array[int] | None = None
-        self._line_file_ids: array[int] = array("I")
-        self._line_numbers: array[int] = array("I")
-        self._line_files: list[str] = []
+        # Built on the first line lookup: three parallel arrays (~16 B a row, where a (file,
+        # line) tuple per row cost ~80 B), or per CU for line programs over the budget.
+        self._lines: LineTable | CuLineIndex | None = None
         self.line_table_skipped = False
         self.shared = False  # used for several files of the same build (Symbolizer._share_by_build_id)
 
@@ -92,7 +90,7 @@ class ElfSymbols:
         file names; the ELF headers and section objects pyelftools keeps are the fixed part.
         """
         go_table = self._go_table.nbytes() if self._go_table is not None else 0
-        rows = 16 * len(self._line_numbers) + sum(100 + len(f) for f in self._line_files)
+        rows = self._lines.nbytes() if self._lines is not None else 0
         return 16_384 + 16 * len(self._starts) + self._names.nbytes() + rows + go_table
 
     @property
@@ -184,38 +182,32 @@ class ElfSymbols:
             self._use_debug_file()
         if not self._has_dwarf:
             return "", 0
-        if self._line_addrs is None:
-            self._build_line_table()
-        assert self._line_addrs is not None
-        i = bisect.bisect_right(self._line_addrs, vaddr) - 1
-        if i < 0:
-            return "", 0
-        return self._line_files[self._line_file_ids[i]], self._line_numbers[i]
+        if self._lines is None:
+            self._lines = self._build_line_table()
+        return self._lines.lookup(vaddr)
 
-    def _build_line_table(self) -> None:
-        rows: list[tuple[int, str, int]] = []
+    def _build_line_table(self) -> LineTable | CuLineIndex:
+        """The whole table when the line program is within budget, else a per-CU index
+        (agent/symbols/dwarf_lines.py); an empty table when the DWARF is unreadable."""
+        elf = self._line_elf
         try:
-            dwarf = self._line_elf.get_dwarf_info()
-            section = self._line_elf.get_section_by_name(".debug_line")
+            section = elf.get_section_by_name(".debug_line")
             if section is not None and section.data_size > MAX_LINE_PROGRAM_BYTES:
-                self.line_table_skipped = True
-                log.warning("%s: DWARF line program of %d bytes is over the %d-byte budget: "
-                            "functions only, no line numbers", self.path, section.data_size, MAX_LINE_PROGRAM_BYTES)
-            else:
-                for cu in dwarf.iter_CUs():
-                    program = dwarf.line_program_for_CU(cu)
-                    if program is not None:
-                        _collect_rows(program, cu, rows)
+                try:
+                    index = CuLineIndex(elf.get_dwarf_info, self.path)
+                    log.info("%s: DWARF line program of %d bytes is over the %d-byte budget: lines are "
+                             "decoded per compilation unit", self.path, section.data_size, MAX_LINE_PROGRAM_BYTES)
+                    return index
+                except ValueError as exc:
+                    self.line_table_skipped = True
+                    log.warning("%s: DWARF line program of %d bytes is over the %d-byte budget and cannot be "
+                                "read per compilation unit (%s): functions only, no line numbers",
+                                self.path, section.data_size, MAX_LINE_PROGRAM_BYTES, exc)
+                    return LineTable([])
+            return whole_line_table(elf.get_dwarf_info())
         except (ELFError, KeyError, ValueError, AttributeError, AssertionError) as exc:
             log.warning("%s: cannot read DWARF line info: %s", self.path, exc)
-        rows.sort(key=lambda r: r[0])
-        self._line_addrs = array("Q", (r[0] for r in rows))
-        # End-of-sequence rows carry line 0: lookups past a sequence's end return ("", 0).
-        file_ids: dict[str, int] = {}
-        self._line_file_ids = array("I", (file_ids.setdefault(r[1], len(file_ids)) for r in rows))
-        self._line_numbers = array("I", (min(max(r[2], 0), 0xFFFFFFFF) for r in rows))
-        self._line_files = list(file_ids)
-        self._has_dwarf = bool(rows)
+            return LineTable([])
 
     def read(self, file_offset: int, size: int) -> bytes:
         """Raw bytes of the file (e.g. the instruction bytes before a return address)."""
@@ -230,55 +222,6 @@ class ElfSymbols:
     @property
     def closed(self) -> bool:
         return self._stream.closed
-
-
-def _collect_rows(program: Any, cu: Any, rows: list[tuple[int, str, int]]) -> None:
-    header = program.header
-    version = header["version"]
-    comp_dir = _decode(cu.get_top_DIE().attributes.get("DW_AT_comp_dir").value) \
-        if "DW_AT_comp_dir" in cu.get_top_DIE().attributes else ""
-    dirs = [_decode(d) for d in header["include_directory"]]
-    files = header["file_entry"]
-    names: dict[int, str] = {}
-
-    def file_name(index: int) -> str:
-        name = names.get(index)
-        if name is not None:
-            return name
-        # DWARF 5 numbers files from 0 and directories from 0 (0 = comp dir);
-        # DWARF 2-4 number both from 1, directory 0 meaning the comp dir.
-        pos = index if version >= 5 else index - 1
-        if not 0 <= pos < len(files):
-            names[index] = ""
-            return ""
-        entry = files[pos]
-        base = _decode(entry.name)
-        dir_index = entry.dir_index
-        if version >= 5:
-            directory = dirs[dir_index] if dir_index < len(dirs) else ""
-        else:
-            directory = dirs[dir_index - 1] if 0 < dir_index <= len(dirs) else comp_dir
-        # DWARF 5's directory 0 *is* the compilation directory: joining it to itself would
-        # double a relative one (glibc's "./nptl" became "nptl/nptl").
-        is_comp_dir = version >= 5 and dir_index == 0
-        if directory and not os.path.isabs(directory) and comp_dir and not is_comp_dir:
-            directory = os.path.join(comp_dir, directory)
-        full = base if os.path.isabs(base) else os.path.normpath(os.path.join(directory, base)) if directory else base
-        names[index] = full
-        return full
-
-    for entry in program.get_entries():
-        state = entry.state
-        if state is None:
-            continue
-        if state.end_sequence:
-            rows.append((state.address, "", 0))
-        else:
-            rows.append((state.address, file_name(state.file), state.line))
-
-
-def _decode(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 _SYM64 = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size

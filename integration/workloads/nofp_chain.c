@@ -10,7 +10,10 @@
  * spends its time the ways wall and lock profiles see: spinning ~1 ms, sleeping 2 ms, and
  * waiting for a mutex that a holder thread keeps most of the time; it also waits for a line on
  * stdin before starting (so a profiler can select the process first).
- * Usage: nofp_chain SECONDS [waits]. Prints "ready <pid>" at start and "done <n>" at the end. */
+ * With "allocs", the chain ends in alloc_leaf, which allocates and frees a 16 KiB block, then
+ * sleeps 0.2 ms, over and over (for the heap profile); it too waits for a line on stdin.
+ * Usage: nofp_chain SECONDS [waits|allocs]. Prints "ready <pid>" at start and "done <n>" at the
+ * end. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +25,7 @@
 
 static volatile unsigned long sink;
 static int waits_mode;
+static int allocs_mode;
 static pthread_mutex_t contended = PTHREAD_MUTEX_INITIALIZER;
 
 static double now(void)
@@ -56,6 +60,21 @@ NOINLINE unsigned long wait_leaf(double until, unsigned long x)
     return x;
 }
 
+NOINLINE unsigned long alloc_leaf(double until, unsigned long x)
+{
+    struct timespec nap = {0, 200000};
+    do {
+        unsigned char *block = malloc(16384);
+        if (!block)
+            abort();
+        block[x & 16383] = (unsigned char)x;
+        x += block[(x >> 7) & 16383];
+        free(block);
+        nanosleep(&nap, NULL);
+    } while (now() < until);
+    return x;
+}
+
 /* Keeps the mutex ~1.5 ms at a time, letting go for 0.3 ms. */
 static void *holder(void *arg)
 {
@@ -76,7 +95,9 @@ NOINLINE unsigned long chain_three(double until, unsigned long x)
 {
     volatile unsigned char buf[256];
     memset((void *)buf, (int)x, sizeof(buf));
-    unsigned long r = waits_mode ? wait_leaf(until, x ^ buf[17]) : hot_leaf(until, x ^ buf[17]);
+    unsigned long r = waits_mode    ? wait_leaf(until, x ^ buf[17])
+                      : allocs_mode ? alloc_leaf(until, x ^ buf[17])
+                                    : hot_leaf(until, x ^ buf[17]);
     return r + buf[3];
 }
 
@@ -100,18 +121,20 @@ int main(int argc, char **argv)
 {
     double seconds = argc > 1 ? atof(argv[1]) : 5;
     waits_mode = argc > 2 && strcmp(argv[2], "waits") == 0;
+    allocs_mode = argc > 2 && strcmp(argv[2], "allocs") == 0;
     printf("ready %d\n", getpid());
     fflush(stdout);
     pthread_t holder_thread;
     double until = 0;
-    if (waits_mode) {
+    if (waits_mode || allocs_mode) {
         char line[16];
         if (!fgets(line, sizeof line, stdin))
             return 1;
         until = now() + seconds;
-        pthread_create(&holder_thread, NULL, holder, &until);
     }
-    unsigned long r = chain_one(waits_mode ? until : now() + seconds, (unsigned long)getpid());
+    if (waits_mode)
+        pthread_create(&holder_thread, NULL, holder, &until);
+    unsigned long r = chain_one(waits_mode || allocs_mode ? until : now() + seconds, (unsigned long)getpid());
     if (waits_mode)
         pthread_join(holder_thread, NULL);
     printf("done %lu\n", r & 0xff);
