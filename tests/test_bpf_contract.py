@@ -121,9 +121,11 @@ def test_real_program_compiles_with_the_contract_and_bcc_agrees(program: str) ->
     with BCC_LOCK:
         if program == "unwind_maps.bpf.c":
             # Compiled once per process (its maps are exported by name): the agent's own call.
+            # Sized as the agents later in this process will ask for it (one size per process).
+            from agent.settings import AgentSettings
             from agent.unwind.sharing import _maps_module
 
-            bpf = _maps_module(65536)
+            bpf = _maps_module(AgentSettings.model_fields["unwind_table_rows"].default)
         else:
             defines = _actor_defines(program)
             assert defines.get("PYTHON_FRAMES") == 1 or program == "goroutine.bpf.c"

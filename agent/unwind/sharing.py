@@ -35,13 +35,22 @@ MAPS_SOURCE = "unwind_maps.bpf.c"
 
 
 _MAPS_MODULE: Any = None
+_MAPS_MODULE_ROWS = 0
 
 
 def _maps_module(max_rows: int) -> Any:
-    """The process's unwind maps module, compiled on first use (caller holds ``BCC_LOCK``)."""
-    global _MAPS_MODULE
+    """The process's unwind maps module, compiled on first use (caller holds ``BCC_LOCK``).
+
+    Its maps are exported by name, so a process has one, sized by its first caller: a later
+    caller asking for another size gets a clear error instead of a table that is too small.
+    """
+    global _MAPS_MODULE, _MAPS_MODULE_ROWS
     if _MAPS_MODULE is None:
         _MAPS_MODULE = load_program(MAPS_SOURCE, {"UNWIND_MAX_ROWS": max_rows})
+        _MAPS_MODULE_ROWS = max_rows
+    elif max_rows != _MAPS_MODULE_ROWS:
+        raise RuntimeError(f"the unwind maps of this process hold {_MAPS_MODULE_ROWS} rows; "
+                           f"{max_rows} asked: one unwind_table_rows per process")
     return _MAPS_MODULE
 
 
