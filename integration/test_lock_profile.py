@@ -107,7 +107,8 @@ def test_waits_that_are_not_contention_are_labelled_with_their_kind(lock_run: Lo
     assert cond and {s.tid for s in cond} == {lock_run.own["cond_tid"]}
     assert all("wait_for_done" in names(s) for s in cond)
     join = by_kind.get("join", [])
-    assert join and {s.tid for s in join} == {lock_run.pid} and all("join_all" in names(s) for s in join)
+    assert join and {s.tid for s in join} == {lock_run.pid}, [(s.tid, names(s)) for s in join]
+    assert all("join_all" in names(s) for s in join), [(s.values, names(s)) for s in join]
     # The condition and join waits last as long as the lockers run: far longer than all contention.
     assert sum(s.values[1] for s in cond) > lock_run.own["wait_ns"] / 4
     assert sum(s.values[1] for s in join) > lock_run.own["wait_ns"] / 4
