@@ -103,17 +103,24 @@ def test_waits_that_are_not_contention_are_labelled_with_their_kind(lock_run: Lo
     by_kind: dict[str, list[AggregatedSample]] = {}
     for s in lock_run.samples():
         by_kind.setdefault(kind(s), []).append(s)
+    # A wait the per-thread capture rate left out, on a lock with no captured stack of that
+    # thread, is reported without one and labelled so (bpf/event_capture.h): e.g. the main
+    # thread's second join, milliseconds after the first, on another thread's tid word.
+    for s in lock_run.samples():
+        if not s.frames:
+            assert dict(s.attributes).get("lock.stack") == "not-captured", s
     cond = by_kind.get("condition", [])
     assert cond and {s.tid for s in cond} == {lock_run.own["cond_tid"]}
-    assert all("wait_for_done" in names(s) for s in cond)
+    assert all("wait_for_done" in names(s) for s in cond if s.frames)
     join = by_kind.get("join", [])
     assert join and {s.tid for s in join} == {lock_run.pid}, [(s.tid, names(s)) for s in join]
-    assert all("join_all" in names(s) for s in join), [(s.values, names(s)) for s in join]
+    assert all("join_all" in names(s) for s in join if s.frames), [(s.values, names(s)) for s in join]
+    assert sum(s.values[1] for s in join if s.frames) > 0.9 * sum(s.values[1] for s in join)
     # The condition and join waits last as long as the lockers run: far longer than all contention.
     assert sum(s.values[1] for s in cond) > lock_run.own["wait_ns"] / 4
     assert sum(s.values[1] for s in join) > lock_run.own["wait_ns"] / 4
     sem = [s for s in lock_run.samples() if s.tid == lock_run.own["sem_tid"]]
-    assert sem and all("wait_for_post" in names(s) for s in sem)
+    assert sem and all("wait_for_post" in names(s) for s in sem if s.frames)
     for s in sem:
         named = any(f.function.lstrip("_").startswith("new_sem_wait") for f in s.frames)
         assert kind(s) == ("semaphore" if named else "other"), names(s)
