@@ -1,13 +1,20 @@
-"""The one /proc listing (agent/process/watcher.py): processes, not threads, and nothing else."""
+"""The one /proc watcher (agent/process/watcher.py): processes, not threads; new and exited
+processes of real children told to each subscriber; unreadable ones counted."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
-from agent.process.watcher import running_pids
+from agent.process.procmaps import ProcessKey, file_key
+from agent.process.selectors import ProcessSelector
+from agent.process.watcher import ProcessSnapshot, ProcessWatcher, running_pids
+from shared.counters import Counters
 
 
 def test_lists_processes_but_not_their_threads() -> None:
@@ -41,3 +48,106 @@ def test_only_numeric_entries_of_the_given_tree(tmp_path: Path) -> None:
     for name in ("1", "42", "self", "net", "7x"):
         (tmp_path / name).mkdir()
     assert running_pids(str(tmp_path)) == {1, 42}
+
+
+# -- the watcher: one scan, changes per subscriber ---------------------------------------------
+def _wait_exec(pid: int, exe_name: str) -> None:
+    deadline = time.monotonic() + 5
+    while os.path.basename(os.readlink(f"/proc/{pid}/exe")) != exe_name:
+        assert time.monotonic() < deadline, f"pid {pid} did not exec {exe_name}"
+        time.sleep(0.01)
+
+
+def test_subscribers_are_told_of_a_child_starting_and_exiting() -> None:
+    counters = Counters()
+    watcher = ProcessWatcher(counters)
+    early = watcher.subscribe()
+    first = early.take()  # nothing scanned before: the take scans, all processes are new to it
+    assert first.complete and os.getpid() in first.snapshot.alive
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        _wait_exec(child.pid, "sleep")
+        late = watcher.subscribe()  # subscribing after a scan: told of what is alive at its first take
+        changes = early.take(max_age_s=0)
+        assert changes.started[child.pid] == ProcessKey.read(child.pid)
+        assert child.pid not in changes.exited
+        assert early.take(max_age_s=0).started == {}  # told once
+        assert child.pid in late.take(max_age_s=0).started
+    finally:
+        child.kill()
+        child.wait()
+    changes = early.take(max_age_s=0)
+    assert child.pid in changes.exited and child.pid not in changes.snapshot.alive
+    assert child.pid not in changes.started
+    assert counters.get("process_watch_unreadable") == 0
+
+
+def test_an_exec_is_an_exit_and_a_start_under_the_new_key() -> None:
+    watcher = ProcessWatcher(Counters())
+    subscription = watcher.subscribe()
+    # The shell runs until it reads a line, then execs sleep: one pid, two executables.
+    child = subprocess.Popen(["sh", "-c", "read line; exec sleep 30"], stdin=subprocess.PIPE)
+    try:
+        _wait_exec(child.pid, os.path.basename(os.path.realpath(shutil.which("sh") or "sh")))
+        before = subscription.take(max_age_s=0).started[child.pid]
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        _wait_exec(child.pid, "sleep")
+        changes = subscription.take(max_age_s=0)
+        after = changes.started[child.pid]
+        assert child.pid in changes.exited
+        assert after is not None and before is not None
+        assert (after.pid, after.start_ticks) == (before.pid, before.start_ticks) and after.exe != before.exe
+        assert after.exe == file_key(os.stat(shutil.which("sleep") or "/bin/sleep"))
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_selected_processes_are_matched_once_per_scan() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        _wait_exec(child.pid, "sleep")
+        watcher = ProcessWatcher(Counters(), ProcessSelector(pids=[child.pid]))
+        assert watcher.current().selected == {child.pid}
+        assert ProcessWatcher(Counters(), ProcessSelector()).current().selected is None  # no filter
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_unreadable_processes_are_counted_and_listed_without_a_key(tmp_path: Path) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "stat").write_text("7 (broken")  # no closing parenthesis: a malformed line
+    (tmp_path / "8").mkdir()  # no stat at all: gone before it was read
+    counters = Counters()
+    watcher = ProcessWatcher(counters, proc=str(tmp_path))
+    snapshot = watcher.scan()
+    assert snapshot.keys == {7: None} and snapshot.alive == {7}
+    watcher.scan()
+    assert counters.get("process_watch_unreadable", reason="ValueError") == 1  # once per process
+
+
+def test_changes_past_the_bound_ask_for_a_rebuild() -> None:
+    watcher = ProcessWatcher(Counters())
+    subscription = watcher.subscribe()
+    subscription.max_pending = 1
+    changes = subscription.take()
+    assert not changes.complete and changes.started == {} and os.getpid() in changes.snapshot.alive
+    assert subscription.take(max_age_s=0).complete  # the next take is exact again
+
+
+def test_the_watcher_task_scans_in_the_background() -> None:
+    async def main() -> ProcessSnapshot | None:
+        watcher = ProcessWatcher(Counters(), interval_s=0.05)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        while watcher.latest is None:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        return watcher.latest
+
+    latest = asyncio.run(main())
+    assert latest is not None and os.getpid() in latest.alive

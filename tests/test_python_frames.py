@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.process.memory import ProcessMemory
+from agent.process.procmaps import ProcessKey
 from agent.runtimes.python.code import BadObject, CodeReader
 from agent.runtimes.python.frames import PythonProcesses, PythonStacks
 from agent.runtimes.python.linetable import line_for_offset
@@ -230,7 +231,7 @@ def test_offset_table_matches_dwarf(version: tuple[int, int]) -> None:
 class _FakeEntry:
     def __init__(self, version: tuple[int, int]) -> None:
         from agent.runtimes.python.process import PythonProcess
-        self.identity = (1, 1)
+        self.key = ProcessKey(1, 1, None)
         self.process = PythonProcess(1, version, 0, ((0x1000, 0x2000),), OFFSETS[version], "python")
         self.reader = object()  # only checked for presence: frames are faked
 

@@ -179,16 +179,16 @@ class RingBufferActor(ProfileActor):
         """The event's symbolized stack, leaf first, with Python frames spliced in.
 
         A hot loop yields the same raw stack sample after sample: the symbolized result is
-        kept per (process identity, raw addresses), so a repeat costs one dict lookup instead
+        kept per (process key, raw addresses), so a repeat costs one dict lookup instead
         of a symbolizer lookup per frame. Events carrying a stack copy (frames to recover by
         scanning, different every time) or a stack error (counted per event) are not cached.
         """
         symbolizer = self.ctx.symbolizer
         key = None
         if not ev.stack_copy and not ev.user_error and not ev.kernel_error:
-            identity = symbolizer.process_identity(ev.pid)
-            if identity is not None:
-                key = (identity, tuple(ev.user), tuple(ev.kernel), ev.python, ev.py_status)
+            process_key = symbolizer.process_key(ev.pid)
+            if process_key is not None:
+                key = (process_key, tuple(ev.user), tuple(ev.kernel), ev.python, ev.py_status)
                 cached = self._symbolized_stacks.get(key)
                 if cached is not None:
                     if self.python is not None:

@@ -1,7 +1,8 @@
-"""Reading ``/proc/PID/maps`` and a process's identity.
+"""Reading ``/proc/PID/maps``, and the keys that name a file's content and a process instance.
 
-Identity is (pid, start time in clock ticks): a recycled PID gets a new start time, so
-caches keyed by identity never attribute one process's addresses to another's maps.
+:data:`FileKey` names a file's bytes; :class:`ProcessKey` names one process instance (pid,
+start time, executable): a recycled pid gets a new start time and an exec a new executable,
+so caches keyed by it never attribute one process's addresses to another's maps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,35 @@ FileKey = tuple[int, int, int, int]
 def file_key(st: os.stat_result) -> FileKey:
     """The content identity (:data:`FileKey`) of a stat'ed file."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def executable_key(pid: int, proc: str = "/proc") -> FileKey | None:
+    """The :data:`FileKey` of the process's executable; None when it has none (kernel threads,
+    zombies) or it cannot be stat'ed."""
+    try:
+        return file_key(os.stat(f"{proc}/{pid}/exe"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessKey:
+    """One process instance: what "this process" means to every cache that outlives a sample.
+
+    The pid alone is reused; the start time tells a recycled pid apart; the executable tells
+    a process apart from what it was before an exec (same pid, same start time), including a
+    child seen between fork and exec.
+    """
+
+    pid: int
+    start_ticks: int  # clock ticks since boot (field 22 of /proc/PID/stat)
+    exe: FileKey | None  # None for kernel threads (no executable)
+
+    @classmethod
+    def read(cls, pid: int, proc: str = "/proc") -> ProcessKey:
+        """The key of the process running as ``pid`` now; raises OSError (or ValueError /
+        IndexError for a malformed stat line) when it is gone or unreadable."""
+        return cls(pid, start_time(pid, proc), executable_key(pid, proc))
 
 
 @dataclass(frozen=True, slots=True)

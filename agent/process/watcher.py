@@ -1,16 +1,230 @@
-"""Which processes run on the host now: the one listing of /proc the agent's scanners share.
+"""Which processes run on the host: the one /proc scanner the agent's parts share.
 
-The selectors (wall, lock, heap), the goroutine actor, the Go heap reader, the heap sampler's
-library scan and the metadata resolver each look at /proc on their own schedule; they all list
-it here, so "a running process" means the same everywhere: a numeric entry of /proc, which is
-a thread-group id (threads are not listed at its top level).
+:class:`ProcessWatcher` lists /proc once per interval (in a worker thread, never on the event
+loop) and keeps, for every process, its :class:`~agent.process.procmaps.ProcessKey`. Parts
+that need to know about processes subscribe (:meth:`ProcessWatcher.subscribe`) and take what
+changed since they last looked (:meth:`ProcessSubscription.take`): the processes that started
+(or exec'd), those that exited, and the whole set alive now. Consumers run on their own
+threads at their own pace, so changes are held per subscriber, bounded: past the bound a
+subscriber is told to rebuild from the alive set instead (``complete=False``).
+
+With a process selector (agent/process/selectors.py) the scan also matches every live
+process against it, once for all the actors that filter by it (wall, lock, heap).
+
+"A running process" means the same everywhere: a numeric entry of /proc, which is a
+thread-group id (threads are not listed at its top level). A process whose key cannot be read
+(not permitted, malformed stat) is counted (``process_watch_unreadable``) and logged, and
+kept with no key; one that is gone before it is read is simply not listed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from agent.process.procmaps import YOUNG_PROCESS_S, ProcessKey, age_s
+from shared.counters import Counters
+
+if TYPE_CHECKING:  # selectors list processes with running_pids, below
+    from agent.process.selectors import ProcessSelector
+
+log = logging.getLogger(__name__)
+
+SCAN_INTERVAL_S = 1.0
+# Changes held for one subscriber between two takes; past this it rebuilds from the alive set.
+MAX_PENDING_CHANGES = 65_536
 
 
 def running_pids(proc: str = "/proc") -> set[int]:
     """Tgids of the processes in ``proc`` now; raises OSError when ``proc`` cannot be listed."""
     return {int(name) for name in os.listdir(proc) if name.isdigit()}
+
+
+@dataclass(frozen=True)
+class ProcessSnapshot:
+    """The processes alive at one scan."""
+
+    alive: frozenset[int]
+    # pid -> key (None: unreadable); every pid of ``alive`` is here.
+    keys: dict[int, ProcessKey | None]
+    # The alive processes the watcher's selector matches; None without a selector.
+    selected: frozenset[int] | None
+    scanned_at: float  # time.monotonic() of the scan
+
+
+@dataclass(frozen=True)
+class ProcessChanges:
+    """What changed since a subscriber last looked.
+
+    A pid that exec'd is in both ``exited`` and ``started`` (under its new key); one that
+    started and exited between two takes may be in both too. ``complete`` is False when more
+    changed than the subscriber's bound holds: then ``started``/``exited`` are empty and the
+    subscriber rebuilds its view from ``snapshot.alive``.
+    """
+
+    started: dict[int, ProcessKey | None]
+    exited: frozenset[int]
+    snapshot: ProcessSnapshot
+    complete: bool = True
+
+
+@dataclass
+class ProcessSubscription:
+    """One subscriber's pending changes; filled by the watcher's scans, emptied by ``take``."""
+
+    watcher: ProcessWatcher
+    max_pending: int = MAX_PENDING_CHANGES
+    _started: dict[int, ProcessKey | None] = field(default_factory=dict)
+    _exited: set[int] = field(default_factory=set)
+    _overflowed: bool = False
+
+    def _add(self, started: dict[int, ProcessKey | None], exited: set[int]) -> None:
+        """Called by the watcher under its lock."""
+        if self._overflowed:
+            return
+        self._started.update(started)
+        self._exited |= exited
+        if len(self._started) + len(self._exited) > self.max_pending:
+            self._started.clear()
+            self._exited.clear()
+            self._overflowed = True
+            self.watcher.counters.inc("process_watch_overflows")
+
+    def take(self, max_age_s: float = SCAN_INTERVAL_S) -> ProcessChanges:
+        """What changed since the last take (scanning first, in this thread, when the latest
+        scan is older than ``max_age_s``: blocking, never call it on the event loop)."""
+        snapshot = self.watcher.current(max_age_s)
+        with self.watcher.lock:
+            changes = ProcessChanges(self._started, frozenset(self._exited), self.watcher.latest or snapshot,
+                                     not self._overflowed)
+            self._started, self._exited, self._overflowed = {}, set(), False
+        return changes
+
+    def close(self) -> None:
+        self.watcher.unsubscribe(self)
+
+
+class ProcessWatcher:
+    """Scans /proc at most once per ``interval_s`` for everyone; thread-safe."""
+
+    def __init__(self, counters: Counters, selector: ProcessSelector | None = None,
+                 interval_s: float = SCAN_INTERVAL_S, proc: str = "/proc") -> None:
+        self.counters = counters
+        self.selector = selector if selector is not None and selector.filters else None
+        self.interval_s = interval_s
+        self.proc = proc
+        self.lock = threading.Lock()  # guards the snapshot and the subscriptions
+        self._scan_lock = threading.Lock()  # one scan at a time
+        self.latest: ProcessSnapshot | None = None
+        self._subscriptions: list[ProcessSubscription] = []
+        self._unreadable: set[int] = set()  # counted and logged once each, while they live
+
+    def subscribe(self) -> ProcessSubscription:
+        """A new subscriber; its first take reports every process alive as started."""
+        subscription = ProcessSubscription(self)
+        with self.lock:
+            if self.latest is not None:
+                subscription._add(dict(self.latest.keys), set())
+            self._subscriptions.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: ProcessSubscription) -> None:
+        with self.lock:
+            if subscription in self._subscriptions:
+                self._subscriptions.remove(subscription)
+
+    def current(self, max_age_s: float | None = None) -> ProcessSnapshot:
+        """The latest snapshot, scanning first (blocking, in this thread) when there is none or
+        it is older than ``max_age_s`` (default: the scan interval)."""
+        max_age = self.interval_s if max_age_s is None else max_age_s
+        latest = self.latest
+        if latest is not None and time.monotonic() - latest.scanned_at < max_age:
+            return latest
+        return self.scan()
+
+    def scan(self) -> ProcessSnapshot:
+        """List /proc now and tell the subscribers what changed (blocking)."""
+        with self._scan_lock:
+            try:
+                alive = running_pids(self.proc)
+            except OSError as exc:  # /proc unreadable: keep the last view, say so
+                self.counters.inc("process_watch_failed", reason=type(exc).__name__)
+                log.warning("cannot list %s: %s", self.proc, exc)
+                if self.latest is not None:
+                    return self.latest
+                alive = set()
+            previous = self.latest.keys if self.latest is not None else {}
+            keys: dict[int, ProcessKey | None] = {}
+            started: dict[int, ProcessKey | None] = {}
+            exited = set(previous) - alive
+            for pid in alive:
+                known = pid in previous
+                old = previous.get(pid)
+                if known and not _may_exec(old):
+                    keys[pid] = old
+                    continue
+                read = self._read_key(pid)
+                if read is _GONE:  # exited between the listing and the read
+                    if known:
+                        exited.add(pid)
+                    continue
+                key = cast("ProcessKey | None", read)
+                keys[pid] = key
+                if known and key == old:
+                    continue
+                if known:
+                    exited.add(pid)  # exec'd: the old instance is gone, a new one started
+                started[pid] = key
+            selected = None
+            if self.selector is not None:
+                selected = frozenset(pid for pid in keys if self.selector.matches(pid))
+            snapshot = ProcessSnapshot(frozenset(keys), keys, selected, time.monotonic())
+            self._unreadable &= snapshot.alive
+            with self.lock:
+                self.latest = snapshot
+                for subscription in self._subscriptions:
+                    subscription._add(started, exited)
+            return snapshot
+
+    def _read_key(self, pid: int) -> object:
+        """The pid's key; None when unreadable (counted and logged once per process); _GONE if it
+        exited."""
+        try:
+            return ProcessKey.read(pid, self.proc)
+        except (FileNotFoundError, ProcessLookupError):
+            return _GONE
+        except (OSError, ValueError, IndexError) as exc:
+            if pid not in self._unreadable:
+                self._unreadable.add(pid)
+                self.counters.inc("process_watch_unreadable", reason=type(exc).__name__)
+                log.info("process %d: cannot read its start time: %s", pid, exc)
+            return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Scan every ``interval_s`` in a worker thread until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.scan)
+            except Exception:  # a bug here must not stop the agent: the consumers scan on demand
+                self.counters.inc("errors", kind="process_watch")
+                log.exception("process scan failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+
+
+_GONE = object()
+
+
+def _may_exec(key: ProcessKey | None) -> bool:
+    """Whether a known process's key is read again at every scan: while it is young (a child
+    between fork and exec, a shell about to exec its command), and while it was unreadable."""
+    if key is None:
+        return True
+    return age_s(key.start_ticks) < YOUNG_PROCESS_S

@@ -1,11 +1,11 @@
 """The host symbolizer: raw addresses of a live process -> Frames with function, file, line.
 
 Caches, all bounded (LRU):
-- per process identity (pid + start time): its executable mappings, re-read when an
-  address falls outside them (dlopen, exec) at most once per ``maps_ttl_s``;
-- per file identity (device, inode, size, mtime): parsed ELF symbols and lines, shared by
+- per process instance (ProcessKey: pid, start time, executable): its executable
+  mappings, re-read when an address falls outside them (dlopen, exec) at most once per ``maps_ttl_s``;
+- per file (FileKey: device, inode, size, mtime): parsed ELF symbols and lines, shared by
   every process mapping the file — libc is parsed once for the whole host;
-- per (file identity, vaddr): the resulting (function, file, line), since the same hot
+- per (FileKey, vaddr): the resulting (function, file, line), since the same hot
   addresses recur sample after sample.
 
 Files are opened through ``/proc/PID/map_files/`` first, which works for files inside
@@ -38,6 +38,7 @@ from agent.process.procmaps import (
     YOUNG_PROCESS_S,
     FileKey,
     MapEntry,
+    ProcessKey,
     RecentFileStats,
     age_s,
     file_key,
@@ -45,7 +46,6 @@ from agent.process.procmaps import (
     read_comm,
     read_maps,
     root_view_path,
-    start_time,
 )
 from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
 from agent.symbols.elf import ElfSymbols
@@ -64,7 +64,7 @@ MAX_VDSO_BYTES = 64 * 1024
 IDENTITY_CHECK_S = 1.0
 MAX_KERNEL_FRAMES = 16_384  # distinct kernel addresses kept symbolized (~200 B each)
 MAX_CACHED_CODE = 32_768  # code bytes before candidate return addresses (~150 B each)
-# A process gone from /proc this long (since its identity was last confirmed) is forgotten.
+# A process gone from /proc this long (since its key was last confirmed) is forgotten.
 EXITED_GRACE_S = 10.0
 # Cached ELF files unused for this long are closed (Symbolizer.sweep_idle_files).
 FILE_IDLE_S = 600.0
@@ -131,17 +131,9 @@ def _read_vdso(pid: int, entry: MapEntry) -> IO[bytes]:
     return io.BytesIO(data)
 
 
-def _executable_inode(pid: int) -> int:
-    """Inode of the process's executable (0 for kernel threads, which have none)."""
-    try:
-        return os.stat(f"/proc/{pid}/exe").st_ino
-    except FileNotFoundError:
-        return 0
-
-
 @dataclass
 class _Process:
-    identity: tuple[int, int, int]
+    key: ProcessKey
     comm: str
     regions: list[_Region]
     starts: list[int]
@@ -161,7 +153,7 @@ class Symbolizer:
         self._processes = _Lru(max_processes)
         self._files = _Lru(max_files, max_bytes=max_file_bytes)
         self._addresses = _Lru(max_cached_addresses)
-        # Resolved frames per (process identity, address, is_leaf): hot addresses recur every
+        # Resolved frames per (process key, address, is_leaf): hot addresses recur every
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
         self._frames = _Lru(max_cached_addresses)
         self._bad_files: set[FileKey] = set()
@@ -225,12 +217,12 @@ class Symbolizer:
         gives several frames (the inlined callees innermost first, then the real function),
         all with the same address, so the result can be longer than ``addresses``."""
         process = self._process(pid)
-        identity = process.identity if process else (pid, -1, 0)
+        process_key: object = process.key if process else (pid, -1, 0)
         frames: list[Frame] = []
         cache = self._frames
         for depth, address in enumerate(addresses):
             self._stats["lookups"] += 1
-            key = (identity, address, depth == 0)
+            key = (process_key, address, depth == 0)
             found = cache.hit(key)
             if found is None:
                 found = self._frame(pid, process, address, depth) if process else None
@@ -303,11 +295,11 @@ class Symbolizer:
             self._addresses.put(key, cached)
         return bool(cached)
 
-    def process_identity(self, pid: int) -> tuple[int, int, int] | None:
-        """(pid, start time, executable inode) as last confirmed (at most a second old), or None
-        for a process never readable: what symbolized results of ``pid`` may be cached under."""
+    def process_key(self, pid: int) -> ProcessKey | None:
+        """The process's key as last confirmed (at most a second old), or None for a process
+        never readable: what symbolized results of ``pid`` may be cached under."""
         process = self._process(pid)
-        return process.identity if process else None
+        return process.key if process else None
 
     def process_name(self, pid: int) -> str:
         process = self._process(pid)
@@ -326,13 +318,13 @@ class Symbolizer:
         now = time.monotonic()
         gone = [pid for pid, p in self._processes.items()
                 if isinstance(p, _Process) and now - p.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
-        identities = set()
+        keys = set()
         for pid in gone:
             process = self._processes.pop(pid)
             if isinstance(process, _Process):
-                identities.add(process.identity)
-        if identities:  # their resolved frames too: a fork-heavy host fills the cache with them
-            for key in [k for k in self._frames if cast(tuple[Any, ...], k)[0] in identities]:
+                keys.add(process.key)
+        if keys:  # their resolved frames too: a fork-heavy host fills the cache with them
+            for key in [k for k in self._frames if cast(tuple[Any, ...], k)[0] in keys]:
                 del self._frames[key]
         return len(gone)
 
@@ -361,18 +353,18 @@ class Symbolizer:
     def _process(self, pid: int, force: bool = False) -> _Process | None:
         cached = self._processes.hit(pid)
         now = time.monotonic()
-        # Identity (PID reuse) is re-checked at most once a second per process: one /proc read
+        # The key (pid reuse, exec) is re-checked at most once a second per process: one /proc read
         # per sample would dominate the cost of symbolizing.
         if isinstance(cached, _Process) and not force and now - cached.checked < IDENTITY_CHECK_S:
             return cached
         try:
-            # The executable's inode as well: exec keeps pid and start time, and a process first
-            # seen between fork and exec must not keep its parent's maps.
-            identity = (pid, start_time(pid), _executable_inode(pid))
+            # The key holds the executable as well: exec keeps pid and start time, and a process
+            # first seen between fork and exec must not keep its parent's maps.
+            key = ProcessKey.read(pid)
         except (OSError, ValueError, IndexError):
             # Gone: keep using what we read while it lived (the sample predates the exit).
             return cached if isinstance(cached, _Process) else None
-        if isinstance(cached, _Process) and cached.identity == identity and not force:
+        if isinstance(cached, _Process) and cached.key == key and not force:
             cached.checked = now
             return cached
         try:
@@ -380,10 +372,10 @@ class Symbolizer:
             comm = read_comm(pid)
         except OSError:
             self._stats["unreadable_processes"] += 1
-            return cached if isinstance(cached, _Process) and cached.identity == identity else None
+            return cached if isinstance(cached, _Process) and cached.key == key else None
         self._stats["maps_reads"] += 1
         regions = [self._region(pid, e) for e in entries]
-        process = _Process(identity, comm, regions, [r.entry.start for r in regions], now, now)
+        process = _Process(key, comm, regions, [r.entry.start for r in regions], now, now)
         self._processes.put(pid, process)
         return process
 
@@ -395,7 +387,7 @@ class Symbolizer:
         wait ``maps_ttl_s``, so stray addresses (stack-scan guesses) cannot make us re-read
         maps on every sample.
         """
-        return YOUNG_MAPS_TTL_S if age_s(process.identity[1]) < YOUNG_PROCESS_S else self.maps_ttl_s
+        return YOUNG_MAPS_TTL_S if age_s(process.key.start_ticks) < YOUNG_PROCESS_S else self.maps_ttl_s
 
     def _region(self, pid: int, entry: MapEntry) -> _Region:
         file_key = None

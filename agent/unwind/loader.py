@@ -41,12 +41,11 @@ from agent.bpf.layouts import (
 from agent.process.procmaps import (
     FileKey,
     MapEntry,
+    ProcessKey,
     RecentFileStats,
-    file_key,
     map_files_path,
     read_maps,
     root_view_path,
-    start_time,
 )
 from agent.unwind.cache import VDSO, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
@@ -229,8 +228,7 @@ class _Slot:
 
 @dataclass
 class _Process:
-    identity: tuple[int, int]
-    exe: FileKey | None
+    key: ProcessKey
     slots: list[_Slot]
     loaded_s: float
 
@@ -363,9 +361,8 @@ class NativeUnwinder:
         hundred extension modules and runs in a handful."""
         self._release(pid)
         try:
-            identity = (pid, start_time(pid))
+            key = ProcessKey.read(pid)
             entries = read_maps(pid)
-            exe = _exe_key(pid)
         except (OSError, ValueError, IndexError):
             self.counters.inc("unwind_processes", result="gone")
             self._retry_after[pid] = time.monotonic() + self.reload_after_s
@@ -381,7 +378,7 @@ class NativeUnwinder:
                 elif table is not None:
                     self._attach(pid, slot)
             slots.append(slot)
-        process = _Process(identity, exe, slots, time.monotonic())
+        process = _Process(key, slots, time.monotonic())
         if not self._write(pid, process):
             return False
         self._processes[pid] = process
@@ -523,14 +520,13 @@ class NativeUnwinder:
         self._retry_after = {pid: t for pid, t in self._retry_after.items() if t > now}
         for pid, process in list(self._processes.items()):
             try:
-                alive = start_time(pid) == process.identity[1]
-                exe = _exe_key(pid) if alive else None
+                now_key: ProcessKey | None = ProcessKey.read(pid)
             except (OSError, ValueError, IndexError):
-                alive, exe = False, None
-            if not alive:
+                now_key = None
+            if now_key is None or now_key.start_ticks != process.key.start_ticks:  # exited, or pid reused
                 self._release(pid)
                 self.maps.delete_process(pid)
-            elif exe != process.exe:
+            elif now_key.exe != process.key.exe:  # exec'd
                 self.load_process(pid)
 
     def publish_counters(self) -> None:
@@ -592,10 +588,3 @@ def encode_request(reason: int, ip: int = 0) -> int:
 def _useful(slots: list[_Slot]) -> bool:
     return any(s.resident is not None or s.pending for s in slots)
 
-
-def _exe_key(pid: int) -> FileKey | None:
-    try:
-        st = os.stat(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-    return file_key(st)

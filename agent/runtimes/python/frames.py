@@ -25,7 +25,7 @@ from typing import Any
 
 from agent.bpf.layouts import PyStatus
 from agent.process.memory import ProcessMemory
-from agent.process.procmaps import start_time
+from agent.process.procmaps import ProcessKey
 from agent.runtimes.python.code import BadObject, CodeReader
 from agent.runtimes.python.linetable import line_for_offset
 from agent.runtimes.python.process import FileCache, PythonProcess, UnsupportedPython, find_python
@@ -38,21 +38,21 @@ OWNED_BY_CSTACK = 3  # 3.12+ _PyInterpreterFrame.owner of the shim each evaluati
 # The python_stacks counter's status label per bpf/stack_event.h enum py_status.
 PY_STATUS: dict[int, str] = {PyStatus.NOT_PYTHON: "not_python", PyStatus.OK: "ok",
                              PyStatus.NO_THREAD: "no_thread_state", PyStatus.TRUNCATED: "truncated"}
-IDENTITY_CHECK_S = 1.0  # a recycled PID is noticed within this
+IDENTITY_CHECK_S = 1.0  # a recycled PID (or an exec) is noticed within this
 NEGATIVE_TTL_S = 10.0  # a process found not to run Python is looked at again after this
 UNKNOWN_FRAME = "[unknown python frame]"
 
 
 @dataclass
 class _Entry:
-    identity: tuple[int, int]
+    key: ProcessKey
     process: PythonProcess | None
     checked: float
     reader: CodeReader | None = None
 
 
 class PythonProcesses:
-    """Which processes run CPython (by process identity), bounded LRU."""
+    """Which processes run CPython (by ProcessKey), bounded LRU."""
 
     def __init__(self, counters: Counters | None = None, capacity: int = 4096) -> None:
         self.counters = counters or Counters()
@@ -68,13 +68,13 @@ class PythonProcesses:
             self._entries.move_to_end(pid)
             return entry
         try:
-            identity = (pid, start_time(pid))
+            key = ProcessKey.read(pid)
         except (OSError, ValueError, IndexError):
             return entry  # gone: what we knew while it lived still reads its samples
-        if entry is not None and entry.identity == identity and entry.process is not None:
+        if entry is not None and entry.key == key and entry.process is not None:
             entry.checked = now
             return entry
-        entry = self._probe(pid, identity, now)
+        entry = self._probe(pid, key, now)
         self._entries[pid] = entry
         if len(self._entries) > self.capacity:
             _, evicted = self._entries.popitem(last=False)
@@ -91,7 +91,7 @@ class PythonProcesses:
             _close(self._entries.pop(pid))
         return len(gone)
 
-    def _probe(self, pid: int, identity: tuple[int, int], now: float) -> _Entry:
+    def _probe(self, pid: int, key: ProcessKey, now: float) -> _Entry:
         old = self._entries.pop(pid, None)
         if old is not None:
             _close(old)
@@ -100,20 +100,20 @@ class PythonProcesses:
         except UnsupportedPython as exc:
             self.counters.inc("python_processes", result="unsupported")
             log.info("pid %d: %s is not supported; its stacks stay native", pid, exc)
-            return _Entry(identity, None, now + 3600)  # not again for an hour
+            return _Entry(key, None, now + 3600)  # not again for an hour
         except OSError:
             self.counters.inc("python_processes", result="unreadable")
-            return _Entry(identity, None, now)
+            return _Entry(key, None, now)
         if process is None:
-            return _Entry(identity, None, now)
+            return _Entry(key, None, now)
         try:
             reader = CodeReader(ProcessMemory(pid), process.offsets)
         except OSError:
             self.counters.inc("python_processes", result="unreadable")
-            return _Entry(identity, None, now)
+            return _Entry(key, None, now)
         self.counters.inc("python_processes", result="found")
         log.info("pid %d runs CPython %d.%d (%s)", pid, *process.version, process.path)
-        return _Entry(identity, process, now, reader)
+        return _Entry(key, process, now, reader)
 
 
 def _close(entry: _Entry) -> None:
@@ -129,22 +129,22 @@ class PythonStacks:
         self.table = py_procs
         self.counters = counters
         self.type_name = type_name
-        self._written: dict[int, tuple[int, int] | None] = {}
-        self._frames: OrderedDict[tuple[int, int, int, int], Frame] = OrderedDict()
+        self._written: dict[int, ProcessKey | None] = {}
+        self._frames: OrderedDict[tuple[ProcessKey, int, int], Frame] = OrderedDict()
 
     def announce(self, pid: int) -> None:
         """Make sure BPF reads Python frames of ``pid`` from its next sample on."""
         entry = self.processes.lookup(pid)
-        identity = entry.identity if entry is not None and entry.process is not None else None
-        if self._written.get(pid, ()) == identity:
+        process_key = entry.key if entry is not None and entry.process is not None else None
+        if self._written.get(pid, ()) == process_key:
             return
-        self._written[pid] = identity
+        self._written[pid] = process_key
         if len(self._written) > 4 * self.processes.capacity:
             self._written.clear()
         if self.table is None:
             return
         key = self.table.Key(pid)
-        if identity is None or entry is None or entry.process is None:
+        if process_key is None or entry is None or entry.process is None:
             try:
                 del self.table[key]
             except KeyError:
@@ -223,7 +223,7 @@ class PythonStacks:
         return runs
 
     def _frame(self, entry: _Entry, code: int, offset: int) -> Frame:
-        key = (*entry.identity, code, offset)
+        key = (entry.key, code, offset)
         frame = self._frames.get(key)
         if frame is not None:
             self._frames.move_to_end(key)
@@ -233,7 +233,7 @@ class PythonStacks:
             info = entry.reader.code(code)
         except BadObject as exc:
             self.counters.inc("python_frames_unreadable", type=self.type_name)
-            log.debug("pid %d: code object %#x: %s", entry.identity[0], code, exc)
+            log.debug("pid %d: code object %#x: %s", entry.key.pid, code, exc)
             return Frame(UNKNOWN_FRAME, "", 0, 0, FrameType.CPYTHON, None)
         known = 0 <= offset < 1 << 24  # else a torn read of the instruction pointer
         line = line_for_offset(entry.process.version, info.linetable, info.first_line, offset) if known else 0
