@@ -66,6 +66,7 @@ async def run_agent(
         counters,
         settings.restart_backoff_initial_s,
         settings.restart_backoff_max_s,
+        processes=ctx.processes,
     )
     metrics = None
     if settings.metrics_address:

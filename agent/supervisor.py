@@ -4,6 +4,9 @@ An actor that raises is logged with its traceback, counted, and started again af
 backoff that doubles up to a cap (and resets once the actor has stayed up for a while),
 while the other actors keep running. Stopping cancels every actor and waits for each to
 detach its BPF program and flush its last batch.
+
+The supervisor also runs the process watcher the actors share (agent/process/watcher.py):
+its periodic /proc scan lives as long as the actors do.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from agent.actors.base import ProfileActor
+from agent.process.watcher import ProcessWatcher
 from shared.counters import Counters
 from shared.profile_types import ProfileType
 
@@ -32,8 +36,10 @@ class Supervisor:
         counters: Counters,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        processes: ProcessWatcher | None = None,
     ) -> None:
         self.factories = factories
+        self.processes = processes
         self.counters = counters
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -42,12 +48,17 @@ class Supervisor:
         self.restarts: dict[ProfileType, int] = dict.fromkeys(factories, 0)
 
     async def run(self, stop: asyncio.Event) -> None:
+        watching = None
+        if self.processes is not None:
+            watching = asyncio.create_task(self.processes.run(stop), name="process-watcher")
         for ptype in self.factories:
             self.tasks[ptype] = asyncio.create_task(self._supervise(ptype, stop), name=f"supervise-{ptype}")
         await stop.wait()
         for task in self.current.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if watching is not None:
+            await asyncio.gather(watching, return_exceptions=True)
 
     async def _supervise(self, ptype: ProfileType, stop: asyncio.Event) -> None:
         backoff = self.backoff_initial_s

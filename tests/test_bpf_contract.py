@@ -101,7 +101,7 @@ def _actor_defines(program: str) -> dict[str, int | str]:
 
     actors = {a.bpf_source: a for a in (CpuActor, WallActor, LockActor, HeapActor, GoroutineActor)}
     ctx = SimpleNamespace(settings=AgentSettings(), counters=Counters(), symbolizer=None, python=None,
-                          unwinding=None)
+                          unwinding=None, processes=None)
     return actors[program](ctx).bpf_defines()  # type: ignore[arg-type]
 
 

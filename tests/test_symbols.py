@@ -335,17 +335,20 @@ def test_repeated_raw_stacks_are_symbolized_once(target: Target) -> None:
     from concurrent.futures import ThreadPoolExecutor
     from typing import Any
 
-    from agent.actors.base import ActorContext, RingBufferActor
+    from agent.actors.base import ActorContext, BpfActor
+    from agent.actors.sources import RingBufferSource
     from agent.bpf.records import RawStackEvent
     from agent.clock import MonotonicToUnix
     from agent.settings import AgentSettings
     from shared.counters import Counters
     from shared.profile_types import ProfileType
 
-    class Actor(RingBufferActor):
+    class Actor(BpfActor[bytes]):
         profile_type = ProfileType.CPU
         bpf_source = "cpu.bpf.c"
-        python_frames = False
+
+        def __init__(self, ctx: ActorContext) -> None:
+            super().__init__(ctx, RingBufferSource.of(ctx, self.profile_type))  # no Python frames
 
         def attach(self, bpf: Any) -> None:
             pass

@@ -3,12 +3,16 @@
 Switch-heavy hosts produce thousands of off-CPU intervals and futex waits a second; one
 ring-buffer record (4 KiB with stacks) per event, parsed and symbolized in Python, cost the
 agent ~20 % of a core. Here BPF adds each event to a (pid, tid, stack id, label) entry and
-stores each distinct stack once; once per flush interval the actor
+stores each distinct stack once. The actor's record source is :class:`AggregationMaps`, not
+a ring buffer; once per flush interval
 
 1. flips ``agg_generation`` so BPF writes the other of the two aggregation maps,
 2. waits for programs already past the flip (they run for microseconds),
 3. reads and deletes the quiet map in one batch syscall (agent/bpf/map_drain.py),
-4. turns each entry into one sample whose values are the entry's sums, symbolizing each
+   (steps 1-3: the source's ``drain``),
+4. the actor shares out the sums of events not captured (``spread``) and copies the stacks
+   it has not symbolized yet out of the LRU stacks map (``prepare``),
+5. turns each entry into one sample whose values are the entry's sums, symbolizing each
    stack id once and caching the frames (an LRU, emptied every minute so stacks of reused
    pids and newly loaded symbols are picked up).
 
@@ -27,7 +31,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.actors.base import RingBufferActor
+from agent.actors.base import ActorContext, BpfActor
+from agent.actors.parts import ProgramPart
+from agent.actors.sources import RecordSource
 from agent.bpf.layouts import WEIGHT_SHIFT, AggCounter, AggKey, AggValue, struct_format
 from agent.bpf.map_drain import HashMapDrainer
 from agent.bpf.records import EVENT_SIZE, parse_stack_event
@@ -137,18 +143,52 @@ def _shares(total: int, weights: list[int]) -> list[int]:
     return [*shares, total - sum(shares)]
 
 
-class AggregatingActor(RingBufferActor):
-    """Base for actors whose program includes bpf/stack_agg.h."""
+class AggregationMaps(RecordSource[AggregatedEntry]):
+    """The record source of programs including bpf/stack_agg.h: the double-buffered
+    aggregation maps ``agg0``/``agg1``, drained once per flush (no thread of its own)."""
 
-    ring_buffer = False
+    def __init__(self, ctx: ActorContext) -> None:
+        self.settings = ctx.settings
+        self._bpf: Any = None
+        self._drainers: list[HashMapDrainer] = []
+        self._generation = 0
+
+    def defines(self) -> dict[str, int | str]:
+        return {"AGG_ENTRIES": self.settings.agg_map_entries, "STACK_ENTRIES": self.settings.agg_stack_entries}
+
+    def ready(self, bpf: Any) -> None:
+        self._drainers = [HashMapDrainer(bpf[name], AGG_KEY, AGG_VALUE) for name in ("agg0", "agg1")]
+        stack_leaf = ctypes.sizeof(bpf["stacks"].Leaf)
+        if stack_leaf != EVENT_SIZE:
+            raise RuntimeError(f"stacks map value is {stack_leaf} bytes, agent expects {EVENT_SIZE}")
+        self._bpf = bpf
+
+    def stop(self) -> None:
+        pass  # what BPF adds until the program is detached is read by the last drain
+
+    def drain(self) -> list[AggregatedEntry]:
+        """Swap the aggregation maps and read the one BPF just stopped writing."""
+        if self._bpf is None:
+            return []
+        old = self._generation
+        self._generation = old + 1
+        self._bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
+        time.sleep(GENERATION_GRACE_S)
+        rows = self._drainers[old & 1].drain()
+        return [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
+                for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted, weighted_count)
+                in rows]
+
+
+class AggregatingActor(BpfActor[AggregatedEntry]):
+    """Base for actors whose program includes bpf/stack_agg.h (records: AggregationMaps)."""
+
     STACK_CACHE_ENTRIES: ClassVar[int] = 16384
     STACK_CACHE_TTL_S: ClassVar[float] = 60.0
     THREAD_NAME_TTL_S: ClassVar[float] = 10.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._drainers: list[HashMapDrainer] = []
-        self._generation = 0
+    def __init__(self, ctx: ActorContext, *parts: ProgramPart) -> None:
+        super().__init__(ctx, AggregationMaps(ctx), *parts)
         self._stack_frames: OrderedDict[tuple[int, int], tuple[tuple[Frame, ...], str]] = OrderedDict()
         self._stack_cache_started = time.monotonic()
         self._thread_names: dict[tuple[int, int], str] = {}
@@ -159,40 +199,18 @@ class AggregatingActor(RingBufferActor):
         self._earlier: dict[Hashable, list[AggregatedEntry]] = {}
 
     def bpf_defines(self) -> dict[str, int | str]:
-        return {**super().bpf_defines(), "AGG_ENTRIES": self.ctx.settings.agg_map_entries,
-                "STACK_ENTRIES": self.ctx.settings.agg_stack_entries,
-                "CAPTURE_RATE_HZ": self.capture_rate_hz(),
+        return {**super().bpf_defines(), "CAPTURE_RATE_HZ": self.capture_rate_hz(),
                 "CAPTURE_BUDGET_HZ": self.ctx.settings.capture_budget_per_cpu_hz}
 
     def capture_rate_hz(self) -> int:
         """Per-thread stack captures a second (bpf/event_capture.h); 0: every event."""
         return 0
 
-    def _load_and_attach(self) -> None:
-        super()._load_and_attach()
-        try:
-            self._drainers = [HashMapDrainer(self.bpf[name], AGG_KEY, AGG_VALUE) for name in ("agg0", "agg1")]
-            stack_leaf = ctypes.sizeof(self.bpf["stacks"].Leaf)
-            if stack_leaf != EVENT_SIZE:
-                raise RuntimeError(f"stacks map value is {stack_leaf} bytes, agent expects {EVENT_SIZE}")
-        except Exception:
-            bpf, self.bpf = self.bpf, None  # layouts disagree: detach before failing
-            bpf.cleanup()
-            raise
-
     # -- draining ------------------------------------------------------------------------
-    def drain(self) -> list[AggregatedEntry]:
-        """Swap the aggregation maps and read the one BPF just stopped writing."""
-        if self.bpf is None or not self._drainers:
+    def prepare(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+        """The drained entries, spread, with the stacks not symbolized yet copied out."""
+        if self.bpf is None:
             return []
-        old = self._generation
-        self._generation = old + 1
-        self.bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
-        time.sleep(GENERATION_GRACE_S)
-        rows = self._drainers[old & 1].drain()
-        entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
-                   for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted, weighted_count)
-                   in rows]
         entries = self.spread(entries)
         self._fetch_new_stacks(entries)
         return entries

@@ -1,36 +1,37 @@
-"""The actor contract and the common machinery of BPF ring-buffer actors.
+"""The actor contract, and the BPF actor every profile type is built from.
 
-An actor owns one profile type: it loads its BPF program, drains events, symbolizes them
+An actor owns one profile type: it loads its BPF program, drains records, symbolizes them
 while the processes are alive, and hands symbolized samples to the publisher. The
 supervisor runs each actor as its own asyncio task and restarts it when it fails.
 
-Threads and the event loop: bcc's ring-buffer poll blocks (in epoll), so each BPF actor
-runs one poll thread whose callback only copies raw records into a bounded deque. The
-event loop wakes once per flush interval, swaps the deque out and sends the batch to the
-shared symbolization thread. Nothing blocking runs on the loop, and an idle host costs one
-epoll wake-up per poll timeout.
+A :class:`BpfActor` is composed of parts (agent/actors/parts.py): one record source (a ring
+buffer, agent/actors/sources.py, or the aggregation maps, agent/actors/aggregated.py) and,
+as its program needs, a target filter and CPython frames. Once per flush interval the event
+loop sends one conversion to the shared symbolization thread, which runs, in order:
+``track_started_processes`` (discovery and probe attachment), the source's ``drain``,
+``to_samples`` (conversion only), ``forget_exited_processes`` (after the last records of
+an exited process are converted). Nothing blocking runs on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
+from agent.actors.parts import ProgramPart, PythonFrames, TargetFilter
+from agent.actors.sources import RecordSource
 from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
 from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
-from agent.bpf.records import EVENT_SIZE, RawStackEvent, parse_stack_event
+from agent.bpf.records import RawStackEvent, parse_stack_event
 from agent.clock import MonotonicToUnix
-from agent.process.selectors import ProcessSelector, sync_targets
+from agent.process.selectors import ProcessSelector
+from agent.process.watcher import ProcessSubscription, ProcessWatcher
 from agent.runtimes.python import PythonProcesses, PythonStacks
 from agent.runtimes.python.frames import UNKNOWN_FRAME
 from agent.settings import AgentSettings
@@ -58,7 +59,8 @@ class SampleSink:
 
 @dataclass
 class ActorContext:
-    """What every actor shares: settings, the symbolizer and its thread, the sink, counters."""
+    """What every actor shares: settings, the symbolizer and its thread, the sink, counters,
+    the CPython process cache, the native unwinder, and the one /proc watcher."""
 
     settings: AgentSettings
     symbolizer: Symbolizer
@@ -71,6 +73,11 @@ class ActorContext:
     unwinding: SharedUnwinding | None = None
     _swept: float = field(default_factory=time.monotonic)
     _trimmed: float = field(default_factory=time.monotonic)
+    # Scans /proc for every actor; the supervisor runs its periodic scan (ProcessWatcher.run).
+    processes: ProcessWatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processes = ProcessWatcher(self.counters, ProcessSelector.from_settings(self.settings))
 
     def sweep_exited_processes(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
         """Forget exited processes in the shared caches, at most every ``interval_s``.
@@ -105,44 +112,42 @@ class ProfileActor(ABC):
         """Collect until cancelled; on cancellation detach everything and flush the last batch."""
 
 
-class RingBufferActor(ProfileActor):
-    """Base for actors whose BPF program writes records to a ring buffer named ``events``."""
+R = TypeVar("R")
+
+
+class BpfActor(ProfileActor, Generic[R]):
+    """An actor whose BPF program yields records of type ``R`` through its ``source``.
+
+    Subclasses name their program (``bpf_source``), pass their source and parts to
+    ``__init__``, attach their events, and convert records (``to_samples``: conversion only).
+    Processes the actor must attach to or forget go through ``track_started_processes`` and
+    ``forget_exited_processes``, which the flush runs before and after the conversion.
+    """
 
     bpf_source: ClassVar[str]
-    poll_timeout_ms: ClassVar[int] = 250
-    # Actors whose program includes bpf/targets.h: the process selectors apply to them.
-    uses_targets: ClassVar[bool] = False
-    # New processes matching a selector are traced from the next scan on (at most this late).
-    TARGET_SCAN_INTERVAL_S: ClassVar[float] = 1.0
-    # Programs whose stacks get CPython frames (bpf/python.h through stack_event.h).
-    python_frames: ClassVar[bool] = True
-    # False for programs that aggregate in BPF maps (agent/actors/aggregated.py): no ring
-    # buffer to open and no poll thread; the flush drains the maps instead.
-    ring_buffer: ClassVar[bool] = True
 
-    def __init__(self, ctx: ActorContext) -> None:
+    def __init__(self, ctx: ActorContext, source: RecordSource[R], *parts: ProgramPart) -> None:
         super().__init__(ctx)
-        self._pending: deque[bytes] = deque(maxlen=ctx.settings.max_pending_events)
-        self._stop_polling = threading.Event()
+        self.source = source
+        self.parts: tuple[ProgramPart, ...] = (source, *parts)
+        self.targets = next((p for p in parts if isinstance(p, TargetFilter)), None)
+        self.python_frames = next((p for p in parts if isinstance(p, PythonFrames)), None)
         self.bpf: Any = None
-        s = ctx.settings
-        self.selector = ProcessSelector(list(s.target_pids), s.target_comm, s.target_cgroup)
-        self._targets: set[int] = set()
-        self._targets_synced = 0.0
-        self.python: PythonStacks | None = None
+        self._subscriptions: list[ProcessSubscription] = []
         self._symbolized_stacks: dict[tuple[Any, ...], tuple[Frame, ...]] = {}
         # Actors whose programs unwind user stacks in BPF replace this with an active one.
         self.unwinding = ActorUnwinding(None, ctx.counters, self.profile_type.value)
 
+    @property
+    def python(self) -> PythonStacks | None:
+        """The program's CPython frame splicer, once loaded (None: no Python frames)."""
+        return self.python_frames.stacks if self.python_frames is not None else None
+
     # -- hooks for subclasses -------------------------------------------------------------
     def bpf_defines(self) -> dict[str, int | str]:
-        pages = _pow2(self.ctx.settings.ringbuf_pages)
-        defines: dict[str, int | str] = {"RINGBUF_PAGES": pages, "WAKEUP_EVERY": wakeup_every(pages * PAGE_SIZE)}
-        if self.python_frames:
-            defines["PYTHON_FRAMES"] = 1
-        if self.uses_targets:
-            defines["AGENT_TGID"] = os.getpid()
-            defines["TARGET_FILTER"] = int(self.selector.filters)
+        defines: dict[str, int | str] = {}
+        for part in self.parts:
+            defines |= part.defines()
         return defines | self.unwinding.defines()
 
     @abstractmethod
@@ -150,12 +155,27 @@ class RingBufferActor(ProfileActor):
         """Attach the loaded program's events (blocking; runs in a worker thread)."""
 
     @abstractmethod
-    def to_samples(self, records: list[bytes]) -> list[Sample]:
-        """Turn raw records into symbolized samples (runs on the symbolization thread)."""
+    def to_samples(self, records: list[R]) -> list[Sample]:
+        """Turn records into symbolized samples (runs on the symbolization thread); no
+        discovery, no probes: those are the two steps below."""
 
     @abstractmethod
     def period(self) -> int:
         """The sampling period reported with each batch, in the type's period unit."""
+
+    def track_started_processes(self) -> None:
+        """Find and attach to new processes, before this flush's records are converted
+        (symbolization thread)."""
+
+    def forget_exited_processes(self) -> None:
+        """Detach from and forget processes that are gone or no longer wanted, after their
+        last records were converted (symbolization thread)."""
+
+    def subscribe_to_processes(self) -> ProcessSubscription:
+        """A subscription to the shared process watcher, closed when the actor stops."""
+        subscription = self.ctx.processes.subscribe()
+        self._subscriptions.append(subscription)
+        return subscription
 
     def read_bpf_counters(self) -> None:
         """Fold in-kernel counters into ``ctx.counters`` (called on the symbolization thread)."""
@@ -213,19 +233,6 @@ class RingBufferActor(ProfileActor):
                 self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="malformed_record")
 
     # -- machinery ---------------------------------------------------------------------------
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        if len(self._pending) == self._pending.maxlen:
-            self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="agent_queue_full")
-        self._pending.append(ctypes.string_at(data, size))
-        return 0
-
-    def _poll_loop(self) -> None:
-        # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
-        # what came in without a wakeup is taken when the poll times out.
-        while not self._stop_polling.is_set():
-            self.bpf.ring_buffer_poll(self.poll_timeout_ms)
-            self.bpf.ring_buffer_consume()
-
     def _load_and_attach(self) -> None:
         if not self.unwinding.active:
             return self._load_and_attach_once()
@@ -240,20 +247,21 @@ class RingBufferActor(ProfileActor):
             self.unwinding.hold()  # the shared unwind maps exist before a program declares them extern
             bpf = load_program(self.bpf_source, self.bpf_defines())
             try:
-                if self.ring_buffer:
-                    bpf["events"].open_ring_buffer(self._on_record)
+                for part in self.parts:
+                    part.open(bpf)
                 self.attach(bpf)
             except Exception:
                 bpf.cleanup()
                 raise
             # Under the lock: a concurrent compile would fault the pages straight back in.
             release_compiler_memory()
+        try:
+            for part in self.parts:
+                part.ready(bpf)
+        except Exception:  # e.g. a map layout the agent does not expect: detach before failing
+            bpf.cleanup()
+            raise
         self.bpf = bpf
-        if self.python_frames:
-            self.python = PythonStacks(self.ctx.python, bpf["py_procs"], self.ctx.counters, self.profile_type.value)
-        if self.uses_targets and self.selector.filters:
-            self._targets = sync_targets(self.selector, bpf["targets"], set(), self.ctx.counters)
-            self._targets_synced = time.monotonic()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -268,9 +276,7 @@ class RingBufferActor(ProfileActor):
             raise
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
         self.ctx.counters.inc("actor_started", type=name)
-        poller = threading.Thread(target=self._poll_loop, name=f"poll-{name}", daemon=True)
-        if self.ring_buffer:
-            poller.start()
+        self.source.start()
         flushing: asyncio.Future[None] | None = None
         try:
             while True:
@@ -280,16 +286,14 @@ class RingBufferActor(ProfileActor):
                 flushing = asyncio.ensure_future(self._flush(loop))
                 await asyncio.shield(flushing)
         finally:
-            self._stop_polling.set()
-            if poller.is_alive():
-                await asyncio.shield(asyncio.to_thread(poller.join))
-            if self.ring_buffer and self.bpf is not None:  # records that came without a wakeup
-                await asyncio.shield(asyncio.to_thread(self.bpf.ring_buffer_consume))
+            await asyncio.shield(asyncio.to_thread(self.source.stop))
             if flushing is not None and not flushing.done():
                 await asyncio.shield(asyncio.gather(flushing, return_exceptions=True))
             try:
                 await asyncio.shield(self._flush(loop))
             finally:
+                for subscription in self._subscriptions:
+                    subscription.close()
                 bpf, self.bpf = self.bpf, None
                 await asyncio.shield(asyncio.to_thread(self._teardown, bpf))
                 log.info("%s actor: BPF detached", name)
@@ -304,40 +308,21 @@ class RingBufferActor(ProfileActor):
             self.unwinding.drop()
 
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        # popleft is atomic against the poll thread's append: nothing slips between read and clear.
-        pending = self._pending
-        records = [pending.popleft() for _ in range(len(pending))]
         self.ctx.clock.refresh()
-        samples = await loop.run_in_executor(self.ctx.symbol_executor, self._convert, records)
+        samples = await loop.run_in_executor(self.ctx.symbol_executor, self._convert)
         if samples:
             await self.ctx.sink.submit(self.profile_type, samples, self.period())
 
-    def _convert(self, records: list[bytes]) -> list[Sample]:
-        if self.uses_targets and self.selector.filters and self.bpf is not None:
-            now = time.monotonic()
-            if now - self._targets_synced >= self.TARGET_SCAN_INTERVAL_S:
-                self._targets = sync_targets(self.selector, self.bpf["targets"], self._targets, self.ctx.counters)
-                self._targets_synced = now
+    def _convert(self) -> list[Sample]:
+        if self.bpf is None:  # stopped before the program was loaded
+            return []
+        if self.targets is not None:
+            self.targets.sync()
         self.unwinding.check()  # a failed worker: raise, the supervisor restarts this actor
         self.read_bpf_counters()
-        samples = self.to_samples(records)
+        self.track_started_processes()
+        samples = self.to_samples(self.source.drain())
+        self.forget_exited_processes()
         self.ctx.counters.inc("samples_collected", len(samples), type=self.profile_type.value)
         self.ctx.sweep_exited_processes()
         return samples
-
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def wakeup_every(ring_bytes: int, cpus: int | None = None) -> int:
-    """Records per CPU between forced wakeups (bpf/ring_wakeup.h): the ring is at most about a
-    quarter full when they come, whichever CPUs the records come from."""
-    return max(1, ring_bytes // (4 * EVENT_SIZE * max(1, cpus or os.cpu_count() or 1)))
-
-
-def _pow2(n: int) -> int:
-    """Ring buffer sizes must be a power of two pages."""
-    p = 1
-    while p < n:
-        p <<= 1
-    return p

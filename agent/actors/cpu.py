@@ -12,21 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.actors.base import ActorContext, RingBufferActor
+from agent.actors.base import ActorContext, BpfActor
+from agent.actors.parts import PythonFrames
+from agent.actors.sources import RingBufferSource
 from agent.bpf.layouts import CpuCounter
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
 
-class CpuActor(RingBufferActor):
-    """Samples on-CPU stacks with a perf_event BPF program."""
+class CpuActor(BpfActor[bytes]):
+    """Samples on-CPU stacks with a perf_event BPF program; records through a ring buffer."""
 
     profile_type = ProfileType.CPU
     bpf_source = "cpu.bpf.c"
 
     def __init__(self, ctx: ActorContext) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, RingBufferSource.of(ctx, self.profile_type), PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
 
     def period(self) -> int:

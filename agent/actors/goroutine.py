@@ -1,6 +1,8 @@
 """Goroutine actor: live goroutines per start function and creation stack (bpf/goroutine.bpf.c).
 
-Go processes are discovered by a /proc scan every few seconds; each new Go binary gets
+Go processes are found among the processes the shared watcher (agent/process/watcher.py)
+reports as started, every few seconds, before a flush's records are converted
+(``track_started_processes``); each new Go binary gets
 entry uprobes on ``runtime.newproc1`` and ``runtime.goexit1`` (once per binary: a uprobe on
 a file covers every process running it) and each process its ``runtime.g`` offsets
 (``startpc`` for exits, ``sched.bp`` for creation stacks: bpf/goroutine.bpf.c says why) in
@@ -34,11 +36,12 @@ import time
 from collections import Counter
 from typing import Any
 
-from agent.actors.base import RingBufferActor
+from agent.actors.base import ActorContext, BpfActor
+from agent.actors.sources import RingBufferSource
 from agent.bpf.layouts import GoProc, GoroutineCounter
 from agent.bpf.loader import BCC_LOCK
-from agent.process.procmaps import FileKey, file_key
-from agent.process.watcher import running_pids
+from agent.process.procmaps import FileKey
+from agent.process.watcher import ProcessSubscription
 from agent.runtimes.go.buildinfo import GoRuntimeInfo, go_runtime_info
 from agent.runtimes.go.goroutines import GoroutineReader, ReadStats
 from agent.runtimes.go.pclntab import GoSymbolTable
@@ -49,7 +52,7 @@ from shared.profile_types import ProfileType
 log = logging.getLogger(__name__)
 DISCOVERY_INTERVAL_S = 2.0
 CURRENT_SCAN_INTERVAL_S = 1.0
-# Binaries known not to be Go (file identities): forgotten all at once past this many, so a
+# Binaries known not to be Go (executable FileKeys): forgotten all at once past this many, so a
 # host that keeps building new binaries costs a re-check now and then, not ever more memory.
 MAX_NOT_GO = 16_384
 StackKey = tuple[Frame, ...]
@@ -61,7 +64,7 @@ class _GoProcess:
     info: GoRuntimeInfo
     comm: str
     exe_path: str
-    identity: FileKey
+    exe: FileKey
     # start PC -> creation stack -> live goroutines
     live: dict[int, Counter[StackKey]] = dataclasses.field(default_factory=dict)
     start_frames: dict[int, Frame] = dataclasses.field(default_factory=dict)
@@ -72,15 +75,16 @@ class _GoProcess:
     exits_seen: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
-class GoroutineActor(RingBufferActor):
-    """Tracks goroutine creation/exit in every Go process on the host."""
+class GoroutineActor(BpfActor[bytes]):
+    """Tracks goroutine creation/exit in every Go process on the host; creations come through
+    a ring buffer (with the creator's stack, no Python frames: Go programs)."""
 
     profile_type = ProfileType.GOROUTINE
     bpf_source = "goroutine.bpf.c"
-    python_frames = False  # creation stacks of Go programs
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx, RingBufferSource.of(ctx, self.profile_type))
+        self._started: ProcessSubscription | None = None
         self._processes: dict[int, _GoProcess] = {}
         # Go binaries with uprobes attached -> bcc's event names of those uprobes (detached with
         # the binary's last process, so a host that runs many Go binaries does not keep every
@@ -100,32 +104,41 @@ class GoroutineActor(RingBufferActor):
         pass  # uprobes are attached per Go binary as processes are discovered
 
     # -- discovery ---------------------------------------------------------------------------
-    def _discover(self) -> None:
+    def track_started_processes(self) -> None:
+        """Probe the Go processes among those started since the last look (every
+        DISCOVERY_INTERVAL_S)."""
         now = time.monotonic()
         if now - self._discovered < DISCOVERY_INTERVAL_S:
             return
         self._discovered = now
-        alive = running_pids()
-        for pid in alive:
-            if pid in self._processes or pid == os.getpid():
+        if self._started is None:
+            self._started = self.subscribe_to_processes()  # the first take: every live process
+        changes = self._started.take()
+        started = changes.started if changes.complete else \
+            {pid: changes.snapshot.keys[pid] for pid in changes.snapshot.alive - set(self._processes)}
+        own = os.getpid()
+        for pid, key in started.items():
+            if pid in self._processes or pid == own or key is None or key.exe is None:
+                continue  # known, ourselves, unreadable, or a kernel thread
+            exe = key.exe
+            if exe in self._not_go:
                 continue
-            try:
-                st = os.stat(f"/proc/{pid}/exe")
-                exe = f"/proc/{pid}/exe"
-            except OSError:
-                continue
-            identity = file_key(st)
-            if identity in self._not_go:
-                continue
-            info = go_runtime_info(exe, identity)
+            info = go_runtime_info(f"/proc/{pid}/exe", exe)
             if info is None:
-                self._remember_not_go(identity)
+                self._remember_not_go(exe)
                 continue
             if info.unsupported:  # logged once per binary by go_runtime_info; counted once here
                 self.ctx.counters.inc("go_binaries_unsupported", reason=info.unsupported)
-                self._remember_not_go(identity)
+                self._remember_not_go(exe)
                 continue
-            self._probe(pid, info, identity)
+            self._probe(pid, info, exe)
+
+    def forget_exited_processes(self) -> None:
+        """Forget exited processes (after their last records were converted), and detach the
+        uprobes of binaries whose last process is gone."""
+        if self.bpf is None or not self._processes:
+            return
+        alive = self.ctx.processes.current().alive
         for pid in set(self._processes) - alive:
             gone = self._processes.pop(pid)
             if gone.reader is not None:
@@ -134,15 +147,15 @@ class GoroutineActor(RingBufferActor):
                 del self.bpf["go_procs"][ctypes.c_uint32(pid)]
             except KeyError:
                 pass
-        running = {proc.identity for proc in self._processes.values()}
-        for identity in [i for i in self._tables if i not in running]:
-            del self._tables[identity]
-        for identity in [i for i in self._probed_binaries if i not in running]:
-            self._unprobe(identity)
+        running = {proc.exe for proc in self._processes.values()}
+        for exe in [e for e in self._tables if e not in running]:
+            del self._tables[exe]
+        for exe in [e for e in self._probed_binaries if e not in running]:
+            self._unprobe(exe)
 
-    def _unprobe(self, identity: FileKey) -> None:
+    def _unprobe(self, exe: FileKey) -> None:
         """Detach a binary's uprobes: its last process is gone."""
-        self._detach(self._probed_binaries.pop(identity))
+        self._detach(self._probed_binaries.pop(exe))
         self.ctx.counters.inc("go_binaries_unprobed")
 
     def _detach(self, events: list[bytes]) -> None:
@@ -155,14 +168,14 @@ class GoroutineActor(RingBufferActor):
                     self.ctx.counters.inc("errors", kind="uprobe_detach")
                     log.warning("cannot detach uprobe %s: %s", event.decode(errors="replace"), exc)
 
-    def _remember_not_go(self, identity: FileKey) -> None:
+    def _remember_not_go(self, exe: FileKey) -> None:
         if len(self._not_go) >= MAX_NOT_GO:
             self._not_go.clear()
-        self._not_go.add(identity)
+        self._not_go.add(exe)
 
-    def _probe(self, pid: int, info: GoRuntimeInfo, identity: FileKey) -> None:
+    def _probe(self, pid: int, info: GoRuntimeInfo, exe: FileKey) -> None:
         path = os.path.realpath(f"/proc/{pid}/exe")
-        if identity not in self._probed_binaries:
+        if exe not in self._probed_binaries:
             with BCC_LOCK:
                 before = set(self.bpf.uprobe_fds)
                 try:
@@ -176,11 +189,11 @@ class GoroutineActor(RingBufferActor):
             if failure is not None:
                 log.warning("cannot probe Go binary %s (pid %d): %s", path, pid, failure)
                 self.ctx.counters.inc("go_processes_skipped", reason="uprobe_failed")
-                self._remember_not_go(identity)
+                self._remember_not_go(exe)
                 self.ctx.counters.inc("errors", kind=type(failure).__name__)
                 self._detach(events)  # the half that did attach
                 return
-            self._probed_binaries[identity] = events
+            self._probed_binaries[exe] = events
         layout = info.g_layout
         if info.startpc_offset is None:
             self.ctx.counters.inc("go_processes_without_exit_tracking")
@@ -188,22 +201,22 @@ class GoroutineActor(RingBufferActor):
             procs = self.bpf["go_procs"]
             procs[ctypes.c_uint32(pid)] = GoProc(startpc=info.startpc_offset or 0,
                                                  sched_bp=layout.sched_bp if layout is not None else 0)
-        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path, identity,
-                                          reader=self._reader(pid, info, identity))
+        self._processes[pid] = _GoProcess(info, self.ctx.symbolizer.process_name(pid), path, exe,
+                                          reader=self._reader(pid, info, exe))
         self.ctx.counters.inc("go_processes_probed")
 
-    def _reader(self, pid: int, info: GoRuntimeInfo, identity: FileKey) -> GoroutineReader | None:
+    def _reader(self, pid: int, info: GoRuntimeInfo, exe: FileKey) -> GoroutineReader | None:
         """A current-stack reader for ``pid``, or None (counted) when its Go is not supported."""
         if info.g_layout is None or not info.allgs:
             self.ctx.counters.inc("go_processes_without_current_stacks", reason="layout_unknown")
             return None
-        if identity not in self._tables:
+        if exe not in self._tables:
             try:
-                self._tables[identity] = GoSymbolTable.from_elf(f"/proc/{pid}/exe")
+                self._tables[exe] = GoSymbolTable.from_elf(f"/proc/{pid}/exe")
             except Exception as exc:  # unusual file: no current stacks, creation profile still works
                 self.ctx.counters.inc("errors", kind=type(exc).__name__)
-                self._tables[identity] = None
-        table = self._tables[identity]
+                self._tables[exe] = None
+        table = self._tables[exe]
         if table is None:
             return None
         try:
@@ -226,7 +239,6 @@ class GoroutineActor(RingBufferActor):
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         if self.bpf is None:
             return []
-        self._discover()
         ctx = self.ctx
         for ev in self.parsed(records):
             proc = self._processes.get(ev.pid)

@@ -41,13 +41,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.actors.base import RingBufferActor
+from agent.actors.base import ActorContext, BpfActor
+from agent.actors.parts import PythonFrames
+from agent.actors.sources import RingBufferSource
 from agent.bpf.layouts import HEAP_NEG_LOG_ENTRIES, HeapCounter, HeapEventKind
 from agent.bpf.loader import BCC_LOCK
 from agent.bpf.records import RawStackEvent
 from agent.heap_sampler import is_sampler_library
 from agent.heap_sampler.attach import SamplerProbes
 from agent.process.procmaps import age_s, start_time
+from agent.process.selectors import ProcessSelector
 from agent.runtimes.go.heap_profiles import GoHeapProfiles
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
@@ -91,15 +94,19 @@ class _HeapProcess:
     reported: set[tuple[Frame, ...]] = field(default_factory=set)
 
 
-class HeapActor(RingBufferActor):
-    """Samples allocations of selected processes and tracks their sampled live set."""
+class HeapActor(BpfActor[bytes]):
+    """Samples allocations of selected processes and tracks their sampled live set; records
+    through a ring buffer, stacks with CPython frames. Selection happens by attaching per
+    process (the selectors, matched by the shared process watcher), not in BPF."""
 
     profile_type = ProfileType.HEAP
     bpf_source = "heap.bpf.c"
-    uses_targets = False  # selection happens by attaching per process, not in BPF
+    # New processes matching a selector are probed from the next refresh on (at most this late).
+    TARGET_SCAN_INTERVAL_S = 1.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx, RingBufferSource.of(ctx, self.profile_type), PythonFrames(ctx, self.profile_type))
+        self.selector = ProcessSelector.from_settings(ctx.settings)
         # User stacks unwound from DWARF CFI with the tables the other profiles share.
         self.unwinding = ActorUnwinding(self.ctx.unwinding, self.ctx.counters, self.profile_type.value)
         self.mean_bytes = self.ctx.settings.heap_sample_bytes
@@ -110,10 +117,12 @@ class HeapActor(RingBufferActor):
         self._gone_since: dict[int, float] = {}  # sampled processes seen exited, and since when
         self.sampler = SamplerProbes(self.ctx.counters)
         self._scanned = 0.0
+        self._refreshing = False  # this flush's process refresh is under way (the two steps below)
+        self._wanted: set[int] = set()
         self._warned_no_selector = False
         # Go: runtime profiles read from memory, no probes (a separate module, see the docstring).
         self.go_heap = GoHeapProfiles(self.ctx.symbolizer, self.ctx.counters, self.selector,
-                                      self.ctx.settings.heap_go_interval_s)
+                                      self.ctx.settings.heap_go_interval_s, processes=ctx.processes)
 
     def period(self) -> int:
         return self.mean_bytes
@@ -133,13 +142,13 @@ class HeapActor(RingBufferActor):
         self.sampler.attach_built_library(bpf)
 
     # -- per-process probes ---------------------------------------------------------------------
-    def _refresh_targets(self) -> None:
+    def track_started_processes(self) -> None:
+        """Probe the selected processes not probed yet (every TARGET_SCAN_INTERVAL_S)."""
         now = time.monotonic()
-        if now - self._scanned < self.TARGET_SCAN_INTERVAL_S:
+        if now - self._scanned < self.TARGET_SCAN_INTERVAL_S or self.bpf is None:
             return
         self._scanned = now
-        self.sampler.scan(self.bpf)
-        self._forget_exited_sampled()
+        self._refreshing = True
         if not self.selector.filters:
             if not self._warned_no_selector:
                 log.info(
@@ -148,12 +157,23 @@ class HeapActor(RingBufferActor):
                     "Go processes are read from memory")
                 self._warned_no_selector = True
             return
-        wanted = self.selector.scan() - {os.getpid()}
-        self._left_to_sampler &= wanted
-        for pid in wanted - set(self._processes) - self._left_to_sampler:
+        self._wanted = set(self.ctx.processes.current(self.TARGET_SCAN_INTERVAL_S).selected or ()) - {os.getpid()}
+        self._left_to_sampler &= self._wanted
+        for pid in self._wanted - set(self._processes) - self._left_to_sampler:
             self._probe(pid)
-        for pid in set(self._processes) - wanted:
-            self._unprobe(pid)
+
+    def forget_exited_processes(self) -> None:
+        """After the records are reported: detach from processes no longer selected, forget
+        exited sampled processes, and let the sampler's probes look at new library users (its
+        scan also forgets exited pids, so it runs here, after the conversion needed them)."""
+        if not self._refreshing:
+            return
+        self._refreshing = False
+        self.sampler.scan(self.bpf, self.ctx.processes.current(self.TARGET_SCAN_INTERVAL_S).alive)
+        self._forget_exited_sampled()
+        if self.selector.filters:
+            for pid in set(self._processes) - self._wanted:
+                self._unprobe(pid)
 
     def _probe(self, pid: int) -> None:
         """A selected process: Go is read from memory, never probed; else sampled mode if it has
@@ -220,11 +240,7 @@ class HeapActor(RingBufferActor):
                 totals[1] += weight * ev.value
             else:
                 proc.live.pop(ev.aux, None)
-        samples = self._report() + self.go_heap.collect(time.time_ns())
-        # After the report: a process that exited since its last records were taken is
-        # forgotten only once they are counted and reported.
-        self._refresh_targets()
-        return samples
+        return self._report() + self.go_heap.collect(time.time_ns())
 
     # -- Go: mutex/block profiles read with the heap go out as the lock type ---------------------
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:

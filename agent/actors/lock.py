@@ -29,6 +29,7 @@ from typing import Any
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
 from agent.actors.lock_waits import futex_address, wait_bits, wait_kind
+from agent.actors.parts import PythonFrames, TargetFilter
 from agent.bpf.layouts import AggCounter, LockCounter
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
@@ -54,10 +55,9 @@ class LockActor(AggregatingActor):
 
     profile_type = ProfileType.LOCK
     bpf_source = "lock.bpf.c"
-    uses_targets = True
 
     def __init__(self, ctx: ActorContext) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, TargetFilter(ctx), PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
 
     def period(self) -> int:
@@ -99,10 +99,10 @@ class LockActor(AggregatingActor):
     def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
         return spread_uncaptured(entries, self.earlier_captures())
 
-    def to_samples(self, records: list[bytes]) -> list[Sample]:
+    def to_samples(self, records: list[AggregatedEntry]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
-        for entry in self.drain():
+        for entry in self.prepare(records):
             attributes = {"lock.address": f"0x{futex_address(entry.label):x}"}
             if entry.stack_id:
                 frames, comm = self.stack_frames(entry.pid, entry.stack_id)

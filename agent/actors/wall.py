@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
+from agent.actors.parts import PythonFrames, TargetFilter
 from agent.bpf.layouts import (
     WALL_ON_CPU_LABEL,
     WALL_SHORT_OFF_CPU_LABEL,
@@ -85,10 +86,9 @@ class WallActor(AggregatingActor):
 
     profile_type = ProfileType.WALL
     bpf_source = "wall.bpf.c"
-    uses_targets = True
 
     def __init__(self, ctx: ActorContext) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, TargetFilter(ctx), PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
 
     def period(self) -> int:
@@ -133,10 +133,10 @@ class WallActor(AggregatingActor):
     def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
         return spread_uncaptured(entries, self.earlier_captures())
 
-    def to_samples(self, records: list[bytes]) -> list[Sample]:
+    def to_samples(self, records: list[AggregatedEntry]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
         out = []
-        for entry in self.drain():
+        for entry in self.prepare(records):
             if entry.label == SHORT_OFF_CPU_LABEL or is_uncaptured(entry.label):
                 frames: tuple[Frame, ...] = ()
                 thread_name = self.thread_name(entry.pid, entry.tid)

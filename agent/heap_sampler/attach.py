@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Set
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -59,16 +60,19 @@ class SamplerProbes:
         Called while the program is being attached, with ``BCC_LOCK`` already held."""
         self._attach(bpf, str(library_path()), locked=True)
 
-    def scan(self, bpf: Any) -> None:
-        """Look at processes not seen before (at most every SCAN_INTERVAL_S)."""
+    def scan(self, bpf: Any, alive: Set[int] | None = None) -> None:
+        """Look at processes not seen before (at most every SCAN_INTERVAL_S), of ``alive``
+        (the process watcher's latest scan) or of /proc listed now."""
         now = time.monotonic()
         if now - self._scanned < SCAN_INTERVAL_S:
             return
         self._scanned = now
-        try:
-            pids = running_pids()
-        except OSError:
-            return
+        if alive is None:
+            try:
+                alive = running_pids()
+            except OSError:
+                return
+        pids = set(alive)
         own = os.getpid()
         for pid in list(self.process_files):
             if pid not in pids:

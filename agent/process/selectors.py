@@ -3,18 +3,22 @@
 Selectors come from settings: explicit pids, a regular expression on the process name
 (``comm``), and a cgroup path prefix (e.g. ``/system.slice/nginx.service`` or a Kubernetes
 pod's cgroup). With no selector every user process is traced (the agent excludes itself).
-With selectors, a cheap periodic /proc scan keeps the BPF ``targets`` map (bpf/targets.h)
-equal to the matching tgids, so new processes are picked up within one scan interval.
+With selectors, the process watcher's periodic /proc scan (agent/process/watcher.py) matches
+them once for all actors, and each actor keeps its BPF ``targets`` map (bpf/targets.h) equal
+to the matching tgids, so new processes are picked up within one scan interval.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.process.watcher import running_pids
 from shared.counters import Counters
+
+if TYPE_CHECKING:
+    from agent.settings import AgentSettings
 
 
 @dataclass
@@ -24,6 +28,11 @@ class ProcessSelector:
     pids: list[int] = field(default_factory=list)
     comm_pattern: str | None = None
     cgroup_prefix: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: AgentSettings) -> ProcessSelector:
+        """The selectors the agent is configured with (``target_pids``, ``_comm``, ``_cgroup``)."""
+        return cls(list(settings.target_pids), settings.target_comm, settings.target_cgroup)
 
     def __post_init__(self) -> None:
         self._comm = re.compile(self.comm_pattern) if self.comm_pattern else None
@@ -58,11 +67,14 @@ class ProcessSelector:
         return {pid for pid in running_pids() if self.matches(pid)}
 
 
-def sync_targets(selector: ProcessSelector, bpf_map: Any, current: set[int], counters: Counters) -> set[int]:
-    """Make the BPF targets map hold exactly the matching tgids; returns the new set."""
+def sync_targets(selector: ProcessSelector, bpf_map: Any, current: set[int], counters: Counters,
+                 wanted: set[int] | None = None) -> set[int]:
+    """Make the BPF targets map hold exactly the matching tgids (``wanted``, when the caller
+    has matched them already: the process watcher's scan); returns the new set."""
     import ctypes
 
-    wanted = selector.scan()
+    if wanted is None:
+        wanted = selector.scan()
     for pid in wanted - current:
         try:
             bpf_map[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)

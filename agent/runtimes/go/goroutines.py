@@ -17,15 +17,12 @@ runtime stops the world for them, we do not): they are reported by state without
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from agent.process.memory import ProcessMemory
 from agent.runtimes.go.layout import GLayout
+from agent.runtimes.go.load_bias import load_bias
 from agent.runtimes.go.pclntab import GoSymbolTable
 
 # runtime/runtime2.go's _G* states; 10 and 11 are new in Go 1.26 (unused before): _Gleaked, a
@@ -55,27 +52,6 @@ class ReadStats:
     truncated: int = 0
     unreadable: int = 0
     over_limit: int = 0
-
-
-def load_bias(pid: int) -> int:
-    """Run-time minus link-time address of the process's executable (0 unless PIE).
-
-    From /proc/PID/maps: the executable's mapping of file offset 0 (matched by inode, so a
-    replaced or deleted file is still found) against the ELF's PT_LOAD of offset 0."""
-    exe = f"/proc/{pid}/exe"
-    inode = os.stat(exe).st_ino
-    try:
-        with open(exe, "rb") as f:
-            link = min((seg["p_vaddr"] - seg["p_offset"] for seg in ELFFile(f).iter_segments()
-                        if seg["p_type"] == "PT_LOAD"), default=0)
-    except (ELFError, ValueError, struct.error) as exc:
-        raise OSError(f"unreadable executable of pid {pid}: {exc}") from exc
-    with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and int(fields[2], 16) == 0 and int(fields[4]) == inode:
-                return int(fields[0].split("-")[0], 16) - link
-    raise OSError(f"executable of pid {pid} not in its maps")
 
 
 class GoroutineReader:

@@ -42,6 +42,7 @@ from agent.process.memory import ProcessMemory
 from agent.runtimes.go.buildinfo import go_version, is_go_binary
 from agent.runtimes.go.heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
 from agent.runtimes.go.layout import go_minor
+from agent.runtimes.go.load_bias import first_load_address
 
 WORD = 8
 BUCKET_HEADER = struct.Struct("<QQqQQQ")  # next, allnext, typ, hash, size, nstk
@@ -200,19 +201,8 @@ def profile_symbols(path: str) -> GoProfileSymbols | None:
             except Exception as exc:  # a malformed pclntab or code section: reported, not a crash
                 raise UnsupportedBinary("stripped", f"no symbol table, and its code cannot be read: {exc!r}") from exc
         pie = elf["e_type"] == "ET_DYN"
-        loads = [seg["p_vaddr"] - seg["p_offset"] for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
-    return GoProfileSymbols(version, layout, addresses, pie, min(loads, default=0), source)
-
-
-def load_bias(pid: int, exe_path: str, first_load: int) -> int:
-    """How far a PIE executable was moved: the start of its mapping at file offset 0 minus
-    the link-time address of file offset 0 (``first_load``; Go links PIE at 0x400000 too)."""
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5] == exe_path and int(parts[2], 16) == 0:
-                return int(parts[0].split("-")[0], 16) - first_load
-    raise OSError(f"{exe_path} is not mapped in {pid}")
+        first_load = first_load_address(elf)
+    return GoProfileSymbols(version, layout, addresses, pie, first_load, source)
 
 
 class GoProfileReader:

@@ -37,7 +37,7 @@ from functools import lru_cache
 
 from agent.process.procmaps import FileKey, file_key
 from agent.process.selectors import ProcessSelector
-from agent.process.watcher import running_pids
+from agent.process.watcher import ProcessWatcher, running_pids
 from agent.runtimes.go.heap import (
     RUNTIME_PREFIXES,
     BlockBucket,
@@ -45,10 +45,10 @@ from agent.runtimes.go.heap import (
     GoProfileSymbols,
     InconsistentRead,
     UnsupportedBinary,
-    load_bias,
     profile_symbols,
     scale_heap_sample,
 )
+from agent.runtimes.go.load_bias import load_bias
 from agent.symbols import Symbolizer
 from shared.counters import Counters
 from shared.model import Frame, FrameType, Sample
@@ -105,8 +105,11 @@ class GoHeapProfiles:
     """Finds Go processes and turns their runtime profiles into heap and lock samples."""
 
     def __init__(self, symbolizer: Symbolizer, counters: Counters, selector: ProcessSelector,
-                 interval_s: float) -> None:
+                 interval_s: float, processes: ProcessWatcher | None = None) -> None:
+        """``processes``: the shared process watcher whose scans list (and match) the processes;
+        without it /proc is listed here."""
         self.symbolizer, self.counters, self.selector = symbolizer, counters, selector
+        self.processes = processes
         self.interval_s = interval_s
         self._processes: dict[int, _GoProcess] = {}
         self._skipped: set[int] = set()  # pids counted as not readable (until they exit)
@@ -127,13 +130,24 @@ class GoHeapProfiles:
 
     # -- discovery ---------------------------------------------------------------------------
     def _discover(self) -> None:
-        pids = self.selector.scan() if self.selector.filters else running_pids()
+        pids = self._running()
         pids.discard(os.getpid())
         for pid in set(self._processes) - pids:
             self._processes.pop(pid).reader.close()
         self._skipped &= pids
         for pid in pids - set(self._processes) - self._skipped:
             self._open(pid)
+
+    def _running(self) -> set[int]:
+        """The processes to read: all, or those the selectors match."""
+        if self.processes is None:
+            return self.selector.scan() if self.selector.filters else running_pids()
+        snapshot = self.processes.current()
+        if not self.selector.filters:
+            return set(snapshot.alive)
+        if snapshot.selected is not None and self.processes.selector == self.selector:
+            return set(snapshot.selected)
+        return {pid for pid in snapshot.alive if self.selector.matches(pid)}
 
     def _open(self, pid: int) -> None:
         found = go_identity(pid)
@@ -155,7 +169,7 @@ class GoHeapProfiles:
             self._skip(pid, symbols.reason)
             return
         try:
-            bias = load_bias(pid, exe_path, symbols.first_load) if symbols.pie else 0
+            bias = load_bias(pid, symbols.first_load) if symbols.pie else 0
             reader = GoProfileReader(pid, symbols, bias)
         except OSError:
             self._skip(pid, "mem_unreadable")
