@@ -101,11 +101,7 @@ static __always_inline int record_with_stacks(struct pt_regs *ctx, u64 pid_tgid,
     rec->aux = aux;
     rec->kind = kind;
     rec->with_kernel = with_kernel;
-#ifdef PYTHON_FRAMES
-    struct py_scratch *scratch = py_scratch.lookup(&zero);
-    if (scratch)
-        collect_python_frames(scratch, pid_tgid);
-#endif
+    collect_python_frames_for_tail_call(pid_tgid);
     heap_stages.call(ctx, 0);
     count(HEAP_TAIL_CALL_FAILED);
     return -1;

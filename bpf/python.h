@@ -125,6 +125,17 @@ static __always_inline void collect_python_frames(struct py_scratch *out, u64 pi
     out->status = frame ? PY_STATUS_TRUNCATED : PY_STATUS_OK;
 }
 
+/* Stage 1 of a program that takes its stacks in a tail call (cpu, heap): the thread's
+ * frames into the per-CPU scratch now, for stage 2's python_frames_to_event (the two
+ * stages run on one CPU, back to back). Stage 1 then makes the tail call itself. */
+static __always_inline void collect_python_frames_for_tail_call(u64 pid_tgid)
+{
+    int zero = 0;
+    struct py_scratch *scratch = py_scratch.lookup(&zero);
+    if (scratch)
+        collect_python_frames(scratch, pid_tgid);
+}
+
 /* Copy the scratch frames into the event (collecting them first unless the program did). */
 static __always_inline void python_frames_to_event(struct stack_event *ev, u64 pid_tgid)
 {

@@ -58,6 +58,8 @@ struct stack_event {
 
 #ifdef PYTHON_FRAMES
 #include "python.h"
+#else
+static __always_inline void collect_python_frames_for_tail_call(u64 pid_tgid) {}
 #endif
 
 /* Fill pid/tid/cpu/comm/ts and the stacks into a reserved event; the kernel stack only if
