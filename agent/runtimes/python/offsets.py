@@ -17,7 +17,7 @@ table is still used so that one mechanism covers every version.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.bpf.layouts import PY_NONE, PY_PROC_OFFSET_FIELDS
 
@@ -58,30 +58,24 @@ class PythonOffsets:
 
 BPF_OFFSET_FIELDS = PY_PROC_OFFSET_FIELDS  # struct py_proc's offset fields (agent/bpf/layouts.py)
 
+# 3.10: frames are PyFrameObjects (f_back, f_code, int f_lasti in code units); one
+# evaluation-loop call per frame; no native thread id (GIL holder used instead).
+_PY310 = PythonOffsets(
+    rt_interp_head=32, rt_tstate_current=568, is_next=0, is_threads_head=8, ts_next=8,
+    ts_native_tid=NONE, ts_frame=24, cf_current_frame=NONE, fr_code=32, fr_previous=24,
+    fr_instr=96, fr_marker=96, co_code_adaptive=0,
+    co_filename=104, co_name=112, co_qualname=NONE, co_firstlineno=40, co_linetable=120,
+    ascii_data=48, compact_data=72)
+# 3.9: PyFrameObjects as in 3.10, but f_lasti sits 8 bytes further (it counts bytes, not code
+# units) and lines come from co_lnotab (in co_linetable's place).
+_PY39 = replace(_PY310, fr_instr=104, fr_marker=104)
+# 3.8: as 3.9, but its gilstate sits further into _PyRuntime (more runtime state before it).
+_PY38 = replace(_PY39, rt_tstate_current=1368)
+
 OFFSETS: dict[tuple[int, int], PythonOffsets] = {
-    # 3.8 and 3.9: PyFrameObjects as in 3.10, but f_lasti counts bytes, not code units, and
-    # lines come from co_lnotab (in co_linetable's place). 3.8's gilstate sits further into
-    # _PyRuntime (its runtime state has more fields before it); 3.9's is where 3.10 has it.
-    (3, 8): PythonOffsets(
-        rt_interp_head=32, rt_tstate_current=1368, is_next=0, is_threads_head=8, ts_next=8,
-        ts_native_tid=NONE, ts_frame=24, cf_current_frame=NONE, fr_code=32, fr_previous=24,
-        fr_instr=104, fr_marker=104, co_code_adaptive=0,
-        co_filename=104, co_name=112, co_qualname=NONE, co_firstlineno=40, co_linetable=120,
-        ascii_data=48, compact_data=72),
-    (3, 9): PythonOffsets(
-        rt_interp_head=32, rt_tstate_current=568, is_next=0, is_threads_head=8, ts_next=8,
-        ts_native_tid=NONE, ts_frame=24, cf_current_frame=NONE, fr_code=32, fr_previous=24,
-        fr_instr=104, fr_marker=104, co_code_adaptive=0,
-        co_filename=104, co_name=112, co_qualname=NONE, co_firstlineno=40, co_linetable=120,
-        ascii_data=48, compact_data=72),
-    # 3.10: frames are PyFrameObjects (f_back, f_code, int f_lasti in code units); one
-    # evaluation-loop call per frame; no native thread id (GIL holder used instead).
-    (3, 10): PythonOffsets(
-        rt_interp_head=32, rt_tstate_current=568, is_next=0, is_threads_head=8, ts_next=8,
-        ts_native_tid=NONE, ts_frame=24, cf_current_frame=NONE, fr_code=32, fr_previous=24,
-        fr_instr=96, fr_marker=96, co_code_adaptive=0,
-        co_filename=104, co_name=112, co_qualname=NONE, co_firstlineno=40, co_linetable=120,
-        ascii_data=48, compact_data=72),
+    (3, 8): _PY38,
+    (3, 9): _PY39,
+    (3, 10): _PY310,
     # 3.11: _PyInterpreterFrame chain reached through tstate->cframe; is_entry marks the
     # first frame of each evaluation-loop call.
     (3, 11): PythonOffsets(
