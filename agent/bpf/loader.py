@@ -104,7 +104,7 @@ def load_program(name: str, defines: dict[str, int | str]) -> Any:
     and agent/bpf/layouts.py disagree, BpfUnavailable on any other failure. Blocking.
 
     Callers that attach or open ring buffers afterwards should hold ``BCC_LOCK`` around the
-    whole sequence (it is reentrant-safe to call this while holding it: see RingBufferActor).
+    whole sequence (it is reentrant-safe to call this while holding it: see BpfActor in agent/actors/base.py).
     """
     try:
         from bcc import BPF

@@ -1,1 +1,3 @@
-"""Processes on the host: /proc maps and file identity, process selectors, reading process memory."""
+"""Processes on the host: the one /proc watcher (started and exited processes), the keys of a
+process instance and of a file's content (ProcessKey, FileKey), /proc maps, process selectors,
+reading process memory."""
