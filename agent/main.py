@@ -13,6 +13,8 @@ from agent.actors.base import SampleSink
 from agent.clock import MonotonicToUnix
 from agent.metadata.resolver import MetadataResolver
 from agent.metadata.sink import MetadataSink
+from agent.process.selectors import ProcessSelector
+from agent.process.watcher import ProcessWatcher
 from agent.publish.publisher import Publisher
 from agent.runtimes.python import PythonProcesses
 from agent.settings import AgentSettings
@@ -47,8 +49,10 @@ async def run_agent(
     sink: SampleSink = publisher
     metadata: MetadataSink | None = None
     netns_scope = settings.process_scope == "network_namespace"
+    # One /proc scanner for the actors and the metadata resolver (run by the supervisor).
+    processes = ProcessWatcher(counters, ProcessSelector.from_settings(settings))
     if settings.metadata.enabled or netns_scope:
-        metadata = MetadataSink(publisher, MetadataResolver(settings.metadata, counters), counters,
+        metadata = MetadataSink(publisher, MetadataResolver(settings.metadata, counters, processes=processes), counters,
                                 add_attributes=settings.metadata.enabled, own_network_namespace_only=netns_scope)
         await metadata.start()
         sink = metadata
@@ -56,7 +60,7 @@ async def run_agent(
     unwinding = SharedUnwinding(counters, settings.unwind_table_rows) if settings.native_unwinding else None
     symbolizer = Symbolizer(debug_directories=settings.debug_directories)
     ctx = ActorContext(settings, symbolizer, executor, sink, counters, MonotonicToUnix(),
-                       PythonProcesses(counters), unwinding)
+                       PythonProcesses(counters), unwinding, watcher=processes)
 
     factories: dict[ProfileType, Callable[[], ProfileActor]] = {
         t: functools.partial(ACTORS[t], ctx) for t in settings.types

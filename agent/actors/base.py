@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from agent.actors.parts import ProgramPart, PythonFrames, TargetFilter
@@ -74,10 +74,12 @@ class ActorContext:
     _swept: float = field(default_factory=time.monotonic)
     _trimmed: float = field(default_factory=time.monotonic)
     # Scans /proc for every actor; the supervisor runs its periodic scan (ProcessWatcher.run).
+    # Made from the settings unless given (the agent shares its watcher with the metadata resolver).
+    watcher: InitVar[ProcessWatcher | None] = None
     processes: ProcessWatcher = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.processes = ProcessWatcher(self.counters, ProcessSelector.from_settings(self.settings))
+    def __post_init__(self, watcher: ProcessWatcher | None) -> None:
+        self.processes = watcher or ProcessWatcher(self.counters, ProcessSelector.from_settings(self.settings))
 
     def sweep_exited_processes(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
         """Forget exited processes in the shared caches, at most every ``interval_s``.

@@ -19,7 +19,7 @@ from agent.metadata.kubelet import KubeletPods, PodInfo
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings
 from agent.process.procmaps import YOUNG_PROCESS_S, age_s, start_time
-from agent.process.watcher import running_pids
+from agent.process.watcher import ProcessWatcher, running_pids
 from shared.counters import Counters
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,14 @@ def executable_name(exe_link: str) -> str:
 class MetadataResolver:
     """pid -> sample attributes, with a bounded, time-limited cache."""
 
-    def __init__(self, settings: MetadataSettings, counters: Counters, proc: str = "/proc") -> None:
+    def __init__(self, settings: MetadataSettings, counters: Counters, proc: str = "/proc",
+                 processes: ProcessWatcher | None = None) -> None:
+        """``processes``: the agent's shared process watcher, whose scans list the processes
+        (without it ``proc`` is listed at each scan)."""
         self.settings = settings
         self.counters = counters
         self.proc = proc
+        self.processes = processes
         self.kubelet = KubeletPods(settings) if settings.kubelet_url else None
         self._kubelet_generation = 0
         # The scan thread and the sink's resolutions both write the cache.
@@ -120,7 +124,10 @@ class MetadataResolver:
         which time a short-lived process may be gone, and its cgroup and environment with it.
         """
         try:
-            pids = running_pids(self.proc)
+            if self.processes is not None:  # a listing at most half a scan interval old
+                pids = set(self.processes.current(self.settings.scan_interval_s / 2).alive)
+            else:
+                pids = running_pids(self.proc)
         except OSError as exc:
             self.counters.inc("metadata_scan_failed", reason=type(exc).__name__)
             return 0
