@@ -35,7 +35,7 @@ import time
 from collections import defaultdict
 from functools import lru_cache
 
-from agent.process.procmaps import FileKey, file_key
+from agent.process.procmaps import FileKey, file_key, start_time
 from agent.process.selectors import ProcessSelector
 from agent.process.watcher import ProcessWatcher, running_pids
 from agent.runtimes.go.heap import (
@@ -161,8 +161,7 @@ class GoHeapProfiles:
             return
         try:
             exe_path = os.path.realpath(f"/proc/{pid}/exe")
-            with open(f"/proc/{pid}/stat") as f:
-                start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            start_ticks = start_time(pid)
         except (OSError, ValueError, IndexError):
             return
         if isinstance(symbols, UnsupportedBinary):
