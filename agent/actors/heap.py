@@ -143,9 +143,13 @@ class HeapActor(BpfActor[bytes]):
 
     # -- per-process probes ---------------------------------------------------------------------
     def track_started_processes(self) -> None:
-        """Probe the selected processes not probed yet (every TARGET_SCAN_INTERVAL_S)."""
+        """Find the Go processes to read (when a read is due), and probe the selected processes
+        not probed yet (every TARGET_SCAN_INTERVAL_S)."""
+        if self.bpf is None:
+            return
+        self.go_heap.discover()
         now = time.monotonic()
-        if now - self._scanned < self.TARGET_SCAN_INTERVAL_S or self.bpf is None:
+        if now - self._scanned < self.TARGET_SCAN_INTERVAL_S:
             return
         self._scanned = now
         self._refreshing = True

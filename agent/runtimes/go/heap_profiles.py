@@ -1,8 +1,9 @@
 """Heap (and mutex/block) profiles of every Go process, from the runtime's own records.
 
-The heap actor calls ``GoHeapProfiles.collect`` on each flush (symbolization thread). Every
-``interval_s`` it finds the Go processes (all of them, or those the process selectors
-match when any is set), reads each one's profile buckets (agent.runtimes.go.heap) and turns them
+On each flush (symbolization thread) the heap actor calls ``GoHeapProfiles.discover`` before
+converting its records and ``GoHeapProfiles.collect`` with them. Every ``interval_s`` the
+first finds the Go processes (all of them, or those the process selectors match when any is
+set) and the second reads each one's profile buckets (agent.runtimes.go.heap) and turns them
 into samples. No probe is attached to a Go process: the cost is a /proc scan and one
 ``pread`` per bucket (a few hundred microseconds for a typical program).
 
@@ -115,6 +116,7 @@ class GoHeapProfiles:
         self._skipped: set[int] = set()  # pids counted as not readable (until they exit)
         self._not_go: set[FileKey] = set()
         self._read_at = 0.0
+        self._due = False  # discovered for a read that collect has not made yet
         self._started_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.lock_samples: list[Sample] = []  # mutex/block samples of the last read, for the lock type
 
@@ -184,15 +186,25 @@ class GoHeapProfiles:
         self.counters.inc("go_heap_processes_skipped", reason=reason)
 
     # -- reading -----------------------------------------------------------------------------
-    def collect(self, now_ns: int) -> list[Sample]:
-        """Heap samples of every readable Go process, at most every ``interval_s`` ([] between);
-        mutex/block samples of the same read are left in ``lock_samples``."""
-        self.lock_samples = []
+    def discover(self) -> bool:
+        """When a read is due (every ``interval_s``): open readers for new Go processes and close
+        those of processes gone. True when it was due: the next ``collect`` reads."""
         now = time.monotonic()
         if now - self._read_at < self.interval_s:
-            return []
+            return False
         self._read_at = now
         self._discover()
+        self._due = True
+        return True
+
+    def collect(self, now_ns: int) -> list[Sample]:
+        """Heap samples of every readable Go process, at most every ``interval_s`` ([] between);
+        mutex/block samples of the same read are left in ``lock_samples``. Discovers first
+        unless ``discover`` already did for this read."""
+        self.lock_samples = []
+        if not self._due and not self.discover():
+            return []
+        self._due = False
         out: list[Sample] = []
         for pid, proc in list(self._processes.items()):
             try:
