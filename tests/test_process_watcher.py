@@ -151,3 +151,12 @@ def test_the_watcher_task_scans_in_the_background() -> None:
 
     latest = asyncio.run(main())
     assert latest is not None and os.getpid() in latest.alive
+
+
+def test_unsubscribing_removes_that_subscriber_only() -> None:
+    watcher = ProcessWatcher(Counters())
+    first, second = watcher.subscribe(), watcher.subscribe()  # equal pending changes, two subscribers
+    second.close()
+    watcher.scan()
+    assert os.getpid() in first.take(max_age_s=60).started
+    assert second.take(max_age_s=60).started == {}  # closed before the scan: told nothing

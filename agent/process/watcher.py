@@ -73,7 +73,7 @@ class ProcessChanges:
     complete: bool = True
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two subscribers with the same changes are two
 class ProcessSubscription:
     """One subscriber's pending changes; filled by the watcher's scans, emptied by ``take``."""
 
