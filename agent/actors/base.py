@@ -4,8 +4,9 @@ An actor owns one profile type: it loads its BPF program, drains events, symboli
 while the processes are alive, and hands symbolized samples to the publisher. The
 supervisor runs each actor as its own asyncio task and restarts it when it fails.
 
-Threads and the event loop: bcc's ring-buffer poll blocks (in epoll), so each BPF actor
-runs one poll thread whose callback only copies raw records into a bounded deque. The
+Threads and the event loop: waiting for ring-buffer data blocks (in epoll), so each BPF
+actor runs one poll thread that takes every committed record of a wakeup in one batch
+(agent/bpf/ring_reader.py: no Python call per record) into a bounded deque. The
 event loop wakes once per flush interval, swaps the deque out and sends the batch to the
 shared symbolization thread. Nothing blocking runs on the loop, and an idle host costs one
 epoll wake-up per poll timeout.
@@ -14,7 +15,6 @@ epoll wake-up per poll timeout.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import threading
@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
 from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.bpf.records import EVENT_SIZE, RawStackEvent, parse_stack_event
+from agent.bpf.ring_reader import RingReader
 from agent.clock import MonotonicToUnix
 from agent.process.selectors import ProcessSelector, sync_targets
 from agent.runtimes.python import PythonProcesses, PythonStacks
@@ -125,6 +126,8 @@ class RingBufferActor(ProfileActor):
         self._pending: deque[bytes] = deque(maxlen=ctx.settings.max_pending_events)
         self._stop_polling = threading.Event()
         self.bpf: Any = None
+        self._ring: RingReader | None = None
+        self._ring_malformed_seen = 0
         s = ctx.settings
         self.selector = ProcessSelector(list(s.target_pids), s.target_comm, s.target_cgroup)
         self._targets: set[int] = set()
@@ -213,18 +216,27 @@ class RingBufferActor(ProfileActor):
                 self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="malformed_record")
 
     # -- machinery ---------------------------------------------------------------------------
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        if len(self._pending) == self._pending.maxlen:
-            self.ctx.counters.inc("events_dropped", type=self.profile_type.value, reason="agent_queue_full")
-        self._pending.append(ctypes.string_at(data, size))
-        return 0
+    def _take_records(self, reader: RingReader) -> None:
+        """Move every committed record into the pending deque (the oldest go when it is full)."""
+        records = reader.drain()
+        pending, name = self._pending, self.profile_type.value
+        overflow = len(pending) + len(records) - (pending.maxlen or 0)
+        if overflow > 0:
+            self.ctx.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
+        pending.extend(records)  # one C call: atomic against the flush's popleft
+        if reader.stats.malformed != self._ring_malformed_seen:  # logged by the reader
+            grown = reader.stats.malformed - self._ring_malformed_seen
+            self._ring_malformed_seen = reader.stats.malformed
+            self.ctx.counters.inc("events_dropped", grown, type=name, reason="malformed_ring_record")
 
     def _poll_loop(self) -> None:
         # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
-        # what came in without a wakeup is taken when the poll times out.
+        # what came in without a wakeup is taken when the wait times out.
+        reader = self._ring
+        assert reader is not None
         while not self._stop_polling.is_set():
-            self.bpf.ring_buffer_poll(self.poll_timeout_ms)
-            self.bpf.ring_buffer_consume()
+            reader.wait(self.poll_timeout_ms)
+            self._take_records(reader)
 
     def _load_and_attach(self) -> None:
         if not self.unwinding.active:
@@ -239,16 +251,19 @@ class RingBufferActor(ProfileActor):
         with BCC_LOCK:
             self.unwinding.hold()  # the shared unwind maps exist before a program declares them extern
             bpf = load_program(self.bpf_source, self.bpf_defines())
+            reader = None
             try:
                 if self.ring_buffer:
-                    bpf["events"].open_ring_buffer(self._on_record)
+                    reader = RingReader.from_bcc(bpf["events"], name=f"{self.profile_type.value} ring")
                 self.attach(bpf)
             except Exception:
+                if reader is not None:
+                    reader.close()
                 bpf.cleanup()
                 raise
             # Under the lock: a concurrent compile would fault the pages straight back in.
             release_compiler_memory()
-        self.bpf = bpf
+        self.bpf, self._ring = bpf, reader
         if self.python_frames:
             self.python = PythonStacks(self.ctx.python, bpf["py_procs"], self.ctx.counters, self.profile_type.value)
         if self.uses_targets and self.selector.filters:
@@ -283,8 +298,8 @@ class RingBufferActor(ProfileActor):
             self._stop_polling.set()
             if poller.is_alive():
                 await asyncio.shield(asyncio.to_thread(poller.join))
-            if self.ring_buffer and self.bpf is not None:  # records that came without a wakeup
-                await asyncio.shield(asyncio.to_thread(self.bpf.ring_buffer_consume))
+            if self._ring is not None:  # records that came without a wakeup
+                await asyncio.shield(asyncio.to_thread(self._take_records, self._ring))
             if flushing is not None and not flushing.done():
                 await asyncio.shield(asyncio.gather(flushing, return_exceptions=True))
             try:
@@ -298,6 +313,9 @@ class RingBufferActor(ProfileActor):
         """Detach the program, then let go of the shared unwinder: one blocking call, so a
         second cancellation of the actor cannot leave the release undone."""
         try:
+            reader, self._ring = self._ring, None
+            if reader is not None:
+                reader.close()
             if bpf is not None:
                 cleanup_program(bpf)
         finally:
