@@ -276,3 +276,32 @@ def test_discard_and_busy_bits_are_not_part_of_the_length() -> None:
 def test_a_ring_size_that_is_not_a_power_of_two_is_refused() -> None:
     with pytest.raises(ValueError, match="power of two"):
         RingView(memoryview(bytearray(8)), memoryview(bytearray(8)), memoryview(bytearray(200)), 100)
+
+
+def test_the_actor_counts_queue_overflow_malformed_and_discarded_records() -> None:
+    """RingBufferActor._take_records on a hand-built ring: what does not fit the bounded
+    deque, what the reader dropped as malformed and what BPF discarded are each counted."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from agent.actors.base import RingBufferActor
+    from shared.counters import Counters
+    from shared.profile_types import ProfileType
+
+    counters = Counters()
+    actor = SimpleNamespace(_pending=deque([b"old"], maxlen=3), profile_type=ProfileType.CPU,
+                            ctx=SimpleNamespace(counters=counters), _ring_counts_seen=(0, 0))
+    fake = FakeRing(256)
+    for payload in (b"r1", b"r2", b"r3"):
+        fake.put(payload)
+    fake.put(b"gone", DISCARD_BIT)
+    RingBufferActor._take_records(actor, fake.reader)  # type: ignore[arg-type]
+    assert list(actor._pending) == [b"r1", b"r2", b"r3"]  # the oldest went
+    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 1
+    assert counters.get("ring_records_discarded", type="cpu") == 1
+    bad = fake.put(b"x" * 16)
+    fake.set_header(bad, 1 << 29)
+    RingBufferActor._take_records(actor, fake.reader)  # type: ignore[arg-type]
+    RingBufferActor._take_records(actor, fake.reader)  # type: ignore[arg-type]
+    assert counters.get("events_dropped", type="cpu", reason="malformed_ring_record") == 1
+    assert counters.get("ring_records_discarded", type="cpu") == 1

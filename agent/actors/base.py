@@ -127,7 +127,7 @@ class RingBufferActor(ProfileActor):
         self._stop_polling = threading.Event()
         self.bpf: Any = None
         self._ring: RingReader | None = None
-        self._ring_malformed_seen = 0
+        self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
         s = ctx.settings
         self.selector = ProcessSelector(list(s.target_pids), s.target_comm, s.target_cgroup)
         self._targets: set[int] = set()
@@ -224,10 +224,14 @@ class RingBufferActor(ProfileActor):
         if overflow > 0:
             self.ctx.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
         pending.extend(records)  # one C call: atomic against the flush's popleft
-        if reader.stats.malformed != self._ring_malformed_seen:  # logged by the reader
-            grown = reader.stats.malformed - self._ring_malformed_seen
-            self._ring_malformed_seen = reader.stats.malformed
-            self.ctx.counters.inc("events_dropped", grown, type=name, reason="malformed_ring_record")
+        stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
+        if (stats.malformed, stats.discarded) != self._ring_counts_seen:
+            self._ring_counts_seen = (stats.malformed, stats.discarded)
+            if stats.malformed > malformed:  # logged by the reader
+                self.ctx.counters.inc("events_dropped", stats.malformed - malformed, type=name,
+                                      reason="malformed_ring_record")
+            if stats.discarded > discarded:  # the program's choice (bpf_ringbuf_discard), not a loss
+                self.ctx.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
 
     def _poll_loop(self) -> None:
         # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
