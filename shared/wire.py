@@ -45,6 +45,7 @@ import itertools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, TypeVar, cast
 
 import msgpack
@@ -77,6 +78,10 @@ _FRAME_TYPES = tuple(FrameType)
 # A dict lookup instead of calling the enum (about 1 µs each) for every location received.
 _FRAME_TYPE_BY_VALUE = {t.value: t for t in FrameType}
 _TABLES = ("strings", "mappings", "functions", "locations", "stacks")
+# Sample fields read column by column when encoding.
+_TIMESTAMP, _CPU, _PID, _TID = (attrgetter(f) for f in ("timestamp_ns", "cpu", "pid", "tid"))
+_THREAD_NAME, _PROCESS_NAME, _FRAMES = (attrgetter(f) for f in ("thread_name", "process_name", "frames"))
+_VALUES, _ATTRIBUTES = attrgetter("values"), attrgetter("attributes")
 
 
 class WireError(ValueError):
@@ -144,6 +149,14 @@ class StreamEncoder:
         self._functions = _Table()
         self._locations = _Table()
         self._stacks = _Table()
+        # Stack ids by the identity (id()) of the frames tuple: the actors hand the very same
+        # tuple for a stack they symbolized before (their per-stack cache), and hashing a
+        # tuple of frozen dataclasses runs Python code per frame (~70 % of the encoder's time
+        # when keyed by value). ``_identity_keepalive`` holds every tuple whose id is a key,
+        # so no id can be reused by another object while its entry lives; an equal tuple that
+        # is a different object is looked up by value once, then by identity too.
+        self._stack_by_identity: dict[int, int] = {}
+        self._identity_keepalive: list[tuple[Frame, ...]] = []
         self._full_pending = False
 
     def request_full(self) -> None:
@@ -185,39 +198,54 @@ class StreamEncoder:
             return found
         return self._stacks.intern(frames, [self._location(f) for f in frames[:MAX_STACK_DEPTH]])
 
+    def _stack_ids(self, stacks: list[tuple[Frame, ...]]) -> list[int]:
+        """The stack id of each frames tuple, by identity first (see ``_reset_tables``)."""
+        by_identity = self._stack_by_identity
+        if len(by_identity) > 2 * self.max_entries:  # bounded: equal tuples made anew each time
+            by_identity.clear()
+            self._identity_keepalive.clear()
+        found: list[int | None] = list(map(by_identity.get, map(id, stacks)))  # C-level loop
+        if None not in found:
+            return cast(list[int], found)
+        out = []
+        for frames, stack_id in zip(stacks, found, strict=True):
+            if stack_id is None:
+                stack_id = self._stack(frames)
+                by_identity[id(frames)] = stack_id
+                self._identity_keepalive.append(frames)
+            out.append(stack_id)
+        return out
+
+    def _string_ids(self, strings: Iterable[str]) -> list[int]:
+        known = self._strings.ids
+        return [known.get(s) or self._string(s) for s in strings]  # ids start at 1
+
     def encode(self, samples: Sequence[Sample], period: int) -> tuple[bytes | None, bytes | None]:
-        """Encode a batch: returns (dict message or None if nothing new, samples message or None)."""
+        """Encode a batch: returns (dict message or None if nothing new, samples message or None).
+
+        Column by column with C-level iteration (``map``/``attrgetter``, comprehensions):
+        this runs once per sample of every profile type, the agent's hottest Python path."""
         if any(len(t.rows) > self.max_entries for t in self._tables()):
             self._reset_tables()
-        ts: list[int] = []
-        cpu: list[int] = []
-        pid: list[int] = []
-        tid: list[int] = []
-        thread: list[int] = []
-        process: list[int] = []
-        stack: list[int] = []
-        values: list[list[int]] = []
+        stamps = list(map(_TIMESTAMP, samples))
+        t0 = min(stamps, default=0)
+        ts = [t - t0 for t in stamps]
+        cpu = list(map(_CPU, samples))
+        pid = list(map(_PID, samples))
+        tid = list(map(_TID, samples))
+        thread = self._string_ids(map(_THREAD_NAME, samples))
+        process = self._string_ids(map(_PROCESS_NAME, samples))
+        stack = self._stack_ids(list(map(_FRAMES, samples)))
+        values = list(map(_VALUES, samples))  # tuples: msgpack packs them as arrays, as lists
+        any_attrs = any(map(_ATTRIBUTES, samples))
         attrs: list[list[int]] = []
-        any_attrs = False
-        t0 = min((s.timestamp_ns for s in samples), default=0)
-        for s in samples:
-            ts.append(s.timestamp_ns - t0)
-            cpu.append(s.cpu)
-            pid.append(s.pid)
-            tid.append(s.tid)
-            thread.append(self._string(s.thread_name))
-            process.append(self._string(s.process_name))
-            stack.append(self._stack(s.frames))
-            values.append(list(s.values))
-            if s.attributes:
-                any_attrs = True
+        if any_attrs:
+            for s in samples:
                 flat: list[int] = []
                 for k, v in list(s.attributes.items())[:MAX_ATTRS]:
                     flat.append(self._string(k))
                     flat.append(self._string(v))
                 attrs.append(flat)
-            else:
-                attrs.append([])
         dict_msg = self._dict_message()
         if not samples:
             return dict_msg, None

@@ -289,3 +289,36 @@ def test_frame_hash_is_cached_and_equality_ignores_it() -> None:
     assert hashed == fresh and {(hashed,): 1}[(fresh,)] == 1
     other = dataclasses.replace(hashed, frame_type=FrameType.GO)
     assert other != hashed and other._hash == 0 and hash(other) != key
+
+
+def test_a_stack_is_the_same_id_whether_its_tuple_is_reused_or_rebuilt() -> None:
+    """The encoder finds stacks by tuple identity first: a rebuilt equal tuple, a reused
+    one and a batch mixing both must give the very same messages."""
+    stacks = [frames("a", "main"), frames("b", "mid", "main"), frames("c")]
+    reused = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    rebuilt = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    dictionary = None
+    for round_ in range(3):
+        picks = [stacks[(round_ + i) % 3] for i in range(7)]
+        batch = [sample(1_000 + i, s) for i, s in enumerate(picks)]
+        fresh = [sample(1_000 + i, tuple(list(s))) for i, s in enumerate(picks)]
+        assert all(a.frames is not b.frames for a, b in zip(batch, fresh, strict=True))
+        d_msg, s_msg = reused.encode(batch, 10)
+        assert (d_msg, s_msg) == rebuilt.encode(fresh, 10)
+        assert s_msg is not None
+        dictionary, got = receive(dictionary, d_msg, s_msg)
+        assert [s.frames for s in got] == picks
+
+
+def test_stack_ids_by_identity_start_over_with_the_epoch() -> None:
+    """Past ``max_entries`` the encoder starts a new epoch with fresh ids: a stack tuple seen
+    in the old epoch must be sent again, not referred to by its old id."""
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1", max_entries=10)
+    kept = frames("kept", "main")
+    for i in range(7):  # the kept stack, then new stacks (and locations) until the tables overflow
+        stack = kept if i == 0 else frames(f"f{i}", f"g{i}")
+        assert enc.encode([sample(i, stack)], 10)[1] is not None
+    d_msg, s_msg = enc.encode([sample(9, kept)], 10)
+    assert enc.epoch > 1 and d_msg is not None and s_msg is not None and unpack(d_msg)["epoch"] == enc.epoch
+    _, got = receive(StreamDictionary(enc.epoch), d_msg, s_msg)  # the new epoch's dictionary alone
+    assert got[0].frames == kept

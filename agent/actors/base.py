@@ -253,6 +253,7 @@ class BpfActor(ProfileActor, Generic[R]):
                     part.open(bpf)
                 self.attach(bpf)
             except Exception:
+                self._close_parts()
                 bpf.cleanup()
                 raise
             # Under the lock: a concurrent compile would fault the pages straight back in.
@@ -261,6 +262,7 @@ class BpfActor(ProfileActor, Generic[R]):
             for part in self.parts:
                 part.ready(bpf)
         except Exception:  # e.g. a map layout the agent does not expect: detach before failing
+            self._close_parts()
             bpf.cleanup()
             raise
         self.bpf = bpf
@@ -304,10 +306,15 @@ class BpfActor(ProfileActor, Generic[R]):
         """Detach the program, then let go of the shared unwinder: one blocking call, so a
         second cancellation of the actor cannot leave the release undone."""
         try:
+            self._close_parts()
             if bpf is not None:
                 cleanup_program(bpf)
         finally:
             self.unwinding.drop()
+
+    def _close_parts(self) -> None:
+        for part in self.parts:
+            part.close()
 
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx.clock.refresh()

@@ -41,6 +41,9 @@ class ProgramPart:
     def ready(self, bpf: Any) -> None:
         """Set up after the program is attached (blocking; a worker thread, lock not held)."""
 
+    def close(self) -> None:
+        """Let go of what ``open`` set up, before the program is detached (blocking; idempotent)."""
+
 
 class TargetFilter(ProgramPart):
     """Programs including bpf/targets.h: only processes the selectors match are traced.

@@ -5,14 +5,14 @@ program is attached, ``drain`` on every flush (on the symbolization thread), ``s
 the actor stops (blocking; what came in until then is still drained after it).
 
 :class:`RingBufferSource` reads a BPF ring buffer named ``events``: bcc's poll blocks (in
-epoll), so one poll thread per source copies each record into a bounded deque, and ``drain``
-swaps the deque out. An idle host costs one epoll wake-up per poll timeout. The bcc callback
-lives only here: replacing the reader (an mmap reader of the ring) is a change to this class.
+epoll), so one poll thread per source moves each wakeup's records into a bounded deque, and
+``drain`` swaps the deque out. An idle host costs one epoll wake-up per poll timeout. Records are
+taken off the ring by agent/bpf/ring_reader.py (an mmap reader): every committed record of a
+wakeup in one batch, no Python call per record.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections import deque
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.actors.parts import ProgramPart
 from agent.bpf.records import EVENT_SIZE
+from agent.bpf.ring_reader import RingReader
 from shared.counters import Counters
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ class RingBufferSource(RecordSource[bytes]):
         self.type_name = type_name
         self._pending: deque[bytes] = deque(maxlen=max_pending)
         self._stop = threading.Event()
-        self._bpf: Any = None
+        self._ring: RingReader | None = None
+        self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
         self._poller: threading.Thread | None = None
 
     @classmethod
@@ -69,8 +71,7 @@ class RingBufferSource(RecordSource[bytes]):
         return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.pages * PAGE_SIZE)}
 
     def open(self, bpf: Any) -> None:
-        bpf["events"].open_ring_buffer(self._on_record)
-        self._bpf = bpf
+        self._ring = RingReader.from_bcc(bpf["events"], name=f"{self.type_name} ring")
 
     def start(self) -> None:
         self._poller = threading.Thread(target=self._poll_loop, name=f"poll-{self.type_name}", daemon=True)
@@ -80,26 +81,44 @@ class RingBufferSource(RecordSource[bytes]):
         self._stop.set()
         if self._poller is not None and self._poller.is_alive():
             self._poller.join()
-        if self._bpf is not None:  # records that came without a wakeup
-            self._bpf.ring_buffer_consume()
+        if self._ring is not None:  # records that came without a wakeup
+            self._take_records(self._ring)
+
+    def close(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
 
     def drain(self) -> list[bytes]:
-        # popleft is atomic against the poll thread's append: nothing slips between read and clear.
+        # popleft is atomic against the poll thread's extend: nothing slips between read and clear.
         pending = self._pending
         return [pending.popleft() for _ in range(len(pending))]
 
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        if len(self._pending) == self._pending.maxlen:
-            self.counters.inc("events_dropped", type=self.type_name, reason="agent_queue_full")
-        self._pending.append(ctypes.string_at(data, size))
-        return 0
+    def _take_records(self, reader: RingReader) -> None:
+        """Move every committed record into the pending deque (the oldest go when it is full)."""
+        records = reader.drain()
+        pending, name = self._pending, self.type_name
+        overflow = len(pending) + len(records) - (pending.maxlen or 0)
+        if overflow > 0:
+            self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
+        pending.extend(records)  # one C call: atomic against the flush's popleft
+        stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
+        if (stats.malformed, stats.discarded) != self._ring_counts_seen:
+            self._ring_counts_seen = (stats.malformed, stats.discarded)
+            if stats.malformed > malformed:  # logged by the reader
+                self.counters.inc("events_dropped", stats.malformed - malformed, type=name,
+                                  reason="malformed_ring_record")
+            if stats.discarded > discarded:  # the program's choice (bpf_ringbuf_discard), not a loss
+                self.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
 
     def _poll_loop(self) -> None:
         # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
-        # what came in without a wakeup is taken when the poll times out.
+        # what came in without a wakeup is taken when the wait times out.
+        reader = self._ring
+        assert reader is not None
         while not self._stop.is_set():
-            self._bpf.ring_buffer_poll(self.POLL_TIMEOUT_MS)
-            self._bpf.ring_buffer_consume()
+            reader.wait(self.POLL_TIMEOUT_MS)
+            self._take_records(reader)
 
 
 def wakeup_every(ring_bytes: int, cpus: int | None = None) -> int:
