@@ -9,8 +9,8 @@ stores each distinct stack once; once per flush interval the actor
 2. waits for programs already past the flip (they run for microseconds),
 3. reads and deletes the quiet map in one batch syscall (agent/bpf/map_drain.py),
 4. turns each entry into one sample whose values are the entry's sums, symbolizing each
-   stack id once and caching the frames (an LRU, emptied every minute so stacks of reused
-   pids and newly loaded symbols are picked up).
+   stack id once and caching the frames (agent/stacks/frame_cache.py: an LRU, emptied every
+   minute so stacks of reused pids and newly loaded symbols are picked up).
 
 Double buffering, not delete-after-read, because BPF increments entries in place: an
 increment between our read and our delete of the same entry would be lost.
@@ -22,7 +22,6 @@ import ctypes
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +30,7 @@ from agent.actors.base import RingBufferActor
 from agent.bpf.layouts import WEIGHT_SHIFT, AggCounter, AggKey, AggValue, struct_format
 from agent.bpf.map_drain import HashMapDrainer
 from agent.bpf.records import EVENT_SIZE, parse_stack_event
+from agent.stacks.frame_cache import FrameCache
 from shared.model import Frame
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,11 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
         weights = [max(e.weighted_ns, e.total_ns) for e in base]
         if sum(weights) <= 0:
             continue  # nothing captured in this stratum and window: reported as it is
-        ns = _shares(rest.total_ns + sum(e.total_ns for e in base), weights)
+        ns = shares(rest.total_ns + sum(e.total_ns for e in base), weights)
         counts = [e.count for e in base]
         if spread_counts:
             count_weights = [max(e.weighted_count, e.count << WEIGHT_SHIFT, 1) for e in base]
-            counts = _shares(rest.count + sum(counts), count_weights)
+            counts = shares(rest.count + sum(counts), count_weights)
         spread = [dataclasses.replace(e, total_ns=share, count=count)
                   for e, share, count in zip(base, ns, counts, strict=True)]
         if indexes:
@@ -130,11 +130,11 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
     return [e for e in out if e is not None] + added
 
 
-def _shares(total: int, weights: list[int]) -> list[int]:
+def shares(total: int, weights: list[int]) -> list[int]:
     """``total`` divided in proportion to ``weights`` (sum > 0), the rest of rounding to the last."""
     weight_sum = sum(weights)
-    shares = [total * w // weight_sum for w in weights[:-1]]
-    return [*shares, total - sum(shares)]
+    parts = [total * w // weight_sum for w in weights[:-1]]
+    return [*parts, total - sum(parts)]
 
 
 class AggregatingActor(RingBufferActor):
@@ -149,8 +149,8 @@ class AggregatingActor(RingBufferActor):
         super().__init__(*args, **kwargs)
         self._drainers: list[HashMapDrainer] = []
         self._generation = 0
-        self._stack_frames: OrderedDict[tuple[int, int], tuple[tuple[Frame, ...], str]] = OrderedDict()
-        self._stack_cache_started = time.monotonic()
+        self._stack_frames: FrameCache[tuple[tuple[Frame, ...], str]] = FrameCache(self.STACK_CACHE_ENTRIES,
+                                                                                  self.STACK_CACHE_TTL_S)
         self._thread_names: dict[tuple[int, int], str] = {}
         self._thread_names_started = time.monotonic()
         self._stack_buffer = ctypes.create_string_buffer(EVENT_SIZE)
@@ -190,6 +190,8 @@ class AggregatingActor(RingBufferActor):
         self.bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
+        if self._stack_frames.expire_if_due():  # before any id is looked up in this window
+            self._earlier.clear()
         entries = [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
                    for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted, weighted_count)
                    in rows]
@@ -205,24 +207,22 @@ class AggregatingActor(RingBufferActor):
     def earlier_captures(self) -> dict[Hashable, list[AggregatedEntry]]:
         """Per stratum, the captured entries of its latest window with captures (bounded:
         emptied with the stack cache, every STACK_CACHE_TTL_S, or when it grows too large)."""
-        if len(self._earlier) > self.STACK_CACHE_ENTRIES or \
-                time.monotonic() - self._stack_cache_started > self.STACK_CACHE_TTL_S:
+        if len(self._earlier) > self.STACK_CACHE_ENTRIES:
             self._earlier.clear()
         return self._earlier
 
     def _fetch_new_stacks(self, entries: list[AggregatedEntry]) -> None:
         """Copy the raw records of stacks not cached yet, before any symbolization: stacks is
-        an LRU map, and on a busy host a stack read seconds later may have aged out."""
+        an LRU map, and on a busy host a stack read seconds later may have aged out. Every id
+        of the window is then cached or read (the cache expires only at the start of drain())."""
         from bcc.libbcc import lib
 
         self._raw_stacks.clear()
+        missing = self._stack_frames.begin_window((entry.pid, entry.stack_id) for entry in entries if entry.stack_id)
         fd = self.bpf["stacks"].map_fd
         key = ctypes.c_uint64()
-        for entry in entries:
-            cache_key = (entry.pid, entry.stack_id)
-            if cache_key in self._stack_frames or cache_key in self._raw_stacks:
-                continue
-            key.value = entry.stack_id
+        for cache_key in missing:
+            key.value = cache_key[1]
             if lib.bpf_lookup_elem(fd, ctypes.byref(key), self._stack_buffer) == 0:
                 self._raw_stacks[cache_key] = self._stack_buffer.raw
 
@@ -255,22 +255,15 @@ class AggregatingActor(RingBufferActor):
     def stack_frames(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str]:
         """The symbolized frames stored under ``stack_id`` and the comm of the thread that
         stored it; ((), "") and counted if the stack aged out of the map before we read it."""
-        now = time.monotonic()
-        if now - self._stack_cache_started > self.STACK_CACHE_TTL_S:
-            self._stack_frames.clear()
-            self._stack_cache_started = now
         key = (pid, stack_id)
         cached = self._stack_frames.get(key)
         if cached is not None:
-            self._stack_frames.move_to_end(key)
             return cached
         read = self._read_stack(pid, stack_id)
         if read is None:
             self.ctx.counters.inc("stack_missing", type=self.profile_type.value)
             return (), ""
-        self._stack_frames[key] = read
-        if len(self._stack_frames) > self.STACK_CACHE_ENTRIES:
-            self._stack_frames.popitem(last=False)
+        self._stack_frames.put(key, read)
         return read
 
     def _read_stack(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str] | None:
