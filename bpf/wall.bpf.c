@@ -86,7 +86,7 @@ BPF_PROG_ARRAY(on_cpu_stages, 2);
 BPF_PROG_ARRAY(switch_out_stages, 2);
 
 /* The current thread's on-CPU time since it was last accounted on this CPU (its switch-in or
- * its previous sample), added to its exact on-CPU sum; 0 if this CPU's slot does not know it
+ * its previous sample), added to its exact on-CPU sum; nothing if this CPU's slot does not know it
  * (switched in before the program was attached). */
 static __always_inline void account_on_cpu(struct switched_in *cpu, u32 pid, u32 tid, u64 now)
 {
