@@ -70,8 +70,8 @@ def budget_run(tmp_path_factory: pytest.TempPathFactory) -> BudgetRun:
     own = {}
     for line in outputs["wall"].splitlines():
         words = line.split()
-        if words[0] == "worker":  # worker <tid> busy_ns <n> sleep_ns <n> life_ns <n>
-            own[int(words[1])] = Own(int(words[3]), int(words[5]), int(words[7]))
+        if words[0] == "worker":  # worker <tid> busy_ns <n> sleep_ns <n> life_ns <n> cycles <n>
+            own[int(words[1])] = Own(int(words[3]), int(words[5]), int(words[7]), int(words[9]))
     lock_own = {name: int(value) for name, value in (line.split() for line in outputs["lock"].splitlines())}
     return BudgetRun(run, WallRun(run, pids["wall"], own, tmp), pids["lock"], lock_own)
 

@@ -202,9 +202,10 @@ def _reaches_main(names: list[str]) -> bool:
 
 
 # Wall's per-thread sums without a stack by design (bpf/wall.bpf.c): off-CPU blocks shorter
-# than wall_min_block_ns, and uncaptured blocks of a (thread, state) with no captured block in
-# the window. How much time they hold depends on scheduling, not on unwinding: not stacks.
-STACKLESS_WALL_STATES = {"short-off-cpu", "off-cpu-not-captured"}
+# than wall_min_block_ns, uncaptured blocks of a (thread, state) with no captured block in
+# the window, and measured on-CPU time of a thread with no sample in the window. How much
+# time they hold depends on scheduling, not on unwinding: not stacks.
+STACKLESS_WALL_STATES = {"short-off-cpu", "off-cpu-not-captured", "on-cpu-not-sampled"}
 
 
 def _main_thread_share(p: Profiled, profile_type: ProfileType,

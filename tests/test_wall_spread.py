@@ -7,10 +7,12 @@ truth: the reason for inverse-probability weights and per-state strata.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Hashable
 
 from agent.actors.aggregated import AggregatedEntry
-from agent.actors.wall import ON_CPU_LABEL, SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL, spread_uncaptured
+from agent.actors.wall import ON_CPU_LABEL, ON_CPU_TIME_LABEL, SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL, spread_uncaptured
 
 SLEEPING, PREEMPTED = 0x1, 0x0
 
@@ -56,6 +58,57 @@ def test_threads_are_spread_separately_and_nothing_captured_keeps_its_entry() ->
 def test_nothing_uncaptured_is_left_as_it_is() -> None:
     entries = [entry(1, 7, SLEEPING, 1_000, weighted_ns=4_000), entry(1, 0, SHORT_OFF_CPU_LABEL, 10)]
     assert spread_uncaptured(entries) == entries
+
+
+PERIOD = 10_101_010  # one 99 Hz sample's value
+
+
+def samples(tid: int, stack_id: int, count: int) -> AggregatedEntry:
+    """An on-CPU aggregate as BPF fills it: count samples of one period each, weight one."""
+    return dataclasses.replace(entry(tid, stack_id, ON_CPU_LABEL, count * PERIOD), count=count)
+
+
+def test_measured_on_cpu_time_replaces_sample_counts() -> None:
+    """A thread sampled 30 times (303 ms by count x period) that ran 250 ms by sched_switch:
+    its samples share the 250 ms by their counts, nothing else of the thread changes."""
+    entries = [samples(1, 7, 20), samples(1, 8, 10), entry(1, 0, ON_CPU_TIME_LABEL, 250_000_001),
+               entry(1, 9, SLEEPING, 700_000_000), entry(1, 0, SHORT_OFF_CPU_LABEL, 50)]
+    out = totals(spread_uncaptured(entries))
+    assert out == {(1, 7, ON_CPU_LABEL): 250_000_001 * 2 // 3, (1, 8, ON_CPU_LABEL): 250_000_001 - 250_000_001 * 2 // 3,
+                   (1, 9, SLEEPING): 700_000_000, (1, 0, SHORT_OFF_CPU_LABEL): 50}
+
+
+def test_on_cpu_time_without_samples_uses_the_threads_earlier_samples_or_stays_labelled() -> None:
+    earlier: dict[Hashable, list[AggregatedEntry]] = {}
+    first = [samples(1, 7, 3), samples(1, 8, 1), entry(1, 0, ON_CPU_TIME_LABEL, 40_000_000)]
+    assert sum(e.total_ns for e in spread_uncaptured(first, earlier)) == 40_000_000
+    # A window in which thread 1 ran 8 ms between samples, and thread 2 ran 2 ms never sampled.
+    second = [entry(1, 0, ON_CPU_TIME_LABEL, 8_000_000), entry(2, 0, ON_CPU_TIME_LABEL, 2_000_000)]
+    out = totals(spread_uncaptured(second, earlier))
+    assert out == {(1, 7, ON_CPU_LABEL): 6_000_000, (1, 8, ON_CPU_LABEL): 2_000_000,
+                   (2, 0, ON_CPU_TIME_LABEL): 2_000_000}
+
+
+def test_samples_of_a_thread_without_measured_time_keep_their_values() -> None:
+    """Switched in before the program attached: no on-CPU time measured, count x period stands."""
+    entries = [samples(1, 7, 4), entry(2, 7, ON_CPU_TIME_LABEL, 5_000_000), samples(2, 7, 1)]
+    assert totals(spread_uncaptured(entries)) == {(1, 7, ON_CPU_LABEL): 4 * PERIOD, (2, 7, ON_CPU_LABEL): 5_000_000}
+
+
+def test_preemptions_without_a_capture_go_on_the_threads_on_cpu_samples() -> None:
+    """Thread 1 had no preemption captured in the window (its CPU's budget was spent): its
+    preempted time goes where it ran, by its samples; thread 2's captured preemption is kept,
+    and thread 3, never sampled, keeps its preemptions stackless."""
+    entries = [samples(1, 7, 3), samples(1, 8, 1), entry(1, 0, ON_CPU_TIME_LABEL, 40_000_000),
+               entry(1, 0, UNCAPTURED_LABEL | PREEMPTED, 8_000_000), entry(1, 9, SLEEPING, 60_000_000),
+               samples(2, 7, 1), entry(2, 10, PREEMPTED, 1_000_000),
+               entry(2, 0, UNCAPTURED_LABEL | PREEMPTED, 3_000_000),
+               entry(3, 0, UNCAPTURED_LABEL | PREEMPTED, 5_000_000)]
+    out = totals(spread_uncaptured(entries))
+    assert out == {(1, 7, ON_CPU_LABEL): 30_000_000, (1, 8, ON_CPU_LABEL): 10_000_000,
+                   (1, 7, PREEMPTED): 6_000_000, (1, 8, PREEMPTED): 2_000_000, (1, 9, SLEEPING): 60_000_000,
+                   (2, 7, ON_CPU_LABEL): PERIOD, (2, 10, PREEMPTED): 4_000_000,
+                   (3, 0, UNCAPTURED_LABEL | PREEMPTED): 5_000_000}
 
 
 # ---- the capture process of bpf/wall.bpf.c, simulated ---------------------------------------

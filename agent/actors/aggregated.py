@@ -13,7 +13,7 @@ a ring buffer; once per flush interval
 4. the actor shares out the sums of events not captured (``spread``) and copies the stacks
    it has not symbolized yet out of the LRU stacks map (``prepare``),
 5. turns each entry into one sample whose values are the entry's sums, symbolizing each
-   stack id once and caching the frames (an LRU, emptied every minute so stacks of reused
+   stack id once and caching the frames (agent/stacks/frame_cache.py: an LRU, emptied every minute so stacks of reused
    pids and newly loaded symbols are picked up).
 
 Double buffering, not delete-after-read, because BPF increments entries in place: an
@@ -26,7 +26,6 @@ import ctypes
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,6 +36,7 @@ from agent.actors.sources import RecordSource
 from agent.bpf.layouts import WEIGHT_SHIFT, AggCounter, AggKey, AggValue, struct_format
 from agent.bpf.map_drain import HashMapDrainer
 from agent.bpf.records import EVENT_SIZE, parse_stack_event
+from agent.stacks.frame_cache import FrameCache
 from shared.model import Frame
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,11 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
         weights = [max(e.weighted_ns, e.total_ns) for e in base]
         if sum(weights) <= 0:
             continue  # nothing captured in this stratum and window: reported as it is
-        ns = _shares(rest.total_ns + sum(e.total_ns for e in base), weights)
+        ns = shares(rest.total_ns + sum(e.total_ns for e in base), weights)
         counts = [e.count for e in base]
         if spread_counts:
             count_weights = [max(e.weighted_count, e.count << WEIGHT_SHIFT, 1) for e in base]
-            counts = _shares(rest.count + sum(counts), count_weights)
+            counts = shares(rest.count + sum(counts), count_weights)
         spread = [dataclasses.replace(e, total_ns=share, count=count)
                   for e, share, count in zip(base, ns, counts, strict=True)]
         if indexes:
@@ -136,11 +136,11 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
     return [e for e in out if e is not None] + added
 
 
-def _shares(total: int, weights: list[int]) -> list[int]:
+def shares(total: int, weights: list[int]) -> list[int]:
     """``total`` divided in proportion to ``weights`` (sum > 0), the rest of rounding to the last."""
     weight_sum = sum(weights)
-    shares = [total * w // weight_sum for w in weights[:-1]]
-    return [*shares, total - sum(shares)]
+    parts = [total * w // weight_sum for w in weights[:-1]]
+    return [*parts, total - sum(parts)]
 
 
 class AggregationMaps(RecordSource[AggregatedEntry]):
@@ -189,8 +189,8 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
 
     def __init__(self, ctx: ActorContext, *parts: ProgramPart) -> None:
         super().__init__(ctx, AggregationMaps(ctx), *parts)
-        self._stack_frames: OrderedDict[tuple[int, int], tuple[tuple[Frame, ...], str]] = OrderedDict()
-        self._stack_cache_started = time.monotonic()
+        self._stack_frames: FrameCache[tuple[tuple[Frame, ...], str]] = FrameCache(self.STACK_CACHE_ENTRIES,
+                                                                                  self.STACK_CACHE_TTL_S)
         self._thread_names: dict[tuple[int, int], str] = {}
         self._thread_names_started = time.monotonic()
         self._stack_buffer = ctypes.create_string_buffer(EVENT_SIZE)
@@ -211,6 +211,8 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         """The drained entries, spread, with the stacks not symbolized yet copied out."""
         if self.bpf is None:
             return []
+        if self._stack_frames.expire_if_due():  # before any id is looked up in this window
+            self._earlier.clear()
         entries = self.spread(entries)
         self._fetch_new_stacks(entries)
         return entries
@@ -223,24 +225,22 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
     def earlier_captures(self) -> dict[Hashable, list[AggregatedEntry]]:
         """Per stratum, the captured entries of its latest window with captures (bounded:
         emptied with the stack cache, every STACK_CACHE_TTL_S, or when it grows too large)."""
-        if len(self._earlier) > self.STACK_CACHE_ENTRIES or \
-                time.monotonic() - self._stack_cache_started > self.STACK_CACHE_TTL_S:
+        if len(self._earlier) > self.STACK_CACHE_ENTRIES:
             self._earlier.clear()
         return self._earlier
 
     def _fetch_new_stacks(self, entries: list[AggregatedEntry]) -> None:
         """Copy the raw records of stacks not cached yet, before any symbolization: stacks is
-        an LRU map, and on a busy host a stack read seconds later may have aged out."""
+        an LRU map, and on a busy host a stack read seconds later may have aged out. Every id
+        of the window is then cached or read (the cache expires only at the start of prepare())."""
         from bcc.libbcc import lib
 
         self._raw_stacks.clear()
+        missing = self._stack_frames.begin_window((entry.pid, entry.stack_id) for entry in entries if entry.stack_id)
         fd = self.bpf["stacks"].map_fd
         key = ctypes.c_uint64()
-        for entry in entries:
-            cache_key = (entry.pid, entry.stack_id)
-            if cache_key in self._stack_frames or cache_key in self._raw_stacks:
-                continue
-            key.value = entry.stack_id
+        for cache_key in missing:
+            key.value = cache_key[1]
             if lib.bpf_lookup_elem(fd, ctypes.byref(key), self._stack_buffer) == 0:
                 self._raw_stacks[cache_key] = self._stack_buffer.raw
 
@@ -273,22 +273,15 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
     def stack_frames(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str]:
         """The symbolized frames stored under ``stack_id`` and the comm of the thread that
         stored it; ((), "") and counted if the stack aged out of the map before we read it."""
-        now = time.monotonic()
-        if now - self._stack_cache_started > self.STACK_CACHE_TTL_S:
-            self._stack_frames.clear()
-            self._stack_cache_started = now
         key = (pid, stack_id)
         cached = self._stack_frames.get(key)
         if cached is not None:
-            self._stack_frames.move_to_end(key)
             return cached
         read = self._read_stack(pid, stack_id)
         if read is None:
             self.ctx.counters.inc("stack_missing", type=self.profile_type.value)
             return (), ""
-        self._stack_frames[key] = read
-        if len(self._stack_frames) > self.STACK_CACHE_ENTRIES:
-            self._stack_frames.popitem(last=False)
+        self._stack_frames.put(key, read)
         return read
 
     def _read_stack(self, pid: int, stack_id: int) -> tuple[tuple[Frame, ...], str] | None:

@@ -1,11 +1,14 @@
 """Wall actor: elapsed time per thread and stack, on-CPU plus off-CPU (bpf/wall.bpf.c).
 
-On-CPU time comes from sampling (value = period); off-CPU time from sched_switch, with the
-stack the thread blocked in and why (its task state). Both are aggregated in BPF per
+On-CPU stacks come from sampling, how long each thread ran on a CPU from sched_switch (exact,
+shared out over the thread's samples of the window by their counts); off-CPU time from
+sched_switch, with the stack the thread blocked in and why (its task state). Both are aggregated in BPF per
 (thread, stack, state) and drained every flush (agent/actors/aggregated.py): one sample per
 aggregate, stamped with its first event's time. Off-CPU periods shorter than
 ``wall_min_block_ns`` are summed per thread in the kernel and reported once per flush
-without a stack. Values are nanoseconds; per thread they add up to its elapsed time.
+without a stack. Values are nanoseconds; per thread they add up to its elapsed time
+(exactly: on-CPU and off-CPU time are both measured, only their split between stacks is
+estimated).
 Threads switching out faster than ``wall_capture_rate_hz`` have only some switch-out
 stacks captured; the kernel sums their other long blocks per (thread, task state) and each
 such sum is shared out over the captured blocks of the same thread, state and window in
@@ -15,14 +18,16 @@ per-state totals stay exact, the split between stacks is an unbiased-ratio estim
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import Any
 
-from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
+from agent.actors.aggregated import AggregatedEntry, AggregatingActor, shares, spread_uncaptured_by
 from agent.actors.base import ActorContext
 from agent.actors.parts import PythonFrames, TargetFilter
 from agent.bpf.layouts import (
     WALL_ON_CPU_LABEL,
+    WALL_ON_CPU_TIME_LABEL,
     WALL_SHORT_OFF_CPU_LABEL,
     WALL_UNCAPTURED_LABEL,
     AggCounter,
@@ -35,9 +40,11 @@ from shared.profile_types import ProfileType
 # Linux task states as sched_switch reports prev_state (TASK_REPORT bits).
 _STATES = {0: "preempted", 0x1: "sleeping", 0x2: "uninterruptible", 0x4: "stopped", 0x8: "traced",
            0x10: "dead", 0x20: "zombie", 0x40: "parked", 0x80: "idle"}
-# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks; others are task states.
+# bpf/wall.bpf.c labels: on-CPU samples, per-thread sums of short blocks, per-thread sums of
+# exact on-CPU time; others are task states.
 ON_CPU_LABEL = WALL_ON_CPU_LABEL
 SHORT_OFF_CPU_LABEL = WALL_SHORT_OFF_CPU_LABEL
+ON_CPU_TIME_LABEL = WALL_ON_CPU_TIME_LABEL
 UNCAPTURED_LABEL = WALL_UNCAPTURED_LABEL  # | the task state the uncaptured blocks had
 
 
@@ -55,24 +62,75 @@ def uncaptured_state(label: int) -> int:
 
 
 def wall_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool] | None:
-    """Off-CPU blocks are spread per (thread, task state); on-CPU and short blocks are exact."""
+    """Off-CPU blocks are spread per (thread, task state), a thread's exact on-CPU time over its
+    on-CPU samples (the stratum (pid, tid, ON_CPU_LABEL): task states are below 2^62); short
+    blocks are left as they are."""
     if is_uncaptured(entry.label):
         return (entry.pid, entry.tid, uncaptured_state(entry.label)), True
-    if entry.label in (ON_CPU_LABEL, SHORT_OFF_CPU_LABEL):
+    if entry.label in (ON_CPU_LABEL, ON_CPU_TIME_LABEL):
+        return (entry.pid, entry.tid, ON_CPU_LABEL), entry.label == ON_CPU_TIME_LABEL
+    if entry.label == SHORT_OFF_CPU_LABEL:
         return None
     return (entry.pid, entry.tid, entry.label), False
 
 
 def spread_uncaptured(entries: list[AggregatedEntry],
                       earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
-    """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries.
+    """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries,
+    and each thread's exact on-CPU time over its on-CPU samples.
 
     A thread's long off-CPU blocks in one task state and window form a stratum; its exact total
     is divided among the captured stacks by inverse-probability weights
-    (aggregated.spread_uncaptured_by). A stratum with nothing captured keeps its entry,
-    reported without a stack, unless ``earlier`` has its stacks from an earlier window.
+    (aggregated.spread_uncaptured_by). A thread's on-CPU time in the window, measured at its
+    switch-outs and samples, replaces the samples' count x period: the samples only divide it
+    between stacks (their weights are their periods). A stratum with nothing captured (or
+    sampled) keeps its entry, reported without a stack, unless ``earlier`` has its stacks from
+    an earlier window. Samples of a thread without measured on-CPU time (switched in before
+    the program attached) keep count x period.
+
+    A thread's preemptions with no capture in the window go on its on-CPU samples of the
+    window (preempted_onto_samples) before any earlier window's stacks are considered.
     """
+    timed = {(e.pid, e.tid) for e in entries if e.label == ON_CPU_TIME_LABEL}
+    entries = [dataclasses.replace(e, total_ns=0) if e.label == ON_CPU_LABEL and (e.pid, e.tid) in timed else e
+               for e in entries]
+    entries = preempted_onto_samples(entries)
     return spread_uncaptured_by(entries, wall_stratum, earlier=earlier)
+
+
+PREEMPTED_STATES = (0, _PREEMPTED_IN_KERNEL)
+
+
+def preempted_onto_samples(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
+    """A thread's uncaptured preempted time, in a window where none of its preemptions was
+    captured, shared out over its on-CPU samples of the window by their periods.
+
+    Preemptions happen while a thread runs, so where it was preempted is where it runs, and its
+    on-CPU samples (not budgeted) are a sample of that. The capture budget does leave such
+    strata empty, and not at random: a thread is preempted when its CPU is contended, which is
+    when that CPU's window has run into its hard cap (the events after it are not drawn). Left
+    stackless, that time fell out of the thread's busy share (4-6 points in
+    integration/test_capture_budget.py). Captured preemptions, when a window has any, are used
+    as they are (spread_uncaptured_by).
+    """
+    captured = {(e.pid, e.tid, e.label) for e in entries
+                if e.stack_id and e.label in PREEMPTED_STATES}
+    samples: dict[tuple[int, int], list[AggregatedEntry]] = {}
+    for e in entries:
+        if e.label == ON_CPU_LABEL and e.weighted_ns > 0:
+            samples.setdefault((e.pid, e.tid), []).append(e)
+    out: list[AggregatedEntry] = []
+    for e in entries:
+        state = uncaptured_state(e.label) if is_uncaptured(e.label) else None
+        onto = samples.get((e.pid, e.tid))
+        if state not in PREEMPTED_STATES or (e.pid, e.tid, state) in captured or not onto:
+            out.append(e)
+            continue
+        parts = shares(e.total_ns, [s.weighted_ns for s in onto])
+        out += [dataclasses.replace(e, stack_id=s.stack_id, label=state, count=0, total_ns=share, weighted_ns=0,
+                                    weighted_count=0)
+                for s, share in zip(onto, parts, strict=True) if share]
+    return out
 
 
 def task_state_name(state: int) -> str:
@@ -137,11 +195,14 @@ class WallActor(AggregatingActor):
         symbolizer = self.ctx.symbolizer
         out = []
         for entry in self.prepare(records):
-            if entry.label == SHORT_OFF_CPU_LABEL or is_uncaptured(entry.label):
+            if entry.label in (SHORT_OFF_CPU_LABEL, ON_CPU_TIME_LABEL) or is_uncaptured(entry.label):
                 frames: tuple[Frame, ...] = ()
                 thread_name = self.thread_name(entry.pid, entry.tid)
-                attributes = {"wall.state": "short-off-cpu", "wall.blocks": str(entry.count)}
-                if entry.label != SHORT_OFF_CPU_LABEL:
+                if entry.label == SHORT_OFF_CPU_LABEL:
+                    attributes = {"wall.state": "short-off-cpu", "wall.blocks": str(entry.count)}
+                elif entry.label == ON_CPU_TIME_LABEL:  # no sample of the thread to put it on
+                    attributes = {"wall.state": "on-cpu-not-sampled"}
+                else:
                     attributes = {"wall.state": "off-cpu-not-captured", "wall.blocks": str(entry.count),
                                   "wall.task_state": task_state_name(uncaptured_state(entry.label))}
             else:

@@ -35,10 +35,11 @@ UNWIND_REQUEST_REASON_SHIFT = 56  # unwind_requests values: reason << 56 | pc
 PY_NONE = 0xFFFF  # a py_proc offset field that does not exist in the process's CPython version
 
 # -- aggregate labels (agg_key.label) ---------------------------------------------------------
-# bpf/wall.bpf.c: on-CPU samples, per-thread sums of short blocks, uncaptured blocks | task
-# state; any other label is the task state of a captured block.
+# bpf/wall.bpf.c: on-CPU samples, per-thread sums of short blocks, per-thread sums of exact
+# on-CPU time, uncaptured blocks | task state; any other label is the task state of a captured block.
 WALL_ON_CPU_LABEL = 1 << 63
 WALL_SHORT_OFF_CPU_LABEL = (1 << 63) | 1
+WALL_ON_CPU_TIME_LABEL = (1 << 63) | 2
 WALL_UNCAPTURED_LABEL = (1 << 63) | (1 << 62)
 # bpf/lock.bpf.c: the futex address below LABEL_ADDRESS_BITS, WAIT_BITS in the top byte
 # (bits 0-3 the futex command, then these flags).
@@ -322,6 +323,7 @@ C_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("WEIGHT_SHIFT", WEIGHT_SHIFT, "event_capture.h"),
     ("ON_CPU_LABEL", WALL_ON_CPU_LABEL, "wall.bpf.c"),
     ("SHORT_OFF_CPU_LABEL", WALL_SHORT_OFF_CPU_LABEL, "wall.bpf.c"),
+    ("ON_CPU_TIME_LABEL", WALL_ON_CPU_TIME_LABEL, "wall.bpf.c"),
     ("UNCAPTURED_LABEL", WALL_UNCAPTURED_LABEL, "wall.bpf.c"),
     ("LABEL_ADDRESS_BITS", LOCK_LABEL_ADDRESS_BITS, "lock.bpf.c"),
     ("WAIT_PRIVATE", LOCK_WAIT_PRIVATE, "lock.bpf.c"),

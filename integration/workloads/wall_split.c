@@ -5,7 +5,7 @@
  * Each worker measures its own clock: the time it spent inside busy_part() and inside
  * sleep_part() (CLOCK_MONOTONIC, so time preempted or waiting for a CPU counts where the
  * thread was), and its lifetime from its first instruction to its last. At the end it prints
- * one line per worker: "worker <tid> busy_ns <n> sleep_ns <n> life_ns <n>".
+ * one line per worker: "worker <tid> busy_ns <n> sleep_ns <n> life_ns <n> cycles <n>".
  * Usage: wall_split SECONDS THREADS BUSY_MS SLEEP_MS [SPINNERS]. Prints "ready <pid>", then
  * waits for a line on stdin before starting the threads (so a profiler can select it first). */
 #define _GNU_SOURCE
@@ -20,7 +20,7 @@
 struct worker {
     pthread_t thread;
     pid_t tid;
-    unsigned long long busy_ns, sleep_ns, life_ns;
+    unsigned long long busy_ns, sleep_ns, life_ns, cycles;
 };
 
 static double seconds;
@@ -65,6 +65,7 @@ static void *worker(void *arg)
         unsigned long long t2 = now_ns();
         w->busy_ns += t1 - t0;
         w->sleep_ns += t2 - t1;
+        w->cycles++;
         t0 = t2;
     }
     w->life_ns = now_ns() - start;
@@ -104,7 +105,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < spinners; i++)
         pthread_join(spin[i], NULL);
     for (int i = 0; i < threads; i++)
-        printf("worker %d busy_ns %llu sleep_ns %llu life_ns %llu\n", (int)workers[i].tid, workers[i].busy_ns,
-               workers[i].sleep_ns, workers[i].life_ns);
+        printf("worker %d busy_ns %llu sleep_ns %llu life_ns %llu cycles %llu\n", (int)workers[i].tid,
+               workers[i].busy_ns, workers[i].sleep_ns, workers[i].life_ns, workers[i].cycles);
     return 0;
 }
