@@ -132,12 +132,14 @@ int cpu_sample_emit(struct bpf_perf_event_data *ctx)
     u64 id = dedup_stack_id(ks);
     struct known_stack *stored = known_stacks.lookup(&id);
     if (stored) {
-        if (!dedup_same_stack(stored, ks)) {
+        /* An LRU element can be reused for another key while we read it: the serial, read
+         * before and after the compare, must not have changed (a serial names one store). */
+        u64 serial = *(volatile u64 *)&stored->serial;
+        if (!dedup_same_stack(stored, ks) || *(volatile u64 *)&stored->serial != serial) {
             count(CPU_STACK_COLLISIONS);
             emit_full(ks, 0, 0, DEDUP_UNSTORED);
             return 0;
         }
-        u64 serial = stored->serial;
         struct sample_record *rec = events.ringbuf_reserve(sizeof(struct sample_record));
         if (!rec) {
             count(CPU_RINGBUF_FULL);
