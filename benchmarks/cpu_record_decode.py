@@ -44,7 +44,8 @@ def main() -> None:
         try:
             pid = target.pid
             user = [target.truth["leaf_function"][0]] + [target.truth["caller_function"][0] + 1] * 19
-            ctx = ActorContext(AgentSettings(), Symbolizer(), ThreadPoolExecutor(1), None,  # type: ignore[arg-type]
+            ctx = ActorContext(AgentSettings(cpu_stack_dedup=True), Symbolizer(), ThreadPoolExecutor(1),
+                       None,  # type: ignore[arg-type]
                                Counters(), MonotonicToUnix())
             actor = FakeKernelCpuActor(ctx)
 

@@ -43,7 +43,7 @@ def _prog_stats(fd: int) -> tuple[int, int]:
     return run_time, run_cnt
 
 
-async def _live(seconds: float, hz: int) -> tuple[Any, list[list[bytes]], dict[str, float]]:
+async def _live(seconds: float, hz: int, dedup: bool) -> tuple[Any, list[list[bytes]], dict[str, float]]:
     from agent.actors.base import ActorContext, SampleSink
     from agent.actors.cpu import CpuActor
     from agent.clock import MonotonicToUnix
@@ -57,7 +57,7 @@ async def _live(seconds: float, hz: int) -> tuple[Any, list[list[bytes]], dict[s
             pass
 
     counters = Counters()
-    settings = AgentSettings(frequency_hz=hz, flush_interval_s=1.0)
+    settings = AgentSettings(frequency_hz=hz, flush_interval_s=1.0, cpu_stack_dedup=dedup)
     ctx = ActorContext(settings, Symbolizer(), ThreadPoolExecutor(1), Sink(), counters, MonotonicToUnix(),
                        unwinding=SharedUnwinding(counters, settings.unwind_table_rows))
     actor = CpuActor(ctx)
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hz", type=int, default=999)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--replay-records", type=int, default=5000)
+    parser.add_argument("--dedup", action="store_true", help="the deduplicated program (cpu_stack_dedup)")
     parser.add_argument("--workload", default="", help="executable run with '<seconds> 2' (default: cpu_chain)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         exe = str(build_c("cpu_chain.c", out))
     workload = subprocess.Popen([exe, str(args.seconds + 60), "2"], stdout=subprocess.DEVNULL)
     try:
-        actor, batches, live = asyncio.run(_live(args.seconds, args.hz))
+        actor, batches, live = asyncio.run(_live(args.seconds, args.hz, args.dedup))
         replay = _replay(actor, batches, args.rounds, args.replay_records)
     finally:
         workload.kill()

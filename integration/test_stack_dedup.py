@@ -76,7 +76,7 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
             return super().to_samples(records)
 
     async def main() -> None:
-        settings = AgentSettings(frequency_hz=HZ, flush_interval_s=0.5)
+        settings = AgentSettings(frequency_hz=HZ, flush_interval_s=0.5, cpu_stack_dedup=True)
         ctx = ActorContext(settings, Symbolizer(), ThreadPoolExecutor(1), _Sink(run), run.counters,
                            MonotonicToUnix(), unwinding=SharedUnwinding(run.counters, settings.unwind_table_rows))
         actor = Actor(ctx)

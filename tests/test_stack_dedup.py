@@ -67,7 +67,8 @@ def target(tmp_path: Path) -> Iterator[Target]:
 
 @pytest.fixture
 def actor() -> FakeKernelCpuActor:
-    ctx = ActorContext(AgentSettings(), Symbolizer(), ThreadPoolExecutor(1), None,  # type: ignore[arg-type]
+    ctx = ActorContext(AgentSettings(cpu_stack_dedup=True), Symbolizer(), ThreadPoolExecutor(1),
+                       None,  # type: ignore[arg-type]
                        Counters(), MonotonicToUnix())
     return FakeKernelCpuActor(ctx)
 

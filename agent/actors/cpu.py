@@ -68,6 +68,9 @@ class CpuActor(RingBufferActor):
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+        self.dedup = ctx.settings.cpu_stack_dedup
+        if not self.dedup:
+            self.bpf_source = "cpu_records.bpf.c"  # type: ignore[misc]
         # Symbolized stacks in two generations (a cheap approximate LRU): hits in the old one
         # move to the new one; when the new one holds `_stack_capacity`, the old is dropped.
         # At least the kernel map's size, so a stack the kernel still refers to is normally here.
@@ -91,10 +94,13 @@ class CpuActor(RingBufferActor):
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType
 
-        check_leaf(bpf["known_stacks"], fields_of(KnownStackHead), KNOWN_STACK_SIZE)
         # Later stages of every sample (see bpf/cpu.bpf.c): loaded and wired before attaching.
-        chain_stages(bpf, "cpu_stages", [("cpu_sample_stacks", BPF.PERF_EVENT),
-                                         ("cpu_sample_emit", BPF.PERF_EVENT)])
+        if self.dedup:
+            check_leaf(bpf["known_stacks"], fields_of(KnownStackHead), KNOWN_STACK_SIZE)
+            chain_stages(bpf, "cpu_stages", [("cpu_sample_stacks", BPF.PERF_EVENT),
+                                             ("cpu_sample_emit", BPF.PERF_EVENT)])
+        else:
+            chain_stages(bpf, "cpu_stages", [("cpu_sample_stacks", BPF.PERF_EVENT)])
         bpf.attach_perf_event(
             ev_type=PerfType.SOFTWARE,
             ev_config=PerfSWConfig.CPU_CLOCK,
@@ -104,8 +110,8 @@ class CpuActor(RingBufferActor):
 
     def counter_deltas(self) -> list[int]:
         """How much each ``enum cpu_counter`` slot grew since the last call, read slot by slot."""
-        if self.bpf is None:
-            return []
+        if self.bpf is None or not self.dedup:
+            return super().counter_deltas()
         table = self.bpf["counters"]
         now = [int(sum(table[ctypes.c_int(slot)])) for slot in range(CpuCounter.SLOTS)]
         seen = self._slots_seen or [0] * len(now)
@@ -122,6 +128,8 @@ class CpuActor(RingBufferActor):
 
     # -- records to samples ---------------------------------------------------------------
     def to_samples(self, records: list[bytes]) -> list[Sample]:
+        if not self.dedup:
+            return self._whole_records_to_samples(records)
         ctx = self.ctx
         type_name = self.profile_type.value
         batch = decode_batch(records)
@@ -165,6 +173,23 @@ class CpuActor(RingBufferActor):
         for status, n in statuses.items():
             if status and self.python is not None:
                 ctx.counters.inc("python_stacks", n, type=type_name, status=PY_STATUS.get(status, "other"))
+        return out
+
+    def _whole_records_to_samples(self, records: list[bytes]) -> list[Sample]:
+        """Samples from whole ``struct stack_event`` records (bpf/cpu_records.bpf.c)."""
+        ctx = self.ctx
+        out = []
+        for ev in self.parsed(records):
+            out.append(Sample(
+                timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
+                cpu=ev.cpu,
+                pid=ev.pid,
+                tid=ev.tid,
+                thread_name=ev.thread_name,
+                process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
+                frames=self.frames(ev),
+                values=(ev.value,),
+            ))
         return out
 
     def _process(self, pid: int, processes: dict[int, tuple[Any, str]]) -> tuple[Any, str]:
