@@ -26,6 +26,7 @@ import pytest
 from agent.actors.base import ActorContext, SampleSink
 from agent.actors.cpu import CpuActor
 from agent.bpf.layouts import CpuCounter, DedupFlags
+from agent.bpf.loader import read_percpu_counters
 from agent.bpf.sample_records import SAMPLE_RECORD
 from agent.clock import MonotonicToUnix
 from agent.settings import AgentSettings
@@ -89,8 +90,7 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
             await asyncio.sleep(0.5)
             waited += 0.5
         if actor.bpf is not None:
-            table = actor.bpf["counters"]
-            run.bpf_counters = [int(sum(table[table.Key(i)])) for i in range(CpuCounter.SLOTS)]
+            run.bpf_counters = read_percpu_counters(actor.bpf["counters"])
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
