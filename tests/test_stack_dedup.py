@@ -171,3 +171,36 @@ def test_stack_of_another_process_is_never_borrowed(target: Target, actor: FakeK
 def test_malformed_records_counted() -> None:
     batch = decode_batch([b"\0" * 40, b"\0" * 56, b"\0" * 100])
     assert batch.malformed == 2 and len(list(batch.ids)) == 1 and batch.full == []
+
+
+def _receive(actor: FakeKernelCpuActor, record: bytes) -> None:
+    """Hand ``record`` to the actor as the ring buffer's poll thread does."""
+    buffer = ctypes.create_string_buffer(record, len(record))
+    actor._on_record(None, ctypes.addressof(buffer), len(record))
+
+
+def test_process_gone_before_its_records_are_symbolized(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Symbolizing runs behind the kernel (seconds on a busy host): a process that exits
+    before its first record is symbolized is named from what was read when the record
+    arrived, its main executable included (the file is gone from /proc with the process)."""
+    leaf, _ = target.truth["leaf_function"]
+    caller, _ = target.truth["caller_function"]
+    pid = target.pid
+    _receive(actor, header(1, 51, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf, caller + 1]))
+    target.stop()
+    assert not Path(f"/proc/{pid}").exists()
+    (sample,) = actor.to_samples(list(actor._pending))
+    assert [f.function for f in sample.frames] == ["leaf_function", "caller_function"]
+    assert sample.process_name == "target"
+    assert actor.ctx.symbolizer.stats["read_from_capture"] == 1
+
+
+def test_process_gone_unseen_is_counted(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Without a capture (its record never passed the poll thread), such a process's frames
+    stay unnamed, and that is counted rather than silent."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    target.stop()
+    (sample,) = actor.to_samples([header(1, 52, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf])])
+    assert [f.function for f in sample.frames] == [""]
+    assert actor.ctx.symbolizer.stats["exited_before_read"] >= 1

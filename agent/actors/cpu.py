@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.actors.base import PAGE_SIZE, ActorContext, RingBufferActor
-from agent.bpf.layouts import CpuCounter, DedupFlags
+from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
 from agent.bpf.records import EVENT_SIZE, RawStackEvent
 from agent.bpf.sample_records import KNOWN_STACK_SIZE, decode_batch, parse_known_stack, thread_name
 from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
@@ -33,6 +33,13 @@ from agent.stacks.assembly import event_frames
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
+
+# Where the pid is in every record: id records and whole stacks alike (bpf/stack_dedup.h,
+# bpf/stack_event.h), so the poll thread reads it without telling them apart.
+_PID_AT = SampleRecord.pid.offset
+_PID_END = _PID_AT + 4
+if StackEvent.pid.offset != _PID_AT:
+    raise ImportError("sample_record and stack_event must keep pid at the same offset")
 
 # Counter slots folded into ``cpu_stacks{result=...}`` (how well stacks deduplicate).
 _STACK_RESULTS = {
@@ -79,6 +86,14 @@ class CpuActor(RingBufferActor):
         self._stacks_old: dict[tuple[Any, int, int], _Stack] = {}
         self._thread_names: dict[bytes, str] = {}
         self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
+
+    def _on_record(self, ctx: Any, data: Any, size: int) -> int:
+        # On the poll thread, as the record arrives: a process that exits before its records
+        # are symbolized is still symbolized from what was read now (agent/process/capture.py).
+        captures = self.ctx.symbolizer.captures
+        if captures is not None and size >= _PID_END:
+            captures.note(int.from_bytes(ctypes.string_at(data + _PID_AT, 4), "little"))
+        return super()._on_record(ctx, data, size)
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz

@@ -1,0 +1,136 @@
+"""What symbolizing a process needs, read when its first record reaches the agent.
+
+The symbolizer reads a process's identity, maps and mapped files lazily, when a record of it
+is symbolized. Symbolizing runs behind the kernel (a batch with first-time work, a new
+library's symbol table, a loaded host: seconds), so a short process could exit before its
+first record was symbolized: its identity read then fails as "gone" and every frame of it
+comes out unnamed. :class:`ProcessCaptures` closes that gap: the thread that receives records
+calls :meth:`ProcessCaptures.note` with each record's pid; the first time (and again after an
+exec: the executable's inode changed) it reads the identity, the executable maps, each mapped
+file's content key, and opens the main executable (an open file stays readable after the
+process exits; libraries are usually in the symbolizer's cache by their key already, from this
+or another process). The symbolizer turns to a capture only for a process that is already gone
+when it first looks at it.
+
+Cost: a dictionary lookup per record; a stat of /proc/PID/exe per pid at most every
+``RECHECK_S``; a maps read, a stat per mapped file and one open per new process. Bounded:
+``capacity`` processes (the oldest are dropped and their executable closed), so at most that
+many open files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import IO
+
+from agent.process.procmaps import FileKey, MapEntry, file_key, map_files_path, read_comm, read_maps, start_time
+
+RECHECK_S = 0.5
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CapturedProcess:
+    """A process as read while it was alive: identity, executable maps and open mapped files."""
+
+    identity: tuple[int, int, int]
+    comm: str
+    entries: list[MapEntry]
+    # Per file-backed mapping (start, end): the file's content key.
+    keys: dict[tuple[int, int], FileKey] = field(default_factory=dict)
+    # The main executable, open (still readable after the process has exited), and its key.
+    executable: IO[bytes] | None = None
+    executable_key: FileKey | None = None
+    checked: float = 0.0
+
+    def close(self) -> None:
+        if self.executable is not None:
+            self.executable.close()
+
+
+def _exe_inode(pid: int) -> int:
+    try:
+        return os.stat(f"/proc/{pid}/exe").st_ino
+    except FileNotFoundError:
+        return 0  # kernel threads have no executable
+
+
+def capture(pid: int) -> CapturedProcess | None:
+    """Read ``pid`` now; None if it is gone or unreadable."""
+    try:
+        identity = (pid, start_time(pid), _exe_inode(pid))
+        entries = read_maps(pid)
+        comm = read_comm(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    captured = CapturedProcess(identity, comm, entries, checked=time.monotonic())
+    for entry in entries:
+        if not entry.file_backed:
+            continue
+        try:
+            if entry.inode == identity[2] and captured.executable is None:
+                captured.executable = open(map_files_path(pid, entry), "rb")  # noqa: SIM115 - kept for the symbolizer
+                key = captured.executable_key = file_key(os.fstat(captured.executable.fileno()))
+            else:
+                key = file_key(os.stat(map_files_path(pid, entry)))
+        except OSError:
+            continue  # the symbolizer tries the process's root view itself while it lives
+        captured.keys[(entry.start, entry.end)] = key
+    return captured
+
+
+class ProcessCaptures:
+    """Captures of the processes records arrived for (thread-safe; see the module docstring)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._processes: OrderedDict[int, CapturedProcess | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, pid: int) -> None:
+        """A record of ``pid`` arrived: capture it if new, or if it exec'd since the last capture."""
+        if pid in self._processes:
+            known = self._processes.get(pid)
+            if known is None:
+                return  # gone when first seen (or just evicted): nothing more to read
+            now = time.monotonic()
+            if now - known.checked < RECHECK_S:
+                return
+            known.checked = now
+            try:
+                if _exe_inode(pid) == known.identity[2]:
+                    return
+            except OSError:
+                return  # gone: keep what was read while it lived
+        self._store(pid, capture(pid))
+
+    def get(self, pid: int) -> CapturedProcess | None:
+        with self._lock:
+            return self._processes.get(pid)
+
+    def _store(self, pid: int, captured: CapturedProcess | None) -> None:
+        evicted = []
+        with self._lock:
+            old = self._processes.pop(pid, None)
+            if old is not None:
+                evicted.append(old)
+            self._processes[pid] = captured
+            while len(self._processes) > self.capacity:
+                _, oldest = self._processes.popitem(last=False)
+                if oldest is not None:
+                    evicted.append(oldest)
+        for gone in evicted:
+            gone.close()
+
+    def close(self) -> None:
+        with self._lock:
+            processes, self._processes = self._processes, OrderedDict()
+        for captured in processes.values():
+            if captured is not None:
+                captured.close()
