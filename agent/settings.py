@@ -87,10 +87,9 @@ class AgentSettings(BaseSettings):
     # CPU profile: distinct stacks BPF keeps to send later samples as ids (LRU, ~4.4 KiB
     # each in the kernel; docs/design/stack-dedup.md). The agent caches as many symbolized.
     cpu_known_stacks: int = Field(default=4096, ge=256, le=1 << 18)
-    # Off: one whole 4.4 KiB record per CPU sample (bpf/cpu_records.bpf.c). On: stacks
-    # deduplicated in the kernel (bpf/cpu.bpf.c); not the default yet: processes started after
-    # the agent were seen unsymbolized with it in the last test runs (docs/design/stack-dedup.md).
-    cpu_stack_dedup: bool = False
+    # On: stacks deduplicated in the kernel (bpf/cpu.bpf.c, docs/design/stack-dedup.md).
+    # Off: the fallback, one whole 4.4 KiB record per CPU sample (bpf/cpu_records.bpf.c).
+    cpu_stack_dedup: bool = True
     # CPU, wall and lock profiles: unwind user stacks from DWARF CFI inside BPF, one shared set
     # of tables (docs/design/native-unwinding.md); off = frame pointers only.
     # unwind_table_rows sizes the BPF row table (12 bytes a row).

@@ -69,7 +69,14 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
     unwound = unwind_user_stack(ctx, ev);
 #endif
     /* The copy serves the agent's recovery of frames that frame-pointer walking skipped:
-     * a CFI-unwound stack skipped none, so it is read only for the others. */
+     * a CFI-unwound stack skipped none, so it is read only for the others. Never for the
+     * agent itself (CPU_SELF_TGID): a copy makes a stack unique (it is sent whole and
+     * scanned in Python every time), and the agent's stacks are read for their CPython
+     * frames; its native part keeps what frame-pointer walking found. */
+#ifdef CPU_SELF_TGID
+    if (ev->pid == CPU_SELF_TGID)
+        unwound = 1;
+#endif
     if (!unwound)
         stack_event_copy_user(ev);
     ev->value = SAMPLE_PERIOD_NS;

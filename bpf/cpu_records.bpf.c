@@ -1,5 +1,6 @@
-/* CPU profile, one whole record per sample (the default until the deduplicated program,
- * bpf/cpu.bpf.c, is proven on processes started after the agent: docs/design/stack-dedup.md): sample every CPU at a fixed frequency with a perf cpu-clock event.
+/* CPU profile, one whole record per sample: the fallback (cpu_stack_dedup off) to the
+ * deduplicated program bpf/cpu.bpf.c (docs/design/stack-dedup.md). Samples every CPU at a
+ * fixed frequency with a perf cpu-clock event.
  *
  * Each sample becomes one ring-buffer record with timestamp, cpu, pid, tid, thread name
  * and kernel + user stacks. At 99 Hz x CPUs this is a few hundred records a second, so

@@ -103,7 +103,7 @@ class CpuActor(RingBufferActor):
         ring_bytes = int(defines["RINGBUF_PAGES"]) * PAGE_SIZE
         return {**defines, "SAMPLE_PERIOD_NS": self.period(),
                 "KNOWN_STACK_ENTRIES": self.ctx.settings.cpu_known_stacks,
-                "WAKEUP_BYTES": wakeup_bytes(ring_bytes)}
+                "WAKEUP_BYTES": wakeup_bytes(ring_bytes), "CPU_SELF_TGID": os.getpid()}
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType

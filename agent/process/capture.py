@@ -28,7 +28,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import IO
 
-from agent.process.procmaps import FileKey, MapEntry, file_key, map_files_path, read_comm, read_maps, start_time
+from agent.process.procmaps import (
+    YOUNG_PROCESS_S,
+    FileKey,
+    MapEntry,
+    age_s,
+    file_key,
+    map_files_path,
+    read_comm,
+    read_maps,
+    start_time,
+)
 
 RECHECK_S = 0.5
 
@@ -90,31 +100,39 @@ class ProcessCaptures:
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
-        self._processes: OrderedDict[int, CapturedProcess | None] = OrderedDict()
+        self._processes: OrderedDict[int, CapturedProcess] = OrderedDict()
+        self._tried: dict[int, float] = {}  # pid -> when it was last captured or tried
         self._lock = threading.Lock()
 
     def note(self, pid: int) -> None:
-        """A record of ``pid`` arrived: capture it if new, or if it exec'd since the last capture."""
-        if pid in self._processes:
-            known = self._processes.get(pid)
-            if known is None:
-                return  # gone when first seen (or just evicted): nothing more to read
-            now = time.monotonic()
-            if now - known.checked < RECHECK_S:
+        """A record of ``pid`` arrived: capture it if new; again, at most every RECHECK_S, if
+        the last try failed, if it exec'd since, or while it is young (still mapping its
+        libraries: a capture taken at exec holds little more than the executable and ld.so)."""
+        last = self._tried.get(pid)
+        now = time.monotonic()
+        if last is not None:
+            if now - last < RECHECK_S:
                 return
-            known.checked = now
-            try:
-                if _exe_inode(pid) == known.identity[2]:
-                    return
-            except OSError:
-                return  # gone: keep what was read while it lived
-        self._store(pid, capture(pid))
+            known = self._processes.get(pid)
+            if known is not None and age_s(known.identity[1]) >= YOUNG_PROCESS_S:
+                try:
+                    if _exe_inode(pid) == known.identity[2]:
+                        self._tried[pid] = now
+                        return
+                except OSError:
+                    return  # gone: keep what was read while it lived
+        self._tried[pid] = now
+        captured = capture(pid)
+        if captured is not None:
+            self._store(pid, captured)
+        elif last is None and len(self._tried) > 4 * self.capacity:
+            self._tried.clear()  # pids that were gone when first seen: forget them in bulk
 
     def get(self, pid: int) -> CapturedProcess | None:
         with self._lock:
             return self._processes.get(pid)
 
-    def _store(self, pid: int, captured: CapturedProcess | None) -> None:
+    def _store(self, pid: int, captured: CapturedProcess) -> None:
         evicted = []
         with self._lock:
             old = self._processes.pop(pid, None)
@@ -122,9 +140,9 @@ class ProcessCaptures:
                 evicted.append(old)
             self._processes[pid] = captured
             while len(self._processes) > self.capacity:
-                _, oldest = self._processes.popitem(last=False)
-                if oldest is not None:
-                    evicted.append(oldest)
+                oldest_pid, oldest = self._processes.popitem(last=False)
+                self._tried.pop(oldest_pid, None)
+                evicted.append(oldest)
         for gone in evicted:
             gone.close()
 
@@ -132,5 +150,4 @@ class ProcessCaptures:
         with self._lock:
             processes, self._processes = self._processes, OrderedDict()
         for captured in processes.values():
-            if captured is not None:
-                captured.close()
+            captured.close()
