@@ -13,7 +13,8 @@ or another process). The symbolizer turns to a capture only for a process that i
 when it first looks at it.
 
 Cost: a dictionary lookup per record; a stat of /proc/PID/exe per pid at most every
-``RECHECK_S``; a maps read, a stat per mapped file and one open per new process. Bounded:
+``RECHECK_S`` (and a maps read while the process is young); a stat per mapped file and one
+open per new process or changed maps. Bounded:
 ``capacity`` processes (the oldest are dropped and their executable closed), so at most that
 many open files.
 """
@@ -114,9 +115,12 @@ class ProcessCaptures:
             if now - last < RECHECK_S:
                 return
             known = self._processes.get(pid)
-            if known is not None and age_s(known.identity[1]) >= YOUNG_PROCESS_S:
+            if known is not None:
                 try:
-                    if _exe_inode(pid) == known.identity[2]:
+                    # Same executable and, for a young process, the same executable maps (the
+                    # parsed maps are shared while the text is unchanged): nothing new to read.
+                    if _exe_inode(pid) == known.identity[2] and (
+                            age_s(known.identity[1]) >= YOUNG_PROCESS_S or read_maps(pid) == known.entries):
                         self._tried[pid] = now
                         return
                 except OSError:
