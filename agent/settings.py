@@ -84,6 +84,12 @@ class AgentSettings(BaseSettings):
     # the two aggregation maps, and distinct stacks kept (LRU, ~4.2 KiB each in the kernel).
     agg_map_entries: int = Field(default=16384, ge=16, le=1 << 20)
     agg_stack_entries: int = Field(default=4096, ge=256, le=1 << 18)
+    # CPU profile: distinct stacks BPF keeps to send later samples as ids (LRU, ~4.4 KiB
+    # each in the kernel; docs/design/stack-dedup.md). The agent caches as many symbolized.
+    cpu_known_stacks: int = Field(default=4096, ge=256, le=1 << 18)
+    # On: stacks deduplicated in the kernel (bpf/cpu.bpf.c, docs/design/stack-dedup.md).
+    # Off: the fallback, one whole 4.4 KiB record per CPU sample (bpf/cpu_records.bpf.c).
+    cpu_stack_dedup: bool = True
     # CPU, wall and lock profiles: unwind user stacks from DWARF CFI inside BPF, one shared set
     # of tables (docs/design/native-unwinding.md); off = frame pointers only.
     # unwind_table_rows sizes the BPF row table (12 bytes a row).

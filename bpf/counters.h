@@ -28,7 +28,14 @@ enum cpu_counter {
     CPU_SAMPLES,
     CPU_RING_FULL,              /* dropped */
     CPU_IDLE_SKIPPED,
-    CPU_TAIL_CALL_FAILED,       /* into the stack stage: the sample is lost */
+    CPU_TAIL_CALL_FAILED,       /* into a later stage: the sample is lost */
+    /* bpf/stack_dedup.h: how the samples' stacks deduplicate */
+    CPU_STACKS_STORED,          /* new stacks stored (also each CPU's serial counter) */
+    CPU_STACKS_KNOWN,           /* samples sent as an id record */
+    CPU_STACK_COLLISIONS,       /* a different stack under a stored id: sent whole */
+    CPU_STACK_STORE_FAILED,     /* the map refused the insert: sent whole */
+    CPU_STACKS_WITH_COPY,       /* stacks carrying a user-stack copy: sent whole */
+    CPU_STACKS_WITH_ERROR,      /* stack capture failed: sent whole */
     CPU_COUNTER_SLOTS,
 };
 

@@ -30,4 +30,26 @@ static __always_inline u64 ring_wakeup_flag(void)
     return BPF_RB_NO_WAKEUP;
 }
 
+/* The flags for a record of `size` bytes when records differ in size (the CPU profile's
+ * 56-byte id records and whole stacks): a wakeup once WAKEUP_BYTES were submitted on this CPU
+ * since the last one, so small records wake the agent rarely and large ones as often as the
+ * ring's space needs. Only programs that define WAKEUP_BYTES get it (and its map). */
+#ifdef WAKEUP_BYTES
+BPF_PERCPU_ARRAY(ring_unwoken_bytes, u64, 1);
+
+static __always_inline u64 ring_wakeup_bytes_flag(u64 size)
+{
+    u32 zero = 0;
+    u64 *n = ring_unwoken_bytes.lookup(&zero);
+    if (!n)
+        return BPF_RB_FORCE_WAKEUP;
+    *n += size;
+    if (*n >= WAKEUP_BYTES) {
+        *n = 0;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return BPF_RB_NO_WAKEUP;
+}
+#endif
+
 #endif

@@ -62,10 +62,22 @@ struct stack_event {
 static __always_inline void collect_python_frames_for_tail_call(u64 pid_tgid) {}
 #endif
 
+/* Copy STACK_COPY_BYTES of the user stack above ev->user_sp into the event (copy_len 0 if
+ * the read fails or there is no user stack). */
+static __always_inline void stack_event_copy_user(struct stack_event *ev)
+{
+    ev->copy_len = 0;
+    if (ev->user_len > 0 && ev->user_sp &&
+        bpf_probe_read_user(ev->stack_copy, STACK_COPY_BYTES, (void *)ev->user_sp) == 0)
+        ev->copy_len = STACK_COPY_BYTES;
+}
+
 /* Fill pid/tid/cpu/comm/ts and the stacks into a reserved event; the kernel stack only if
- * `with_kernel` (it is the costly part: the kernel's unwinder walks from the probe). */
-static __always_inline void fill_stack_event_parts(void *ctx, struct stack_event *ev, u64 pid_tgid,
-                                                   int with_kernel)
+ * `with_kernel` (it is the costly part: the kernel's unwinder walks from the probe), the
+ * user-stack copy only if `with_copy` (else copy_len is 0: a caller that unwinds with CFI
+ * takes it with stack_event_copy_user() only when unwinding did not replace the stack). */
+static __always_inline void fill_stack_event_opts(void *ctx, struct stack_event *ev, u64 pid_tgid,
+                                                  int with_kernel, int with_copy)
 {
     ev->ts_ns = bpf_ktime_get_ns();
     ev->pid = pid_tgid >> 32;
@@ -88,14 +100,20 @@ static __always_inline void fill_stack_event_parts(void *ctx, struct stack_event
     ev->user_sp = sp;
     ev->_pad = 0;
     ev->copy_len = 0;
-    if (ev->user_len > 0 && sp && bpf_probe_read_user(ev->stack_copy, STACK_COPY_BYTES, (void *)sp) == 0)
-        ev->copy_len = STACK_COPY_BYTES;
+    if (with_copy)
+        stack_event_copy_user(ev);
 #ifdef PYTHON_FRAMES
     python_frames_to_event(ev, pid_tgid);
 #else
     ev->py_count = 0;
     ev->py_status = 0;
 #endif
+}
+
+static __always_inline void fill_stack_event_parts(void *ctx, struct stack_event *ev, u64 pid_tgid,
+                                                   int with_kernel)
+{
+    fill_stack_event_opts(ctx, ev, pid_tgid, with_kernel, 1);
 }
 
 static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, u64 pid_tgid)

@@ -25,6 +25,7 @@ from agent.bpf.layouts import (
     AggValue,
     ExitKey,
     GoProc,
+    KnownStack,
     Layout,
     PyFrame,
     PyProc,
@@ -83,7 +84,8 @@ MAP_TYPES: dict[str, list[tuple[str, str, type[Layout]]]] = {
     "lock.bpf.c": [("agg1", "Key", AggKey), ("agg0", "Leaf", AggValue), ("stacks", "Leaf", StackEvent),
                    ("py_procs", "Leaf", PyProc)],
     "heap.bpf.c": [("py_procs", "Leaf", PyProc)],
-    "cpu.bpf.c": [("py_procs", "Leaf", PyProc)],
+    "cpu.bpf.c": [("py_procs", "Leaf", PyProc), ("known_stacks", "Leaf", KnownStack)],
+    "cpu_records.bpf.c": [("py_procs", "Leaf", PyProc)],
     "unwind_maps.bpf.c": [("unwind_rows", "Leaf", UnwindRow), ("unwind_procs", "Leaf", UnwindProc),
                           ("unwind_cpus", "Leaf", UnwindCpu)],
 }
@@ -100,6 +102,7 @@ def _actor_defines(program: str) -> dict[str, int | str]:
     from shared.counters import Counters
 
     actors = {a.bpf_source: a for a in (CpuActor, WallActor, LockActor, HeapActor, GoroutineActor)}
+    actors["cpu_records.bpf.c"] = CpuActor
     ctx = SimpleNamespace(settings=AgentSettings(), counters=Counters(), symbolizer=None, python=None,
                           unwinding=None, processes=None)
     return actors[program](ctx).bpf_defines()  # type: ignore[arg-type]

@@ -6,19 +6,62 @@ so summed values are CPU time.
 
 With ``native_unwinding`` on, the program also unwinds user stacks from DWARF CFI tables
 (bpf/unwind.h) that the agent's shared unwinder (agent/unwind/sharing.py) loads per process.
+
+Stacks are deduplicated in the kernel (bpf/stack_dedup.h, docs/design/stack-dedup.md): a
+sample of a stack BPF stored before is a 56-byte record carrying (stack id, serial). The
+actor keeps symbolized stacks by (ProcessKey, stack id, serial), so such a sample costs
+one dictionary lookup and the ``Sample`` it becomes. A record whose stack the actor does not
+hold is resolved from the kernel's ``known_stacks`` map (serial checked) or counted as
+dropped (``events_dropped{reason=stack_unknown}``): never guessed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ctypes
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
-from agent.actors.sources import RingBufferSource
-from agent.bpf.layouts import CpuCounter
+from agent.actors.sources import PAGE_SIZE, RingBufferSource
+from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
+from agent.bpf.records import EVENT_SIZE, RawStackEvent
+from agent.bpf.sample_records import KNOWN_STACK_SIZE, decode_batch, parse_known_stack, thread_name
+from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
+from agent.stacks.assembly import event_frames
 from agent.unwind import ActorUnwinding, chain_stages
-from shared.model import Sample
+from shared.model import Frame, Sample
 from shared.profile_types import ProfileType
+
+# Where the pid is in every record: id records and whole stacks alike (bpf/stack_dedup.h,
+# bpf/stack_event.h), so the poll thread reads it without telling them apart.
+_PID_AT = SampleRecord.pid.offset
+_PID_END = _PID_AT + 4
+if StackEvent.pid.offset != _PID_AT:
+    raise ImportError("sample_record and stack_event must keep pid at the same offset")
+
+# Counter slots folded into ``cpu_stacks{result=...}`` (how well stacks deduplicate).
+_STACK_RESULTS = {
+    CpuCounter.STACKS_STORED: "stored",
+    CpuCounter.STACKS_KNOWN: "known",
+    CpuCounter.STACK_COLLISIONS: "collision",
+    CpuCounter.STACK_STORE_FAILED: "store_failed",
+    CpuCounter.STACKS_WITH_COPY: "with_copy",
+    CpuCounter.STACKS_WITH_ERROR: "with_error",
+}
+
+
+@dataclass(slots=True)
+class _Stack:
+    """A symbolized stack; ``raw`` is kept while some frame is unknown, to try again later."""
+
+    frames: tuple[Frame, ...]
+    py_status: int
+    raw: RawStackEvent | None
+    retry_at: float
 
 
 class CpuActor(BpfActor[bytes]):
@@ -26,22 +69,55 @@ class CpuActor(BpfActor[bytes]):
 
     profile_type = ProfileType.CPU
     bpf_source = "cpu.bpf.c"
+    # A stack with an unknown frame (a process whose maps or code objects were not readable
+    # yet) is symbolized again from its raw addresses at most this often.
+    STACK_RETRY_S: ClassVar[float] = 2.0
+    THREAD_NAMES_MAX: ClassVar[int] = 65536
 
     def __init__(self, ctx: ActorContext) -> None:
-        super().__init__(ctx, RingBufferSource.of(ctx, self.profile_type), PythonFrames(ctx, self.profile_type))
+        source = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes)
+        super().__init__(ctx, source, PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+        self.dedup = ctx.settings.cpu_stack_dedup
+        if not self.dedup:
+            self.bpf_source = "cpu_records.bpf.c"  # type: ignore[misc]
+        # Symbolized stacks in two generations (a cheap approximate LRU): hits in the old one
+        # move to the new one; when the new one holds `_stack_capacity`, the old is dropped.
+        # At least the kernel map's size, so a stack the kernel still refers to is normally here.
+        self._stack_capacity = ctx.settings.cpu_known_stacks
+        self._stacks: dict[tuple[Any, int, int], _Stack] = {}
+        self._stacks_old: dict[tuple[Any, int, int], _Stack] = {}
+        self._thread_names: dict[bytes, str] = {}
+        self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
+
+    def _note_processes(self, records: list[bytes]) -> None:
+        # On the poll thread, as records arrive: a process that exits before its records are
+        # symbolized is still symbolized from what was read now (agent/process/capture.py).
+        captures = self.ctx.symbolizer.captures
+        if captures is None:
+            return
+        for pid in {record[_PID_AT:_PID_END] for record in records if len(record) >= _PID_END}:
+            captures.note(int.from_bytes(pid, "little"))
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
     def bpf_defines(self) -> dict[str, int | str]:
-        return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period()}
+        defines = super().bpf_defines()
+        ring_bytes = int(defines["RINGBUF_PAGES"]) * PAGE_SIZE
+        return {**defines, "SAMPLE_PERIOD_NS": self.period(),
+                "KNOWN_STACK_ENTRIES": self.ctx.settings.cpu_known_stacks,
+                "WAKEUP_BYTES": wakeup_bytes(ring_bytes), "CPU_SELF_TGID": os.getpid()}
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType
 
-        # Second stage of every sample (see bpf/cpu.bpf.c): loaded and wired before attaching.
-        chain_stages(bpf, "cpu_stages", [("cpu_sample_stacks", BPF.PERF_EVENT)])
+        # Later stages of every sample (see bpf/cpu.bpf.c): loaded and wired before attaching.
+        if self.dedup:
+            chain_stages(bpf, "cpu_stages", [("cpu_sample_stacks", BPF.PERF_EVENT),
+                                             ("cpu_sample_emit", BPF.PERF_EVENT)])
+        else:
+            chain_stages(bpf, "cpu_stages", [("cpu_sample_stacks", BPF.PERF_EVENT)])
         bpf.attach_perf_event(
             ev_type=PerfType.SOFTWARE,
             ev_config=PerfSWConfig.CPU_CLOCK,
@@ -50,14 +126,67 @@ class CpuActor(BpfActor[bytes]):
         )
 
     def read_bpf_counters(self) -> None:
-        self.count_drops(self.counter_deltas(), {CpuCounter.RING_FULL: "ringbuf_full",
-                                                 CpuCounter.TAIL_CALL_FAILED: "tail_call_failed"})
+        deltas = self.counter_deltas()
+        self.count_drops(deltas, {CpuCounter.RING_FULL: "ringbuf_full",
+                                  CpuCounter.TAIL_CALL_FAILED: "tail_call_failed"})
+        for slot, result in _STACK_RESULTS.items():
+            if slot < len(deltas) and deltas[slot]:
+                self.ctx.counters.inc("cpu_stacks", deltas[slot], result=result)
 
+    # -- records to samples ---------------------------------------------------------------
     def to_samples(self, records: list[bytes]) -> list[Sample]:
+        if not self.dedup:
+            return self._whole_records_to_samples(records)
+        ctx = self.ctx
+        type_name = self.profile_type.value
+        batch = decode_batch(records)
+        if batch.malformed:
+            ctx.counters.inc("events_dropped", batch.malformed, type=type_name, reason="malformed_record")
+        offset = ctx.clock.to_unix_ns(0)
+        values = (self.period(),)
+        now = time.monotonic()
+        processes: dict[int, tuple[Any, str]] = {}
+        fresh: dict[tuple[int, int], RawStackEvent] = {}
+        statuses: Counter[int] = Counter()
+        unknown = 0
+        out: list[Sample] = []
+        for head, ev in batch.full:
+            ts, stack_id, serial, pid, tid, cpu, flags, comm = head
+            process_key, process_name = processes.get(pid) or self._process(pid, processes)
+            if flags == DedupFlags.NEW:
+                fresh[(stack_id, serial)] = ev
+                stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
+                frames = stack.frames if stack is not None else self.frames(ev)
+            else:  # not stored in BPF (a stack copy, an error, a collision): this record only
+                frames = self.frames(ev)
+            name = self._thread_name(comm)
+            out.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames, values))
+        stacks = self._stacks
+        for ts, stack_id, serial, pid, tid, cpu, _flags, comm in batch.ids:
+            process_key, process_name = processes.get(pid) or self._process(pid, processes)
+            stack = stacks.get((process_key, stack_id, serial))
+            if stack is None or stack.raw is not None:
+                stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
+                if stack is None:
+                    unknown += 1
+                    continue
+                stacks = self._stacks  # _stack() may have started a new generation
+            else:
+                statuses[stack.py_status] += 1
+            name = self._thread_names.get(comm) or self._thread_name(comm)
+            out.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, stack.frames, values))
+        if unknown:
+            ctx.counters.inc("events_dropped", unknown, type=type_name, reason="stack_unknown")
+        for status, n in statuses.items():
+            if status and self.python is not None:
+                ctx.counters.inc("python_stacks", n, type=type_name, status=PY_STATUS.get(status, "other"))
+        return out
+
+    def _whole_records_to_samples(self, records: list[bytes]) -> list[Sample]:
+        """Samples from whole ``struct stack_event`` records (bpf/cpu_records.bpf.c)."""
         ctx = self.ctx
         out = []
         for ev in self.parsed(records):
-            frames = self.frames(ev)
             out.append(Sample(
                 timestamp_ns=ctx.clock.to_unix_ns(ev.ts_mono_ns),
                 cpu=ev.cpu,
@@ -65,7 +194,82 @@ class CpuActor(BpfActor[bytes]):
                 tid=ev.tid,
                 thread_name=ev.thread_name,
                 process_name=ctx.symbolizer.process_name(ev.pid) or ev.thread_name,
-                frames=frames,
+                frames=self.frames(ev),
                 values=(ev.value,),
             ))
         return out
+
+    def _process(self, pid: int, processes: dict[int, tuple[Any, str]]) -> tuple[Any, str]:
+        """(ProcessKey, name) of ``pid``, looked up once per batch; CPython processes announced."""
+        symbolizer = self.ctx.symbolizer
+        found = processes[pid] = (symbolizer.process_key(pid), symbolizer.process_name(pid))
+        if self.python is not None:
+            self.python.announce(pid)
+        return found
+
+    def _thread_name(self, comm: bytes) -> str:
+        names = self._thread_names
+        if len(names) >= self.THREAD_NAMES_MAX:
+            names.clear()
+        name = names[comm] = thread_name(comm)
+        return name
+
+    def _stack(self, process_key: Any, pid: int, stack_id: int, serial: int,
+               fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int]) -> _Stack | None:
+        """The symbolized stack (stack_id, serial) of ``pid``: cached, else symbolized from this
+        batch's records or the kernel's known_stacks map; None if neither has it."""
+        key = (process_key, stack_id, serial)
+        stack = self._stacks.get(key)
+        if stack is None:
+            stack = self._stacks_old.pop(key, None)
+            if stack is not None:
+                self._remember(key, stack)
+        if stack is not None and (stack.raw is None or now < stack.retry_at):
+            statuses[stack.py_status] += 1
+            return stack
+        raw = stack.raw if stack is not None else fresh.get((stack_id, serial)) or self._kernel_stack(stack_id, serial)
+        if raw is None or raw.pid != pid:
+            return None
+        # splice() counts the Python status of this sample itself.
+        frames = event_frames(raw, self.ctx.symbolizer, self.ctx.counters, self.profile_type.value, self.python)
+        complete = all((f.function or f.mapping is not None) and f.function != UNKNOWN_FRAME for f in frames)
+        stack = _Stack(frames, raw.py_status, None if complete else raw, now + self.STACK_RETRY_S)
+        self._remember(key, stack)
+        return stack
+
+    def _remember(self, key: tuple[Any, int, int], stack: _Stack) -> None:
+        if len(self._stacks) >= self._stack_capacity:
+            self._stacks_old = self._stacks
+            self._stacks = {}
+        self._stacks[key] = stack
+
+    def _kernel_stack(self, stack_id: int, serial: int) -> RawStackEvent | None:
+        """The stack stored in BPF under ``stack_id`` if it is still the one stored as ``serial``."""
+        raw = self.lookup_known_stack(stack_id)
+        if raw is None:
+            return None
+        try:
+            stored_serial, ev = parse_known_stack(raw)
+        except ValueError:
+            return None
+        if stored_serial != serial:
+            return None  # evicted and stored again since: not the stack this record refers to
+        self.ctx.counters.inc("cpu_stacks_from_kernel")
+        return ev
+
+    def lookup_known_stack(self, stack_id: int) -> bytes | None:
+        """The raw ``known_stacks`` value of ``stack_id`` (None: not in the map)."""
+        if self.bpf is None:
+            return None
+        from bcc.libbcc import lib
+
+        key = ctypes.c_uint64(stack_id)
+        if lib.bpf_lookup_elem(self.bpf["known_stacks"].map_fd, ctypes.byref(key), self._known_buffer) != 0:
+            return None
+        return self._known_buffer.raw
+
+
+def wakeup_bytes(ring_bytes: int, cpus: int | None = None) -> int:
+    """Bytes per CPU between forced wakeups (bpf/ring_wakeup.h): the ring is at most about a
+    quarter full when they come, whichever CPUs the records come from."""
+    return max(EVENT_SIZE, ring_bytes // (4 * max(1, cpus or os.cpu_count() or 1)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.actors.parts import ProgramPart
@@ -51,8 +52,11 @@ class RingBufferSource(RecordSource[bytes]):
 
     POLL_TIMEOUT_MS = 250
 
-    def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str) -> None:
+    def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str,
+                 on_records: Callable[[list[bytes]], None] | None = None) -> None:
         self.pages = _pow2(ring_pages)
+        # Called on the poll thread with each batch as it arrives (before it waits for a flush).
+        self.on_records = on_records
         self.counters = counters
         self.type_name = type_name
         self._pending: deque[bytes] = deque(maxlen=max_pending)
@@ -62,10 +66,11 @@ class RingBufferSource(RecordSource[bytes]):
         self._poller: threading.Thread | None = None
 
     @classmethod
-    def of(cls, ctx: ActorContext, profile_type: ProfileType) -> RingBufferSource:
+    def of(cls, ctx: ActorContext, profile_type: ProfileType,
+           on_records: Callable[[list[bytes]], None] | None = None) -> RingBufferSource:
         """The ring buffer sized and bounded by the agent's settings."""
         s = ctx.settings
-        return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value)
+        return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value, on_records)
 
     def defines(self) -> dict[str, int | str]:
         return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.pages * PAGE_SIZE)}
@@ -97,6 +102,8 @@ class RingBufferSource(RecordSource[bytes]):
     def _take_records(self, reader: RingReader) -> None:
         """Move every committed record into the pending deque (the oldest go when it is full)."""
         records = reader.drain()
+        if records and self.on_records is not None:
+            self.on_records(records)
         pending, name = self._pending, self.type_name
         overflow = len(pending) + len(records) - (pending.maxlen or 0)
         if overflow > 0:

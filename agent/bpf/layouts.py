@@ -94,6 +94,38 @@ class StackEvent(Layout):
     ]
 
 
+# -- bpf/stack_dedup.h: the CPU profile's per-sample records -----------------------------------
+class DedupFlags(IntEnum):
+    """``enum dedup_flags``: what follows a ``struct sample_record``."""
+
+    ID_ONLY = 0  # nothing: the stack is (stack_id, serial)
+    NEW = 1  # a struct stack_event, stored under (stack_id, serial)
+    UNSTORED = 2  # a struct stack_event, not stored: never cache it
+
+
+class SampleRecord(Layout):
+    """``struct sample_record``: one CPU sample (56 bytes); its stack by id, or whole after it."""
+
+    c_name, c_home = "sample_record", "stack_dedup.h"
+    _fields_ = [("ts_ns", c_uint64), ("stack_id", c_uint64), ("serial", c_uint64),
+                ("pid", c_uint32), ("tid", c_uint32), ("cpu", c_uint32), ("flags", c_uint32),
+                ("comm", c_char * COMM_BYTES)]
+
+
+class FullSampleRecord(Layout):
+    """``struct full_sample_record``: a sample record followed by its whole stack."""
+
+    c_name, c_home = "full_sample_record", "stack_dedup.h"
+    _fields_ = [("head", SampleRecord), ("ev", StackEvent)]
+
+
+class KnownStack(Layout):
+    """``struct known_stack``: a stored stack (``known_stacks`` value), as first sampled."""
+
+    c_name, c_home = "known_stack", "stack_dedup.h"
+    _fields_ = [("serial", c_uint64), ("generation", c_uint64), ("ev", StackEvent)]
+
+
 # -- bpf/stack_agg.h --------------------------------------------------------------------------
 class AggKey(Layout):
     """``struct agg_key``: one in-kernel aggregate's key."""
@@ -229,7 +261,13 @@ class CpuCounter(IntEnum):
     SAMPLES = 0
     RING_FULL = 1
     IDLE_SKIPPED = 2
-    TAIL_CALL_FAILED = 3  # into the stack stage: the sample is lost
+    TAIL_CALL_FAILED = 3  # into a later stage: the sample is lost
+    STACKS_STORED = 4  # bpf/stack_dedup.h: new stacks stored
+    STACKS_KNOWN = 5  # samples sent as an id record
+    STACK_COLLISIONS = 6  # a different stack under a stored id: sent whole
+    STACK_STORE_FAILED = 7  # the map refused the insert: sent whole
+    STACKS_WITH_COPY = 8  # stacks carrying a user-stack copy: sent whole
+    STACKS_WITH_ERROR = 9  # stack capture failed: sent whole
 
 
 class WallCounter(IntEnum):
@@ -299,6 +337,7 @@ class CEnum:
 
 C_ENUMS: tuple[CEnum, ...] = (
     CEnum(PyStatus, "py_status", "PY_STATUS_", "stack_event.h"),
+    CEnum(DedupFlags, "dedup_flags", "DEDUP_", "stack_dedup.h"),
     CEnum(UnwindKind, "unwind_kind", "UNWIND_", "unwind.h"),
     CEnum(UnwindRequestReason, "unwind_request_reason", "UNWIND_REQUEST_", "unwind.h"),
     CEnum(UnwindStat, "unwind_stat", "UNWIND_STAT_", "unwind.h", "UNWIND_STAT_SLOTS"),
@@ -335,12 +374,14 @@ C_CONSTANTS: tuple[tuple[str, int, str], ...] = (
 
 # Each program's counters enum: its ``counters`` array has one slot per member (COUNTER_SLOTS).
 PROGRAM_COUNTERS: dict[str, type[IntEnum]] = {
-    "cpu.bpf.c": CpuCounter, "wall.bpf.c": WallCounter, "lock.bpf.c": LockCounter, "heap.bpf.c": HeapCounter,
+    "cpu.bpf.c": CpuCounter, "cpu_records.bpf.c": CpuCounter, "wall.bpf.c": WallCounter,
+    "lock.bpf.c": LockCounter, "heap.bpf.c": HeapCounter,
     "goroutine.bpf.c": GoroutineCounter,
 }
 
 LAYOUTS: tuple[type[Layout], ...] = (
-    PyFrame, StackEvent, AggKey, AggValue, PyProc, UnwindRow, UnwindMapping, UnwindProc, UnwindCpu,
+    PyFrame, StackEvent, SampleRecord, FullSampleRecord, KnownStack, AggKey, AggValue, PyProc, UnwindRow,
+    UnwindMapping, UnwindProc, UnwindCpu,
     GoProc, ExitKey,
 )
 

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
+from agent.process.capture import ProcessCaptures
 from agent.process.procmaps import (
     YOUNG_PROCESS_S,
     FileKey,
@@ -117,6 +118,8 @@ class _Region:
     entry: MapEntry
     mapping: Mapping
     file_key: FileKey | None
+    # The file as opened while the process lived (agent.process.capture), for one that has exited.
+    captured: IO[bytes] | None = None
 
 
 def _read_vdso(pid: int, entry: MapEntry) -> IO[bytes]:
@@ -171,8 +174,13 @@ class Symbolizer:
         self._file_ids: dict[FileKey, tuple[str, str]] = {}
         self._kernel_frames: dict[int, Frame] = {}
         self._code: dict[tuple[FileKey, int, int], bytes] = {}  # see code_before
+        # Processes read when their first record arrived: the fallback for one that exited
+        # before it was first symbolized (agent/process/capture.py), filled by the actors'
+        # record threads; None: no fallback.
+        self.captures: ProcessCaptures | None = ProcessCaptures()
         self._stats = dict.fromkeys(
-            ("lookups", "unknown_frames", "unreadable_processes", "elf_errors", "file_cache_hits",
+            ("lookups", "unknown_frames", "unreadable_processes", "exited_before_read", "read_from_capture",
+             "elf_errors", "file_cache_hits",
              "file_cache_misses", "maps_reads", "build_id_shares"), 0)
 
     # -- public API ----------------------------------------------------------------------
@@ -363,7 +371,7 @@ class Symbolizer:
             key = ProcessKey.read(pid)
         except (OSError, ValueError, IndexError):
             # Gone: keep using what we read while it lived (the sample predates the exit).
-            return cached if isinstance(cached, _Process) else None
+            return cached if isinstance(cached, _Process) else self._from_capture(pid, now)
         if isinstance(cached, _Process) and cached.key == key and not force:
             cached.checked = now
             return cached
@@ -376,6 +384,26 @@ class Symbolizer:
         self._stats["maps_reads"] += 1
         regions = [self._region(pid, e) for e in entries]
         process = _Process(key, comm, regions, [r.entry.start for r in regions], now, now)
+        self._processes.put(pid, process)
+        return process
+
+    def _from_capture(self, pid: int, now: float) -> _Process | None:
+        """A process that exited before it was first read, as captured when its first record
+        arrived; None (counted: its frames stay unnamed) without a capture."""
+        captured = self.captures.get(pid) if self.captures is not None else None
+        if captured is None:
+            self._stats["exited_before_read"] += 1
+            return None
+        self._stats["read_from_capture"] += 1
+        regions = []
+        for entry in captured.entries:
+            region = self._region(pid, entry)
+            if region.file_key is None:
+                region.file_key = captured.keys.get((entry.start, entry.end))
+            if region.file_key is not None and region.file_key == captured.executable_key:
+                region.captured = captured.executable
+            regions.append(region)
+        process = _Process(captured.key, captured.comm, regions, [r.entry.start for r in regions], now, now)
         self._processes.put(pid, process)
         return process
 
@@ -506,9 +534,11 @@ class Symbolizer:
         try:
             if region.entry.path == VDSO:
                 stream = _read_vdso(pid, region.entry)
+            elif region.captured is not None:  # the process has exited: its capture's open file
+                stream = os.fdopen(os.dup(region.captured.fileno()), "rb")  # ValueError if closed
             else:
                 stream = open(self._open_path(pid, region.entry), "rb")  # noqa: SIM115 - kept open for lazy DWARF
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._stats["elf_errors"] += 1
             log.info("cannot open %s of pid %d: %s", region.entry.path, pid, exc)
             return None

@@ -1,0 +1,171 @@
+"""Stacks deduplicated in the kernel (bpf/stack_dedup.h), on the real kernel, known answers.
+
+The CPU actor runs alone (no NATS) at 199 Hz with the native unwinder while frame-pointer
+workloads spin in known call chains; every record it receives is kept in ring order.
+
+- Normal program: each (stack id, serial) arrives whole exactly once, before any id record
+  naming it; id records outnumber whole stacks; every sample of a worker thread has the
+  workload's chain.
+- Forced collisions (every stack hashed to id 1) in a two-entry map, two different programs
+  at once: the program detects the collisions (counted) and sends those stacks whole; no
+  sample of one program ever carries a function of the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.actors.base import ActorContext, SampleSink
+from agent.actors.cpu import CpuActor
+from agent.bpf.layouts import CpuCounter, DedupFlags
+from agent.bpf.loader import read_percpu_counters
+from agent.bpf.sample_records import SAMPLE_RECORD
+from agent.clock import MonotonicToUnix
+from agent.settings import AgentSettings
+from agent.symbols import Symbolizer
+from agent.unwind.sharing import SharedUnwinding
+from integration.harness import build_c
+from shared.counters import Counters
+from shared.model import Sample
+
+SECONDS, HZ = 4.0, 199
+MIN_ID_RECORDS, MAX_WAIT_S = 50, 30.0
+CPU_CHAIN = ["hot_leaf", "middle", "outer", "run_thread"]
+NOFP_CHAIN = ["hot_leaf", "chain_three", "chain_two", "chain_one", "main"]
+
+
+@dataclass
+class Run:
+    records: list[bytes] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    bpf_counters: list[int] = field(default_factory=list)
+    counters: Counters = field(default_factory=Counters)
+
+
+class _Sink(SampleSink):
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    async def submit(self, profile_type: Any, samples: list[Sample], period: int) -> None:
+        self.run.samples.extend(samples)
+
+
+def _id_records(run: Run, pid: int) -> int:
+    return sum(1 for r in list(run.records) if len(r) == SAMPLE_RECORD.size and SAMPLE_RECORD.unpack_from(r)[3] == pid)
+
+
+def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of: int = 0) -> Run:
+    """Run the actor for ``seconds``, then (up to MAX_WAIT_S) until ``until_ids_of``'s stacks
+    come as id records: a process's first samples come whole, with their stack copy, until the
+    unwinder has read its maps (seconds on a loaded machine)."""
+    run = Run()
+
+    class Actor(CpuActor):
+        def bpf_defines(self) -> dict[str, int | str]:
+            return {**super().bpf_defines(), **extra_defines}
+
+        def to_samples(self, records: list[bytes]) -> list[Sample]:
+            run.records.extend(records)
+            return super().to_samples(records)
+
+    async def main() -> None:
+        settings = AgentSettings(frequency_hz=HZ, flush_interval_s=0.5, cpu_stack_dedup=True)
+        ctx = ActorContext(settings, Symbolizer(), ThreadPoolExecutor(1), _Sink(run), run.counters,
+                           MonotonicToUnix(), unwinding=SharedUnwinding(run.counters, settings.unwind_table_rows))
+        actor = Actor(ctx)
+        task = asyncio.ensure_future(actor.run())
+        while actor.bpf is None and not task.done():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(seconds)
+        waited = 0.0
+        while until_ids_of and _id_records(run, until_ids_of) < MIN_ID_RECORDS and waited < MAX_WAIT_S:
+            await asyncio.sleep(0.5)
+            waited += 0.5
+        if actor.bpf is not None:
+            run.bpf_counters = read_percpu_counters(actor.bpf["counters"])
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    return run
+
+
+def _has_chain(sample: Sample, chain: list[str]) -> bool:
+    names = [f.function for f in sample.frames]
+    return names[: len(chain)] == chain or any(names[i : i + len(chain)] == chain for i in range(len(names)))
+
+
+@pytest.fixture(scope="module")
+def binaries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("dedup")
+    return build_c("cpu_chain.c", tmp), build_c("nofp_chain.c", tmp)
+
+
+@pytest.fixture
+def workloads(binaries: tuple[Path, Path]) -> Iterator[tuple[int, int]]:
+    cpu_chain, nofp_chain = binaries
+    lifetime = "600"  # killed at the end; BPF compiles take tens of seconds on a loaded machine
+    procs = [subprocess.Popen([str(cpu_chain), lifetime, "1"], stdout=subprocess.DEVNULL),
+             subprocess.Popen([str(nofp_chain), lifetime], stdout=subprocess.DEVNULL)]
+    yield procs[0].pid, procs[1].pid
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_each_stack_whole_once_then_ids(workloads: tuple[int, int]) -> None:
+    chain_pid, _ = workloads
+    run = _run_actor({}, SECONDS, until_ids_of=chain_pid)
+    first_kind: dict[tuple[int, int], int] = {}
+    whole = ids = 0
+    for raw in run.records:
+        _ts, stack_id, serial, pid, _tid, _cpu, flags, _comm = SAMPLE_RECORD.unpack_from(raw)
+        if pid != chain_pid or flags == DedupFlags.UNSTORED:
+            continue
+        key = (stack_id, serial)
+        if flags == DedupFlags.NEW:
+            assert key not in first_kind or first_kind[key] != DedupFlags.NEW, "a stored stack sent whole twice"
+            whole += 1
+        else:
+            ids += 1
+        first_kind.setdefault(key, flags)
+    # A whole record precedes the id records of its stack (unless the ring buffer dropped it:
+    # then the stack came from the kernel map, counted).
+    came_first_as_id = sum(1 for kind in first_kind.values() if kind == DedupFlags.ID_ONLY)
+    assert came_first_as_id <= run.counters.get("cpu_stacks_from_kernel")
+    assert ids > whole > 0, (ids, whole)
+    # Samples that interrupted user mode (no kernel frames): the spinning chain, every one,
+    # except those taken before the symbolizer could read the new process (all frames
+    # unnamed, mapping unknown: never a wrong name).
+    worker = [s for s in run.samples if s.pid == chain_pid and s.tid != chain_pid
+              and not any(f.frame_type == "kernel" for f in s.frames)]
+    named = [s for s in worker if any(f.function for f in s.frames)]
+    assert named and all(_has_chain(s, CPU_CHAIN) for s in named), [
+        [(f.function, hex(f.address)) for f in s.frames] for s in named if not _has_chain(s, CPU_CHAIN)][:3]
+    assert len(named) >= 0.8 * len(worker), (len(named), len(worker))
+    assert run.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 0
+    assert all(s.thread_name == "cpu_chain" for s in named)
+
+
+def test_forced_collisions_counted_never_misattributed(workloads: tuple[int, int]) -> None:
+    chain_pid, nofp_pid = workloads
+    run = _run_actor({"STACK_ID_MASK": 0, "KNOWN_STACK_ENTRIES": 2}, SECONDS)
+    assert run.bpf_counters[CpuCounter.STACK_COLLISIONS] > 0
+    chain = [s for s in run.samples if s.pid == chain_pid]
+    nofp = [s for s in run.samples if s.pid == nofp_pid]
+    chain_only = {"run_thread", "outer", "middle"}
+    nofp_only = {"chain_one", "chain_two", "chain_three"}
+    assert chain and nofp
+    assert not any(nofp_only & {f.function for f in s.frames} for s in chain)
+    assert not any(chain_only & {f.function for f in s.frames} for s in nofp)
+    assert any(_has_chain(s, CPU_CHAIN) for s in chain) and any(_has_chain(s, NOFP_CHAIN) for s in nofp)
+    # Every record of one stack id is a whole stack or names the single stored one.
+    assert {SAMPLE_RECORD.unpack_from(r)[1] for r in run.records} <= {0, 1}

@@ -1,0 +1,209 @@
+"""The CPU profile's deduplicated sample records (bpf/stack_dedup.h) turned into samples.
+
+Records are built here in the C layouts (checked against agent/bpf/layouts.py) for a real
+running process whose function addresses it prints itself; the kernel's known_stacks map
+is replaced by a dictionary. Known answers: which frames each sample gets, which records
+are resolved from where, and which are counted as dropped instead of being guessed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from agent.actors.base import ActorContext
+from agent.actors.cpu import CpuActor
+from agent.actors.sources import RingBufferSource
+from agent.bpf.layouts import MAX_STACK_DEPTH, PY_MAX_FRAMES, STACK_COPY_BYTES, DedupFlags, KnownStack, SampleRecord
+from agent.bpf.records import EVENT_SIZE
+from agent.bpf.sample_records import KNOWN_STACK_HEAD, SAMPLE_RECORD, decode_batch
+from agent.clock import MonotonicToUnix
+from agent.settings import AgentSettings
+from agent.symbols import Symbolizer
+from shared.counters import Counters
+from tests.test_symbols import Target, build
+
+
+def stack_event(pid: int, tid: int, user: list[int], copy: bytes = b"", user_len: int | None = None) -> bytes:
+    """A struct stack_event (bpf/stack_event.h) as BPF writes it."""
+    head = struct.pack("<QQQIIIiiI16s", 1, 1000, 0, pid, tid, 0,
+                       len(user) * 8 if user_len is None else user_len, 0, 0, b"thread")
+    stacks = struct.pack(f"<{MAX_STACK_DEPTH}Q", *user, *[0] * (MAX_STACK_DEPTH - len(user)))
+    stacks += b"\0" * (MAX_STACK_DEPTH * 8)
+    tail = struct.pack("<QII", 0, len(copy), 0) + copy.ljust(STACK_COPY_BYTES, b"\0")
+    py = struct.pack("<Ii", 0, 0) + b"\0" * (PY_MAX_FRAMES * 24)
+    raw = head + stacks + tail + py
+    assert len(raw) == EVENT_SIZE
+    return raw
+
+
+def header(ts: int, stack_id: int, serial: int, pid: int, tid: int, cpu: int, flags: int, comm: bytes) -> bytes:
+    return SAMPLE_RECORD.pack(ts, stack_id, serial, pid, tid, cpu, flags, comm)
+
+
+class FakeKernelCpuActor(CpuActor):
+    """The CPU actor with known_stacks replaced by a dictionary (stack id -> map value)."""
+
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        self.known: dict[int, bytes] = {}
+        self.lookups = 0
+
+    def lookup_known_stack(self, stack_id: int) -> bytes | None:
+        self.lookups += 1
+        return self.known.get(stack_id)
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Target]:
+    t = Target(build(tmp_path))
+    yield t
+    t.stop()
+
+
+@pytest.fixture
+def actor() -> FakeKernelCpuActor:
+    ctx = ActorContext(AgentSettings(cpu_stack_dedup=True), Symbolizer(), ThreadPoolExecutor(1),
+                       None,  # type: ignore[arg-type]
+                       Counters(), MonotonicToUnix())
+    return FakeKernelCpuActor(ctx)
+
+
+def test_layouts_match_the_struct_formats() -> None:
+    assert SAMPLE_RECORD.size == ctypes.sizeof(SampleRecord) == 56
+    assert KNOWN_STACK_HEAD.size == KnownStack.ev.offset == 16
+    assert SampleRecord.comm.offset == 40 and SampleRecord.flags.offset == 36
+
+
+def test_same_stack_twice_full_record_then_id_record(target: Target, actor: FakeKernelCpuActor) -> None:
+    """A new stack's record carries it; the next sample of it is 56 bytes and gets the same
+    frames without a symbolizer lookup, with its own time, cpu, tid and thread name."""
+    leaf, _ = target.truth["leaf_function"]
+    caller, _ = target.truth["caller_function"]
+    pid = target.pid
+    full = header(5_000, 77, 3, pid, pid, 1, DedupFlags.NEW, b"first\0") + stack_event(pid, pid, [leaf, caller + 1])
+    (first,) = actor.to_samples([full])
+    lookups = actor.ctx.symbolizer.stats["lookups"]
+    (second,) = actor.to_samples([header(9_000, 77, 3, pid, pid + 1, 0, DedupFlags.ID_ONLY, b"second\0")])
+    assert [f.function for f in first.frames] == ["leaf_function", "caller_function"]
+    assert second.frames is first.frames
+    assert actor.ctx.symbolizer.stats["lookups"] == lookups
+    offset = actor.ctx.clock.to_unix_ns(0)
+    assert (first.timestamp_ns, first.cpu, first.tid, first.thread_name) == (5_000 + offset, 1, pid, "first")
+    assert (second.timestamp_ns, second.cpu, second.tid, second.thread_name) == (9_000 + offset, 0, pid + 1, "second")
+    assert first.values == second.values == (actor.period(),)
+    assert actor.lookups == 0 and actor.ctx.counters.get("events_dropped") == 0
+
+
+def test_id_record_before_its_stack_in_one_batch(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Within a batch the order does not matter: stacks are keyed by (id, serial)."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    records = [header(2, 5, 1, pid, pid, 0, DedupFlags.ID_ONLY, b"t"),
+               header(1, 5, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf])]
+    samples = actor.to_samples(records)
+    assert [[f.function for f in s.frames] for s in samples] == [["leaf_function"]] * 2
+    assert actor.lookups == 0
+
+
+def test_unknown_stack_resolved_from_the_kernel_map_or_counted(target: Target, actor: FakeKernelCpuActor) -> None:
+    """An id the actor does not hold is read from known_stacks if the serial there is the
+    record's; a replaced entry (another serial) or a missing one is a counted drop."""
+    caller, _ = target.truth["caller_function"]
+    pid = target.pid
+    actor.known[11] = KNOWN_STACK_HEAD.pack(4, 0) + stack_event(pid, pid, [caller])
+    (sample,) = actor.to_samples([header(1, 11, 4, pid, pid, 0, DedupFlags.ID_ONLY, b"t")])
+    assert [f.function for f in sample.frames] == ["caller_function"]
+    assert actor.ctx.counters.get("cpu_stacks_from_kernel") == 1
+    # Evicted in the kernel and stored again (serial 9): the record's serial-4 stack is gone.
+    actor.known[12] = KNOWN_STACK_HEAD.pack(9, 0) + stack_event(pid, pid, [caller])
+    assert actor.to_samples([header(1, 12, 4, pid, pid, 0, DedupFlags.ID_ONLY, b"t"),
+                             header(1, 13, 1, pid, pid, 0, DedupFlags.ID_ONLY, b"t")]) == []
+    assert actor.ctx.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 2
+
+
+def test_unstored_records_are_never_cached(target: Target, actor: FakeKernelCpuActor) -> None:
+    """A collision, a stack copy or an error comes whole and unstored: its sample is kept,
+    and an id record naming the same (id, serial) does not resolve to it."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    unstored = header(1, 21, 2, pid, pid, 0, DedupFlags.UNSTORED, b"t") + stack_event(pid, pid, [leaf])
+    (sample,) = actor.to_samples([unstored])
+    assert [f.function for f in sample.frames] == ["leaf_function"]
+    assert actor.to_samples([header(2, 21, 2, pid, pid, 0, DedupFlags.ID_ONLY, b"t")]) == []
+    assert actor.ctx.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 1
+
+
+def test_evicted_from_the_agent_cache_resolved_from_the_kernel(target: Target, actor: FakeKernelCpuActor) -> None:
+    """With room for one stack per generation, older stacks leave the actor's cache; their
+    id records are then resolved from the kernel map, with the same frames."""
+    leaf, _ = target.truth["leaf_function"]
+    caller, _ = target.truth["caller_function"]
+    pid = target.pid
+    actor._stack_capacity = 1
+    stacks = {31: [leaf], 32: [caller], 33: [leaf, caller + 1]}
+    for stack_id, user in stacks.items():
+        event = stack_event(pid, pid, user)
+        actor.known[stack_id] = KNOWN_STACK_HEAD.pack(1, 0) + event
+        actor.to_samples([header(1, stack_id, 1, pid, pid, 0, DedupFlags.NEW, b"t") + event])
+    samples = actor.to_samples([header(2, 31, 1, pid, pid, 0, DedupFlags.ID_ONLY, b"t")])
+    assert [[f.function for f in s.frames] for s in samples] == [["leaf_function"]]
+    assert actor.lookups == 1
+
+
+def test_stack_of_another_process_is_never_borrowed(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Stacks are cached per process identity: an id record naming another pid than the
+    stack's is not given that stack (stack ids include the pid, so this only happens with
+    corrupt input), and is counted."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    event = stack_event(pid, pid, [leaf])
+    actor.known[41] = KNOWN_STACK_HEAD.pack(1, 0) + event
+    actor.to_samples([header(1, 41, 1, pid, pid, 0, DedupFlags.NEW, b"t") + event])
+    assert actor.to_samples([header(2, 41, 1, 1, 1, 0, DedupFlags.ID_ONLY, b"t")]) == []
+    assert actor.ctx.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 1
+
+
+def test_malformed_records_counted() -> None:
+    batch = decode_batch([b"\0" * 40, b"\0" * 56, b"\0" * 100])
+    assert batch.malformed == 2 and len(list(batch.ids)) == 1 and batch.full == []
+
+
+def _receive(actor: FakeKernelCpuActor, record: bytes) -> None:
+    """Hand ``record`` to the actor's ring-buffer source as its poll thread does with a batch."""
+    source = actor.source
+    assert isinstance(source, RingBufferSource) and source.on_records is not None
+    source.on_records([record])
+    source._pending.append(record)
+
+
+def test_process_gone_before_its_records_are_symbolized(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Symbolizing runs behind the kernel (seconds on a busy host): a process that exits
+    before its first record is symbolized is named from what was read when the record
+    arrived, its main executable included (the file is gone from /proc with the process)."""
+    leaf, _ = target.truth["leaf_function"]
+    caller, _ = target.truth["caller_function"]
+    pid = target.pid
+    _receive(actor, header(1, 51, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf, caller + 1]))
+    target.stop()
+    assert not Path(f"/proc/{pid}").exists()
+    (sample,) = actor.to_samples(actor.source.drain())
+    assert [f.function for f in sample.frames] == ["leaf_function", "caller_function"]
+    assert sample.process_name == "target"
+    assert actor.ctx.symbolizer.stats["read_from_capture"] == 1
+
+
+def test_process_gone_unseen_is_counted(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Without a capture (its record never passed the poll thread), such a process's frames
+    stay unnamed, and that is counted rather than silent."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    target.stop()
+    (sample,) = actor.to_samples([header(1, 52, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf])])
+    assert [f.function for f in sample.frames] == [""]
+    assert actor.ctx.symbolizer.stats["exited_before_read"] >= 1
