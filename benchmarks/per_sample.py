@@ -72,11 +72,18 @@ def wait_sampling(pid: int, timeout_s: float = 120) -> CostSnapshot:
     raise TimeoutError(f"bcc profile (pid {pid}) did not start sampling within {timeout_s}s")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def reference_arm(hz: int, duration_s: float) -> tuple[WindowCost, float]:
     """bcc's ``profile -F hz``: its cost over ``duration_s`` from its first sample, and the
     CPU seconds it spends after SIGINT printing (symbolizing) the stacks it collected."""
     with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen([profile_tool(), "-F", str(hz), "-f"], stdout=subprocess.DEVNULL, stderr=stderr)
+        # SIGINT back to its default in the child: a shell running this in the background
+        # ignores it, the child would inherit that and never stop.
+        proc = subprocess.Popen([profile_tool(), "-F", str(hz), "-f"], stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=_default_sigint)
         try:
             try:
                 start = wait_sampling(proc.pid)
