@@ -36,12 +36,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         count(CPU_IDLE_SKIPPED);
         return 0;
     }
-#ifdef PYTHON_FRAMES
-    int zero = 0;
-    struct py_scratch *scratch = py_scratch.lookup(&zero);
-    if (scratch)
-        collect_python_frames(scratch, pid_tgid);
-#endif
+    collect_python_frames_for_tail_call(pid_tgid);
     cpu_stages.call(ctx, 0);
     count(CPU_TAIL_CALL_FAILED);
     return 0;
