@@ -9,7 +9,11 @@
  *
  *   pi = p x q
  *   p  per thread: min(1, t x CAPTURE_RATE_HZ), t the time since the thread's last capture
- *      (threads with fewer events than the rate are captured every time);
+ *      or, when longer, the event's own length if it is known at the draw (a lock wait is
+ *      drawn when it ends): threads with fewer events than the rate, and events lasting at
+ *      least 1/CAPTURE_RATE_HZ, are captured every time, so a thread's few long waits are not
+ *      left stackless by the short ones before them; a thread still gets at most about
+ *      CAPTURE_RATE_HZ captures a second (events that long cannot come faster);
  *   q  per CPU: min(1, budget / wanted), wanted being the sum of p over the previous
  *      BUDGET_WINDOW_NS on this CPU and budget CAPTURE_BUDGET_HZ's share of a window: about
  *      `budget` captures a window whatever the number of threads.
@@ -72,13 +76,15 @@ static __always_inline struct capture_budget *capture_window(u64 now)
 }
 
 /* Whether to capture this event: its probability pi (1/P_ONE ths, > 0) if captured, else 0.
- * `last_capture` is the thread's last capture time (0: never), updated on capture. */
-static __always_inline u64 capture_probability(u64 *last_capture, u64 now)
+ * `last_capture` is the thread's last capture time (0: never), updated on capture;
+ * `event_ns` the event's length when known at the draw, else 0. */
+static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 event_ns)
 {
     u64 p = P_ONE;
     u64 last = *last_capture;
     if (CAPTURE_RATE_HZ && last && last < now) {
-        u64 scaled = (now - last) * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
+        u64 span = now - last > event_ns ? now - last : event_ns;
+        u64 scaled = span * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
         if (scaled < 1000000000ULL)
             p = (scaled << P_SHIFT) / 1000000000ULL;  /* scaled < 2^30: no overflow */
     }
