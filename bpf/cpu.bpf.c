@@ -36,19 +36,7 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Three programs per sample, each within the verifier's limits (slots set by the agent). */
 BPF_PROG_ARRAY(cpu_stages, 2);
 
-int on_cpu_sample(struct bpf_perf_event_data *ctx)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    count(CPU_SAMPLES);
-    if ((u32)pid_tgid == 0) {
-        count(CPU_IDLE_SKIPPED);
-        return 0;
-    }
-    collect_python_frames_for_tail_call(pid_tgid);
-    cpu_stages.call(ctx, 0);
-    count(CPU_TAIL_CALL_FAILED);
-    return 0;
-}
+#include "cpu_sample_entry.h"
 
 int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
 {
