@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
-from agent.actors.sources import PAGE_SIZE, RingBufferSource
+from agent.actors.sources import RingBufferSource, wakeup_bytes
 from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
-from agent.bpf.records import EVENT_SIZE, RawStackEvent
+from agent.bpf.records import RawStackEvent
 from agent.bpf.sample_records import KNOWN_STACK_SIZE, decode_batch, parse_known_stack, thread_name
 from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
 from agent.stacks.assembly import event_frames
@@ -75,7 +75,7 @@ class CpuActor(BpfActor[bytes]):
     THREAD_NAMES_MAX: ClassVar[int] = 65536
 
     def __init__(self, ctx: ActorContext) -> None:
-        source = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes)
+        source = self._ring = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes)
         super().__init__(ctx, source, PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
         self.dedup = ctx.settings.cpu_stack_dedup
@@ -103,11 +103,9 @@ class CpuActor(BpfActor[bytes]):
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
     def bpf_defines(self) -> dict[str, int | str]:
-        defines = super().bpf_defines()
-        ring_bytes = int(defines["RINGBUF_PAGES"]) * PAGE_SIZE
-        return {**defines, "SAMPLE_PERIOD_NS": self.period(),
+        return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
                 "KNOWN_STACK_ENTRIES": self.ctx.settings.cpu_known_stacks,
-                "WAKEUP_BYTES": wakeup_bytes(ring_bytes), "CPU_SELF_TGID": os.getpid()}
+                "WAKEUP_BYTES": wakeup_bytes(self._ring.ring_bytes), "CPU_SELF_TGID": os.getpid()}
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType
@@ -268,8 +266,3 @@ class CpuActor(BpfActor[bytes]):
             return None
         return self._known_buffer.raw
 
-
-def wakeup_bytes(ring_bytes: int, cpus: int | None = None) -> int:
-    """Bytes per CPU between forced wakeups (bpf/ring_wakeup.h): the ring is at most about a
-    quarter full when they come, whichever CPUs the records come from."""
-    return max(EVENT_SIZE, ring_bytes // (4 * max(1, cpus or os.cpu_count() or 1)))

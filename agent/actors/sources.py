@@ -73,7 +73,11 @@ class RingBufferSource(RecordSource[bytes]):
         return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value, on_records)
 
     def defines(self) -> dict[str, int | str]:
-        return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.pages * PAGE_SIZE)}
+        return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.ring_bytes)}
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.pages * PAGE_SIZE
 
     def open(self, bpf: Any) -> None:
         self._ring = RingReader.from_bcc(bpf["events"], name=f"{self.type_name} ring")
@@ -128,10 +132,15 @@ class RingBufferSource(RecordSource[bytes]):
             self._take_records(reader)
 
 
-def wakeup_every(ring_bytes: int, cpus: int | None = None) -> int:
-    """Records per CPU between forced wakeups (bpf/ring_wakeup.h): the ring is at most about a
+def wakeup_bytes(ring_bytes: int, cpus: int | None = None) -> int:
+    """Bytes per CPU between forced wakeups (bpf/ring_wakeup.h): the ring is at most about a
     quarter full when they come, whichever CPUs the records come from."""
-    return max(1, ring_bytes // (4 * EVENT_SIZE * max(1, cpus or os.cpu_count() or 1)))
+    return max(EVENT_SIZE, ring_bytes // (4 * max(1, cpus or os.cpu_count() or 1)))
+
+
+def wakeup_every(ring_bytes: int, cpus: int | None = None) -> int:
+    """The same bound in records of EVENT_SIZE bytes, for programs that count records."""
+    return wakeup_bytes(ring_bytes, cpus) // EVENT_SIZE
 
 
 def _pow2(n: int) -> int:
