@@ -11,7 +11,7 @@ import dataclasses
 import random
 from collections.abc import Hashable
 
-from agent.actors.aggregated import AggregatedEntry
+from agent.actors.aggregated import AggregatedEntry, prune_earlier
 from agent.actors.wall import ON_CPU_LABEL, ON_CPU_TIME_LABEL, SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL, spread_uncaptured
 
 SLEEPING, PREEMPTED = 0x1, 0x0
@@ -88,6 +88,26 @@ def test_on_cpu_time_without_samples_uses_the_threads_earlier_samples_or_stays_l
     assert out == {(1, 7, ON_CPU_LABEL): 6_000_000, (1, 8, ON_CPU_LABEL): 2_000_000,
                    (2, 0, ON_CPU_TIME_LABEL): 2_000_000}
 
+
+
+def at(e: AggregatedEntry, ts_ns: int) -> AggregatedEntry:
+    return dataclasses.replace(e, first_ts_mono_ns=ts_ns, last_ts_mono_ns=ts_ns)
+
+
+def test_each_strata_stand_in_stacks_age_on_their_own() -> None:
+    """Thread 1's sleeps were captured 2 s ago, thread 2's 61 s ago: the minute-old stand-in is
+    dropped, the recent one kept (whatever the stack cache's TTL did meanwhile); over capacity
+    the oldest go first."""
+    second = 1_000_000_000
+    earlier: dict[Hashable, list[AggregatedEntry]] = {}
+    spread_uncaptured([at(entry(2, 8, SLEEPING, 1_000), 39 * second), at(entry(1, 7, SLEEPING, 1_000), 98 * second),
+                       at(entry(3, 9, SLEEPING, 1_000), 99 * second)], earlier)
+    prune_earlier(earlier, 100 * second, 60 * second, capacity=10)
+    assert sorted(key[1] for key in earlier) == [1, 3]  # type: ignore[index]
+    prune_earlier(earlier, 100 * second, 60 * second, capacity=1)
+    assert [key[1] for key in earlier] == [3]  # type: ignore[index]
+    later = [at(entry(3, 0, UNCAPTURED_LABEL | SLEEPING, 5_000), 101 * second)]
+    assert totals(spread_uncaptured(later, earlier)) == {(3, 9, SLEEPING): 5_000}
 
 def test_samples_of_a_thread_without_measured_time_keep_their_values() -> None:
     """Switched in before the program attached: no on-CPU time measured, count x period stands."""

@@ -136,6 +136,24 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
     return [e for e in out if e is not None] + added
 
 
+def prune_earlier(earlier: dict[Hashable, list[AggregatedEntry]], now_ns: int, max_age_ns: int,
+                  capacity: int) -> None:
+    """Drop the strata of ``earlier`` whose latest capture is more than ``max_age_ns`` old, then
+    the oldest ones beyond ``capacity``.
+
+    Each stratum ages on its own: emptied all at once (with the stack cache, every minute),
+    every stratum without a capture in the next window lost its stacks, and its time stayed
+    stackless (docs/design/wall-and-lock.md, "Carried-over stacks")."""
+    def latest(stratum: Hashable) -> int:
+        return max(e.last_ts_mono_ns for e in earlier[stratum])
+
+    for stratum in [s for s in earlier if now_ns - latest(s) > max_age_ns]:
+        del earlier[stratum]
+    if len(earlier) > capacity:
+        for stratum in sorted(earlier, key=latest)[: len(earlier) - capacity]:
+            del earlier[stratum]
+
+
 def shares(total: int, weights: list[int]) -> list[int]:
     """``total`` divided in proportion to ``weights`` (sum > 0), the rest of rounding to the last."""
     weight_sum = sum(weights)
@@ -185,6 +203,9 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
 
     STACK_CACHE_ENTRIES: ClassVar[int] = 16384
     STACK_CACHE_TTL_S: ClassVar[float] = 60.0
+    # How old an earlier window's captures may be to stand in for a window without any: the
+    # stack cache's TTL, the bound on how long a stack id is trusted (reused pids).
+    EARLIER_MAX_AGE_S: ClassVar[float] = STACK_CACHE_TTL_S
     THREAD_NAME_TTL_S: ClassVar[float] = 10.0
 
     def __init__(self, ctx: ActorContext, *parts: ProgramPart) -> None:
@@ -211,8 +232,8 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         """The drained entries, spread, with the stacks not symbolized yet copied out."""
         if self.bpf is None:
             return []
-        if self._stack_frames.expire_if_due():  # before any id is looked up in this window
-            self._earlier.clear()
+        self._stack_frames.expire_if_due()  # before any id is looked up in this window
+        prune_earlier(self._earlier, time.monotonic_ns(), int(self.EARLIER_MAX_AGE_S * 1e9), self.STACK_CACHE_ENTRIES)
         entries = self.spread(entries)
         self._fetch_new_stacks(entries)
         return entries
@@ -223,10 +244,8 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         return entries
 
     def earlier_captures(self) -> dict[Hashable, list[AggregatedEntry]]:
-        """Per stratum, the captured entries of its latest window with captures (bounded:
-        emptied with the stack cache, every STACK_CACHE_TTL_S, or when it grows too large)."""
-        if len(self._earlier) > self.STACK_CACHE_ENTRIES:
-            self._earlier.clear()
+        """Per stratum, the captured entries of its latest window with captures (bounded by
+        age and number: prune_earlier, at the start of each window)."""
         return self._earlier
 
     def _fetch_new_stacks(self, entries: list[AggregatedEntry]) -> None:
