@@ -11,7 +11,7 @@ import dataclasses
 import random
 from collections.abc import Hashable
 
-from agent.actors.aggregated import AggregatedEntry, prune_earlier
+from agent.actors.aggregated import AggregatedEntry, prune_earlier, release_waiting
 from agent.actors.wall import ON_CPU_LABEL, ON_CPU_TIME_LABEL, SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL, spread_uncaptured
 
 SLEEPING, PREEMPTED = 0x1, 0x0
@@ -108,6 +108,36 @@ def test_each_strata_stand_in_stacks_age_on_their_own() -> None:
     assert [key[1] for key in earlier] == [3]  # type: ignore[index]
     later = [at(entry(3, 0, UNCAPTURED_LABEL | SLEEPING, 5_000), 101 * second)]
     assert totals(spread_uncaptured(later, earlier)) == {(3, 9, SLEEPING): 5_000}
+
+
+def test_a_threads_first_windows_wait_for_its_first_captures() -> None:
+    """Thread 1's first two windows have sleeps but no capture of them (a tight budget): they
+    wait, and the third window's captures take them, stamped with their own times; thread 2's
+    sums wait too and, with nothing captured of it within the wait, come back without a stack."""
+    second = 1_000_000_000
+    earlier: dict[Hashable, list[AggregatedEntry]] = {}
+    waiting: dict[Hashable, list[AggregatedEntry]] = {}
+    first = [at(entry(1, 0, UNCAPTURED_LABEL | SLEEPING, 400_000_000), 10 * second),
+             at(entry(2, 0, UNCAPTURED_LABEL | SLEEPING, 5_000), 10 * second),
+             at(entry(1, 9, ON_CPU_LABEL, 7), 10 * second)]
+    assert totals(spread_uncaptured(first, earlier, waiting)) == {(1, 9, ON_CPU_LABEL): 7}
+    nothing = [at(entry(1, 0, UNCAPTURED_LABEL | SLEEPING, 300_000_000), 11 * second)]
+    assert spread_uncaptured(nothing, earlier, waiting) == []
+    third = [at(entry(1, 7, SLEEPING, 10_000_000, weighted_ns=30_000_000), 12 * second),
+             at(entry(1, 8, SLEEPING, 10_000_000, weighted_ns=10_000_000), 12 * second),
+             at(entry(1, 0, UNCAPTURED_LABEL | SLEEPING, 380_000_000), 12 * second)]
+    out = spread_uncaptured(third, earlier, waiting)
+    assert sum(e.total_ns for e in out) == 400_000_000 + 300_000_000 + 400_000_000  # every window's, exactly
+    assert {e.first_ts_mono_ns for e in out} == {10 * second, 11 * second, 12 * second}
+    for ts, total in ((10 * second, 400_000_000), (11 * second, 300_000_000), (12 * second, 400_000_000)):
+        shares_then = {e.stack_id: e.total_ns for e in out if e.first_ts_mono_ns == ts}
+        assert shares_then == {7: total * 3 // 4, 8: total - total * 3 // 4}  # 3:1 by weight
+    assert list(waiting) == [(10, 2, SLEEPING)]
+    assert release_waiting(waiting, 12 * second, 2 * second) == []
+    released = release_waiting(waiting, 12 * second + 1, 2 * second)
+    assert totals(released) == {(2, 0, UNCAPTURED_LABEL | SLEEPING): 5_000} and not waiting
+    waiting[(10, 3, SLEEPING)] = [at(entry(3, 0, UNCAPTURED_LABEL | SLEEPING, 9), 12 * second)]
+    assert len(release_waiting(waiting, 12 * second, 2 * second, everything=True)) == 1 and not waiting
 
 def test_samples_of_a_thread_without_measured_time_keep_their_values() -> None:
     """Switched in before the program attached: no on-CPU time measured, count x period stands."""

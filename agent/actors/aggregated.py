@@ -73,7 +73,8 @@ Stratum = Callable[[AggregatedEntry], "tuple[Hashable, bool] | None"]
 
 
 def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, spread_counts: bool = False,
-                         earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
+                         earlier: dict[Hashable, list[AggregatedEntry]] | None = None,
+                         waiting: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
     """Each stratum's sum of events not captured, shared out over its captured entries.
 
     In a stratum (e.g. one thread's long off-CPU blocks in one task state, or its waits on
@@ -90,6 +91,12 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
     over those stacks by their weights (an estimate from an earlier window; with a tight
     capture budget a thread's waits on one lock can go a window without a capture).
     ``earlier`` is updated with this window's captured entries.
+
+    With neither, and ``waiting`` given (kept by the caller too), the uncaptured entry waits
+    there for the stratum's next window with captures and is then shared over those stacks,
+    keeping its own timestamps: a thread's first windows, before anything of it was captured,
+    would otherwise stay stackless (the caller releases what waited too long:
+    release_waiting).
     """
     uncaptured: dict[Hashable, int] = {}
     captured: dict[Hashable, list[int]] = {}
@@ -104,19 +111,24 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
             captured.setdefault(stratum, []).append(i)
     out: list[AggregatedEntry | None] = list(entries)
     added: list[AggregatedEntry] = []
+    if waiting:
+        for stratum in [s for s in waiting if s in captured]:
+            stacks = [entries[i] for i in captured[stratum]]
+            for rest in waiting.pop(stratum):
+                added.extend(e for e in _spread_over(rest, stacks, spread_counts) if e.total_ns or e.count)
     for stratum, u in uncaptured.items():
         rest = entries[u]
         indexes = captured.get(stratum, [])
         base = [entries[i] for i in indexes]
         if not base and earlier is not None and stratum in earlier:
-            # Those stacks again, with no time of their own in this window: only their weights.
-            base = [dataclasses.replace(e, count=0, total_ns=0, first_ts_mono_ns=rest.first_ts_mono_ns,
-                                        last_ts_mono_ns=rest.last_ts_mono_ns, cpu=rest.cpu)
-                    for e in earlier[stratum]]
+            base = _stand_ins(rest, earlier[stratum])
         # weighted >= exact (probabilities <= 1) but for BPF's rounding down: max() keeps that true.
         weights = [max(e.weighted_ns, e.total_ns) for e in base]
-        if sum(weights) <= 0:
-            continue  # nothing captured in this stratum and window: reported as it is
+        if sum(weights) <= 0:  # nothing captured in this stratum and window
+            if waiting is not None:
+                waiting.setdefault(stratum, []).append(rest)
+                out[u] = None
+            continue  # else reported as it is
         ns = shares(rest.total_ns + sum(e.total_ns for e in base), weights)
         counts = [e.count for e in base]
         if spread_counts:
@@ -134,6 +146,42 @@ def spread_uncaptured_by(entries: list[AggregatedEntry], stratum_of: Stratum, sp
         for stratum, indexes in captured.items():
             earlier[stratum] = [entries[i] for i in indexes]
     return [e for e in out if e is not None] + added
+
+
+def _stand_ins(rest: AggregatedEntry, stacks: list[AggregatedEntry]) -> list[AggregatedEntry]:
+    """Those stacks again, with no time of their own: only their weights, and ``rest``'s times."""
+    return [dataclasses.replace(e, count=0, total_ns=0, first_ts_mono_ns=rest.first_ts_mono_ns,
+                                last_ts_mono_ns=rest.last_ts_mono_ns, cpu=rest.cpu) for e in stacks]
+
+
+def _spread_over(rest: AggregatedEntry, stacks: list[AggregatedEntry], spread_counts: bool) -> list[AggregatedEntry]:
+    """``rest`` (an uncaptured sum) divided over another window's captured ``stacks`` by weight."""
+    base = _stand_ins(rest, stacks)
+    weights = [max(e.weighted_ns, e.total_ns) for e in base]
+    if sum(weights) <= 0:
+        return [rest]
+    ns = shares(rest.total_ns, weights)
+    counts = [0] * len(base)
+    if spread_counts:
+        counts = shares(rest.count, [max(e.weighted_count, e.count << WEIGHT_SHIFT, 1) for e in base])
+    return [dataclasses.replace(e, total_ns=share, count=count)
+            for e, share, count in zip(base, ns, counts, strict=True)]
+
+
+def release_waiting(waiting: dict[Hashable, list[AggregatedEntry]], now_ns: int, max_age_ns: int,
+                    everything: bool = False) -> list[AggregatedEntry]:
+    """The uncaptured sums that waited more than ``max_age_ns`` (all of them with
+    ``everything``: the actor is stopping) for a window with captures of their stratum, taken
+    out of ``waiting``; the caller reports them without a stack."""
+    released: list[AggregatedEntry] = []
+    for stratum in list(waiting):
+        kept = [e for e in waiting[stratum] if not everything and now_ns - e.last_ts_mono_ns <= max_age_ns]
+        released += [e for e in waiting[stratum] if e not in kept]
+        if kept:
+            waiting[stratum] = kept
+        else:
+            del waiting[stratum]
+    return released
 
 
 def prune_earlier(earlier: dict[Hashable, list[AggregatedEntry]], now_ns: int, max_age_ns: int,
@@ -168,6 +216,7 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
     def __init__(self, ctx: ActorContext) -> None:
         self.settings = ctx.settings
         self._bpf: Any = None
+        self.stopped = False
         self._drainers: list[HashMapDrainer] = []
         self._generation = 0
 
@@ -182,7 +231,7 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
         self._bpf = bpf
 
     def stop(self) -> None:
-        pass  # what BPF adds until the program is detached is read by the last drain
+        self.stopped = True  # what BPF adds until the program is detached is read by the last drain
 
     def drain(self) -> list[AggregatedEntry]:
         """Swap the aggregation maps and read the one BPF just stopped writing."""
@@ -206,10 +255,14 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
     # How old an earlier window's captures may be to stand in for a window without any: the
     # stack cache's TTL, the bound on how long a stack id is trusted (reused pids).
     EARLIER_MAX_AGE_S: ClassVar[float] = STACK_CACHE_TTL_S
+    # How long a stratum's uncaptured sum, with no capture of that stratum yet, waits for one
+    # before it is reported without a stack (its samples are that much later, not later stamped).
+    WAITING_MAX_S: ClassVar[float] = 2.0
     THREAD_NAME_TTL_S: ClassVar[float] = 10.0
 
     def __init__(self, ctx: ActorContext, *parts: ProgramPart) -> None:
-        super().__init__(ctx, AggregationMaps(ctx), *parts)
+        self._maps = AggregationMaps(ctx)
+        super().__init__(ctx, self._maps, *parts)
         self._stack_frames: FrameCache[tuple[tuple[Frame, ...], str]] = FrameCache(self.STACK_CACHE_ENTRIES,
                                                                                   self.STACK_CACHE_TTL_S)
         self._thread_names: dict[tuple[int, int], str] = {}
@@ -218,6 +271,7 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         self._raw_stacks: dict[tuple[int, int], bytes] = {}  # read this flush, not yet symbolized
         self._agg_seen: list[int] = []
         self._earlier: dict[Hashable, list[AggregatedEntry]] = {}
+        self._waiting: dict[Hashable, list[AggregatedEntry]] = {}
 
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "CAPTURE_RATE_HZ": self.capture_rate_hz(),
@@ -235,6 +289,8 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         self._stack_frames.expire_if_due()  # before any id is looked up in this window
         prune_earlier(self._earlier, time.monotonic_ns(), int(self.EARLIER_MAX_AGE_S * 1e9), self.STACK_CACHE_ENTRIES)
         entries = self.spread(entries)
+        last = self._maps.stopped or len(self._waiting) > self.STACK_CACHE_ENTRIES
+        entries += release_waiting(self._waiting, time.monotonic_ns(), int(self.WAITING_MAX_S * 1e9), everything=last)
         self._fetch_new_stacks(entries)
         return entries
 
@@ -247,6 +303,11 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         """Per stratum, the captured entries of its latest window with captures (bounded by
         age and number: prune_earlier, at the start of each window)."""
         return self._earlier
+
+    def waiting_sums(self) -> dict[Hashable, list[AggregatedEntry]]:
+        """Per stratum, uncaptured sums waiting for the stratum's first captures (released after
+        WAITING_MAX_S, or all at the last drain: prepare)."""
+        return self._waiting
 
     def _fetch_new_stacks(self, entries: list[AggregatedEntry]) -> None:
         """Copy the raw records of stacks not cached yet, before any symbolization: stacks is

@@ -44,10 +44,11 @@ def lock_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool]:
 
 
 def spread_uncaptured(entries: list[AggregatedEntry],
-                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
+                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None,
+                      waiting: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
     """Each (thread, lock)'s uncaptured waits, delay and count, shared out over its captured
     stacks (those of an earlier window in ``earlier`` if this window has none)."""
-    return spread_uncaptured_by(entries, lock_stratum, spread_counts=True, earlier=earlier)
+    return spread_uncaptured_by(entries, lock_stratum, spread_counts=True, earlier=earlier, waiting=waiting)
 
 
 class LockActor(AggregatingActor):
@@ -97,7 +98,7 @@ class LockActor(AggregatingActor):
                                  LockCounter.THREAD_STATE_UNAVAILABLE: "thread_state_unavailable"})
 
     def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-        return spread_uncaptured(entries, self.earlier_captures())
+        return spread_uncaptured(entries, self.earlier_captures(), self.waiting_sums())
 
     def to_samples(self, records: list[AggregatedEntry]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer

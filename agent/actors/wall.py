@@ -75,7 +75,8 @@ def wall_stratum(entry: AggregatedEntry) -> tuple[Hashable, bool] | None:
 
 
 def spread_uncaptured(entries: list[AggregatedEntry],
-                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
+                      earlier: dict[Hashable, list[AggregatedEntry]] | None = None,
+                      waiting: dict[Hashable, list[AggregatedEntry]] | None = None) -> list[AggregatedEntry]:
     """Each (thread, task state)'s uncaptured off-CPU sum, shared out over its captured entries,
     and each thread's exact on-CPU time over its on-CPU samples.
 
@@ -85,8 +86,8 @@ def spread_uncaptured(entries: list[AggregatedEntry],
     switch-outs and samples, replaces the samples' count x period: the samples only divide it
     between stacks (their weights are their periods). A stratum with nothing captured (or
     sampled) keeps its entry, reported without a stack, unless ``earlier`` has its stacks from
-    an earlier window. Samples of a thread without measured on-CPU time (switched in before
-    the program attached) keep count x period.
+    an earlier window or, with ``waiting``, until a later window has some. Samples of a thread
+    without measured on-CPU time (switched in before the program attached) keep count x period.
 
     A thread's preemptions with no capture in the window go on its on-CPU samples of the
     window (preempted_onto_samples) before any earlier window's stacks are considered.
@@ -95,7 +96,7 @@ def spread_uncaptured(entries: list[AggregatedEntry],
     entries = [dataclasses.replace(e, total_ns=0) if e.label == ON_CPU_LABEL and (e.pid, e.tid) in timed else e
                for e in entries]
     entries = preempted_onto_samples(entries)
-    return spread_uncaptured_by(entries, wall_stratum, earlier=earlier)
+    return spread_uncaptured_by(entries, wall_stratum, earlier=earlier, waiting=waiting)
 
 
 PREEMPTED_STATES = (0, _PREEMPTED_IN_KERNEL)
@@ -189,7 +190,7 @@ class WallActor(AggregatingActor):
                 self.ctx.counters.inc(name, deltas[slot])
 
     def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-        return spread_uncaptured(entries, self.earlier_captures())
+        return spread_uncaptured(entries, self.earlier_captures(), self.waiting_sums())
 
     def to_samples(self, records: list[AggregatedEntry]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
