@@ -469,30 +469,6 @@ def test_table_building_is_held_to_its_cpu_budget(tmp_path: Path) -> None:
         r.stop()
 
 
-def test_table_larger_than_the_burst_waits_for_a_full_bucket(tmp_path: Path) -> None:
-    """A table estimated to cost more than the whole burst is not deferred for ever: it is
-    built alone once the bucket is full, leaving the bucket in debt (the average share holds)."""
-    exe = build(tmp_path, "nofp_chain.c", NOFP)
-    maps = FakeMaps()
-    counters = Counters()
-    burst = 1e-6  # far below any table's estimate (>= 1 ms)
-    unwinder = NativeUnwinder(maps, counters, max_rows=400_000, table_cpu_share=0.0, table_cpu_burst_s=burst)
-    r = Running(exe)
-    try:
-        _new(unwinder, maps, r.proc.pid)
-        program = next(e for e in read_maps(r.proc.pid) if e.path == str(exe))
-        unwinder._table_tokens_s = burst / 2  # not full: deferred
-        maps.requests = [(r.proc.pid, encode_request(REQUEST_TABLE, program.start + 16))]
-        unwinder.serve_requests()
-        assert counters.get("unwind_tables_deferred") == 1 and not maps.rows
-        unwinder._table_tokens_s = burst  # full: built, and the bucket owes what it cost
-        maps.requests = [(r.proc.pid, encode_request(REQUEST_TABLE, program.start + 16))]
-        unwinder.serve_requests()
-        assert maps.rows and unwinder.tables.built == 1 and unwinder._table_tokens_s < 0
-    finally:
-        r.stop()
-
-
 def test_loader_registers_processes_shares_tables_and_sweeps_exits(tmp_path: Path) -> None:
     exe = build(tmp_path, "nofp_chain.c", NOFP)
     maps = FakeMaps()

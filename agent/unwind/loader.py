@@ -74,10 +74,8 @@ _PREWARM_PREFIXES = ("libc.so", "ld-linux", "libm.so", "libstdc++.so", "libgcc_s
 # Building tables for binaries new to the agent is bounded to this share of one core on
 # average, after a burst (start-up: the binaries already running). On hosts that start new
 # programs all the time (CI, build machines) tables then arrive later instead of costing more.
-# The burst is also the most one stretch of new binaries can add at once: a table whose
-# estimated cost exceeds it waits for a full bucket and is then built alone.
 TABLE_CPU_SHARE = 0.005
-TABLE_CPU_BURST_S = 1.0
+TABLE_CPU_BURST_S = 3.0
 
 
 class UnwindMaps(Protocol):
@@ -398,11 +396,9 @@ class NativeUnwinder:
                                    self._table_tokens_s + (now - self._tokens_at) * self.table_cpu_share)
         self._tokens_at = now
         assert slot.ref is not None
-        if not self.tables.peek(slot.ref)[0] and self.tables.estimate_cpu_s(slot.ref) > self._table_tokens_s \
-                and not 0 < self.table_cpu_burst_s <= self._table_tokens_s:
+        if not self.tables.peek(slot.ref)[0] and self.tables.estimate_cpu_s(slot.ref) > self._table_tokens_s:
             # Over budget: BPF asks again on a later sample. Small files fit again within a
-            # second; a large one waits until the bucket holds its estimated cost, or is full
-            # (the bucket then goes into debt, so the average share holds).
+            # second; a large one waits until the bucket holds its estimated cost.
             self.counters.inc("unwind_tables_deferred")
             return False
         started = time.thread_time()
