@@ -411,3 +411,27 @@ def test_maps_of_identical_text_are_parsed_once() -> None:
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
+
+
+def test_process_name_of_a_process_never_symbolized_reads_no_maps() -> None:
+    """Naming a process (wall and lock entries of every process that switched or waited) reads
+    its /proc/PID/stat, not its maps; the name is the kernel's comm even with parentheses and
+    spaces in it (stat puts comm between parentheses)."""
+    import sys
+
+    from agent.process.procmaps import start_time, stat_identity
+
+    child = subprocess.Popen([sys.executable, "-c",
+                              "open('/proc/self/comm', 'w').write('a) (b c'); import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "a) (b c":
+            assert time.monotonic() < deadline, "the child did not rename itself"
+            time.sleep(0.02)
+        assert stat_identity(child.pid) == (start_time(child.pid), "a) (b c")
+        sym = Symbolizer()
+        assert sym.process_name(child.pid) == "a) (b c"
+        assert sym.stats["maps_reads"] == 0
+    finally:
+        child.kill()
+        child.wait()

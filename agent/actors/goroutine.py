@@ -52,6 +52,7 @@ from shared.profile_types import ProfileType
 log = logging.getLogger(__name__)
 DISCOVERY_INTERVAL_S = 2.0
 CURRENT_SCAN_INTERVAL_S = 1.0
+GO_FORMS_MAX = 65_536  # frames whose Go form is kept (~250 B each with the frame)
 # Binaries known not to be Go (executable FileKeys): forgotten all at once past this many, so a
 # host that keeps building new binaries costs a re-check now and then, not ever more memory.
 MAX_NOT_GO = 16_384
@@ -96,6 +97,11 @@ class GoroutineActor(BpfActor[bytes]):
         # Symbol tables of Go binaries with a live process (a table can be megabytes: dropped
         # with the binary's last process).
         self._tables: dict[FileKey, GoSymbolTable | None] = {}
+        # Each symbolized frame's Go form, by the frame object's identity (the symbolizer hands
+        # out the same object for an address it resolved before): the current-stack scan turns
+        # every goroutine stack's frames into Go frames once a second. The frame is kept with its
+        # Go form, so its id cannot be reused while the entry lives.
+        self._go_forms: dict[int, tuple[Frame, str, Frame]] = {}
 
     def period(self) -> int:
         return 1
@@ -230,11 +236,19 @@ class GoroutineActor(BpfActor[bytes]):
         self.count_drops(self.counter_deltas(), {GoroutineCounter.RING_FULL: "ringbuf_full",
                                                  GoroutineCounter.EXITS_MAP_FULL: "exit_map_full"})
 
-    @staticmethod
-    def _go_frames(frames: tuple[Frame, ...], exe_path: str) -> tuple[Frame, ...]:
+    def _go_frames(self, frames: tuple[Frame, ...], exe_path: str) -> tuple[Frame, ...]:
         """Frames in the Go binary itself are Go frames (cgo libraries stay native)."""
-        return tuple(dataclasses.replace(f, frame_type=FrameType.GO)
-                     if f.mapping is not None and f.mapping.filename == exe_path else f for f in frames)
+        forms = self._go_forms
+        if len(forms) > GO_FORMS_MAX:
+            forms.clear()
+        out = []
+        for f in frames:
+            known = forms.get(id(f))
+            if known is None or known[0] is not f or known[1] != exe_path:
+                go = f.mapping is not None and f.mapping.filename == exe_path
+                known = forms[id(f)] = (f, exe_path, dataclasses.replace(f, frame_type=FrameType.GO) if go else f)
+            out.append(known[2])
+        return tuple(out)
 
     def to_samples(self, records: list[bytes]) -> list[Sample]:
         if self.bpf is None:

@@ -47,6 +47,7 @@ from agent.process.procmaps import (
     read_comm,
     read_maps,
     root_view_path,
+    stat_identity,
 )
 from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
 from agent.symbols.elf import ElfSymbols
@@ -154,6 +155,9 @@ class Symbolizer:
         # ~0.5 MiB of tables per typical library, ~270 B per cached address with its frame).
         self.maps_ttl_s = maps_ttl_s
         self._processes = _Lru(max_processes)
+        # Names of processes whose maps were not needed (process_name): pid -> (comm, read at).
+        self._names: dict[int, tuple[str, float]] = {}
+        self._max_names = max_processes
         self._files = _Lru(max_files, max_bytes=max_file_bytes)
         self._addresses = _Lru(max_cached_addresses)
         # Resolved frames per (process key, address, is_leaf): hot addresses recur every
@@ -310,11 +314,32 @@ class Symbolizer:
         return process.key if process else None
 
     def process_name(self, pid: int) -> str:
-        process = self._process(pid)
-        return process.comm if process else ""
+        """The process's name (comm), as current as its identity (re-read at most once a
+        second). A process whose maps were read gives the name it was read with; any other is
+        named from one read of /proc/PID/stat, not its maps: the wall and lock profiles name
+        every process that switched or waited, and most of those never need a stack symbolized."""
+        if isinstance(self._processes.get(pid), _Process):
+            process = self._process(pid)
+            return process.comm if process else ""
+        now = time.monotonic()
+        named = self._names.get(pid)
+        if named is not None and now - named[1] < IDENTITY_CHECK_S:
+            return named[0]
+        try:
+            _, comm = stat_identity(pid)
+        except (OSError, ValueError, IndexError):
+            if named is not None:
+                return named[0]  # gone: the name it had (the sample predates the exit)
+            process = self._process(pid)  # the capture made when its first record arrived, if any
+            return process.comm if process else ""
+        if len(self._names) >= self._max_names:
+            self._names.clear()
+        self._names[pid] = (comm, now)
+        return comm
 
     def forget(self, pid: int) -> None:
         self._processes.pop(pid, None)
+        self._names.pop(pid, None)
 
     def sweep_exited(self, grace_s: float = EXITED_GRACE_S) -> int:
         """Drop the maps of processes that exited more than ``grace_s`` ago; returns how many.
@@ -324,6 +349,8 @@ class Symbolizer:
         samples taken just before an exit that are still on their way (ring buffer, flush).
         """
         now = time.monotonic()
+        # A name is re-read after IDENTITY_CHECK_S anyway: older ones only take memory.
+        self._names = {pid: named for pid, named in self._names.items() if now - named[1] <= grace_s}
         gone = [pid for pid, p in self._processes.items()
                 if isinstance(p, _Process) and now - p.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
         keys = set()
