@@ -40,6 +40,8 @@ MIN_CONTEXT_SWITCHES_PER_S = 15_000
 MIN_FUTEX_WAITS_PER_S = 2_000
 CPU_TARGET_PCT = {"cpu": 1.0, "cpu,wall,lock,goroutine": 2.0}
 RSS_TARGET_MB = 150
+# Compiles take minutes when the shared machine is loaded: wait that long for every actor.
+ACTORS_START_TIMEOUT_S = 600
 STORM_COST_RATIO_LIMIT = 2.0
 # Below this growth of the events the cost ratio says nothing about how cost follows events.
 STORM_MIN_EVENT_RATIO = 1.2
@@ -88,7 +90,7 @@ def busy(exe: Path, type_sets: list[str], repeats: int, warmup_s: float, duratio
                 port = free_port()
                 agent = start_agent(nats.url, types, agent_env(target_comm), port)
                 try:
-                    wait_all_actors(port, types, time.monotonic())
+                    wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
                     time.sleep(warmup_s)
                     w = measure_window(agent.pid, mix, duration_s)
                 finally:
@@ -110,7 +112,7 @@ def storm(exe: Path, types: str, factor: float, repeats: int, warmup_s: float, s
         port = free_port()
         agent = start_agent(nats.url, types, agent_env(target_comm), port)
         try:
-            wait_all_actors(port, types, time.monotonic())
+            wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
             with EventMix(exe, MixShape()) as warm:
                 time.sleep(warmup_s)
                 warm.stop()
