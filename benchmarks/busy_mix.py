@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.cost import WindowCost, snapshot, window_cost
 from benchmarks.event_mix import SPINNERS_ONLY, EventMix, MixRates, MixShape, mix_rates
 from benchmarks.measure import process_tree_rss_bytes
+from benchmarks.memory_breakdown import KINDS, rss_breakdown
 from benchmarks.run import free_port, start_agent, stop, wait_all_actors
 from stackfleet.nats_server import NatsServer
 
@@ -39,6 +40,8 @@ MIN_CONTEXT_SWITCHES_PER_S = 15_000
 MIN_FUTEX_WAITS_PER_S = 2_000
 CPU_TARGET_PCT = {"cpu": 1.0, "cpu,wall,lock,goroutine": 2.0}
 RSS_TARGET_MB = 150
+# Compiles take minutes when the shared machine is loaded: wait that long for every actor.
+ACTORS_START_TIMEOUT_S = 600
 STORM_COST_RATIO_LIMIT = 2.0
 # Below this growth of the events the cost ratio says nothing about how cost follows events.
 STORM_MIN_EVENT_RATIO = 1.2
@@ -51,6 +54,9 @@ class Window:
     cost: WindowCost
     rates: MixRates
     rss_mb: float
+    # The agent process's resident memory by kind of mapping at the window's end, MB
+    # (benchmarks/memory_breakdown.py).
+    rss_parts_mb: dict[str, float] = field(default_factory=dict)
 
 
 def measure_window(agent_pid: int, mix: EventMix, duration_s: float) -> Window:
@@ -59,8 +65,9 @@ def measure_window(agent_pid: int, mix: EventMix, duration_s: float) -> Window:
     time.sleep(duration_s)
     after = snapshot(agent_pid, labelled=True)
     counts1, ctxt1 = mix.reading()
+    parts = {kind: value / 2**20 for kind, value in rss_breakdown(agent_pid).items()}
     return Window(window_cost(before, after), mix_rates(counts0, counts1, ctxt0, ctxt1),
-                  process_tree_rss_bytes(agent_pid) / 2**20)
+                  process_tree_rss_bytes(agent_pid) / 2**20, parts)
 
 
 def mix_is_busy(rates: MixRates) -> bool:
@@ -83,7 +90,7 @@ def busy(exe: Path, type_sets: list[str], repeats: int, warmup_s: float, duratio
                 port = free_port()
                 agent = start_agent(nats.url, types, agent_env(target_comm), port)
                 try:
-                    wait_all_actors(port, types, time.monotonic())
+                    wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
                     time.sleep(warmup_s)
                     w = measure_window(agent.pid, mix, duration_s)
                 finally:
@@ -105,7 +112,7 @@ def storm(exe: Path, types: str, factor: float, repeats: int, warmup_s: float, s
         port = free_port()
         agent = start_agent(nats.url, types, agent_env(target_comm), port)
         try:
-            wait_all_actors(port, types, time.monotonic())
+            wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
             with EventMix(exe, MixShape()) as warm:
                 time.sleep(warmup_s)
                 warm.stop()
@@ -132,6 +139,7 @@ def window_fields(w: Window) -> dict[str, Any]:
     c, r = w.cost, w.rates
     return {"seconds": round(c.seconds, 2), "agent_pct_of_core": round(c.total_pct, 2),
             "process_pct": round(c.process_pct, 2), "bpf_pct": round(c.bpf_pct, 2), "rss_mb": round(w.rss_mb, 1),
+            "rss_parts_mb": {k: round(v, 1) for k, v in w.rss_parts_mb.items()},
             "host_context_switches_per_s": round(r.host_context_switches_per_s),
             "futex_waits_per_s": round(r.futex_waits_per_s), "contended_per_s": round(r.contended_per_s),
             "wakeups_per_s": round(r.wakeups_per_s),
@@ -172,8 +180,27 @@ def busy_report(windows: dict[str, list[Window]]) -> dict[str, Any]:
               f"{median([w.rates.futex_waits_per_s for w in ws]):>14,.0f}  {'yes' if busy_ok else 'NO':8}  {target}")
         print_programs(ws)
         out[types] = {"agent_pct_of_core": round(total, 2), "rss_mb": round(rss, 1), "mix_busy_enough": busy_ok,
-                      "target_pct": cpu_target, "met": met == "yes", "windows": [window_fields(w) for w in ws]}
+                      "target_pct": cpu_target, "met": met == "yes",
+                      "rss_parts_mb": {k: round(v, 1) for k, v in rss_parts(ws).items()},
+                      "windows": [window_fields(w) for w in ws]}
+    print_rss_parts(windows)
     return out
+
+
+def rss_parts(ws: list[Window]) -> dict[str, float]:
+    """Median resident MB per kind of mapping over ``ws``."""
+    return {kind: median([w.rss_parts_mb.get(kind, 0.0) for w in ws]) for kind in KINDS}
+
+
+def print_rss_parts(windows: dict[str, list[Window]]) -> None:
+    """The agent's resident memory by kind of mapping, one column per type set (medians)."""
+    names = list(windows)
+    parts = {types: rss_parts(ws) for types, ws in windows.items()}
+    print("\nagent RSS by kind of mapping, MB (median; benchmarks/memory_breakdown.py)")
+    print(f"{'':12}" + "".join(f"{types:>26}" for types in names))
+    for kind in KINDS:
+        print(f"{kind:12}" + "".join(f"{parts[types][kind]:>26.1f}" for types in names))
+    print(f"{'total':12}" + "".join(f"{median([w.rss_mb for w in windows[t]]):>26.1f}" for t in names))
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import time
 from array import array
 from collections import OrderedDict
 from typing import Any
+
+from agent.symbols.packed_names import PackedNames
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,16 @@ MAX_CU_LINE_PROGRAM_BYTES = 256 * 1024
 # Rows kept from CU-by-CU decoding, per file: ~16 B each, so ~3 MB (libc's malloc.c, its
 # largest CU, has 5,699 rows; a profile touches a handful of CUs of a system library).
 CU_CACHE_ROWS = 200_000
+# The DWARFInfo of the file decoded from last is let go after this long without a decode.
+RECENT_DWARF_IDLE_S = 60.0
 
 
 class LineTable:
-    """(address, file, line) rows sorted by address, as three parallel arrays (~16 B a row)."""
+    """(address, file, line) rows sorted by address, as three parallel arrays (~16 B a row).
+
+    The file names are packed into one blob (``PackedNames``) rather than kept as strings: a
+    table outlives the many small objects its decoding made, and its names, made one at a
+    time among them, would each keep one of Python's 1 MiB allocator arenas resident."""
 
     def __init__(self, rows: list[tuple[int, str, int]]) -> None:
         rows.sort(key=lambda r: r[0])
@@ -39,7 +48,7 @@ class LineTable:
         file_ids: dict[str, int] = {}
         self.file_ids = array("I", (file_ids.setdefault(r[1], len(file_ids)) for r in rows))
         self.numbers = array("I", (min(max(r[2], 0), 0xFFFFFFFF) for r in rows))
-        self.files = list(file_ids)
+        self.files = PackedNames(f.encode("utf-8", "replace") for f in file_ids)
 
     def __len__(self) -> int:
         return len(self.addrs)
@@ -51,16 +60,19 @@ class LineTable:
         return self.files[self.file_ids[i]], self.numbers[i]
 
     def nbytes(self) -> int:
-        return 16 * len(self.numbers) + sum(100 + len(f) for f in self.files)
+        return 16 * len(self.numbers) + self.files.nbytes()
 
 
 def whole_line_table(dwarf: Any) -> LineTable:
-    """Every CU's rows in one table."""
+    """Every CU's rows in one table, decoded by ``collect_rows_fast``: pyelftools' own decoder
+    (``collect_rows``) makes two objects per row, ~900 bytes of peak memory a row, and on a
+    ~400 KB line program (88k rows) its transient small objects left 70 MB of Python's
+    allocator arenas resident after the table was built (a few survivors pin each arena)."""
     rows: list[tuple[int, str, int]] = []
     for cu in dwarf.iter_CUs():
         program = dwarf.line_program_for_CU(cu)
         if program is not None:
-            collect_rows(program, cu, rows)
+            collect_rows_fast(program, cu, rows)
     return LineTable(rows)
 
 
@@ -75,8 +87,10 @@ class CuLineIndex:
     budget: each decode stays within ~40 ms. Raises ValueError without ``.debug_aranges``.
     """
 
-    # The one DWARFInfo kept, of the file decoded from last (process-wide: one at a time).
+    # The one DWARFInfo kept, of the file decoded from last (process-wide: one at a time),
+    # and when it was last used: ``forget_idle_dwarf`` lets it go after a quiet while.
     _recent: tuple[CuLineIndex, Any] | None = None
+    _recent_used = 0.0
 
     def __init__(self, open_dwarf: Any, path: str, cache_rows: int = CU_CACHE_ROWS) -> None:
         self._open_dwarf = open_dwarf
@@ -134,12 +148,25 @@ class CuLineIndex:
     def _dwarf(self) -> Any:
         """The DWARFInfo, re-used while this file is the last one decoded from: the CUs of one
         file tend to be asked for in bursts (a new process's libc frames)."""
+        CuLineIndex._recent_used = time.monotonic()
         recent = CuLineIndex._recent
         if recent is not None and recent[0] is self:
             return recent[1]
+        CuLineIndex._recent = None  # the previous file's sections go before this one's are read
         dwarf = self._open_dwarf()
         CuLineIndex._recent = (self, dwarf)
         return dwarf
+
+    @staticmethod
+    def forget_idle_dwarf(idle_s: float = RECENT_DWARF_IDLE_S) -> bool:
+        """Let the kept DWARFInfo go when no CU was decoded for ``idle_s``; whether it did.
+
+        Between bursts it only holds memory (the decompressed sections: 9 MB measured for
+        libc's debug file in the agent); the next burst opens the file again (~0.03-0.08 s)."""
+        if CuLineIndex._recent is None or time.monotonic() - CuLineIndex._recent_used < idle_s:
+            return False
+        CuLineIndex._recent = None
+        return True
 
     def nbytes(self) -> int:
         return 24 * len(self._starts) + sum(t.nbytes() for t in self._tables.values())

@@ -26,7 +26,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section
+from agent.runtimes.go.pclntab import GoSymbolTable, pclntab_section, shared_go_table
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.dwarf_lines import CuLineIndex, LineTable, whole_line_table
 from agent.symbols.packed_names import PackedNames
@@ -156,7 +156,7 @@ class ElfSymbols:
             return None
         if self._go_table is None:
             try:
-                self._go_table = load_go_table(self._elf)
+                self._go_table = shared_go_table(self._elf)
             except (ValueError, struct.error, IndexError) as exc:
                 log.warning("%s: unusable .gopclntab: %s", self.path, exc)
                 self._gopclntab = None

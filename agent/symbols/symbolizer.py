@@ -50,6 +50,7 @@ from agent.process.procmaps import (
     stat_identity,
 )
 from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
+from agent.symbols.dwarf_lines import CuLineIndex
 from agent.symbols.elf import ElfSymbols
 from agent.symbols.file_ids import kernel_build_id, kernel_htlhash, read_file_ids
 from agent.symbols.kallsyms import KernelSymbols
@@ -370,9 +371,11 @@ class Symbolizer:
         compiler libraries the agent samples itself in while it compiles its BPF programs at
         start (megabytes of C++ names), a tool that ran once, a binary since upgraded. Hot
         addresses are answered from the frame cache without touching their file, so an
-        evicted file that is needed again is simply read again.
+        evicted file that is needed again is simply read again. The debug sections kept for
+        decoding lines one CU at a time go after a quieter while (CuLineIndex.forget_idle_dwarf).
         """
         now = time.monotonic()
+        CuLineIndex.forget_idle_dwarf()
         idle = [key for key, used in self._file_used.items() if now - used > idle_s]
         for key in idle:
             del self._file_used[key]

@@ -38,10 +38,11 @@ release's runtime/symtab.go and, in tests, against `go tool objdump` of real bui
 from __future__ import annotations
 
 import bisect
+import os
 import struct
+import weakref
 from array import array
 from dataclasses import dataclass
-from functools import lru_cache
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
@@ -49,6 +50,8 @@ from elftools.elf.sections import Section, SymbolTableSection
 MAGIC_118 = 0xFFFFFFF0
 MAGIC_120 = 0xFFFFFFF1
 PCDATA_INL_TREE_INDEX = 2
+# Decoded frames kept per table, per kind (plain and with inlined calls).
+LOOKUP_CACHE_ENTRIES = 65_536
 FUNCDATA_INL_TREE = 3
 NO_FUNCDATA = 0xFFFFFFFF
 PCLNTAB_SECTIONS = (".gopclntab", ".data.rel.ro.gopclntab")
@@ -101,6 +104,12 @@ class GoSymbolTable:
         self.gofunc = gofunc
         self._func_size = 44 if self.go120 else 40
         self._inl_entry = struct.Struct("<BxxxiiI" if self.go120 else "<hBxiiiI")
+        # Frames per (function, pc), kept with the table (at most LOOKUP_CACHE_ENTRIES each,
+        # then started over): a cache on the class (functools' lru_cache on a method) would
+        # keep every table it saw alive, pclntab copy included, after its binary's last
+        # process had gone.
+        self._frame_cache: dict[tuple[int, int], GoFrame] = {}
+        self._inline_cache: dict[tuple[int, int], tuple[GoFrame, ...]] = {}
 
     def nbytes(self) -> int:
         """Memory held: the pclntab and funcdata copies and the two arrays."""
@@ -109,7 +118,7 @@ class GoSymbolTable:
     @classmethod
     def from_elf(cls, path: str) -> GoSymbolTable | None:
         with open(path, "rb") as f:
-            return load_go_table(ELFFile(f))
+            return shared_go_table(ELFFile(f))
 
     def _func(self, index: int) -> tuple[int, int, int, int]:
         """(name offset, pcfile, pcln, cuOffset) of function ``index``."""
@@ -168,9 +177,14 @@ class GoSymbolTable:
         i = self.function_index(pc)
         if i is None:
             return ()
-        return self._lookup_inline(i, pc)
+        key = (i, pc)
+        frames = self._inline_cache.get(key)
+        if frames is None:
+            if len(self._inline_cache) >= LOOKUP_CACHE_ENTRIES:
+                self._inline_cache.clear()
+            frames = self._inline_cache[key] = self._lookup_inline(i, pc)
+        return frames
 
-    @lru_cache(maxsize=65536)  # noqa: B019 - one table per binary, bounded, lives as long as it
     def _lookup_inline(self, i: int, pc: int) -> tuple[GoFrame, ...]:
         outer = self._lookup(i, pc)
         tree = self._funcdata(i, FUNCDATA_INL_TREE) if self.gofunc is not None else None
@@ -223,8 +237,16 @@ class GoSymbolTable:
             return None
         return self._lookup(i, pc)
 
-    @lru_cache(maxsize=65536)  # noqa: B019 - one table per binary, bounded, lives as long as it
     def _lookup(self, i: int, pc: int) -> GoFrame:
+        key = (i, pc)
+        frame = self._frame_cache.get(key)
+        if frame is None:
+            if len(self._frame_cache) >= LOOKUP_CACHE_ENTRIES:
+                self._frame_cache.clear()
+            frame = self._frame_cache[key] = self._decode_frame(i, pc)
+        return frame
+
+    def _decode_frame(self, i: int, pc: int) -> GoFrame:
         name_off, *_ = self._func(i)
         file, line = self._file_line(i, pc)
         return GoFrame(self._cstring(self.funcname_off + name_off), file, line, self.entries[i])
@@ -269,6 +291,33 @@ class ModuleData:
     address: int
     text: int  # runtime.text: the base of every function entry offset
     gofunc: int | None  # go:func.*, base of funcdata offsets; None when the layout is unknown
+
+
+# One table per Go binary for the whole agent: the goroutine actor and the symbolizer both
+# read a running Go binary's pclntab, and each table holds a copy of the section (5.8 MB
+# seen twice for one binary in a census of the agent). Weak values: a table lives while one
+# of its users keeps it. Keyed by the opened file's identity (device, inode, size, mtime).
+_SHARED_TABLES: weakref.WeakValueDictionary[tuple[int, int, int, int], GoSymbolTable] = (
+    weakref.WeakValueDictionary())
+
+
+def _file_identity(stream: object) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # in-memory images (the vDSO), closed files
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def shared_go_table(elf: ELFFile) -> GoSymbolTable | None:
+    """``load_go_table(elf)``, or the table already loaded from the same file by another user."""
+    key = _file_identity(elf.stream)
+    table = _SHARED_TABLES.get(key) if key is not None else None
+    if table is None:
+        table = load_go_table(elf)
+        if table is not None and key is not None:
+            _SHARED_TABLES[key] = table
+    return table
 
 
 def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
