@@ -22,18 +22,29 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
-from agent.actors.sources import RingBufferSource, wakeup_bytes
+from agent.actors.sources import RingBufferSource, RingItem, wakeup_bytes
 from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
 from agent.bpf.records import RawStackEvent
-from agent.bpf.sample_records import KNOWN_STACK_SIZE, decode_batch, parse_known_stack, thread_name
+from agent.bpf.ring_reader import HEADER_BYTES, RingBatch
+from agent.bpf.sample_records import (
+    KNOWN_STACK_SIZE,
+    SAMPLE_RECORD,
+    SLOT_SIZE,
+    IdColumns,
+    comm_bytes,
+    decode_batch,
+    parse_known_stack,
+    slot_pids,
+    thread_name,
+)
 from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
 from agent.stacks.assembly import event_frames
 from agent.unwind import ActorUnwinding, chain_stages
-from shared.model import Frame, Sample
+from shared.model import Frame, Sample, SampleColumns
 from shared.profile_types import ProfileType
 
 # Where the pid is in every record: id records and whole stacks alike (bpf/stack_dedup.h,
@@ -64,7 +75,21 @@ class _Stack:
     retry_at: float
 
 
-class CpuActor(BpfActor[bytes]):
+def _record_bytes(items: list[RingItem]) -> list[bytes]:
+    """Every record of ``items`` as its own ``bytes`` (the whole-record program's path)."""
+    out: list[bytes] = []
+    for item in items:
+        if isinstance(item, RingBatch):
+            slots, slot = item.slots, item.slot_size
+            size = SAMPLE_RECORD.size if slot == SLOT_SIZE else slot
+            out.extend(slots[at + HEADER_BYTES : at + HEADER_BYTES + size] for at in range(0, len(slots), slot))
+            out.extend(item.records)
+        else:
+            out.append(item)
+    return out
+
+
+class CpuActor(BpfActor[RingItem]):
     """Samples on-CPU stacks with a perf_event BPF program; records through a ring buffer."""
 
     profile_type = ProfileType.CPU
@@ -75,7 +100,9 @@ class CpuActor(BpfActor[bytes]):
     THREAD_NAMES_MAX: ClassVar[int] = 65536
 
     def __init__(self, ctx: ActorContext) -> None:
-        source = self._ring = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes)
+        # Id records stay in their ring slots until decoded (agent/bpf/ring_reader.py RingBatch).
+        source = self._ring = RingBufferSource.batched(ctx, self.profile_type, SAMPLE_RECORD.size,
+                                                       on_records=self._note_processes)
         super().__init__(ctx, source, PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
         self.dedup = ctx.settings.cpu_stack_dedup
@@ -90,14 +117,23 @@ class CpuActor(BpfActor[bytes]):
         self._thread_names: dict[bytes, str] = {}
         self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
 
-    def _note_processes(self, records: list[bytes]) -> None:
+    def _note_processes(self, items: list[RingItem]) -> None:
         # On the poll thread, as records arrive: a process that exits before its records are
         # symbolized is still symbolized from what was read now (agent/process/capture.py).
         captures = self.ctx.symbolizer.captures
         if captures is None:
             return
-        for pid in {record[_PID_AT:_PID_END] for record in records if len(record) >= _PID_END}:
-            captures.note(int.from_bytes(pid, "little"))
+        pids: set[int] = set()
+        records: list[bytes] = []
+        for item in items:
+            if isinstance(item, RingBatch):
+                pids |= slot_pids(item)
+                records.extend(item.records)
+            else:
+                records.append(item)
+        pids.update(int.from_bytes(r[_PID_AT:_PID_END], "little") for r in records if len(r) >= _PID_END)
+        for pid in pids:
+            captures.note(pid)
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
@@ -132,9 +168,15 @@ class CpuActor(BpfActor[bytes]):
                 self.ctx.counters.inc("cpu_stacks", deltas[slot], result=result)
 
     # -- records to samples ---------------------------------------------------------------
-    def to_samples(self, records: list[bytes]) -> list[Sample]:
+    def to_samples(self, records: list[RingItem]) -> SampleColumns:
+        """Samples of a drain's records (``bytes`` each, or ring batches), as columns.
+
+        Id records are decoded together and turned into columns without a Python step per
+        sample: each distinct (pid, stack id, serial), thread name and pid of the batch is
+        resolved once, and the columns are mapped from those in C. Records with a whole
+        stack (new stacks, copies, errors: few) become samples one by one, first."""
         if not self.dedup:
-            return self._whole_records_to_samples(records)
+            return SampleColumns.from_samples(self._whole_records_to_samples(_record_bytes(records)))
         ctx = self.ctx
         type_name = self.profile_type.value
         batch = decode_batch(records)
@@ -146,8 +188,7 @@ class CpuActor(BpfActor[bytes]):
         processes: dict[int, tuple[Any, str]] = {}
         fresh: dict[tuple[int, int], RawStackEvent] = {}
         statuses: Counter[int] = Counter()
-        unknown = 0
-        out: list[Sample] = []
+        whole: list[Sample] = []
         for head, ev in batch.full:
             ts, stack_id, serial, pid, tid, cpu, flags, comm = head
             process_key, process_name = processes.get(pid) or self._process(pid, processes)
@@ -158,27 +199,49 @@ class CpuActor(BpfActor[bytes]):
             else:  # not stored in BPF (a stack copy, an error, a collision): this record only
                 frames = self.frames(ev)
             name = self._thread_name(comm)
-            out.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames, values))
-        stacks = self._stacks
-        for ts, stack_id, serial, pid, tid, cpu, _flags, comm in batch.ids:
-            process_key, process_name = processes.get(pid) or self._process(pid, processes)
-            stack = stacks.get((process_key, stack_id, serial))
-            if stack is None or stack.raw is not None:
-                stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
-                if stack is None:
-                    unknown += 1
-                    continue
-                stacks = self._stacks  # _stack() may have started a new generation
-            else:
-                statuses[stack.py_status] += 1
-            name = self._thread_names.get(comm) or self._thread_name(comm)
-            out.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, stack.frames, values))
-        if unknown:
-            ctx.counters.inc("events_dropped", unknown, type=type_name, reason="stack_unknown")
+            whole.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames, values))
+        out = SampleColumns.from_samples(whole)
+        for block in batch.id_blocks:
+            self._id_columns(out, block, processes, fresh, now, statuses, offset, values)
         for status, n in statuses.items():
             if status and self.python is not None:
                 ctx.counters.inc("python_stacks", n, type=type_name, status=PY_STATUS.get(status, "other"))
         return out
+
+    def _id_columns(self, out: SampleColumns, ids: IdColumns, processes: dict[int, tuple[Any, str]],
+                    fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int], offset: int,
+                    values: tuple[int, ...]) -> None:
+        """Append the samples of decoded id records to ``out``, column by column."""
+        pids, comms = ids.pid, ids.comm
+        keys = list(zip(pids, ids.stack_id, ids.serial, strict=True))
+        stacks: dict[tuple[int, int, int], tuple[Frame, ...] | None] = {}
+        unknown = 0
+        for key, n in Counter(keys).items():  # each distinct stack of the batch once
+            pid, stack_id, serial = key
+            process_key, _name = processes.get(pid) or self._process(pid, processes)
+            stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
+            if stack is None:
+                stacks[key] = None
+                unknown += n
+            else:
+                stacks[key] = stack.frames
+                if n > 1:  # _stack() counted this key's first sample
+                    statuses[stack.py_status] += n - 1
+        known_names = self._thread_names
+        names = {comm: known_names.get(raw) or self._thread_name(raw)
+                 for comm, raw in ((c, comm_bytes(c)) for c in dict.fromkeys(comms))}
+        thread_names = list(map(names.__getitem__, comms))
+        process_names = list(map({pid: processes[pid][1] for pid in processes}.__getitem__, pids))
+        if not all(process_names):  # a process without a name is named by its thread
+            process_names = [p or t for p, t in zip(process_names, thread_names, strict=True)]
+        frames = list(map(stacks.__getitem__, keys))
+        columns = SampleColumns(list(map(offset.__add__, ids.ts)), ids.cpu, pids, ids.tid,
+                                thread_names, process_names, cast(list[tuple[Frame, ...]], frames),
+                                [values] * len(keys))
+        if unknown:
+            self.ctx.counters.inc("events_dropped", unknown, type=self.profile_type.value, reason="stack_unknown")
+            columns = columns.select([f is not None for f in frames])
+        out.concat(columns)
 
     def _whole_records_to_samples(self, records: list[bytes]) -> list[Sample]:
         """Samples from whole ``struct stack_event`` records (bpf/cpu_records.bpf.c)."""

@@ -2,45 +2,124 @@
 
 Most records are 56-byte id records (time, cpu, pid, tid, thread name, stack id, serial);
 a record for a stack BPF has not sent before carries the whole ``struct stack_event`` after
-the same header. A batch's id records are decoded together with one ``struct.iter_unpack``
-over their concatenation: no per-record Python objects besides the tuple it yields.
+the same header. A batch's id records are decoded together, field by field: each field of
+every record is one strided ``memoryview`` over the records' bytes (straight over the ring
+slots they were drained in, agent/bpf/ring_reader.py), turned into a list in C; no Python
+object is made per record.
 """
 
 from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 from agent.bpf.layouts import FullSampleRecord, KnownStack, SampleRecord, struct_format
 from agent.bpf.records import RawStackEvent, parse_stack_event
+from agent.bpf.ring_reader import HEADER_BYTES, RingBatch
 
 SAMPLE_RECORD: struct.Struct = struct_format(SampleRecord)
 KNOWN_STACK_HEAD: struct.Struct = struct_format(KnownStack, "serial", "generation")
+# An id record as it sits in its ring slot (agent/bpf/ring_reader.py RingBatch): the ring's
+# 8-byte header, the record, padding to 8 bytes.
+SLOT_SIZE = (SAMPLE_RECORD.size + HEADER_BYTES + 7) & ~7
 FULL_RECORD_SIZE = ctypes.sizeof(FullSampleRecord)
 KNOWN_STACK_SIZE = ctypes.sizeof(KnownStack)
 _EVENT_AT = FullSampleRecord.ev.offset
 _KNOWN_EVENT_AT = KnownStack.ev.offset
+_COMM_BYTES = SampleRecord.comm.size
+# Fields read as strided views: (name, item format, offset in the record). The layout puts each
+# at a multiple of its size, and records (56 bytes) and slots (64) are multiples of 8 bytes.
+_COLUMNS = (("ts", "Q", SampleRecord.ts_ns.offset), ("stack_id", "Q", SampleRecord.stack_id.offset),
+            ("serial", "Q", SampleRecord.serial.offset), ("pid", "I", SampleRecord.pid.offset),
+            ("tid", "I", SampleRecord.tid.offset), ("cpu", "I", SampleRecord.cpu.offset),
+            ("flags", "I", SampleRecord.flags.offset))
+if SAMPLE_RECORD.size % 8 or SampleRecord.comm.offset % 8 or _COMM_BYTES != 16 or any(
+        at % struct.calcsize(code) for _, code, at in _COLUMNS):
+    raise ImportError("sample_record's layout no longer fits the strided column views")
+_COMM_AT = SampleRecord.comm.offset
 
 # One decoded header: (ts_ns, stack_id, serial, pid, tid, cpu, flags, comm bytes).
 Header = tuple[int, int, int, int, int, int, int, bytes]
 
 
 @dataclass(slots=True)
-class SampleBatch:
-    """A batch of records, split: id records (headers only) and records with a whole stack."""
+class IdColumns:
+    """Id records decoded field by field into lists (each read in C from one strided view of
+    the records' bytes: no Python object per record but the values). ``comm`` is the thread
+    name as a pair of 8-byte words (hashable, cheap): :func:`comm_bytes` turns one back."""
 
-    ids: Iterable[Header] = ()
+    ts: list[int]
+    stack_id: list[int]
+    serial: list[int]
+    pid: list[int]
+    tid: list[int]
+    cpu: list[int]
+    flags: list[int]
+    comm: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, blob: bytes, at: int, stride: int) -> IdColumns:
+        """The records in ``blob`` that start at ``at`` and every ``stride`` bytes after."""
+        view = memoryview(blob)
+        words = {"Q": view.cast("Q"), "I": view.cast("I")}
+
+        def column(code: str, offset: int) -> list[int]:
+            size = struct.calcsize(code)
+            return words[code][(at + offset) // size :: stride // size].tolist()
+
+        ts, stack_id, serial, pid, tid, cpu, flags = (column(code, offset) for _, code, offset in _COLUMNS)
+        comm = list(zip(column("Q", _COMM_AT), column("Q", _COMM_AT + 8), strict=True))
+        return cls(ts, stack_id, serial, pid, tid, cpu, flags, comm)
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def headers(self) -> Iterator[Header]:
+        """The records as header tuples, in order."""
+        return zip(self.ts, self.stack_id, self.serial, self.pid, self.tid, self.cpu, self.flags,
+                   map(comm_bytes, self.comm), strict=True)
+
+
+def comm_bytes(comm: tuple[int, int]) -> bytes:
+    """The 16 comm bytes of a thread name held as two little-endian words."""
+    return (comm[0] | comm[1] << 64).to_bytes(_COMM_BYTES, "little")
+
+
+@dataclass(slots=True)
+class SampleBatch:
+    """A batch of records, split: id records (headers only, in column blocks) and records
+    with a whole stack."""
+
+    id_blocks: list[IdColumns] = field(default_factory=list)
     full: list[tuple[Header, RawStackEvent]] = field(default_factory=list)
     malformed: int = 0
 
+    @property
+    def ids(self) -> Iterable[Header]:
+        """The id records as header tuples (for callers that want one per record)."""
+        return chain.from_iterable(block.headers() for block in self.id_blocks)
 
-def decode_batch(records: list[bytes]) -> SampleBatch:
-    """Split and decode ``records``; records of any other size are counted as malformed."""
+
+def decode_batch(items: list[bytes | RingBatch]) -> SampleBatch:
+    """Split and decode records, given one by one or as ring batches (whose id records are
+    decoded straight from their ring slots); records of any other size are counted as
+    malformed."""
     batch = SampleBatch()
     small: list[bytes] = []
     size = SAMPLE_RECORD.size
+    records: list[bytes] = []
+    for item in items:
+        if isinstance(item, RingBatch):
+            if item.slot_size != SLOT_SIZE or len(item.slots) % SLOT_SIZE:  # not drained for id records
+                batch.malformed += len(item.slots) // max(1, item.slot_size)
+            elif item.slots:
+                batch.id_blocks.append(IdColumns.of(item.slots, HEADER_BYTES, SLOT_SIZE))
+            records.extend(item.records)
+        else:
+            records.append(item)
     for raw in records:
         n = len(raw)
         if n == size:
@@ -51,8 +130,17 @@ def decode_batch(records: list[bytes]) -> SampleBatch:
         else:
             batch.malformed += 1
     if small:
-        batch.ids = SAMPLE_RECORD.iter_unpack(b"".join(small))  # yields Header tuples
+        batch.id_blocks.append(IdColumns.of(b"".join(small), 0, size))
     return batch
+
+
+def slot_pids(batch: RingBatch) -> set[int]:
+    """The distinct pids of a ring batch's id records: one strided view over its slots,
+    read in C (its other records are read one by one by the caller)."""
+    if not batch.slots or batch.slot_size != SLOT_SIZE or len(batch.slots) % SLOT_SIZE:
+        return set()
+    word = (HEADER_BYTES + SampleRecord.pid.offset) // 4
+    return set(memoryview(batch.slots).cast("I")[word :: SLOT_SIZE // 4])
 
 
 def parse_known_stack(raw: bytes) -> tuple[int, RawStackEvent]:
