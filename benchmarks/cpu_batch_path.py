@@ -15,7 +15,10 @@ out as the kernel's (agent/bpf/ring_reader.py ``RingView`` over plain memory), t
 The records are one flush of the issue's workload at 999 Hz on 2 CPUs (``--records``): two
 threads of a live process (real symbolization, real /proc), 8 stacks of 11 - 18 frames
 already known. Each part's thread CPU time (``time.thread_time``) per sample, median of
-``--rounds`` flushes after one warm-up flush. Side by side in one run: the code at
+``--rounds`` flushes after one warm-up flush, and how many garbage collections (any
+generation) a flush triggered: objects the collector tracks (tuples, ``Sample`` objects)
+made per sample set it off, and a collection of the old generations walks every object the
+agent holds. Side by side in one run: the code at
 ``--before`` (a git revision, exported to a temporary directory and run the same way in a
 subprocess) and the working tree, alternating, so machine load hits both alike.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -105,12 +109,20 @@ def measure(records_per_flush: int, rounds: int) -> dict[str, float]:
                 return t1 - t0, t2 - t1, t3 - t2
 
             flush()
+            collections = [0]
+
+            def count(phase: str, info: dict[str, int]) -> None:
+                collections[0] += phase == "start"
+
+            gc.callbacks.append(count)
             times = [flush() for _ in range(rounds)]
+            gc.callbacks.remove(count)
             loop.close()
         finally:
             target.stop()
     per = {part: statistics.median(t[i] for t in times) / records_per_flush * 1e6 for i, part in enumerate(PARTS)}
     per["total"] = sum(per[p] for p in PARTS)
+    per["gc_per_flush"] = collections[0] / rounds
     return per
 
 
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in results.items():
         print(f"{name:<28}" + "".join(f"{statistics.median(r[p] for r in runs):>14.3f}" for p in (*PARTS, "total")))
         print(f"{'':<28}" + "".join(f"{' / '.join(f'{r[p]:.2f}' for r in runs):>14}" for p in (*PARTS, "total")))
+        print(f"{'':<28}garbage collections a flush: {statistics.median(r['gc_per_flush'] for r in runs):.1f}")
     return 0
 
 

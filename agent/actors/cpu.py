@@ -18,10 +18,12 @@ dropped (``events_dropped{reason=stack_unknown}``): never guessed.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, ClassVar, cast
 
 from agent.actors.base import ActorContext, BpfActor
@@ -53,6 +55,8 @@ _PID_AT = SampleRecord.pid.offset
 _PID_END = _PID_AT + 4
 if StackEvent.pid.offset != _PID_AT:
     raise ImportError("sample_record and stack_event must keep pid at the same offset")
+
+_U64 = (1 << 64) - 1
 
 # Counter slots folded into ``cpu_stacks{result=...}`` (how well stacks deduplicate).
 _STACK_RESULTS = {
@@ -213,11 +217,14 @@ class CpuActor(BpfActor[RingItem]):
                     values: tuple[int, ...]) -> None:
         """Append the samples of decoded id records to ``out``, column by column."""
         pids, comms = ids.pid, ids.comm
-        keys = list(zip(pids, ids.stack_id, ids.serial, strict=True))
-        stacks: dict[tuple[int, int, int], tuple[Frame, ...] | None] = {}
+        # One int per sample for (pid, stack id, serial), exact (32 + 64 + 64 bits): made in C
+        # and not tracked by the garbage collector, as tuples would be.
+        keys = list(map(operator.or_, map(operator.or_, map(operator.lshift, pids, repeat(128)),
+                                          map(operator.lshift, ids.stack_id, repeat(64))), ids.serial))
+        stacks: dict[int, tuple[Frame, ...] | None] = {}
         unknown = 0
         for key, n in Counter(keys).items():  # each distinct stack of the batch once
-            pid, stack_id, serial = key
+            pid, stack_id, serial = key >> 128, (key >> 64) & _U64, key & _U64
             process_key, _name = processes.get(pid) or self._process(pid, processes)
             stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
             if stack is None:

@@ -11,10 +11,11 @@ object is made per record.
 from __future__ import annotations
 
 import ctypes
+import operator
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 
 from agent.bpf.layouts import FullSampleRecord, KnownStack, SampleRecord, struct_format
 from agent.bpf.records import RawStackEvent, parse_stack_event
@@ -49,7 +50,9 @@ Header = tuple[int, int, int, int, int, int, int, bytes]
 class IdColumns:
     """Id records decoded field by field into lists (each read in C from one strided view of
     the records' bytes: no Python object per record but the values). ``comm`` is the thread
-    name as a pair of 8-byte words (hashable, cheap): :func:`comm_bytes` turns one back."""
+    name's 16 bytes as one little-endian int (:func:`comm_bytes` turns it back): ints, unlike
+    tuples, are not tracked by the garbage collector, so thousands a flush do not trigger
+    collections."""
 
     ts: list[int]
     stack_id: list[int]
@@ -58,7 +61,7 @@ class IdColumns:
     tid: list[int]
     cpu: list[int]
     flags: list[int]
-    comm: list[tuple[int, int]]
+    comm: list[int]
 
     @classmethod
     def of(cls, blob: bytes, at: int, stride: int) -> IdColumns:
@@ -71,7 +74,8 @@ class IdColumns:
             return words[code][(at + offset) // size :: stride // size].tolist()
 
         ts, stack_id, serial, pid, tid, cpu, flags = (column(code, offset) for _, code, offset in _COLUMNS)
-        comm = list(zip(column("Q", _COMM_AT), column("Q", _COMM_AT + 8), strict=True))
+        comm = list(map(operator.or_, column("Q", _COMM_AT), map(operator.lshift, column("Q", _COMM_AT + 8),
+                                                                  repeat(64))))
         return cls(ts, stack_id, serial, pid, tid, cpu, flags, comm)
 
     def __len__(self) -> int:
@@ -83,9 +87,9 @@ class IdColumns:
                    map(comm_bytes, self.comm), strict=True)
 
 
-def comm_bytes(comm: tuple[int, int]) -> bytes:
-    """The 16 comm bytes of a thread name held as two little-endian words."""
-    return (comm[0] | comm[1] << 64).to_bytes(_COMM_BYTES, "little")
+def comm_bytes(comm: int) -> bytes:
+    """The 16 comm bytes of a thread name held as one little-endian int."""
+    return comm.to_bytes(_COMM_BYTES, "little")
 
 
 @dataclass(slots=True)
