@@ -17,8 +17,8 @@ from pathlib import Path
 
 from agent.actors.base import ActorContext, SampleSink
 from agent.bpf.layouts import DedupFlags
-from agent.bpf.ring_reader import RingBatch
-from agent.bpf.sample_records import SAMPLE_RECORD, SLOT_SIZE, decode_batch
+from agent.bpf.ring_reader import RingReader, RingView
+from agent.bpf.sample_records import SAMPLE_RECORD, decode_batch, record_pids
 from agent.clock import MonotonicToUnix
 from agent.metadata.sink import MetadataSink
 from agent.settings import AgentSettings
@@ -31,13 +31,16 @@ from tests.test_stack_dedup import FakeKernelCpuActor, stack_event
 from tests.test_symbols import Target, build
 
 
-def slots_of(records: list[bytes]) -> bytes:
-    """Records as the ring holds them: an 8-byte header (length, kernel word), padding to 8."""
-    out = b""
+def drained(records: list[bytes]) -> list[bytes]:
+    """``records`` written into a ring laid out as the kernel's and drained in runs."""
+    view = RingView(memoryview(bytearray(8)), memoryview(bytearray(8)), memoryview(bytearray(2 * 65536)), 65536)
+    pos = 0
     for r in records:
         slot = len(r).to_bytes(4, "little") + b"\x99\x88\x77\x66" + r
-        out += slot.ljust((len(slot) + 7) & ~7, b"\0")
-    return out
+        view.data[pos : pos + len(slot)] = slot
+        pos += (len(slot) + 7) & ~7
+    view.producer[0] = pos
+    return RingReader(view).drain_batch(SAMPLE_RECORD.size)
 
 
 def random_headers(n: int, seed: int) -> list[tuple[int, int, int, int, int, int, int, bytes]]:
@@ -48,20 +51,16 @@ def random_headers(n: int, seed: int) -> list[tuple[int, int, int, int, int, int
             for _ in range(n)]
 
 
-def test_id_records_decode_from_slots_and_from_bytes_as_struct_unpacks_them() -> None:
+def test_id_records_decode_field_by_field_as_struct_unpacks_them() -> None:
     heads = random_headers(300, 1)
     records = [SAMPLE_RECORD.pack(*h) for h in heads]
-    assert SLOT_SIZE == 64
-    from_slots = decode_batch([RingBatch(slots_of(records[:200]), SLOT_SIZE, records[200:250])])
-    from_bytes = decode_batch(records[250:])
-    assert list(from_slots.ids) == heads[:250]
-    assert list(from_bytes.ids) == heads[250:]
-    assert from_slots.malformed == from_bytes.malformed == 0
-
-
-def test_a_batch_of_other_slots_is_counted_as_malformed() -> None:
-    batch = decode_batch([RingBatch(b"\0" * 128, 32, [])])
-    assert batch.malformed == 4 and list(batch.ids) == []
+    from_slots = drained(records[:250])
+    assert from_slots == records[:250]
+    assert list(decode_batch(from_slots).ids) == heads[:250]  # id records only: one block
+    mixed = decode_batch([*records[250:], b"\0" * 40])  # and with a malformed one beside them
+    assert list(mixed.ids) == heads[250:] and mixed.malformed == 1
+    short = b"\0" * 20  # too short to hold a pid
+    assert record_pids(records) == {h[3] for h in heads} == record_pids([*records, short])
 
 
 def test_the_actor_gives_the_same_samples_from_ring_batches_as_from_records(tmp_path: Path) -> None:
@@ -88,7 +87,7 @@ def test_the_actor_gives_the_same_samples_from_ring_batches_as_from_records(tmp_
             if how == "records":
                 samples[how] = list(actor.to_samples([new, *ids]))
             else:
-                samples[how] = list(actor.to_samples([RingBatch(slots_of(ids), SLOT_SIZE, [new])]))
+                samples[how] = list(actor.to_samples(drained([*ids[:5], new, *ids[5:]])))
             assert actor.ctx.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 4
         assert samples["batch"] == samples["records"]
         got = samples["batch"]

@@ -28,19 +28,17 @@ from typing import Any, ClassVar, cast
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
-from agent.actors.sources import RingBufferSource, RingItem, wakeup_bytes
+from agent.actors.sources import RingBufferSource, wakeup_bytes
 from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
 from agent.bpf.records import RawStackEvent
-from agent.bpf.ring_reader import HEADER_BYTES, RingBatch
 from agent.bpf.sample_records import (
     KNOWN_STACK_SIZE,
     SAMPLE_RECORD,
-    SLOT_SIZE,
     IdColumns,
     comm_bytes,
     decode_batch,
     parse_known_stack,
-    slot_pids,
+    record_pids,
     thread_name,
 )
 from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
@@ -52,7 +50,6 @@ from shared.profile_types import ProfileType
 # Where the pid is in every record: id records and whole stacks alike (bpf/stack_dedup.h,
 # bpf/stack_event.h), so the poll thread reads it without telling them apart.
 _PID_AT = SampleRecord.pid.offset
-_PID_END = _PID_AT + 4
 if StackEvent.pid.offset != _PID_AT:
     raise ImportError("sample_record and stack_event must keep pid at the same offset")
 
@@ -79,21 +76,7 @@ class _Stack:
     retry_at: float
 
 
-def _record_bytes(items: list[RingItem]) -> list[bytes]:
-    """Every record of ``items`` as its own ``bytes`` (the whole-record program's path)."""
-    out: list[bytes] = []
-    for item in items:
-        if isinstance(item, RingBatch):
-            slots, slot = item.slots, item.slot_size
-            size = SAMPLE_RECORD.size if slot == SLOT_SIZE else slot
-            out.extend(slots[at + HEADER_BYTES : at + HEADER_BYTES + size] for at in range(0, len(slots), slot))
-            out.extend(item.records)
-        else:
-            out.append(item)
-    return out
-
-
-class CpuActor(BpfActor[RingItem]):
+class CpuActor(BpfActor[bytes]):
     """Samples on-CPU stacks with a perf_event BPF program; records through a ring buffer."""
 
     profile_type = ProfileType.CPU
@@ -104,9 +87,9 @@ class CpuActor(BpfActor[RingItem]):
     THREAD_NAMES_MAX: ClassVar[int] = 65536
 
     def __init__(self, ctx: ActorContext) -> None:
-        # Id records stay in their ring slots until decoded (agent/bpf/ring_reader.py RingBatch).
-        source = self._ring = RingBufferSource.batched(ctx, self.profile_type, SAMPLE_RECORD.size,
-                                                       on_records=self._note_processes)
+        # Id records are drained in runs (agent/bpf/ring_reader.py drain_batch).
+        source = self._ring = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes,
+                                                  fixed_size=SAMPLE_RECORD.size)
         super().__init__(ctx, source, PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
         self.dedup = ctx.settings.cpu_stack_dedup
@@ -121,22 +104,13 @@ class CpuActor(BpfActor[RingItem]):
         self._thread_names: dict[bytes, str] = {}
         self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
 
-    def _note_processes(self, items: list[RingItem]) -> None:
+    def _note_processes(self, records: list[bytes]) -> None:
         # On the poll thread, as records arrive: a process that exits before its records are
         # symbolized is still symbolized from what was read now (agent/process/capture.py).
         captures = self.ctx.symbolizer.captures
         if captures is None:
             return
-        pids: set[int] = set()
-        records: list[bytes] = []
-        for item in items:
-            if isinstance(item, RingBatch):
-                pids |= slot_pids(item)
-                records.extend(item.records)
-            else:
-                records.append(item)
-        pids.update(int.from_bytes(r[_PID_AT:_PID_END], "little") for r in records if len(r) >= _PID_END)
-        for pid in pids:
+        for pid in record_pids(records):
             captures.note(pid)
 
     def period(self) -> int:
@@ -172,15 +146,15 @@ class CpuActor(BpfActor[RingItem]):
                 self.ctx.counters.inc("cpu_stacks", deltas[slot], result=result)
 
     # -- records to samples ---------------------------------------------------------------
-    def to_samples(self, records: list[RingItem]) -> SampleColumns:
-        """Samples of a drain's records (``bytes`` each, or ring batches), as columns.
+    def to_samples(self, records: list[bytes]) -> SampleColumns:
+        """Samples of a drain's records, as columns.
 
         Id records are decoded together and turned into columns without a Python step per
         sample: each distinct (pid, stack id, serial), thread name and pid of the batch is
         resolved once, and the columns are mapped from those in C. Records with a whole
         stack (new stacks, copies, errors: few) become samples one by one, first."""
         if not self.dedup:
-            return SampleColumns.from_samples(self._whole_records_to_samples(_record_bytes(records)))
+            return SampleColumns.from_samples(self._whole_records_to_samples(records))
         ctx = self.ctx
         type_name = self.profile_type.value
         batch = decode_batch(records)

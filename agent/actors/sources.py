@@ -17,11 +17,11 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.actors.parts import ProgramPart
 from agent.bpf.records import EVENT_SIZE
-from agent.bpf.ring_reader import RingBatch, RingReader
+from agent.bpf.ring_reader import RingReader
 from shared.counters import Counters
 
 if TYPE_CHECKING:
@@ -47,56 +47,33 @@ class RecordSource(ProgramPart, Generic[R]):
         raise NotImplementedError
 
 
-# What a ring source yields: a record, or (with ``fixed_size``) a drain's batch of them.
-RingItem = bytes | RingBatch
-
-
-class RingBufferSource(RecordSource[R]):
-    """Raw records of the program's ``events`` ring buffer, through a bounded deque.
-
-    With ``fixed_size`` (the size most records have), each drain is one
-    :class:`~agent.bpf.ring_reader.RingBatch` (those records as one block of ring slots, the
-    others as ``bytes``): no Python object per record on the poll thread; the deque then
-    holds batches and is bounded by the records they hold. Without it, one ``bytes`` per
-    record.
-    """
+class RingBufferSource(RecordSource[bytes]):
+    """Raw records of the program's ``events`` ring buffer, through a bounded deque."""
 
     POLL_TIMEOUT_MS = 250
 
     def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str,
-                 on_records: Callable[[list[R]], None] | None = None,
-                 fixed_size: int | None = None) -> None:
+                 on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> None:
         self.pages = _pow2(ring_pages)
+        # Most records are this size (the CPU profile's 56-byte id records): drained in runs,
+        # without a Python step per record (agent/bpf/ring_reader.py ``drain_batch``).
+        self.fixed_size = fixed_size
         # Called on the poll thread with each batch as it arrives (before it waits for a flush).
         self.on_records = on_records
         self.counters = counters
         self.type_name = type_name
-        self.fixed_size = fixed_size
-        self.max_pending = max_pending
-        self._pending: deque[R] = deque(maxlen=None if fixed_size else max_pending)
-        self._pending_records = 0  # with fixed_size: records in the deque's batches
-        self._lock = threading.Lock()  # with fixed_size: the deque and its count together
+        self._pending: deque[bytes] = deque(maxlen=max_pending)
         self._stop = threading.Event()
         self._ring: RingReader | None = None
         self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
         self._poller: threading.Thread | None = None
 
-    @staticmethod
-    def of(ctx: ActorContext, profile_type: ProfileType,
-           on_records: Callable[[list[bytes]], None] | None = None) -> RingBufferSource[bytes]:
-        """The ring buffer sized and bounded by the agent's settings: one ``bytes`` per record."""
+    @classmethod
+    def of(cls, ctx: ActorContext, profile_type: ProfileType,
+           on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> RingBufferSource:
+        """The ring buffer sized and bounded by the agent's settings."""
         s = ctx.settings
-        return RingBufferSource[bytes](s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value,
-                                       on_records)
-
-    @staticmethod
-    def batched(ctx: ActorContext, profile_type: ProfileType, fixed_size: int,
-                on_records: Callable[[list[RingItem]], None] | None = None) -> RingBufferSource[RingItem]:
-        """The same ring, drained in batches whose ``fixed_size``-byte records stay in their
-        ring slots (:class:`~agent.bpf.ring_reader.RingBatch`)."""
-        s = ctx.settings
-        return RingBufferSource[RingItem](s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value,
-                                          on_records, fixed_size)
+        return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value, on_records, fixed_size)
 
     def defines(self) -> dict[str, int | str]:
         return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.ring_bytes)}
@@ -124,60 +101,21 @@ class RingBufferSource(RecordSource[R]):
         if ring is not None:
             ring.close()
 
-    def drain(self) -> list[R]:
-        pending = self._pending
-        if self.fixed_size:
-            with self._lock:
-                items = list(pending)
-                pending.clear()
-                self._pending_records = 0
-            return items
+    def drain(self) -> list[bytes]:
         # popleft is atomic against the poll thread's extend: nothing slips between read and clear.
+        pending = self._pending
         return [pending.popleft() for _ in range(len(pending))]
 
     def _take_records(self, reader: RingReader) -> None:
         """Move every committed record into the pending deque (the oldest go when it is full)."""
-        if self.fixed_size:
-            self._take_batch(reader, self.fixed_size)
-        else:
-            records = reader.drain()
-            if records and self.on_records is not None:
-                self.on_records(cast(list[R], records))
-            pending = self._pending
-            overflow = len(pending) + len(records) - (pending.maxlen or 0)
-            if overflow > 0:
-                self.counters.inc("events_dropped", overflow, type=self.type_name, reason="agent_queue_full")
-            pending.extend(cast(list[R], records))  # one C call: atomic against the flush's popleft
-        self._count_ring_stats(reader)
-
-    def _take_batch(self, reader: RingReader, fixed_size: int) -> None:
-        """One drain as one batch; past ``max_pending`` records the oldest are dropped, counted."""
-        batch = reader.drain_batch(fixed_size)
-        n = len(batch)
-        if not n:
-            return
-        if self.on_records is not None:
-            self.on_records(cast(list[R], [batch]))
-        dropped = 0
-        with self._lock:
-            pending = cast(deque[RingItem], self._pending)
-            pending.append(batch)
-            self._pending_records += n
-            while self._pending_records > self.max_pending:
-                oldest = pending[0]
-                excess = self._pending_records - self.max_pending
-                if isinstance(oldest, RingBatch) and len(oldest) > excess:
-                    gone = oldest.drop_oldest(excess)
-                else:
-                    pending.popleft()
-                    gone = len(oldest) if isinstance(oldest, RingBatch) else 1
-                self._pending_records -= gone
-                dropped += gone
-        if dropped:
-            self.counters.inc("events_dropped", dropped, type=self.type_name, reason="agent_queue_full")
-
-    def _count_ring_stats(self, reader: RingReader) -> None:
-        name = self.type_name
+        records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
+        if records and self.on_records is not None:
+            self.on_records(records)
+        pending, name = self._pending, self.type_name
+        overflow = len(pending) + len(records) - (pending.maxlen or 0)
+        if overflow > 0:
+            self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
+        pending.extend(records)  # one C call: atomic against the flush's popleft
         stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
         if (stats.malformed, stats.discarded) != self._ring_counts_seen:
             self._ring_counts_seen = (stats.malformed, stats.discarded)

@@ -33,7 +33,9 @@ import logging
 import mmap
 import platform
 import select
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -75,32 +77,6 @@ class RingStats:
     discarded: int = 0  # records the BPF program discarded (bpf_ringbuf_discard): skipped
     malformed: int = 0  # headers whose length cannot be right: the rest of that batch dropped
     malformed_bytes: int = 0  # how many ring bytes those drops skipped
-
-
-@dataclass(slots=True)
-class RingBatch:
-    """One drain of a ring whose records are mostly of one size (the CPU profile's 56-byte
-    stack-id records): those are kept as the ring slots they came in, concatenated into one
-    ``bytes`` (``slot_size`` bytes each: the 8-byte header, the record, padding), so a batch
-    costs one copy per run of them and no Python object per record; every other record is
-    its own ``bytes`` in ``records``. Slots and records together are the drain's records,
-    but not in ring order between the two groups."""
-
-    slots: bytes = b""
-    slot_size: int = HEADER_BYTES
-    records: list[bytes] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.slots) // self.slot_size + len(self.records)
-
-    def drop_oldest(self, n: int) -> int:
-        """Drop up to ``n`` records (slots first, their oldest), for a bounded queue; returns
-        how many went."""
-        from_slots = min(n, len(self.slots) // self.slot_size)
-        self.slots = self.slots[from_slots * self.slot_size:]
-        from_records = min(n - from_slots, len(self.records))
-        del self.records[:from_records]
-        return from_slots + from_records
 
 
 class RingView:
@@ -242,34 +218,35 @@ class RingReader:
         self.stats.discarded += discarded
         return records
 
-    def drain_batch(self, fixed_size: int) -> RingBatch:
-        """Like :meth:`drain`, for a ring whose records are mostly ``fixed_size`` bytes long.
+    def drain_batch(self, fixed_size: int) -> list[bytes]:
+        """Like :meth:`drain` (the same records, in ring order), for a ring whose records are
+        mostly ``fixed_size`` bytes long, without a Python step per such record.
 
         Runs of committed records of exactly that length (their headers: the length, neither
         busy nor discarded) are found by comparing the run's header words, read with one
-        strided slice of the mapping, against the expected value, and copied as one block of
-        slots; any other header (another length, busy, discarded, malformed) is handled one
-        record at a time exactly as :meth:`drain` does. Headers are read before the data they
-        cover, and the consumer position is stored after the copies.
+        strided slice of the mapping, against the expected value; a run is copied as one
+        block of ring slots and cut into records by ``struct.iter_unpack`` (a loop in C). Any
+        other header (another length, busy, discarded, malformed) is handled one record at a
+        time exactly as :meth:`drain` does. Headers are read before the data they cover, and
+        the consumer position is stored after the copies.
         """
         view = self.view
         consumer = view.consumer[0]
         producer = view.producer[0]  # acquire: the headers below are read after this load
-        slot = (fixed_size + HEADER_BYTES + 7) & ~7
-        batch = RingBatch(slot_size=slot)
         if producer == consumer:
-            return batch
+            return []
         words, mask, size, data = view.words, view.mask, view.size, view.data
         if not 0 < producer - consumer <= size:
             self._malformed(consumer, producer, producer - consumer, "positions")
             view.consumer[0] = producer
-            return batch
+            return []
+        slot = (fixed_size + HEADER_BYTES + 7) & ~7
+        cut = struct.Struct(f"{HEADER_BYTES}x{fixed_size}s{slot - HEADER_BYTES - fixed_size}x")
         header_word = fixed_size.to_bytes(4, "little")
         stride = slot >> 2
-        runs: list[bytes] = []
-        records = batch.records
+        records: list[bytes] = []
         pos = consumer
-        discarded = in_slots = 0
+        discarded = 0
         while pos < producer:
             at = pos & mask
             fits = (producer - pos) // slot
@@ -278,8 +255,7 @@ class RingReader:
                 heads = words[first : first + fits * stride : stride].tobytes()  # one load per header
                 run = _leading_copies(heads, header_word)
                 if run:
-                    runs.append(data[at : at + run * slot].tobytes())
-                    in_slots += run
+                    records.extend(map(itemgetter(0), cut.iter_unpack(data[at : at + run * slot])))
                     pos += run * slot
                     continue
             header = words[at >> 2]
@@ -297,10 +273,9 @@ class RingReader:
                 records.append(data[at + HEADER_BYTES : at + HEADER_BYTES + length].tobytes())
             pos += step
         view.consumer[0] = pos  # release: after the copies above
-        batch.slots = runs[0] if len(runs) == 1 else b"".join(runs)
-        self.stats.records += in_slots + len(records)
+        self.stats.records += len(records)
         self.stats.discarded += discarded
-        return batch
+        return records
 
     def _malformed(self, pos: int, producer: int, length: int, what: str) -> None:
         self.stats.malformed += 1

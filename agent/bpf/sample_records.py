@@ -3,9 +3,8 @@
 Most records are 56-byte id records (time, cpu, pid, tid, thread name, stack id, serial);
 a record for a stack BPF has not sent before carries the whole ``struct stack_event`` after
 the same header. A batch's id records are decoded together, field by field: each field of
-every record is one strided ``memoryview`` over the records' bytes (straight over the ring
-slots they were drained in, agent/bpf/ring_reader.py), turned into a list in C; no Python
-object is made per record.
+every record is one strided ``memoryview`` over the records' concatenation, turned into a
+list in C; no Python object is made per record.
 """
 
 from __future__ import annotations
@@ -19,13 +18,9 @@ from itertools import chain, repeat
 
 from agent.bpf.layouts import FullSampleRecord, KnownStack, SampleRecord, struct_format
 from agent.bpf.records import RawStackEvent, parse_stack_event
-from agent.bpf.ring_reader import HEADER_BYTES, RingBatch
 
 SAMPLE_RECORD: struct.Struct = struct_format(SampleRecord)
 KNOWN_STACK_HEAD: struct.Struct = struct_format(KnownStack, "serial", "generation")
-# An id record as it sits in its ring slot (agent/bpf/ring_reader.py RingBatch): the ring's
-# 8-byte header, the record, padding to 8 bytes.
-SLOT_SIZE = (SAMPLE_RECORD.size + HEADER_BYTES + 7) & ~7
 FULL_RECORD_SIZE = ctypes.sizeof(FullSampleRecord)
 KNOWN_STACK_SIZE = ctypes.sizeof(KnownStack)
 _EVENT_AT = FullSampleRecord.ev.offset
@@ -107,23 +102,14 @@ class SampleBatch:
         return chain.from_iterable(block.headers() for block in self.id_blocks)
 
 
-def decode_batch(items: list[bytes | RingBatch]) -> SampleBatch:
-    """Split and decode records, given one by one or as ring batches (whose id records are
-    decoded straight from their ring slots); records of any other size are counted as
-    malformed."""
+def decode_batch(records: list[bytes]) -> SampleBatch:
+    """Split and decode ``records``; records of any other size are counted as malformed."""
     batch = SampleBatch()
-    small: list[bytes] = []
     size = SAMPLE_RECORD.size
-    records: list[bytes] = []
-    for item in items:
-        if isinstance(item, RingBatch):
-            if item.slot_size != SLOT_SIZE or len(item.slots) % SLOT_SIZE:  # not drained for id records
-                batch.malformed += len(item.slots) // max(1, item.slot_size)
-            elif item.slots:
-                batch.id_blocks.append(IdColumns.of(item.slots, HEADER_BYTES, SLOT_SIZE))
-            records.extend(item.records)
-        else:
-            records.append(item)
+    if records and set(map(len, records)) == {size}:  # the common batch: id records only (in C)
+        batch.id_blocks.append(IdColumns.of(b"".join(records), 0, size))
+        return batch
+    small: list[bytes] = []
     for raw in records:
         n = len(raw)
         if n == size:
@@ -138,13 +124,14 @@ def decode_batch(items: list[bytes | RingBatch]) -> SampleBatch:
     return batch
 
 
-def slot_pids(batch: RingBatch) -> set[int]:
-    """The distinct pids of a ring batch's id records: one strided view over its slots,
-    read in C (its other records are read one by one by the caller)."""
-    if not batch.slots or batch.slot_size != SLOT_SIZE or len(batch.slots) % SLOT_SIZE:
-        return set()
-    word = (HEADER_BYTES + SampleRecord.pid.offset) // 4
-    return set(memoryview(batch.slots).cast("I")[word :: SLOT_SIZE // 4])
+def record_pids(records: list[bytes]) -> set[int]:
+    """The distinct pids of ``records`` (id records and whole stacks keep ``pid`` at the same
+    offset): for a batch of id records only, one strided view over their concatenation."""
+    size = SAMPLE_RECORD.size
+    if records and set(map(len, records)) == {size}:
+        return set(memoryview(b"".join(records)).cast("I")[SampleRecord.pid.offset // 4 :: size // 4])
+    end = SampleRecord.pid.offset + 4
+    return {int.from_bytes(r[SampleRecord.pid.offset : end], "little") for r in records if len(r) >= end}
 
 
 def parse_known_stack(raw: bytes) -> tuple[int, RawStackEvent]:
