@@ -9,8 +9,9 @@ With ``native_unwinding`` on, the program also unwinds user stacks from DWARF CF
 
 Stacks are deduplicated in the kernel (bpf/stack_dedup.h, docs/design/stack-dedup.md): a
 sample of a stack BPF stored before is a 56-byte record carrying (stack id, serial). The
-actor keeps symbolized stacks by (ProcessKey, stack id, serial), so such a sample costs
-one dictionary lookup and the ``Sample`` it becomes. A record whose stack the actor does not
+actor keeps symbolized stacks by (ProcessKey, stack id, serial); a batch's id records become
+columns (shared.model.SampleColumns): each distinct stack, thread name and process of the
+batch is looked up once, no Python step per sample. A record whose stack the actor does not
 hold is resolved from the kernel's ``known_stacks`` map (serial checked) or counted as
 dropped (``events_dropped{reason=stack_unknown}``): never guessed.
 """
