@@ -9,8 +9,11 @@ address and mapping rather than being dropped.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import compress
+from typing import overload
 
 
 class FrameType(StrEnum):
@@ -118,6 +121,121 @@ class Sample:
     frames: tuple[Frame, ...]
     values: tuple[int, ...]
     attributes: dict[str, str] = field(default_factory=dict)
+
+
+
+class SampleColumns(Sequence[Sample]):
+    """A batch of samples held column by column: what the CPU profile's hot path builds.
+
+    Thousands of samples a second share a few stacks, threads and processes, so the columns
+    hold references to those shared objects (the same frames tuple, the same name, the same
+    attributes dict) and no ``Sample`` object exists per sample; the wire encoder reads the
+    columns as they are. Indexing or iterating still yields :class:`Sample` objects, made on
+    demand (copies: changing one does not change the batch). ``attributes`` is None when no
+    sample has any, else one dict per sample (possibly shared; never mutated here).
+    """
+
+    __slots__ = (
+        "attributes",
+        "cpus",
+        "pids",
+        "process_names",
+        "stacks",
+        "thread_names",
+        "tids",
+        "timestamps",
+        "values",
+    )
+
+    def __init__(self, timestamps: list[int], cpus: list[int], pids: list[int], tids: list[int],
+                 thread_names: list[str], process_names: list[str], stacks: list[tuple[Frame, ...]],
+                 values: list[tuple[int, ...]], attributes: list[dict[str, str]] | None = None) -> None:
+        n = len(timestamps)
+        if any(len(c) != n for c in (cpus, pids, tids, thread_names, process_names, stacks, values)) or (
+                attributes is not None and len(attributes) != n):
+            raise ValueError("sample columns of different lengths")
+        self.timestamps = timestamps
+        self.cpus = cpus
+        self.pids = pids
+        self.tids = tids
+        self.thread_names = thread_names
+        self.process_names = process_names
+        self.stacks = stacks
+        self.values = values
+        self.attributes = attributes
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[Sample]) -> SampleColumns:
+        """Columns holding ``samples`` (their attributes dicts as they are)."""
+        columns = cls([], [], [], [], [], [], [], [])
+        columns.extend(samples)
+        return columns
+
+    def concat(self, other: SampleColumns) -> None:
+        """Append ``other``'s samples (one list extend per column)."""
+        if other.attributes is not None and self.attributes is None:
+            self.attributes = [{} for _ in range(len(self))]
+        if self.attributes is not None:
+            self.attributes.extend(other.attributes if other.attributes is not None else [{}] * len(other))
+        self.timestamps.extend(other.timestamps)
+        self.cpus.extend(other.cpus)
+        self.pids.extend(other.pids)
+        self.tids.extend(other.tids)
+        self.thread_names.extend(other.thread_names)
+        self.process_names.extend(other.process_names)
+        self.stacks.extend(other.stacks)
+        self.values.extend(other.values)
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same samples (a list of ``Sample`` objects included)."""
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        attrs = self.attributes[index] if self.attributes is not None else None
+        return Sample(self.timestamps[index], self.cpus[index], self.pids[index], self.tids[index],
+                      self.thread_names[index], self.process_names[index], self.stacks[index], self.values[index],
+                      dict(attrs) if attrs else {})
+
+    def extend(self, samples: Iterable[Sample]) -> None:
+        """Append ``samples`` (the batch's few samples made one by one) to the columns."""
+        for s in samples:
+            self.timestamps.append(s.timestamp_ns)
+            self.cpus.append(s.cpu)
+            self.pids.append(s.pid)
+            self.tids.append(s.tid)
+            self.thread_names.append(s.thread_name)
+            self.process_names.append(s.process_name)
+            self.stacks.append(s.frames)
+            self.values.append(s.values)
+            if s.attributes:
+                if self.attributes is None:
+                    self.attributes = [{} for _ in range(len(self.timestamps) - 1)]
+                self.attributes.append(s.attributes)
+            elif self.attributes is not None:
+                self.attributes.append({})
+
+    def select(self, keep: list[bool]) -> SampleColumns:
+        """The samples whose ``keep`` is true, as new columns."""
+        attrs = list(compress(self.attributes, keep)) if self.attributes is not None else None
+        return SampleColumns(list(compress(self.timestamps, keep)), list(compress(self.cpus, keep)),
+                             list(compress(self.pids, keep)), list(compress(self.tids, keep)),
+                             list(compress(self.thread_names, keep)), list(compress(self.process_names, keep)),
+                             list(compress(self.stacks, keep)), list(compress(self.values, keep)), attrs)
 
 
 def inline_runs(frames: tuple[Frame, ...]) -> list[tuple[Frame, ...]]:

@@ -51,7 +51,7 @@ from typing import Any, TypeVar, cast
 import msgpack
 import zstandard
 
-from shared.model import Frame, FrameType, Mapping, Sample
+from shared.model import Frame, FrameType, Mapping, Sample, SampleColumns
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
 PROTOCOL_VERSION = 1
@@ -216,36 +216,57 @@ class StreamEncoder:
             out.append(stack_id)
         return out
 
-    def _string_ids(self, strings: Iterable[str]) -> list[int]:
-        known = self._strings.ids
-        return [known.get(s) or self._string(s) for s in strings]  # ids start at 1
+    def _string_ids(self, strings: list[str]) -> list[int]:
+        """The string id of each string: each distinct string interned once, in order of
+        first appearance (the ids a per-sample loop would give), then mapped in C."""
+        known, ids = self._strings.ids, {}
+        for s in dict.fromkeys(strings):
+            ids[s] = known.get(s) or self._string(s)  # ids start at 1
+        return list(map(ids.__getitem__, strings))
+
+    def _attribute_ids(self, attributes: list[dict[str, str]]) -> list[list[int]]:
+        """``[key_sid, value_sid, ...]`` per sample: each distinct dict object flattened once
+        (the CPU profile's samples share their process's dict), in order of first appearance."""
+        flat_by_dict: dict[int, list[int]] = {}
+        for attrs in dict(zip(map(id, attributes), attributes, strict=True)).values():  # distinct objects, in C
+            flat: list[int] = []
+            for k, v in list(attrs.items())[:MAX_ATTRS]:
+                flat.append(self._string(k))
+                flat.append(self._string(v))
+            flat_by_dict[id(attrs)] = flat
+        return list(map(flat_by_dict.__getitem__, map(id, attributes)))
 
     def encode(self, samples: Sequence[Sample], period: int) -> tuple[bytes | None, bytes | None]:
         """Encode a batch: returns (dict message or None if nothing new, samples message or None).
 
         Column by column with C-level iteration (``map``/``attrgetter``, comprehensions):
-        this runs once per sample of every profile type, the agent's hottest Python path."""
+        this runs once per sample of every profile type, the agent's hottest Python path.
+        :class:`SampleColumns` are read as they are, without a ``Sample`` per sample."""
         if any(len(t.rows) > self.max_entries for t in self._tables()):
             self._reset_tables()
-        stamps = list(map(_TIMESTAMP, samples))
+        attributes: list[dict[str, str]] | None
+        if isinstance(samples, SampleColumns):
+            stamps, cpu, pid, tid = samples.timestamps, samples.cpus, samples.pids, samples.tids
+            thread_names, process_names, stacks = samples.thread_names, samples.process_names, samples.stacks
+            values = samples.values
+            attributes = samples.attributes if samples.attributes is not None and any(samples.attributes) else None
+        else:
+            stamps = list(map(_TIMESTAMP, samples))
+            cpu = list(map(_CPU, samples))
+            pid = list(map(_PID, samples))
+            tid = list(map(_TID, samples))
+            thread_names = list(map(_THREAD_NAME, samples))
+            process_names = list(map(_PROCESS_NAME, samples))
+            stacks = list(map(_FRAMES, samples))
+            values = list(map(_VALUES, samples))  # tuples: msgpack packs them as arrays, as lists
+            attributes = list(map(_ATTRIBUTES, samples)) if any(map(_ATTRIBUTES, samples)) else None
         t0 = min(stamps, default=0)
-        ts = [t - t0 for t in stamps]
-        cpu = list(map(_CPU, samples))
-        pid = list(map(_PID, samples))
-        tid = list(map(_TID, samples))
-        thread = self._string_ids(map(_THREAD_NAME, samples))
-        process = self._string_ids(map(_PROCESS_NAME, samples))
-        stack = self._stack_ids(list(map(_FRAMES, samples)))
-        values = list(map(_VALUES, samples))  # tuples: msgpack packs them as arrays, as lists
-        any_attrs = any(map(_ATTRIBUTES, samples))
-        attrs: list[list[int]] = []
-        if any_attrs:
-            for s in samples:
-                flat: list[int] = []
-                for k, v in list(s.attributes.items())[:MAX_ATTRS]:
-                    flat.append(self._string(k))
-                    flat.append(self._string(v))
-                attrs.append(flat)
+        ts = list(map((-t0).__add__, stamps))
+        thread = self._string_ids(thread_names)
+        process = self._string_ids(process_names)
+        stack = self._stack_ids(stacks)
+        attrs = self._attribute_ids(attributes) if attributes is not None else []
+        any_attrs = attributes is not None
         dict_msg = self._dict_message()
         if not samples:
             return dict_msg, None

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 class SampleSink:
     """Where actors deliver samples (the publisher implements it)."""
 
-    async def submit(self, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
+    async def submit(self, profile_type: ProfileType, samples: Sequence[Sample], period: int) -> None:
+        """Take a batch: a list of samples, or :class:`~shared.model.SampleColumns`."""
         raise NotImplementedError
 
 
@@ -157,7 +158,7 @@ class BpfActor(ProfileActor, Generic[R]):
         """Attach the loaded program's events (blocking; runs in a worker thread)."""
 
     @abstractmethod
-    def to_samples(self, records: list[R]) -> list[Sample]:
+    def to_samples(self, records: list[R]) -> Sequence[Sample]:
         """Turn records into symbolized samples (runs on the symbolization thread); no
         discovery, no probes: those are the two steps below."""
 
@@ -322,7 +323,7 @@ class BpfActor(ProfileActor, Generic[R]):
         if samples:
             await self.ctx.sink.submit(self.profile_type, samples, self.period())
 
-    def _convert(self) -> list[Sample]:
+    def _convert(self) -> Sequence[Sample]:
         if self.bpf is None:  # stopped before the program was loaded
             return []
         if self.targets is not None:

@@ -9,8 +9,9 @@ With ``native_unwinding`` on, the program also unwinds user stacks from DWARF CF
 
 Stacks are deduplicated in the kernel (bpf/stack_dedup.h, docs/design/stack-dedup.md): a
 sample of a stack BPF stored before is a 56-byte record carrying (stack id, serial). The
-actor keeps symbolized stacks by (ProcessKey, stack id, serial), so such a sample costs
-one dictionary lookup and the ``Sample`` it becomes. A record whose stack the actor does not
+actor keeps symbolized stacks by (ProcessKey, stack id, serial); a batch's id records become
+columns (shared.model.SampleColumns): each distinct stack, thread name and process of the
+batch is looked up once, no Python step per sample. A record whose stack the actor does not
 hold is resolved from the kernel's ``known_stacks`` map (serial checked) or counted as
 dropped (``events_dropped{reason=stack_unknown}``): never guessed.
 """
@@ -18,30 +19,42 @@ dropped (``events_dropped{reason=stack_unknown}``): never guessed.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from itertools import repeat
+from typing import Any, ClassVar, cast
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
 from agent.actors.sources import RingBufferSource, wakeup_bytes
 from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
 from agent.bpf.records import RawStackEvent
-from agent.bpf.sample_records import KNOWN_STACK_SIZE, decode_batch, parse_known_stack, thread_name
+from agent.bpf.sample_records import (
+    KNOWN_STACK_SIZE,
+    SAMPLE_RECORD,
+    IdColumns,
+    comm_bytes,
+    decode_batch,
+    parse_known_stack,
+    record_pids,
+    thread_name,
+)
 from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
 from agent.stacks.assembly import event_frames
 from agent.unwind import ActorUnwinding, chain_stages
-from shared.model import Frame, Sample
+from shared.model import Frame, Sample, SampleColumns
 from shared.profile_types import ProfileType
 
 # Where the pid is in every record: id records and whole stacks alike (bpf/stack_dedup.h,
 # bpf/stack_event.h), so the poll thread reads it without telling them apart.
 _PID_AT = SampleRecord.pid.offset
-_PID_END = _PID_AT + 4
 if StackEvent.pid.offset != _PID_AT:
     raise ImportError("sample_record and stack_event must keep pid at the same offset")
+
+_U64 = (1 << 64) - 1
 
 # Counter slots folded into ``cpu_stacks{result=...}`` (how well stacks deduplicate).
 _STACK_RESULTS = {
@@ -75,7 +88,9 @@ class CpuActor(BpfActor[bytes]):
     THREAD_NAMES_MAX: ClassVar[int] = 65536
 
     def __init__(self, ctx: ActorContext) -> None:
-        source = self._ring = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes)
+        # Id records are drained in runs (agent/bpf/ring_reader.py drain_batch).
+        source = self._ring = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes,
+                                                  fixed_size=SAMPLE_RECORD.size)
         super().__init__(ctx, source, PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
         self.dedup = ctx.settings.cpu_stack_dedup
@@ -96,8 +111,8 @@ class CpuActor(BpfActor[bytes]):
         captures = self.ctx.symbolizer.captures
         if captures is None:
             return
-        for pid in {record[_PID_AT:_PID_END] for record in records if len(record) >= _PID_END}:
-            captures.note(int.from_bytes(pid, "little"))
+        for pid in record_pids(records):
+            captures.note(pid)
 
     def period(self) -> int:
         return 1_000_000_000 // self.ctx.settings.frequency_hz
@@ -132,9 +147,15 @@ class CpuActor(BpfActor[bytes]):
                 self.ctx.counters.inc("cpu_stacks", deltas[slot], result=result)
 
     # -- records to samples ---------------------------------------------------------------
-    def to_samples(self, records: list[bytes]) -> list[Sample]:
+    def to_samples(self, records: list[bytes]) -> SampleColumns:
+        """Samples of a drain's records, as columns.
+
+        Id records are decoded together and turned into columns without a Python step per
+        sample: each distinct (pid, stack id, serial), thread name and pid of the batch is
+        resolved once, and the columns are mapped from those in C. Records with a whole
+        stack (new stacks, copies, errors: few) become samples one by one, first."""
         if not self.dedup:
-            return self._whole_records_to_samples(records)
+            return SampleColumns.from_samples(self._whole_records_to_samples(records))
         ctx = self.ctx
         type_name = self.profile_type.value
         batch = decode_batch(records)
@@ -146,8 +167,7 @@ class CpuActor(BpfActor[bytes]):
         processes: dict[int, tuple[Any, str]] = {}
         fresh: dict[tuple[int, int], RawStackEvent] = {}
         statuses: Counter[int] = Counter()
-        unknown = 0
-        out: list[Sample] = []
+        whole: list[Sample] = []
         for head, ev in batch.full:
             ts, stack_id, serial, pid, tid, cpu, flags, comm = head
             process_key, process_name = processes.get(pid) or self._process(pid, processes)
@@ -158,27 +178,52 @@ class CpuActor(BpfActor[bytes]):
             else:  # not stored in BPF (a stack copy, an error, a collision): this record only
                 frames = self.frames(ev)
             name = self._thread_name(comm)
-            out.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames, values))
-        stacks = self._stacks
-        for ts, stack_id, serial, pid, tid, cpu, _flags, comm in batch.ids:
-            process_key, process_name = processes.get(pid) or self._process(pid, processes)
-            stack = stacks.get((process_key, stack_id, serial))
-            if stack is None or stack.raw is not None:
-                stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
-                if stack is None:
-                    unknown += 1
-                    continue
-                stacks = self._stacks  # _stack() may have started a new generation
-            else:
-                statuses[stack.py_status] += 1
-            name = self._thread_names.get(comm) or self._thread_name(comm)
-            out.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, stack.frames, values))
-        if unknown:
-            ctx.counters.inc("events_dropped", unknown, type=type_name, reason="stack_unknown")
+            whole.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames, values))
+        out = SampleColumns.from_samples(whole)
+        for block in batch.id_blocks:
+            self._id_columns(out, block, processes, fresh, now, statuses, offset, values)
         for status, n in statuses.items():
             if status and self.python is not None:
                 ctx.counters.inc("python_stacks", n, type=type_name, status=PY_STATUS.get(status, "other"))
         return out
+
+    def _id_columns(self, out: SampleColumns, ids: IdColumns, processes: dict[int, tuple[Any, str]],
+                    fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int], offset: int,
+                    values: tuple[int, ...]) -> None:
+        """Append the samples of decoded id records to ``out``, column by column."""
+        pids, comms = ids.pid, ids.comm
+        # One int per sample for (pid, stack id, serial), exact (32 + 64 + 64 bits): made in C
+        # and not tracked by the garbage collector, as tuples would be.
+        keys = list(map(operator.or_, map(operator.or_, map(operator.lshift, pids, repeat(128)),
+                                          map(operator.lshift, ids.stack_id, repeat(64))), ids.serial))
+        stacks: dict[int, tuple[Frame, ...] | None] = {}
+        unknown = 0
+        for key, n in Counter(keys).items():  # each distinct stack of the batch once
+            pid, stack_id, serial = key >> 128, (key >> 64) & _U64, key & _U64
+            process_key, _name = processes.get(pid) or self._process(pid, processes)
+            stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
+            if stack is None:
+                stacks[key] = None
+                unknown += n
+            else:
+                stacks[key] = stack.frames
+                if n > 1:  # _stack() counted this key's first sample
+                    statuses[stack.py_status] += n - 1
+        known_names = self._thread_names
+        names = {comm: known_names.get(raw) or self._thread_name(raw)
+                 for comm, raw in ((c, comm_bytes(c)) for c in dict.fromkeys(comms))}
+        thread_names = list(map(names.__getitem__, comms))
+        process_names = list(map({pid: processes[pid][1] for pid in processes}.__getitem__, pids))
+        if not all(process_names):  # a process without a name is named by its thread
+            process_names = [p or t for p, t in zip(process_names, thread_names, strict=True)]
+        frames = list(map(stacks.__getitem__, keys))
+        columns = SampleColumns(list(map(offset.__add__, ids.ts)), ids.cpu, pids, ids.tid,
+                                thread_names, process_names, cast(list[tuple[Frame, ...]], frames),
+                                [values] * len(keys))
+        if unknown:
+            self.ctx.counters.inc("events_dropped", unknown, type=self.profile_type.value, reason="stack_unknown")
+            columns = columns.select([f is not None for f in frames])
+        out.concat(columns)
 
     def _whole_records_to_samples(self, records: list[bytes]) -> list[Sample]:
         """Samples from whole ``struct stack_event`` records (bpf/cpu_records.bpf.c)."""

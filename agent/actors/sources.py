@@ -53,8 +53,11 @@ class RingBufferSource(RecordSource[bytes]):
     POLL_TIMEOUT_MS = 250
 
     def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str,
-                 on_records: Callable[[list[bytes]], None] | None = None) -> None:
+                 on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> None:
         self.pages = _pow2(ring_pages)
+        # Most records are this size (the CPU profile's 56-byte id records): drained in runs,
+        # without a Python step per record (agent/bpf/ring_reader.py ``drain_batch``).
+        self.fixed_size = fixed_size
         # Called on the poll thread with each batch as it arrives (before it waits for a flush).
         self.on_records = on_records
         self.counters = counters
@@ -67,10 +70,10 @@ class RingBufferSource(RecordSource[bytes]):
 
     @classmethod
     def of(cls, ctx: ActorContext, profile_type: ProfileType,
-           on_records: Callable[[list[bytes]], None] | None = None) -> RingBufferSource:
+           on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> RingBufferSource:
         """The ring buffer sized and bounded by the agent's settings."""
         s = ctx.settings
-        return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value, on_records)
+        return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value, on_records, fixed_size)
 
     def defines(self) -> dict[str, int | str]:
         return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.ring_bytes)}
@@ -105,7 +108,7 @@ class RingBufferSource(RecordSource[bytes]):
 
     def _take_records(self, reader: RingReader) -> None:
         """Move every committed record into the pending deque (the oldest go when it is full)."""
-        records = reader.drain()
+        records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
         if records and self.on_records is not None:
             self.on_records(records)
         pending, name = self._pending, self.type_name

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 
 from agent.actors.base import SampleSink
 from agent.metadata.resolver import MetadataResolver
 from shared.counters import Counters
-from shared.model import Sample
+from shared.model import Sample, SampleColumns
 from shared.profile_types import ProfileType
 from shared.tasks import cancel_and_wait
 
@@ -55,7 +56,9 @@ class MetadataSink(SampleSink):
             await asyncio.sleep(self.resolver.settings.kubelet_refresh_s)
             await asyncio.to_thread(self.resolver.refresh_kubelet)
 
-    async def submit(self, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
+    async def submit(self, profile_type: ProfileType, samples: Sequence[Sample], period: int) -> None:
+        if isinstance(samples, SampleColumns):
+            return await self._submit_columns(profile_type, samples, period)
         stale = self.resolver.stale((s.pid, s.process_name) for s in samples)
         if stale:
             await asyncio.to_thread(self.resolver.resolve_many, stale)
@@ -71,3 +74,27 @@ class MetadataSink(SampleSink):
                     s.attributes = {**attrs, **s.attributes} if s.attributes else dict(attrs)
         if samples:
             await self.inner.submit(profile_type, samples, period)
+
+    async def _submit_columns(self, profile_type: ProfileType, columns: SampleColumns, period: int) -> None:
+        """The same for a batch held in columns: each distinct (pid, process name) is looked
+        at once, and every sample of a process refers to that process's one attributes dict
+        (CPU samples have no attributes of their own: a sample that has some keeps them, first
+        merged over the process's)."""
+        stale = self.resolver.stale(dict.fromkeys(zip(columns.pids, columns.process_names, strict=True)))
+        if stale:
+            await asyncio.to_thread(self.resolver.resolve_many, stale)
+        if self.own_netns is not None:
+            in_scope = {pid: self.resolver.network_namespace(pid) == self.own_netns for pid in set(columns.pids)}
+            if not all(in_scope.values()):
+                keep = list(map(in_scope.__getitem__, columns.pids))
+                self.counters.inc("samples_out_of_scope", len(keep) - sum(keep), type=profile_type.value)
+                columns = columns.select(keep)
+        if self.add_attributes:
+            by_pid = {pid: self.resolver.cached(pid) or {} for pid in set(columns.pids)}
+            if any(by_pid.values()):
+                process_attrs = list(map(by_pid.__getitem__, columns.pids))
+                own = columns.attributes
+                columns.attributes = process_attrs if own is None else [
+                    {**p, **a} if a else p for p, a in zip(process_attrs, own, strict=True)]
+        if len(columns):
+            await self.inner.submit(profile_type, columns, period)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -87,7 +88,7 @@ class Publisher(SampleSink):
         log.info("publishing as agent %s for host %s to %s (%s)", self.agent_id, self.host, self.settings.nats.url,
                  "JetStream" if self._js else "core NATS")
 
-    async def submit(self, profile_type: ProfileType, samples: list[Sample], period: int) -> None:
+    async def submit(self, profile_type: ProfileType, samples: Sequence[Sample], period: int) -> None:
         enc = self.encoder(profile_type)
         dict_msg, samples_msg = enc.encode(samples, period)
         if dict_msg is not None:
