@@ -18,9 +18,11 @@
  *      BUDGET_WINDOW_NS on this CPU and budget CAPTURE_BUDGET_HZ's share of a window: about
  *      `budget` captures a window whatever the number of threads.
  *
- * A window whose demand jumps past the estimate is stopped at BUDGET_HARD_CAP captures: events
- * after that are not drawn (pi = 0 for them), counted as capped. That is the one place the
- * estimate can lean (towards stacks early in a window); the counter says when it happened.
+ * Events at least 1/CAPTURE_RATE_HZ long (known at the draw) skip q: pi = 1 for them.
+ * A window whose demand jumps past the estimate is stopped at BUDGET_HARD_CAP captures
+ * (LONG_EVENT_CAP for those long events): events after that are not drawn (pi = 0 for them),
+ * counted as capped. That is the one place the estimate can lean (towards stacks early in a
+ * window); the counter says when it happened.
  * Events that are not captured still count exactly (time, count) in a per-(thread, label)
  * sum; the agent shares those sums out over the captured stacks of the same thread and label
  * in proportion to the weights (agent/actors/aggregated.py, spread_uncaptured).
@@ -46,6 +48,7 @@
 #define BUDGET_WINDOW_NS 100000000ULL
 #define BUDGET_PER_WINDOW ((CAPTURE_BUDGET_HZ * BUDGET_WINDOW_NS + 999999999ULL) / 1000000000ULL)
 #define BUDGET_HARD_CAP (2 * BUDGET_PER_WINDOW)
+#define LONG_EVENT_CAP (2 * BUDGET_HARD_CAP)   /* events long enough to be wanted for certain */
 
 struct capture_budget {
     u64 window;         /* ktime / BUDGET_WINDOW_NS of the current window */
@@ -93,11 +96,16 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
         struct capture_budget *b = capture_window(now);
         if (b) {
             b->wanted += p;
-            if (b->taken >= BUDGET_HARD_CAP) {
+            /* An event at least 1/CAPTURE_RATE_HZ long is wanted for certain by its own
+             * length: it skips the factor q and has a cap of its own above the hard cap, so
+             * a burst of short waits cannot leave a long one (a join, a long lock wait)
+             * without its stack. Bounded still: at most LONG_EVENT_CAP captures a window. */
+            int long_event = CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL;
+            if (b->taken >= (long_event ? LONG_EVENT_CAP : BUDGET_HARD_CAP)) {
                 count(AGG_CAPPED);
                 return 0;
             }
-            pi = (p * b->q) >> Q_SHIFT;     /* p <= 2^32, q <= 2^16 */
+            pi = long_event ? P_ONE : (p * b->q) >> Q_SHIFT;     /* p <= 2^32, q <= 2^16 */
             if (!pi)
                 pi = 1;
             if (pi < P_ONE && (u64)bpf_get_prandom_u32() >= pi) {
