@@ -180,15 +180,11 @@ class RingReader:
         it or reads outside the ring.
         """
         view = self.view
-        consumer = view.consumer[0]
-        producer = view.producer[0]  # acquire: the headers below are read after this load
-        if producer == consumer:
+        positions = self._pending()
+        if positions is None:
             return []
+        consumer, producer = positions
         words, mask, size = view.words, view.mask, view.size
-        if not 0 < producer - consumer <= size:  # the kernel never lets them be further apart
-            self._malformed(consumer, producer, producer - consumer, "positions")
-            view.consumer[0] = producer
-            return []
         spans: list[tuple[int, int]] = []  # (offset from the consumer position, length)
         pos = consumer
         discarded = 0
@@ -231,15 +227,11 @@ class RingReader:
         the consumer position is stored after the copies.
         """
         view = self.view
-        consumer = view.consumer[0]
-        producer = view.producer[0]  # acquire: the headers below are read after this load
-        if producer == consumer:
+        positions = self._pending()
+        if positions is None:
             return []
+        consumer, producer = positions
         words, mask, size, data = view.words, view.mask, view.size, view.data
-        if not 0 < producer - consumer <= size:
-            self._malformed(consumer, producer, producer - consumer, "positions")
-            view.consumer[0] = producer
-            return []
         slot = (fixed_size + HEADER_BYTES + 7) & ~7
         cut = struct.Struct(f"{HEADER_BYTES}x{fixed_size}s{slot - HEADER_BYTES - fixed_size}x")
         header_word = fixed_size.to_bytes(4, "little")
@@ -276,6 +268,21 @@ class RingReader:
         self.stats.records += len(records)
         self.stats.discarded += discarded
         return records
+
+    def _pending(self) -> tuple[int, int] | None:
+        """(consumer, producer) positions when records are waiting, else None. Positions
+        further apart than the ring (the kernel never lets them be) are a counted, logged drop
+        of everything up to the producer position."""
+        view = self.view
+        consumer = view.consumer[0]
+        producer = view.producer[0]  # acquire: the headers are read after this load
+        if producer == consumer:
+            return None
+        if not 0 < producer - consumer <= view.size:
+            self._malformed(consumer, producer, producer - consumer, "positions")
+            view.consumer[0] = producer
+            return None
+        return consumer, producer
 
     def _malformed(self, pos: int, producer: int, length: int, what: str) -> None:
         self.stats.malformed += 1
