@@ -20,9 +20,11 @@ from nats.aio.msg import Msg
 from agent.publish.publisher import Publisher
 from agent.settings import AgentSettings
 from aggregator.delivery.ack_ledger import AckLedger
+from aggregator.delivery.export_then_ack import ExportThenAck
 from aggregator.delivery.exported_messages import ExportedMessages, ExportMarker, marker_for
 from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.exporters.files import MARKER_SUFFIX, LocalFileWriter
+from aggregator.profile import FleetProfiles
 from aggregator.service import run_aggregator
 from aggregator.settings import AggregatorSettings
 from integration.durability import exported_samples, wait_consumer_settled
@@ -61,8 +63,98 @@ def test_only_redeliveries_of_exported_messages_are_skipped() -> None:
     assert not exported.already_exported(js_msg(12, delivered=2, stream="OTHER"))
     # Same sequence, much later timestamp: a recreated stream numbering from 1 again.
     assert not exported.already_exported(js_msg(12, delivered=2, stamp_ns=T0 + 10**12))
-    exported.forget_acked(19)
+    assert not exported.already_exported(js_msg(25, delivered=2))
+
+
+def test_a_redelivery_below_the_ack_floor_is_skipped_after_its_marker_is_forgotten() -> None:
+    """The server can send a redelivery before the ack of the first delivery reaches it; when
+    that copy is handled only after the ack floor passed the export (and its marker was
+    forgotten), the floor itself recognises it."""
+    exported = ExportedMessages()
+    exported.remember(marker_for([js_msg(s) for s in range(10, 20)]))
+    exported.forget_acked("STACKFLEET", 19)
+    assert not exported.markers
+    assert exported.already_exported(js_msg(12, delivered=2))
+    assert not exported.already_exported(js_msg(20, delivered=2))  # above the floor, in no export
+    assert not exported.already_exported(js_msg(12, delivered=1))
+    assert not exported.already_exported(js_msg(12, delivered=2, stream="OTHER"))
+    exported.forget_acked("STACKFLEET", 3)  # the stream was recreated: its floor starts again
     assert not exported.already_exported(js_msg(12, delivered=2))
+
+
+class _SlowOutput:
+    """An output whose encoding takes a while (a thread under load) or fails."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.encoding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.written: list[ExportMarker | None] = []
+
+    async def encode(self, fleet: FleetProfiles) -> str | None:
+        self.encoding.set()
+        await self.release.wait()
+        if self.fail:
+            raise OSError("disk full")
+        return "encoded"
+
+    async def write(self, fleet: FleetProfiles, encoded: str, marker: ExportMarker | None) -> None:
+        self.written.append(marker)
+
+
+class _Connection:
+    async def flush(self, timeout: float = 0) -> None:
+        return None
+
+
+def _export_path(output: _SlowOutput, held: list[Msg]) -> tuple[ExportThenAck[str], ExportedMessages, AckLedger]:
+    counters = Counters()
+    ledger = AckLedger(counters)
+    for m in held:
+        ledger.finished(m)
+    fleet = FleetProfiles(start_ns=0, end_ns=1)
+    fleet.hosts[("h1", ProfileType.CPU)] = None  # type: ignore[assignment]  # one host: something to export
+    exported = ExportedMessages()
+    path = ExportThenAck(_Connection(), ledger, output, lambda: fleet, counters,  # type: ignore[arg-type]
+                         exported, "STACKFLEET", None)
+    return path, exported, ledger
+
+
+async def test_a_redelivery_during_the_encoding_of_its_export_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
+    acked = _record_acks(monkeypatch)
+    output = _SlowOutput()
+    path, exported, ledger = _export_path(output, [js_msg(s) for s in (5, 6, 7)])
+    export = asyncio.create_task(path.export_interval())
+    await output.encoding.wait()  # taken from the ledger, not yet written
+    assert not ledger.holds(js_msg(6, delivered=2))
+    assert exported.already_exported(js_msg(6, delivered=2))
+    output.release.set()
+    await export
+    assert output.written and output.written[0] is not None and output.written[0].ranges == ((5, 7),)
+    assert acked == [5, 6, 7]
+
+
+async def test_an_export_that_fails_leaves_its_messages_to_be_merged_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    acked = _record_acks(monkeypatch)
+    output = _SlowOutput(fail=True)
+    path, exported, _ = _export_path(output, [js_msg(s) for s in (5, 6, 7)])
+    output.release.set()
+    with pytest.raises(OSError):
+        await path.export_interval()
+    assert not output.written
+    assert not exported.already_exported(js_msg(6, delivered=2))  # unacked: it comes back, and counts
+    assert acked == []
+
+
+def _record_acks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Stream sequences of the messages acked, in order."""
+    acked: list[int] = []
+
+    async def ack(self: Msg) -> None:
+        acked.append(self.metadata.sequence.stream)
+
+    monkeypatch.setattr(Msg, "ack", ack)
+    return acked
 
 
 def _export_files(directory: Path, stamp: str, marker: bool) -> None:

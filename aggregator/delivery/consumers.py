@@ -143,7 +143,7 @@ async def start_jetstream(nc: NATS, settings: AggregatorSettings, intake: Intake
         await intake.on_dict(m.subject, m.data)
 
     floor = await _ack_floor(js, stream, settings.queue_group)
-    loaded = exported.load(markers_on_disk, floor or 0)
+    loaded = exported.load(markers_on_disk, stream, floor or 0)
     if loaded:
         log.info("JetStream: %d export(s) on disk hold messages above the ack floor %s", loaded, floor)
 
@@ -235,7 +235,7 @@ async def _watch_stream_limits(js: JetStreamContext, stream: str, consumer: str,
             continue
         floor = ack_floor.stream_seq if ack_floor is not None and ack_floor.stream_seq else 0
         if exported is not None:
-            exported.forget_acked(floor)
+            exported.forget_acked(stream, floor)
         if peers is not None:
             await peers.forget_acked(floor)
         lost_upto = first_seq - 1

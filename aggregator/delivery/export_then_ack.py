@@ -7,17 +7,20 @@ steps, and the order is what keeps a samples message from being lost or exported
    samples and :meth:`AckLedger.take` the messages they came from, with no ``await``
    between them: the taken messages are exactly those whose samples are in this export.
 2. **Nothing to export, nothing to wait for.** An interval without samples (its messages were
-   rejected, stale or dropped, all counted by the intake) or whose samples were all zero
-   acks its messages at once.
-3. **Mark** (JetStream). The export's :class:`ExportMarker` — the stream sequences it holds —
-   is remembered locally before anything is written, so a redelivery arriving from now on is
-   skipped rather than merged into the next interval.
-4. **Export.** The output writes the local files (the marker file last: the export's commit
-   point), queues the OTLP request and calls the hook.
+   rejected, stale or dropped, all counted by the intake) acks its messages at once, and so
+   does one whose samples were all zero (after step 3, with nothing written).
+3. **Mark** (JetStream), still in the same loop step. The export's :class:`ExportMarker` — the
+   stream sequences it holds — is remembered locally before it is encoded, so a redelivery
+   arriving from now on is skipped rather than merged into the next interval. If encoding or
+   writing raises, the marker is dropped again: the messages stay unacked and come back.
+4. **Export.** The output encodes the interval, writes the local files (the marker file last:
+   the export's commit point), queues the OTLP request and calls the hook.
 5. **Share the marker** with the other replicas, *before* the acks: if the acks are then lost,
    the replica the stream redelivers to finds the marker and skips the messages.
 6. **Ack.** Only now is the interval safe (written locally, queued for OTLP), so the stream may
-   forget its messages. An ack that fails means a redelivery, which step 3 or 5 catches.
+   forget its messages. An ack that fails means a redelivery, which step 3 or 5 catches; so does
+   the consumer's ack floor once it has passed them (a redelivery the server sent before the
+   ack reached it can still be on its way).
 
 :meth:`ExportThenAck.stop_and_export_last` is the same path at shutdown: stop taking messages
 in, then export and ack what was merged while the connection is still up.
@@ -81,16 +84,25 @@ class ExportThenAck(Generic[Encoded]):
         if not fleet.hosts:
             await self.ledger.ack(self.nc, finished)
             return
-        encoded = await self.output.encode(fleet)
+        marker = None
+        if self.exported is not None:  # what this export holds, so a redelivery is not exported twice
+            # Still the same loop step: from here on the ledger no longer knows these messages,
+            # and a redelivery arriving while the export is encoded must already find them.
+            marker = marker_for(finished) or ExportMarker(self.stream, (), 0, 0)
+            self.exported.remember(marker)
+        try:
+            encoded = await self.output.encode(fleet)
+            if encoded is not None:
+                self.counters.inc("exports")
+                await self.output.write(fleet, encoded, marker)
+        except BaseException:
+            # Not exported: unacked, the messages come back and must then be merged, not skipped.
+            if self.exported is not None:
+                self.exported.forget(marker)
+            raise
         if encoded is None:
             await self.ledger.ack(self.nc, finished)
             return
-        self.counters.inc("exports")
-        marker = None
-        if self.exported is not None:  # what this export holds, so a redelivery is not exported twice
-            marker = marker_for(finished) or ExportMarker(self.stream, (), 0, 0)
-            self.exported.remember(marker)
-        await self.output.write(fleet, encoded, marker)
         if marker is not None and self.peers is not None:  # before the acks: see peer_markers
             await self.peers.publish(marker)
         await self.ledger.ack(self.nc, finished)

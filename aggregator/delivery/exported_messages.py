@@ -10,8 +10,10 @@ point), and in memory. A redelivered message (``num_delivered > 1``) whose seque
 timestamp fall inside a recorded export is acked and skipped, not merged.
 
 The record is bounded: an export is forgotten once the consumer's ack floor passes its
-highest sequence (nothing at or below the floor can come back), and at most
-``max_exports`` are kept. The timestamp span guards against a recreated stream reusing
+highest sequence, and at most ``max_exports`` are kept. Below the floor no marker is needed:
+every message there was acked, which happens only once it is handled, so a redelivery of one
+(sent by the server before the ack reached it, and still queued here when the floor moved)
+is recognised by its sequence alone. The timestamp span guards against a recreated stream reusing
 sequence numbers. Scope: one replica. Across replicas the markers are shared through a
 JetStream key-value bucket (aggregator/delivery/peer_markers.py, docs/design/durability.md).
 
@@ -20,6 +22,7 @@ Hand-written: JetStream offers no exactly-once consumption, only these building 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import deque
@@ -121,13 +124,23 @@ class ExportedMessages:
 
     def __init__(self, max_exports: int = 10_000) -> None:
         self.markers: deque[ExportMarker] = deque(maxlen=max_exports)
+        # The consumer's ack floor (stream sequence) as last read, with the stream it belongs to.
+        self.ack_floor = 0
+        self.floor_stream = ""
 
     def remember(self, marker: ExportMarker | None) -> None:
         if marker is not None:
             self.markers.append(marker)
 
-    def load(self, markers: Iterable[ExportMarker], ack_floor: int = 0) -> int:
+    def forget(self, marker: ExportMarker | None) -> None:
+        """Drop a marker whose export failed: its messages are not acked and must be merged again."""
+        if marker is not None:
+            with contextlib.suppress(ValueError):
+                self.markers.remove(marker)
+
+    def load(self, markers: Iterable[ExportMarker], stream: str, ack_floor: int = 0) -> int:
         """Take in the markers of exports written before a restart; returns how many matter."""
+        self.ack_floor, self.floor_stream = ack_floor, stream
         n = 0
         for marker in markers:
             if marker.max_seq > ack_floor:
@@ -135,21 +148,25 @@ class ExportedMessages:
                 n += 1
         return n
 
-    def forget_acked(self, ack_floor: int) -> None:
-        """Drop the markers the consumer's ack floor has passed: those messages cannot return."""
+    def forget_acked(self, stream: str, ack_floor: int) -> None:
+        """Drop the markers the consumer's ack floor has passed (the floor itself now recognises
+        redeliveries of their messages). The floor is replaced, not raised: a stream recreated
+        under the same name starts again from 0."""
+        self.ack_floor, self.floor_stream = ack_floor, stream
         if ack_floor and any(m.max_seq <= ack_floor for m in self.markers):
             kept = [m for m in self.markers if m.max_seq > ack_floor]
             self.markers.clear()
             self.markers.extend(kept)
 
     def already_exported(self, msg: Msg) -> bool:
-        """True for a redelivered message whose samples an earlier export already holds."""
-        if not self.markers:
-            return False
+        """True for a redelivered message whose samples an earlier export already holds, or
+        that was acked (at or below the ack floor) since this copy was sent."""
         pos = stream_position(msg)
         if pos is None or pos[3] <= 1:  # first delivery: cannot have been exported
             return False
         stream, seq, stamp, _ = pos
+        if seq <= self.ack_floor and stream == self.floor_stream:
+            return True
         return any(m.holds(stream, seq, stamp) for m in reversed(self.markers))
 
 
