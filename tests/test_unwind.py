@@ -449,6 +449,41 @@ def test_tables_are_built_only_for_mappings_samples_land_in(tmp_path: Path) -> N
         r.stop()
 
 
+def test_a_preloaded_process_has_its_executables_table_before_any_request(tmp_path: Path) -> None:
+    """A process selected for wall/lock/heap is loaded, with its executable's table, before BPF
+    asks for anything: its first traced events are walked with it (docs/design/wall-and-lock.md,
+    "Stacks before the tables"). Other files stay pending until samples land in them."""
+    exe = build(tmp_path, "nofp_chain.c", NOFP)
+    maps = FakeMaps()
+    counters = Counters()
+    unwinder = NativeUnwinder(maps, counters, max_rows=400_000)
+    r = Running(exe)
+    try:
+        unwinder.preload({r.proc.pid})
+        assert not maps.procs  # served by the worker, not by the caller's thread
+        unwinder.serve_requests()
+        program = next(e for e in read_maps(r.proc.pid) if e.path == str(exe))
+        after = {m[0]: m for m in _mappings(maps.procs[r.proc.pid])}
+        assert after[program.start][4] > 0 and after[program.start][6] == 0
+        assert sum(1 for m in after.values() if m[4]) == 1 and unwinder.tables.built == 1
+        assert counters.get("unwind_preloads", result="loaded") == 1
+        unwinder.preload({r.proc.pid})  # every actor with a selector asks: handled once
+        unwinder.serve_requests()
+        assert counters.get("unwind_preloads") == 1 and unwinder.tables.built == 1
+        # Loaded by a first sample (its executable pending: no sample landed there yet), then
+        # selected: the executable's table is built and attached.
+        maps, counters = FakeMaps(), Counters()
+        unwinder = NativeUnwinder(maps, counters, max_rows=400_000)
+        _new(unwinder, maps, r.proc.pid)
+        assert {m[0]: m for m in _mappings(maps.procs[r.proc.pid])}[program.start][6] & MAPPING_PENDING
+        unwinder.preload({r.proc.pid})
+        unwinder.serve_requests()
+        assert counters.get("unwind_preloads", result="known") == 1
+        assert {m[0]: m for m in _mappings(maps.procs[r.proc.pid])}[program.start][4] > 0
+    finally:
+        r.stop()
+
+
 def test_table_building_is_held_to_its_cpu_budget(tmp_path: Path) -> None:
     exe = build(tmp_path, "nofp_chain.c", NOFP)
     maps = FakeMaps()
