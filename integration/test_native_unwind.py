@@ -66,12 +66,13 @@ def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
         assert proc.returncode == 0
 
     async def workload(run: PipelineRun) -> None:
+        chain, qsort = await start("chain", chain_exe), await start("qsort", qsort_exe)
         # The waits and allocs modes start on a line from stdin, once selected (and loaded).
         gated = [await start("waits", chain_exe, "waits"), await start("allocs", chain_exe, "allocs"),
                  await start("allocs_sampled", chain_exe, "allocs", env=sampled_env)]
-        await _until_selected(run, native_unwinding, len(gated))
-        free = [await start("chain", chain_exe), await start("qsort", qsort_exe)]
-        await asyncio.gather(*(finish(proc) for proc in gated + free))
+        running = asyncio.gather(finish(chain), finish(qsort))
+        await _until_selected(run, native_unwinding, len(gated), chain)
+        await asyncio.gather(running, *(finish(proc) for proc in gated))
 
     with NatsServer() as nats:
         # Wall, lock and the heap's precise mode trace selected processes only (the CPU profile
@@ -88,18 +89,19 @@ def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
     return Profiled(run, pids["chain"], pids["qsort"], pids["waits"], pids["allocs"], pids["allocs_sampled"])
 
 
-async def _until_selected(run: PipelineRun, native_unwinding: bool, processes: int) -> None:
-    """Until the selector's scan (1 s) has the waiting processes traced and, with native
+async def _until_selected(run: PipelineRun, native_unwinding: bool, waiting: int,
+                          chain: asyncio.subprocess.Process) -> None:
+    """Until the selector's scan (1 s) has the ``waiting`` processes traced and, with native
     unwinding, the agent has loaded each of them for unwinding (it does when it selects them:
     they are idle until "go", and a process is otherwise loaded at its first traced event,
     whose stack and those after it until the load is served are walked without its tables; in
     a whole-suite run such stacks carried a flush window's sleeps: 90.5 % of wall time reached
-    main). They are the only selected processes until then."""
+    main). The chain process is selected too (counted once loaded), unless it ended first."""
     await asyncio.sleep(2.0)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 120
-    while native_unwinding and sum(run.agent_counters.get("unwind_preloads", result=r)
-                                   for r in ("loaded", "known")) < processes:
+    deadline = loop.time() + 240  # as long as the programs' compile may take on a loaded host
+    while native_unwinding and sum(run.agent_counters.get("unwind_preloads", result=r) for r in ("loaded", "known")) \
+            < waiting + (chain.returncode is None):
         assert loop.time() < deadline, {k: v for k, v in run.agent_counters.snapshot().items() if "unwind_p" in k}
         await asyncio.sleep(0.1)
 

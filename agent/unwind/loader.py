@@ -386,12 +386,23 @@ class NativeUnwinder:
             known = self._processes.get(pid)
             if known is not None and reason == REQUEST_TABLE:
                 served += self.load_table(pid, known, ip)
-            elif known is not None and reason != REQUEST_NEW and now - known.loaded_s < self.reload_after_s:
+            elif (known is not None and reason != REQUEST_NEW and now - known.loaded_s < self.reload_after_s
+                  and not self._execd(pid, known)):
                 continue  # rate limit: JIT regions appear faster than maps are worth re-reading
             else:
                 self.load_process(pid)
                 served += 1
         return served
+
+    def _execd(self, pid: int, process: _Process) -> bool:
+        """Whether ``pid`` runs another program, or is another process, than when it was loaded
+        (False when it is gone or unreadable). A process loaded when selected can exec right
+        after (a launcher script): its stale mappings give unknown addresses, walked by frame
+        pointers, until it is reloaded, which must not wait for the rate limit."""
+        try:
+            return ProcessKey.read(pid) != process.key
+        except (OSError, ValueError, IndexError):
+            return False
 
     def load_process(self, pid: int) -> bool:
         """(Re)build ``pid``'s mapping list from /proc and hand it to BPF.
