@@ -62,21 +62,23 @@ def lock_run(tmp_path_factory: pytest.TempPathFactory) -> LockRun:
     once_output: list[str] = []
 
     async def workload(run: PipelineRun) -> None:
-        # Warm-up waits until "go": the name selector's scan (1 s) puts the process in the BPF
-        # target map, and its next wait has the agent load it for unwinding (the only process it
-        # loads here: only targets are traced). Then the contention, with whole stacks.
+        # Warm-up waits until "go": the name selector's scan (1 s) puts both processes in the BPF
+        # target map and has the agent load them for unwinding; lock_contention's warm-up waits,
+        # once exported, show that this very process is traced (a counter would also count
+        # other runs' processes with these names). Then the contention, with whole stacks.
         once = await asyncio.create_subprocess_exec(str(once_exe), "8", "1000",
                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         proc = await asyncio.create_subprocess_exec(str(exe), "4", "200", "2000", "gate",
                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         box.extend((proc.pid, once.pid))
         deadline = asyncio.get_running_loop().time() + 120
-        while not run.agent_counters.get("unwind_processes", result="loaded"):
+        while not run.samples(ProfileType.LOCK, proc.pid):
             assert asyncio.get_running_loop().time() < deadline, run.agent_counters.snapshot()
             await asyncio.sleep(0.1)
         assert once.stdin is not None
         once.stdin.write(b"go\n")  # lock_once exits when its stdin ends: after lock_contention
         out, _ = await proc.communicate(b"go\n")
+        once.stdin.close()  # communicate() without input leaves stdin open
         once_out, _ = await once.communicate()
         assert proc.returncode == 0 and once.returncode == 0
         run.workload_output = out.decode()
