@@ -4,7 +4,8 @@
 BPF asks for a process the first time it samples it (``unwind_requests``: pid -> reason
 and pc), for a file's table the first time a sample lands in a mapping marked pending, and
 again for the process when it meets a pc outside every mapping it was given (dlopen, JIT,
-exec). One worker thread serves the requests: reads ``/proc/PID/maps``, gets tables from
+exec). Processes the wall, lock and heap selectors pick are loaded when picked (``preload``),
+with their executable's table. One worker thread serves the requests: reads ``/proc/PID/maps``, gets tables from
 the :class:`TableCache` (built once per file, cached by build id) only for files that
 samples actually land in, copies tables not yet resident into free row ranges with one
 batch syscall, and writes the process's mapping list. Until then that process's samples
