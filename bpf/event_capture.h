@@ -18,9 +18,11 @@
  *      BUDGET_WINDOW_NS on this CPU and budget CAPTURE_BUDGET_HZ's share of a window: about
  *      `budget` captures a window whatever the number of threads.
  *
- * Events at least 1/CAPTURE_RATE_HZ long (known at the draw) skip q: pi = 1 for them.
+ * Events at least 1/CAPTURE_RATE_HZ long (known at the draw) skip q: pi = 1 for them. So does a
+ * thread's first capture when the caller asks for it (`first_certain`: lock waits), so that a
+ * thread with only a few waits is not left without any stack for them.
  * A window whose demand jumps past the estimate is stopped at BUDGET_HARD_CAP captures
- * (LONG_EVENT_CAP for those long events): events after that are not drawn (pi = 0 for them),
+ * (LONG_EVENT_CAP for those certain ones): events after that are not drawn (pi = 0 for them),
  * counted as capped. That is the one place the estimate can lean (towards stacks early in a
  * window); the counter says when it happened.
  * Events that are not captured still count exactly (time, count) in a per-(thread, label)
@@ -48,7 +50,7 @@
 #define BUDGET_WINDOW_NS 100000000ULL
 #define BUDGET_PER_WINDOW ((CAPTURE_BUDGET_HZ * BUDGET_WINDOW_NS + 999999999ULL) / 1000000000ULL)
 #define BUDGET_HARD_CAP (2 * BUDGET_PER_WINDOW)
-#define LONG_EVENT_CAP (2 * BUDGET_HARD_CAP)   /* events long enough to be wanted for certain */
+#define LONG_EVENT_CAP (2 * BUDGET_HARD_CAP)   /* events wanted for certain (long, or a first capture) */
 
 struct capture_budget {
     u64 window;         /* ktime / BUDGET_WINDOW_NS of the current window */
@@ -80,8 +82,9 @@ static __always_inline struct capture_budget *capture_window(u64 now)
 
 /* Whether to capture this event: its probability pi (1/P_ONE ths, > 0) if captured, else 0.
  * `last_capture` is the thread's last capture time (0: never), updated on capture;
- * `event_ns` the event's length when known at the draw, else 0. */
-static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 event_ns)
+ * `event_ns` the event's length when known at the draw, else 0; `first_certain`: a thread
+ * never captured yet is captured for certain, like a long event. */
+static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 event_ns, int first_certain)
 {
     u64 p = P_ONE;
     u64 last = *last_capture;
@@ -99,13 +102,17 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
             /* An event at least 1/CAPTURE_RATE_HZ long is wanted for certain by its own
              * length: it skips the factor q and has a cap of its own above the hard cap, so
              * a burst of short waits cannot leave a long one (a join, a long lock wait)
-             * without its stack. Bounded still: at most LONG_EVENT_CAP captures a window. */
-            int long_event = CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL;
-            if (b->taken >= (long_event ? LONG_EVENT_CAP : BUDGET_HARD_CAP)) {
+             * without its stack. So is a thread's first capture with `first_certain`: drawn
+             * at q, a thread's only few waits on a lock could all be drawn out, and their
+             * (thread, lock) stratum had no stack to be shared over (reported stackless).
+             * Bounded still: at most LONG_EVENT_CAP captures a window. */
+            int certain = (CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL) ||
+                          (first_certain && !last);
+            if (b->taken >= (certain ? LONG_EVENT_CAP : BUDGET_HARD_CAP)) {
                 count(AGG_CAPPED);
                 return 0;
             }
-            pi = long_event ? P_ONE : (p * b->q) >> Q_SHIFT;     /* p <= 2^32, q <= 2^16 */
+            pi = certain ? P_ONE : (p * b->q) >> Q_SHIFT;     /* p <= 2^32, q <= 2^16 */
             if (!pi)
                 pi = 1;
             if (pi < P_ONE && (u64)bpf_get_prandom_u32() >= pi) {

@@ -161,7 +161,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
         return 0;
     }
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 pi = capture_probability(&t->last_capture, now, delay);
+    u64 pi = capture_probability(&t->last_capture, now, delay, 1);  /* a thread's first wait: certain */
     if (!pi) {
         count(LOCK_NOT_CAPTURED);
         record_event(pid_tgid >> 32, (u32)pid_tgid, 0, label, delay, 0, started);

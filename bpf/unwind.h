@@ -213,6 +213,7 @@ static __always_inline int unwind_user_stack_from(struct bpf_perf_event_data *ct
 
     int stop = UNWIND_STAT_TRUNCATED;
     u32 n = 0;
+    u64 unknown_before = st->counters[UNWIND_STAT_UNKNOWN_ADDR];
     for (int i = 0; i < UNWIND_MAX_FRAMES; i++) {
         u64 ip = st->ip, sp = st->sp, bp = st->bp;
         ev->user[i] = ip;
@@ -320,8 +321,13 @@ done:
         return 0;
     ev->user_len = n * sizeof(u64);
     /* The stack copy only serves agent/stacks/scan.py's recovery of frames that frame-pointer
-     * walking skipped; this stack skipped none, so the copy is withdrawn and not scanned. */
-    ev->copy_len = 0;
+     * walking skipped; this stack skipped none, so the copy is withdrawn and not scanned.
+     * Unless a pc lay outside every mapping the process was given (it exec'd or mapped code
+     * since it was loaded, or JIT code): those frames were stepped by frame pointers like
+     * bpf_get_stack()'s, and the copy can recover what they skipped (a launcher script loaded
+     * when selected, then exec'd: its program's first lock waits lost their caller). */
+    if (st->counters[UNWIND_STAT_UNKNOWN_ADDR] == unknown_before)
+        ev->copy_len = 0;
     st->counters[UNWIND_STAT_SAMPLES]++;
     if (stop >= 0 && stop < UNWIND_STAT_SLOTS)
         st->counters[stop]++;

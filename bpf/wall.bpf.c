@@ -267,7 +267,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (state & EXITED_STATES)
         return 0;
     /* The next one, from now on. */
-    u64 pi = capture_probability(&t->last_capture, now, 0);  /* its length is not known yet */
+    u64 pi = capture_probability(&t->last_capture, now, 0, 0);  /* its length is not known yet */
     t->out_ts = now;
     t->state = state;
     t->stack_id = 0;

@@ -52,11 +52,13 @@ def budget_run(tmp_path_factory: pytest.TempPathFactory) -> BudgetRun:
         lock = await asyncio.create_subprocess_exec(str(lock_exe), "4", "200", "2000", "gate",
                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         pids["wall"], pids["lock"] = wall.pid, lock.pid
-        # Both in the target map (1 s scans) and lock_contention's unwind tables loaded (its
-        # warm-up waits ask for them) before either starts, as in the single-type tests.
+        # Both in the target map (1 s scans) and loaded for unwinding (when selected) before
+        # either starts, as in the single-type tests: lock_contention's warm-up waits in the
+        # exported samples of its own pid show the selection happened (a counter would also
+        # count other runs' processes with these names).
         await asyncio.sleep(2.0)
         deadline = asyncio.get_running_loop().time() + 120
-        while not run.agent_counters.get("unwind_processes", result="loaded"):
+        while not run.samples(ProfileType.LOCK, lock.pid):
             assert asyncio.get_running_loop().time() < deadline, run.agent_counters.snapshot()
             await asyncio.sleep(0.1)
         (wall_out, _), (lock_out, _) = await asyncio.gather(wall.communicate(b"go\n"), lock.communicate(b"go\n"))

@@ -55,19 +55,24 @@ def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
     sampled_env = {**os.environ, "LD_PRELOAD": str(build_library()), ENV_SAMPLE_BYTES: str(HEAP_SAMPLE_BYTES),
                    ENV_SEED: "7"}
 
-    async def start(name: str, exe: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    async def start(name: str, exe: Path, *args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(str(exe), str(SECONDS), *args, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE, env=env)
         pids[name] = proc.pid
-        if args:  # the waits and allocs modes start on a line from stdin: after the selector's scan (1 s)
-            await asyncio.sleep(2.0)
+        return proc
+
+    async def finish(proc: asyncio.subprocess.Process) -> None:
         await proc.communicate(b"go\n")
         assert proc.returncode == 0
 
     async def workload(run: PipelineRun) -> None:
-        await asyncio.gather(start("chain", chain_exe), start("qsort", qsort_exe), start("waits", chain_exe, "waits"),
-                             start("allocs", chain_exe, "allocs"),
-                             start("allocs_sampled", chain_exe, "allocs", env=sampled_env))
+        chain, qsort = await start("chain", chain_exe), await start("qsort", qsort_exe)
+        # The waits and allocs modes start on a line from stdin, once selected (and loaded).
+        gated = [await start("waits", chain_exe, "waits"), await start("allocs", chain_exe, "allocs"),
+                 await start("allocs_sampled", chain_exe, "allocs", env=sampled_env)]
+        running = asyncio.gather(finish(chain), finish(qsort))
+        await _until_selected(run, native_unwinding, len(gated), chain)
+        await asyncio.gather(running, *(finish(proc) for proc in gated))
 
     with NatsServer() as nats:
         # Wall, lock and the heap's precise mode trace selected processes only (the CPU profile
@@ -82,6 +87,23 @@ def _profile(tmp: Path, native_unwinding: bool) -> Profiled:
                                        # a loaded 2-core host that has taken over a minute.
                                        ready_timeout_s=240.0))
     return Profiled(run, pids["chain"], pids["qsort"], pids["waits"], pids["allocs"], pids["allocs_sampled"])
+
+
+async def _until_selected(run: PipelineRun, native_unwinding: bool, waiting: int,
+                          chain: asyncio.subprocess.Process) -> None:
+    """Until the selector's scan (1 s) has the ``waiting`` processes traced and, with native
+    unwinding, the agent has loaded each of them for unwinding (it does when it selects them:
+    they are idle until "go", and a process is otherwise loaded at its first traced event,
+    whose stack and those after it until the load is served are walked without its tables; in
+    a whole-suite run such stacks carried a flush window's sleeps: 90.5 % of wall time reached
+    main). The chain process is selected too (counted once loaded), unless it ended first."""
+    await asyncio.sleep(2.0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 240  # as long as the programs' compile may take on a loaded host
+    while native_unwinding and sum(run.agent_counters.get("unwind_preloads", result=r) for r in ("loaded", "known")) \
+            < waiting + (chain.returncode is None):
+        assert loop.time() < deadline, {k: v for k, v in run.agent_counters.snapshot().items() if "unwind_p" in k}
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from agent.unwind.loader import (
     PROC_SIZE,
     REQUEST_NEW,
     REQUEST_TABLE,
+    REQUEST_UNKNOWN_ADDRESS,
     NativeUnwinder,
     RowAllocator,
     encode_process,
@@ -447,6 +448,68 @@ def test_tables_are_built_only_for_mappings_samples_land_in(tmp_path: Path) -> N
         assert unwinder.tables.built == 1
     finally:
         r.stop()
+
+
+def test_a_preloaded_process_has_its_executables_table_before_any_request(tmp_path: Path) -> None:
+    """A process selected for wall/lock/heap is loaded, with its executable's table, before BPF
+    asks for anything: its first traced events are walked with it (docs/design/wall-and-lock.md,
+    "Stacks before the tables"). Other files stay pending until samples land in them."""
+    exe = build(tmp_path, "nofp_chain.c", NOFP)
+    maps = FakeMaps()
+    counters = Counters()
+    unwinder = NativeUnwinder(maps, counters, max_rows=400_000)
+    r = Running(exe)
+    try:
+        unwinder.preload({r.proc.pid})
+        assert not maps.procs  # served by the worker, not by the caller's thread
+        unwinder.serve_requests()
+        program = next(e for e in read_maps(r.proc.pid) if e.path == str(exe))
+        after = {m[0]: m for m in _mappings(maps.procs[r.proc.pid])}
+        assert after[program.start][4] > 0 and after[program.start][6] == 0
+        assert sum(1 for m in after.values() if m[4]) == 1 and unwinder.tables.built == 1
+        assert counters.get("unwind_preloads", result="loaded") == 1
+        unwinder.preload({r.proc.pid})  # every actor with a selector asks: handled once
+        unwinder.serve_requests()
+        assert counters.get("unwind_preloads") == 1 and unwinder.tables.built == 1
+        # Loaded by a first sample (its executable pending: no sample landed there yet), then
+        # selected: the executable's table is built and attached.
+        maps, counters = FakeMaps(), Counters()
+        unwinder = NativeUnwinder(maps, counters, max_rows=400_000)
+        _new(unwinder, maps, r.proc.pid)
+        assert {m[0]: m for m in _mappings(maps.procs[r.proc.pid])}[program.start][6] & MAPPING_PENDING
+        unwinder.preload({r.proc.pid})
+        unwinder.serve_requests()
+        assert counters.get("unwind_preloads", result="known") == 1
+        assert {m[0]: m for m in _mappings(maps.procs[r.proc.pid])}[program.start][4] > 0
+    finally:
+        r.stop()
+
+
+def test_a_process_that_execs_after_its_load_is_reloaded_at_once(tmp_path: Path) -> None:
+    """Selected and loaded as a launcher script, a process execs its program: its first
+    unknown address has it reloaded, whatever the reload rate limit (the stale mappings would
+    have its stacks walked by frame pointers until then)."""
+    exe = build(tmp_path, "nofp_chain.c", NOFP)
+    maps = FakeMaps()
+    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000, reload_after_s=3600.0)
+    proc = subprocess.Popen(["/bin/sh", "-c", f"read go; exec {exe} 30"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        unwinder.preload({proc.pid})
+        unwinder.serve_requests()
+        assert maps.procs[proc.pid]
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().startswith("ready")
+        program = next(e for e in read_maps(proc.pid) if e.path == str(exe))
+        assert program.start not in {m[0] for m in _mappings(maps.procs[proc.pid])}
+        maps.requests = [(proc.pid, encode_request(REQUEST_UNKNOWN_ADDRESS, program.start + 16))]
+        unwinder.serve_requests()
+        assert program.start in {m[0] for m in _mappings(maps.procs[proc.pid])}
+    finally:
+        proc.kill()
+        proc.wait(5)
 
 
 def test_table_building_is_held_to_its_cpu_budget(tmp_path: Path) -> None:

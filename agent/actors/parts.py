@@ -51,7 +51,9 @@ class TargetFilter(ProgramPart):
     With no selector every user process is traced but the agent. With selectors the BPF
     ``targets`` map is made equal to the matching tgids at load and then every
     ``SYNC_INTERVAL_S`` (from the shared watcher's latest scan), so new processes are traced
-    from the next sync on, at most this late.
+    from the next sync on, at most this late. Newly selected processes are handed to the
+    native unwinder first, to be loaded before their first traced event (its stack would
+    otherwise be walked without their tables).
     """
 
     SYNC_INTERVAL_S: ClassVar[float] = 1.0
@@ -80,6 +82,8 @@ class TargetFilter(ProgramPart):
     def _sync(self) -> None:
         snapshot = self.ctx.processes.current(self.SYNC_INTERVAL_S)
         wanted = set(snapshot.selected or ())
+        if self.ctx.unwinding is not None:
+            self.ctx.unwinding.preload(wanted - self._targets)
         self._targets = sync_targets(self.selector, self._map, self._targets, self.ctx.counters, wanted)
         self._synced = time.monotonic()
 

@@ -4,7 +4,8 @@
 BPF asks for a process the first time it samples it (``unwind_requests``: pid -> reason
 and pc), for a file's table the first time a sample lands in a mapping marked pending, and
 again for the process when it meets a pc outside every mapping it was given (dlopen, JIT,
-exec). One worker thread serves the requests: reads ``/proc/PID/maps``, gets tables from
+exec). Processes the wall, lock and heap selectors pick are loaded when picked (``preload``),
+with their executable's table. One worker thread serves the requests: reads ``/proc/PID/maps``, gets tables from
 the :class:`TableCache` (built once per file, cached by build id) only for files that
 samples actually land in, copies tables not yet resident into free row ranges with one
 batch syscall, and writes the process's mapping list. Until then that process's samples
@@ -267,6 +268,11 @@ class NativeUnwinder:
         self.table_cpu_burst_s = table_cpu_burst_s
         self._table_tokens_s = table_cpu_burst_s
         self._tokens_at = time.monotonic()
+        # Processes selected for the event-driven profiles (wall, lock, heap), to load before
+        # their first event: added from other threads (preload), taken by the worker.
+        self._preloads: set[int] = set()
+        self._preload_lock = threading.Lock()
+        self._preloaded: set[int] = set()  # handled once (every actor with a selector asks)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
@@ -333,12 +339,47 @@ class NativeUnwinder:
                     self._resident_for(os.getpid(), entry, ref)
 
     # -- requests --------------------------------------------------------------------------
+    def preload(self, pids: set[int]) -> None:
+        """Load these processes before their first sample asks for them (thread-safe; served by
+        the worker).
+
+        BPF asks for a process at its first event, and that event and the others until the
+        worker has served it keep frame-pointer stacks. A process selected for wall, lock or
+        heap profiling can have been started long before it does anything traced (a service
+        waiting for work): its first moments of work then had partial stacks, and a flush
+        window's sums shared over them (docs/design/wall-and-lock.md, "Stacks before the
+        tables")."""
+        with self._preload_lock:
+            self._preloads |= pids
+
+    def _serve_preloads(self) -> int:
+        """Load the processes asked for by ``preload`` (once each; ``known``: a sample asked for
+        it first), with their executable's table (the file every stack of theirs runs through)."""
+        with self._preload_lock:
+            pids, self._preloads = self._preloads - self._preloaded, set()
+        served = 0
+        for pid in pids:
+            process = self._processes.get(pid)
+            result = "known"
+            if process is None:
+                if not self.load_process(pid):
+                    self.counters.inc("unwind_preloads", result="failed")
+                    continue
+                process, result = self._processes[pid], "loaded"
+            for slot in process.slots:
+                if slot.pending and slot.ref is not None and slot.ref.key == process.key.exe:
+                    self.load_table(pid, process, slot.entry.start)
+            self._preloaded.add(pid)
+            self.counters.inc("unwind_preloads", result=result)
+            served += 1
+        return served
+
     def serve_requests(self) -> int:
-        """Serve the requests BPF made since the last call; returns how many led to work
-        (those skipped by a rate limit or the table budget do not keep the poll fast)."""
+        """Serve the preloads and the requests BPF made since the last call; returns how many
+        led to work (those skipped by a rate limit or the table budget do not keep the poll fast)."""
+        served = self._serve_preloads()
         requests = self.maps.take_requests()
         now = time.monotonic()
-        served = 0
         for pid, value in requests:
             reason, ip = value >> _REASON_SHIFT, value & _IP_MASK
             if self._retry_after.get(pid, 0.0) > now:
@@ -346,12 +387,23 @@ class NativeUnwinder:
             known = self._processes.get(pid)
             if known is not None and reason == REQUEST_TABLE:
                 served += self.load_table(pid, known, ip)
-            elif known is not None and reason != REQUEST_NEW and now - known.loaded_s < self.reload_after_s:
+            elif (known is not None and reason != REQUEST_NEW and now - known.loaded_s < self.reload_after_s
+                  and not self._execd(pid, known)):
                 continue  # rate limit: JIT regions appear faster than maps are worth re-reading
             else:
                 self.load_process(pid)
                 served += 1
         return served
+
+    def _execd(self, pid: int, process: _Process) -> bool:
+        """Whether ``pid`` runs another program, or is another process, than when it was loaded
+        (False when it is gone or unreadable). A process loaded when selected can exec right
+        after (a launcher script): its stale mappings give unknown addresses, walked by frame
+        pointers, until it is reloaded, which must not wait for the rate limit."""
+        try:
+            return ProcessKey.read(pid) != process.key
+        except (OSError, ValueError, IndexError):
+            return False
 
     def load_process(self, pid: int) -> bool:
         """(Re)build ``pid``'s mapping list from /proc and hand it to BPF.
@@ -528,6 +580,7 @@ class NativeUnwinder:
                 self.maps.delete_process(pid)
             elif now_key.exe != process.key.exe:  # exec'd
                 self.load_process(pid)
+        self._preloaded &= set(self._processes)
 
     def publish_counters(self) -> None:
         """Fold BPF's per-CPU unwind counters into the agent's counters (as deltas)."""

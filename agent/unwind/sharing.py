@@ -92,6 +92,12 @@ class SharedUnwinding:
             if unwinder is not None:
                 unwinder.close()
 
+    def preload(self, pids: set[int]) -> None:
+        """Have these processes loaded for unwinding before their first sample (NativeUnwinder.preload)."""
+        unwinder = self.unwinder
+        if unwinder is not None and pids:
+            unwinder.preload(pids)
+
     def check(self) -> None:
         """Raise if the worker stopped on an error (the actor's supervisor restarts the actor,
         whose next acquire replaces the worker)."""
