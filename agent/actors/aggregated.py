@@ -42,7 +42,9 @@ from shared.model import Frame
 log = logging.getLogger(__name__)
 
 AGG_KEY = struct_format(AggKey)  # pid, tid, stack_id, label
-AGG_VALUE = struct_format(AggValue)  # count, total_ns, first_ts, last_ts, cpu, weighted_ns, weighted_count
+# count, total_ns, first_ts, last_ts, cpu, on_cpu_count, weighted_ns, weighted_count, on_cpu_ns,
+# on_cpu_first_ts, on_cpu_last_ts: AggregatedEntry's fields from count on, in its order but for on_cpu_count
+AGG_VALUE = struct_format(AggValue)
 # How long after flipping the generation we wait before reading the quiet map: BPF
 # programs do not sleep and finish within microseconds of reading the generation.
 GENERATION_GRACE_S = 0.002
@@ -65,6 +67,13 @@ class AggregatedEntry:
     # probability it was captured (bpf/event_capture.h); 0 in sums of events not captured.
     weighted_ns: int
     weighted_count: int = 0
+    # wall: the thread's on-CPU time carried by this entry's closed intervals (bpf/wall.bpf.c,
+    # one map update for both): spans, ns, first and last span's start; wall.py adds them to
+    # the thread's ON_CPU_TIME_LABEL entry of the window before anything else reads them.
+    on_cpu_count: int = 0
+    on_cpu_ns: int = 0
+    on_cpu_first_ts: int = 0
+    on_cpu_last_ts: int = 0
 
 
 # How an entry takes part in spread_uncaptured: (its stratum, True if it is the stratum's sum of
@@ -242,8 +251,10 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
         self._bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
-        return [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
-                for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted, weighted_count)
+        return [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count,
+                                on_cpu_count, on_cpu_ns, on_cpu_first, on_cpu_last)
+                for (pid, tid, stack_id, label), (count, total, first, last, cpu, on_cpu_count, weighted,
+                                                  weighted_count, on_cpu_ns, on_cpu_first, on_cpu_last)
                 in rows]
 
 
