@@ -11,14 +11,13 @@ import dataclasses
 import random
 from collections.abc import Hashable
 
-from agent.actors.aggregated import AggregatedEntry, prune_earlier, release_waiting
+from agent.actors.aggregated import AggregatedEntry, fold_carried_on_cpu, prune_earlier, release_waiting
 from agent.actors.wall import (
     ON_CPU_LABEL,
     ON_CPU_TIME_LABEL,
     SHORT_OFF_CPU_LABEL,
     UNCAPTURED_LABEL,
     spread_uncaptured,
-    with_carried_on_cpu,
 )
 
 SLEEPING, PREEMPTED = 0x1, 0x0
@@ -75,34 +74,26 @@ def samples(tid: int, stack_id: int, count: int) -> AggregatedEntry:
     return dataclasses.replace(entry(tid, stack_id, ON_CPU_LABEL, count * PERIOD), count=count)
 
 
-def carrying(e: AggregatedEntry, spans: int, ns: int, first: int, last: int, cpu: int = 0) -> AggregatedEntry:
-    """An interval aggregate whose switch-outs also carried the thread's on-CPU spans."""
-    return dataclasses.replace(e, on_cpu_count=spans, on_cpu_ns=ns, on_cpu_first_ts=first, on_cpu_last_ts=last,
-                               cpu=cpu)
-
-
 def test_on_cpu_time_carried_by_intervals_joins_the_threads_own_sum() -> None:
-    """BPF records the on-CPU span ending at a switch-out with the interval that switch-out
-    closes; the window's on-CPU time per thread is the sum of both kinds, stamped with the
-    first and last span's start, and the carriers keep their off-CPU time as it was."""
+    """BPF records the on-CPU span ending at a switch-out in the map update of the interval
+    that switch-out closes; the drain sums what each thread's entries carried (spans, ns,
+    first and last span's start, the CPU of the last) and adds it to the thread's own
+    on-CPU sum of the window, or makes one: one ON_CPU_TIME entry a thread, the other
+    entries as they were."""
     alone = dataclasses.replace(entry(1, 0, ON_CPU_TIME_LABEL, 1_000), first_ts_mono_ns=500, last_ts_mono_ns=900,
                                 cpu=1)
-    short = carrying(entry(1, 0, SHORT_OFF_CPU_LABEL, 40), 3, 6_000, first=100, last=800)
-    slept = carrying(entry(1, 7, SLEEPING, 5_000), 1, 2_500, first=950, last=950, cpu=3)
-    other = carrying(entry(2, 0, UNCAPTURED_LABEL | SLEEPING, 7_000), 2, 300, first=20, last=30, cpu=2)
-    out = with_carried_on_cpu([alone, short, slept, other, entry(2, 8, SLEEPING, 1_000)])
-    own = {(e.tid, e.label): e for e in out if e.label == ON_CPU_TIME_LABEL}
-    assert (own[(1, ON_CPU_TIME_LABEL)].total_ns, own[(1, ON_CPU_TIME_LABEL)].count) == (9_500, 5)
-    assert (own[(1, ON_CPU_TIME_LABEL)].first_ts_mono_ns, own[(1, ON_CPU_TIME_LABEL)].last_ts_mono_ns) == (100, 950)
-    assert own[(1, ON_CPU_TIME_LABEL)].cpu == 3  # the CPU of its latest span
-    made = own[(2, ON_CPU_TIME_LABEL)]  # thread 2 had no on-CPU sum of its own in the window
-    assert (made.stack_id, made.total_ns, made.count, made.first_ts_mono_ns, made.last_ts_mono_ns, made.cpu) == (
-        0, 300, 2, 20, 30, 2)
-    assert totals([e for e in out if e.label != ON_CPU_TIME_LABEL]) == {
-        (1, 0, SHORT_OFF_CPU_LABEL): 40, (1, 7, SLEEPING): 5_000, (2, 0, UNCAPTURED_LABEL | SLEEPING): 7_000,
-        (2, 8, SLEEPING): 1_000}
-    assert not any(e.on_cpu_ns or e.on_cpu_count for e in out)  # carried once, not again
-    assert with_carried_on_cpu(out) == out
+    others = [entry(1, 0, SHORT_OFF_CPU_LABEL, 40), entry(1, 7, SLEEPING, 5_000),
+              entry(2, 0, UNCAPTURED_LABEL | SLEEPING, 7_000), entry(2, 8, SLEEPING, 1_000)]
+    carried = {(10, 1): [4, 8_500, 100, 950, 3], (10, 2): [2, 300, 20, 30, 2]}
+    out = fold_carried_on_cpu([alone, *others], carried, ON_CPU_TIME_LABEL)
+    own = {e.tid: e for e in out if e.label == ON_CPU_TIME_LABEL}
+    assert len([e for e in out if e.label == ON_CPU_TIME_LABEL]) == 2
+    one = own[1]
+    assert (one.total_ns, one.count, one.first_ts_mono_ns, one.last_ts_mono_ns, one.cpu) == (9_500, 5, 100, 950, 3)
+    made = own[2]  # thread 2 had no on-CPU sum of its own in the window
+    assert (made.pid, made.stack_id, made.total_ns, made.count, made.first_ts_mono_ns, made.last_ts_mono_ns,
+            made.cpu, made.weighted_ns) == (10, 0, 300, 2, 20, 30, 2, 0)
+    assert [e for e in out if e.label != ON_CPU_TIME_LABEL] == others
 
 
 def test_measured_on_cpu_time_replaces_sample_counts() -> None:

@@ -99,45 +99,6 @@ def spread_uncaptured(entries: list[AggregatedEntry],
     return spread_uncaptured_by(entries, wall_stratum, earlier=earlier, waiting=waiting)
 
 
-def with_carried_on_cpu(entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-    """Each thread's on-CPU time that its closed off-CPU intervals carried (bpf/wall.bpf.c
-    records the on-CPU span ending at a switch-out in the same map update as the interval that
-    switch-out closes), added to the thread's ON_CPU_TIME_LABEL entry of the window, which is
-    made if the window has none: the sum per thread and window is the one BPF measured, and
-    the carriers keep only their own off-CPU time."""
-    carried: dict[tuple[int, int], list[AggregatedEntry]] = {}
-    for e in entries:
-        if e.on_cpu_ns:
-            carried.setdefault((e.pid, e.tid), []).append(e)
-    if not carried:
-        return entries
-    out: list[AggregatedEntry] = []
-    own: dict[tuple[int, int], int] = {}
-    for e in entries:
-        if e.on_cpu_ns:
-            e = dataclasses.replace(e, on_cpu_count=0, on_cpu_ns=0, on_cpu_first_ts=0, on_cpu_last_ts=0)
-        elif e.label == ON_CPU_TIME_LABEL and (e.pid, e.tid) in carried:
-            own[(e.pid, e.tid)] = len(out)
-        out.append(e)
-    for (pid, tid), carriers in carried.items():
-        latest = max(carriers, key=lambda c: c.on_cpu_last_ts)
-        spans = AggregatedEntry(pid, tid, 0, ON_CPU_TIME_LABEL, count=sum(c.on_cpu_count for c in carriers),
-                                total_ns=sum(c.on_cpu_ns for c in carriers),
-                                first_ts_mono_ns=min(c.on_cpu_first_ts for c in carriers),
-                                last_ts_mono_ns=latest.on_cpu_last_ts, cpu=latest.cpu, weighted_ns=0)
-        i = own.get((pid, tid))
-        if i is None:
-            out.append(spans)
-            continue
-        alone = out[i]
-        out[i] = dataclasses.replace(
-            alone, count=alone.count + spans.count, total_ns=alone.total_ns + spans.total_ns,
-            first_ts_mono_ns=min(alone.first_ts_mono_ns, spans.first_ts_mono_ns),
-            last_ts_mono_ns=max(alone.last_ts_mono_ns, spans.last_ts_mono_ns),
-            cpu=alone.cpu if alone.last_ts_mono_ns >= spans.last_ts_mono_ns else spans.cpu)
-    return out
-
-
 PREEMPTED_STATES = (0, _PREEMPTED_IN_KERNEL)
 
 
@@ -184,6 +145,7 @@ class WallActor(AggregatingActor):
 
     profile_type = ProfileType.WALL
     bpf_source = "wall.bpf.c"
+    ON_CPU_TIME_LABEL = ON_CPU_TIME_LABEL  # the maps' carried on-CPU spans join these sums
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx, TargetFilter(ctx), PythonFrames(ctx, self.profile_type))
@@ -229,7 +191,7 @@ class WallActor(AggregatingActor):
                 self.ctx.counters.inc(name, deltas[slot])
 
     def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-        return spread_uncaptured(with_carried_on_cpu(entries), self.earlier_captures(), self.waiting_sums())
+        return spread_uncaptured(entries, self.earlier_captures(), self.waiting_sums())
 
     def to_samples(self, records: list[AggregatedEntry]) -> list[Sample]:
         symbolizer = self.ctx.symbolizer
