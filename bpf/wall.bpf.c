@@ -25,10 +25,10 @@
  * Labels: ON_CPU_LABEL for on-CPU samples, ON_CPU_TIME_LABEL for the per-thread sum of exact
  * on-CPU time (no stack: the agent shares it out over the thread's on-CPU samples of the same
  * window by their counts; the span ending at a switch-out is carried in the update of the
- * interval that switch-out closes, agg_value's on_cpu_* fields), SHORT_OFF_CPU_LABEL for the per-thread sum of short blocks, else the
- * task state at switch-out. A thread rescheduled on its way back to
- * user space (prev_state 0) is recorded without its kernel stack, which would only show
- * that return path.
+ * interval that switch-out closes, agg_value's on_cpu_* fields), SHORT_OFF_CPU_LABEL for the
+ * per-thread sum of short blocks, else the task state at switch-out. A thread rescheduled on
+ * its way back to user space (prev_state 0) is recorded without its kernel stack, which would
+ * only show that return path.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
