@@ -47,6 +47,11 @@
 #ifndef CAPTURE_BUDGET_HZ
 #define CAPTURE_BUDGET_HZ 0         /* per CPU; 0: no budget */
 #endif
+/* scaled x 2^32 / 10^9 as a multiply and a shift (a 64-bit division at every event is
+ * measurable): floor(2^62 / 10^9) / 2^30; below the exact p by at most 2^-32 (a p a little
+ * lower is still the p drawn with and weighted by, so the weights stay unbiased). */
+#define P_PER_SECOND_NS 4611686018ULL
+#define P_PER_SECOND_SHIFT 30
 #define BUDGET_WINDOW_NS 100000000ULL
 #define BUDGET_PER_WINDOW ((CAPTURE_BUDGET_HZ * BUDGET_WINDOW_NS + 999999999ULL) / 1000000000ULL)
 #define BUDGET_HARD_CAP (2 * BUDGET_PER_WINDOW)
@@ -57,6 +62,8 @@ struct capture_budget {
     u64 wanted;         /* sum of p this window, in 1/P_ONE ths */
     u64 taken;          /* captures this window */
     u64 q;              /* this window's factor, in 1/Q_ONE ths */
+    u64 window_end;     /* (window + 1) x BUDGET_WINDOW_NS: the window index is divided out only
+                           when a window ends, not at every event */
 };
 
 BPF_PERCPU_ARRAY(capture_budgets, struct capture_budget, 1);
@@ -68,12 +75,13 @@ static __always_inline struct capture_budget *capture_window(u64 now)
     struct capture_budget *b = capture_budgets.lookup(&zero);
     if (!b)
         return 0;
-    u64 w = now / BUDGET_WINDOW_NS;
-    if (w != b->window) {
+    if (now >= b->window_end) {     /* ktime only grows on a CPU: still in the window otherwise */
+        u64 w = now / BUDGET_WINDOW_NS;
         u64 wanted = w == b->window + 1 ? b->wanted : 0;   /* after a gap: no estimate, q = 1 */
         u64 budget = BUDGET_PER_WINDOW << P_SHIFT;
         b->q = wanted <= budget ? Q_ONE : (budget << Q_SHIFT) / wanted;  /* budget < 2^46 */
         b->window = w;
+        b->window_end = (w + 1) * BUDGET_WINDOW_NS;
         b->wanted = 0;
         b->taken = 0;
     }
@@ -92,7 +100,7 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
         u64 span = now - last > event_ns ? now - last : event_ns;
         u64 scaled = span * CAPTURE_RATE_HZ;  /* < 2^64 for gaps under ~5 days at 40 kHz */
         if (scaled < 1000000000ULL)
-            p = (scaled << P_SHIFT) / 1000000000ULL;  /* scaled < 2^30: no overflow */
+            p = (scaled * P_PER_SECOND_NS) >> P_PER_SECOND_SHIFT;  /* scaled < 2^30, the constant < 2^33 */
     }
     u64 pi = p;
     if (CAPTURE_BUDGET_HZ) {
@@ -146,15 +154,22 @@ static __always_inline u64 weighted_ns(u64 ns, u64 inverse_p)
 }
 
 /* Add one event of `ns` to (pid, tid, stack_id, label): captured (stack_id != 0) with weight
- * inverse_p, or not captured (stack_id 0: only its exact time and count). */
-static __always_inline void record_event(u32 pid, u32 tid, u64 stack_id, u64 label, u64 ns, u64 inverse_p,
-                                         u64 ts)
+ * inverse_p, or not captured (stack_id 0: only its exact time and count); with the thread's
+ * on-CPU time `on_cpu_ns` (started at `on_cpu_ts`) carried in the same update (wall, else 0). */
+static __always_inline void record_event_carrying(u32 pid, u32 tid, u64 stack_id, u64 label, u64 ns,
+                                                  u64 inverse_p, u64 ts, u64 on_cpu_ns, u64 on_cpu_ts)
 {
     struct agg_key key = {.pid = pid, .tid = tid, .stack_id = stack_id, .label = label};
     if (stack_id)
-        agg_add_weighted(&key, ns, weighted_ns(ns, inverse_p), inverse_p, ts);
+        agg_add_carrying(&key, ns, weighted_ns(ns, inverse_p), inverse_p, ts, on_cpu_ns, on_cpu_ts);
     else
-        agg_add_weighted(&key, ns, 0, 0, ts);
+        agg_add_carrying(&key, ns, 0, 0, ts, on_cpu_ns, on_cpu_ts);
+}
+
+static __always_inline void record_event(u32 pid, u32 tid, u64 stack_id, u64 label, u64 ns, u64 inverse_p,
+                                         u64 ts)
+{
+    record_event_carrying(pid, tid, stack_id, label, ns, inverse_p, ts, 0, 0);
 }
 
 /* Store a filled event's stack and add the event to its aggregate (stage 3 of a capture). */

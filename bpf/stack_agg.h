@@ -53,10 +53,17 @@ struct agg_value {
     u64 first_ts;       /* CLOCK_MONOTONIC of the first event in this flush window */
     u64 last_ts;
     u32 cpu;            /* CPU of the latest event (for the sample's cpu field) */
-    u32 _pad;
+    u32 on_cpu_count;   /* wall: the thread's on-CPU spans carried by this entry's updates */
     u64 weighted_ns;    /* captured events: sum of ns / (probability the event was captured);
                            0 for the per-(thread, label) sums of events not captured */
     u64 weighted_count; /* captured events: sum of 1 / that probability, in 1/2^16ths */
+    /* wall: the thread's exact on-CPU time that ended at the switch-outs whose closed
+     * interval this entry took (one map update for both, bpf/wall.bpf.c), their ns and the
+     * first and last span's start; 0 in other entries and programs. The agent adds them to
+     * the thread's on-CPU time of the same window. */
+    u64 on_cpu_ns;
+    u64 on_cpu_first_ts;
+    u64 on_cpu_last_ts;
 };
 
 BPF_HASH(agg0, struct agg_key, struct agg_value, AGG_ENTRIES);
@@ -162,9 +169,10 @@ static __always_inline u64 agg_store_stack(struct stack_event *ev)
 }
 
 /* Add one event of `ns` to the current generation's entry for this key, with its weights
- * (bpf/event_capture.h: ns and 1 divided by the probability it was captured; 0 if it was not). */
-static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
-                                             u64 ts)
+ * (bpf/event_capture.h: ns and 1 divided by the probability it was captured; 0 if it was not),
+ * and `on_cpu_ns` > 0 of on-CPU time that started at `on_cpu_ts` carried along (wall). */
+static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
+                                             u64 ts, u64 on_cpu_ns, u64 on_cpu_ts)
 {
     u32 zero = 0;
     u32 *gen = agg_generation.lookup(&zero);
@@ -176,7 +184,7 @@ static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 we
         v = agg0.lookup_or_try_init(key, &init);
     if (!v) {
         count(AGG_MAP_FULL);
-        count_add(AGG_MAP_FULL_NS, ns);
+        count_add(AGG_MAP_FULL_NS, ns + on_cpu_ns);
         return;
     }
     __sync_fetch_and_add(&v->count, 1);
@@ -190,6 +198,20 @@ static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 we
     if (ts > v->last_ts)
         v->last_ts = ts;
     v->cpu = bpf_get_smp_processor_id();
+    if (on_cpu_ns) {
+        __sync_fetch_and_add(&v->on_cpu_ns, on_cpu_ns);
+        __sync_fetch_and_add(&v->on_cpu_count, 1);
+        if (!v->on_cpu_first_ts || on_cpu_ts < v->on_cpu_first_ts)
+            v->on_cpu_first_ts = on_cpu_ts;
+        if (on_cpu_ts > v->on_cpu_last_ts)
+            v->on_cpu_last_ts = on_cpu_ts;
+    }
+}
+
+static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
+                                             u64 ts)
+{
+    agg_add_carrying(key, ns, weighted, weighted_count, ts, 0, 0);
 }
 
 #endif

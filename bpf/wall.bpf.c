@@ -24,10 +24,11 @@
  * selected are marked in their storage and cost one storage lookup per switch.
  * Labels: ON_CPU_LABEL for on-CPU samples, ON_CPU_TIME_LABEL for the per-thread sum of exact
  * on-CPU time (no stack: the agent shares it out over the thread's on-CPU samples of the same
- * window by their counts), SHORT_OFF_CPU_LABEL for the per-thread sum of short blocks, else the
- * task state at switch-out. A thread rescheduled on its way back to
- * user space (prev_state 0) is recorded without its kernel stack, which would only show
- * that return path.
+ * window by their counts; the span ending at a switch-out is carried in the update of the
+ * interval that switch-out closes, agg_value's on_cpu_* fields), SHORT_OFF_CPU_LABEL for the
+ * per-thread sum of short blocks, else the task state at switch-out. A thread rescheduled on
+ * its way back to user space (prev_state 0) is recorded without its kernel stack, which would
+ * only show that return path.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -201,20 +202,22 @@ static __always_inline struct wall_thread *new_thread(struct task_struct *task, 
     return t;
 }
 
-/* The thread's off-CPU interval that ended at `in_ts`, added to its aggregate. */
-static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 in_ts)
+/* The thread's off-CPU interval that ended at `in_ts`, added to its aggregate, carrying the
+ * on-CPU time that followed it (`on_cpu_ns` from `on_cpu_ts`: one map update for both). */
+static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 in_ts, u64 on_cpu_ns, u64 on_cpu_ts)
 {
     u64 start = t->out_ts;
     u64 duration = in_ts - start;
     if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
-        record_event(t->tgid, tid, 0, SHORT_OFF_CPU_LABEL, duration, 0, start);
+        record_event_carrying(t->tgid, tid, 0, SHORT_OFF_CPU_LABEL, duration, 0, start, on_cpu_ns, on_cpu_ts);
     } else {
         u64 label = t->state;
         if (!t->stack_id) {     /* long but not captured: summed per thread and state */
             label |= UNCAPTURED_LABEL;
             count(WALL_UNCAPTURED_LONG);
         }
-        record_event(t->tgid, tid, t->stack_id, label, duration, t->inverse_p, start);
+        record_event_carrying(t->tgid, tid, t->stack_id, label, duration, t->inverse_p, start, on_cpu_ns,
+                              on_cpu_ts);
     }
     count(WALL_OFF_CPU_INTERVALS);
 }
@@ -253,16 +256,22 @@ TRACEPOINT_PROBE(sched, sched_switch)
         t->out_ts = 0;
         return 0;
     }
-    /* The on-CPU time that ends now (the rest since its switch-in or last sample). */
-    account_on_cpu(&out, t->tgid, tid, now);
-    /* The interval that ended when this thread was switched in here. */
+    /* The on-CPU time that ends now (the rest since its switch-in or last sample), carried
+     * by the interval that ended when this thread was switched in here, else alone. */
+    u64 on_cpu_ns = 0;
+    if (out.tid == tid && out.accounted_ts && now > out.accounted_ts)
+        on_cpu_ns = now - out.accounted_ts;
     if (t->out_ts) {
-        if (in_ts > t->out_ts)
-            close_interval(t, tid, in_ts);
-        else
+        if (in_ts > t->out_ts) {
+            close_interval(t, tid, in_ts, on_cpu_ns, out.accounted_ts);
+            on_cpu_ns = 0;
+        } else {
             count(WALL_INTERVAL_END_UNSEEN);
+        }
         t->out_ts = 0;
     }
+    if (on_cpu_ns)
+        record_event(t->tgid, tid, 0, ON_CPU_TIME_LABEL, on_cpu_ns, 0, out.accounted_ts);
     u64 state = (u64)args->prev_state;
     if (state & EXITED_STATES)
         return 0;

@@ -44,8 +44,9 @@ def test_struct_sizes_are_the_c_ones() -> None:
     # stack_event: 3 u64 + 6 u32 + comm[16] = 64; two stacks of 127 u64; user_sp, copy_len,
     # _pad = 16; the 512-byte copy; py_count, py_status = 8; 64 py_frames of 24 bytes.
     assert ctypes.sizeof(StackEvent) == 64 + 2 * 127 * 8 + 16 + 512 + 8 + 64 * 24 == 4168
-    assert ctypes.sizeof(AggValue) == 56 and AggValue.weighted_ns.offset == 40  # u32 cpu + u32 pad before it
-    assert AggValue.weighted_count.offset == 48
+    # agg_value: 4 u64, u32 cpu + u32 on_cpu_count, weighted_ns, weighted_count, 3 u64 on_cpu_*
+    assert ctypes.sizeof(AggValue) == 80 and AggValue.weighted_ns.offset == 40
+    assert AggValue.weighted_count.offset == 48 and AggValue.on_cpu_ns.offset == 56
     assert ctypes.sizeof(UnwindRow) == 12
     assert ctypes.sizeof(UnwindProc) == 8 + 256 * 40
     assert ctypes.sizeof(UnwindCpu) == (9 + 3) * 8
@@ -57,7 +58,7 @@ def test_derived_formats_decode_as_the_hand_written_ones_did() -> None:
     assert struct_format(StackEvent, "user_sp", "_pad").format == "<QI4x"
     assert struct_format(PyFrame).format == "<QQI4x"
     assert struct_format(AggKey).format == "<IIQQ"
-    assert struct_format(AggValue).format == "<QQQQI4xQQ"
+    assert struct_format(AggValue).format == "<QQQQIIQQQQQ"
     assert struct_format(UnwindRow).format == "<IihB1x"
     assert struct_format(UnwindMapping).format == "<QQQIIII"
     assert struct_format(UnwindCpu, "counters", "counters").format == "<9Q"

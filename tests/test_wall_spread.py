@@ -11,8 +11,14 @@ import dataclasses
 import random
 from collections.abc import Hashable
 
-from agent.actors.aggregated import AggregatedEntry, prune_earlier, release_waiting
-from agent.actors.wall import ON_CPU_LABEL, ON_CPU_TIME_LABEL, SHORT_OFF_CPU_LABEL, UNCAPTURED_LABEL, spread_uncaptured
+from agent.actors.aggregated import AggregatedEntry, fold_carried_on_cpu, prune_earlier, release_waiting
+from agent.actors.wall import (
+    ON_CPU_LABEL,
+    ON_CPU_TIME_LABEL,
+    SHORT_OFF_CPU_LABEL,
+    UNCAPTURED_LABEL,
+    spread_uncaptured,
+)
 
 SLEEPING, PREEMPTED = 0x1, 0x0
 
@@ -66,6 +72,28 @@ PERIOD = 10_101_010  # one 99 Hz sample's value
 def samples(tid: int, stack_id: int, count: int) -> AggregatedEntry:
     """An on-CPU aggregate as BPF fills it: count samples of one period each, weight one."""
     return dataclasses.replace(entry(tid, stack_id, ON_CPU_LABEL, count * PERIOD), count=count)
+
+
+def test_on_cpu_time_carried_by_intervals_joins_the_threads_own_sum() -> None:
+    """BPF records the on-CPU span ending at a switch-out in the map update of the interval
+    that switch-out closes; the drain sums what each thread's entries carried (spans, ns,
+    first and last span's start, the CPU of the last) and adds it to the thread's own
+    on-CPU sum of the window, or makes one: one ON_CPU_TIME entry a thread, the other
+    entries as they were."""
+    alone = dataclasses.replace(entry(1, 0, ON_CPU_TIME_LABEL, 1_000), first_ts_mono_ns=500, last_ts_mono_ns=900,
+                                cpu=1)
+    others = [entry(1, 0, SHORT_OFF_CPU_LABEL, 40), entry(1, 7, SLEEPING, 5_000),
+              entry(2, 0, UNCAPTURED_LABEL | SLEEPING, 7_000), entry(2, 8, SLEEPING, 1_000)]
+    carried = {(10, 1): [4, 8_500, 100, 950, 3], (10, 2): [2, 300, 20, 30, 2]}
+    out = fold_carried_on_cpu([alone, *others], carried, ON_CPU_TIME_LABEL)
+    own = {e.tid: e for e in out if e.label == ON_CPU_TIME_LABEL}
+    assert len([e for e in out if e.label == ON_CPU_TIME_LABEL]) == 2
+    one = own[1]
+    assert (one.total_ns, one.count, one.first_ts_mono_ns, one.last_ts_mono_ns, one.cpu) == (9_500, 5, 100, 950, 3)
+    made = own[2]  # thread 2 had no on-CPU sum of its own in the window
+    assert (made.pid, made.stack_id, made.total_ns, made.count, made.first_ts_mono_ns, made.last_ts_mono_ns,
+            made.cpu, made.weighted_ns) == (10, 0, 300, 2, 20, 30, 2, 0)
+    assert [e for e in out if e.label != ON_CPU_TIME_LABEL] == others
 
 
 def test_measured_on_cpu_time_replaces_sample_counts() -> None:

@@ -42,7 +42,9 @@ from shared.model import Frame
 log = logging.getLogger(__name__)
 
 AGG_KEY = struct_format(AggKey)  # pid, tid, stack_id, label
-AGG_VALUE = struct_format(AggValue)  # count, total_ns, first_ts, last_ts, cpu, weighted_ns, weighted_count
+# count, total_ns, first_ts, last_ts, cpu, on_cpu_count, weighted_ns, weighted_count, on_cpu_ns,
+# on_cpu_first_ts, on_cpu_last_ts
+AGG_VALUE = struct_format(AggValue)
 # How long after flipping the generation we wait before reading the quiet map: BPF
 # programs do not sleep and finish within microseconds of reading the generation.
 GENERATION_GRACE_S = 0.002
@@ -209,12 +211,39 @@ def shares(total: int, weights: list[int]) -> list[int]:
     return [*parts, total - sum(parts)]
 
 
+# A thread's carried on-CPU spans in one window: [count, ns, first span's start, last span's
+# start, the CPU of the entry carrying the last one].
+Carried = list[int]
+
+
+def fold_carried_on_cpu(entries: list[AggregatedEntry], carried: dict[tuple[int, int], Carried],
+                        label: int) -> list[AggregatedEntry]:
+    """Each thread's on-CPU spans that other entries carried (bpf/wall.bpf.c records the span
+    ending at a switch-out in the map update of the interval that switch-out closes) added to
+    its own ``label`` entry (pid, tid, stack 0) of the window, made if the window has none: one
+    entry per thread, with the sum BPF measured, stamped with the first and last span's start."""
+    out = list(entries)
+    for i, e in enumerate(out):
+        if e.label == label and not e.stack_id and (e.pid, e.tid) in carried:
+            count, ns, first, last, cpu = carried.pop((e.pid, e.tid))
+            out[i] = dataclasses.replace(e, count=e.count + count, total_ns=e.total_ns + ns,
+                                         first_ts_mono_ns=min(e.first_ts_mono_ns, first),
+                                         last_ts_mono_ns=max(e.last_ts_mono_ns, last),
+                                         cpu=e.cpu if e.last_ts_mono_ns >= last else cpu)
+    out += [AggregatedEntry(pid, tid, 0, label, count, ns, first, last, cpu, 0)
+            for (pid, tid), (count, ns, first, last, cpu) in carried.items()]
+    return out
+
+
 class AggregationMaps(RecordSource[AggregatedEntry]):
     """The record source of programs including bpf/stack_agg.h: the double-buffered
-    aggregation maps ``agg0``/``agg1``, drained once per flush (no thread of its own)."""
+    aggregation maps ``agg0``/``agg1``, drained once per flush (no thread of its own).
+    ``on_cpu_label``: the label of the per-thread on-CPU sums that the values' ``on_cpu_*``
+    fields are added to (wall), read here so no entry object carries them."""
 
-    def __init__(self, ctx: ActorContext) -> None:
+    def __init__(self, ctx: ActorContext, on_cpu_label: int | None = None) -> None:
         self.settings = ctx.settings
+        self.on_cpu_label = on_cpu_label
         self._bpf: Any = None
         self.stopped = False
         self._drainers: list[HashMapDrainer] = []
@@ -242,9 +271,27 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
         self._bpf["agg_generation"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation & 0xFFFFFFFF)
         time.sleep(GENERATION_GRACE_S)
         rows = self._drainers[old & 1].drain()
-        return [AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted, weighted_count)
-                for (pid, tid, stack_id, label), (count, total, first, last, cpu, weighted, weighted_count)
-                in rows]
+        entries = []
+        carried: dict[tuple[int, int], Carried] = {}
+        for (pid, tid, stack_id, label), (count, total, first, last, cpu, on_cpu_count, weighted, weighted_count,
+                                          on_cpu_ns, on_cpu_first, on_cpu_last) in rows:
+            entries.append(AggregatedEntry(pid, tid, stack_id, label, count, total, first, last, cpu, weighted,
+                                           weighted_count))
+            if on_cpu_ns:
+                sums = carried.get((pid, tid))
+                if sums is None:
+                    carried[(pid, tid)] = [on_cpu_count, on_cpu_ns, on_cpu_first, on_cpu_last, cpu]
+                    continue
+                sums[0] += on_cpu_count
+                sums[1] += on_cpu_ns
+                sums[2] = min(sums[2], on_cpu_first)
+                if on_cpu_last > sums[3]:
+                    sums[3], sums[4] = on_cpu_last, cpu
+        if not carried:
+            return entries
+        if self.on_cpu_label is None:
+            raise RuntimeError("the program carried on-CPU time but its actor has no label for it")
+        return fold_carried_on_cpu(entries, carried, self.on_cpu_label)
 
 
 class AggregatingActor(BpfActor[AggregatedEntry]):
@@ -259,9 +306,11 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
     # before it is reported without a stack (its samples are that much later, not later stamped).
     WAITING_MAX_S: ClassVar[float] = 2.0
     THREAD_NAME_TTL_S: ClassVar[float] = 10.0
+    # The label of the per-thread on-CPU sums the maps' carried on-CPU time joins (wall only).
+    ON_CPU_TIME_LABEL: ClassVar[int | None] = None
 
     def __init__(self, ctx: ActorContext, *parts: ProgramPart) -> None:
-        self._maps = AggregationMaps(ctx)
+        self._maps = AggregationMaps(ctx, self.ON_CPU_TIME_LABEL)
         super().__init__(ctx, self._maps, *parts)
         self._stack_frames: FrameCache[tuple[tuple[Frame, ...], str]] = FrameCache(self.STACK_CACHE_ENTRIES,
                                                                                   self.STACK_CACHE_TTL_S)

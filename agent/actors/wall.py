@@ -145,6 +145,7 @@ class WallActor(AggregatingActor):
 
     profile_type = ProfileType.WALL
     bpf_source = "wall.bpf.c"
+    ON_CPU_TIME_LABEL = ON_CPU_TIME_LABEL  # the maps' carried on-CPU spans join these sums
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx, TargetFilter(ctx), PythonFrames(ctx, self.profile_type))

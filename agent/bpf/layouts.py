@@ -137,11 +137,15 @@ class AggKey(Layout):
 class AggValue(Layout):
     """``struct agg_value``: one in-kernel aggregate's sums. ``weighted_ns`` and ``weighted_count``
     sum a captured event's ns and 1, each divided by the probability it was captured (in
-    1/2^WEIGHT_SHIFT ths, bpf/event_capture.h); both are 0 for events not captured (stack id 0)."""
+    1/2^WEIGHT_SHIFT ths, bpf/event_capture.h); both are 0 for events not captured (stack id 0).
+    ``on_cpu_*`` (wall only): the thread's on-CPU time carried by the switch-outs that closed
+    this entry's intervals (their count, ns, and first and last span's start)."""
 
     c_name, c_home = "agg_value", "stack_agg.h"
     _fields_ = [("count", c_uint64), ("total_ns", c_uint64), ("first_ts", c_uint64), ("last_ts", c_uint64),
-                ("cpu", c_uint32), ("_pad", c_uint32), ("weighted_ns", c_uint64), ("weighted_count", c_uint64)]
+                ("cpu", c_uint32), ("on_cpu_count", c_uint32), ("weighted_ns", c_uint64),
+                ("weighted_count", c_uint64), ("on_cpu_ns", c_uint64), ("on_cpu_first_ts", c_uint64),
+                ("on_cpu_last_ts", c_uint64)]
 
 
 # -- bpf/python.h -----------------------------------------------------------------------------
