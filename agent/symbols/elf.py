@@ -10,6 +10,12 @@ separate debug file (:mod:`agent.symbols.debuginfo`). It is opened on the first 
 per file: its full symbol table replaces the file's exported-only one (local functions such
 as libc's ``start_thread`` are named), and its DWARF gives the lines. Debug files keep the
 object's virtual addresses, so lookups are unchanged.
+
+The pyelftools ``ELFFile`` is not kept after the tables are read: its section headers and
+per-file structure definitions are ~80 KB of small Python objects a file, over a hundred
+files on a busy host, and those few long-lived objects kept Python allocator arenas
+resident. The later first-time reads (line table, Go table) parse the ELF header again
+from the open file (milliseconds, once per file; docs/design/overhead.md).
 """
 
 from __future__ import annotations
@@ -59,7 +65,6 @@ class ElfSymbols:
         self.path = display_path
         elf = ELFFile(stream)
         self._stream = stream
-        self._elf = elf
         self.build_id = gnu_build_id(elf)
         self.debuglink: DebugLink | None = read_debuglink(elf)
         self.segments = [
@@ -70,11 +75,11 @@ class ElfSymbols:
         self._starts, self._ends, self._names = _function_symbols(elf)
         self._has_symtab = elf.get_section_by_name(".symtab") is not None
         self._has_dwarf = elf.get_section_by_name(".debug_line") is not None
-        self._line_elf = elf  # the file whose DWARF gives lines: this one or its debug file
         self._debug_source: DebugSource | None = None
+        # The separate debug file, kept open when its DWARF gives the lines (else None: this file's).
         self._debug_stream: IO[bytes] | None = None
         self.debug_file = ""  # path of the separate debug file in use, if any
-        self._gopclntab = pclntab_section(elf)
+        self._is_go = pclntab_section(elf) is not None
         self._go_table: GoSymbolTable | None = None
         # Built on the first line lookup: three parallel arrays (~16 B a row, where a (file,
         # line) tuple per row cost ~80 B), or per CU for line programs over the budget.
@@ -97,7 +102,7 @@ class ElfSymbols:
     def wants_debug_file(self) -> bool:
         """Whether a separate debug file could add anything: no full symbol table or no DWARF
         (Go binaries carry their own table in .gopclntab and are left alone)."""
-        return self._gopclntab is None and not (self._has_symtab and self._has_dwarf)
+        return not self._is_go and not (self._has_symtab and self._has_dwarf)
 
     def set_debug_source(self, source: DebugSource) -> None:
         """How to open this file's debug file: called once, on the first symbol lookup, with
@@ -119,7 +124,7 @@ class ElfSymbols:
                 self._starts, self._ends, self._names = starts, ends, names
                 self.debug_file = path
             if not self._has_dwarf and debug.get_section_by_name(".debug_line") is not None:
-                self._line_elf, self._has_dwarf, keep = debug, True, True
+                self._has_dwarf, keep = True, True
                 self.debug_file = path
         except Exception as exc:  # pyelftools raises many types on unusual files
             log.warning("%s: debug file %s unusable: %s", self.path, path, exc)
@@ -152,14 +157,14 @@ class ElfSymbols:
 
         Go frames are symbolized from it rather than from symtab/DWARF: it exists in stripped
         binaries too and carries file and line without parsing DWARF."""
-        if self._gopclntab is None:
+        if not self._is_go:
             return None
         if self._go_table is None:
             try:
-                self._go_table = shared_go_table(self._elf)
-            except (ValueError, struct.error, IndexError) as exc:
+                self._go_table = shared_go_table(ELFFile(self._stream))
+            except (ValueError, struct.error, IndexError, ELFError) as exc:
                 log.warning("%s: unusable .gopclntab: %s", self.path, exc)
-                self._gopclntab = None
+                self._is_go = False
                 return None
         return self._go_table
 
@@ -189,8 +194,8 @@ class ElfSymbols:
     def _build_line_table(self) -> LineTable | CuLineIndex:
         """The whole table when the line program is within budget, else a per-CU index
         (agent/symbols/dwarf_lines.py); an empty table when the DWARF is unreadable."""
-        elf = self._line_elf
         try:
+            elf = ELFFile(self._debug_stream or self._stream)
             section = elf.get_section_by_name(".debug_line")
             if section is not None and section.data_size > MAX_LINE_PROGRAM_BYTES:
                 try:
