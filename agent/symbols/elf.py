@@ -36,6 +36,7 @@ from agent.runtimes.go.pclntab import GoSymbolTable, pclntab_section, shared_go_
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.dwarf_lines import CuLineIndex, LineTable, whole_line_table
 from agent.symbols.packed_names import PackedNames
+from agent.symbols.section_views import ViewingELFFile
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,10 @@ class ElfSymbols:
             elf = ELFFile(self._debug_stream or self._stream)
             section = elf.get_section_by_name(".debug_line")
             if section is not None and section.data_size > MAX_LINE_PROGRAM_BYTES:
+                stream = self._debug_stream or self._stream
                 try:
-                    index = CuLineIndex(elf.get_dwarf_info, self.path)
+                    # Its debug sections are read in place when a CU is decoded, not copied.
+                    index = CuLineIndex(lambda: ViewingELFFile(stream).get_dwarf_info(), self.path)
                     log.info("%s: DWARF line program of %d bytes is over the %d-byte budget: lines are "
                              "decoded per compilation unit", self.path, section.data_size, MAX_LINE_PROGRAM_BYTES)
                     return index
