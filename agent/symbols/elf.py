@@ -93,7 +93,7 @@ class ElfSymbols:
 
         Function symbols: 16 B of start/end plus their packed names; a Go table what it holds
         (its pclntab copy: megabytes for a large Go binary); line rows 16 B each plus their
-        file names; the ELF headers and section objects pyelftools keeps are the fixed part.
+        file names; the open file's buffer, segments and the object itself are the fixed part.
         """
         go_table = self._go_table.nbytes() if self._go_table is not None else 0
         rows = self._lines.nbytes() if self._lines is not None else 0
