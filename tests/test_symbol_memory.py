@@ -51,3 +51,40 @@ def test_no_parsed_elf_file_is_kept_and_lookups_still_answer(tmp_path: Path) -> 
         assert symbols.function(address) == "leaf_function"
         assert symbols.line(address) == (file, int(line))
         assert not any(isinstance(o, ELFFile) for o in _reachable(symbols))  # the line table's parse let go too
+
+
+def _pyelftools_functions(path: str) -> list[tuple[int, int, str]]:
+    """(start, end, name) by pyelftools' own symbol reading, with the agent's rules: .symtab
+    else .dynsym, functions and ifuncs with an address in a section, the largest of several at
+    one address (the first of equal sizes)."""
+    from elftools.elf.sections import SymbolTableSection
+
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        for name in (".symtab", ".dynsym"):
+            section = elf.get_section_by_name(name)
+            if not isinstance(section, SymbolTableSection):
+                continue
+            best: dict[int, tuple[int, str]] = {}
+            for sym in section.iter_symbols():
+                function = sym["st_info"]["type"] in ("STT_FUNC", "STT_LOOS", "STT_GNU_IFUNC")
+                if not function or sym["st_shndx"] == "SHN_UNDEF":
+                    continue
+                value, size = sym["st_value"], sym["st_size"]
+                if value and (value not in best or size > best[value][0] - value):
+                    best[value] = (value + size, sym.name)
+            if best:
+                return [(v, best[v][0], best[v][1]) for v in sorted(best)]
+    return []
+
+
+def test_function_symbols_equal_pyelftools(tmp_path: Path) -> None:
+    from agent.symbols.elf import _function_symbols
+
+    exe = build(tmp_path)
+    for path in (str(exe), "/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"):
+        with open(path, "rb") as f:
+            starts, ends, names = _function_symbols(ELFFile(f))
+        got = [(starts[i], ends[i], names[i]) for i in range(len(starts))]
+        expected = _pyelftools_functions(path)
+        assert len(expected) >= 5 and got == expected, path

@@ -243,8 +243,13 @@ def _function_symbols(elf: ELFFile) -> tuple[array[int], array[int], PackedNames
     ``iter_symbols``, which builds several Python objects per symbol: on libraries with
     tens of thousands of symbols that is seconds against milliseconds (measured with
     py-spy on the agent), and the agent pays it for every new binary on the host.
+
+    The kept symbols go into arrays as they are decoded and are sorted through one list of
+    row numbers, not a dict of a tuple per symbol: that burst (~200 B a symbol, libLLVM has
+    35,000) left Python allocator arenas resident after it was freed (docs/design/overhead.md).
+    Of several symbols at one address the one with the largest size is kept (the first of
+    equal sizes), as before.
     """
-    found: dict[int, tuple[int, int]] = {}
     for name in (".symtab", ".dynsym"):
         section = elf.get_section_by_name(name)
         if not isinstance(section, SymbolTableSection) or elf.elfclass != 64 or not elf.little_endian:
@@ -252,16 +257,26 @@ def _function_symbols(elf: ELFFile) -> tuple[array[int], array[int], PackedNames
         strtab = elf.get_section(section["sh_link"]).data()
         data = section.data()
         usable = len(data) - len(data) % _SYM64.size
+        values, sizes, name_offsets = array("Q"), array("Q"), array("I")
         for st_name, st_info, _other, shndx, value, size in _SYM64.iter_unpack(data[:usable]):
             if (st_info & 0xF) not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0 or not value:
                 continue
-            previous = found.get(value)
-            if previous is None or size > previous[0] - value:
-                found[value] = (value + size, st_name)
-        if found:
-            starts = sorted(found)
-            names = PackedNames(_cstring(strtab, found[v][1]) for v in starts)
-            return array("Q", starts), array("Q", (found[v][0] for v in starts)), names
+            values.append(value)
+            sizes.append(size)
+            name_offsets.append(st_name)
+        if not values:
+            continue
+        order = sorted(range(len(values)), key=values.__getitem__)  # stable: file order at one address
+        kept = array("I")
+        for i in order:
+            if kept and values[kept[-1]] == values[i]:
+                if sizes[i] > sizes[kept[-1]]:
+                    kept[-1] = i
+            else:
+                kept.append(i)
+        del order
+        names = PackedNames(_cstring(strtab, name_offsets[i]) for i in kept)
+        return (array("Q", (values[i] for i in kept)), array("Q", (values[i] + sizes[i] for i in kept)), names)
     return array("Q"), array("Q"), PackedNames()
 
 
