@@ -28,6 +28,8 @@ the caller's rbp is saved at CFA + ``rbp_offset``.
 from __future__ import annotations
 
 import struct
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -165,7 +167,27 @@ class _Reader:
         return value & 0xFFFF_FFFF_FFFF_FFFF
 
 
-Fde = tuple[int, int, list[tuple[int, Rule]]]  # pc_begin, pc_end, [(address, rule), ...]
+class FdeRows:
+    """One FDE's rows: their addresses in an array and their (interned, shared) rules in a
+    list; iterating gives (address, rule) pairs. A table's build holds every FDE's rows at
+    once (libLLVM: ~1,000,000), and a tuple and an int per row (~95 B) were a burst of
+    small objects that left ~90 of Python's 1 MiB allocator arenas resident after the build
+    (docs/design/overhead.md); this is ~16 B a row."""
+
+    __slots__ = ("addresses", "rules")
+
+    def __init__(self) -> None:
+        self.addresses: array[int] = array("Q")
+        self.rules: list[Rule] = []
+
+    def __iter__(self) -> Iterator[tuple[int, Rule]]:
+        return zip(self.addresses, self.rules, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+
+Fde = tuple[int, int, FdeRows]  # pc_begin, pc_end, rows
 
 
 def parse_cfi(data: bytes, section_vaddr: int, is_eh_frame: bool = True) -> list[Fde]:
@@ -285,7 +307,7 @@ _CFA_EXPR, _CFA_LOST = -1, -2
 _State = tuple[int, int, "Rule | None", "int | str", "int | str"]
 
 
-def _run_program(cie: _Cie, program: bytes, pc_begin: int, section_vaddr: int) -> list[tuple[int, Rule]]:
+def _run_program(cie: _Cie, program: bytes, pc_begin: int, section_vaddr: int) -> FdeRows:
     """Interpret the CIE's initial instructions, then the FDE's; one (address, rule) per row."""
     initial = cie.initial_state
     if initial is None:
@@ -294,14 +316,16 @@ def _run_program(cie: _Cie, program: bytes, pc_begin: int, section_vaddr: int) -
     rows: list[tuple[int, _State]] = []
     _interpret(cie, program, initial, initial, rows, pc_begin, section_vaddr)
     cache = _RULES
-    out: list[tuple[int, Rule]] = []
+    out = FdeRows()
+    addresses, rules = out.addresses, out.rules
     for loc, state in rows:
         rule = cache.get(state)
         if rule is None:
             rule = cache[state] = _rule(state)
-        if out and out[-1][1] == rule:
+        if rules and rules[-1] == rule:
             continue
-        out.append((loc, rule))
+        addresses.append(loc)
+        rules.append(rule)
     if len(cache) > 4096:  # distinct states are few (hundreds per library); bound it anyway
         cache.clear()
     return out

@@ -171,8 +171,9 @@ def merge_fdes(fdes: list[Fde]) -> tuple[array[int], list[Rule]]:
     """Sorted, non-overlapping rows from FDEs; equal neighbours merged, gaps marked ``NONE``.
 
     One pass with local appends: this runs once per row of every table (python3.11: 300k)."""
-    fdes = sorted(f for f in fdes if f[1] > f[0])
-    raw_pcs: list[int] = []
+    # By range; FDEs with the same range keep their section order (the later one wins).
+    fdes = sorted((f for f in fdes if f[1] > f[0]), key=lambda f: (f[0], f[1]))
+    raw_pcs: array[int] = array("Q")  # not a list: an int object per row would be ~30 MB for libLLVM
     raw_rules: list[Rule] = []
     for i, (begin, end, rows) in enumerate(fdes):
         if i + 1 < len(fdes):
