@@ -207,3 +207,25 @@ def test_process_gone_unseen_is_counted(target: Target, actor: FakeKernelCpuActo
     (sample,) = actor.to_samples([header(1, 52, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf])])
     assert [f.function for f in sample.frames] == [""]
     assert actor.ctx.symbolizer.stats["exited_before_read"] >= 1
+
+
+def test_a_stack_with_an_unknown_frame_is_retried_a_bounded_number_of_times(target: Target,
+                                                                              actor: FakeKernelCpuActor) -> None:
+    """A frame in no mapping (0x1000) stays unknown: the stack is symbolized again on later
+    samples (here every one: no retry delay) STACK_RETRIES times, then kept as it is and its
+    raw record let go; every sample keeps the frames."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    actor.STACK_RETRY_S = 0.0  # type: ignore[misc]
+    full = header(1, 31, 1, pid, pid, 0, DedupFlags.NEW, b"t") + stack_event(pid, pid, [leaf, 0x1000])
+    (first,) = actor.to_samples([full])
+    assert [f.function for f in first.frames] == ["leaf_function", ""]
+    symbolized = []
+    for i in range(actor.STACK_RETRIES + 3):
+        before = actor.ctx.symbolizer.stats["lookups"]
+        (sample,) = actor.to_samples([header(2 + i, 31, 1, pid, pid, 0, DedupFlags.ID_ONLY, b"t")])
+        assert [f.function for f in sample.frames] == ["leaf_function", ""]
+        symbolized.append(actor.ctx.symbolizer.stats["lookups"] > before)
+    assert symbolized == [True] * actor.STACK_RETRIES + [False] * 3
+    (stack,) = actor._stacks.values()
+    assert stack.raw is None

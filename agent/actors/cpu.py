@@ -69,12 +69,14 @@ _STACK_RESULTS = {
 
 @dataclass(slots=True)
 class _Stack:
-    """A symbolized stack; ``raw`` is kept while some frame is unknown, to try again later."""
+    """A symbolized stack; ``raw`` is kept while some frame is unknown, to try again later
+    (at most ``retries_left`` more times)."""
 
     frames: tuple[Frame, ...]
     py_status: int
     raw: RawStackEvent | None
     retry_at: float
+    retries_left: int
 
 
 class CpuActor(BpfActor[bytes]):
@@ -85,6 +87,12 @@ class CpuActor(BpfActor[bytes]):
     # A stack with an unknown frame (a process whose maps or code objects were not readable
     # yet) is symbolized again from its raw addresses at most this often.
     STACK_RETRY_S: ClassVar[float] = 2.0
+    # ... and at most this many times: a frame still unknown after ~10 s (JIT code, anonymous
+    # memory, a process whose maps stayed unreadable) stays unknown, and retrying it kept its
+    # parsed record (address lists, Python frame tuples: ~3 KB) and cost a symbolization
+    # every 2 s for as long as the stack was sampled (half of the agent's cached stacks held
+    # one on a busy shared host, docs/design/overhead.md).
+    STACK_RETRIES: ClassVar[int] = 5
     THREAD_NAMES_MAX: ClassVar[int] = 65536
 
     def __init__(self, ctx: ActorContext) -> None:
@@ -276,7 +284,9 @@ class CpuActor(BpfActor[bytes]):
         # splice() counts the Python status of this sample itself.
         frames = event_frames(raw, self.ctx.symbolizer, self.ctx.counters, self.profile_type.value, self.python)
         complete = all((f.function or f.mapping is not None) and f.function != UNKNOWN_FRAME for f in frames)
-        stack = _Stack(frames, raw.py_status, None if complete else raw, now + self.STACK_RETRY_S)
+        retries_left = self.STACK_RETRIES if stack is None else stack.retries_left - 1
+        keep = not complete and retries_left > 0
+        stack = _Stack(frames, raw.py_status, raw if keep else None, now + self.STACK_RETRY_S, retries_left)
         self._remember(key, stack)
         return stack
 

@@ -10,6 +10,12 @@ separate debug file (:mod:`agent.symbols.debuginfo`). It is opened on the first 
 per file: its full symbol table replaces the file's exported-only one (local functions such
 as libc's ``start_thread`` are named), and its DWARF gives the lines. Debug files keep the
 object's virtual addresses, so lookups are unchanged.
+
+The pyelftools ``ELFFile`` is not kept after the tables are read: its section headers and
+per-file structure definitions are ~80 KB of small Python objects a file, over a hundred
+files on a busy host, and those few long-lived objects kept Python allocator arenas
+resident. The later first-time reads (line table, Go table) parse the ELF header again
+from the open file (milliseconds, once per file; docs/design/overhead.md).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from agent.runtimes.go.pclntab import GoSymbolTable, pclntab_section, shared_go_
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.dwarf_lines import CuLineIndex, LineTable, whole_line_table
 from agent.symbols.packed_names import PackedNames
+from agent.symbols.section_views import ViewingELFFile
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,6 @@ class ElfSymbols:
         self.path = display_path
         elf = ELFFile(stream)
         self._stream = stream
-        self._elf = elf
         self.build_id = gnu_build_id(elf)
         self.debuglink: DebugLink | None = read_debuglink(elf)
         self.segments = [
@@ -70,11 +76,11 @@ class ElfSymbols:
         self._starts, self._ends, self._names = _function_symbols(elf)
         self._has_symtab = elf.get_section_by_name(".symtab") is not None
         self._has_dwarf = elf.get_section_by_name(".debug_line") is not None
-        self._line_elf = elf  # the file whose DWARF gives lines: this one or its debug file
         self._debug_source: DebugSource | None = None
+        # The separate debug file, kept open when its DWARF gives the lines (else None: this file's).
         self._debug_stream: IO[bytes] | None = None
         self.debug_file = ""  # path of the separate debug file in use, if any
-        self._gopclntab = pclntab_section(elf)
+        self._is_go = pclntab_section(elf) is not None
         self._go_table: GoSymbolTable | None = None
         # Built on the first line lookup: three parallel arrays (~16 B a row, where a (file,
         # line) tuple per row cost ~80 B), or per CU for line programs over the budget.
@@ -87,7 +93,7 @@ class ElfSymbols:
 
         Function symbols: 16 B of start/end plus their packed names; a Go table what it holds
         (its pclntab copy: megabytes for a large Go binary); line rows 16 B each plus their
-        file names; the ELF headers and section objects pyelftools keeps are the fixed part.
+        file names; the open file's buffer, segments and the object itself are the fixed part.
         """
         go_table = self._go_table.nbytes() if self._go_table is not None else 0
         rows = self._lines.nbytes() if self._lines is not None else 0
@@ -97,7 +103,7 @@ class ElfSymbols:
     def wants_debug_file(self) -> bool:
         """Whether a separate debug file could add anything: no full symbol table or no DWARF
         (Go binaries carry their own table in .gopclntab and are left alone)."""
-        return self._gopclntab is None and not (self._has_symtab and self._has_dwarf)
+        return not self._is_go and not (self._has_symtab and self._has_dwarf)
 
     def set_debug_source(self, source: DebugSource) -> None:
         """How to open this file's debug file: called once, on the first symbol lookup, with
@@ -119,7 +125,7 @@ class ElfSymbols:
                 self._starts, self._ends, self._names = starts, ends, names
                 self.debug_file = path
             if not self._has_dwarf and debug.get_section_by_name(".debug_line") is not None:
-                self._line_elf, self._has_dwarf, keep = debug, True, True
+                self._has_dwarf, keep = True, True
                 self.debug_file = path
         except Exception as exc:  # pyelftools raises many types on unusual files
             log.warning("%s: debug file %s unusable: %s", self.path, path, exc)
@@ -152,14 +158,14 @@ class ElfSymbols:
 
         Go frames are symbolized from it rather than from symtab/DWARF: it exists in stripped
         binaries too and carries file and line without parsing DWARF."""
-        if self._gopclntab is None:
+        if not self._is_go:
             return None
         if self._go_table is None:
             try:
-                self._go_table = shared_go_table(self._elf)
-            except (ValueError, struct.error, IndexError) as exc:
+                self._go_table = shared_go_table(ELFFile(self._stream))
+            except (ValueError, struct.error, IndexError, ELFError) as exc:
                 log.warning("%s: unusable .gopclntab: %s", self.path, exc)
-                self._gopclntab = None
+                self._is_go = False
                 return None
         return self._go_table
 
@@ -189,12 +195,14 @@ class ElfSymbols:
     def _build_line_table(self) -> LineTable | CuLineIndex:
         """The whole table when the line program is within budget, else a per-CU index
         (agent/symbols/dwarf_lines.py); an empty table when the DWARF is unreadable."""
-        elf = self._line_elf
         try:
+            elf = ELFFile(self._debug_stream or self._stream)
             section = elf.get_section_by_name(".debug_line")
             if section is not None and section.data_size > MAX_LINE_PROGRAM_BYTES:
+                stream = self._debug_stream or self._stream
                 try:
-                    index = CuLineIndex(elf.get_dwarf_info, self.path)
+                    # Its debug sections are read in place when a CU is decoded, not copied.
+                    index = CuLineIndex(lambda: ViewingELFFile(stream).get_dwarf_info(), self.path)
                     log.info("%s: DWARF line program of %d bytes is over the %d-byte budget: lines are "
                              "decoded per compilation unit", self.path, section.data_size, MAX_LINE_PROGRAM_BYTES)
                     return index
@@ -235,8 +243,13 @@ def _function_symbols(elf: ELFFile) -> tuple[array[int], array[int], PackedNames
     ``iter_symbols``, which builds several Python objects per symbol: on libraries with
     tens of thousands of symbols that is seconds against milliseconds (measured with
     py-spy on the agent), and the agent pays it for every new binary on the host.
+
+    The kept symbols go into arrays as they are decoded and are sorted through one list of
+    row numbers, not a dict of a tuple per symbol: that burst (~200 B a symbol, libLLVM has
+    35,000) left Python allocator arenas resident after it was freed (docs/design/overhead.md).
+    Of several symbols at one address the one with the largest size is kept (the first of
+    equal sizes), as before.
     """
-    found: dict[int, tuple[int, int]] = {}
     for name in (".symtab", ".dynsym"):
         section = elf.get_section_by_name(name)
         if not isinstance(section, SymbolTableSection) or elf.elfclass != 64 or not elf.little_endian:
@@ -244,16 +257,26 @@ def _function_symbols(elf: ELFFile) -> tuple[array[int], array[int], PackedNames
         strtab = elf.get_section(section["sh_link"]).data()
         data = section.data()
         usable = len(data) - len(data) % _SYM64.size
+        values, sizes, name_offsets = array("Q"), array("Q"), array("I")
         for st_name, st_info, _other, shndx, value, size in _SYM64.iter_unpack(data[:usable]):
             if (st_info & 0xF) not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0 or not value:
                 continue
-            previous = found.get(value)
-            if previous is None or size > previous[0] - value:
-                found[value] = (value + size, st_name)
-        if found:
-            starts = sorted(found)
-            names = PackedNames(_cstring(strtab, found[v][1]) for v in starts)
-            return array("Q", starts), array("Q", (found[v][0] for v in starts)), names
+            values.append(value)
+            sizes.append(size)
+            name_offsets.append(st_name)
+        if not values:
+            continue
+        order = sorted(range(len(values)), key=values.__getitem__)  # stable: file order at one address
+        kept = array("I")
+        for i in order:
+            if kept and values[kept[-1]] == values[i]:
+                if sizes[i] > sizes[kept[-1]]:
+                    kept[-1] = i
+            else:
+                kept.append(i)
+        del order
+        names = PackedNames(_cstring(strtab, name_offsets[i]) for i in kept)
+        return (array("Q", (values[i] for i in kept)), array("Q", (values[i] + sizes[i] for i in kept)), names)
     return array("Q"), array("Q"), PackedNames()
 
 

@@ -28,6 +28,8 @@ the caller's rbp is saved at CFA + ``rbp_offset``.
 from __future__ import annotations
 
 import struct
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -165,18 +167,84 @@ class _Reader:
         return value & 0xFFFF_FFFF_FFFF_FFFF
 
 
-Fde = tuple[int, int, list[tuple[int, Rule]]]  # pc_begin, pc_end, [(address, rule), ...]
+class FdeRows:
+    """One FDE's rows: their addresses in an array and their (interned, shared) rules in a
+    list; iterating gives (address, rule) pairs. A table's build holds every FDE's rows at
+    once (libLLVM: ~1,000,000), and a tuple and an int per row (~95 B) were a burst of
+    small objects that left ~90 of Python's 1 MiB allocator arenas resident after the build
+    (docs/design/overhead.md); this is ~16 B a row."""
+
+    __slots__ = ("addresses", "rules")
+
+    def __init__(self) -> None:
+        self.addresses: array[int] = array("Q")
+        self.rules: list[Rule] = []
+
+    def __iter__(self) -> Iterator[tuple[int, Rule]]:
+        return zip(self.addresses, self.rules, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+
+Fde = tuple[int, int, FdeRows]  # pc_begin, pc_end, rows
+
+
+class CfiRows:
+    """Every FDE of a section in flat arrays, in section order: FDE ``i`` covers
+    [begins[i], ends[i]) and its rows are ``addresses``/``rules`` [firsts[i], firsts[i + 1]).
+    No object per FDE or per row: a large library has ~160,000 FDEs and ~1,000,000 rows."""
+
+    __slots__ = ("addresses", "begins", "ends", "firsts", "rules")
+
+    def __init__(self) -> None:
+        self.begins: array[int] = array("Q")
+        self.ends: array[int] = array("Q")
+        self.firsts: array[int] = array("Q", [0])
+        self.addresses: array[int] = array("Q")
+        self.rules: list[Rule] = []
+
+    def __len__(self) -> int:
+        return len(self.begins)
+
+    def add(self, begin: int, end: int) -> None:
+        """Close the FDE whose rows were just appended."""
+        self.begins.append(begin)
+        self.ends.append(end)
+        self.firsts.append(len(self.addresses))
+
+    def discard_rows(self) -> None:
+        """Drop rows appended after the last ``add`` (an FDE that failed to decode)."""
+        keep = self.firsts[-1]
+        del self.addresses[keep:]
+        del self.rules[keep:]
+
+    def fdes(self) -> list[Fde]:
+        """The same FDEs as tuples (for callers that want a few of them)."""
+        out: list[Fde] = []
+        for i in range(len(self.begins)):
+            rows = FdeRows()
+            lo, hi = self.firsts[i], self.firsts[i + 1]
+            rows.addresses.extend(self.addresses[lo:hi])
+            rows.rules.extend(self.rules[lo:hi])
+            out.append((self.begins[i], self.ends[i], rows))
+        return out
 
 
 def parse_cfi(data: bytes, section_vaddr: int, is_eh_frame: bool = True) -> list[Fde]:
-    """All FDEs of a section as (pc_begin, pc_end, [(address, rule), ...]), in section order.
+    """All FDEs of a section as (pc_begin, pc_end, rows), in section order (``parse_cfi_rows``)."""
+    return parse_cfi_rows(data, section_vaddr, is_eh_frame).fdes()
+
+
+def parse_cfi_rows(data: bytes, section_vaddr: int, is_eh_frame: bool = True) -> CfiRows:
+    """All FDEs of a section and their rows, in section order, in flat arrays.
 
     ``section_vaddr`` is the section's ELF virtual address (``.eh_frame`` pointers are
     pc-relative to it). Entries that cannot be decoded are skipped; only a broken length
     field (which loses the position of every later entry) ends the walk early.
     """
     cies: dict[int, _Cie | None] = {}
-    fdes = []
+    fdes = CfiRows()
     pos, size = 0, len(data)
     while pos + 4 <= size:
         start = pos
@@ -209,10 +277,9 @@ def parse_cfi(data: bytes, section_vaddr: int, is_eh_frame: bool = True) -> list
                     cies[cie_start] = _cie_at(data, cie_start, is_eh_frame)
                 cie = cies[cie_start]
                 if cie is not None:
-                    fde = _parse_fde(data, id_pos + offset_size, end, cie, section_vaddr)
-                    if fde is not None:
-                        fdes.append(fde)
+                    _parse_fde(data, id_pos + offset_size, end, cie, section_vaddr, fdes)
         except (IndexError, struct.error, CfiError, ValueError):
+            fdes.discard_rows()
             if is_cie:
                 cies[start] = None
         pos = end
@@ -264,17 +331,17 @@ def _parse_cie(data: bytes, pos: int, end: int, is_eh_frame: bool) -> _Cie | Non
     return _Cie(code_align, data_align, ra_register, fde_encoding, data[r.pos : end], augmentation.startswith(b"z"))
 
 
-def _parse_fde(data: bytes, pos: int, end: int, cie: _Cie,
-               section_vaddr: int) -> Fde | None:
+def _parse_fde(data: bytes, pos: int, end: int, cie: _Cie, section_vaddr: int, out: CfiRows) -> None:
+    """Append one FDE and its rows to ``out`` (nothing for an FDE covering no code)."""
     r = _Reader(data, pos)
     pc_begin = r.encoded(cie.fde_encoding, section_vaddr)
     pc_range = r.encoded(cie.fde_encoding & _PE_FORMAT_MASK, 0)
     if pc_range == 0:
-        return None
+        return
     if cie.has_augmentation_data:
         r.pos += r.uleb()  # augmentation data (the LSDA pointer): not needed to unwind
-    rows = _run_program(cie, data[r.pos : end], pc_begin, section_vaddr)
-    return pc_begin, pc_begin + pc_range, rows
+    _run_program(cie, data[r.pos : end], pc_begin, section_vaddr, out.addresses, out.rules)
+    out.add(pc_begin, pc_begin + pc_range)
 
 
 # Values of the rbp and return-address rules besides an offset from the CFA.
@@ -285,8 +352,10 @@ _CFA_EXPR, _CFA_LOST = -1, -2
 _State = tuple[int, int, "Rule | None", "int | str", "int | str"]
 
 
-def _run_program(cie: _Cie, program: bytes, pc_begin: int, section_vaddr: int) -> list[tuple[int, Rule]]:
-    """Interpret the CIE's initial instructions, then the FDE's; one (address, rule) per row."""
+def _run_program(cie: _Cie, program: bytes, pc_begin: int, section_vaddr: int,
+                 addresses: array[int], rules: list[Rule]) -> None:
+    """Interpret the CIE's initial instructions, then the FDE's; appends one address and
+    one rule per row (a row whose rule equals the previous row's is left out)."""
     initial = cie.initial_state
     if initial is None:
         start: _State = (_CFA_LOST, 0, None, _UNCHANGED, _OTHER)
@@ -294,17 +363,17 @@ def _run_program(cie: _Cie, program: bytes, pc_begin: int, section_vaddr: int) -
     rows: list[tuple[int, _State]] = []
     _interpret(cie, program, initial, initial, rows, pc_begin, section_vaddr)
     cache = _RULES
-    out: list[tuple[int, Rule]] = []
+    first = len(rules)
     for loc, state in rows:
         rule = cache.get(state)
         if rule is None:
             rule = cache[state] = _rule(state)
-        if out and out[-1][1] == rule:
+        if len(rules) > first and rules[-1] == rule:
             continue
-        out.append((loc, rule))
+        addresses.append(loc)
+        rules.append(rule)
     if len(cache) > 4096:  # distinct states are few (hundreds per library); bound it anyway
         cache.clear()
-    return out
 
 
 _RULES: dict[_State, Rule] = {}

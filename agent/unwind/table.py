@@ -15,13 +15,15 @@ table, which halves both the per-frame cost and the verifier's work per frame.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import logging
 from array import array
+from collections.abc import Iterator
 from typing import IO
 
 from agent.bpf.layouts import UnwindRow, struct_format
-from agent.unwind.cfi import NO_INFO, CfiError, Fde, Rule, parse_cfi
+from agent.unwind.cfi import NO_INFO, CfiError, CfiRows, Fde, Rule, parse_cfi_rows
 from agent.unwind.elfread import ElfHeaders, LoadSegment, NotUsableElf
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,7 @@ def build_table(stream: IO[bytes], name: str, max_rows: int | None = None) -> Un
         elf = ElfHeaders(stream)
     except NotUsableElf as exc:
         raise CfiError(f"{name}: {exc}") from None
-    fdes: list[Fde] = []
+    fdes = CfiRows()
     for section_name in (".eh_frame", ".debug_frame"):
         section = elf.sections.get(section_name)
         if section is None:
@@ -154,12 +156,12 @@ def build_table(stream: IO[bytes], name: str, max_rows: int | None = None) -> Un
         if data is None:
             continue
         if section_name == ".eh_frame":
-            fdes = parse_cfi(data, section.addr, is_eh_frame=True)
+            fdes = parse_cfi_rows(data, section.addr, is_eh_frame=True)
         else:
-            fdes = parse_cfi(data, 0, is_eh_frame=False)
+            fdes = parse_cfi_rows(data, 0, is_eh_frame=False)
         if fdes:
             break
-    pcs, rules = merge_fdes(fdes)
+    pcs, rules = merge_cfi_rows(fdes)
     if max_rows is not None and len(pcs) > max_rows:
         raise TableTooLarge(f"{name}: {len(pcs)} rows, over {max_rows}")
     if pcs and pcs[-1] - pcs[0] > MAX_SPAN:
@@ -168,26 +170,74 @@ def build_table(stream: IO[bytes], name: str, max_rows: int | None = None) -> Un
 
 
 def merge_fdes(fdes: list[Fde]) -> tuple[array[int], list[Rule]]:
+    """``merge_cfi_rows`` for FDEs given as tuples."""
+    flat = CfiRows()
+    for begin, end, rows in fdes:
+        for address, rule in rows:
+            flat.addresses.append(address)
+            flat.rules.append(rule)
+        flat.add(begin, end)
+    return merge_cfi_rows(flat)
+
+
+# More ascending stretches of FDEs than this are sorted as one list instead of merged.
+MAX_MERGED_RUNS = 64
+
+
+def _fde_order(fdes: CfiRows) -> Iterator[int]:
+    """Indices of the FDEs that cover code, by (begin, end), section order at equal ranges.
+
+    ``.eh_frame`` is nearly sorted: its ascending stretches are merged lazily, so no list of
+    an entry per FDE is made (that burst pinned allocator arenas, docs/design/overhead.md)."""
+    begins, ends = fdes.begins, fdes.ends
+    runs, previous = [0], (0, 0)
+    for i in range(len(begins)):
+        key = (begins[i], ends[i])
+        if key < previous:
+            runs.append(i)
+        previous = key
+
+    def run(lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        for i in range(lo, hi):
+            if ends[i] > begins[i]:
+                yield begins[i], ends[i], i
+
+    if len(runs) <= MAX_MERGED_RUNS:
+        bounds = [*runs, len(begins)]
+        merged: Iterator[tuple[int, int, int]] = heapq.merge(*(run(lo, hi) for lo, hi in itertools.pairwise(bounds)))
+    else:
+        merged = iter(sorted(run(0, len(begins))))
+    return (i for _, _, i in merged)
+
+
+def merge_cfi_rows(fdes: CfiRows) -> tuple[array[int], list[Rule]]:
     """Sorted, non-overlapping rows from FDEs; equal neighbours merged, gaps marked ``NONE``.
 
     One pass with local appends: this runs once per row of every table (python3.11: 300k)."""
-    fdes = sorted(f for f in fdes if f[1] > f[0])
-    raw_pcs: list[int] = []
+    begins, ends, firsts, addresses, fde_rules = fdes.begins, fdes.ends, fdes.firsts, fdes.addresses, fdes.rules
+    raw_pcs: array[int] = array("Q")  # not a list: an int object per row would be ~30 MB for libLLVM
     raw_rules: list[Rule] = []
-    for i, (begin, end, rows) in enumerate(fdes):
-        if i + 1 < len(fdes):
-            end = min(end, fdes[i + 1][0])  # overlapping FDEs: the later one wins from its start
-        for address, rule in rows:
+    order = _fde_order(fdes)
+    current = next(order, None)
+    while current is not None:
+        following = next(order, None)
+        begin, end = begins[current], ends[current]
+        if following is not None:
+            end = min(end, begins[following])  # overlapping FDEs: the later one wins from its start
+        lo, hi = firsts[current], firsts[current + 1]
+        for k in range(lo, hi):
+            address = addresses[k]
             if address >= end:
                 break
             raw_pcs.append(max(address, begin))
-            raw_rules.append(rule)
-        if not rows:
+            raw_rules.append(fde_rules[k])
+        if lo == hi:
             raw_pcs.append(begin)
             raw_rules.append(NO_INFO)
-        if i + 1 == len(fdes) or fdes[i + 1][0] > end:
+        if following is None or begins[following] > end:
             raw_pcs.append(end)
             raw_rules.append(NO_INFO)
+        current = following
     pcs: array[int] = array("Q")
     rules: list[Rule] = []
     interned: dict[Rule, Rule] = {}

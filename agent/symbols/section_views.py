@@ -1,0 +1,101 @@
+"""DWARF sections read in place from the open file instead of copied into memory.
+
+pyelftools' ``ELFFile.get_dwarf_info`` copies every debug section into its own ``BytesIO``
+(``_read_dwarf_section``): for a file whose lines are decoded one compilation unit at a time
+(agent/symbols/dwarf_lines.py ``CuLineIndex``) that is ~10 MB of copies for libc's debug file,
+kept while CUs are being decoded, though a CU's decode reads only its header, its top DIE,
+its abbreviations and its line program. ``ViewingELFFile`` hands pyelftools a window onto the
+file for each section that is stored plainly (not compressed, no relocations to apply, no
+phantom bytes), so those reads go to the file (its page cache) and nothing is copied;
+other sections take pyelftools' own path. pyelftools has no option for this; it reads its
+sections only through ``seek``/``tell``/``read``, which is all the window offers.
+Sections compressed in the file (Debian's debug files) are decompressed as pyelftools does;
+of those, the ones line decoding never reads are not read at all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import IO, cast
+
+from elftools.dwarf.dwarfinfo import DebugSectionDescriptor
+from elftools.elf.constants import SH_FLAGS
+from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationHandler
+from elftools.elf.sections import Section
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only stream over ``size`` bytes of ``base`` from ``start``; every read seeks
+    ``base`` first, so other users of the same file object may move it in between."""
+
+    def __init__(self, base: IO[bytes], start: int, size: int) -> None:
+        super().__init__()
+        self._base, self._start, self._size, self._pos = base, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = max(self._size - self._pos, 0)
+        count = left if size is None or size < 0 else min(size, left)
+        if count == 0:
+            return b""
+        self._base.seek(self._start + self._pos)
+        data = self._base.read(count)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+# Sections line decoding never reads (location and range lists, call frames, name indexes):
+# given to pyelftools as absent, so a compressed one is not decompressed into memory (libc's
+# debug file: 1.4 MB of .debug_loclists alone).
+NOT_FOR_LINES = frozenset((".debug_loc", ".debug_loclists", ".debug_ranges", ".debug_rnglists", ".debug_frame",
+                           ".eh_frame", ".debug_pubnames", ".debug_pubtypes", ".debug_types"))
+
+
+class ViewingELFFile(ELFFile):
+    """An ``ELFFile`` for line decoding: its DWARF sections are windows onto the file where
+    they can be, and the sections lines never need are left out."""
+
+    def _read_dwarf_section(self, section: Section, relocate_dwarf_sections: bool) -> DebugSectionDescriptor:
+        if section.name in NOT_FOR_LINES:
+            return None  # type: ignore[return-value]  # pyelftools' value for a missing section
+        plain = (not section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED and section["sh_type"] != "SHT_NOBITS"
+                 and not self.has_phantom_bytes())
+        if plain and relocate_dwarf_sections:
+            plain = RelocationHandler(self).find_relocations_for_section(section) is None
+        if not plain:
+            return super()._read_dwarf_section(section, relocate_dwarf_sections)
+        return DebugSectionDescriptor(
+            stream=cast(IO[bytes], FileWindow(self.stream, section["sh_offset"], section["sh_size"])),
+            name=section.name,
+            global_offset=section["sh_offset"],
+            size=section["sh_size"],
+            address=section["sh_addr"])
