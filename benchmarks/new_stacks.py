@@ -1,20 +1,24 @@
 """Python cost of a *new* CPU stack (a whole record) of a Python process, captured live, replayed.
 
-    sudo .venv/bin/python -m benchmarks.new_stacks [--seconds 8] [--hz 999] [--profile]
+    sudo .venv/bin/python -m benchmarks.new_stacks [--seconds 8] [--hz 999] [--before REV]
+                                                   [--repeats 3] [--profile]
 
 The CPU profile samples every process, the agent's own (a Python process) and busy Python
 services among them: their stacks carry CPython frames whose instruction field, and the native
 leaf inside the interpreter, change from sample to sample, so many samples are new stacks.
 
 Capture: the real CPU actor (bpf/cpu.bpf.c, native unwinding, CPython frames) runs for
-``--seconds`` at ``--hz`` while this process and a Python workload child (several call chains
-with known functions) keep busy; every record is kept in ring order. Replay, in this process
-(the workload still alive, so its memory and code objects are readable): a fresh actor and
-symbolizer take the first half of the records (warm-up: caches fill as in a running agent),
-then the second half is timed (``time.thread_time``), whole records and id records apart.
-Printed: how many records were whole (new stacks) per process kind, and thread CPU per whole
-record of the two Python processes; ``--profile`` adds cProfile's top functions of the timed
-replay.
+``--seconds`` at ``--hz`` while this process spins a Python thread and a Python "service"
+child (a few known functions) runs; every record the actor converts is kept in ring order.
+Replay, in subprocesses while this process and the child stay alive (their memory and code
+objects readable): a fresh actor and symbolizer take the first half of the records (caches
+fill as in a running agent), then the second half's whole records of the two Python
+processes are timed (``time.thread_time``) in batches of ``BATCH``, and timed again through
+a fresh actor sharing the filled caches (``_warm``: every address and code object known,
+only the stacks are new). Each side (the working tree, and ``--before``, a git revision
+exported to a temporary directory) is replayed ``--repeats`` times, alternating. Printed:
+records and whole records per process, us of thread CPU per whole record; ``--profile``
+adds cProfile (thread CPU as its clock) of one replay per side.
 """
 
 from __future__ import annotations
