@@ -55,10 +55,16 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
      * a CFI-unwound stack skipped none, so it is read only for the others. Never for the
      * agent itself (CPU_SELF_TGID): a copy makes a stack unique (it is sent whole and
      * scanned in Python every time), and the agent's stacks are read for their CPython
-     * frames; its native part keeps what frame-pointer walking found. */
+     * frames. Its native part is the exact leaf only: the agent does not unwind itself and
+     * its interpreter has no frame pointers, so the words frame-pointer walking finds above
+     * the leaf are not return addresses (measured: 8,064 of 8,065 outside every executable
+     * mapping) and, different at every sample, made nearly every sample a new stack. */
 #ifdef CPU_SELF_TGID
-    if (ev->pid == CPU_SELF_TGID)
+    if (ev->pid == CPU_SELF_TGID) {
         unwound = 1;
+        if (ev->user_len > (s32)sizeof(u64))
+            ev->user_len = sizeof(u64);
+    }
 #endif
     if (!unwound)
         stack_event_copy_user(ev);

@@ -14,7 +14,10 @@ workloads spin in known call chains; every record it receives is kept in ring or
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from agent.actors.base import ActorContext, SampleSink
 from agent.actors.cpu import CpuActor
 from agent.bpf.layouts import CpuCounter, DedupFlags
 from agent.bpf.loader import read_percpu_counters
+from agent.bpf.records import parse_stack_event
 from agent.bpf.sample_records import SAMPLE_RECORD
 from agent.clock import MonotonicToUnix
 from agent.settings import AgentSettings
@@ -34,7 +38,7 @@ from agent.symbols import Symbolizer
 from agent.unwind.sharing import SharedUnwinding
 from integration.harness import build_c
 from shared.counters import Counters
-from shared.model import Sample
+from shared.model import FrameType, Sample
 
 SECONDS, HZ = 4.0, 199
 MIN_ID_RECORDS, MAX_WAIT_S = 50, 30.0
@@ -169,3 +173,38 @@ def test_forced_collisions_counted_never_misattributed(workloads: tuple[int, int
     assert any(_has_chain(s, CPU_CHAIN) for s in chain) and any(_has_chain(s, NOFP_CHAIN) for s in nofp)
     # Every record of one stack id is a whole stack or names the single stored one.
     assert {SAMPLE_RECORD.unpack_from(r)[1] for r in run.records} <= {0, 1}
+
+
+def _agent_spin(stop: threading.Event, tids: list[int]) -> int:
+    tids.append(threading.get_native_id())
+    total = 0
+    while not stop.is_set():
+        for i in range(500):
+            total += i * i
+    return total
+
+
+def test_the_agents_own_samples_keep_their_leaf_and_python_frames() -> None:
+    """The agent (this process) is not unwound and its interpreter has no frame pointers: its
+    samples carry the exact native leaf and its CPython frames, never the stack words a
+    frame-pointer walk would take for return addresses. A thread of this process spinning in
+    ``_agent_spin`` is sampled with that function as a CPython frame, at one of its lines."""
+    stop, tids = threading.Event(), list[int]()
+    spinner = threading.Thread(target=_agent_spin, args=(stop, tids), daemon=True)
+    spinner.start()
+    try:
+        run = _run_actor({}, SECONDS)
+    finally:
+        stop.set()
+        spinner.join()
+    me = os.getpid()
+    own = [parse_stack_event(r[SAMPLE_RECORD.size:]) for r in run.records
+           if len(r) > SAMPLE_RECORD.size and SAMPLE_RECORD.unpack_from(r)[3] == me]
+    assert own and all(len(ev.user) <= 1 for ev in own), sorted({len(ev.user) for ev in own})
+    samples = [s for s in run.samples if s.pid == me]
+    assert all(sum(f.frame_type == FrameType.NATIVE for f in s.frames) <= 1 for s in samples)
+    code = _agent_spin.__code__
+    lines = range(code.co_firstlineno, code.co_firstlineno + len(inspect.getsourcelines(_agent_spin)[0]))
+    spins = [f for s in samples if s.tid == tids[0] for f in s.frames
+             if f.frame_type == FrameType.CPYTHON and f.function == "_agent_spin"]
+    assert spins and all(f.line in lines and f.filename == code.co_filename for f in spins)

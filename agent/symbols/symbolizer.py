@@ -31,8 +31,9 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO, Any, cast
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import IO, cast
 
 from agent.process.capture import ProcessCaptures
 from agent.process.procmaps import (
@@ -144,6 +145,13 @@ class _Process:
     starts: list[int]
     refreshed: float
     checked: float = 0.0
+    # Resolved frames by ``address << 1 | is_leaf``: a plain dict per process instance, so a
+    # cached frame costs one int-keyed lookup (no key tuple, no LRU bookkeeping); bounded by
+    # Symbolizer's count of cached frames over all processes. Kept across maps refreshes of
+    # the same ProcessKey.
+    frames: dict[int, tuple[Frame, ...]] = field(default_factory=dict)
+    # time.monotonic() until which the process counts as young (see _maps_ttl); None: not known.
+    young_until: float | None = None
 
 
 class Symbolizer:
@@ -161,9 +169,11 @@ class Symbolizer:
         self._max_names = max_processes
         self._files = _Lru(max_files, max_bytes=max_file_bytes)
         self._addresses = _Lru(max_cached_addresses)
-        # Resolved frames per (process key, address, is_leaf): hot addresses recur every
+        # Resolved frames per process instance (_Process.frames): hot addresses recur every
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
-        self._frames = _Lru(max_cached_addresses)
+        # When all processes together hold more than this many, every process's are dropped.
+        self._max_cached_frames = max_cached_addresses
+        self._cached_frames = 0
         self._bad_files: set[FileKey] = set()
         # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.process.procmaps)
         self._file_stats: RecentFileStats[FileKey] = RecentFileStats(max_processes)
@@ -193,7 +203,8 @@ class Symbolizer:
     def stats(self) -> dict[str, int]:
         debug = self._debug_files.stats
         evictions = self._processes.evictions + self._files.evictions + self._addresses.evictions
-        return {**self._stats, "debug_files_found": debug["found"], "debug_files_missing": debug["not_found"],
+        return {**self._stats, "frames_cached": self._cached_frames, "debug_files_found": debug["found"],
+                "debug_files_missing": debug["not_found"],
                 "debug_files_rejected": debug["rejected"], "evictions": evictions,
                 "files_cached": len(self._files), "processes_cached": len(self._processes)}
 
@@ -230,22 +241,51 @@ class Symbolizer:
         gives several frames (the inlined callees innermost first, then the real function),
         all with the same address, so the result can be longer than ``addresses``."""
         process = self._process(pid)
-        process_key: object = process.key if process else (pid, -1, 0)
-        frames: list[Frame] = []
-        cache = self._frames
-        for depth, address in enumerate(addresses):
-            self._stats["lookups"] += 1
-            key = (process_key, address, depth == 0)
-            found = cache.hit(key)
-            if found is None:
-                found = self._frame(pid, process, address, depth) if process else None
-                if found is None:
-                    self._stats["unknown_frames"] += 1
-                    found = (Frame("", "", 0, address, FrameType.NATIVE, None),)
-                elif found[0].function or found[0].mapping is not None:
-                    cache.put(key, found)
-            frames.extend(cast(tuple[Frame, ...], found))
-        return tuple(frames)
+        self._stats["lookups"] += len(addresses)
+        if process is None:
+            self._stats["unknown_frames"] += len(addresses)
+            return tuple(Frame("", "", 0, address, FrameType.NATIVE, None) for address in addresses)
+        cache = process.frames
+        # Every address but the leaf is a return address (is_leaf is the key's low bit).
+        keys = [addresses[0] << 1 | 1, *(a << 1 for a in addresses[1:])] if addresses else []
+        found = list(map(cache.get, keys))
+        if None in found:  # resolve the missing ones (new leaves, new call sites) one by one
+            for depth, key in enumerate(keys):
+                if found[depth] is None:
+                    found[depth] = self._resolve(pid, process, key >> 1, depth)
+        return tuple(chain.from_iterable(cast(list[tuple[Frame, ...]], found)))
+
+    def _resolve(self, pid: int, process: _Process, address: int, depth: int) -> tuple[Frame, ...]:
+        """The frames of one address not cached yet; cached when named or inside a mapping."""
+        found = self._frame(pid, process, address, depth)
+        if found is None:
+            self._stats["unknown_frames"] += 1
+            return (Frame("", "", 0, address, FrameType.NATIVE, None),)
+        if found[0].function or found[0].mapping is not None:
+            current = self._processes.get(pid)  # _frame may have re-read the maps
+            target = current if isinstance(current, _Process) and current.key == process.key else process
+            if self._cached_frames >= self._max_cached_frames:
+                self._trim_frames()
+            target.frames[address << 1 | (depth == 0)] = found
+            self._cached_frames += 1
+        return found
+
+    @property
+    def _frames(self) -> dict[tuple[ProcessKey, int, bool], tuple[Frame, ...]]:
+        """Every cached frame by (process key, address, is_leaf): for inspection (tests), not
+        the lookup path."""
+        return {(p.key, key >> 1, bool(key & 1)): frames for p in self._processes.values()
+                if isinstance(p, _Process) for key, frames in p.frames.items()}
+
+    def _trim_frames(self) -> None:
+        """Recount the cached frames (processes evicted or forgotten took theirs along) and,
+        if still at the bound, drop every process's: hot addresses come back at once."""
+        processes = [p for p in self._processes.values() if isinstance(p, _Process)]
+        self._cached_frames = sum(len(p.frames) for p in processes)
+        if self._cached_frames >= self._max_cached_frames:
+            for p in processes:
+                p.frames.clear()
+            self._cached_frames = 0
 
     def code_before(self, pid: int, address: int, size: int) -> bytes | None:
         """The ``size`` bytes of file-backed executable code just before ``address`` in ``pid``.
@@ -354,14 +394,10 @@ class Symbolizer:
         self._names = {pid: named for pid, named in self._names.items() if now - named[1] <= grace_s}
         gone = [pid for pid, p in self._processes.items()
                 if isinstance(p, _Process) and now - p.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
-        keys = set()
-        for pid in gone:
+        for pid in gone:  # their resolved frames go with them
             process = self._processes.pop(pid)
             if isinstance(process, _Process):
-                keys.add(process.key)
-        if keys:  # their resolved frames too: a fork-heavy host fills the cache with them
-            for key in [k for k in self._frames if cast(tuple[Any, ...], k)[0] in keys]:
-                del self._frames[key]
+                self._cached_frames -= len(process.frames)
         return len(gone)
 
     def sweep_idle_files(self, idle_s: float = FILE_IDLE_S) -> int:
@@ -414,6 +450,12 @@ class Symbolizer:
         self._stats["maps_reads"] += 1
         regions = [self._region(pid, e) for e in entries]
         process = _Process(key, comm, regions, [r.entry.start for r in regions], now, now)
+        if isinstance(cached, _Process):
+            if cached.key == key:  # the same process instance, maps re-read: its frames stay
+                process.frames = cached.frames
+                process.young_until = cached.young_until
+            else:
+                self._cached_frames -= len(cached.frames)
         self._processes.put(pid, process)
         return process
 
@@ -445,7 +487,10 @@ class Symbolizer:
         wait ``maps_ttl_s``, so stray addresses (stack-scan guesses) cannot make us re-read
         maps on every sample.
         """
-        return YOUNG_MAPS_TTL_S if age_s(process.key.start_ticks) < YOUNG_PROCESS_S else self.maps_ttl_s
+        now = time.monotonic()
+        if process.young_until is None:  # once per process: reading the boot-time clock costs
+            process.young_until = now + YOUNG_PROCESS_S - age_s(process.key.start_ticks)
+        return YOUNG_MAPS_TTL_S if now < process.young_until else self.maps_ttl_s
 
     def _region(self, pid: int, entry: MapEntry) -> _Region:
         file_key = None

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.bpf.layouts import PyStatus
@@ -41,6 +41,8 @@ PY_STATUS: dict[int, str] = {PyStatus.NOT_PYTHON: "not_python", PyStatus.OK: "ok
 IDENTITY_CHECK_S = 1.0  # a recycled PID (or an exec) is noticed within this
 NEGATIVE_TTL_S = 10.0  # a process found not to run Python is looked at again after this
 UNKNOWN_FRAME = "[unknown python frame]"
+MAX_CACHED_FRAMES = 100_000  # Python frames kept over all processes (~200 B each)
+UNREADABLE_RETRY_S = 2.0  # a code object that failed to read is read again after this
 
 
 @dataclass
@@ -49,6 +51,11 @@ class _Entry:
     process: PythonProcess | None
     checked: float
     reader: CodeReader | None = None
+    # This process instance's Python frames by (code address, offset): a plain dict per
+    # process, bounded by PythonStacks' count over all processes.
+    frames: dict[tuple[int, int], Frame] = field(default_factory=dict)
+    # Code addresses whose read failed (freed, torn): code address -> when to try again.
+    unreadable: dict[int, float] = field(default_factory=dict)
 
 
 class PythonProcesses:
@@ -59,6 +66,7 @@ class PythonProcesses:
         self.capacity = capacity
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._files = FileCache()
+        self.cached_frames = 0  # Python frames held in the entries (_Entry.frames)
 
     def lookup(self, pid: int) -> _Entry | None:
         """The entry for a live ``pid`` (looked at once, negatives again after a while)."""
@@ -80,6 +88,19 @@ class PythonProcesses:
             _, evicted = self._entries.popitem(last=False)
             _close(evicted)
         return entry
+
+    def note_cached_frame(self) -> None:
+        """Count one more cached Python frame (_Entry.frames); at the bound, recount (entries
+        replaced or evicted took theirs along) and, if still there, drop every process's:
+        hot frames come back at once."""
+        self.cached_frames += 1
+        if self.cached_frames < MAX_CACHED_FRAMES:
+            return
+        self.cached_frames = sum(len(e.frames) for e in self._entries.values())
+        if self.cached_frames >= MAX_CACHED_FRAMES:
+            for e in self._entries.values():
+                e.frames.clear()
+            self.cached_frames = 0
 
     def sweep_exited(self, grace_s: float = NEGATIVE_TTL_S) -> int:
         """Forget processes gone from /proc for ``grace_s`` (closing their memory readers, which
@@ -130,7 +151,6 @@ class PythonStacks:
         self.counters = counters
         self.type_name = type_name
         self._written: dict[int, ProcessKey | None] = {}
-        self._frames: OrderedDict[tuple[ProcessKey, int, int], Frame] = OrderedDict()
 
     def announce(self, pid: int) -> None:
         """Make sure BPF reads Python frames of ``pid`` from its next sample on."""
@@ -223,24 +243,28 @@ class PythonStacks:
         return runs
 
     def _frame(self, entry: _Entry, code: int, offset: int) -> Frame:
-        key = (entry.key, code, offset)
-        frame = self._frames.get(key)
+        key = (code, offset)
+        frame = entry.frames.get(key)
         if frame is not None:
-            self._frames.move_to_end(key)
             return frame
         assert entry.process is not None and entry.reader is not None
+        retry_at = entry.unreadable.get(code)
+        if retry_at is not None and time.monotonic() < retry_at:
+            self.counters.inc("python_frames_unreadable", type=self.type_name)
+            return Frame(UNKNOWN_FRAME, "", 0, 0, FrameType.CPYTHON, None)
         try:
             info = entry.reader.code(code)
         except BadObject as exc:
             self.counters.inc("python_frames_unreadable", type=self.type_name)
             log.debug("pid %d: code object %#x: %s", entry.key.pid, code, exc)
+            if len(entry.unreadable) >= 4096:
+                entry.unreadable.clear()
+            entry.unreadable[code] = time.monotonic() + UNREADABLE_RETRY_S
             return Frame(UNKNOWN_FRAME, "", 0, 0, FrameType.CPYTHON, None)
         known = 0 <= offset < 1 << 24  # else a torn read of the instruction pointer
         line = line_for_offset(entry.process.version, info.linetable, info.first_line, offset) if known else 0
         frame = Frame(info.name, info.filename, line or info.first_line, offset if known else 0,
                       FrameType.CPYTHON, None)
-        self._frames[key] = frame
-        if len(self._frames) > 100_000:
-            self._frames.popitem(last=False)
+        self.processes.note_cached_frame()
+        entry.frames[key] = frame
         return frame
-
