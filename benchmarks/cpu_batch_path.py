@@ -148,13 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     sides = {"after (working tree)": ROOT}
     with tempfile.TemporaryDirectory() as tmp:
         if args.before:
-            before = Path(tmp) / "before"
-            before.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "agent", "shared", "tests",
-                                      "benchmarks"], check=True, capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
-            # This file runs the measurement, whatever the revision had.
-            (before / "benchmarks" / "cpu_batch_path.py").write_text(Path(__file__).read_text())
+            # Imported here: the exported tree runs this file but has no benchmarks/revision.py.
+            from benchmarks.revision import export_revision
+
+            before = export_revision(args.before, Path(tmp), Path(__file__))  # measured by this file
             sides = {f"before ({args.before})": before, **sides}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         for _ in range(args.repeats):

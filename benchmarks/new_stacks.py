@@ -159,38 +159,34 @@ def replay(records: list[bytes], pids: dict[int, str], profile: bool) -> dict[st
         wholes = [r for r in timed if kind(r) == (name, True)]
         if not wholes:
             continue
-        profiler = cProfile.Profile(time.thread_time) if profile else None  # CPU, not preemption
-        start = time.thread_time()
-        if profiler:
-            profiler.enable()
-        for i in range(0, len(wholes), BATCH):
-            actor.to_samples(wholes[i : i + BATCH])
-        if profiler:
-            profiler.disable()
-        spent = time.thread_time() - start
-        result[name] = round(spent / len(wholes) * 1e6, 1)
+        result[name] = _us_per_record(actor, wholes, f"{name}'s whole records" if profile else "")
         result[f"{name}_timed"] = len(wholes)
-        if profiler:
-            print(f"--- cProfile, {name}'s whole records ---")
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         # Warm: the same records again through a fresh actor (its stack cache empty) sharing
         # the symbolizer and Python caches, so every address and code object was seen: what
         # a new stack costs when only its combination of known frames is new.
         again = FakeKernelCpuActor(ctx)
         assert again.python_frames is not None
         again.python_frames.stacks = actor.python_frames.stacks
-        start = time.thread_time()
-        profiler = cProfile.Profile(time.thread_time) if profile else None
-        if profiler:
-            profiler.enable()
-        for i in range(0, len(wholes), BATCH):
-            again.to_samples(wholes[i : i + BATCH])
-        if profiler:
-            profiler.disable()
-            print(f"--- cProfile, {name}'s whole records, warm ---")
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
-        result[f"{name}_warm"] = round((time.thread_time() - start) / len(wholes) * 1e6, 1)
+        result[f"{name}_warm"] = _us_per_record(again, wholes, f"{name}'s whole records, warm" if profile else "")
     return result
+
+
+def _us_per_record(actor: Any, records: list[bytes], profile_title: str) -> float:
+    """Thread CPU (not preemption) per record of ``actor.to_samples`` over ``records`` in
+    batches; with a title, a cProfile of the same run is printed under it."""
+    profiler = cProfile.Profile(time.thread_time) if profile_title else None
+    start = time.thread_time()
+    if profiler:
+        profiler.enable()
+    for i in range(0, len(records), BATCH):
+        actor.to_samples(records[i : i + BATCH])
+    if profiler:
+        profiler.disable()
+    spent = time.thread_time() - start
+    if profiler:
+        print(f"--- cProfile, {profile_title} ---")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    return round(spent / len(records) * 1e6, 1)
 
 
 def _replay_in(code_dir: Path, saved: Path, profile: bool) -> dict[str, Any]:
@@ -221,12 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sides = {"after (working tree)": ROOT}
         if args.before:
-            before = Path(tmp) / "before"
-            before.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "agent", "shared", "tests",
-                                      "benchmarks"], check=True, capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
-            (before / "benchmarks" / "new_stacks.py").write_text(Path(__file__).read_text())
+            # Imported here: the exported tree runs this file but has no benchmarks/revision.py.
+            from benchmarks.revision import export_revision
+
+            before = export_revision(args.before, Path(tmp), Path(__file__))  # measured by this file
             sides = {f"before ({args.before})": before, **sides}
         script = Path(tmp) / "service.py"
         script.write_text(WORKLOAD)
