@@ -42,10 +42,15 @@ import os
 import struct
 import weakref
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 MAGIC_118 = 0xFFFFFFF0
 MAGIC_120 = 0xFFFFFFF1
@@ -177,13 +182,7 @@ class GoSymbolTable:
         i = self.function_index(pc)
         if i is None:
             return ()
-        key = (i, pc)
-        frames = self._inline_cache.get(key)
-        if frames is None:
-            if len(self._inline_cache) >= LOOKUP_CACHE_ENTRIES:
-                self._inline_cache.clear()
-            frames = self._inline_cache[key] = self._lookup_inline(i, pc)
-        return frames
+        return _cached(self._inline_cache, (i, pc), lambda: self._lookup_inline(i, pc))
 
     def _lookup_inline(self, i: int, pc: int) -> tuple[GoFrame, ...]:
         outer = self._lookup(i, pc)
@@ -238,13 +237,7 @@ class GoSymbolTable:
         return self._lookup(i, pc)
 
     def _lookup(self, i: int, pc: int) -> GoFrame:
-        key = (i, pc)
-        frame = self._frame_cache.get(key)
-        if frame is None:
-            if len(self._frame_cache) >= LOOKUP_CACHE_ENTRIES:
-                self._frame_cache.clear()
-            frame = self._frame_cache[key] = self._decode_frame(i, pc)
-        return frame
+        return _cached(self._frame_cache, (i, pc), lambda: self._decode_frame(i, pc))
 
     def _decode_frame(self, i: int, pc: int) -> GoFrame:
         name_off, *_ = self._func(i)
@@ -415,3 +408,14 @@ def uvarint(data: bytes, pos: int) -> tuple[int, int]:
         if b < 0x80:
             return result, pos
         shift += 7
+
+
+
+def _cached(cache: dict[K, V], key: K, make: Callable[[], V]) -> V:
+    """``cache[key]``, made on a miss; the cache is emptied when it reaches LOOKUP_CACHE_ENTRIES."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= LOOKUP_CACHE_ENTRIES:
+            cache.clear()
+        value = cache[key] = make()
+    return value
