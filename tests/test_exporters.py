@@ -81,6 +81,25 @@ def test_pprof_names_the_main_binary_and_keeps_python_module_frames(tmp_path: Pa
     assert "<module>" in top and "<unknown>" not in top
 
 
+def test_pprof_names_the_process_executable_when_no_frame_lies_in_it(tmp_path: Path) -> None:
+    """A process whose stacks hold only a library leaf and Python frames (the agent's own
+    samples) is still named by its executable, not by the library pprof would find first."""
+    libclang = Mapping(0x7F0000000000, 0x7F0002000000, 0, "/usr/lib/x86_64-linux-gnu/libclang-cpp.so.14", "ab" * 20)
+    f = FleetProfiles(0, 10_000)
+    hp = HostProfile("h", ProfileType.CPU, 1_000, 9_000, 10)
+    stack = (Frame("", "", 0, 0x7F0000001000, FrameType.NATIVE, libclang),
+             Frame("compile", "/app/loader.py", 3, 0, FrameType.CPYTHON),
+             Frame("<module>", "/app/main.py", 1, 0, FrameType.CPYTHON))
+    hp.add(stack, 7, 7, "python3", "python3", 0, (("process.executable.name", "python3.11"),), (10,), 5_000)
+    hp.add(stack[:1], 8, 8, "ls", "ls", 0, (("process.executable.name", "ls"),), (3,), 5_000)
+    f.hosts[("h", ProfileType.CPU)] = hp
+    path = tmp_path / "cpu.pb.gz"
+    write_pprof(str(path), f, ProfileType.CPU)
+    top = pprof_top(path)
+    assert top.splitlines()[0] == "File: python3.11", top  # the heavier of the two executables
+    assert "compile" in top and "libclang-cpp.so.14+0x1000" in top, top
+
+
 def test_local_writer_is_atomic_and_bounded(tmp_path: Path) -> None:
     writer = LocalFileWriter(tmp_path, keep=2)
     f = fleet()

@@ -223,8 +223,15 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType, contention_onl
 def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMapping | None:
     """The mapping of the executable with the most weight in the profile: a frame's mapping
     whose file is the sample's process executable (``process.executable.name``, else the
-    process name), counted once per sample."""
+    process name, as the OTLP resource names it), counted once per sample.
+
+    When no sample has a frame in its own executable (a process whose stacks hold only a
+    library leaf and interpreted frames, or kernel threads), the heaviest process executable
+    is still what the profile is of: it is named by a mapping without addresses, since pprof
+    otherwise takes the first library it finds for the program's name.
+    """
     weights: dict[ModelMapping, int] = {}
+    by_executable: dict[str, int] = {}
     executables: dict[tuple[tuple[str, str], ...], str] = {}
     # Samples share stack tuples (see PprofDictionary): each (stack, executable) is searched once.
     found: dict[tuple[int, str], ModelMapping | None] = {}
@@ -236,6 +243,7 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
             if executable is None:
                 executable = executables[s.attributes] = dict(s.attributes).get("process.executable.name", "")
             executable = executable or s.process_name
+            weight = (s.values[0] if s.values else 0) + 1
             key = (id(s.frames), executable)
             if key not in found:
                 found[key] = next((f.mapping for f in reversed(s.frames)  # the executable is at the root end
@@ -243,8 +251,14 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
                                   None)
             m = found[key]
             if m is not None:
-                weights[m] = weights.get(m, 0) + (s.values[0] if s.values else 0) + 1
-    return max(weights, key=lambda m: weights[m]) if weights else None
+                weights[m] = weights.get(m, 0) + weight
+            elif executable:
+                by_executable[executable] = by_executable.get(executable, 0) + weight
+    if weights:
+        return max(weights, key=lambda m: weights[m])
+    if by_executable:
+        return ModelMapping(start=0, limit=0, offset=0, filename=max(by_executable, key=lambda e: by_executable[e]))
+    return None
 
 
 def unknown_frame_label(f: Frame) -> str:
