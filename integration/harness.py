@@ -69,7 +69,7 @@ async def run_pipeline(
     otlp_endpoint: str = "",
     export_interval_s: float = 1.0,
     agent_overrides: dict[str, Any] | None = None,
-    ready_timeout_s: float = 60.0,
+    ready_timeout_s: float = 180.0,  # compiling the BPF programs on a loaded 2-core host can take a minute
     on_supervisor: Callable[[Any], None] | None = None,
     aggregator_overrides: dict[str, Any] | None = None,
 ) -> PipelineRun:

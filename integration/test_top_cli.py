@@ -23,10 +23,11 @@ from stackfleet.nats_server import NatsServer
 STACKFLEET = str(Path(sys.executable).parent / "stackfleet")
 
 
-def read_pty(fd: int, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+def read_pty_until(fd: int, proc: subprocess.Popen[bytes], text: str, timeout_s: float) -> str:
+    """The terminal's output until ``text`` is on it, the process exits or the timeout passes."""
     out = b""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None and text.encode() not in out:
         ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
             try:
@@ -41,14 +42,17 @@ def test_top_shows_the_hot_function_in_a_terminal(tmp_path: Path) -> None:
     screen: list[str] = []
 
     async def workload(run: PipelineRun) -> None:
-        proc = await asyncio.create_subprocess_exec(str(exe), "12", "1", stdout=asyncio.subprocess.PIPE)
+        # Both run long enough for a loaded machine; each is stopped once the screen shows hot_leaf.
+        proc = await asyncio.create_subprocess_exec(str(exe), "60", "1", stdout=asyncio.subprocess.PIPE)
         main_fd, child_fd = pty.openpty()
-        top = subprocess.Popen([STACKFLEET, "top", "--nats", nats.url, "--duration", "8", "--window", "5"],
+        top = subprocess.Popen([STACKFLEET, "top", "--nats", nats.url, "--duration", "50", "--window", "5"],
                                stdin=child_fd, stdout=child_fd, stderr=child_fd, env={**os.environ, "COLUMNS": "160"})
         os.close(child_fd)
-        screen.append(await asyncio.to_thread(read_pty, main_fd, top, 20))
+        screen.append(await asyncio.to_thread(read_pty_until, main_fd, top, "hot_leaf", 55))
+        top.terminate()
         top.wait(10)
         os.close(main_fd)
+        proc.kill()
         await proc.communicate()
 
     with NatsServer() as nats:
