@@ -46,28 +46,14 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
     if (!ks)
         return 0;
     struct stack_event *ev = &ks->ev;
-    fill_stack_event_opts(ctx, ev, pid_tgid, 1, 0);
-    int unwound = 0;
+    /* CFI first; a stack it could not unwind keeps user_len 0, and cpu_sample_emit takes
+     * the frame-pointer stack then (user_stack_by_frame_pointers): one walk of the user
+     * stack, not two, for a process with tables. (There rather than here: this program's
+     * unwinding loop leaves it little of the verifier's budget.) */
+    fill_stack_event_opts(ctx, ev, pid_tgid, 1, 0, 0);
 #ifdef NATIVE_UNWINDING
-    unwound = unwind_user_stack(ctx, ev);
+    unwind_user_stack_first(ctx, ev);
 #endif
-    /* The copy serves the agent's recovery of frames that frame-pointer walking skipped:
-     * a CFI-unwound stack skipped none, so it is read only for the others. Never for the
-     * agent itself (CPU_SELF_TGID): a copy makes a stack unique (it is sent whole and
-     * scanned in Python every time), and the agent's stacks are read for their CPython
-     * frames. Its native part is the exact leaf only: the agent does not unwind itself and
-     * its interpreter has no frame pointers, so the words frame-pointer walking finds above
-     * the leaf are not return addresses (measured: 8,064 of 8,065 outside every executable
-     * mapping) and, different at every sample, made nearly every sample a new stack. */
-#ifdef CPU_SELF_TGID
-    if (ev->pid == CPU_SELF_TGID) {
-        unwound = 1;
-        if (ev->user_len > (s32)sizeof(u64))
-            ev->user_len = sizeof(u64);
-    }
-#endif
-    if (!unwound)
-        stack_event_copy_user(ev);
     ev->value = SAMPLE_PERIOD_NS;
     ev->aux = 0;
     ev->kind = 0;
@@ -97,6 +83,31 @@ static __always_inline void emit_full(struct known_stack *ks, u64 id, u64 serial
     events.ringbuf_submit(rec, ring_wakeup_bytes_flag(sizeof(*rec)));
 }
 
+/* The frame-pointer user stack of a sample that CFI did not unwind, and the copy above it.
+ * The copy serves the agent's recovery of frames that frame-pointer walking skipped: a
+ * CFI-unwound stack skipped none, so it is read only for the others. Never for the agent
+ * itself (CPU_SELF_TGID): a copy makes a stack unique (it is sent whole and scanned in
+ * Python every time), and the agent's stacks are read for their CPython frames. Its native
+ * part is the exact leaf only: the agent does not unwind itself and its interpreter has no
+ * frame pointers, so the words frame-pointer walking finds above the leaf are not return
+ * addresses (measured: 8,064 of 8,065 outside every executable mapping) and, different at
+ * every sample, made nearly every sample a new stack. */
+static __always_inline void user_stack_by_frame_pointers(struct bpf_perf_event_data *ctx, struct stack_event *ev)
+{
+    stack_event_user_fp(ctx, ev);
+#ifdef NATIVE_UNWINDING
+    unwind_request_if_new(ev);
+#endif
+#ifdef CPU_SELF_TGID
+    if (ev->pid == CPU_SELF_TGID) {
+        if (ev->user_len > (s32)sizeof(u64))
+            ev->user_len = sizeof(u64);
+        return;
+    }
+#endif
+    stack_event_copy_user(ev);
+}
+
 int cpu_sample_emit(struct bpf_perf_event_data *ctx)
 {
     int zero = 0;
@@ -104,6 +115,8 @@ int cpu_sample_emit(struct bpf_perf_event_data *ctx)
     if (!ks)
         return 0;
     struct stack_event *ev = &ks->ev;
+    if (ev->user_len == 0)
+        user_stack_by_frame_pointers(ctx, ev);
     if (ev->copy_len) {
         count(CPU_STACKS_WITH_COPY);
         emit_full(ks, 0, 0, DEDUP_UNSTORED);

@@ -72,32 +72,46 @@ static __always_inline void stack_event_copy_user(struct stack_event *ev)
         ev->copy_len = STACK_COPY_BYTES;
 }
 
+/* The frame-pointer user stack (bpf_get_stack) and the user stack pointer. The task's user
+ * registers come from pt_regs (its layout is the hardware frame: stable across kernel
+ * versions, unlike task_struct), whether we interrupted user or kernel mode. */
+static __always_inline void stack_event_user_fp(void *ctx, struct stack_event *ev)
+{
+    ev->user_len = bpf_get_stack(ctx, ev->user, sizeof(ev->user), BPF_F_USER_STACK);
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+    u64 sp = 0;
+    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+    ev->user_sp = sp;
+}
+
 /* Fill pid/tid/cpu/comm/ts and the stacks into a reserved event; the kernel stack only if
  * `with_kernel` (it is the costly part: the kernel's unwinder walks from the probe), the
  * user-stack copy only if `with_copy` (else copy_len is 0: a caller that unwinds with CFI
- * takes it with stack_event_copy_user() only when unwinding did not replace the stack). */
+ * takes it with stack_event_copy_user() only when unwinding did not replace the stack), the
+ * frame-pointer user stack only if `with_user` (else user_len and user_sp are 0: a caller
+ * that unwinds with CFI first takes it with stack_event_user_fp() only when unwinding could
+ * not, so a process with tables costs one user-stack walk, not two). */
 static __always_inline void fill_stack_event_opts(void *ctx, struct stack_event *ev, u64 pid_tgid,
-                                                  int with_kernel, int with_copy)
+                                                  int with_kernel, int with_copy, int with_user)
 {
     ev->ts_ns = bpf_ktime_get_ns();
     ev->pid = pid_tgid >> 32;
     ev->tid = (u32)pid_tgid;
     ev->cpu = bpf_get_smp_processor_id();
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
-    ev->user_len = bpf_get_stack(ctx, ev->user, sizeof(ev->user), BPF_F_USER_STACK);
+    if (with_user) {
+        stack_event_user_fp(ctx, ev);
+    } else {
+        ev->user_len = 0;
+        ev->user_sp = 0;
+    }
     if (with_kernel) {
         ev->kernel_len = bpf_get_stack(ctx, ev->kernel, sizeof(ev->kernel), 0);
     } else {
         ev->kernel_len = 0;
         ev->kernel[0] = 0;  /* stack ids hash up to the first zero */
     }
-    /* The task's user registers (pt_regs layout is the hardware frame: stable across
-     * kernel versions, unlike task_struct), whether we interrupted user or kernel mode. */
-    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-    u64 sp = 0;
-    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
-    ev->user_sp = sp;
     ev->_pad = 0;
     ev->copy_len = 0;
     if (with_copy)
@@ -113,7 +127,7 @@ static __always_inline void fill_stack_event_opts(void *ctx, struct stack_event 
 static __always_inline void fill_stack_event_parts(void *ctx, struct stack_event *ev, u64 pid_tgid,
                                                    int with_kernel)
 {
-    fill_stack_event_opts(ctx, ev, pid_tgid, with_kernel, 1);
+    fill_stack_event_opts(ctx, ev, pid_tgid, with_kernel, 1, 1);
 }
 
 static __always_inline void fill_stack_event(void *ctx, struct stack_event *ev, u64 pid_tgid)

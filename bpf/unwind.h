@@ -184,9 +184,13 @@ static __always_inline struct unwind_mapping *unwind_find_mapping(struct unwind_
     return m;
 }
 
-/* Replace ev's frame-pointer user stack with a CFI-unwound one when the process has tables.
- * Returns 1 if it did. Call after fill_stack_event(); ctx NULL: the task is in the kernel. */
-static __always_inline int unwind_user_stack_from(struct bpf_perf_event_data *ctx, struct stack_event *ev)
+/* Put a CFI-unwound user stack into ev when the process has tables; returns 1 if it did.
+ * `fp_taken`: ev already holds bpf_get_stack()'s frame-pointer stack (fill_stack_event()),
+ * kept when this returns 0; else the caller takes that stack only when this returns 0, and
+ * then asks for a process without tables (unwind_request_if_new()). ctx NULL: the task is
+ * in the kernel. */
+static __always_inline int unwind_user_stack_from(struct bpf_perf_event_data *ctx, struct stack_event *ev,
+                                                  int fp_taken)
 {
     u32 pid = ev->pid;
 #ifdef UNWIND_SELF_TGID
@@ -197,7 +201,7 @@ static __always_inline int unwind_user_stack_from(struct bpf_perf_event_data *ct
 #endif
     struct unwind_proc *proc = unwind_procs.lookup(&pid);
     if (!proc) {
-        if (ev->user_len > 0)
+        if (fp_taken && ev->user_len > 0)
             unwind_request(pid, UNWIND_REQUEST(UNWIND_REQUEST_NEW, 0));
         return 0;
     }
@@ -334,16 +338,38 @@ done:
     return 1;
 }
 
-/* From a perf event (CPU and wall on-CPU samples). */
+/* From a perf event (CPU and wall on-CPU samples), after fill_stack_event(). */
 static __always_inline int unwind_user_stack(struct bpf_perf_event_data *ctx, struct stack_event *ev)
 {
-    return unwind_user_stack_from(ctx, ev);
+    return unwind_user_stack_from(ctx, ev, 1);
+}
+
+/* From a perf event, before any user stack was taken (fill_stack_event_opts() without
+ * with_user): on 0 the caller takes the frame-pointer stack (stack_event_user_fp()), then
+ * calls unwind_request_if_new(). */
+static __always_inline int unwind_user_stack_first(struct bpf_perf_event_data *ctx, struct stack_event *ev)
+{
+    return unwind_user_stack_from(ctx, ev, 0);
+}
+
+/* After unwind_user_stack_first() and the frame-pointer stack: the tables of a process that
+ * has a user stack and no unwind_procs entry are asked for. (Not in unwind_user_stack_from:
+ * telling a kernel thread apart there, before any user stack, doubled the verifier's work.) */
+static __always_inline void unwind_request_if_new(struct stack_event *ev)
+{
+    u32 pid = ev->pid;
+#ifdef UNWIND_SELF_TGID
+    if (pid == UNWIND_SELF_TGID)
+        return;
+#endif
+    if (ev->user_len > 0 && !unwind_procs.lookup(&pid))
+        unwind_request(pid, UNWIND_REQUEST(UNWIND_REQUEST_NEW, 0));
 }
 
 /* From a tracepoint (sched_switch, futex system calls): the user registers saved on entry. */
 static __always_inline int unwind_task_user_stack(struct stack_event *ev)
 {
-    return unwind_user_stack_from(NULL, ev);
+    return unwind_user_stack_from(NULL, ev, 1);
 }
 
 #endif
