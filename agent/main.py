@@ -14,7 +14,7 @@ from agent.clock import MonotonicToUnix
 from agent.metadata.resolver import MetadataResolver
 from agent.metadata.sink import MetadataSink
 from agent.process.selectors import ProcessSelector
-from agent.process.watcher import ProcessWatcher
+from agent.process.watcher import SCAN_INTERVAL_S, ProcessWatcher
 from agent.publish.publisher import Publisher
 from agent.runtimes.python import PythonProcesses
 from agent.settings import AgentSettings
@@ -50,7 +50,9 @@ async def run_agent(
     metadata: MetadataSink | None = None
     netns_scope = settings.process_scope == "network_namespace"
     # One /proc scanner for the actors and the metadata resolver (run by the supervisor).
-    processes = ProcessWatcher(counters, ProcessSelector.from_settings(settings))
+    # The metadata resolver follows its scans (agent/metadata/sink.py): as often as it asks.
+    interval = min(SCAN_INTERVAL_S, settings.metadata.scan_interval_s) if settings.metadata.enabled else SCAN_INTERVAL_S
+    processes = ProcessWatcher(counters, ProcessSelector.from_settings(settings), interval)
     if settings.metadata.enabled or netns_scope:
         metadata = MetadataSink(publisher, MetadataResolver(settings.metadata, counters, processes=processes), counters,
                                 add_attributes=settings.metadata.enabled, own_network_namespace_only=netns_scope)

@@ -33,7 +33,12 @@ class AgentSettings(BaseSettings):
     types: Annotated[list[ProfileType], NoDecode] = Field(
         default_factory=lambda: [ProfileType.CPU, ProfileType.HEAP])
     frequency_hz: int = Field(default=99, ge=1, le=1000)
-    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # The longest a sample waits in the agent before it is published. Each flush has a fixed
+    # cost (symbolization hop, counters, encoding, one NATS publication): at 99 Hz on a few
+    # CPUs it is most of the agent's CPU, so flushes are rare and come early when records pile
+    # up (agent/actors/flush.py). Wall and lock drain at least every second (their in-kernel
+    # maps are sized for it). docs/design/overhead.md, "Fixed work per second".
+    flush_interval_s: float = Field(default=5.0, gt=0, le=60)
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
     # A record is ~4 KiB (stack plus Python frames): 8,192 is ~32 MiB and 40 s of CPU samples at
     # 99 Hz x 2 CPUs, enough to ride out a stalled symbolizer (a big binary's first tables)
@@ -41,8 +46,9 @@ class AgentSettings(BaseSettings):
     max_pending_events: int = Field(default=8_192, ge=100)
     ringbuf_pages: int = Field(default=256, ge=8)
     # Outgoing NATS messages waiting to be published (e.g. while NATS is unreachable); beyond
-    # either bound the oldest are dropped and counted. At ~1 message/s per profile type the
-    # defaults hold well over an hour of a CPU-only agent (docs/design/durability.md).
+    # either bound the oldest are dropped and counted. At one message per flush per profile
+    # type (at most one a second) the defaults hold well over an hour of a CPU-only agent
+    # (docs/design/durability.md).
     max_outgoing_messages: int = Field(default=10_000, ge=10)
     max_outgoing_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     # Optional disk spool instead of memory for the outgoing messages (survives an agent

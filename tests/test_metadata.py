@@ -16,6 +16,7 @@ from agent.metadata.kubelet import parse_pod_list
 from agent.metadata.resolver import MetadataResolver, executable_name
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings, ServiceRule
+from agent.process.watcher import ProcessWatcher
 from shared.counters import Counters
 
 CID = "3f2a" * 16
@@ -166,6 +167,39 @@ def test_scan_resolves_live_processes_and_keeps_what_it_learned(fake_proc: Path)
     (fake_proc / "200").rmdir()
     r.resolve_many({200: "worker"})
     assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
+
+
+def test_scan_with_the_watcher_reads_only_processes_that_started(fake_proc: Path) -> None:
+    """With the agent's process watcher, a scan resolves what the watcher saw start and
+    nothing else: entries that expired (here at once) are not read again by the scan; the
+    samples of such a process renew it (``stale``). A new process is resolved by the next scan."""
+    resolved: list[int] = []
+
+    class Counting(MetadataResolver):
+        def resolve(self, pid: int) -> tuple[dict[str, str] | None, str]:
+            resolved.append(pid)
+            return super().resolve(pid)
+
+    def stat(pid: int) -> None:  # what the watcher reads (started at boot: not young)
+        (fake_proc / str(pid) / "stat").write_text(f"{pid} (worker) S " + "0 " * 18 + "1 " + "0 " * 30 + "\n")
+
+    stat(100)
+    stat(200)
+    watcher = ProcessWatcher(Counters(), proc=str(fake_proc))
+    r = Counting(MetadataSettings(cache_ttl_s=1e-9), Counters(), str(fake_proc), processes=watcher)
+    assert r.scan() == 2 and sorted(resolved) == [100, 200]
+    assert r.scan() == 0 and len(resolved) == 2  # both expired, neither read again
+    assert set(r.stale([(100, ""), (200, "")])) == {100, 200}
+    new = fake_proc / "300"
+    new.mkdir()
+    (new / "cgroup").write_text("0::/user.slice\n")
+    (new / "comm").write_text("late\n")
+    (new / "environ").write_bytes(b"OTEL_SERVICE_NAME=late\0")
+    os.symlink("/usr/bin/late", new / "exe")
+    stat(300)
+    watcher.scan()
+    assert r.scan() == 1 and resolved[2:] == [300]
+    r.close()
 
 
 def test_resolver_cache_is_bounded(fake_proc: Path) -> None:

@@ -160,3 +160,91 @@ def test_unsubscribing_removes_that_subscriber_only() -> None:
     watcher.scan()
     assert os.getpid() in first.take(max_age_s=60).started
     assert second.take(max_age_s=60).started == {}  # closed before the scan: told nothing
+
+
+# -- nothing changed, nothing listed -----------------------------------------------------------
+def _fake_proc(root: Path, pids: list[int], threads: int, last_pid: int) -> None:
+    """A /proc with ``pids`` (stat files a ProcessKey reads), its loadavg, and pid 1's pid
+    namespace link pointing where this process's does (so loadavg describes it)."""
+    for pid in pids:
+        _fake_process(root, pid)
+    (root / "1" / "ns").mkdir(parents=True, exist_ok=True)
+    if not (root / "1" / "ns" / "pid").is_symlink():
+        os.symlink(os.readlink("/proc/self/ns/pid"), root / "1" / "ns" / "pid")
+    (root / "loadavg").write_text(f"0.00 0.00 0.00 1/{threads} {last_pid}\n")
+
+
+def _fake_process(root: Path, pid: int) -> None:
+    d = root / str(pid)
+    d.mkdir(exist_ok=True)
+    # Started at boot (tick 1): old, so its key is not read again at every scan.
+    fields = ["S"] + ["0"] * 18 + ["1"] + ["0"] * 30
+    (d / "stat").write_text(f"{pid} (proc {pid}) " + " ".join(fields) + "\n")
+    os.symlink("/bin/true", d / "exe")
+
+
+def test_unchanged_loadavg_skips_the_listing_and_a_new_process_is_found_at_the_next_scan(tmp_path: Path) -> None:
+    """/proc/loadavg's thread count and last pid change with every process created or reaped:
+    while they stay, the watcher does not list /proc (a pid added behind its back, which the
+    kernel never does, stays unseen: the listing really was skipped); once they change, the
+    very next scan finds the new process and tells the subscriber, and a reaped one as exited."""
+    _fake_proc(tmp_path, [1, 10, 20], threads=30, last_pid=20)
+    watcher = ProcessWatcher(Counters(), proc=str(tmp_path))
+    subscription = watcher.subscribe()
+    assert set(watcher.scan().alive) == {1, 10, 20} and watcher.listings == 1
+    subscription.take(max_age_s=3600)
+    _fake_process(tmp_path, 21)
+    assert set(watcher.scan().alive) == {1, 10, 20} and watcher.listings == 1
+    (tmp_path / "loadavg").write_text("0.00 0.00 0.00 1/31 21\n")  # pid 21 created
+    assert set(watcher.scan().alive) == {1, 10, 20, 21} and watcher.listings == 2
+    assert set(subscription.take(max_age_s=3600).started) == {21}
+    shutil.rmtree(tmp_path / "10")
+    (tmp_path / "loadavg").write_text("0.00 0.00 0.00 1/30 21\n")  # pid 10 reaped
+    assert set(watcher.scan().alive) == {1, 20, 21} and watcher.listings == 3
+    assert subscription.take(max_age_s=3600).exited == {10}
+
+
+def test_real_proc_new_child_found_by_the_next_scan() -> None:
+    """On the real /proc: a child started after a scan is in the next scan, whether or not
+    that scan listed the directory (its fork changed loadavg), and gone after it is reaped."""
+    watcher = ProcessWatcher(Counters())
+    watcher.scan()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in watcher.scan().alive
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in watcher.scan().alive
+
+
+async def test_after_each_scan_steps_run_on_the_fresh_scan_and_a_failing_one_is_counted() -> None:
+    """A follow-up registered with after_each_scan runs after every periodic scan and finds
+    it fresh (its own take scans nothing more); one that raises is counted, the scans go on."""
+    counters = Counters()
+    stop = asyncio.Event()
+    scans: list[float] = []
+
+    class Counting(ProcessWatcher):
+        def scan(self) -> ProcessSnapshot:
+            snapshot = super().scan()
+            scans.append(snapshot.scanned_at)
+            return snapshot
+
+    watcher = Counting(counters, interval_s=0.001)
+    subscription = watcher.subscribe()
+    fresh: list[bool] = []
+
+    def follow_up() -> None:
+        fresh.append(subscription.take(max_age_s=3600).snapshot.scanned_at == scans[-1])
+        if len(fresh) == 3:
+            stop.set()
+
+    def broken() -> None:
+        raise RuntimeError("a consumer's bug")
+
+    watcher.after_each_scan(broken)
+    watcher.after_each_scan(follow_up)
+    await asyncio.wait_for(watcher.run(stop), 60)
+    assert fresh == [True, True, True] and len(scans) == 3
+    assert counters.get("errors", kind="process_watch_follow_up") == 3

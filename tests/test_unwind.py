@@ -639,3 +639,33 @@ def test_second_process_of_a_binary_reuses_file_identities_and_still_gets_tables
     finally:
         first.stop()
         second.stop()
+
+
+def test_an_idle_worker_serves_a_request_as_soon_as_it_is_nudged() -> None:
+    """The worker polls an idle request map only every IDLE_POLL_INTERVAL_S (here an hour):
+    a nudge (the CPU profile's poll thread saw a new stack) makes it serve the request now."""
+    import threading
+
+    took = threading.Event()
+
+    class Watched(FakeMaps):
+        def take_requests(self) -> list[tuple[int, int]]:
+            out = super().take_requests()
+            took.set()
+            return out
+
+    maps = Watched()
+    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000, poll_interval_s=3600.0,
+                              idle_poll_interval_s=3600.0)
+    unwinder.start()
+    try:
+        assert took.wait(60)  # the first round is done: the worker waits an hour from here on
+        maps.requests = [(os.getpid(), encode_request(REQUEST_NEW))]
+        unwinder.nudge()
+        deadline = time.monotonic() + 60
+        while os.getpid() not in maps.procs:
+            assert time.monotonic() < deadline, "the nudged worker did not serve the request"
+            time.sleep(0.01)
+    finally:
+        unwinder.close()
+    assert maps.closed and unwinder.failure is None

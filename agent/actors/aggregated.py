@@ -297,6 +297,10 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
 class AggregatingActor(BpfActor[AggregatedEntry]):
     """Base for actors whose program includes bpf/stack_agg.h (records: AggregationMaps)."""
 
+    # The aggregation maps (agg_map_entries each) are sized for one-second windows: a longer
+    # flush interval would fill them on busy hosts, so these actors drain at least this often.
+    MAX_FLUSH_INTERVAL_S: ClassVar[float | None] = 1.0
+
     STACK_CACHE_ENTRIES: ClassVar[int] = 16384
     STACK_CACHE_TTL_S: ClassVar[float] = 60.0
     # How old an earlier window's captures may be to stand in for a window without any: the

@@ -6,8 +6,9 @@ supervisor runs each actor as its own asyncio task and restarts it when it fails
 
 A :class:`BpfActor` is composed of parts (agent/actors/parts.py): one record source (a ring
 buffer, agent/actors/sources.py, or the aggregation maps, agent/actors/aggregated.py) and,
-as its program needs, a target filter and CPython frames. Once per flush interval the event
-loop sends one conversion to the shared symbolization thread, which runs, in order:
+as its program needs, a target filter and CPython frames. Once per flush (every flush
+interval, earlier when the source's records pile up: agent/actors/flush.py) the event loop
+sends one conversion to the shared symbolization thread, which runs, in order:
 ``track_started_processes`` (discovery and probe attachment), the source's ``drain``,
 ``to_samples`` (conversion only), ``forget_exited_processes`` (after the last records of
 an exited process are converted). Nothing blocking runs on the loop.
@@ -24,6 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from agent.actors.flush import FlushSignal
 from agent.actors.parts import ProgramPart, PythonFrames, TargetFilter
 from agent.actors.sources import RecordSource
 from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
@@ -128,6 +130,9 @@ class BpfActor(ProfileActor, Generic[R]):
     """
 
     bpf_source: ClassVar[str]
+    # The longest this actor waits between flushes whatever ``flush_interval_s`` says (None:
+    # no cap); programs whose in-kernel maps are sized for a window of this length set it.
+    MAX_FLUSH_INTERVAL_S: ClassVar[float | None] = None
 
     def __init__(self, ctx: ActorContext, source: RecordSource[R], *parts: ProgramPart) -> None:
         super().__init__(ctx)
@@ -140,6 +145,11 @@ class BpfActor(ProfileActor, Generic[R]):
         self._symbolized_stacks: dict[tuple[Any, ...], tuple[Frame, ...]] = {}
         # Actors whose programs unwind user stacks in BPF replace this with an active one.
         self.unwinding = ActorUnwinding(None, ctx.counters, self.profile_type.value)
+        interval = ctx.settings.flush_interval_s
+        if self.MAX_FLUSH_INTERVAL_S is not None:
+            interval = min(interval, self.MAX_FLUSH_INTERVAL_S)
+        # A flush comes early once half the records the source may hold are waiting.
+        self.flush_signal = FlushSignal(interval, max(1, ctx.settings.max_pending_events // 2))
 
     @property
     def python(self) -> PythonStacks | None:
@@ -281,11 +291,12 @@ class BpfActor(ProfileActor, Generic[R]):
             raise
         log.info("%s actor: BPF program %s attached", name, self.bpf_source)
         self.ctx.counters.inc("actor_started", type=name)
-        self.source.start()
+        self.flush_signal.bind(loop)
+        self.source.start(self.flush_signal.note_buffered)
         flushing: asyncio.Future[None] | None = None
         try:
             while True:
-                await asyncio.sleep(self.ctx.settings.flush_interval_s)
+                await self.flush_signal.wait()
                 # Shielded: a cancellation must not discard a batch already taken off the
                 # ring buffer or out of the BPF maps; the finally block waits for it.
                 flushing = asyncio.ensure_future(self._flush(loop))

@@ -114,8 +114,13 @@ class CpuActor(BpfActor[bytes]):
         self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
 
     def _note_processes(self, records: list[bytes]) -> None:
-        # On the poll thread, as records arrive: a process that exits before its records are
-        # symbolized is still symbolized from what was read now (agent/process/capture.py).
+        # On the poll thread, as records arrive. A whole record (a new stack, a copy, an
+        # error) is what a sample that made an unwind request looks like: the worker is woken
+        # for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S).
+        if sum(map(len, records)) != len(records) * SAMPLE_RECORD.size:
+            self.unwinding.nudge()
+        # A process that exits before its records are symbolized is still symbolized from
+        # what was read now (agent/process/capture.py).
         captures = self.ctx.symbolizer.captures
         if captures is None:
             return

@@ -36,8 +36,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 class RecordSource(ProgramPart, Generic[R]):
     """A program part that yields the actor's records."""
 
-    def start(self) -> None:
-        """Begin collecting (after the program is attached)."""
+    def start(self, on_buffered: Callable[[int], None] | None = None) -> None:
+        """Begin collecting (after the program is attached). A source that buffers records
+        on a thread of its own calls ``on_buffered`` with how many wait, after each batch."""
 
     def stop(self) -> None:
         """Stop collecting (blocking); records already collected stay for the last ``drain``."""
@@ -67,6 +68,7 @@ class RingBufferSource(RecordSource[bytes]):
         self._ring: RingReader | None = None
         self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
         self._poller: threading.Thread | None = None
+        self.on_buffered: Callable[[int], None] | None = None
 
     @classmethod
     def of(cls, ctx: ActorContext, profile_type: ProfileType,
@@ -85,7 +87,8 @@ class RingBufferSource(RecordSource[bytes]):
     def open(self, bpf: Any) -> None:
         self._ring = RingReader.from_bcc(bpf["events"], name=f"{self.type_name} ring")
 
-    def start(self) -> None:
+    def start(self, on_buffered: Callable[[int], None] | None = None) -> None:
+        self.on_buffered = on_buffered
         self._poller = threading.Thread(target=self._poll_loop, name=f"poll-{self.type_name}", daemon=True)
         self._poller.start()
 
@@ -116,6 +119,8 @@ class RingBufferSource(RecordSource[bytes]):
         if overflow > 0:
             self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
         pending.extend(records)  # one C call: atomic against the flush's popleft
+        if records and self.on_buffered is not None:
+            self.on_buffered(len(pending))
         stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
         if (stats.malformed, stats.discarded) != self._ring_counts_seen:
             self._ring_counts_seen = (stats.malformed, stats.discarded)

@@ -19,7 +19,7 @@ from agent.metadata.kubelet import KubeletPods, PodInfo
 from agent.metadata.service_name import ProcessFacts, service_name
 from agent.metadata.settings import MetadataSettings
 from agent.process.procmaps import YOUNG_PROCESS_S, age_s, start_time
-from agent.process.watcher import ProcessWatcher, running_pids
+from agent.process.watcher import ProcessSubscription, ProcessWatcher, running_pids
 from shared.counters import Counters
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class MetadataResolver:
         self._cache: OrderedDict[int, tuple[float, int, str, dict[str, str], float]] = OrderedDict()
         # pid -> network namespace inode (for agents scoped to their own network namespace)
         self._netns: dict[int, int] = {}
+        self._subscription: ProcessSubscription | None = None  # what the watcher saw start
 
     def network_namespace(self, pid: int) -> int | None:
         """Inode of the process's network namespace as last resolved; None if unknown."""
@@ -118,31 +119,51 @@ class MetadataResolver:
             self.counters.inc("kubelet_refreshes", result="failed")
 
     def scan(self) -> int:
-        """Blocking: resolve every process in /proc not resolved yet (or expired); returns how many.
+        """Blocking: resolve the processes that appeared in /proc since the last scan (and any
+        alive but never resolved); returns how many.
 
         Resolving at first sight matters: samples reach the publisher after symbolization, by
         which time a short-lived process may be gone, and its cgroup and environment with it.
+        A process resolved before is not read again here when its entry expires: a process
+        that exec'd is a new one to the watcher (reported as started), and the samples of a
+        long-lived one renew its entry when they find it expired (``stale``), so the scan's
+        cost follows how many processes start, not how many run.
         """
         try:
-            if self.processes is not None:  # a listing at most half a scan interval old
-                pids = set(self.processes.current(self.settings.scan_interval_s / 2).alive)
+            if self.processes is not None:
+                if self._subscription is None:
+                    self._subscription = self.processes.subscribe()
+                # Right after the watcher's own scan (after_each_scan), or one at most half a
+                # scan interval old.
+                changes = self._subscription.take(self.settings.scan_interval_s / 2)
+                pids = set(changes.snapshot.alive)
+                started = set(changes.started) & pids if changes.complete else set()
             else:
                 pids = running_pids(self.proc)
+                started = set()
         except OSError as exc:
             self.counters.inc("metadata_scan_failed", reason=type(exc).__name__)
             return 0
         now = time.monotonic()
-        todo = [p for p in pids if (e := self._cache.get(p)) is None or e[0] < now]
+        if self.processes is not None:
+            todo = list(started | (pids - self._cache.keys()))
+        else:
+            todo = [p for p in pids if (e := self._cache.get(p)) is None or e[0] < now]
         self.resolve_many(todo)
-        live = set(pids)
         with self._lock:
             # Exited processes are kept for one more TTL: their last samples may still be on
             # their way through symbolization.
             grace = self.settings.cache_ttl_s
-            for pid in [p for p, e in self._cache.items() if e[0] + grace < now and p not in live]:
+            for pid in [p for p, e in self._cache.items() if e[0] + grace < now and p not in pids]:
                 del self._cache[pid]
                 self._netns.pop(pid, None)
         return len(todo)
+
+    def close(self) -> None:
+        """Stop following the process watcher."""
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
 
     def resolve_many(self, processes: dict[int, str] | Iterable[int]) -> None:
         """Blocking: resolve and cache each pid (under the process name samples showed, if any).

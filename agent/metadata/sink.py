@@ -40,13 +40,18 @@ class MetadataSink(SampleSink):
             await asyncio.to_thread(self.resolver.refresh_kubelet)
             self._tasks.append(asyncio.create_task(self._kubelet_loop(), name="kubelet-refresh"))
         await asyncio.to_thread(self.resolver.scan)
-        self._tasks.append(asyncio.create_task(self._scan_loop(), name="metadata-scan"))
+        if self.resolver.processes is not None:  # resolve right after each of the watcher's scans
+            self.resolver.processes.after_each_scan(self.resolver.scan)
+        else:
+            self._tasks.append(asyncio.create_task(self._scan_loop(), name="metadata-scan"))
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
+        self.resolver.close()
 
     async def _scan_loop(self) -> None:
-        """New processes are resolved within a scan interval of starting, while they live."""
+        """New processes are resolved within a scan interval of starting, while they live
+        (without the agent's process watcher; with it, after each of its scans)."""
         while True:
             await asyncio.sleep(self.resolver.settings.scan_interval_s)
             await asyncio.to_thread(self.resolver.scan)

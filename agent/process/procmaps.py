@@ -180,7 +180,7 @@ class RecentFileStats(Generic[V]):
         return len(self._seen)
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Processes younger than this may still exec or map libraries (fork, exec and ld.so come
 # first): caches about them are re-checked sooner.
 YOUNG_PROCESS_S = 10.0
@@ -207,7 +207,7 @@ def stat_identity(pid: int, proc: str = "/proc") -> tuple[int, str]:
 
 def age_s(start_ticks: int) -> float:
     """Seconds since a process with this start time (from :func:`start_time`) started."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / _CLOCK_TICKS
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / CLOCK_TICKS
 
 
 def read_comm(pid: int) -> str:

@@ -1,7 +1,9 @@
 """Which processes run on the host: the one /proc scanner the agent's parts share.
 
-:class:`ProcessWatcher` lists /proc once per interval (in a worker thread, never on the event
-loop) and keeps, for every process, its :class:`~agent.process.procmaps.ProcessKey`. Parts
+:class:`ProcessWatcher` scans /proc once per interval (in a worker thread, never on the event
+loop) and keeps, for every process, its :class:`~agent.process.procmaps.ProcessKey`. A scan
+lists the directory only when /proc/loadavg says a process or thread was created or reaped
+since the last listing; otherwise it re-reads only the keys of processes that may still exec. Parts
 that need to know about processes subscribe (:meth:`ProcessWatcher.subscribe`) and take what
 changed since they last looked (:meth:`ProcessSubscription.take`): the processes that started
 (or exec'd), those that exited, and the whole set alive now. Consumers run on their own
@@ -24,10 +26,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from agent.process.procmaps import YOUNG_PROCESS_S, ProcessKey, age_s
+from agent.process.procmaps import CLOCK_TICKS, YOUNG_PROCESS_S, ProcessKey
 from shared.counters import Counters
 
 if TYPE_CHECKING:  # selectors list processes with running_pids, below
@@ -123,6 +126,13 @@ class ProcessWatcher:
         self.latest: ProcessSnapshot | None = None
         self._subscriptions: list[ProcessSubscription] = []
         self._unreadable: set[int] = set()  # counted and logged once each, while they live
+        # Processes whose key is read again at every scan: young ones (a child between fork and
+        # exec, a shell about to exec its command) and unreadable ones.
+        self._recheck: set[int] = set()
+        self._fingerprint: tuple[int, int] | None = None
+        self._fingerprint_usable = same_pid_namespace(proc)
+        self.listings = 0  # scans that listed the directory (the others found nothing changed)
+        self._after_scan: list[Callable[[], object]] = []
 
     def subscribe(self) -> ProcessSubscription:
         """A new subscriber; its first take reports every process alive as started."""
@@ -148,28 +158,39 @@ class ProcessWatcher:
         return self.scan()
 
     def scan(self) -> ProcessSnapshot:
-        """List /proc now and tell the subscribers what changed (blocking)."""
+        """List /proc now and tell the subscribers what changed (blocking).
+
+        When /proc/loadavg says no process or thread was created or reaped since the last
+        listing (:func:`proc_fingerprint`), the listing is skipped: only the processes that may
+        still exec (young or unreadable ones) are read again."""
         with self._scan_lock:
-            try:
-                alive = running_pids(self.proc)
-            except OSError as exc:  # /proc unreadable: keep the last view, say so
-                self.counters.inc("process_watch_failed", reason=type(exc).__name__)
-                log.warning("cannot list %s: %s", self.proc, exc)
-                if self.latest is not None:
-                    return self.latest
-                alive = set()
+            # Read before listing: a process created in between changes the next fingerprint.
+            fingerprint = proc_fingerprint(self.proc) if self._fingerprint_usable else None
             previous = self.latest.keys if self.latest is not None else {}
-            keys: dict[int, ProcessKey | None] = {}
+            if fingerprint is not None and fingerprint == self._fingerprint and self.latest is not None:
+                alive, candidates = set(previous), self._recheck & set(previous)
+            else:
+                try:
+                    alive = running_pids(self.proc)
+                except OSError as exc:  # /proc unreadable: keep the last view, say so
+                    self.counters.inc("process_watch_failed", reason=type(exc).__name__)
+                    log.warning("cannot list %s: %s", self.proc, exc)
+                    if self.latest is not None:
+                        return self.latest
+                    alive = set()
+                candidates = {pid for pid in alive if pid not in previous} | (self._recheck & alive)
+                self.listings += 1
+            self._fingerprint = fingerprint
+            keys = {pid: previous[pid] for pid in alive if pid in previous}
             started: dict[int, ProcessKey | None] = {}
             exited = set(previous) - alive
-            for pid in alive:
+            young_after = young_since_ticks()
+            for pid in candidates:
                 known = pid in previous
                 old = previous.get(pid)
-                if known and not _may_exec(old):
-                    keys[pid] = old
-                    continue
                 read = self._read_key(pid)
                 if read is _GONE:  # exited between the listing and the read
+                    keys.pop(pid, None)
                     if known:
                         exited.add(pid)
                     continue
@@ -180,6 +201,7 @@ class ProcessWatcher:
                 if known:
                     exited.add(pid)  # exec'd: the old instance is gone, a new one started
                 started[pid] = key
+            self._recheck = {pid for pid, key in keys.items() if key is None or key.start_ticks > young_after}
             selected = None
             if self.selector is not None:
                 selected = frozenset(pid for pid in keys if self.selector.matches(pid))
@@ -205,11 +227,27 @@ class ProcessWatcher:
                 log.info("process %d: cannot read its start time: %s", pid, exc)
             return None
 
+    def after_each_scan(self, follow_up: Callable[[], object]) -> None:
+        """Run ``follow_up`` (blocking) in the worker thread right after each periodic scan:
+        a consumer that looks at every scan (the metadata resolver) then costs no wake-up and
+        no thread hop of its own, and never asks for a second listing."""
+        self._after_scan.append(follow_up)
+
+    def _scan_and_follow_up(self) -> None:
+        self.scan()
+        for follow_up in self._after_scan:
+            try:
+                follow_up()
+            except Exception:  # one consumer's bug must not stop the scans or the others
+                self.counters.inc("errors", kind="process_watch_follow_up")
+                log.exception("after-scan step %r failed", follow_up)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Scan every ``interval_s`` in a worker thread until ``stop`` is set."""
+        """Scan every ``interval_s`` in a worker thread until ``stop`` is set, each scan
+        followed by the steps registered with :meth:`after_each_scan`."""
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.scan)
+                await asyncio.to_thread(self._scan_and_follow_up)
             except Exception:  # a bug here must not stop the agent: the consumers scan on demand
                 self.counters.inc("errors", kind="process_watch")
                 log.exception("process scan failed")
@@ -222,9 +260,31 @@ class ProcessWatcher:
 _GONE = object()
 
 
-def _may_exec(key: ProcessKey | None) -> bool:
-    """Whether a known process's key is read again at every scan: while it is young (a child
-    between fork and exec, a shell about to exec its command), and while it was unreadable."""
-    if key is None:
-        return True
-    return age_s(key.start_ticks) < YOUNG_PROCESS_S
+def young_since_ticks() -> float:
+    """Start time (clock ticks since boot) after which a process counts as young."""
+    return (time.clock_gettime(time.CLOCK_BOOTTIME) - YOUNG_PROCESS_S) * CLOCK_TICKS
+
+
+def proc_fingerprint(proc: str = "/proc") -> tuple[int, int] | None:
+    """(threads on the host, the last pid handed out) from ``proc``/loadavg; None if unreadable.
+
+    Both change whenever a process or thread is created (a new pid) or reaped (one thread
+    fewer), and neither changes otherwise: equal fingerprints mean /proc lists the same
+    processes (a pid would have to wrap around the whole pid space between two reads to
+    repeat). Exec changes neither: the watcher re-reads young processes' keys for that.
+    """
+    try:
+        with open(f"{proc}/loadavg", "rb") as f:
+            fields = f.read().split()
+        return int(fields[3].split(b"/")[1]), int(fields[4])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_pid_namespace(proc: str) -> bool:
+    """Whether ``proc`` shows the agent's own pid namespace: loadavg's last pid is the reader's
+    namespace's, so it says something about ``proc``'s processes only then."""
+    try:
+        return os.readlink(f"{proc}/1/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False

@@ -98,6 +98,12 @@ class SharedUnwinding:
         if unwinder is not None and pids:
             unwinder.preload(pids)
 
+    def nudge(self) -> None:
+        """Wake the worker to serve BPF's requests now (any thread)."""
+        unwinder = self.unwinder
+        if unwinder is not None:
+            unwinder.nudge()
+
     def check(self) -> None:
         """Raise if the worker stopped on an error (the actor's supervisor restarts the actor,
         whose next acquire replaces the worker)."""
@@ -150,6 +156,12 @@ class ActorUnwinding:
     def check(self) -> None:
         if self._held and self.shared is not None:
             self.shared.check()
+
+    def nudge(self) -> None:
+        """Something new was sampled (a new stack may come with an unwind request): wake the
+        worker (any thread)."""
+        if self._held and self.shared is not None:
+            self.shared.nudge()
 
 
 def chain_stages(bpf: Any, array: str, stages: list[tuple[str, int]]) -> None:

@@ -1,0 +1,144 @@
+"""When a BPF actor flushes (agent/actors/flush.py), through its real run loop.
+
+The actor here loads no program: its record source is fed by the test, one poll's batch at a
+time, and its sink keeps what is published. Known answers: how many publications a known
+stream of records gives, and that every record is in exactly one of them, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from agent.actors.base import ActorContext, BpfActor, SampleSink
+from agent.actors.cpu import CpuActor
+from agent.actors.sources import RecordSource
+from agent.actors.wall import WallActor
+from agent.clock import MonotonicToUnix
+from agent.settings import AgentSettings
+from agent.symbols import Symbolizer
+from shared.counters import Counters
+from shared.model import Sample
+from shared.profile_types import ProfileType
+
+
+class FedSource(RecordSource[int]):
+    """Records handed in by the test, as a poll thread would: append, then report the backlog."""
+
+    def __init__(self) -> None:
+        self.waiting: list[int] = []
+        self.on_buffered: Callable[[int], None] | None = None
+
+    def start(self, on_buffered: Callable[[int], None] | None = None) -> None:
+        self.on_buffered = on_buffered
+
+    def push(self, records: list[int]) -> None:
+        self.waiting.extend(records)
+        if self.on_buffered is not None:
+            self.on_buffered(len(self.waiting))
+
+    def drain(self) -> list[int]:
+        out, self.waiting = self.waiting, []
+        return out
+
+
+class Published(SampleSink):
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.arrived = asyncio.Event()
+
+    async def submit(self, profile_type: ProfileType, samples: Sequence[Sample], period: int) -> None:
+        self.batches.append([s.values[0] for s in samples])
+        self.arrived.set()
+
+
+class FedActor(BpfActor[int]):
+    """A CPU-type actor without a program: record n becomes a sample of value n."""
+
+    profile_type = ProfileType.CPU
+    bpf_source = "none"
+
+    def _load_and_attach(self) -> None:
+        self.bpf = object()
+
+    def _teardown(self, bpf: Any) -> None:
+        pass
+
+    def attach(self, bpf: Any) -> None:
+        pass
+
+    def period(self) -> int:
+        return 1
+
+    def to_samples(self, records: list[int]) -> Sequence[Sample]:
+        return [Sample(n, 0, 1, 1, "t", "p", (), (n,)) for n in records]
+
+
+def context(sink: SampleSink, **settings: Any) -> ActorContext:
+    return ActorContext(AgentSettings(**settings), Symbolizer(), ThreadPoolExecutor(1), sink, Counters(),
+                        MonotonicToUnix())
+
+
+async def _started(actor: FedActor, source: FedSource) -> asyncio.Task[None]:
+    task = asyncio.create_task(actor.run())
+    while source.on_buffered is None:
+        await asyncio.sleep(0)
+    return task
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is_lost() -> None:
+    """2 CPUs at 100 Hz polled every 250 ms: 50 records a poll, 40 polls (10 s of samples).
+    With a flush interval far away and a backlog of 100 (half of 200 pending), every second
+    poll brings a flush: 20 publications of exactly 100 records, all 2,000 once, in order."""
+    sink = Published()
+    ctx = context(sink, flush_interval_s=60, max_pending_events=200)
+    source = FedSource()
+    actor = FedActor(ctx, source)
+    task = await _started(actor, source)
+    try:
+        for poll in range(40):
+            arrived = len(sink.batches)
+            source.push(list(range(poll * 50, poll * 50 + 50)))
+            if poll % 2 == 1:  # 100 waiting: the flush comes without the interval
+                while len(sink.batches) == arrived:
+                    sink.arrived.clear()
+                    await asyncio.wait_for(sink.arrived.wait(), 30)
+    finally:
+        await _stop(task)
+    assert [len(b) for b in sink.batches] == [100] * 20
+    assert [n for b in sink.batches for n in b] == list(range(2000))
+    assert actor.flush_signal.early_flushes == 20
+
+
+async def test_records_slower_than_the_interval_wait_for_it() -> None:
+    """30 records, far below the backlog: published by the interval's flush, all of them."""
+    sink = Published()
+    ctx = context(sink, flush_interval_s=0.05, max_pending_events=200)
+    source = FedSource()
+    actor = FedActor(ctx, source)
+    task = await _started(actor, source)
+    try:
+        source.push(list(range(30)))
+        await asyncio.wait_for(sink.arrived.wait(), 30)
+    finally:
+        await _stop(task)
+    assert [n for b in sink.batches for n in b] == list(range(30))
+    assert actor.flush_signal.early_flushes == 0
+
+
+def test_the_aggregating_actors_drain_at_least_every_second() -> None:
+    """Wall's in-kernel maps hold one second of aggregates: its flush interval is capped there,
+    while the CPU profile waits the configured five seconds."""
+    ctx = context(Published(), flush_interval_s=5.0)
+    assert CpuActor(ctx).flush_signal.interval_s == 5.0
+    assert WallActor(ctx).flush_signal.interval_s == 1.0
+    assert AgentSettings().flush_interval_s == 5.0
