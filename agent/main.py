@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from agent.actors import ACTORS, ActorContext, ProfileActor
 from agent.actors.base import SampleSink
 from agent.clock import MonotonicToUnix
+from agent.memory_budget import BudgetCollector, MemoryBudget
 from agent.metadata.resolver import MetadataResolver
 from agent.metadata.sink import MetadataSink
 from agent.process.selectors import ProcessSelector
@@ -42,7 +43,9 @@ async def run_agent(
     unknown = [t for t in settings.types if t not in ACTORS]
     if unknown:
         raise ValueError(f"profile types not implemented yet: {', '.join(unknown)}")
-    publisher = Publisher(settings, counters)
+    # One byte budget for the caches that grow with what the host runs (agent/memory_budget.py).
+    budget = MemoryBudget(settings.cache_memory_bytes, counters)
+    publisher = Publisher(settings, counters, budget)
     await publisher.start()
     # One thread owns the symbolizer: its caches need no locks and actors share them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize")
@@ -60,9 +63,9 @@ async def run_agent(
         sink = metadata
     # Created on first use by an actor, gone with the last: one table build per file for all types.
     unwinding = SharedUnwinding(counters, settings.unwind_table_rows) if settings.native_unwinding else None
-    symbolizer = Symbolizer(debug_directories=settings.debug_directories)
+    symbolizer = Symbolizer(debug_directories=settings.debug_directories, budget=budget)
     ctx = ActorContext(settings, symbolizer, executor, sink, counters, MonotonicToUnix(),
-                       PythonProcesses(counters), unwinding, watcher=processes)
+                       PythonProcesses(counters, budget=budget), unwinding, budget, watcher=processes)
 
     factories: dict[ProfileType, Callable[[], ProfileActor]] = {
         t: functools.partial(ACTORS[t], ctx) for t in settings.types
@@ -84,7 +87,9 @@ async def run_agent(
             ok = all(v == "running" for v in states.values()) and publisher.connected
             return ok, " ".join(f"{k}={v}" for k, v in states.items()) + f" nats={publisher.connected}"
 
-        metrics = MetricsServer(host, port, metrics_registry(counters, "stackfleet_agent"), health)
+        registry = metrics_registry(counters, "stackfleet_agent")
+        registry.register(BudgetCollector(budget, "stackfleet_agent"))
+        metrics = MetricsServer(host, port, registry, health)
         await metrics.start()
     log.info("agent on %s: profiling %s at %d Hz", settings.host_name,
              ",".join(t.value for t in settings.types), settings.frequency_hz)

@@ -14,6 +14,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from agent.memory_budget import DEFAULT_BUDGET_BYTES
 from agent.metadata.settings import MetadataSettings
 from shared.config_file import file_source
 from shared.nats_connection import NatsSettings
@@ -60,6 +61,13 @@ class AgentSettings(BaseSettings):
     # 20 frames, per profile type (docs/design/overhead.md). A quiet host's few thousand stacks
     # never reach it.
     max_dictionary_entries: int = Field(default=16_384, ge=100)
+    # One budget in bytes for the caches that grow with what the host runs: the wire
+    # dictionaries, the symbolizer's address and frame caches, the CPython frame caches and
+    # the CPU actor's symbolized stacks (agent/memory_budget.py). Each cache has a fixed share
+    # and evicts its oldest entries beyond it, counted as cache_evictions{cache=...}. Chosen
+    # so the agent stays under 150 MB RSS with cpu,wall,lock,goroutine on a churning host
+    # (docs/design/overhead.md, "One memory budget for the caches").
+    cache_memory_bytes: int = Field(default=DEFAULT_BUDGET_BYTES, ge=1024 * 1024)
     # Process selection for the event-tracing actors (wall, lock, heap); none set = all user processes.
     target_pids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     target_comm: str | None = None

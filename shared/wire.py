@@ -100,22 +100,41 @@ def new_agent_id() -> str:
 # --------------------------------------------------------------------------- encoding (agent)
 
 
+# Estimated bytes each new dictionary entry keeps alive in the encoder, for the agent's cache
+# budget (agent/memory_budget.py). Measured with tracemalloc, encoding batches of synthetic
+# 5-, 20- and 40-frame stacks drawn from 20,000 distinct frames with distinct function names
+# (~40 characters; growth divided by the new entries): a stack 275 B + 8.5 B a frame (its
+# row, its dict slot, its identity-map entry) plus its frames tuple when only the encoder
+# still holds it (40 B + 8 B a frame); a location with its function and its name string
+# 438 B, plus the Frame object its key keeps alive (96 B). Checked against tracemalloc by
+# tests/test_cache_budget.py.
+STRING_ENTRY_BYTES = 75  # plus one byte a character
+FUNCTION_ENTRY_BYTES = 120
+LOCATION_ENTRY_BYTES = 300
+MAPPING_ENTRY_BYTES = 400
+STACK_ENTRY_BYTES = 320
+STACK_FRAME_BYTES = 16
+IDENTITY_ENTRY_BYTES = 120  # an equal tuple that is another object: its entry (+ 8 B a frame)
+
+
 @dataclass
 class _Table:
     """One id-assigning table of the encoder; ``sent`` is how many ids the receiver has."""
 
+    entry_bytes: int = 0
     ids: dict[Any, int] = field(default_factory=dict)
     rows: list[Any] = field(default_factory=list)
     sent: int = 0
 
-    def intern(self, key: Any, row: Any) -> int:
+    def intern(self, key: Any, row: Any, extra_bytes: int = 0) -> tuple[int, int]:
+        """(id, estimated bytes the table grew by: 0 when ``key`` was known)."""
         found = self.ids.get(key)
         if found is not None:
-            return found
+            return found, 0
         self.rows.append(row)
         new_id = len(self.rows)
         self.ids[key] = new_id
-        return new_id
+        return new_id, self.entry_bytes + extra_bytes
 
     def pending(self) -> list[Any]:
         return [self.sent + 1, self.rows[self.sent :]]
@@ -126,7 +145,10 @@ class StreamEncoder:
 
     Not thread-safe; one per actor. The dictionary is bounded: when it holds more than
     ``max_entries`` entries in any table, the encoder starts a new epoch (fresh ids), so a
-    long-running agent's memory stays flat however many distinct stacks it sees.
+    long-running agent's memory stays flat however many distinct stacks it sees. The owner
+    may also start a new epoch between batches (``start_new_epoch``: the agent's cache budget,
+    which reads ``estimated_bytes``); the receiver then gets the next batch's dictionary
+    from id 1 under the new epoch, as after a bound.
     """
 
     def __init__(
@@ -137,6 +159,7 @@ class StreamEncoder:
         self.agent_id = agent_id
         self.max_entries = min(max_entries, MAX_ENTRIES_PER_TABLE)
         self.epoch = 0
+        self.estimated_bytes = 0  # what the dictionary keeps alive, estimated (see STRING_ENTRY_BYTES)
         self._seq = itertools.count(1)
         self._dict_seq = 0
         self._reset_tables()
@@ -144,11 +167,12 @@ class StreamEncoder:
     def _reset_tables(self) -> None:
         self.epoch += 1
         self._dict_seq = 0
-        self._strings = _Table()
-        self._mappings = _Table()
-        self._functions = _Table()
-        self._locations = _Table()
-        self._stacks = _Table()
+        self.estimated_bytes = 0
+        self._strings = _Table(STRING_ENTRY_BYTES)
+        self._mappings = _Table(MAPPING_ENTRY_BYTES)
+        self._functions = _Table(FUNCTION_ENTRY_BYTES)
+        self._locations = _Table(LOCATION_ENTRY_BYTES)
+        self._stacks = _Table(STACK_ENTRY_BYTES)
         # Stack ids by the identity (id()) of the frames tuple: the actors hand the very same
         # tuple for a stack they symbolized before (their per-stack cache), and hashing a
         # tuple of frozen dataclasses runs Python code per frame (~70 % of the encoder's time
@@ -157,7 +181,18 @@ class StreamEncoder:
         # is a different object is looked up by value once, then by identity too.
         self._stack_by_identity: dict[int, int] = {}
         self._identity_keepalive: list[tuple[Frame, ...]] = []
+        self._identity_bytes = 0  # estimated bytes of identity entries beyond the stacks' own
         self._full_pending = False
+
+    def start_new_epoch(self) -> int:
+        """Forget the dictionary (call between batches); returns how many entries it held.
+
+        Ids cannot be taken back one by one (receivers hold them in order), so a dictionary
+        over its memory share starts over: the next batch's dict message carries the new
+        epoch and every entry that batch uses, from id 1."""
+        entries = sum(len(t.rows) for t in self._tables()) + len(self._stack_by_identity)
+        self._reset_tables()
+        return entries
 
     def request_full(self) -> None:
         """Mark the whole dictionary for re-sending with the next batch (receiver asked)."""
@@ -169,7 +204,9 @@ class StreamEncoder:
         return (self._strings, self._mappings, self._functions, self._locations, self._stacks)
 
     def _string(self, s: str) -> int:
-        return self._strings.intern(s, s)
+        sid, grew = self._strings.intern(s, s, len(s))
+        self.estimated_bytes += grew
+        return sid
 
     def _mapping(self, m: Mapping | None) -> int:
         if m is None:
@@ -179,7 +216,9 @@ class StreamEncoder:
             return found
         row = [m.start, m.limit, m.offset, self._string(m.filename), self._string(m.build_id),
                self._string(m.go_build_id), self._string(m.htlhash)]
-        return self._mappings.intern(m, row)
+        mid, grew = self._mappings.intern(m, row)
+        self.estimated_bytes += grew
+        return mid
 
     def _location(self, f: Frame) -> int:
         found = self._locations.ids.get(f)
@@ -188,20 +227,28 @@ class StreamEncoder:
         fn_key = (f.function, f.filename)
         fn_id = self._functions.ids.get(fn_key)
         if fn_id is None:
-            fn_id = self._functions.intern(fn_key, [self._string(f.function), self._string(f.filename)])
+            fn_id, grew = self._functions.intern(fn_key, [self._string(f.function), self._string(f.filename)])
+            self.estimated_bytes += grew
         row = [self._mapping(f.mapping), f.address, fn_id, f.line, self._string(f.frame_type.value), int(f.inlined)]
-        return self._locations.intern(f, row)
+        lid, grew = self._locations.intern(f, row)
+        self.estimated_bytes += grew
+        return lid
 
     def _stack(self, frames: tuple[Frame, ...]) -> int:
         found = self._stacks.ids.get(frames)
         if found is not None:
             return found
-        return self._stacks.intern(frames, [self._location(f) for f in frames[:MAX_STACK_DEPTH]])
+        sid, grew = self._stacks.intern(frames, [self._location(f) for f in frames[:MAX_STACK_DEPTH]],
+                                        STACK_FRAME_BYTES * len(frames))
+        self.estimated_bytes += grew
+        return sid
 
     def _stack_ids(self, stacks: list[tuple[Frame, ...]]) -> list[int]:
         """The stack id of each frames tuple, by identity first (see ``_reset_tables``)."""
         by_identity = self._stack_by_identity
         if len(by_identity) > 2 * self.max_entries:  # bounded: equal tuples made anew each time
+            self.estimated_bytes -= self._identity_bytes
+            self._identity_bytes = 0
             by_identity.clear()
             self._identity_keepalive.clear()
         found: list[int | None] = list(map(by_identity.get, map(id, stacks)))  # C-level loop
@@ -210,7 +257,12 @@ class StreamEncoder:
         out = []
         for frames, stack_id in zip(stacks, found, strict=True):
             if stack_id is None:
+                before = self.estimated_bytes
                 stack_id = self._stack(frames)
+                if self.estimated_bytes == before:  # known by value: this tuple is an extra entry
+                    extra = IDENTITY_ENTRY_BYTES + 8 * len(frames)
+                    self._identity_bytes += extra
+                    self.estimated_bytes += extra
                 by_identity[id(frames)] = stack_id
                 self._identity_keepalive.append(frames)
             out.append(stack_id)

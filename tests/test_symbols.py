@@ -130,10 +130,10 @@ def test_exited_processes_are_forgotten_after_the_grace_period(target: Target) -
         target.stop()
         assert sym.sweep_exited(grace_s=5.0) == 0  # within the grace period
         assert sym.symbolize_user(target.pid, [leaf_addr])[0].function == "leaf_function"
-        frames_before = len(sym._frames)
+        frames_before = sym.stats["frames_cached"]
         assert sym.sweep_exited(grace_s=0.0) == 1  # the exited target only, not the sleeper
         assert sym.stats["processes_cached"] == 1
-        assert len(sym._frames) < frames_before  # its resolved frames went with it
+        assert sym.stats["frames_cached"] < frames_before  # its resolved frames went with it
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -32,6 +32,7 @@ from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
 from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
 from agent.bpf.records import RawStackEvent, parse_stack_event
 from agent.clock import MonotonicToUnix
+from agent.memory_budget import MemoryBudget
 from agent.process.selectors import ProcessSelector
 from agent.process.watcher import ProcessSubscription, ProcessWatcher
 from agent.runtimes.python import PythonProcesses, PythonStacks
@@ -74,6 +75,9 @@ class ActorContext:
     python: PythonProcesses = field(default_factory=PythonProcesses)
     # The native unwinder's maps and worker, shared by the actors that unwind (None: off).
     unwinding: SharedUnwinding | None = None
+    # The caches' memory budget (agent/memory_budget.py), shared with the symbolizer, the
+    # CPython frames and the publisher.
+    budget: MemoryBudget = field(default_factory=MemoryBudget)
     _swept: float = field(default_factory=time.monotonic)
     _trimmed: float = field(default_factory=time.monotonic)
     # Scans /proc for every actor; the supervisor runs its periodic scan (ProcessWatcher.run).

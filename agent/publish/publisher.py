@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from agent.actors.base import SampleSink
+from agent.memory_budget import MemoryBudget
 from agent.publish.disk_outbox import DiskOutbox
 from agent.publish.memory_outbox import MemoryOutbox, Outgoing
 from agent.settings import AgentSettings
@@ -49,9 +50,12 @@ RETRY_MAX_S = 5.0
 class Publisher(SampleSink):
     """Encodes batches per profile type and publishes them, in order, from one sender task."""
 
-    def __init__(self, settings: AgentSettings, counters: Counters) -> None:
+    def __init__(self, settings: AgentSettings, counters: Counters, budget: MemoryBudget | None = None) -> None:
         self.settings = settings
         self.counters = counters
+        # The encoders' dictionaries together stay within this share of the cache budget:
+        # over it, the largest starts a new epoch before its next batch (see _within_budget).
+        self._share = (budget or MemoryBudget(settings.cache_memory_bytes, counters)).share("wire_dictionaries")
         self.agent_id = new_agent_id()
         self.host = settings.host_name
         self._encoders: dict[ProfileType, StreamEncoder] = {}
@@ -91,11 +95,27 @@ class Publisher(SampleSink):
     async def submit(self, profile_type: ProfileType, samples: Sequence[Sample], period: int) -> None:
         enc = self.encoder(profile_type)
         dict_msg, samples_msg = enc.encode(samples, period)
+        self._share.used = sum(e.estimated_bytes for e in self._encoders.values())
+        if self._share.over:
+            self._within_budget()
         if dict_msg is not None:
             self._enqueue(profile_type, dict_subject(profile_type, self.host), dict_msg, 0)
         if samples_msg is not None:
             self._enqueue(profile_type, samples_subject(profile_type, self.host), samples_msg, len(samples))
             self.counters.inc("samples_encoded", len(samples), type=profile_type.value)
+
+    def _within_budget(self) -> None:
+        """Start new epochs, largest dictionary first, until the encoders fit their share.
+
+        After a batch is encoded, so every samples message refers to the dictionary sent just
+        before it and the next batch's dictionary starts from id 1 in the new epoch; counted
+        as cache_evictions{cache=wire_dictionaries}."""
+        for enc in sorted(self._encoders.values(), key=lambda e: e.estimated_bytes, reverse=True):
+            if not self._share.over:
+                return
+            nbytes = enc.estimated_bytes
+            self._share.evicted(enc.start_new_epoch(), nbytes)
+            self.counters.inc("dictionary_epochs", type=enc.profile_type.value, reason="memory_budget")
 
     def _enqueue(self, profile_type: ProfileType, subject: str, payload: bytes, n_samples: int) -> None:
         msg_id = f"{self.agent_id}-{next(self._msg_numbers)}"

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import IO, cast
 
+from agent.memory_budget import BudgetShare, MemoryBudget, PerProcessEntries
 from agent.process.capture import ProcessCaptures
 from agent.process.procmaps import (
     YOUNG_PROCESS_S,
@@ -73,12 +74,21 @@ EXITED_GRACE_S = 10.0
 # Cached ELF files unused for this long are closed (Symbolizer.sweep_idle_files).
 FILE_IDLE_S = 600.0
 MAX_FILE_IDS = 4096  # files whose Go build id and htlhash are kept (~200 B each)
+# Estimated bytes of one cached address and one cached process frame, charged to the cache
+# budget (agent/memory_budget.py). Measured with tracemalloc: 20,000 new addresses of libc
+# and python3.11 symbolized in a live process, then the frame dicts and the address cache
+# emptied one after the other: 237 B a frame entry (its int key, a 1-tuple, the Frame,
+# the dict slot) and 293 B an address entry (its key tuple, the row tuple, the dict and
+# LRU links; the names are shared with the file's own tables).
+FRAME_ENTRY_BYTES = 240
+ADDRESS_ENTRY_BYTES = 300
 
 
 class _Lru(OrderedDict[object, object]):
     """OrderedDict with a size bound; ``hit`` moves a key to the young end."""
 
-    def __init__(self, capacity: int, close_evicted: bool = True, max_bytes: int | None = None) -> None:
+    def __init__(self, capacity: int, close_evicted: bool = True, max_bytes: int | None = None,
+                 share: BudgetShare | None = None, entry_bytes: int = 0) -> None:
         super().__init__()
         self.capacity = capacity
         self.evictions = 0
@@ -86,16 +96,29 @@ class _Lru(OrderedDict[object, object]):
         # Entries that know their size (estimated_bytes) are also bounded in total; sizes grow
         # after insertion (line tables are built lazily), so the sum is taken at each insert.
         self.max_bytes = max_bytes
+        # Or: every new key charges ``entry_bytes`` to a share of the agent's cache budget,
+        # and the least recently used keys go while the share is spent (counted there).
+        self.share = share
+        self.entry_bytes = entry_bytes
 
     def put(self, key: object, value: object) -> None:
+        share = self.share
+        if share is not None and key not in self:
+            share.charge(self.entry_bytes)
         self[key] = value
         self.move_to_end(key)
         # Summed once per insert, then reduced by what each eviction frees.
         total = sum(_estimated_bytes(v) for v in self.values()) if self.max_bytes is not None else 0
+        while share is not None and share.over and len(self) > 1:
+            self.popitem(last=False)
+            self.evictions += 1
+            share.evicted(1, self.entry_bytes)
         while len(self) > self.capacity or (self.max_bytes is not None and len(self) > 1 and total > self.max_bytes):
             _, evicted = self.popitem(last=False)
             total -= _estimated_bytes(evicted)
             self.evictions += 1
+            if share is not None:
+                share.release(self.entry_bytes)
             close = getattr(evicted, "close", None)
             # A file shared by several keys (same build) is left to the garbage collector.
             if close is not None and self.close_evicted and not getattr(evicted, "shared", False):
@@ -147,8 +170,8 @@ class _Process:
     checked: float = 0.0
     # Resolved frames by ``address << 1 | is_leaf``: a plain dict per process instance, so a
     # cached frame costs one int-keyed lookup (no key tuple, no LRU bookkeeping); bounded by
-    # Symbolizer's count of cached frames over all processes. Kept across maps refreshes of
-    # the same ProcessKey.
+    # the Symbolizer's share of the cache budget over all processes. Kept across maps
+    # refreshes of the same ProcessKey.
     frames: dict[int, tuple[Frame, ...]] = field(default_factory=dict)
     # time.monotonic() until which the process counts as young (see _maps_ttl); None: not known.
     young_until: float | None = None
@@ -159,21 +182,26 @@ class Symbolizer:
 
     def __init__(self, max_files: int = 512, max_processes: int = 4096, maps_ttl_s: float = 5.0,
                  max_cached_addresses: int = 50_000, max_file_bytes: int = 64 * 1024 * 1024,
-                 debug_directories: Sequence[str] = DEFAULT_DEBUG_DIRECTORIES) -> None:
+                 debug_directories: Sequence[str] = DEFAULT_DEBUG_DIRECTORIES,
+                 budget: MemoryBudget | None = None) -> None:
         # Bounds chosen so the caches level off well under 150 MB on a busy host (measured:
-        # ~0.5 MiB of tables per typical library, ~270 B per cached address with its frame).
+        # ~0.5 MiB of tables per typical library); the address and frame caches are bounded in
+        # bytes by their shares of the agent's cache budget, and in count.
+        budget = budget or MemoryBudget()
         self.maps_ttl_s = maps_ttl_s
         self._processes = _Lru(max_processes)
         # Names of processes whose maps were not needed (process_name): pid -> (comm, read at).
         self._names: dict[int, tuple[str, float]] = {}
         self._max_names = max_processes
         self._files = _Lru(max_files, max_bytes=max_file_bytes)
-        self._addresses = _Lru(max_cached_addresses)
+        self._addresses = _Lru(max_cached_addresses, share=budget.share("symbol_addresses"),
+                               entry_bytes=ADDRESS_ENTRY_BYTES)
         # Resolved frames per process instance (_Process.frames): hot addresses recur every
         # sample, and handing out the same Frame object also makes downstream hashing cheaper.
-        # When all processes together hold more than this many, every process's are dropped.
-        self._max_cached_frames = max_cached_addresses
-        self._cached_frames = 0
+        # Over their share, the least recently used processes' frames are dropped.
+        self._frame_entries = PerProcessEntries(
+            budget.share("symbol_frames"), FRAME_ENTRY_BYTES,
+            lambda: [p.frames for p in self._processes.values() if isinstance(p, _Process)])
         self._bad_files: set[FileKey] = set()
         # Each mapped file's key, stat'ed at most every FILE_STAT_TTL_S (agent.process.procmaps)
         self._file_stats: RecentFileStats[FileKey] = RecentFileStats(max_processes)
@@ -203,7 +231,8 @@ class Symbolizer:
     def stats(self) -> dict[str, int]:
         debug = self._debug_files.stats
         evictions = self._processes.evictions + self._files.evictions + self._addresses.evictions
-        return {**self._stats, "frames_cached": self._cached_frames, "debug_files_found": debug["found"],
+        frames = sum(len(p.frames) for p in self._processes.values() if isinstance(p, _Process))
+        return {**self._stats, "frames_cached": frames, "debug_files_found": debug["found"],
                 "debug_files_missing": debug["not_found"],
                 "debug_files_rejected": debug["rejected"], "evictions": evictions,
                 "files_cached": len(self._files), "processes_cached": len(self._processes)}
@@ -264,28 +293,9 @@ class Symbolizer:
         if found[0].function or found[0].mapping is not None:
             current = self._processes.get(pid)  # _frame may have re-read the maps
             target = current if isinstance(current, _Process) and current.key == process.key else process
-            if self._cached_frames >= self._max_cached_frames:
-                self._trim_frames()
             target.frames[address << 1 | (depth == 0)] = found
-            self._cached_frames += 1
+            self._frame_entries.added()
         return found
-
-    @property
-    def _frames(self) -> dict[tuple[ProcessKey, int, bool], tuple[Frame, ...]]:
-        """Every cached frame by (process key, address, is_leaf): for inspection (tests), not
-        the lookup path."""
-        return {(p.key, key >> 1, bool(key & 1)): frames for p in self._processes.values()
-                if isinstance(p, _Process) for key, frames in p.frames.items()}
-
-    def _trim_frames(self) -> None:
-        """Recount the cached frames (processes evicted or forgotten took theirs along) and,
-        if still at the bound, drop every process's: hot addresses come back at once."""
-        processes = [p for p in self._processes.values() if isinstance(p, _Process)]
-        self._cached_frames = sum(len(p.frames) for p in processes)
-        if self._cached_frames >= self._max_cached_frames:
-            for p in processes:
-                p.frames.clear()
-            self._cached_frames = 0
 
     def code_before(self, pid: int, address: int, size: int) -> bytes | None:
         """The ``size`` bytes of file-backed executable code just before ``address`` in ``pid``.
@@ -397,7 +407,7 @@ class Symbolizer:
         for pid in gone:  # their resolved frames go with them
             process = self._processes.pop(pid)
             if isinstance(process, _Process):
-                self._cached_frames -= len(process.frames)
+                self._frame_entries.dropped(process.frames)
         return len(gone)
 
     def sweep_idle_files(self, idle_s: float = FILE_IDLE_S) -> int:
@@ -455,7 +465,7 @@ class Symbolizer:
                 process.frames = cached.frames
                 process.young_until = cached.young_until
             else:
-                self._cached_frames -= len(cached.frames)
+                self._frame_entries.dropped(cached.frames)
         self._processes.put(pid, process)
         return process
 

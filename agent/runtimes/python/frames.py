@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.bpf.layouts import PyStatus
+from agent.memory_budget import MemoryBudget, PerProcessEntries
 from agent.process.memory import ProcessMemory
 from agent.process.procmaps import ProcessKey
 from agent.runtimes.python.code import BadObject, CodeReader
@@ -41,7 +42,12 @@ PY_STATUS: dict[int, str] = {PyStatus.NOT_PYTHON: "not_python", PyStatus.OK: "ok
 IDENTITY_CHECK_S = 1.0  # a recycled PID (or an exec) is noticed within this
 NEGATIVE_TTL_S = 10.0  # a process found not to run Python is looked at again after this
 UNKNOWN_FRAME = "[unknown python frame]"
-MAX_CACHED_FRAMES = 100_000  # Python frames kept over all processes (~200 B each)
+# Estimated bytes of one cached Python frame, charged to the cache budget
+# (agent/memory_budget.py): its (code address, offset) key tuple with two large ints, the
+# Frame (96 B, sys.getsizeof) and the dict slot; the names are the code object's, shared
+# by its frames. Measured with tracemalloc on 20,000 entries made as _frame makes them (2,000
+# code objects, ten offsets each): 218 B.
+PYTHON_FRAME_ENTRY_BYTES = 220
 UNREADABLE_RETRY_S = 2.0  # a code object that failed to read is read again after this
 
 
@@ -52,7 +58,7 @@ class _Entry:
     checked: float
     reader: CodeReader | None = None
     # This process instance's Python frames by (code address, offset): a plain dict per
-    # process, bounded by PythonStacks' count over all processes.
+    # process, bounded over all processes by PythonProcesses' share of the cache budget.
     frames: dict[tuple[int, int], Frame] = field(default_factory=dict)
     # Code addresses whose read failed (freed, torn): code address -> when to try again.
     unreadable: dict[int, float] = field(default_factory=dict)
@@ -61,12 +67,15 @@ class _Entry:
 class PythonProcesses:
     """Which processes run CPython (by ProcessKey), bounded LRU."""
 
-    def __init__(self, counters: Counters | None = None, capacity: int = 4096) -> None:
+    def __init__(self, counters: Counters | None = None, capacity: int = 4096,
+                 budget: MemoryBudget | None = None) -> None:
         self.counters = counters or Counters()
         self.capacity = capacity
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._files = FileCache()
-        self.cached_frames = 0  # Python frames held in the entries (_Entry.frames)
+        # Python frames held in the entries (_Entry.frames), least recently used process first out.
+        self.frames = PerProcessEntries((budget or MemoryBudget(counters=self.counters)).share("python_frames"),
+                                        PYTHON_FRAME_ENTRY_BYTES, lambda: [e.frames for e in self._entries.values()])
 
     def lookup(self, pid: int) -> _Entry | None:
         """The entry for a live ``pid`` (looked at once, negatives again after a while)."""
@@ -89,19 +98,6 @@ class PythonProcesses:
             _close(evicted)
         return entry
 
-    def note_cached_frame(self) -> None:
-        """Count one more cached Python frame (_Entry.frames); at the bound, recount (entries
-        replaced or evicted took theirs along) and, if still there, drop every process's:
-        hot frames come back at once."""
-        self.cached_frames += 1
-        if self.cached_frames < MAX_CACHED_FRAMES:
-            return
-        self.cached_frames = sum(len(e.frames) for e in self._entries.values())
-        if self.cached_frames >= MAX_CACHED_FRAMES:
-            for e in self._entries.values():
-                e.frames.clear()
-            self.cached_frames = 0
-
     def sweep_exited(self, grace_s: float = NEGATIVE_TTL_S) -> int:
         """Forget processes gone from /proc for ``grace_s`` (closing their memory readers, which
         hold an open /proc/PID/mem and a code cache); returns how many."""
@@ -109,7 +105,9 @@ class PythonProcesses:
         gone = [pid for pid, e in self._entries.items()
                 if now - e.checked > grace_s and not os.path.exists(f"/proc/{pid}")]
         for pid in gone:
-            _close(self._entries.pop(pid))
+            entry = self._entries.pop(pid)
+            self.frames.dropped(entry.frames)
+            _close(entry)
         return len(gone)
 
     def _probe(self, pid: int, key: ProcessKey, now: float) -> _Entry:
@@ -265,6 +263,6 @@ class PythonStacks:
         line = line_for_offset(entry.process.version, info.linetable, info.first_line, offset) if known else 0
         frame = Frame(info.name, info.filename, line or info.first_line, offset if known else 0,
                       FrameType.CPYTHON, None)
-        self.processes.note_cached_frame()
         entry.frames[key] = frame
+        self.processes.frames.added()
         return frame
