@@ -99,13 +99,14 @@ def _actor_defines(program: str) -> dict[str, int | str]:
     from agent.actors.heap import HeapActor
     from agent.actors.lock import LockActor
     from agent.actors.wall import WallActor
+    from agent.memory_budget import MemoryBudget
     from agent.settings import AgentSettings
     from shared.counters import Counters
 
     actors = {a.bpf_source: a for a in (CpuActor, WallActor, LockActor, HeapActor, GoroutineActor)}
     actors["cpu_records.bpf.c"] = CpuActor
     ctx = SimpleNamespace(settings=AgentSettings(), counters=Counters(), symbolizer=None, python=None,
-                          unwinding=None, processes=None)
+                          unwinding=None, processes=None, budget=MemoryBudget())
     return actors[program](ctx).bpf_defines()  # type: ignore[arg-type]
 
 
