@@ -21,6 +21,7 @@ from agent.runtimes.python import PythonProcesses
 from agent.settings import AgentSettings
 from agent.supervisor import Supervisor
 from agent.symbols import Symbolizer
+from agent.thread_names import name_os_thread
 from agent.unwind import SharedUnwinding
 from shared.counters import Counters
 from shared.metrics_server import MetricsServer, metrics_registry, parse_address
@@ -48,7 +49,7 @@ async def run_agent(
     publisher = Publisher(settings, counters, budget)
     await publisher.start()
     # One thread owns the symbolizer: its caches need no locks and actors share them.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize")
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="symbolize", initializer=name_os_thread)
     sink: SampleSink = publisher
     metadata: MetadataSink | None = None
     netns_scope = settings.process_scope == "network_namespace"

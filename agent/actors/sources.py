@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from agent.actors.parts import ProgramPart
 from agent.bpf.records import EVENT_SIZE
 from agent.bpf.ring_reader import RingReader
+from agent.thread_names import name_os_thread
 from shared.counters import Counters
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class RingBufferSource(RecordSource[bytes]):
     def _poll_loop(self) -> None:
         # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
         # what came in without a wakeup is taken when the wait times out.
+        name_os_thread()
         reader = self._ring
         assert reader is not None
         while not self._stop.is_set():

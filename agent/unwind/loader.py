@@ -48,6 +48,7 @@ from agent.process.procmaps import (
     read_maps,
     root_view_path,
 )
+from agent.thread_names import name_os_thread
 from agent.unwind.cache import VDSO, FileRef, TableCache, file_ref
 from agent.unwind.table import ROW, UnwindTable
 
@@ -307,6 +308,7 @@ class NativeUnwinder:
             self.maps.close()
 
     def _run(self) -> None:
+        name_os_thread()
         next_sweep = next_counters = time.monotonic()
         interval = self.poll_interval_s
         try:

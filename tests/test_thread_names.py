@@ -1,0 +1,35 @@
+"""The agent's threads carry their names at the OS level (/proc/PID/task/TID/comm)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from agent.thread_names import name_os_thread
+
+
+def _os_name_of_thread(target_name: str | None, python_name: str) -> str:
+    seen: list[str] = []
+
+    def run() -> None:
+        name_os_thread(target_name)
+        seen.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+
+    thread = threading.Thread(target=run, name=python_name)
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_a_thread_takes_its_python_name_at_the_os_level() -> None:
+    assert _os_name_of_thread(None, "poll-cpu") == "poll-cpu"
+
+
+def test_an_explicit_name_wins_and_the_kernel_keeps_15_bytes() -> None:
+    assert _os_name_of_thread("unwind-tables-and-more", "ignored") == "unwind-tables-a"
+
+
+def test_naming_a_thread_leaves_the_process_name_alone() -> None:
+    before = Path("/proc/self/comm").read_text()
+    _os_name_of_thread("symbolize_0", "symbolize_0")
+    assert Path("/proc/self/comm").read_text() == before
