@@ -40,7 +40,14 @@ from agent.unwind.loader import (
     encode_process,
     encode_request,
 )
-from agent.unwind.reference import MappedTable, StackCopy, bpf_row_lookup, process_tables, unwind
+from agent.unwind.reference import (
+    MappedTable,
+    StackCopy,
+    bpf_mapping_lookup,
+    bpf_row_lookup,
+    process_tables,
+    unwind,
+)
 from agent.unwind.table import ROW, TableTooLarge, build_table, merge_fdes
 from shared.counters import Counters
 
@@ -446,6 +453,26 @@ def test_tables_are_built_only_for_mappings_samples_land_in(tmp_path: Path) -> N
         assert after[program.start][4] > 0 and after[program.start][6] == 0  # the program has its table
         assert sum(1 for m in after.values() if m[4]) == 1  # and nothing else was built
         assert unwinder.tables.built == 1
+    finally:
+        r.stop()
+
+
+def test_bpf_mapping_search_finds_every_mapping_the_loader_writes(tmp_path: Path) -> None:
+    """Every pc of every mapping written for a real process is found by BPF's branch-free
+    search (mirrored step for step): [vsyscall], above 2^63, once drew the search onto itself
+    and left the mapping before it (the dynamic loader) unknown to the walk."""
+    exe = build(tmp_path, "nofp_chain.c", NOFP)
+    maps = FakeMaps()
+    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000)
+    r = Running(exe)
+    try:
+        _new(unwinder, maps, r.proc.pid)
+        mappings = _mappings(maps.procs[r.proc.pid])
+        assert any(LD_SO.split("/")[-1] in e.path for e in read_maps(r.proc.pid))
+        assert "[vsyscall]" in Path(f"/proc/{r.proc.pid}/maps").read_text()
+        missed = [(hex(m[0]), hex(ip)) for i, m in enumerate(mappings) for ip in (m[0], (m[0] + m[1]) // 2, m[1] - 1)
+                  if bpf_mapping_lookup(mappings, ip) != i]
+        assert len(mappings) >= 3 and not missed, missed
     finally:
         r.stop()
 

@@ -80,6 +80,14 @@ TABLE_CPU_SHARE = 0.005
 TABLE_CPU_BURST_S = 3.0
 
 
+# bpf/unwind.h compares addresses without branches (unwind_le), which holds below 2^63 only.
+# The one mapping above, [vsyscall] (0xffffffffff600000, kernel text no user stack returns
+# into), is left out of a process's list: listed last, it compared as "at or below" every pc
+# and drew the mapping search onto itself, so pcs in the mapping before it (the dynamic
+# loader, in most processes) were unknown to the walk and fell back to frame pointers.
+BPF_ADDRESS_LIMIT = 1 << 63
+
+
 # When no request came for a while the worker polls the request map this rarely: a sample
 # that makes a request (a new process, an unknown address, a missing table) is a new stack, whose
 # record wakes the worker at once (``nudge``, from the CPU profile's poll thread); the poll is
@@ -432,7 +440,7 @@ class NativeUnwinder:
         self._release(pid)
         try:
             key = ProcessKey.read(pid)
-            entries = read_maps(pid)
+            entries = [e for e in read_maps(pid) if e.end <= BPF_ADDRESS_LIMIT]
         except (OSError, ValueError, IndexError):
             self.counters.inc("unwind_processes", result="gone")
             self._retry_after[pid] = time.monotonic() + self.reload_after_s

@@ -113,6 +113,26 @@ def unwind(ip: int, sp: int, bp: int, mappings: list[MappedTable], stack: StackC
     return frames, "truncated"
 
 
+MAX_MAPPINGS, MAPPING_STEPS = 256, 8  # bpf/unwind.h UNWIND_MAX_MAPPINGS, UNWIND_MAPPING_STEPS
+_U64_MASK = (1 << 64) - 1
+
+
+def bpf_mapping_lookup(mappings: list[tuple[int, ...]], ip: int) -> int | None:
+    """bpf/unwind.h's unwind_find_mapping over a process's (start, end, ...) mappings as the
+    loader writes them, with its unsigned 64-bit branch-free compare: the index of the
+    mapping holding ``ip``, or None."""
+    lo, length = 0, min(len(mappings), MAX_MAPPINGS)
+    for _ in range(MAPPING_STEPS):
+        half = length >> 1
+        mid = (lo + half) & (MAX_MAPPINGS - 1)
+        start = mappings[mid][0] if mid < len(mappings) else 0  # slots past count are zero
+        lo += half * (1 - (((ip - start) & _U64_MASK) >> 63))  # unwind_le(start, ip)
+        length -= half
+    index = lo & (MAX_MAPPINGS - 1)
+    start, end = (mappings[index][0], mappings[index][1]) if index < len(mappings) else (0, 0)
+    return index if start <= ip < end else None
+
+
 def bpf_row_lookup(image: bytes, first_slot: int, buckets: int, shift: int, pc: int) -> tuple[int, int, int] | None:
     """bpf/unwind.h's bucketed search over a table image (``UnwindTable.bpf_image``), returning
     (kind, cfa_offset, rbp_offset) of the row covering relative ``pc``, or None (no row)."""
