@@ -82,11 +82,14 @@ def context(sink: SampleSink, **settings: Any) -> ActorContext:
                         MonotonicToUnix())
 
 
-async def _started(actor: FedActor, source: FedSource) -> asyncio.Task[None]:
+async def _started(**settings: Any) -> tuple[Published, FedSource, FedActor, asyncio.Task[None]]:
+    """An actor fed by hand, publishing into a recording sink, running once its source started."""
+    sink, source = Published(), FedSource()
+    actor = FedActor(context(sink, **settings), source)
     task = asyncio.create_task(actor.run())
     while source.on_buffered is None:
         await asyncio.sleep(0)
-    return task
+    return sink, source, actor, task
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -99,11 +102,7 @@ async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is
     """2 CPUs at 100 Hz polled every 250 ms: 50 records a poll, 40 polls (10 s of samples).
     With a flush interval far away and a backlog of 100 (half of 200 pending), every second
     poll brings a flush: 20 publications of exactly 100 records, all 2,000 once, in order."""
-    sink = Published()
-    ctx = context(sink, flush_interval_s=60, max_pending_events=200)
-    source = FedSource()
-    actor = FedActor(ctx, source)
-    task = await _started(actor, source)
+    sink, source, actor, task = await _started(flush_interval_s=60, max_pending_events=200)
     try:
         for poll in range(40):
             arrived = len(sink.batches)
@@ -121,11 +120,7 @@ async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is
 
 async def test_records_slower_than_the_interval_wait_for_it() -> None:
     """30 records, far below the backlog: published by the interval's flush, all of them."""
-    sink = Published()
-    ctx = context(sink, flush_interval_s=0.05, max_pending_events=200)
-    source = FedSource()
-    actor = FedActor(ctx, source)
-    task = await _started(actor, source)
+    sink, source, actor, task = await _started(flush_interval_s=0.05, max_pending_events=200)
     try:
         source.push(list(range(30)))
         await asyncio.wait_for(sink.arrived.wait(), 30)

@@ -12,6 +12,7 @@ Ground truth never comes from our own parser:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -246,6 +247,7 @@ class Running:
     """A workload running for the test's duration, waited for "ready"."""
 
     def __init__(self, exe: Path, seconds: float = 30) -> None:
+        self.exe = exe
         self.proc = subprocess.Popen([str(exe), str(seconds)], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().startswith("ready")
         time.sleep(0.2)
@@ -434,16 +436,26 @@ def _land_everywhere(unwinder: NativeUnwinder, maps: FakeMaps, pid: int) -> None
             unwinder.serve_requests()
 
 
-def test_tables_are_built_only_for_mappings_samples_land_in(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _first_sample_of_nofp_chain(
+        tmp_path: Path) -> Iterator[tuple[NativeUnwinder, FakeMaps, Running, list[tuple[int, ...]]]]:
+    """nofp_chain running, an unwinder over fake BPF maps, and the process loaded as at its
+    first sample: (unwinder, maps, the process, the mappings written for it)."""
     exe = build(tmp_path, "nofp_chain.c", NOFP)
     maps = FakeMaps()
     unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000)
     r = Running(exe)
     try:
         _new(unwinder, maps, r.proc.pid)
-        mappings = _mappings(maps.procs[r.proc.pid])
+        yield unwinder, maps, r, _mappings(maps.procs[r.proc.pid])
+    finally:
+        r.stop()
+
+
+def test_tables_are_built_only_for_mappings_samples_land_in(tmp_path: Path) -> None:
+    with _first_sample_of_nofp_chain(tmp_path) as (unwinder, maps, r, mappings):
         assert [m[0] for m in mappings] == sorted(m[0] for m in mappings)
-        program = next(e for e in read_maps(r.proc.pid) if e.path == str(exe))
+        program = next(e for e in read_maps(r.proc.pid) if e.path == str(r.exe))
         libc = next(e for e in read_maps(r.proc.pid) if "libc.so" in e.path)
         pending = {m[0] for m in mappings if m[6] & MAPPING_PENDING}
         assert not maps.rows and {program.start, libc.start} <= pending
@@ -453,28 +465,18 @@ def test_tables_are_built_only_for_mappings_samples_land_in(tmp_path: Path) -> N
         assert after[program.start][4] > 0 and after[program.start][6] == 0  # the program has its table
         assert sum(1 for m in after.values() if m[4]) == 1  # and nothing else was built
         assert unwinder.tables.built == 1
-    finally:
-        r.stop()
 
 
 def test_bpf_mapping_search_finds_every_mapping_the_loader_writes(tmp_path: Path) -> None:
     """Every pc of every mapping written for a real process is found by BPF's branch-free
     search (mirrored step for step): [vsyscall], above 2^63, once drew the search onto itself
     and left the mapping before it (the dynamic loader) unknown to the walk."""
-    exe = build(tmp_path, "nofp_chain.c", NOFP)
-    maps = FakeMaps()
-    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000)
-    r = Running(exe)
-    try:
-        _new(unwinder, maps, r.proc.pid)
-        mappings = _mappings(maps.procs[r.proc.pid])
+    with _first_sample_of_nofp_chain(tmp_path) as (_unwinder, _maps, r, mappings):
         assert any(LD_SO.split("/")[-1] in e.path for e in read_maps(r.proc.pid))
         assert "[vsyscall]" in Path(f"/proc/{r.proc.pid}/maps").read_text()
         missed = [(hex(m[0]), hex(ip)) for i, m in enumerate(mappings) for ip in (m[0], (m[0] + m[1]) // 2, m[1] - 1)
                   if bpf_mapping_lookup(mappings, ip) != i]
         assert len(mappings) >= 3 and not missed, missed
-    finally:
-        r.stop()
 
 
 def test_a_preloaded_process_has_its_executables_table_before_any_request(tmp_path: Path) -> None:
