@@ -104,6 +104,10 @@ class AgentSettings(BaseSettings):
     # On: stacks deduplicated in the kernel (bpf/cpu.bpf.c, docs/design/stack-dedup.md).
     # Off: the fallback, one whole 4.4 KiB record per CPU sample (bpf/cpu_records.bpf.c).
     cpu_stack_dedup: bool = True
+    # CPU profile: the agent's own samples are kept one in this many, at random, each weighing
+    # that many periods (an estimate of its own CPU time, unbiased; 1: every sample). Nearly
+    # every sample of the agent is a new stack to symbolize (docs/design/overhead.md).
+    cpu_self_sample_one_in: int = Field(default=8, ge=1, le=1024)
     # CPU, wall and lock profiles: unwind user stacks from DWARF CFI inside BPF, one shared set
     # of tables (docs/design/native-unwinding.md); off = frame pointers only.
     # unwind_table_rows sizes the BPF row table (12 bytes a row).

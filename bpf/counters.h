@@ -36,6 +36,7 @@ enum cpu_counter {
     CPU_STACK_STORE_FAILED,     /* the map refused the insert: sent whole */
     CPU_STACKS_WITH_COPY,       /* stacks carrying a user-stack copy: sent whole */
     CPU_STACKS_WITH_ERROR,      /* stack capture failed: sent whole */
+    CPU_SELF_NOT_KEPT,          /* the agent's own samples left out (SELF_SAMPLE_ONE_IN) */
     CPU_COUNTER_SLOTS,
 };
 

@@ -42,7 +42,7 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
 #ifdef NATIVE_UNWINDING
     unwind_user_stack(ctx, ev);
 #endif
-    ev->value = SAMPLE_PERIOD_NS;
+    ev->value = cpu_sample_value(pid_tgid >> 32);
     ev->aux = 0;
     ev->kind = 0;
     events.ringbuf_submit(ev, ring_wakeup_flag());

@@ -46,7 +46,10 @@ METRICS_PORT = 9464
 def _agent_env(cluster: NatsCluster) -> dict[str, str]:
     return {**os.environ, "STACKFLEET_NATS__URL": cluster.urls, "STACKFLEET_PROCESS_SCOPE": "network_namespace",
             "STACKFLEET_FLUSH_INTERVAL_S": "0.5", "STACKFLEET_NATS__STREAM__REPLICAS": "3",
-            "STACKFLEET_METRICS_ADDRESS": f"0.0.0.0:{METRICS_PORT}"}
+            "STACKFLEET_METRICS_ADDRESS": f"0.0.0.0:{METRICS_PORT}",
+            # Samples are told apart by (pid, tid, timestamp), and a weighted sample is exported
+            # as its timestamp repeated once per period: each agent keeps all its own samples.
+            "STACKFLEET_CPU_SELF_SAMPLE_ONE_IN": "1"}
 
 
 def _attached(address: str) -> bool:

@@ -66,7 +66,8 @@ def _id_records(run: Run, pid: int) -> int:
     return sum(1 for r in list(run.records) if len(r) == SAMPLE_RECORD.size and SAMPLE_RECORD.unpack_from(r)[3] == pid)
 
 
-def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of: int = 0) -> Run:
+def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of: int = 0,
+               **settings_overrides: Any) -> Run:
     """Run the actor for ``seconds``, then (up to MAX_WAIT_S) until ``until_ids_of``'s stacks
     come as id records: a process's first samples come whole, with their stack copy, until the
     unwinder has read its maps (seconds on a loaded machine)."""
@@ -81,7 +82,8 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
             return super().to_samples(records)
 
     async def main() -> None:
-        settings = AgentSettings(frequency_hz=HZ, flush_interval_s=0.5, cpu_stack_dedup=True)
+        settings = AgentSettings(**{"frequency_hz": HZ, "flush_interval_s": 0.5, "cpu_stack_dedup": True,
+                                    **settings_overrides})
         ctx = ActorContext(settings, Symbolizer(), ThreadPoolExecutor(1), _Sink(run), run.counters,
                            MonotonicToUnix(), unwinding=SharedUnwinding(run.counters, settings.unwind_table_rows))
         actor = Actor(ctx)
@@ -208,3 +210,30 @@ def test_the_agents_own_samples_keep_their_leaf_and_python_frames() -> None:
     spins = [f for s in samples if s.tid == tids[0] for f in s.frames
              if f.frame_type == FrameType.CPYTHON and f.function == "_agent_spin"]
     assert spins and all(f.line in lines and f.filename == code.co_filename for f in spins)
+
+
+def test_the_agents_own_samples_are_kept_one_in_n_and_weigh_n_periods() -> None:
+    """With ``cpu_self_sample_one_in`` = 4, BPF keeps about a quarter of the agent's own
+    samples (the rest counted, SELF_NOT_KEPT) and each kept one weighs four periods, so their
+    sum estimates the agent's CPU time without bias; other processes keep every sample."""
+    stop, tids = threading.Event(), list[int]()
+    spinner = threading.Thread(target=_agent_spin, args=(stop, tids), daemon=True)
+    spinner.start()
+    try:
+        run = _run_actor({}, SECONDS, cpu_self_sample_one_in=4)
+    finally:
+        stop.set()
+        spinner.join()
+    me, period = os.getpid(), 1_000_000_000 // HZ
+    kept = sum(1 for r in run.records if SAMPLE_RECORD.unpack_from(r)[3] == me)
+    # The counter as the actor folded it at its last flush: the same span as the records.
+    not_kept = run.counters.get("cpu_self_samples_not_kept")
+    assert 0 < run.bpf_counters[CpuCounter.SELF_NOT_KEPT] <= not_kept
+    taken = kept + not_kept  # the spinner alone is ~4 s x 199 Hz
+    assert taken > 400, (kept, not_kept)
+    # Binomial(taken, 1/4): the kept share within five standard deviations of a quarter.
+    sigma = (0.25 * 0.75 / taken) ** 0.5
+    assert abs(kept / taken - 0.25) < 5 * sigma, (kept, taken)
+    own = [s for s in run.samples if s.pid == me]
+    assert own and {s.values for s in own} == {(4 * period,)}
+    assert {s.values for s in run.samples if s.pid != me} <= {(period,)}

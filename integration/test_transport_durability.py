@@ -62,8 +62,11 @@ def record_submitted(monkeypatch: pytest.MonkeyPatch) -> set[SampleId]:
 async def _run_agent_around(nats_url: str, counters: Counters, middle: Callable[[], Awaitable[None]]) -> None:
     """Start the agent (CPU), wait for its actor, run ``middle``, stop it (flushing its outbox)."""
     stop = asyncio.Event()
-    agent = asyncio.create_task(run_agent(AgentSettings(nats=NatsSettings(url=nats_url), types=[ProfileType.CPU],
-                                                        flush_interval_s=0.5), stop, counters))
+    # Samples are told apart by (pid, tid, timestamp), and a weighted sample is exported as its
+    # timestamp repeated once per period: the agent (this process) keeps all its own samples.
+    settings = AgentSettings(nats=NatsSettings(url=nats_url), types=[ProfileType.CPU], flush_interval_s=0.5,
+                             cpu_self_sample_one_in=1)
+    agent = asyncio.create_task(run_agent(settings, stop, counters))
     try:
         deadline = time.monotonic() + 60
         while not counters.get("actor_started", type="cpu"):

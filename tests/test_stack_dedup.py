@@ -9,6 +9,7 @@ are resolved from where, and which are counted as dropped instead of being guess
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -229,3 +230,25 @@ def test_a_stack_with_an_unknown_frame_is_retried_a_bounded_number_of_times(targ
     assert symbolized == [True] * actor.STACK_RETRIES + [False] * 3
     (stack,) = actor._stacks.values()
     assert stack.raw is None
+
+
+def test_the_agents_own_samples_weigh_the_share_bpf_kept(target: Target) -> None:
+    """BPF keeps one in ``cpu_self_sample_one_in`` of the agent's own samples
+    (bpf/cpu_sample_entry.h): each of them, whole or id record, weighs that many periods;
+    every other process's sample weighs one period."""
+    ctx = ActorContext(AgentSettings(cpu_stack_dedup=True, cpu_self_sample_one_in=8), Symbolizer(),
+                       ThreadPoolExecutor(1), None,  # type: ignore[arg-type]
+                       Counters(), MonotonicToUnix())
+    actor = FakeKernelCpuActor(ctx)
+    leaf, _ = target.truth["leaf_function"]
+    own, other = os.getpid(), target.pid
+    records = [header(1, 21, 1, own, own, 0, DedupFlags.NEW, b"me") + stack_event(own, own, [leaf]),
+               header(2, 22, 1, other, other, 0, DedupFlags.NEW, b"it") + stack_event(other, other, [leaf]),
+               header(3, 21, 1, own, own, 1, DedupFlags.ID_ONLY, b"me"),
+               header(4, 22, 1, other, other, 1, DedupFlags.ID_ONLY, b"it")]
+    samples = sorted(actor.to_samples(records), key=lambda s: s.timestamp_ns)
+    period = actor.period()
+    assert [(s.pid, s.values) for s in samples] == [(own, (8 * period,)), (other, (period,)),
+                                                   (own, (8 * period,)), (other, (period,))]
+    assert actor.bpf_defines()["SELF_SAMPLE_ONE_IN"] == 8
+

@@ -14,6 +14,11 @@ columns (shared.model.SampleColumns): each distinct stack, thread name and proce
 batch is looked up once, no Python step per sample. A record whose stack the actor does not
 hold is resolved from the kernel's ``known_stacks`` map (serial checked) or counted as
 dropped (``events_dropped{reason=stack_unknown}``): never guessed.
+
+The agent's own samples are kept one in ``cpu_self_sample_one_in`` (at random, in BPF), each
+weighing that many periods: nearly every one of them is a new stack (its CPython frames move
+at every sample), and symbolizing them was a quarter of the agent's own cost at 999 Hz
+(docs/design/overhead.md, "Fixed work and the agent's own samples").
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ class CpuActor(BpfActor[bytes]):
         self._young_bytes = 0  # of _stacks; the share's ``used`` is both generations
         self._thread_names: dict[bytes, str] = {}
         self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
+        self._own_pid = os.getpid()
 
     def _note_processes(self, records: list[bytes]) -> None:
         # On the poll thread, as records arrive. A whole record (a new stack, a copy, an
@@ -154,7 +160,8 @@ class CpuActor(BpfActor[bytes]):
     def bpf_defines(self) -> dict[str, int | str]:
         return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
                 "KNOWN_STACK_ENTRIES": self.ctx.settings.cpu_known_stacks,
-                "WAKEUP_BYTES": wakeup_bytes(self._ring.ring_bytes), "CPU_SELF_TGID": os.getpid()}
+                "WAKEUP_BYTES": wakeup_bytes(self._ring.ring_bytes), "CPU_SELF_TGID": self._own_pid,
+                "SELF_SAMPLE_ONE_IN": self.ctx.settings.cpu_self_sample_one_in}
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType
@@ -176,6 +183,9 @@ class CpuActor(BpfActor[bytes]):
         deltas = self.counter_deltas()
         self.count_drops(deltas, {CpuCounter.RING_FULL: "ringbuf_full",
                                   CpuCounter.TAIL_CALL_FAILED: "tail_call_failed"})
+        if len(deltas) > CpuCounter.SELF_NOT_KEPT and deltas[CpuCounter.SELF_NOT_KEPT]:
+            # Not a loss: the kept ones weigh for them (cpu_self_sample_one_in).
+            self.ctx.counters.inc("cpu_self_samples_not_kept", deltas[CpuCounter.SELF_NOT_KEPT])
         for slot, result in _STACK_RESULTS.items():
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc("cpu_stacks", deltas[slot], result=result)
@@ -197,6 +207,7 @@ class CpuActor(BpfActor[bytes]):
             ctx.counters.inc("events_dropped", batch.malformed, type=type_name, reason="malformed_record")
         offset = ctx.clock.to_unix_ns(0)
         values = (self.period(),)
+        weights = self._self_values()
         now = time.monotonic()
         processes: dict[int, tuple[Any, str]] = {}
         fresh: dict[tuple[int, int], RawStackEvent] = {}
@@ -212,10 +223,11 @@ class CpuActor(BpfActor[bytes]):
             else:  # not stored in BPF (a stack copy, an error, a collision): this record only
                 frames = self.frames(ev)
             name = self._thread_name(comm)
-            whole.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames, values))
+            whole.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames,
+                                weights.get(pid, values)))
         out = SampleColumns.from_samples(whole)
         for block in batch.id_blocks:
-            self._id_columns(out, block, processes, fresh, now, statuses, offset, values)
+            self._id_columns(out, block, processes, fresh, now, statuses, offset, values, weights)
         for status, n in statuses.items():
             if status and self.python is not None:
                 ctx.counters.inc("python_stacks", n, type=type_name, status=PY_STATUS.get(status, "other"))
@@ -223,7 +235,7 @@ class CpuActor(BpfActor[bytes]):
 
     def _id_columns(self, out: SampleColumns, ids: IdColumns, processes: dict[int, tuple[Any, str]],
                     fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int], offset: int,
-                    values: tuple[int, ...]) -> None:
+                    values: tuple[int, ...], weights: dict[int, tuple[int, ...]]) -> None:
         """Append the samples of decoded id records to ``out``, column by column."""
         pids, comms = ids.pid, ids.comm
         # One int per sample for (pid, stack id, serial), exact (32 + 64 + 64 bits): made in C
@@ -253,7 +265,7 @@ class CpuActor(BpfActor[bytes]):
         frames = list(map(stacks.__getitem__, keys))
         columns = SampleColumns(list(map(offset.__add__, ids.ts)), ids.cpu, pids, ids.tid,
                                 thread_names, process_names, cast(list[tuple[Frame, ...]], frames),
-                                [values] * len(keys))
+                                list(map(weights.get, pids, repeat(values))))
         if unknown:
             self.ctx.counters.inc("events_dropped", unknown, type=self.profile_type.value, reason="stack_unknown")
             columns = columns.select([f is not None for f in frames])
@@ -275,6 +287,11 @@ class CpuActor(BpfActor[bytes]):
                 values=(ev.value,),
             ))
         return out
+
+    def _self_values(self) -> dict[int, tuple[int, ...]]:
+        """{agent pid: values} for the agent's own samples, which BPF keeps one in
+        ``cpu_self_sample_one_in`` and which weigh that many periods (bpf/cpu_sample_entry.h)."""
+        return {self._own_pid: (self.period() * self.ctx.settings.cpu_self_sample_one_in,)}
 
     def _process(self, pid: int, processes: dict[int, tuple[Any, str]]) -> tuple[Any, str]:
         """(ProcessKey, name) of ``pid``, looked up once per batch; CPython processes announced."""

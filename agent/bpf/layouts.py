@@ -272,6 +272,7 @@ class CpuCounter(IntEnum):
     STACK_STORE_FAILED = 7  # the map refused the insert: sent whole
     STACKS_WITH_COPY = 8  # stacks carrying a user-stack copy: sent whole
     STACKS_WITH_ERROR = 9  # stack capture failed: sent whole
+    SELF_NOT_KEPT = 10  # the agent's own samples left out (cpu_self_sample_one_in)
 
 
 class WallCounter(IntEnum):
