@@ -80,7 +80,7 @@ static __always_inline void emit_full(struct known_stack *ks, u64 id, u64 serial
     rec->head.flags = flags;
     __builtin_memcpy(rec->head.comm, ev->comm, sizeof(rec->head.comm));
     bpf_probe_read_kernel(&rec->ev, sizeof(rec->ev), ev);
-    events.ringbuf_submit(rec, ring_wakeup_bytes_flag(sizeof(*rec)));
+    events.ringbuf_submit(rec, ring_wakeup_soon_flag(sizeof(*rec), ev->ts_ns));
 }
 
 /* The frame-pointer user stack of a sample that CFI did not unwind, and the copy above it.

@@ -50,6 +50,26 @@ static __always_inline u64 ring_wakeup_bytes_flag(u64 size)
     }
     return BPF_RB_NO_WAKEUP;
 }
+
+/* The flags for a record the agent should see soon (the CPU profile's whole stacks: the first
+ * record of a process, which the agent reads /proc for before the process may exit): a wakeup
+ * unless one was forced for such a record less than NEW_RECORD_WAKEUP_NS ago on any CPU, so
+ * their wakeups stay bounded however many come. The timestamp is shared by all CPUs and
+ * updated without a lock: two CPUs may both wake the agent once, which is harmless. */
+#ifdef NEW_RECORD_WAKEUP_NS
+BPF_ARRAY(ring_soon_woken_at, u64, 1);
+
+static __always_inline u64 ring_wakeup_soon_flag(u64 size, u64 now_ns)
+{
+    u32 zero = 0;
+    u64 *last = ring_soon_woken_at.lookup(&zero);
+    if (last && now_ns - *last >= NEW_RECORD_WAKEUP_NS) {
+        *last = now_ns;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return ring_wakeup_bytes_flag(size);
+}
+#endif
 #endif
 
 #endif

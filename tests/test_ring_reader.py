@@ -373,3 +373,45 @@ def test_a_fixed_size_source_hands_on_every_record_as_bytes() -> None:
     assert source.drain() == [bytes([i]) * 56 for i in range(1, 6)]  # the oldest two went
     assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 2
     assert counters.get("ring_records_discarded", type="cpu") == 1
+
+
+def test_interrupt_ends_a_wait_at_once_and_only_that_one(program: tuple[Any, bytes], reader: RingReader) -> None:
+    """``interrupt`` (from another thread: the source's stop) ends a long wait now; the next
+    wait on an empty ring times out again."""
+    import threading
+    import time
+
+    waited: list[float] = []
+
+    def wait() -> None:
+        start = time.monotonic()
+        reader.wait(30_000)
+        waited.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.2)
+    reader.interrupt()
+    thread.join(10)
+    assert waited and waited[0] < 10
+    assert reader.wait(20) is False
+
+
+def test_a_drain_takes_what_the_ring_holds_without_waiting_for_the_poll() -> None:
+    """Records submitted without a wakeup are in the flush's drain even when the poll thread
+    has not looked since; the flush signal is not told of a backlog the drain takes itself."""
+    from agent.actors.sources import RingBufferSource
+    from shared.counters import Counters
+
+    told: list[int] = []
+    source = RingBufferSource(ring_pages=1, max_pending=10, counters=Counters(), type_name="cpu", fixed_size=56)
+    fake = FakeRing(1024)
+    source._ring = fake.reader
+    source.on_buffered = told.append
+    for i in range(3):
+        fake.put(bytes([i]) * 56)
+    assert source.drain() == [bytes([i]) * 56 for i in range(3)]
+    assert told == [] and fake.view.consumer[0] == fake.producer_pos
+    fake.put(b"\7" * 56)
+    source._take_records(fake.reader)  # the poll thread's step tells the flush signal
+    assert told == [1] and source.drain() == [b"\7" * 56]

@@ -62,3 +62,48 @@ def test_records_wait_for_the_batch_and_none_are_lost(program: Any) -> None:
     assert time.monotonic() - started < 2.5
     program.ring_buffer_consume()
     assert len(delivered) == 13
+
+
+SOON_PROGRAM = """
+#include "ring_wakeup.h"
+BPF_RINGBUF_OUTPUT(events, 8);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    if ((bpf_get_current_pid_tgid() >> 32) != TEST_TGID)
+        return 0;
+    u64 *ev = events.ringbuf_reserve(sizeof(u64));
+    if (!ev)
+        return 0;
+    *ev = bpf_ktime_get_ns();
+    events.ringbuf_submit(ev, ring_wakeup_soon_flag(sizeof(u64), *ev));
+    return 0;
+}
+"""
+
+
+def test_a_record_wanted_soon_wakes_at_once_then_not_again_within_the_interval() -> None:
+    """``ring_wakeup_soon_flag`` (the CPU profile's whole stacks): the first record wakes the
+    poller at once; another within NEW_RECORD_WAKEUP_NS (here 60 s) does not, and below
+    WAKEUP_BYTES it waits for the consumer like any batched record."""
+    bcc = pytest.importorskip("bcc")
+    bpf = bcc.BPF(text=expand_local_includes(SOON_PROGRAM),
+                  cflags=[f"-DTEST_TGID={os.getpid()}", "-DWAKEUP_BYTES=1048576",
+                          "-DNEW_RECORD_WAKEUP_NS=60000000000ULL"])
+    try:
+        delivered: list[int] = []
+        bpf["events"].open_ring_buffer(lambda _ctx, _data, _size: delivered.append(1) or 0)
+        os.getppid()
+        started = time.monotonic()
+        bpf.ring_buffer_poll(5000)
+        assert time.monotonic() - started < 2.5 and delivered == [1]
+        # epoll looks at the ring again once after reporting it ready: an empty look first,
+        # so the next poll waits for a wakeup.
+        bpf.ring_buffer_poll(50)
+        for _ in range(3):
+            os.getppid()
+        bpf.ring_buffer_poll(300)
+        assert delivered == [1]  # no wakeup within the interval
+        bpf.ring_buffer_consume()
+        assert len(delivered) == 4
+    finally:
+        bpf.cleanup()

@@ -252,3 +252,25 @@ def test_the_agents_own_samples_weigh_the_share_bpf_kept(target: Target) -> None
                                                    (own, (8 * period,)), (other, (period,))]
     assert actor.bpf_defines()["SELF_SAMPLE_ONE_IN"] == 8
 
+
+def test_only_whole_records_make_the_poll_thread_read_their_processes(actor: FakeKernelCpuActor) -> None:
+    """The poll thread's hook reads /proc (process captures) and wakes the unwinder for whole
+    records only: an id record's stack came whole before, in the same image of its process."""
+    noted: list[int] = []
+    nudges: list[bool] = []
+
+    class Captures:
+        def note(self, pid: int) -> None:
+            noted.append(pid)
+
+    actor.ctx.symbolizer.captures = Captures()  # type: ignore[assignment]
+    actor.unwinding.nudge = lambda: nudges.append(True)  # type: ignore[method-assign]
+    ids = [header(1, 5, 1, 100 + i, 100 + i, 0, DedupFlags.ID_ONLY, b"t") for i in range(3)]
+    actor._note_processes(ids)
+    assert noted == [] and nudges == []
+    whole = header(2, 6, 1, 200, 200, 0, DedupFlags.NEW, b"t") + stack_event(200, 200, [0x1000])
+    actor._note_processes([*ids, whole])
+    assert noted == [200] and nudges == [True]
+    own = os.getpid()  # the agent itself: never unwound in BPF, and it outlives its records
+    actor._note_processes([header(3, 7, 1, own, own, 0, DedupFlags.NEW, b"t") + stack_event(own, own, [0x1000])])
+    assert noted == [200] and nudges == [True]

@@ -117,6 +117,10 @@ class CpuActor(BpfActor[bytes]):
     # one on a busy shared host, docs/design/overhead.md).
     STACK_RETRIES: ClassVar[int] = 5
     THREAD_NAMES_MAX: ClassVar[int] = 65536
+    # A whole record (a new stack: the first records of a new process) wakes the poll thread
+    # at once, at most this often (bpf/ring_wakeup.h), so the process is read before it may
+    # exit (agent/process/capture.py); id records wait for the poll's timeout.
+    NEW_RECORD_WAKEUP_S: ClassVar[float] = 0.2
 
     def __init__(self, ctx: ActorContext) -> None:
         # Id records are drained in runs (agent/bpf/ring_reader.py drain_batch).
@@ -141,17 +145,25 @@ class CpuActor(BpfActor[bytes]):
         self._own_pid = os.getpid()
 
     def _note_processes(self, records: list[bytes]) -> None:
-        # On the poll thread, as records arrive. A whole record (a new stack, a copy, an
-        # error) is what a sample that made an unwind request looks like: the worker is woken
-        # for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S).
-        if sum(map(len, records)) != len(records) * SAMPLE_RECORD.size:
-            self.unwinding.nudge()
+        # On the poll thread, as records arrive. Only whole records (a new stack, a copy, an
+        # error) need anything here: an id record's stack came whole before, in this image of
+        # its process (an exec or a reused pid starts a new generation of ids, bpf/cpu.bpf.c).
+        size = SAMPLE_RECORD.size
+        if sum(map(len, records)) == len(records) * size:
+            return
+        # The agent's own records need neither: it is never unwound in BPF and outlives them.
+        pids = record_pids([r for r in records if len(r) != size]) - {self._own_pid}
+        if not pids:
+            return
+        # A whole record is what a sample that made an unwind request looks like: the worker
+        # is woken for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S).
+        self.unwinding.nudge()
         # A process that exits before its records are symbolized is still symbolized from
         # what was read now (agent/process/capture.py).
         captures = self.ctx.symbolizer.captures
         if captures is None:
             return
-        for pid in record_pids(records):
+        for pid in pids:
             captures.note(pid)
 
     def period(self) -> int:
@@ -161,7 +173,8 @@ class CpuActor(BpfActor[bytes]):
         return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
                 "KNOWN_STACK_ENTRIES": self.ctx.settings.cpu_known_stacks,
                 "WAKEUP_BYTES": wakeup_bytes(self._ring.ring_bytes), "CPU_SELF_TGID": self._own_pid,
-                "SELF_SAMPLE_ONE_IN": self.ctx.settings.cpu_self_sample_one_in}
+                "SELF_SAMPLE_ONE_IN": self.ctx.settings.cpu_self_sample_one_in,
+                "NEW_RECORD_WAKEUP_NS": int(self.NEW_RECORD_WAKEUP_S * 1e9)}
 
     def attach(self, bpf: Any) -> None:
         from bcc import BPF, PerfSWConfig, PerfType

@@ -52,7 +52,10 @@ class RecordSource(ProgramPart, Generic[R]):
 class RingBufferSource(RecordSource[bytes]):
     """Raw records of the program's ``events`` ring buffer, through a bounded deque."""
 
-    POLL_TIMEOUT_MS = 250
+    # Records come without a wakeup until the ring is a quarter full (bpf/ring_wakeup.h), so
+    # the poll also takes them when it times out, and every drain takes what is there: a
+    # timed-out poll costs ~50-70 µs of CPU on a VM, so it is rare.
+    POLL_TIMEOUT_MS = 1000
 
     def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str,
                  on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> None:
@@ -68,6 +71,7 @@ class RingBufferSource(RecordSource[bytes]):
         self._stop = threading.Event()
         self._ring: RingReader | None = None
         self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
+        self._consuming = threading.Lock()  # the ring has one consumer at a time: poll or drain
         self._poller: threading.Thread | None = None
         self.on_buffered: Callable[[int], None] | None = None
 
@@ -95,6 +99,8 @@ class RingBufferSource(RecordSource[bytes]):
 
     def stop(self) -> None:
         self._stop.set()
+        if self._ring is not None:
+            self._ring.interrupt()  # out of its wait now, not at the timeout
         if self._poller is not None and self._poller.is_alive():
             self._poller.join()
         if self._ring is not None:  # records that came without a wakeup
@@ -106,12 +112,21 @@ class RingBufferSource(RecordSource[bytes]):
             ring.close()
 
     def drain(self) -> list[bytes]:
-        # popleft is atomic against the poll thread's extend: nothing slips between read and clear.
+        # What the ring holds now is taken first (the poll thread may be waiting for its
+        # timeout). popleft is atomic against the poll thread's extend: nothing slips between
+        # read and clear.
+        if self._ring is not None:
+            self._take_records(self._ring, from_drain=True)
         pending = self._pending
         return [pending.popleft() for _ in range(len(pending))]
 
-    def _take_records(self, reader: RingReader) -> None:
-        """Move every committed record into the pending deque (the oldest go when it is full)."""
+    def _take_records(self, reader: RingReader, from_drain: bool = False) -> None:
+        """Move every committed record into the pending deque (the oldest go when it is full);
+        the flush signal hears of the backlog unless a drain is taking it right away."""
+        with self._consuming:
+            self._take_records_now(reader, notify=not from_drain)
+
+    def _take_records_now(self, reader: RingReader, notify: bool) -> None:
         records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
         if records and self.on_records is not None:
             self.on_records(records)
@@ -120,7 +135,7 @@ class RingBufferSource(RecordSource[bytes]):
         if overflow > 0:
             self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
         pending.extend(records)  # one C call: atomic against the flush's popleft
-        if records and self.on_buffered is not None:
+        if notify and records and self.on_buffered is not None:
             self.on_buffered(len(pending))
         stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
         if (stats.malformed, stats.discarded) != self._ring_counts_seen:

@@ -29,8 +29,10 @@ order is enough. The constructor refuses other architectures rather than read to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
+import os
 import platform
 import select
 import struct
@@ -142,9 +144,12 @@ class RingReader:
         self.name = name
         self.stats = RingStats()
         self._epoll: select.epoll | None = None
+        self._interrupt_fd: int | None = None  # an eventfd that ends a wait (``interrupt``)
         if map_fd is not None:
             self._epoll = select.epoll()
             self._epoll.register(map_fd, select.EPOLLIN)
+            self._interrupt_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._epoll.register(self._interrupt_fd, select.EPOLLIN)
 
     @classmethod
     def open(cls, map_fd: int, size: int, name: str = "ring") -> RingReader:
@@ -166,9 +171,19 @@ class RingReader:
         if self._epoll is None:
             return False
         try:
-            return bool(self._epoll.poll(timeout_ms / 1000.0, 1))
+            events = self._epoll.poll(timeout_ms / 1000.0, 2)
         except InterruptedError:
             return False
+        for fd, _ in events:
+            if fd == self._interrupt_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+        return bool(events)
+
+    def interrupt(self) -> None:
+        """End the current (or next) :meth:`wait` now, from any thread."""
+        if self._interrupt_fd is not None:
+            os.eventfd_write(self._interrupt_fd, 1)
 
     def drain(self) -> list[bytes]:
         """Every record committed since the last drain, oldest first; advances the consumer.
@@ -296,4 +311,7 @@ class RingReader:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
+        if self._interrupt_fd is not None:
+            os.close(self._interrupt_fd)
+            self._interrupt_fd = None
         self.view.close()

@@ -376,7 +376,8 @@ class NativeUnwinder:
     def nudge(self) -> None:
         """Look at the request map now rather than at the next idle poll (thread-safe, cheap:
         callers nudge whenever they see something new)."""
-        self._wake.set()
+        if not self._wake.is_set():  # set() takes the event's lock every time
+            self._wake.set()
 
     def _serve_preloads(self) -> int:
         """Load the processes asked for by ``preload`` (once each; ``known``: a sample asked for
