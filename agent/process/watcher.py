@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from agent.process.procmaps import CLOCK_TICKS, YOUNG_PROCESS_S, ProcessKey
+from agent.thread_names import name_os_thread
 from shared.counters import Counters
 
 if TYPE_CHECKING:  # selectors list processes with running_pids, below
@@ -228,7 +229,7 @@ class ProcessWatcher:
             return None
 
     def after_each_scan(self, follow_up: Callable[[], object]) -> None:
-        """Run ``follow_up`` (blocking) in the worker thread right after each periodic scan:
+        """Run ``follow_up`` (blocking) on the watcher's thread right after each periodic scan:
         a consumer that looks at every scan (the metadata resolver) then costs no wake-up and
         no thread hop of its own, and never asks for a second listing."""
         self._after_scan.append(follow_up)
@@ -243,18 +244,31 @@ class ProcessWatcher:
                 log.exception("after-scan step %r failed", follow_up)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Scan every ``interval_s`` in a worker thread until ``stop`` is set, each scan
-        followed by the steps registered with :meth:`after_each_scan`."""
-        while not stop.is_set():
+        """Scan every ``interval_s`` on a thread of its own until ``stop`` is set, each scan
+        followed by the steps registered with :meth:`after_each_scan`.
+
+        The thread sleeps between scans and never calls back into the event loop (subscribers
+        take changes under :attr:`lock`): a scan that finds nothing changed costs one thread
+        wake-up, not a hop to a worker thread and back to the loop."""
+        halt = threading.Event()
+        thread = threading.Thread(target=self._scan_every_interval, args=(halt,), name="process-watch",
+                                  daemon=True)
+        thread.start()
+        try:
+            await stop.wait()
+        finally:
+            halt.set()
+            await asyncio.to_thread(thread.join)
+
+    def _scan_every_interval(self, halt: threading.Event) -> None:
+        name_os_thread()
+        while not halt.is_set():
             try:
-                await asyncio.to_thread(self._scan_and_follow_up)
+                self._scan_and_follow_up()
             except Exception:  # a bug here must not stop the agent: the consumers scan on demand
                 self.counters.inc("errors", kind="process_watch")
                 log.exception("process scan failed")
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            except TimeoutError:
-                pass
+            halt.wait(self.interval_s)
 
 
 _GONE = object()
@@ -283,8 +297,17 @@ def proc_fingerprint(proc: str = "/proc") -> tuple[int, int] | None:
 
 def same_pid_namespace(proc: str) -> bool:
     """Whether ``proc`` shows the agent's own pid namespace: loadavg's last pid is the reader's
-    namespace's, so it says something about ``proc``'s processes only then."""
+    namespace's, so it says something about ``proc``'s processes only then.
+
+    Compared by namespace when pid 1's can be read; otherwise (a sandbox may deny reading
+    pid 1's namespace links even to root) by ``proc``'s ``self``, which names the reader's own
+    pid as that namespace numbers it: the same number as ``os.getpid()`` in the reader's
+    namespace, and a missing or other number in any other."""
     try:
         return os.readlink(f"{proc}/1/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pass
+    try:
+        return os.readlink(f"{proc}/self") == str(os.getpid())
     except OSError:
         return False
