@@ -145,7 +145,7 @@ class CpuActor(BpfActor[bytes]):
         self._own_pid = os.getpid()
 
     def _note_processes(self, records: list[bytes]) -> None:
-        # On the poll thread, as records arrive. Only whole records (a new stack, a copy, an
+        # As records leave the ring (poll thread, or a flush's drain). Only whole records (a new stack, a copy, an
         # error) need anything here: an id record's stack came whole before, in this image of
         # its process (an exec or a reused pid starts a new generation of ids, bpf/cpu.bpf.c).
         size = SAMPLE_RECORD.size

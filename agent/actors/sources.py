@@ -63,7 +63,7 @@ class RingBufferSource(RecordSource[bytes]):
         # Most records are this size (the CPU profile's 56-byte id records): drained in runs,
         # without a Python step per record (agent/bpf/ring_reader.py ``drain_batch``).
         self.fixed_size = fixed_size
-        # Called on the poll thread with each batch as it arrives (before it waits for a flush).
+        # Called with each batch as it leaves the ring (on the poll thread, or in a flush's drain).
         self.on_records = on_records
         self.counters = counters
         self.type_name = type_name
