@@ -15,7 +15,7 @@ import pytest
 
 from agent.bpf.loader import expand_local_includes
 
-PROGRAM = """
+PROGRAM_TEMPLATE = """
 #include "ring_wakeup.h"
 BPF_RINGBUF_OUTPUT(events, 8);
 TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
@@ -26,16 +26,21 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
     if (!ev)
         return 0;
     *ev = bpf_ktime_get_ns();
-    events.ringbuf_submit(ev, ring_wakeup_flag());
+    events.ringbuf_submit(ev, SUBMIT_FLAGS);
     return 0;
 }
 """
 
 
+def program_text(submit_flags: str) -> str:
+    """One record (its time) per getppid() of this process, submitted with ``submit_flags``."""
+    return expand_local_includes(PROGRAM_TEMPLATE.replace("SUBMIT_FLAGS", submit_flags))
+
+
 @pytest.fixture()
 def program() -> Any:
     bcc = pytest.importorskip("bcc")
-    bpf = bcc.BPF(text=expand_local_includes(PROGRAM), cflags=[f"-DTEST_TGID={os.getpid()}", "-DWAKEUP_EVERY=8"])
+    bpf = bcc.BPF(text=program_text("ring_wakeup_flag()"), cflags=[f"-DTEST_TGID={os.getpid()}", "-DWAKEUP_EVERY=8"])
     cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cpus)})  # the count is per CPU: keep every record on one
     try:
@@ -64,29 +69,12 @@ def test_records_wait_for_the_batch_and_none_are_lost(program: Any) -> None:
     assert len(delivered) == 13
 
 
-SOON_PROGRAM = """
-#include "ring_wakeup.h"
-BPF_RINGBUF_OUTPUT(events, 8);
-TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
-{
-    if ((bpf_get_current_pid_tgid() >> 32) != TEST_TGID)
-        return 0;
-    u64 *ev = events.ringbuf_reserve(sizeof(u64));
-    if (!ev)
-        return 0;
-    *ev = bpf_ktime_get_ns();
-    events.ringbuf_submit(ev, ring_wakeup_soon_flag(sizeof(u64), *ev));
-    return 0;
-}
-"""
-
-
 def test_a_record_wanted_soon_wakes_at_once_then_not_again_within_the_interval() -> None:
     """``ring_wakeup_soon_flag`` (the CPU profile's whole stacks): the first record wakes the
     poller at once; another within NEW_RECORD_WAKEUP_NS (here 60 s) does not, and below
     WAKEUP_BYTES it waits for the consumer like any batched record."""
     bcc = pytest.importorskip("bcc")
-    bpf = bcc.BPF(text=expand_local_includes(SOON_PROGRAM),
+    bpf = bcc.BPF(text=program_text("ring_wakeup_soon_flag(sizeof(u64), *ev)"),
                   cflags=[f"-DTEST_TGID={os.getpid()}", "-DWAKEUP_BYTES=1048576",
                           "-DNEW_RECORD_WAKEUP_NS=60000000000ULL"])
     try:

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,12 +68,17 @@ def target(tmp_path: Path) -> Iterator[Target]:
     t.stop()
 
 
-@pytest.fixture
-def actor() -> FakeKernelCpuActor:
-    ctx = ActorContext(AgentSettings(cpu_stack_dedup=True), Symbolizer(), ThreadPoolExecutor(1),
+def _fake_kernel_actor(**settings: Any) -> FakeKernelCpuActor:
+    """The actor with stack dedup on (and ``settings``), no sink: tests call to_samples."""
+    ctx = ActorContext(AgentSettings(cpu_stack_dedup=True, **settings), Symbolizer(), ThreadPoolExecutor(1),
                        None,  # type: ignore[arg-type]
                        Counters(), MonotonicToUnix())
     return FakeKernelCpuActor(ctx)
+
+
+@pytest.fixture
+def actor() -> FakeKernelCpuActor:
+    return _fake_kernel_actor()
 
 
 def test_layouts_match_the_struct_formats() -> None:
@@ -236,10 +242,7 @@ def test_the_agents_own_samples_weigh_the_share_bpf_kept(target: Target) -> None
     """BPF keeps one in ``cpu_self_sample_one_in`` of the agent's own samples
     (bpf/cpu_sample_entry.h): each of them, whole or id record, weighs that many periods;
     every other process's sample weighs one period."""
-    ctx = ActorContext(AgentSettings(cpu_stack_dedup=True, cpu_self_sample_one_in=8), Symbolizer(),
-                       ThreadPoolExecutor(1), None,  # type: ignore[arg-type]
-                       Counters(), MonotonicToUnix())
-    actor = FakeKernelCpuActor(ctx)
+    actor = _fake_kernel_actor(cpu_self_sample_one_in=8)
     leaf, _ = target.truth["leaf_function"]
     own, other = os.getpid(), target.pid
     records = [header(1, 21, 1, own, own, 0, DedupFlags.NEW, b"me") + stack_event(own, own, [leaf]),

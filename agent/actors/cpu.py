@@ -145,9 +145,10 @@ class CpuActor(BpfActor[bytes]):
         self._own_pid = os.getpid()
 
     def _note_processes(self, records: list[bytes]) -> None:
-        # As records leave the ring (poll thread, or a flush's drain). Only whole records (a new stack, a copy, an
-        # error) need anything here: an id record's stack came whole before, in this image of
-        # its process (an exec or a reused pid starts a new generation of ids, bpf/cpu.bpf.c).
+        # As records leave the ring (poll thread, or a flush's drain). Only whole records (a new
+        # stack, a copy, an error) need anything here: an id record's stack came whole before,
+        # in this image of its process (an exec or a reused pid starts a new generation of ids,
+        # bpf/cpu.bpf.c).
         size = SAMPLE_RECORD.size
         if sum(map(len, records)) == len(records) * size:
             return
