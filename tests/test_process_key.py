@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from agent.process.procmaps import ProcessKey, file_key, start_time
+from agent.process.procmaps import ProcessKey, file_key, read_proc_file, start_time
 
 
 def test_key_of_this_process() -> None:
@@ -40,3 +41,19 @@ def test_kernel_threads_have_no_executable() -> None:
         if f.read().strip() != "kthreadd":
             pytest.skip("not in the initial pid namespace")
     assert ProcessKey.read(kthreadd).exe is None
+
+
+def test_proc_files_read_whole_at_any_size(tmp_path: Path) -> None:
+    """read_proc_file returns the same bytes as a buffered read: a stat line in one read, and a
+    file longer than one read (a process's maps, the kernel's own files) read on to its end."""
+    own_stat = f"/proc/{os.getpid()}/stat"
+    with open(f"/proc/{os.getpid()}/maps", "rb") as f:
+        maps = f.read()
+    assert len(maps) > 4096  # the interpreter maps more than one read's worth
+    assert read_proc_file(f"/proc/{os.getpid()}/maps") == maps
+    assert read_proc_file(own_stat).split()[0] == str(os.getpid()).encode()
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 100)
+    assert read_proc_file(str(big)) == bytes(range(256)) * 100
+    with pytest.raises(FileNotFoundError):
+        read_proc_file(str(tmp_path / "gone"))

@@ -36,6 +36,7 @@ from agent.actors.sources import RecordSource
 from agent.bpf.layouts import WEIGHT_SHIFT, AggCounter, AggKey, AggValue, struct_format
 from agent.bpf.map_drain import HashMapDrainer
 from agent.bpf.records import EVENT_SIZE, parse_stack_event
+from agent.process.procmaps import read_proc_file
 from agent.stacks.frame_cache import FrameCache
 from shared.model import Frame
 
@@ -449,7 +450,6 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
 def read_thread_name(tgid: int, tid: int) -> str:
     """A thread's comm from /proc ("" once the thread is gone)."""
     try:
-        with open(f"/proc/{tgid}/task/{tid}/comm") as f:
-            return f.read().strip()
+        return read_proc_file(f"/proc/{tgid}/task/{tid}/comm").decode(errors="replace").strip()
     except OSError:
         return ""

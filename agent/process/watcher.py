@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from agent.process.procmaps import CLOCK_TICKS, YOUNG_PROCESS_S, ProcessKey
+from agent.process.procmaps import CLOCK_TICKS, YOUNG_PROCESS_S, ProcessKey, read_proc_file
 from agent.thread_names import name_os_thread
 from shared.counters import Counters
 
@@ -288,8 +288,7 @@ def proc_fingerprint(proc: str = "/proc") -> tuple[int, int] | None:
     repeat). Exec changes neither: the watcher re-reads young processes' keys for that.
     """
     try:
-        with open(f"{proc}/loadavg", "rb") as f:
-            fields = f.read().split()
+        fields = read_proc_file(f"{proc}/loadavg").split()
         return int(fields[3].split(b"/")[1]), int(fields[4])
     except (OSError, IndexError, ValueError):
         return None
