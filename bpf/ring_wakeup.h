@@ -4,8 +4,8 @@
  * 99 Hz on two CPUs, each a context switch and a ctypes callback under the GIL, for records
  * the agent only reads once per flush anyway. Here a record is submitted without a wakeup
  * unless WAKEUP_EVERY records were submitted on this CPU since the last one; the agent's poll
- * thread also consumes whatever is there each time its poll times out, and every flush takes
- * what the ring holds (agent/actors/sources.py).
+ * thread waits for these wakeups only (no timeout), and every flush takes what the ring holds
+ * (agent/actors/sources.py).
  * WAKEUP_EVERY is set from the ring's size and the CPU count so that the forced wakeups come
  * while the ring is at most about a quarter full.
  */

@@ -119,7 +119,7 @@ class CpuActor(BpfActor[bytes]):
     THREAD_NAMES_MAX: ClassVar[int] = 65536
     # A whole record (a new stack: the first records of a new process) wakes the poll thread
     # at once, at most this often (bpf/ring_wakeup.h), so the process is read before it may
-    # exit (agent/process/capture.py); id records wait for the poll's timeout.
+    # exit (agent/process/capture.py); id records wait in the ring for the next flush.
     NEW_RECORD_WAKEUP_S: ClassVar[float] = 0.2
 
     def __init__(self, ctx: ActorContext) -> None:

@@ -6,7 +6,7 @@ the actor stops (blocking; what came in until then is still drained after it).
 
 :class:`RingBufferSource` reads a BPF ring buffer named ``events``: bcc's poll blocks (in
 epoll), so one poll thread per source moves each wakeup's records into a bounded deque, and
-``drain`` swaps the deque out. An idle host costs one epoll wake-up per poll timeout. Records are
+``drain`` swaps the deque out. The poll has no timeout: an idle host costs no wake-up. Records are
 taken off the ring by agent/bpf/ring_reader.py (an mmap reader): every committed record of a
 wakeup in one batch, no Python call per record.
 """
@@ -52,10 +52,12 @@ class RecordSource(ProgramPart, Generic[R]):
 class RingBufferSource(RecordSource[bytes]):
     """Raw records of the program's ``events`` ring buffer, through a bounded deque."""
 
-    # Records come without a wakeup until the ring is a quarter full (bpf/ring_wakeup.h), so
-    # the poll also takes them when it times out, and every drain takes what is there: a
-    # timed-out poll costs ~50-70 µs of CPU on a VM, so it is rare.
-    POLL_TIMEOUT_MS = 1000
+    # The poll waits for the kernel's wakeup with no timeout: BPF wakes it once records fill
+    # a quarter of the ring, or for a record the agent must see soon (bpf/ring_wakeup.h);
+    # what comes without a wakeup waits in the ring, where every drain takes it. A timed-out
+    # wait would only move those records into the deque early, at ~50-130 µs of CPU a time on
+    # a VM: the largest fixed cost of the thread (docs/design/overhead.md).
+    POLL_TIMEOUT_MS: int | None = None
 
     def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str,
                  on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> None:
@@ -100,7 +102,7 @@ class RingBufferSource(RecordSource[bytes]):
     def stop(self) -> None:
         self._stop.set()
         if self._ring is not None:
-            self._ring.interrupt()  # out of its wait now, not at the timeout
+            self._ring.interrupt()  # out of its wait now
         if self._poller is not None and self._poller.is_alive():
             self._poller.join()
         if self._ring is not None:  # records that came without a wakeup
@@ -112,8 +114,8 @@ class RingBufferSource(RecordSource[bytes]):
             ring.close()
 
     def drain(self) -> list[bytes]:
-        # What the ring holds now is taken first (the poll thread may be waiting for its
-        # timeout). popleft is atomic against the poll thread's extend: nothing slips between
+        # What the ring holds now is taken first (records that came without a wakeup).
+        # popleft is atomic against the poll thread's extend: nothing slips between
         # read and clear.
         if self._ring is not None:
             self._take_records(self._ring, from_drain=True)
@@ -147,8 +149,8 @@ class RingBufferSource(RecordSource[bytes]):
                 self.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
 
     def _poll_loop(self) -> None:
-        # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h):
-        # what came in without a wakeup is taken when the wait times out.
+        # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h);
+        # ``stop`` ends the wait through the reader's interrupt.
         name_os_thread()
         reader = self._ring
         assert reader is not None

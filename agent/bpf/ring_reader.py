@@ -163,15 +163,16 @@ class RingReader:
         Do not also call the table's ``open_ring_buffer``: two consumers would race."""
         return cls.open(table.map_fd, int(table.max_entries), name)
 
-    def wait(self, timeout_ms: int) -> bool:
-        """Block until the kernel wakes the ring's waiters or ``timeout_ms`` passes; True if woken.
+    def wait(self, timeout_ms: int | None) -> bool:
+        """Block until the kernel wakes the ring's waiters, :meth:`interrupt` is called or
+        ``timeout_ms`` passes (None: no timeout); True if woken.
 
-        The BPF programs skip most wakeups (bpf/ring_wakeup.h), so callers drain after a
-        timeout too."""
+        The BPF programs skip most wakeups (bpf/ring_wakeup.h): records may wait in the ring
+        without one, for the next :meth:`drain`."""
         if self._epoll is None:
             return False
         try:
-            events = self._epoll.poll(timeout_ms / 1000.0, 2)
+            events = self._epoll.poll(-1 if timeout_ms is None else timeout_ms / 1000.0, 2)
         except InterruptedError:
             return False
         for fd, _ in events:
