@@ -394,6 +394,9 @@ class FakeMaps:
         out, self.requests = self.requests, []
         return out
 
+    def has_requests(self) -> bool:
+        return bool(self.requests)
+
     def read_counters(self) -> list[int]:
         return [0] * 9
 
@@ -697,4 +700,40 @@ def test_an_idle_worker_serves_a_request_as_soon_as_it_is_nudged() -> None:
             time.sleep(0.01)
     finally:
         unwinder.close()
+    assert maps.closed and unwinder.failure is None
+
+
+def test_a_flush_wakes_an_idle_worker_only_when_a_request_waits() -> None:
+    """``nudge_if_requested`` (each actor's flush) wakes an idle worker for a request that no
+    record announced (the wall and lock programs'), and costs no wake-up when none waits."""
+    import threading
+
+    took = threading.Event()
+    rounds: list[int] = []
+
+    class Watched(FakeMaps):
+        def take_requests(self) -> list[tuple[int, int]]:
+            rounds.append(len(self.requests))
+            took.set()
+            return super().take_requests()
+
+    maps = Watched()
+    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000, poll_interval_s=3600.0,
+                              idle_poll_interval_s=3600.0)
+    unwinder.start()
+    try:
+        assert took.wait(60)  # the first round is done: the worker waits an hour from here on
+        unwinder.nudge_if_requested()  # nothing waits: no round
+        time.sleep(0.5)
+        assert rounds == [0]
+        maps.requests = [(os.getpid(), encode_request(REQUEST_NEW))]
+        unwinder.nudge_if_requested()
+        deadline = time.monotonic() + 60
+        while os.getpid() not in maps.procs:
+            assert time.monotonic() < deadline, "the worker was not woken for the waiting request"
+            time.sleep(0.01)
+        assert rounds == [0, 1]
+    finally:
+        unwinder.close()
+    unwinder.nudge_if_requested()  # after close: nothing happens, nothing raises
     assert maps.closed and unwinder.failure is None

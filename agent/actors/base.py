@@ -344,6 +344,7 @@ class BpfActor(ProfileActor, Generic[R]):
         if self.targets is not None:
             self.targets.sync()
         self.unwinding.check()  # a failed worker: raise, the supervisor restarts this actor
+        self.unwinding.nudge_if_requested()
         self.read_bpf_counters()
         self.track_started_processes()
         samples = self.to_samples(self.source.drain())

@@ -104,6 +104,12 @@ class SharedUnwinding:
         if unwinder is not None:
             unwinder.nudge()
 
+    def nudge_if_requested(self) -> None:
+        """Wake the worker if a request waits for it (NativeUnwinder.nudge_if_requested)."""
+        unwinder = self.unwinder
+        if unwinder is not None:
+            unwinder.nudge_if_requested()
+
     def check(self) -> None:
         """Raise if the worker stopped on an error (the actor's supervisor restarts the actor,
         whose next acquire replaces the worker)."""
@@ -162,6 +168,11 @@ class ActorUnwinding:
         worker (any thread)."""
         if self._held and self.shared is not None:
             self.shared.nudge()
+
+    def nudge_if_requested(self) -> None:
+        """At each flush: wake the worker if this or another program left a request."""
+        if self._held and self.shared is not None:
+            self.shared.nudge_if_requested()
 
 
 def chain_stages(bpf: Any, array: str, stages: list[tuple[str, int]]) -> None:
