@@ -106,8 +106,9 @@ class AgentSettings(BaseSettings):
     cpu_stack_dedup: bool = True
     # CPU profile: the agent's own samples are kept one in this many, at random, each weighing
     # that many periods (an estimate of its own CPU time, unbiased; 1: every sample). Nearly
-    # every sample of the agent is a new stack to symbolize (docs/design/overhead.md).
-    cpu_self_sample_one_in: int = Field(default=8, ge=1, le=1024)
+    # every sample of the agent is a new stack to symbolize, ~1.5 ms each at 999 Hz
+    # (docs/design/overhead.md, "Wake-ups and the agent's own stacks, seventh round").
+    cpu_self_sample_one_in: int = Field(default=32, ge=1, le=1024)
     # CPU, wall and lock profiles: unwind user stacks from DWARF CFI inside BPF, one shared set
     # of tables (docs/design/native-unwinding.md); off = frame pointers only.
     # unwind_table_rows sizes the BPF row table (12 bytes a row).
