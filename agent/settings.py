@@ -38,8 +38,10 @@ class AgentSettings(BaseSettings):
     # cost (symbolization hop, counters, encoding, one NATS publication): at 99 Hz on a few
     # CPUs it is most of the agent's CPU, so flushes are rare and come early when records pile
     # up (agent/actors/flush.py). Wall and lock drain at least every second (their in-kernel
-    # maps are sized for it). docs/design/overhead.md, "Fixed work per second".
-    flush_interval_s: float = Field(default=5.0, gt=0, le=60)
+    # maps are sized for it). Ten seconds, as continuous profilers commonly report: a CPU
+    # flush costs ~3.5 ms of fixed work, 0.35 ms a second at this interval (docs/design/
+    # overhead.md, "Fixed work per second" and "Wake-ups and the agent's own stacks").
+    flush_interval_s: float = Field(default=10.0, gt=0, le=60)
     # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
     # A record is ~4 KiB (stack plus Python frames): 8,192 is ~32 MiB and 40 s of CPU samples at
     # 99 Hz x 2 CPUs, enough to ride out a stalled symbolizer (a big binary's first tables)

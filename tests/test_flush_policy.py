@@ -136,4 +136,4 @@ def test_the_aggregating_actors_drain_at_least_every_second() -> None:
     ctx = context(Published(), flush_interval_s=5.0)
     assert CpuActor(ctx).flush_signal.interval_s == 5.0
     assert WallActor(ctx).flush_signal.interval_s == 1.0
-    assert AgentSettings().flush_interval_s == 5.0
+    assert AgentSettings().flush_interval_s == 10.0
