@@ -52,8 +52,8 @@ def test_proc_files_read_whole_at_any_size(tmp_path: Path) -> None:
     assert len(maps) > 4096  # the interpreter maps more than one read's worth
     assert read_proc_file(f"/proc/{os.getpid()}/maps") == maps
     assert read_proc_file(own_stat).split()[0] == str(os.getpid()).encode()
-    big = tmp_path / "big"
-    big.write_bytes(bytes(range(256)) * 100)
-    assert read_proc_file(str(big)) == bytes(range(256)) * 100
+    big = tmp_path / "big"  # several reads' worth
+    big.write_bytes(bytes(range(256)) * 1000)
+    assert read_proc_file(str(big)) == bytes(range(256)) * 1000
     with pytest.raises(FileNotFoundError):
         read_proc_file(str(tmp_path / "gone"))

@@ -186,6 +186,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 YOUNG_PROCESS_S = 10.0
 
 
+# One read takes a whole small file (a stat line is ~300 bytes); larger ones are read on.
 _PROC_READ_BYTES = 65536
 
 
