@@ -1,7 +1,8 @@
 /* Stage 1 of every CPU sample, shared by bpf/cpu.bpf.c and bpf/cpu_records.bpf.c: skip the
  * idle task (and most of the agent's own samples), collect the CPython frames into per-CPU
- * scratch (bpf/python.h), then tail-call slot 0 of `cpu_stages`, which the including program declares (its size is the program's
- * number of later stages). Include after counters.h, stack_event.h and that declaration. */
+ * scratch (bpf/python.h), then tail-call slot 0 of `cpu_stages`, which the including program
+ * declares (its size is the program's number of later stages). Include after counters.h,
+ * stack_event.h and that declaration. */
 #ifndef STACKFLEET_CPU_SAMPLE_ENTRY_H
 #define STACKFLEET_CPU_SAMPLE_ENTRY_H
 

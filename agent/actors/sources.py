@@ -118,35 +118,32 @@ class RingBufferSource(RecordSource[bytes]):
         # popleft is atomic against the poll thread's extend: nothing slips between
         # read and clear.
         if self._ring is not None:
-            self._take_records(self._ring, from_drain=True)
+            self._take_records(self._ring, notify=False)
         pending = self._pending
         return [pending.popleft() for _ in range(len(pending))]
 
-    def _take_records(self, reader: RingReader, from_drain: bool = False) -> None:
+    def _take_records(self, reader: RingReader, notify: bool = True) -> None:
         """Move every committed record into the pending deque (the oldest go when it is full);
-        the flush signal hears of the backlog unless a drain is taking it right away."""
-        with self._consuming:
-            self._take_records_now(reader, notify=not from_drain)
-
-    def _take_records_now(self, reader: RingReader, notify: bool) -> None:
-        records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
-        if records and self.on_records is not None:
-            self.on_records(records)
-        pending, name = self._pending, self.type_name
-        overflow = len(pending) + len(records) - (pending.maxlen or 0)
-        if overflow > 0:
-            self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
-        pending.extend(records)  # one C call: atomic against the flush's popleft
-        if notify and records and self.on_buffered is not None:
-            self.on_buffered(len(pending))
-        stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
-        if (stats.malformed, stats.discarded) != self._ring_counts_seen:
-            self._ring_counts_seen = (stats.malformed, stats.discarded)
-            if stats.malformed > malformed:  # logged by the reader
-                self.counters.inc("events_dropped", stats.malformed - malformed, type=name,
-                                  reason="malformed_ring_record")
-            if stats.discarded > discarded:  # the program's choice (bpf_ringbuf_discard), not a loss
-                self.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
+        ``notify``: the flush signal hears of the backlog (not when a drain takes it right away)."""
+        with self._consuming:  # the poll thread and a flush's drain
+            records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
+            if records and self.on_records is not None:
+                self.on_records(records)
+            pending, name = self._pending, self.type_name
+            overflow = len(pending) + len(records) - (pending.maxlen or 0)
+            if overflow > 0:
+                self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
+            pending.extend(records)  # one C call: atomic against the flush's popleft
+            if notify and records and self.on_buffered is not None:
+                self.on_buffered(len(pending))
+            stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
+            if (stats.malformed, stats.discarded) != self._ring_counts_seen:
+                self._ring_counts_seen = (stats.malformed, stats.discarded)
+                if stats.malformed > malformed:  # logged by the reader
+                    self.counters.inc("events_dropped", stats.malformed - malformed, type=name,
+                                      reason="malformed_ring_record")
+                if stats.discarded > discarded:  # the program's choice (bpf_ringbuf_discard), not a loss
+                    self.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
 
     def _poll_loop(self) -> None:
         # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h);
