@@ -20,6 +20,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -673,31 +674,45 @@ def test_second_process_of_a_binary_reuses_file_identities_and_still_gets_tables
         second.stop()
 
 
-def test_an_idle_worker_serves_a_request_as_soon_as_it_is_nudged() -> None:
-    """The worker polls an idle request map only every IDLE_POLL_INTERVAL_S (here an hour):
-    a nudge (the CPU profile's poll thread saw a new stack) makes it serve the request now."""
-    import threading
+class RoundCountingMaps(FakeMaps):
+    """FakeMaps recording, at each round of the worker, how many requests waited."""
 
-    took = threading.Event()
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: list[int] = []
+        self.first_round = threading.Event()
 
-    class Watched(FakeMaps):
-        def take_requests(self) -> list[tuple[int, int]]:
-            out = super().take_requests()
-            took.set()
-            return out
+    def take_requests(self) -> list[tuple[int, int]]:
+        self.rounds.append(len(self.requests))
+        self.first_round.set()
+        return super().take_requests()
 
-    maps = Watched()
+
+def _idle_worker(maps: RoundCountingMaps) -> NativeUnwinder:
+    """A started worker past its first round, polling only every hour from then on."""
     unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000, poll_interval_s=3600.0,
                               idle_poll_interval_s=3600.0)
     unwinder.start()
+    assert maps.first_round.wait(60)
+    return unwinder
+
+
+def _wait_until_served(maps: FakeMaps, pid: int, why: str) -> None:
+    deadline = time.monotonic() + 60
+    while pid not in maps.procs:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.01)
+
+
+def test_an_idle_worker_serves_a_request_as_soon_as_it_is_nudged() -> None:
+    """The worker polls an idle request map only every IDLE_POLL_INTERVAL_S (here an hour):
+    a nudge (the CPU profile's poll thread saw a new stack) makes it serve the request now."""
+    maps = RoundCountingMaps()
+    unwinder = _idle_worker(maps)
     try:
-        assert took.wait(60)  # the first round is done: the worker waits an hour from here on
         maps.requests = [(os.getpid(), encode_request(REQUEST_NEW))]
         unwinder.nudge()
-        deadline = time.monotonic() + 60
-        while os.getpid() not in maps.procs:
-            assert time.monotonic() < deadline, "the nudged worker did not serve the request"
-            time.sleep(0.01)
+        _wait_until_served(maps, os.getpid(), "the nudged worker did not serve the request")
     finally:
         unwinder.close()
     assert maps.closed and unwinder.failure is None
@@ -706,33 +721,16 @@ def test_an_idle_worker_serves_a_request_as_soon_as_it_is_nudged() -> None:
 def test_a_flush_wakes_an_idle_worker_only_when_a_request_waits() -> None:
     """``nudge_if_requested`` (each actor's flush) wakes an idle worker for a request that no
     record announced (the wall and lock programs'), and costs no wake-up when none waits."""
-    import threading
-
-    took = threading.Event()
-    rounds: list[int] = []
-
-    class Watched(FakeMaps):
-        def take_requests(self) -> list[tuple[int, int]]:
-            rounds.append(len(self.requests))
-            took.set()
-            return super().take_requests()
-
-    maps = Watched()
-    unwinder = NativeUnwinder(maps, Counters(), max_rows=400_000, poll_interval_s=3600.0,
-                              idle_poll_interval_s=3600.0)
-    unwinder.start()
+    maps = RoundCountingMaps()
+    unwinder = _idle_worker(maps)
     try:
-        assert took.wait(60)  # the first round is done: the worker waits an hour from here on
         unwinder.nudge_if_requested()  # nothing waits: no round
         time.sleep(0.5)
-        assert rounds == [0]
+        assert maps.rounds == [0]
         maps.requests = [(os.getpid(), encode_request(REQUEST_NEW))]
         unwinder.nudge_if_requested()
-        deadline = time.monotonic() + 60
-        while os.getpid() not in maps.procs:
-            assert time.monotonic() < deadline, "the worker was not woken for the waiting request"
-            time.sleep(0.01)
-        assert rounds == [0, 1]
+        _wait_until_served(maps, os.getpid(), "the worker was not woken for the waiting request")
+        assert maps.rounds == [0, 1]
     finally:
         unwinder.close()
     unwinder.nudge_if_requested()  # after close: nothing happens, nothing raises
