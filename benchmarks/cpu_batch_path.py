@@ -44,6 +44,11 @@ RING_BYTES = 1 << 20
 PARTS = ("poll", "to_samples", "sink+encode")
 
 
+def serial_of(stack_id: int) -> int:
+    """The serial BPF would give the stack stored as ``stack_id`` (its first store, on CPU 0)."""
+    return stack_id - 99
+
+
 def measure(records_per_flush: int, rounds: int) -> dict[str, float]:
     """Run the path in this process on the code importable here; us per sample per part."""
     from agent.actors.base import ActorContext, SampleSink
@@ -86,10 +91,11 @@ def measure(records_per_flush: int, rounds: int) -> dict[str, float]:
             leaf, _ = target.truth["leaf_function"]
             caller, _ = target.truth["caller_function"]
             stacks = [(100 + k, [leaf + k % 3] + [caller + 1] * (10 + k)) for k in range(8)]
-            actor.to_samples([header(0, sid, 1, pid, pid, 0, DedupFlags.NEW, b"spin") + stack_event(pid, pid, user)
-                              for sid, user in stacks])
-            records = [header(1_000_000 * i, stacks[i % 8][0], 1, pid, pid + i % 2, i % 2, DedupFlags.ID_ONLY,
-                              b"spin%d" % (i % 2)) for i in range(records_per_flush)]
+            # Each stored stack has its own serial, as BPF gives them (bpf/stack_dedup.h).
+            actor.to_samples([header(0, sid, serial_of(sid), pid, pid, 0, DedupFlags.NEW, b"spin")
+                              + stack_event(pid, pid, user) for sid, user in stacks])
+            records = [header(1_000_000 * i, stacks[i % 8][0], serial_of(stacks[i % 8][0]), pid, pid + i % 2, i % 2,
+                              DedupFlags.ID_ONLY, b"spin%d" % (i % 2)) for i in range(records_per_flush)]
             ring = b"".join(len(r).to_bytes(4, "little") + bytes(4) + r for r in records)  # 56 + 8: no padding
             loop = asyncio.new_event_loop()
 

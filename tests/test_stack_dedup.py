@@ -176,6 +176,26 @@ def test_stack_of_another_process_is_never_borrowed(target: Target, actor: FakeK
     assert actor.ctx.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 1
 
 
+def test_a_serial_with_two_owners_in_one_batch_is_not_shared(target: Target, actor: FakeKernelCpuActor) -> None:
+    """Id records are keyed by their serial alone (it names one store of one process's
+    stack), checked against the pid and stack id each record carries: a batch where a serial
+    comes with another pid or another stack id (corrupt input) gives those records nothing,
+    counted, and the others their stack."""
+    leaf, _ = target.truth["leaf_function"]
+    pid = target.pid
+    event = stack_event(pid, pid, [leaf])
+    actor.known[51] = KNOWN_STACK_HEAD.pack(7, 0) + event
+    actor.to_samples([header(1, 51, 7, pid, pid, 0, DedupFlags.NEW, b"t") + event])
+    samples = actor.to_samples([header(2, 51, 7, pid, pid, 0, DedupFlags.ID_ONLY, b"t"),
+                                header(3, 51, 7, 1, 1, 0, DedupFlags.ID_ONLY, b"t"),  # another pid
+                                header(4, 52, 7, pid, pid, 0, DedupFlags.ID_ONLY, b"t"),  # another stack id
+                                header(5, 51, 7, pid, pid, 1, DedupFlags.ID_ONLY, b"t")])
+    offset = actor.ctx.clock.to_unix_ns(0)
+    assert [(s.timestamp_ns - offset, s.pid, [f.function for f in s.frames]) for s in samples] == [
+        (2, pid, ["leaf_function"]), (5, pid, ["leaf_function"])]
+    assert actor.ctx.counters.get("events_dropped", type="cpu", reason="stack_unknown") == 2
+
+
 def test_malformed_records_counted() -> None:
     batch = decode_batch([b"\0" * 40, b"\0" * 56, b"\0" * 100])
     assert batch.malformed == 2 and len(list(batch.ids)) == 1 and batch.full == []
@@ -257,8 +277,9 @@ def test_the_agents_own_samples_weigh_the_share_bpf_kept(target: Target) -> None
 
 
 def test_only_whole_records_make_the_poll_thread_read_their_processes(actor: FakeKernelCpuActor) -> None:
-    """The poll thread's hook reads /proc (process captures) and wakes the unwinder for whole
-    records only: an id record's stack came whole before, in the same image of its process."""
+    """The poll thread's hook reads /proc (process captures) and asks the unwinder to look for
+    requests for whole records only: an id record's stack came whole before, in the same image
+    of its process."""
     noted: list[int] = []
     nudges: list[bool] = []
 
@@ -267,7 +288,7 @@ def test_only_whole_records_make_the_poll_thread_read_their_processes(actor: Fak
             noted.append(pid)
 
     actor.ctx.symbolizer.captures = Captures()  # type: ignore[assignment]
-    actor.unwinding.nudge = lambda: nudges.append(True)  # type: ignore[method-assign]
+    actor.unwinding.nudge_if_requested = lambda: nudges.append(True)  # type: ignore[method-assign]
     ids = [header(1, 5, 1, 100 + i, 100 + i, 0, DedupFlags.ID_ONLY, b"t") for i in range(3)]
     actor._note_processes(ids)
     assert noted == [] and nudges == []

@@ -157,8 +157,10 @@ class CpuActor(BpfActor[bytes]):
         if not pids:
             return
         # A whole record is what a sample that made an unwind request looks like: the worker
-        # is woken for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S).
-        self.unwinding.nudge()
+        # is woken for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S),
+        # if BPF did leave one (it writes the request before the record): most whole records
+        # are a known process's new stacks, and an idle round of the worker costs ~0.2 ms.
+        self.unwinding.nudge_if_requested()
         # A process that exits before its records are symbolized is still symbolized from
         # what was read now (agent/process/capture.py).
         captures = self.ctx.symbolizer.captures
@@ -251,15 +253,25 @@ class CpuActor(BpfActor[bytes]):
                     fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int], offset: int,
                     values: tuple[int, ...], weights: dict[int, tuple[int, ...]]) -> None:
         """Append the samples of decoded id records to ``out``, column by column."""
-        pids, comms = ids.pid, ids.comm
-        # One int per sample for (pid, stack id, serial), exact (32 + 64 + 64 bits): made in C
-        # and not tracked by the garbage collector, as tuples would be.
-        keys = list(map(operator.or_, map(operator.or_, map(operator.lshift, pids, repeat(128)),
-                                          map(operator.lshift, ids.stack_id, repeat(64))), ids.serial))
+        pids, stack_ids, serials = ids.pid, ids.stack_id, ids.serial
+        # A serial names one store of one stack of one process ((cpu << 48) | that CPU's store
+        # count, and the store holds the pid: bpf/stack_dedup.h), so it alone keys the batch's
+        # samples; each distinct one is resolved once, through the last record carrying it.
+        last = dict(zip(serials, range(len(serials)), strict=True))
+        at = list(map(last.__getitem__, serials))
+        keys: list[int]
+        if list(map(pids.__getitem__, at)) == pids and list(map(stack_ids.__getitem__, at)) == stack_ids:
+            keys = serials
+            owners = {serial: (pids[i], stack_ids[i], serial) for serial, i in last.items()}
+        else:  # not what the program writes: keyed by all three, no record takes another's stack
+            # One int per sample for (pid, stack id, serial), exact (32 + 64 + 64 bits).
+            keys = list(map(operator.or_, map(operator.or_, map(operator.lshift, pids, repeat(128)),
+                                              map(operator.lshift, stack_ids, repeat(64))), serials))
+            owners = {key: (key >> 128, (key >> 64) & _U64, key & _U64) for key in dict.fromkeys(keys)}
         stacks: dict[int, tuple[Frame, ...] | None] = {}
         unknown = 0
         for key, n in Counter(keys).items():  # each distinct stack of the batch once
-            pid, stack_id, serial = key >> 128, (key >> 64) & _U64, key & _U64
+            pid, stack_id, serial = owners[key]
             process_key, _name = processes.get(pid) or self._process(pid, processes)
             stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
             if stack is None:
@@ -269,6 +281,7 @@ class CpuActor(BpfActor[bytes]):
                 stacks[key] = stack.frames
                 if n > 1:  # _stack() counted this key's first sample
                     statuses[stack.py_status] += n - 1
+        comms = ids.comm
         known_names = self._thread_names
         names = {comm: known_names.get(raw) or self._thread_name(raw)
                  for comm, raw in ((c, comm_bytes(c)) for c in dict.fromkeys(comms))}

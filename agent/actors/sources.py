@@ -73,7 +73,7 @@ class RingBufferSource(RecordSource[bytes]):
         self._stop = threading.Event()
         self._ring: RingReader | None = None
         self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
-        self._consuming = threading.Lock()  # the ring has one consumer at a time: poll or drain
+        self._consuming = threading.RLock()  # the ring has one consumer at a time: poll or drain
         self._poller: threading.Thread | None = None
         self.on_buffered: Callable[[int], None] | None = None
 
@@ -114,18 +114,20 @@ class RingBufferSource(RecordSource[bytes]):
             ring.close()
 
     def drain(self) -> list[bytes]:
-        # What the ring holds now is taken first (records that came without a wakeup).
-        # popleft is atomic against the poll thread's extend: nothing slips between
-        # read and clear.
-        if self._ring is not None:
-            self._take_records(self._ring, notify=False)
-        pending = self._pending
-        return [pending.popleft() for _ in range(len(pending))]
+        # What the ring holds now is taken first (records that came without a wakeup). The
+        # deque is swapped for an empty one under the consumer lock, which the poll thread
+        # holds while it extends it: nothing slips between the swap and the copy, and the
+        # copy is one C call rather than a popleft per record.
+        with self._consuming:
+            if self._ring is not None:
+                self._take_records(self._ring, notify=False)
+            pending, self._pending = self._pending, deque(maxlen=self._pending.maxlen)
+        return list(pending)
 
     def _take_records(self, reader: RingReader, notify: bool = True) -> None:
         """Move every committed record into the pending deque (the oldest go when it is full);
         ``notify``: the flush signal hears of the backlog (not when a drain takes it right away)."""
-        with self._consuming:  # the poll thread and a flush's drain
+        with self._consuming:  # the poll thread and a flush's drain (re-entrant: drain holds it)
             records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
             if records and self.on_records is not None:
                 self.on_records(records)
@@ -133,7 +135,7 @@ class RingBufferSource(RecordSource[bytes]):
             overflow = len(pending) + len(records) - (pending.maxlen or 0)
             if overflow > 0:
                 self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
-            pending.extend(records)  # one C call: atomic against the flush's popleft
+            pending.extend(records)  # under the lock: a drain swaps the deque out under it too
             if notify and records and self.on_buffered is not None:
                 self.on_buffered(len(pending))
             stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
