@@ -187,14 +187,19 @@ def test_unchanged_loadavg_skips_the_listing_and_a_new_process_is_found_at_the_n
     """/proc/loadavg's thread count and last pid change with every process created or reaped:
     while they stay, the watcher does not list /proc (a pid added behind its back, which the
     kernel never does, stays unseen: the listing really was skipped); once they change, the
-    very next scan finds the new process and tells the subscriber, and a reaped one as exited."""
+    very next scan finds the new process and tells the subscriber, and a reaped one as exited.
+    With no young process to read again either, such a scan rebuilds nothing."""
     _fake_proc(tmp_path, [1, 10, 20], threads=30, last_pid=20)
     watcher = ProcessWatcher(Counters(), proc=str(tmp_path))
     subscription = watcher.subscribe()
-    assert set(watcher.scan().alive) == {1, 10, 20} and watcher.listings == 1
+    first = watcher.scan()
+    assert set(first.alive) == {1, 10, 20} and watcher.listings == 1
     subscription.take(max_age_s=3600)
     _fake_process(tmp_path, 21)
-    assert set(watcher.scan().alive) == {1, 10, 20} and watcher.listings == 1
+    again = watcher.scan()
+    assert set(again.alive) == {1, 10, 20} and watcher.listings == 1
+    # Nothing came, went or is young enough to exec: the same snapshot, only newer.
+    assert again.keys is first.keys and again.scanned_at > first.scanned_at
     (tmp_path / "loadavg").write_text("0.00 0.00 0.00 1/31 21\n")  # pid 21 created
     assert set(watcher.scan().alive) == {1, 10, 20, 21} and watcher.listings == 2
     assert set(subscription.take(max_age_s=3600).started) == {21}

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
 from agent.process.procmaps import CLOCK_TICKS, YOUNG_PROCESS_S, ProcessKey, read_proc_file
@@ -169,6 +169,13 @@ class ProcessWatcher:
             fingerprint = proc_fingerprint(self.proc) if self._fingerprint_usable else None
             previous = self.latest.keys if self.latest is not None else {}
             if fingerprint is not None and fingerprint == self._fingerprint and self.latest is not None:
+                if not self._recheck and self.selector is None:
+                    # Nothing came or went and nothing may still exec: the same processes
+                    # (a selector is matched again every scan: a process can change its name).
+                    snapshot = replace(self.latest, scanned_at=time.monotonic())
+                    with self.lock:
+                        self.latest = snapshot
+                    return snapshot
                 alive, candidates = set(previous), self._recheck & set(previous)
             else:
                 try:
