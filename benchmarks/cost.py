@@ -1,6 +1,6 @@
 """What a profiler costs over a measured window: process CPU plus its BPF programs' run time.
 
-A :class:`CostSnapshot` reads the kernel's counters for one process tree (user+sys CPU,
+A :class:`CostSnapshot` reads the kernel's counters for one process tree (CPU time, to the ns,
 and ``run_time_ns``/``run_cnt`` of every BPF program it holds, kept while
 ``kernel.bpf_stats_enabled`` is 1); :func:`window_cost` turns two snapshots into a
 :class:`WindowCost`. The arithmetic is kept apart from the reading so it can be checked

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,6 +25,7 @@ from benchmarks.measure import (
     parse_context_switches,
     parse_ppid,
     parse_tree_cpu_ticks,
+    process_cpu_clock_s,
     process_tree,
     process_tree_cpu_s,
 )
@@ -98,8 +100,21 @@ def test_process_tree_holds_a_live_child() -> None:
 
 def test_process_tree_cpu_covers_own_cpu() -> None:
     t = os.times()
-    # /proc counts whole clock ticks; os.times() rounds the same counters the same way.
+    # os.times() rounds to whole clock ticks; the tree's figure is the exact runtime.
     assert process_tree_cpu_s(os.getpid()) >= t.user + t.system - 0.02
+
+
+def test_a_process_cpu_clock_is_its_exact_cpu_time() -> None:
+    """Another process's CPU-time clock read by pid is the clock the process reads as its own
+    (CLOCK_PROCESS_CPUTIME_ID), to the nanosecond; a gone process raises OSError."""
+    before = process_cpu_clock_s(os.getpid())
+    own = time.process_time()
+    after = process_cpu_clock_s(os.getpid())
+    assert before <= own <= after and after - before < 0.01
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    with pytest.raises(OSError):
+        process_cpu_clock_s(child.pid)
 
 
 def prog(prog_id: int, prog_type: int, ns: int, runs: int) -> BpfProgStats:
