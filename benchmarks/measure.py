@@ -130,11 +130,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def parse_tree_cpu_ticks(stat_text: str) -> int:
-    """utime + stime + cutime + cstime (clock ticks) from a ``/proc/PID/stat`` line: the
+def parse_cpu_ticks(stat_text: str) -> tuple[int, int]:
+    """(utime + stime, cutime + cstime) in clock ticks from a ``/proc/PID/stat`` line: the
     process's own CPU and that of the children it has waited for."""
     fields = stat_text.rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
 
 
 def process_cpu_clock_s(pid: int) -> float:
@@ -154,13 +154,12 @@ def process_tree_cpu_s(pid: int) -> float:
     total = 0.0
     for p in process_tree(pid):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            reaped_s = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+            own_ticks, reaped_ticks = parse_cpu_ticks(Path(f"/proc/{p}/stat").read_text())
             try:
                 own_s = process_cpu_clock_s(p)
             except OSError:
-                own_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            total += own_s + reaped_s
+                own_s = own_ticks / CLOCK_TICKS
+            total += own_s + reaped_ticks / CLOCK_TICKS
         except (OSError, ValueError, IndexError):
             continue
     return total

@@ -23,8 +23,8 @@ from benchmarks.measure import (
     enable_bpf_stats,
     parse_bpf_prog_fdinfo,
     parse_context_switches,
+    parse_cpu_ticks,
     parse_ppid,
-    parse_tree_cpu_ticks,
     process_cpu_clock_s,
     process_tree,
     process_tree_cpu_s,
@@ -77,7 +77,7 @@ def test_non_program_fdinfo_is_none() -> None:
 def test_stat_fields_after_a_comm_with_spaces_and_parens() -> None:
     line = "4321 (a (b) c) S 17 4321 4321 0 -1 4194560 5 0 0 0 250 31 7 2 20 0 3 0 100 1000 50\n"
     assert parse_ppid(line) == 17
-    assert parse_tree_cpu_ticks(line) == 250 + 31 + 7 + 2
+    assert parse_cpu_ticks(line) == (250 + 31, 7 + 2)
 
 
 def test_context_switches_from_proc_stat() -> None:
