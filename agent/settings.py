@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -19,6 +21,12 @@ from agent.metadata.settings import MetadataSettings
 from shared.config_file import file_source
 from shared.nats_connection import NatsSettings
 from shared.profile_types import ProfileType
+
+log = logging.getLogger(__name__)
+
+# Settings that were replaced: their old names are no longer read, and saying so beats
+# ignoring them silently (extra="ignore" would).
+RENAMED_SETTINGS = {"max_pending_events": "max_pending_bytes"}
 
 
 class AgentSettings(BaseSettings):
@@ -42,11 +50,14 @@ class AgentSettings(BaseSettings):
     # flush costs ~3.5 ms of fixed work, 0.35 ms a second at this interval (docs/design/
     # overhead.md, "Fixed work per second" and "Wake-ups and the agent's own stacks").
     flush_interval_s: float = Field(default=10.0, gt=0, le=60)
-    # Raw events waiting for symbolization per actor; beyond this the oldest are dropped and counted.
-    # A record is ~4 KiB (stack plus Python frames): 8,192 is ~32 MiB and 40 s of CPU samples at
-    # 99 Hz x 2 CPUs, enough to ride out a stalled symbolizer (a big binary's first tables)
-    # without a stall holding hundreds of MiB (docs/design/overhead.md).
-    max_pending_events: int = Field(default=8_192, ge=100)
+    # Raw records waiting for symbolization per actor, in bytes (each record's payload plus
+    # ~41 bytes of Python object): beyond this the oldest are dropped and counted; half of it
+    # brings a flush forward. In bytes because records differ 70-fold: 32 MiB is ~7,900 whole
+    # 4 KiB records (40 s of CPU samples at 99 Hz x 2 CPUs, enough to ride out a stalled
+    # symbolizer) or ~340,000 56-byte id records, so at 999 Hz id records wait for the flush
+    # interval rather than flushing every ~2 s (docs/design/overhead.md, "A byte bound for
+    # pending records").
+    max_pending_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     ringbuf_pages: int = Field(default=256, ge=8)
     # Outgoing NATS messages waiting to be published (e.g. while NATS is unreachable); beyond
     # either bound the oldest are dropped and counted. At one message per flush per profile
@@ -129,6 +140,16 @@ class AgentSettings(BaseSettings):
     metadata: MetadataSettings = Field(default_factory=MetadataSettings)
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_of_renamed(cls, data: object) -> object:
+        given = set(data) if isinstance(data, dict) else set()
+        given |= {name for name in RENAMED_SETTINGS if f"STACKFLEET_{name.upper()}" in os.environ}
+        for old in sorted(given & RENAMED_SETTINGS.keys()):
+            log.warning("setting %s is no longer read: it was replaced by %s (see agent/settings.py)",
+                        old, RENAMED_SETTINGS[old])
+        return data
 
     @field_validator("nats")
     @classmethod

@@ -24,9 +24,13 @@ from shared.counters import Counters
 from shared.model import Sample
 from shared.profile_types import ProfileType
 
+# What each fed record counts for in the backlog the source reports (sources report bytes).
+RECORD_BYTES = 512
+
 
 class FedSource(RecordSource[int]):
-    """Records handed in by the test, as a poll thread would: append, then report the backlog."""
+    """Records handed in by the test, as a poll thread would: append, then report the backlog
+    in bytes, ``RECORD_BYTES`` a record."""
 
     def __init__(self) -> None:
         self.waiting: list[int] = []
@@ -38,7 +42,7 @@ class FedSource(RecordSource[int]):
     def push(self, records: list[int]) -> None:
         self.waiting.extend(records)
         if self.on_buffered is not None:
-            self.on_buffered(len(self.waiting))
+            self.on_buffered(len(self.waiting) * RECORD_BYTES)
 
     def drain(self) -> list[int]:
         out, self.waiting = self.waiting, []
@@ -100,9 +104,9 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is_lost() -> None:
     """2 CPUs at 100 Hz polled every 250 ms: 50 records a poll, 40 polls (10 s of samples).
-    With a flush interval far away and a backlog of 100 (half of 200 pending), every second
+    With a flush interval far away and a backlog of 100 records' bytes (half of 200's), every second
     poll brings a flush: 20 publications of exactly 100 records, all 2,000 once, in order."""
-    sink, source, actor, task = await _started(flush_interval_s=60, max_pending_events=200)
+    sink, source, actor, task = await _started(flush_interval_s=60, max_pending_bytes=200 * RECORD_BYTES)
     try:
         for poll in range(40):
             arrived = len(sink.batches)
@@ -120,7 +124,7 @@ async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is
 
 async def test_records_slower_than_the_interval_wait_for_it() -> None:
     """30 records, far below the backlog: published by the interval's flush, all of them."""
-    sink, source, actor, task = await _started(flush_interval_s=0.05, max_pending_events=200)
+    sink, source, actor, task = await _started(flush_interval_s=0.05, max_pending_bytes=200 * RECORD_BYTES)
     try:
         source.push(list(range(30)))
         await asyncio.wait_for(sink.arrived.wait(), 30)

@@ -281,12 +281,14 @@ def test_a_ring_size_that_is_not_a_power_of_two_is_refused() -> None:
 def test_the_source_counts_queue_overflow_malformed_and_discarded_records() -> None:
     """RingBufferSource on a hand-built ring: what does not fit the bounded deque, what the
     reader dropped as malformed and what BPF discarded are each counted."""
-    from agent.actors.sources import RingBufferSource
+    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RingBufferSource
     from shared.counters import Counters
 
     counters = Counters()
-    source = RingBufferSource(ring_pages=1, max_pending=3, counters=counters, type_name="cpu")
+    source = RingBufferSource(ring_pages=1, max_pending_bytes=3 * (2 + RECORD_OVERHEAD_BYTES), counters=counters,
+                              type_name="cpu")
     source._pending.append(b"old")
+    source._pending_bytes = 3 + RECORD_OVERHEAD_BYTES
     fake = FakeRing(256)
     for payload in (b"r1", b"r2", b"r3"):
         fake.put(payload)
@@ -356,13 +358,13 @@ def test_drain_batch_stops_at_a_busy_record_and_drops_a_malformed_one() -> None:
 def test_a_fixed_size_source_hands_on_every_record_as_bytes() -> None:
     """The source drained in runs of fixed-size records gives the same records as one by one,
     bounded and counted as before."""
-    from agent.actors.sources import RingBufferSource
+    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RingBufferSource
     from shared.counters import Counters
 
     counters = Counters()
     seen: list[list[bytes]] = []
-    source = RingBufferSource(ring_pages=1, max_pending=5, counters=counters, type_name="cpu",
-                              on_records=seen.append, fixed_size=56)
+    source = RingBufferSource(ring_pages=1, max_pending_bytes=5 * (56 + RECORD_OVERHEAD_BYTES), counters=counters,
+                              type_name="cpu", on_records=seen.append, fixed_size=56)
     fake = FakeRing(1024)
     fake.put(b"odd")
     for i in range(6):
@@ -373,6 +375,37 @@ def test_a_fixed_size_source_hands_on_every_record_as_bytes() -> None:
     assert source.drain() == [bytes([i]) * 56 for i in range(1, 6)]  # the oldest two went
     assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 2
     assert counters.get("ring_records_discarded", type="cpu") == 1
+
+
+def test_the_pending_bound_is_in_bytes_so_small_records_wait_where_large_ones_would_not() -> None:
+    """One bound, two record sizes: the byte budget of two 4 KiB records holds ~60 id
+    records; beyond it the oldest go, counted, and what the flush signal is told is bytes."""
+    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RingBufferSource
+    from shared.counters import Counters
+
+    counters, told = Counters(), []
+    bound = 2 * (4096 + RECORD_OVERHEAD_BYTES)
+    source = RingBufferSource(ring_pages=1, max_pending_bytes=bound, counters=counters, type_name="cpu",
+                              fixed_size=56)
+    source.on_buffered = told.append
+    fake = FakeRing(16384)
+    small = [i.to_bytes(2, "little") * 28 for i in range(60)]  # 60 x 97 charged bytes fit in 8,274
+    for record in small:
+        fake.put(record)
+    source._take_records(fake.reader)
+    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 0
+    assert told == [60 * (56 + RECORD_OVERHEAD_BYTES)]
+    for record in (b"a" * 4096, b"b" * 4096):
+        fake.put(record)
+    source._take_records(fake.reader)
+    # Both large records fit only once every small one has gone: those 60 are the drops.
+    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 60
+    assert told[-1] == bound
+    assert source.drain() == [b"a" * 4096, b"b" * 4096]
+    fake.put(b"c" * 4096)
+    source._take_records(fake.reader)  # the drain emptied the account too
+    assert told[-1] == 4096 + RECORD_OVERHEAD_BYTES
+    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 60
 
 
 def test_interrupt_ends_a_wait_at_once_and_only_that_one(program: tuple[Any, bytes], reader: RingReader) -> None:
@@ -400,11 +433,12 @@ def test_interrupt_ends_a_wait_at_once_and_only_that_one(program: tuple[Any, byt
 def test_a_drain_takes_what_the_ring_holds_without_waiting_for_the_poll() -> None:
     """Records submitted without a wakeup are in the flush's drain even when the poll thread
     has not looked since; the flush signal is not told of a backlog the drain takes itself."""
-    from agent.actors.sources import RingBufferSource
+    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RingBufferSource
     from shared.counters import Counters
 
     told: list[int] = []
-    source = RingBufferSource(ring_pages=1, max_pending=10, counters=Counters(), type_name="cpu", fixed_size=56)
+    source = RingBufferSource(ring_pages=1, max_pending_bytes=1 << 20, counters=Counters(), type_name="cpu",
+                              fixed_size=56)
     fake = FakeRing(1024)
     source._ring = fake.reader
     source.on_buffered = told.append
@@ -413,5 +447,5 @@ def test_a_drain_takes_what_the_ring_holds_without_waiting_for_the_poll() -> Non
     assert source.drain() == [bytes([i]) * 56 for i in range(3)]
     assert told == [] and fake.view.consumer[0] == fake.producer_pos
     fake.put(b"\7" * 56)
-    source._take_records(fake.reader)  # the poll thread's step tells the flush signal
-    assert told == [1] and source.drain() == [b"\7" * 56]
+    source._take_records(fake.reader)  # the poll thread's step tells the flush signal, in bytes
+    assert told == [56 + RECORD_OVERHEAD_BYTES] and source.drain() == [b"\7" * 56]

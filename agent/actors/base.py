@@ -152,8 +152,8 @@ class BpfActor(ProfileActor, Generic[R]):
         interval = ctx.settings.flush_interval_s
         if self.MAX_FLUSH_INTERVAL_S is not None:
             interval = min(interval, self.MAX_FLUSH_INTERVAL_S)
-        # A flush comes early once half the records the source may hold are waiting.
-        self.flush_signal = FlushSignal(interval, max(1, ctx.settings.max_pending_events // 2))
+        # A flush comes early once records of half the bytes the source may hold are waiting.
+        self.flush_signal = FlushSignal(interval, max(1, ctx.settings.max_pending_bytes // 2))
 
     @property
     def python(self) -> PythonStacks | None:

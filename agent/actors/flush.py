@@ -5,7 +5,7 @@ the program's counters, encoding, one NATS publication and its acknowledgement),
 low sample rate is most of what the agent spends (docs/design/overhead.md, "Fixed work per
 second"). So the interval is long (``flush_interval_s``, the longest a sample waits before it
 is published), and a source whose records arrive faster than that asks for an early flush
-once ``backlog`` records wait, so that the bounded queue in front of the symbolizer never
+once ``backlog`` bytes of records wait, so that the bounded queue in front of the symbolizer never
 fills at high rates and batches stay about the same size. No record is dropped or reordered
 by the policy: it only decides when the next drain happens.
 """
@@ -22,7 +22,7 @@ class FlushSignal:
 
     def __init__(self, interval_s: float, backlog: int | None = None) -> None:
         self.interval_s = interval_s
-        self.backlog = backlog  # None: only the interval
+        self.backlog = backlog  # bytes of waiting records; None: only the interval
         self.early_flushes = 0  # flushes the backlog brought forward (for tests and logs)
         self._event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -34,7 +34,7 @@ class FlushSignal:
         self._loop = loop
 
     def note_buffered(self, waiting: int) -> None:
-        """Called by the source (any thread) with how many records wait for the next flush."""
+        """Called by the source (any thread) with how many bytes of records wait for the next flush."""
         if self.backlog is None or waiting < self.backlog or self._loop is None:
             return
         with self._lock:

@@ -5,8 +5,8 @@ program is attached, ``drain`` on every flush (on the symbolization thread), ``s
 the actor stops (blocking; what came in until then is still drained after it).
 
 :class:`RingBufferSource` reads a BPF ring buffer named ``events``: bcc's poll blocks (in
-epoll), so one poll thread per source moves each wakeup's records into a bounded deque, and
-``drain`` swaps the deque out. The poll has no timeout: an idle host costs no wake-up. Records are
+epoll), so one poll thread per source moves each wakeup's records into a deque bounded in
+bytes, and ``drain`` swaps the deque out. The poll has no timeout: an idle host costs no wake-up. Records are
 taken off the ring by agent/bpf/ring_reader.py (an mmap reader): every committed record of a
 wakeup in one batch, no Python call per record.
 """
@@ -14,6 +14,7 @@ wakeup in one batch, no Python call per record.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# What a pending record holds beyond its payload: its bytes object's header and its deque slot.
+RECORD_OVERHEAD_BYTES = sys.getsizeof(b"") + 8
 
 
 class RecordSource(ProgramPart, Generic[R]):
@@ -50,7 +53,15 @@ class RecordSource(ProgramPart, Generic[R]):
 
 
 class RingBufferSource(RecordSource[bytes]):
-    """Raw records of the program's ``events`` ring buffer, through a bounded deque."""
+    """Raw records of the program's ``events`` ring buffer, through a deque bounded in bytes.
+
+    The bound is in bytes, not records: a CPU id record is 56 bytes and a whole record ~4 KiB,
+    so a count sized for whole records held a few hundred KiB of id records and, halved as the
+    early-flush trigger, flushed a busy host's id records every ~2 s instead of every interval
+    (docs/design/overhead.md, "A byte bound for pending records"). Each record is charged its
+    payload plus ``RECORD_OVERHEAD_BYTES``. A batch is appended whole and the oldest records
+    then go until the bound holds, so the deque may exceed it by one batch (at most the ring).
+    """
 
     # The poll waits for the kernel's wakeup with no timeout: BPF wakes it once records fill
     # a quarter of the ring, or for a record the agent must see soon (bpf/ring_wakeup.h);
@@ -59,7 +70,7 @@ class RingBufferSource(RecordSource[bytes]):
     # a VM: the largest fixed cost of the thread (docs/design/overhead.md).
     POLL_TIMEOUT_MS: int | None = None
 
-    def __init__(self, ring_pages: int, max_pending: int, counters: Counters, type_name: str,
+    def __init__(self, ring_pages: int, max_pending_bytes: int, counters: Counters, type_name: str,
                  on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> None:
         self.pages = _pow2(ring_pages)
         # Most records are this size (the CPU profile's 56-byte id records): drained in runs,
@@ -69,7 +80,9 @@ class RingBufferSource(RecordSource[bytes]):
         self.on_records = on_records
         self.counters = counters
         self.type_name = type_name
-        self._pending: deque[bytes] = deque(maxlen=max_pending)
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0  # what ``_pending`` holds, charged as the bound counts it
         self._stop = threading.Event()
         self._ring: RingReader | None = None
         self._ring_counts_seen = (0, 0)  # the reader's (malformed, discarded) already counted
@@ -82,7 +95,7 @@ class RingBufferSource(RecordSource[bytes]):
            on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> RingBufferSource:
         """The ring buffer sized and bounded by the agent's settings."""
         s = ctx.settings
-        return cls(s.ringbuf_pages, s.max_pending_events, ctx.counters, profile_type.value, on_records, fixed_size)
+        return cls(s.ringbuf_pages, s.max_pending_bytes, ctx.counters, profile_type.value, on_records, fixed_size)
 
     def defines(self) -> dict[str, int | str]:
         return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.ring_bytes)}
@@ -121,31 +134,46 @@ class RingBufferSource(RecordSource[bytes]):
         with self._consuming:
             if self._ring is not None:
                 self._take_records(self._ring, notify=False)
-            pending, self._pending = self._pending, deque(maxlen=self._pending.maxlen)
+            pending, self._pending = self._pending, deque()
+            self._pending_bytes = 0
         return list(pending)
 
     def _take_records(self, reader: RingReader, notify: bool = True) -> None:
-        """Move every committed record into the pending deque (the oldest go when it is full);
-        ``notify``: the flush signal hears of the backlog (not when a drain takes it right away)."""
+        """Move every committed record into the pending deque (the oldest go beyond the byte
+        bound); ``notify``: the flush signal hears of the backlog in bytes (not when a drain
+        takes it right away)."""
         with self._consuming:  # the poll thread and a flush's drain (re-entrant: drain holds it)
             records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
-            if records and self.on_records is not None:
-                self.on_records(records)
-            pending, name = self._pending, self.type_name
-            overflow = len(pending) + len(records) - (pending.maxlen or 0)
-            if overflow > 0:
-                self.counters.inc("events_dropped", overflow, type=name, reason="agent_queue_full")
-            pending.extend(records)  # under the lock: a drain swaps the deque out under it too
-            if notify and records and self.on_buffered is not None:
-                self.on_buffered(len(pending))
-            stats, (malformed, discarded) = reader.stats, self._ring_counts_seen
-            if (stats.malformed, stats.discarded) != self._ring_counts_seen:
-                self._ring_counts_seen = (stats.malformed, stats.discarded)
-                if stats.malformed > malformed:  # logged by the reader
-                    self.counters.inc("events_dropped", stats.malformed - malformed, type=name,
-                                      reason="malformed_ring_record")
-                if stats.discarded > discarded:  # the program's choice (bpf_ringbuf_discard), not a loss
-                    self.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
+            if records:
+                if self.on_records is not None:
+                    self.on_records(records)
+                self._pending.extend(records)  # under the lock: a drain swaps the deque out under it too
+                self._pending_bytes += sum(map(len, records)) + RECORD_OVERHEAD_BYTES * len(records)
+                if self._pending_bytes > self.max_pending_bytes:
+                    self.counters.inc("events_dropped", self._drop_oldest(), type=self.type_name,
+                                      reason="agent_queue_full")
+                if notify and self.on_buffered is not None:
+                    self.on_buffered(self._pending_bytes)
+            self._count_ring_losses(reader)
+
+    def _drop_oldest(self) -> int:
+        """Drop the oldest pending records until the byte bound holds; how many went."""
+        pending, dropped = self._pending, 0
+        while pending and self._pending_bytes > self.max_pending_bytes:
+            self._pending_bytes -= len(pending.popleft()) + RECORD_OVERHEAD_BYTES
+            dropped += 1
+        return dropped
+
+    def _count_ring_losses(self, reader: RingReader) -> None:
+        """Count what the reader dropped as malformed and what BPF discarded, since last time."""
+        stats, (malformed, discarded), name = reader.stats, self._ring_counts_seen, self.type_name
+        if (stats.malformed, stats.discarded) != self._ring_counts_seen:
+            self._ring_counts_seen = (stats.malformed, stats.discarded)
+            if stats.malformed > malformed:  # logged by the reader
+                self.counters.inc("events_dropped", stats.malformed - malformed, type=name,
+                                  reason="malformed_ring_record")
+            if stats.discarded > discarded:  # the program's choice (bpf_ringbuf_discard), not a loss
+                self.counters.inc("ring_records_discarded", stats.discarded - discarded, type=name)
 
     def _poll_loop(self) -> None:
         # BPF wakes this thread only every WAKEUP_EVERY records per CPU (bpf/ring_wakeup.h);
