@@ -89,7 +89,10 @@ def agent(
     """Run the host agent: BPF actors -> symbolization -> NATS."""
     setup_logging(log_level)
     configure_allocator()
+    from agent.gc_policy import apply_gc_policy
     from agent.lean_imports import skip_unused_imports
+
+    apply_gc_policy()
 
     skip_unused_imports()
     from agent.main import run_agent
