@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.heap_sampler import ENV_SAMPLE_BYTES, LIBRARY_NAME, build_library
+from benchmarks.measure import process_cpu_s
 from benchmarks.run import STACKFLEET
 from stackfleet.nats_server import NatsServer
 
@@ -75,12 +76,6 @@ def timed(config: Config, work: int) -> Run:
     out, _ = proc.communicate("go\n")
     words = out.split()
     return Run(float(words[1]), float(words[3]), int(words[5]), int(words[7]))
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def calibrate(exe: Path) -> int:
