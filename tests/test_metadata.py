@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -136,10 +137,12 @@ def test_resolver_with_kubelet(fake_proc: Path, kubelet: str) -> None:
     assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
     assert r.cached(999) == {}  # gone: nothing to add, counted
     assert counters.get("metadata_unreadable", reason="FileNotFoundError") == 1
-    # Once it does, the entry waiting for a pod name is dropped and resolved again.
+    # Once it does, the entry waiting for a pod name expires and is resolved again; until
+    # then its samples keep what was read.
     _Kubelet.body = json.dumps(_pod_list()).encode()
     r.refresh_kubelet()
     assert set(r.stale([(100, ''), (200, '')])) == {100}
+    assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD, "process.executable.name": "worker-daemon"}
     assert set(r.stale([(200, 'renamed')])) == {200}
     r.resolve_many([100])
     assert r.cached(100) == {"container.id": CID, "k8s.pod.uid": POD, "k8s.pod.name": "checkout-7d9f",
@@ -167,6 +170,19 @@ def test_scan_resolves_live_processes_and_keeps_what_it_learned(fake_proc: Path)
     (fake_proc / "200").rmdir()
     r.resolve_many({200: "worker"})
     assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
+
+
+def test_an_expired_entry_is_stale_but_still_gives_its_attributes(fake_proc: Path) -> None:
+    """Expiry asks for a new resolution; until it happens, the process's samples carry what
+    was read last (a batch's lookups come after the resolution of its other processes, in a
+    thread, during which a fresh entry can expire)."""
+    r = MetadataResolver(MetadataSettings(cache_ttl_s=0.05), Counters(), str(fake_proc))
+    r.resolve_many([200])
+    assert r.stale([(200, "worker")]) == {}
+    time.sleep(0.1)
+    assert r.stale([(200, "worker")]) == {200: "worker"}
+    assert r.cached(200) == {"service.name": "billing", "process.executable.name": "worker-daemon"}
+    assert r.cached(999) is None  # never resolved
 
 
 def test_scan_with_the_watcher_reads_only_processes_that_started(fake_proc: Path) -> None:

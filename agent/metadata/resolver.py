@@ -89,11 +89,14 @@ class MetadataResolver:
         return self._netns.get(pid)
 
     def cached(self, pid: int) -> dict[str, str] | None:
-        """Attributes if resolved and still fresh, else None (call resolve_many in a thread)."""
+        """The attributes last resolved for ``pid``; None if it never was (or was evicted).
+
+        An expired entry still answers: expiry only makes ``stale`` ask for a new resolution.
+        A batch looks its processes up after resolving the stale ones in a thread, and an
+        entry that was fresh when ``stale`` looked may expire meanwhile (a young process's
+        lives one second); its samples must still carry what was read, not nothing."""
         entry = self._cache.get(pid)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[3]
+        return entry[3] if entry is not None else None
 
     def stale(self, processes: Iterable[tuple[int, str]]) -> dict[int, str]:
         """Of (pid, process name) pairs, those needing resolution: unknown, expired or renamed."""
@@ -110,11 +113,12 @@ class MetadataResolver:
         if self.kubelet is not None and self.kubelet.refresh():
             self._kubelet_generation += 1
             self.counters.inc("kubelet_refreshes", result="ok")
-            # Processes whose pod was not listed yet are looked up again with the new list.
+            # Processes whose pod was not listed yet are looked up again with the new list: their
+            # entries expire now (kept, so samples meanwhile still carry the pod uid).
             with self._lock:
-                for pid, (_, gen, _name, attrs, _began) in list(self._cache.items()):
+                for pid, (_, gen, name, attrs, began) in list(self._cache.items()):
                     if "k8s.pod.uid" in attrs and "k8s.pod.name" not in attrs and gen < self._kubelet_generation:
-                        del self._cache[pid]
+                        self._cache[pid] = (0.0, gen, name, attrs, began)
         elif self.kubelet is not None:
             self.counters.inc("kubelet_refreshes", result="failed")
 
