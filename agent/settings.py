@@ -145,7 +145,8 @@ class AgentSettings(BaseSettings):
     @classmethod
     def _warn_of_renamed(cls, data: object) -> object:
         given = set(data) if isinstance(data, dict) else set()
-        given |= {name for name in RENAMED_SETTINGS if f"STACKFLEET_{name.upper()}" in os.environ}
+        prefix = cls.model_config.get("env_prefix", "")
+        given |= {name for name in RENAMED_SETTINGS if f"{prefix}{name}".upper() in os.environ}
         for old in sorted(given & RENAMED_SETTINGS.keys()):
             log.warning("setting %s is no longer read: it was replaced by %s (see agent/settings.py)",
                         old, RENAMED_SETTINGS[old])

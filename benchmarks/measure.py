@@ -20,10 +20,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads included."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """User + system CPU seconds of a process, all threads included (whole clock ticks)."""
+    own_ticks, _reaped = parse_cpu_ticks(Path(f"/proc/{pid}/stat").read_text(errors="surrogateescape"))
+    return own_ticks / CLOCK_TICKS
 
 
 def process_rss_bytes(pid: int) -> int:
