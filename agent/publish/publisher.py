@@ -8,6 +8,9 @@ memory. One sender task publishes them strictly in order; with JetStream (the de
 message leaves the outbox only once the stream has acknowledged storing it, so an outage
 of NATS costs nothing up to the outbox's bound. A lost dict message is repaired by the
 resync protocol (receivers ask, we re-send the full dictionary).
+
+Large batches are encoded in a worker thread (``INLINE_ENCODE_MAX_SAMPLES``), not on the
+event loop; each encoder serves one batch or resync at a time, in the order they came.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -45,6 +48,27 @@ log = logging.getLogger(__name__)
 RETRY_INITIAL_S = 0.2
 DUPLICATE_ID_IN_PROCESS = 10158  # JetStream err_code
 RETRY_MAX_S = 5.0
+# Batches of up to this many samples are encoded on the event loop: well under a millisecond
+# at the encoder's ~0.65 us a sample (docs/design/overhead.md), less than a hop to a worker
+# thread and back costs. Larger ones (a CPU flush: ~20,000 samples at 999 Hz on two CPUs,
+# ~13 ms; ten times that on a big host) are encoded in a worker thread, so the loop's NATS
+# I/O, acknowledgements and timers are not held up behind them.
+INLINE_ENCODE_MAX_SAMPLES = 1_000
+
+
+T = TypeVar("T")
+
+
+async def run_to_completion(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread. A cancellation waits for the thread to finish before
+    it propagates: the encoder the thread works on must not be touched by the next batch (or
+    a resync) while it runs, and a thread cannot be interrupted."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.gather(work, return_exceptions=True)
+        raise
 
 
 class Publisher(SampleSink):
@@ -59,6 +83,8 @@ class Publisher(SampleSink):
         self.agent_id = new_agent_id()
         self.host = settings.host_name
         self._encoders: dict[ProfileType, StreamEncoder] = {}
+        # One batch or resync at a time per encoder (held across a worker thread's encode).
+        self._encoder_locks: dict[ProfileType, asyncio.Lock] = {}
         self.outbox: MemoryOutbox = (
             DiskOutbox(settings.spool_dir, settings.max_outgoing_messages, settings.spool_max_bytes, counters)
             if settings.spool_dir else
@@ -75,6 +101,7 @@ class Publisher(SampleSink):
         if enc is None:
             enc = StreamEncoder(self.host, profile_type, self.agent_id, self.settings.max_dictionary_entries)
             self._encoders[profile_type] = enc
+            self._encoder_locks[profile_type] = asyncio.Lock()
         return enc
 
     async def start(self) -> None:
@@ -93,26 +120,35 @@ class Publisher(SampleSink):
                  "JetStream" if self._js else "core NATS")
 
     async def submit(self, profile_type: ProfileType, samples: Sequence[Sample], period: int) -> None:
+        """Encode a batch (in a worker thread when large) and queue its messages, in order."""
         enc = self.encoder(profile_type)
-        dict_msg, samples_msg = enc.encode(samples, period)
-        self._share.used = sum(e.estimated_bytes for e in self._encoders.values())
-        if self._share.over:
-            self._within_budget()
-        if dict_msg is not None:
-            self._enqueue(profile_type, dict_subject(profile_type, self.host), dict_msg, 0)
-        if samples_msg is not None:
-            self._enqueue(profile_type, samples_subject(profile_type, self.host), samples_msg, len(samples))
-            self.counters.inc("samples_encoded", len(samples), type=profile_type.value)
+        async with self._encoder_locks[profile_type]:
+            if len(samples) > INLINE_ENCODE_MAX_SAMPLES:
+                dict_msg, samples_msg = await run_to_completion(enc.encode, samples, period)
+            else:
+                dict_msg, samples_msg = enc.encode(samples, period)
+            self._share.used = sum(e.estimated_bytes for e in self._encoders.values())
+            if self._share.over:
+                self._within_budget(enc)
+            if dict_msg is not None:
+                self._enqueue(profile_type, dict_subject(profile_type, self.host), dict_msg, 0)
+            if samples_msg is not None:
+                self._enqueue(profile_type, samples_subject(profile_type, self.host), samples_msg, len(samples))
+                self.counters.inc("samples_encoded", len(samples), type=profile_type.value)
 
-    def _within_budget(self) -> None:
+    def _within_budget(self, own: StreamEncoder) -> None:
         """Start new epochs, largest dictionary first, until the encoders fit their share.
 
         After a batch is encoded, so every samples message refers to the dictionary sent just
         before it and the next batch's dictionary starts from id 1 in the new epoch; counted
-        as cache_evictions{cache=wire_dictionaries}."""
+        as cache_evictions{cache=wire_dictionaries}. ``own`` is the encoder whose batch this
+        is (its lock is held by the caller); an other encoder busy with a batch of its own
+        is left for a later check."""
         for enc in sorted(self._encoders.values(), key=lambda e: e.estimated_bytes, reverse=True):
             if not self._share.over:
                 return
+            if enc is not own and self._encoder_locks[enc.profile_type].locked():
+                continue
             nbytes = enc.estimated_bytes
             self._share.evicted(enc.start_new_epoch(), nbytes)
             self.counters.inc("dictionary_epochs", type=enc.profile_type.value, reason="memory_budget")
@@ -130,13 +166,14 @@ class Publisher(SampleSink):
             return
         if host not in ("*", self.host):
             return
-        for ptype, enc in self._encoders.items():
+        for ptype, enc in list(self._encoders.items()):
             if types and ptype not in types:
                 continue
-            enc.request_full()
-            full = enc.flush_dictionary()
-            if full is not None:
-                self._enqueue(ptype, dict_subject(ptype, self.host), full, 0)
+            async with self._encoder_locks[ptype]:  # after any batch being encoded, before the next
+                enc.request_full()
+                full = await run_to_completion(enc.flush_dictionary)
+                if full is not None:
+                    self._enqueue(ptype, dict_subject(ptype, self.host), full, 0)
             self.counters.inc("resyncs_served", type=ptype.value)
 
     async def _send_loop(self) -> None:
