@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.process.procmaps import ProcessKey, file_key
 from agent.process.selectors import ProcessSelector
-from agent.process.watcher import ProcessSnapshot, ProcessWatcher, running_pids, same_pid_namespace
+from agent.process.watcher import ProcessSnapshot, ProcessWatcher, next_wait, running_pids, same_pid_namespace
 from shared.counters import Counters
 
 
@@ -270,3 +270,80 @@ def test_the_pid_namespace_check_works_where_pid_1_cannot_be_read(tmp_path: Path
     assert same_pid_namespace(str(ours))
     assert not same_pid_namespace(str(theirs))
     assert not same_pid_namespace(str(tmp_path))  # no self at all: not ours
+
+
+# -- a quiet host: the periodic scan backs off, new processes wake it ---------------------------
+class _TimedScans(ProcessWatcher):
+    """Records when each scan ran."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.times: list[float] = []
+
+    def scan(self) -> ProcessSnapshot:
+        snapshot = super().scan()
+        self.times.append(time.monotonic())
+        return snapshot
+
+
+def test_the_wait_doubles_after_quiet_scans_and_resets_after_any_other() -> None:
+    waits = [1.0]
+    for quiet in (True, True, True, True, False, True):
+        waits.append(next_wait(waits[-1], quiet, 1.0, 4.0))
+    assert waits == [1.0, 2.0, 4.0, 4.0, 4.0, 1.0, 2.0]
+
+
+def test_a_quiet_proc_is_scanned_less_and_less_often_and_a_change_restores_the_interval(tmp_path: Path) -> None:
+    """With nothing created or reaped (loadavg unchanged) every scan after the first is quiet and
+    the waits double up to the quiet interval; once loadavg changes, the scan after it lists
+    the new process and the wait is back to the scan interval."""
+    _fake_proc(tmp_path, [1, 10], threads=30, last_pid=10)
+    watcher = _TimedScans(Counters(), interval_s=0.02, proc=str(tmp_path), quiet_interval_s=0.32)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        await asyncio.sleep(1.6)
+        # Without backing off: ~80 scans. Waits 0.02, 0.04 ... 0.32, 0.32 ...: ~9.
+        assert 3 <= len(watcher.times) <= 12, len(watcher.times)
+        assert watcher.last_scan_quiet and watcher.listings == 1
+        gaps = [b - a for a, b in zip(watcher.times, watcher.times[1:], strict=False)]
+        assert gaps[-1] >= 0.3 and gaps[0] < gaps[-1]
+        _fake_process(tmp_path, 11)
+        (tmp_path / "loadavg").write_text("0.00 0.00 0.00 1/31 11\n")
+        before = len(watcher.times)
+        while len(watcher.times) < before + 3:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert watcher.latest is not None and 11 in watcher.latest.alive and watcher.listings == 2
+
+
+def test_a_nudge_for_an_unknown_process_scans_at_once_and_one_for_known_processes_does_not(
+        tmp_path: Path) -> None:
+    _fake_proc(tmp_path, [1, 10], threads=30, last_pid=10)
+    watcher = _TimedScans(Counters(), interval_s=60.0, proc=str(tmp_path))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        while not watcher.times:
+            await asyncio.sleep(0.01)
+        watcher.nudge({1, 10})  # both scanned already: nothing to do
+        await asyncio.sleep(0.3)
+        assert len(watcher.times) == 1
+        _fake_process(tmp_path, 12)
+        (tmp_path / "loadavg").write_text("0.00 0.00 0.00 1/31 12\n")
+        watcher.nudge({10, 12})
+        for _ in range(1000):  # the next periodic scan is a minute away
+            if len(watcher.times) == 2:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert watcher.latest is not None and 12 in watcher.latest.alive
+    assert len(watcher.times) == 2

@@ -156,6 +156,8 @@ class CpuActor(BpfActor[bytes]):
         pids = record_pids([r for r in records if len(r) != size]) - {self._own_pid}
         if not pids:
             return
+        # A process not scanned yet is read now, while it lives (the scan may have backed off).
+        self.ctx.processes.nudge(pids)
         # A whole record is what a sample that made an unwind request looks like: the worker
         # is woken for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S),
         # if BPF did leave one (it writes the request before the record): most whole records

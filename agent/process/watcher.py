@@ -10,6 +10,9 @@ changed since they last looked (:meth:`ProcessSubscription.take`): the processes
 threads at their own pace, so changes are held per subscriber, bounded: past the bound a
 subscriber is told to rebuild from the alive set instead (``complete=False``).
 
+While scans find nothing changed, the periodic scan backs off (``QUIET_INTERVAL_S``); the
+processes of new CPU stacks wake it at once (:meth:`ProcessWatcher.nudge`).
+
 With a process selector (agent/process/selectors.py) the scan also matches every live
 process against it, once for all the actors that filter by it (wall, lock, heap).
 
@@ -40,6 +43,13 @@ if TYPE_CHECKING:  # selectors list processes with running_pids, below
 log = logging.getLogger(__name__)
 
 SCAN_INTERVAL_S = 1.0
+# While scans find nothing that came, went or may still exec, the periodic scan backs off,
+# doubling its wait up to this: such a scan only confirms the last one, and waking a thread
+# to do so costs ~0.25 ms on an idle VM (docs/design/overhead.md), a fifth of the agent's
+# fixed work at 99 Hz. Any change brings the wait back to the scan interval, a process's
+# first CPU samples wake the scan at once (:meth:`ProcessWatcher.nudge`), and consumers that
+# need a fresher view scan on demand (:meth:`ProcessWatcher.current`).
+QUIET_INTERVAL_S = 4.0
 # Changes held for one subscriber between two takes; past this it rebuilds from the alive set.
 MAX_PENDING_CHANGES = 65_536
 
@@ -117,10 +127,15 @@ class ProcessWatcher:
     """Scans /proc at most once per ``interval_s`` for everyone; thread-safe."""
 
     def __init__(self, counters: Counters, selector: ProcessSelector | None = None,
-                 interval_s: float = SCAN_INTERVAL_S, proc: str = "/proc") -> None:
+                 interval_s: float = SCAN_INTERVAL_S, proc: str = "/proc",
+                 quiet_interval_s: float = QUIET_INTERVAL_S) -> None:
         self.counters = counters
         self.selector = selector if selector is not None and selector.filters else None
         self.interval_s = interval_s
+        self.quiet_interval_s = max(interval_s, quiet_interval_s)
+        # Whether the last scan found nothing changed and nothing to read again (its fast path).
+        self.last_scan_quiet = False
+        self._wake = threading.Event()  # a nudge, or the periodic scan's stop
         self.proc = proc
         self.lock = threading.Lock()  # guards the snapshot and the subscriptions
         self._scan_lock = threading.Lock()  # one scan at a time
@@ -175,6 +190,7 @@ class ProcessWatcher:
                     snapshot = replace(self.latest, scanned_at=time.monotonic())
                     with self.lock:
                         self.latest = snapshot
+                    self.last_scan_quiet = True
                     return snapshot
                 alive, candidates = set(previous), self._recheck & set(previous)
             else:
@@ -189,6 +205,7 @@ class ProcessWatcher:
                 candidates = {pid for pid in alive if pid not in previous} | (self._recheck & alive)
                 self.listings += 1
             self._fingerprint = fingerprint
+            self.last_scan_quiet = False
             keys = {pid: previous[pid] for pid in alive if pid in previous}
             started: dict[int, ProcessKey | None] = {}
             exited = set(previous) - alive
@@ -241,6 +258,15 @@ class ProcessWatcher:
         no thread hop of its own, and never asks for a second listing."""
         self._after_scan.append(follow_up)
 
+    def nudge(self, pids: set[int]) -> None:
+        """Scan now (on the periodic scan's thread) if one of ``pids`` is not in the latest
+        scan: called with the processes of new stacks (the CPU profile's poll thread), so a
+        process is read while it lives even when the periodic scan has backed off."""
+        latest = self.latest
+        if latest is not None and not pids - latest.keys.keys():
+            return
+        self._wake.set()
+
     def _scan_and_follow_up(self) -> None:
         self.scan()
         for follow_up in self._after_scan:
@@ -265,20 +291,31 @@ class ProcessWatcher:
             await stop.wait()
         finally:
             halt.set()
+            self._wake.set()
             await asyncio.to_thread(thread.join)
 
     def _scan_every_interval(self, halt: threading.Event) -> None:
         name_os_thread()
+        wait = self.interval_s
         while not halt.is_set():
             try:
                 self._scan_and_follow_up()
             except Exception:  # a bug here must not stop the agent: the consumers scan on demand
                 self.counters.inc("errors", kind="process_watch")
                 log.exception("process scan failed")
-            halt.wait(self.interval_s)
+                self.last_scan_quiet = False
+            wait = next_wait(wait, self.last_scan_quiet, self.interval_s, self.quiet_interval_s)
+            self._wake.wait(wait)
+            self._wake.clear()
 
 
 _GONE = object()
+
+
+def next_wait(previous_s: float, quiet: bool, interval_s: float, quiet_interval_s: float) -> float:
+    """The periodic scan's next wait: doubled after a quiet scan (up to ``quiet_interval_s``),
+    the scan interval after any other."""
+    return min(2 * previous_s, quiet_interval_s) if quiet else interval_s
 
 
 def young_since_ticks() -> float:
