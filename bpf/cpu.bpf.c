@@ -80,7 +80,12 @@ static __always_inline void emit_full(struct known_stack *ks, u64 id, u64 serial
     rec->head.flags = flags;
     __builtin_memcpy(rec->head.comm, ev->comm, sizeof(rec->head.comm));
     bpf_probe_read_kernel(&rec->ev, sizeof(rec->ev), ev);
-    events.ringbuf_submit(rec, ring_wakeup_soon_flag(sizeof(*rec), ev->ts_ns));
+    /* The agent reads a process when its first whole record arrives (agent/process/capture.py):
+     * that one wakes it; later ones of the same image wait for the next wakeup or flush. */
+    u32 pid = ev->pid;
+    u64 *gen = proc_generations.lookup(&pid);
+    struct wakeup_image image = {.tgid = pid, .generation = gen ? *gen : 0};
+    events.ringbuf_submit(rec, ring_wakeup_first_flag(sizeof(*rec), ev->ts_ns, &image));
 }
 
 /* The frame-pointer user stack of a sample that CFI did not unwind, and the copy above it.

@@ -70,6 +70,35 @@ static __always_inline u64 ring_wakeup_soon_flag(u64 size, u64 now_ns)
     }
     return ring_wakeup_bytes_flag(size);
 }
+
+/* The flags for a record the agent should see soon only the first time for `image` (the CPU
+ * profile's whole stacks: a process image, tgid and generation): the first record of an image
+ * asks for a wakeup as ring_wakeup_soon_flag does; once one was forced for it, its later
+ * records (new stacks of a process the agent has read already, every stack of one sent whole
+ * at each sample) wait for the ring's byte count like id records. An image whose first
+ * record's wakeup was held back by NEW_RECORD_WAKEUP_NS is not marked: its next record asks
+ * again. The map is an LRU: an image pushed out of it (many processes) wakes once more. */
+struct wakeup_image {
+    u64 tgid;
+    u64 generation;
+};
+
+#ifndef WOKEN_IMAGE_ENTRIES
+#define WOKEN_IMAGE_ENTRIES 16384
+#endif
+BPF_TABLE("lru_hash", struct wakeup_image, u8, ring_woken_images, WOKEN_IMAGE_ENTRIES);
+
+static __always_inline u64 ring_wakeup_first_flag(u64 size, u64 now_ns, struct wakeup_image *image)
+{
+    if (ring_woken_images.lookup(image))
+        return ring_wakeup_bytes_flag(size);
+    u64 flags = ring_wakeup_soon_flag(size, now_ns);
+    if (flags == BPF_RB_FORCE_WAKEUP) {
+        u8 one = 1;
+        ring_woken_images.update(image, &one);
+    }
+    return flags;
+}
 #endif
 #endif
 

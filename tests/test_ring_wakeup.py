@@ -95,3 +95,55 @@ def test_a_record_wanted_soon_wakes_at_once_then_not_again_within_the_interval()
         assert len(delivered) == 4
     finally:
         bpf.cleanup()
+
+
+FIRST_PROGRAM = """
+#include "ring_wakeup.h"
+BPF_RINGBUF_OUTPUT(events, 8);
+TRACEPOINT_PROBE(syscalls, sys_enter_getpgid)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (tgid != TEST_TGID)
+        return 0;
+    u64 *ev = events.ringbuf_reserve(sizeof(u64));
+    if (!ev)
+        return 0;
+    *ev = bpf_ktime_get_ns();
+    /* The test names the image by getpgid's argument. */
+    struct wakeup_image image = {.tgid = tgid, .generation = (u64)args->pid};
+    events.ringbuf_submit(ev, ring_wakeup_first_flag(sizeof(u64), *ev, &image));
+    return 0;
+}
+"""
+
+
+def test_only_the_first_record_of_an_image_wakes_the_poller() -> None:
+    """``ring_wakeup_first_flag`` (the CPU profile's whole stacks): the first record of a
+    process image wakes the poller at once, later ones of the same image wait for the
+    consumer (with no interval between wakeups here), and another image's first record wakes
+    it again."""
+    bcc = pytest.importorskip("bcc")
+    bpf = bcc.BPF(text=expand_local_includes(FIRST_PROGRAM),
+                  cflags=[f"-DTEST_TGID={os.getpid()}", "-DWAKEUP_BYTES=1048576", "-DNEW_RECORD_WAKEUP_NS=0"])
+    try:
+        delivered: list[int] = []
+        bpf["events"].open_ring_buffer(lambda _ctx, _data, _size: delivered.append(1) or 0)
+
+        def woken_by(image: int) -> bool:
+            os.getpgid(image)
+            started = time.monotonic()
+            bpf.ring_buffer_poll(1000)
+            woke = time.monotonic() - started < 0.9
+            bpf.ring_buffer_poll(50)  # epoll's second look, so the next poll waits for a wakeup
+            return woke
+
+        me = os.getpid()
+        assert woken_by(0)
+        assert not woken_by(0)
+        assert not woken_by(0)
+        assert woken_by(me)  # another image
+        assert not woken_by(me)
+        bpf.ring_buffer_consume()
+        assert len(delivered) == 5  # none lost
+    finally:
+        bpf.cleanup()

@@ -117,9 +117,10 @@ class CpuActor(BpfActor[bytes]):
     # one on a busy shared host, docs/design/overhead.md).
     STACK_RETRIES: ClassVar[int] = 5
     THREAD_NAMES_MAX: ClassVar[int] = 65536
-    # A whole record (a new stack: the first records of a new process) wakes the poll thread
-    # at once, at most this often (bpf/ring_wakeup.h), so the process is read before it may
-    # exit (agent/process/capture.py); id records wait in the ring for the next flush.
+    # A process image's first whole record wakes the poll thread at once, at most this often
+    # (bpf/ring_wakeup.h ring_wakeup_first_flag), so the process is read before it may exit
+    # (agent/process/capture.py); its later whole records (new stacks) and id records wait in
+    # the ring for the next wakeup or flush.
     NEW_RECORD_WAKEUP_S: ClassVar[float] = 0.2
 
     def __init__(self, ctx: ActorContext) -> None:
@@ -162,6 +163,8 @@ class CpuActor(BpfActor[bytes]):
         # is woken for it instead of polling often (agent/unwind/loader.py IDLE_POLL_INTERVAL_S),
         # if BPF did leave one (it writes the request before the record): most whole records
         # are a known process's new stacks, and an idle round of the worker costs ~0.2 ms.
+        # Those of a process image already read wake nobody (bpf/ring_wakeup.h): a request
+        # of theirs (a library loaded late) waits for this or the worker's idle poll.
         self.unwinding.nudge_if_requested()
         # A process that exits before its records are symbolized is still symbolized from
         # what was read now (agent/process/capture.py).
