@@ -127,7 +127,12 @@ def test_only_the_first_record_of_an_image_wakes_the_poller() -> None:
                   cflags=[f"-DTEST_TGID={os.getpid()}", "-DWAKEUP_BYTES=1048576", "-DNEW_RECORD_WAKEUP_NS=0"])
     try:
         delivered: list[int] = []
-        bpf["events"].open_ring_buffer(lambda _ctx, _data, _size: delivered.append(1) or 0)
+
+        def deliver(_ctx: Any, _data: Any, _size: int) -> int:
+            delivered.append(1)
+            return 0
+
+        bpf["events"].open_ring_buffer(deliver)
 
         def woken_by(image: int) -> bool:
             os.getpgid(image)
