@@ -10,6 +10,7 @@ the CPU without attaching a Python profiler. ``setproctitle`` does the system ca
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from setproctitle import setthreadtitle
 
@@ -18,3 +19,10 @@ def name_os_thread(name: str | None = None) -> None:
     """Give the calling thread its OS name: ``name``, else its Python thread name (the
     kernel keeps the first 15 bytes)."""
     setthreadtitle(name or threading.current_thread().name)
+
+
+def named_worker_pool(prefix: str) -> ThreadPoolExecutor:
+    """A thread pool (sized as asyncio's default one) whose threads carry ``prefix_N`` as
+    their OS name: set as the event loop's default executor, the ``asyncio.to_thread`` work
+    (large encodes, BPF loads, metadata reads) shows under its own name, not the process's."""
+    return ThreadPoolExecutor(thread_name_prefix=prefix, initializer=name_os_thread)

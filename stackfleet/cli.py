@@ -102,6 +102,10 @@ def agent(
                              **_nats_override(nats))
 
     async def main(stop: asyncio.Event) -> None:
+        from agent.thread_names import named_worker_pool
+
+        # Shut down with the loop (uvloop.run, like asyncio.run, closes the default executor).
+        asyncio.get_running_loop().set_default_executor(named_worker_pool("agent-worker"))
         await run_agent(settings, stop)
 
     _run_async(main, duration)
