@@ -51,13 +51,28 @@ class GatedEncode:
             self.finished.set()
 
 
-def kinds(publisher: Publisher) -> list[tuple[str, bool]]:
-    """(message kind, full dictionary) of every queued message, in order, emptying the outbox."""
+def messages(publisher: Publisher) -> list[dict[str, Any]]:
+    """Every queued message, unpacked, in order, emptying the outbox."""
     out = []
     while publisher.outbox:
-        msg = unpack(publisher.outbox.pop().payload)
-        out.append((msg["kind"], bool(msg.get("full"))))
+        out.append(unpack(publisher.outbox.pop().payload))
     return out
+
+
+def kinds(publisher: Publisher) -> list[tuple[str, bool]]:
+    """(message kind, full dictionary) of every queued message, in order, emptying the outbox."""
+    return [(m["kind"], bool(m.get("full"))) for m in messages(publisher)]
+
+
+async def held_batch() -> tuple[Publisher, GatedEncode, threading.Event, asyncio.Task[None]]:
+    """A publisher whose CPU encoder is busy in a worker thread with a 5,000-sample batch,
+    held there until the test sets the returned gate."""
+    gate = threading.Event()
+    publisher = Publisher(AgentSettings(host_name="h1"), Counters())
+    calls = GatedEncode(publisher.encoder(ProfileType.CPU), gate)
+    submit = asyncio.create_task(publisher.submit(ProfileType.CPU, samples(5_000), 10_101_010))
+    assert await asyncio.to_thread(calls.entered.wait, 10)
+    return publisher, calls, gate, submit
 
 
 async def test_small_batches_are_encoded_on_the_loop_and_large_ones_in_a_thread() -> None:
@@ -73,11 +88,7 @@ async def test_small_batches_are_encoded_on_the_loop_and_large_ones_in_a_thread(
 
 
 async def test_the_loop_runs_while_a_large_batch_is_encoded() -> None:
-    gate = threading.Event()
-    publisher = Publisher(AgentSettings(host_name="h1"), Counters())
-    calls = GatedEncode(publisher.encoder(ProfileType.CPU), gate)
-    submit = asyncio.create_task(publisher.submit(ProfileType.CPU, samples(5_000), 10_101_010))
-    assert await asyncio.to_thread(calls.entered.wait, 10)
+    publisher, _calls, gate, submit = await held_batch()
     # The encode waits for the gate, and only this coroutine opens it: the loop must run it.
     await asyncio.sleep(0.01)
     assert not submit.done()
@@ -89,20 +100,14 @@ async def test_the_loop_runs_while_a_large_batch_is_encoded() -> None:
 async def test_a_resync_waits_for_the_batch_being_encoded() -> None:
     """A resync that comes while a batch is being encoded re-sends the dictionary after that
     batch's messages, with the batch's new entries in it."""
-    gate = threading.Event()
-    publisher = Publisher(AgentSettings(host_name="h1"), Counters())
-    calls = GatedEncode(publisher.encoder(ProfileType.CPU), gate)
-    submit = asyncio.create_task(publisher.submit(ProfileType.CPU, samples(5_000), 10_101_010))
-    assert await asyncio.to_thread(calls.entered.wait, 10)
+    publisher, _calls, gate, submit = await held_batch()
     resync = asyncio.create_task(publisher._on_resync(
         SimpleNamespace(data=resync_request("h1", [ProfileType.CPU], "test"))))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     assert not resync.done() and not publisher.outbox  # waiting for the batch's encoder
     gate.set()
     await asyncio.wait_for(asyncio.gather(submit, resync), 10)
-    items = []
-    while publisher.outbox:
-        items.append(unpack(publisher.outbox.pop().payload))
+    items = messages(publisher)
     assert [(m["kind"], bool(m.get("full"))) for m in items] == [("dict", False), ("samples", False),
                                                                 ("dict", True)]
     delta, full = items[0], items[2]
@@ -111,11 +116,7 @@ async def test_a_resync_waits_for_the_batch_being_encoded() -> None:
 
 
 async def test_a_cancelled_batch_holds_the_encoder_until_its_thread_is_done() -> None:
-    gate = threading.Event()
-    publisher = Publisher(AgentSettings(host_name="h1"), Counters())
-    calls = GatedEncode(publisher.encoder(ProfileType.CPU), gate)
-    submit = asyncio.create_task(publisher.submit(ProfileType.CPU, samples(5_000), 10_101_010))
-    assert await asyncio.to_thread(calls.entered.wait, 10)
+    publisher, calls, gate, submit = await held_batch()
     submit.cancel()
     await asyncio.sleep(0.05)
     assert not submit.done()  # the thread still works on the encoder
