@@ -223,6 +223,19 @@ def test_real_proc_new_child_found_by_the_next_scan() -> None:
     assert child.pid not in watcher.scan().alive
 
 
+class _TimedScans(ProcessWatcher):
+    """Records each scan's time (its snapshot's ``scanned_at``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.times: list[float] = []
+
+    def scan(self) -> ProcessSnapshot:
+        snapshot = super().scan()
+        self.times.append(snapshot.scanned_at)
+        return snapshot
+
+
 async def test_after_each_scan_steps_run_on_the_fresh_scan_and_a_failing_one_is_counted() -> None:
     """A follow-up registered with after_each_scan runs after every periodic scan (on the
     watcher's thread) and finds it fresh (its own take scans nothing more); one that raises is
@@ -230,15 +243,8 @@ async def test_after_each_scan_steps_run_on_the_fresh_scan_and_a_failing_one_is_
     counters = Counters()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    scans: list[float] = []
-
-    class Counting(ProcessWatcher):
-        def scan(self) -> ProcessSnapshot:
-            snapshot = super().scan()
-            scans.append(snapshot.scanned_at)
-            return snapshot
-
-    watcher = Counting(counters, interval_s=0.001)
+    watcher = _TimedScans(counters, interval_s=0.001)
+    scans = watcher.times
     subscription = watcher.subscribe()
     fresh: list[bool] = []
 
@@ -273,19 +279,6 @@ def test_the_pid_namespace_check_works_where_pid_1_cannot_be_read(tmp_path: Path
 
 
 # -- a quiet host: the periodic scan backs off, new processes wake it ---------------------------
-class _TimedScans(ProcessWatcher):
-    """Records when each scan ran."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.times: list[float] = []
-
-    def scan(self) -> ProcessSnapshot:
-        snapshot = super().scan()
-        self.times.append(time.monotonic())
-        return snapshot
-
-
 def test_the_wait_doubles_after_quiet_scans_and_resets_after_any_other() -> None:
     waits = [1.0]
     for quiet in (True, True, True, True, False, True):
