@@ -82,9 +82,7 @@ static __always_inline void emit_full(struct known_stack *ks, u64 id, u64 serial
     bpf_probe_read_kernel(&rec->ev, sizeof(rec->ev), ev);
     /* The agent reads a process when its first whole record arrives (agent/process/capture.py):
      * that one wakes it; later ones of the same image wait for the next wakeup or flush. */
-    u32 pid = ev->pid;
-    u64 *gen = proc_generations.lookup(&pid);
-    struct wakeup_image image = {.tgid = pid, .generation = gen ? *gen : 0};
+    struct wakeup_image image = {.tgid = ev->pid, .generation = ks->generation};
     events.ringbuf_submit(rec, ring_wakeup_first_flag(sizeof(*rec), ev->ts_ns, &image));
 }
 
@@ -122,6 +120,10 @@ int cpu_sample_emit(struct bpf_perf_event_data *ctx)
     struct stack_event *ev = &ks->ev;
     if (ev->user_len == 0)
         user_stack_by_frame_pointers(ctx, ev);
+    /* The process image: part of the stack id, and what emit_full's wakeup is decided by. */
+    u32 pid = ev->pid;
+    u64 *gen = proc_generations.lookup(&pid);
+    ks->generation = gen ? *gen : 0;
     if (ev->copy_len) {
         count(CPU_STACKS_WITH_COPY);
         emit_full(ks, 0, 0, DEDUP_UNSTORED);
@@ -132,9 +134,6 @@ int cpu_sample_emit(struct bpf_perf_event_data *ctx)
         emit_full(ks, 0, 0, DEDUP_UNSTORED);
         return 0;
     }
-    u32 pid = ev->pid;
-    u64 *gen = proc_generations.lookup(&pid);
-    ks->generation = gen ? *gen : 0;
     u64 id = dedup_stack_id(ks);
     struct known_stack *stored = known_stacks.lookup(&id);
     if (stored) {
