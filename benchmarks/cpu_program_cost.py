@@ -76,8 +76,8 @@ VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "no_python": [("cpu_sample_entry.h", "collect_python_frames_for_tail_call(pid_tgid);", "")],
     # No CFI unwinding: bpf_get_stack()'s frame-pointer stack (and its copy) only.
     "no_unwind": [("cpu.bpf.c", "unwind_user_stack_first(ctx, ev);", "")],
-    # No kernel stack (bpf_get_stack of the kernel stack).
-    "no_kstack": [("cpu.bpf.c", "fill_stack_event_opts(ctx, ev, pid_tgid, 1, 0, 0);",
+    # No kernel stack (bpf_get_stack of the kernel stack, taken for kernel-mode samples only).
+    "no_kstack": [("cpu.bpf.c", "fill_stack_event_opts(ctx, ev, pid_tgid, sample_in_kernel_mode(ctx), 0, 0);",
                    "fill_stack_event_opts(ctx, ev, pid_tgid, 0, 0, 0);")],
     # The stack hashed twice: the second hash's cost is the hash's.
     "hash_x2": [("cpu.bpf.c", "u64 id = dedup_stack_id(ks);",

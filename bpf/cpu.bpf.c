@@ -38,6 +38,16 @@ BPF_PROG_ARRAY(cpu_stages, 2);
 
 #include "cpu_sample_entry.h"
 
+/* Whether the sample interrupted kernel mode. The perf context holds the interrupted
+ * registers (struct pt_regs, the hardware frame: ABI-stable on x86-64), and the low two bits
+ * of the saved code segment are the privilege level: 3 for user mode. A sample that
+ * interrupted user mode has no kernel stack, and bpf_get_stack() would still be called and
+ * zero the whole unused kernel array: ~0.3 us of a spinning thread's sample. */
+static __always_inline int sample_in_kernel_mode(struct bpf_perf_event_data *ctx)
+{
+    return (ctx->regs.cs & 3) != 3;
+}
+
 int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -50,7 +60,7 @@ int cpu_sample_stacks(struct bpf_perf_event_data *ctx)
      * the frame-pointer stack then (user_stack_by_frame_pointers): one walk of the user
      * stack, not two, for a process with tables. (There rather than here: this program's
      * unwinding loop leaves it little of the verifier's budget.) */
-    fill_stack_event_opts(ctx, ev, pid_tgid, 1, 0, 0);
+    fill_stack_event_opts(ctx, ev, pid_tgid, sample_in_kernel_mode(ctx), 0, 0);
 #ifdef NATIVE_UNWINDING
     unwind_user_stack_first(ctx, ev);
 #endif

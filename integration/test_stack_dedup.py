@@ -18,6 +18,7 @@ import inspect
 import os
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -237,3 +238,43 @@ def test_the_agents_own_samples_are_kept_one_in_n_and_weigh_n_periods() -> None:
     own = [s for s in run.samples if s.pid == me]
     assert own and {s.values for s in own} == {(4 * period,)}
     assert {s.values for s in run.samples if s.pid != me} <= {(period,)}
+
+
+@pytest.fixture
+def kernel_reader(tmp_path: Path) -> Iterator[int]:
+    """kernel_read: its main thread in read(2) of /dev/zero, its second thread spinning."""
+    proc = subprocess.Popen([str(build_c("kernel_read.c", tmp_path)), "600"], stdout=subprocess.DEVNULL)
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_kernel_stack_where_the_sample_interrupted_the_kernel_only(kernel_reader: int) -> None:
+    """A sample that interrupted the kernel carries the kernel stack, leaf first, above the
+    user stack of the system call; a sample that interrupted user mode carries none (the
+    program does not walk the kernel stack there, bpf/cpu.bpf.c). kernel_read's main thread
+    spends most of its CPU time in read(2) of /dev/zero; its second thread stays in user
+    space."""
+    pid = kernel_reader
+    run = _run_actor({}, SECONDS)
+
+    def kernel(s: Sample) -> list[str]:
+        return [f.function for f in s.frames if f.frame_type == FrameType.KERNEL]
+
+    def user(s: Sample) -> list[str]:
+        return [f.function for f in s.frames if f.frame_type != FrameType.KERNEL]
+
+    reader = [s for s in run.samples if s.pid == pid and s.tid == pid]
+    in_kernel = [s for s in reader if kernel(s)]
+    assert len(in_kernel) >= 0.5 * len(reader) > 0, (len(in_kernel), len(reader))
+    # Leaf first: every kernel frame comes before the first user frame.
+    assert all(f.frame_type == FrameType.KERNEL for s in in_kernel for f in s.frames[: len(kernel(s))])
+    in_read = [s for s in in_kernel if {"vfs_read", "ksys_read"} & set(kernel(s))]
+    assert len(in_read) >= 0.9 * len(in_kernel), Counter(tuple(kernel(s)[:4]) for s in in_kernel).most_common(3)
+    through_loop = [s for s in in_read if "read_loop" in user(s) and "main" in user(s)]
+    assert len(through_loop) >= 0.8 * len(in_read), Counter(tuple(user(s)) for s in in_read).most_common(3)
+
+    spinner = [s for s in run.samples if s.pid == pid and s.tid != pid and "spin_leaf" in user(s)]
+    assert len(spinner) >= 20, len(spinner)
+    with_kernel = [kernel(s) for s in spinner if kernel(s)]
+    assert len(with_kernel) <= max(1, 0.02 * len(spinner)), with_kernel[:3]
