@@ -30,7 +30,7 @@ from typing import Any
 from benchmarks.host_simulator import SimulatedHost
 from shared.model import Sample
 from shared.profile_types import ProfileType
-from shared.wire import MAX_ATTRS, StreamEncoder, pack
+from shared.wire import ATTRIBUTE_SETS_VERSION, MAX_ATTRS, StreamEncoder, pack
 
 
 class PerSampleEncoder(StreamEncoder):
@@ -41,7 +41,8 @@ class PerSampleEncoder(StreamEncoder):
             self._reset_tables()
         ts, cpu, pid, tid, thread, process, stack = [], [], [], [], [], [], []
         values: list[list[int]] = []
-        attrs: list[list[int]] = []
+        attr_sets: dict[tuple[int, ...], int] = {}
+        attr: list[int] = []
         any_attrs = False
         t0 = min((s.timestamp_ns for s in samples), default=0)
         for s in samples:
@@ -58,7 +59,7 @@ class PerSampleEncoder(StreamEncoder):
                 any_attrs = True
                 flat.append(self._string(k))
                 flat.append(self._string(v))
-            attrs.append(flat)
+            attr.append(attr_sets.setdefault(tuple(flat), len(attr_sets)))
         dict_msg = self._dict_message()
         if not samples:
             return dict_msg, None
@@ -66,7 +67,7 @@ class PerSampleEncoder(StreamEncoder):
                                 "ts": ts, "cpu": cpu, "pid": pid, "tid": tid, "thread": thread,
                                 "process": process, "stack": stack, "values": values}
         if any_attrs:
-            body["attrs"] = attrs
+            body.update(v=ATTRIBUTE_SETS_VERSION, attr_sets=list(map(list, attr_sets)), attr=attr)
         return dict_msg, pack(body)
 
 

@@ -32,7 +32,16 @@ Samples message (map, columnar so msgpack packs small ints tightly)::
     period: int     sampling period in the type's period unit
     ts, cpu, pid, tid, thread, process, stack: [int, ...]  (thread/process are string ids)
     values: [[int, ...], ...]   one list per sample, in PROFILE_TYPES order
-    attrs:  [[key_sid, value_sid, ...], ...]  optional, one list per sample
+    attr_sets: [[key_sid, value_sid, ...], ...]  optional: the batch's distinct attribute lists
+    attr:   [int, ...]  with attr_sets: per sample, the index of its list in attr_sets
+
+Samples share their process's attributes, so a batch holds few distinct lists: each is sent
+once and every sample carries one small index. Older agents sent ``attrs``, one list per
+sample (``[[key_sid, value_sid, ...], ...]``): receivers accept either form.
+
+``v`` is the lowest protocol version that reads the message: 2 for a samples message with
+``attr_sets`` (a version-1 receiver rejects it as ``bad_version`` instead of dropping its
+attributes unseen), 1 for everything else.
 
 Everything received is validated (types, sizes, id bounds) before use: a bad message is
 rejected with :class:`WireError`, never applied halfway.
@@ -55,6 +64,8 @@ from shared.model import Frame, FrameType, Mapping, Sample, SampleColumns
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
 PROTOCOL_VERSION = 1
+ATTRIBUTE_SETS_VERSION = 2  # samples messages with attr_sets/attr
+ACCEPTED_VERSIONS = (PROTOCOL_VERSION, ATTRIBUTE_SETS_VERSION)
 
 # Bounds applied to every received message: generous for real agents, small enough that
 # a hostile publisher cannot make the aggregator allocate without limit.
@@ -276,17 +287,20 @@ class StreamEncoder:
             ids[s] = known.get(s) or self._string(s)  # ids start at 1
         return list(map(ids.__getitem__, strings))
 
-    def _attribute_ids(self, attributes: list[dict[str, str]]) -> list[list[int]]:
-        """``[key_sid, value_sid, ...]`` per sample: each distinct dict object flattened once
-        (the CPU profile's samples share their process's dict), in order of first appearance."""
-        flat_by_dict: dict[int, list[int]] = {}
-        for attrs in dict(zip(map(id, attributes), attributes, strict=True)).values():  # distinct objects, in C
+    def _attribute_sets(self, attributes: list[dict[str, str]]) -> tuple[list[list[int]], list[int]]:
+        """(the batch's distinct ``[key_sid, value_sid, ...]`` lists, each sample's index into
+        them): each distinct dict object is flattened once (the samples of a process share its
+        dict), equal lists are sent once, in order of first appearance."""
+        ids = list(map(id, attributes))
+        sets: dict[tuple[int, ...], int] = {}
+        index_by_dict: dict[int, int] = {}
+        for attrs in dict(zip(ids, attributes, strict=True)).values():  # distinct objects, in C
             flat: list[int] = []
             for k, v in list(attrs.items())[:MAX_ATTRS]:
                 flat.append(self._string(k))
                 flat.append(self._string(v))
-            flat_by_dict[id(attrs)] = flat
-        return list(map(flat_by_dict.__getitem__, map(id, attributes)))
+            index_by_dict[id(attrs)] = sets.setdefault(tuple(flat), len(sets))
+        return list(map(list, sets)), list(map(index_by_dict.__getitem__, ids))
 
     def encode(self, samples: Sequence[Sample], period: int) -> tuple[bytes | None, bytes | None]:
         """Encode a batch: returns (dict message or None if nothing new, samples message or None).
@@ -317,8 +331,7 @@ class StreamEncoder:
         thread = self._string_ids(thread_names)
         process = self._string_ids(process_names)
         stack = self._stack_ids(stacks)
-        attrs = self._attribute_ids(attributes) if attributes is not None else []
-        any_attrs = attributes is not None
+        attr_sets, attr = self._attribute_sets(attributes) if attributes is not None else ([], [])
         dict_msg = self._dict_message()
         if not samples:
             return dict_msg, None
@@ -336,8 +349,10 @@ class StreamEncoder:
             "stack": stack,
             "values": values,
         }
-        if any_attrs:
-            body["attrs"] = attrs
+        if attributes is not None:
+            body["v"] = ATTRIBUTE_SETS_VERSION
+            body["attr_sets"] = attr_sets
+            body["attr"] = attr
         return dict_msg, pack(body)
 
     def flush_dictionary(self) -> bytes | None:
@@ -398,8 +413,9 @@ def unpack(data: bytes) -> dict[str, Any]:
         raise WireError("not_msgpack", type(exc).__name__) from None
     if not isinstance(obj, dict):
         raise WireError("not_a_map")
-    if obj.get("v") != PROTOCOL_VERSION:
-        raise WireError("bad_version", repr(obj.get("v"))[:32])
+    version = obj.get("v")
+    if type(version) is not int or version not in ACCEPTED_VERSIONS:
+        raise WireError("bad_version", repr(version)[:32])
     return obj
 
 
@@ -643,7 +659,7 @@ def decode_samples(msg: dict[str, Any], stream: StreamKey, dictionary: StreamDic
     if n > MAX_SAMPLES_PER_MESSAGE or any(len(c) != n for c in cols):
         raise WireError("bad_columns", "length mismatch")
     attrs = msg.get("attrs")
-    if attrs is not None and (not isinstance(attrs, list) or len(attrs) != n):
+    if attrs is not None and (not isinstance(attrs, list) or len(attrs) != n or "attr_sets" in msg):
         raise WireError("bad_attrs")
     t0, period = msg.get("t0"), msg.get("period")
     if not isinstance(t0, int) or not isinstance(period, int) or not (_is_uint(t0) and _is_uint(period)):
@@ -667,19 +683,36 @@ def decode_samples(msg: dict[str, Any], stream: StreamKey, dictionary: StreamDic
     value_rows = list(map(tuple, values))
     no_attrs: tuple[tuple[int, int], ...] = ()
     attr_rows: list[tuple[tuple[int, int], ...]] = [no_attrs] * n
-    if isinstance(attrs, list):
+    if "attr_sets" in msg or "attr" in msg:
+        attr_rows = _attribute_rows(msg.get("attr_sets"), msg.get("attr"), n, n_strings)
+    elif isinstance(attrs, list):  # older agents: one list per sample
         for i, flat in enumerate(attrs):
-            if not flat:
-                continue
-            if type(flat) is not list or len(flat) % 2 or len(flat) > 2 * MAX_ATTRS or not _uint_column(flat):
-                raise WireError("bad_attrs")
-            if max(flat) >= n_strings:
-                raise WireError("unknown_id", "attribute")
-            attr_rows[i] = tuple(zip(flat[::2], flat[1::2], strict=True))
+            if flat:
+                attr_rows[i] = _attribute_pairs(flat, n_strings)
     # zip builds the row tuples in C; all columns were checked to have length n above.
     rows: list[SampleRow] = list(zip(map(t0.__add__, ts), cpu, pid, tid, thread, process, stack,
                                      value_rows, attr_rows, strict=True))
     return DecodedSamples(stream, period, rows, dictionary)
+
+
+def _attribute_pairs(flat: object, n_strings: int) -> tuple[tuple[int, int], ...]:
+    """``((key_sid, value_sid), ...)`` of one validated ``[key_sid, value_sid, ...]`` list."""
+    if type(flat) is not list or len(flat) % 2 or len(flat) > 2 * MAX_ATTRS or not _uint_column(flat):
+        raise WireError("bad_attrs")
+    if flat and max(flat) >= n_strings:
+        raise WireError("unknown_id", "attribute")
+    return tuple(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _attribute_rows(sets: object, index: object, n: int, n_strings: int) -> list[tuple[tuple[int, int], ...]]:
+    """Each sample's attribute pairs from ``attr_sets`` and ``attr``: every set is validated
+    once, and the samples share its tuple."""
+    if type(sets) is not list or type(index) is not list or len(index) != n or len(sets) > max(n, 1):
+        raise WireError("bad_attrs")
+    rows = [_attribute_pairs(flat, n_strings) for flat in sets]
+    if n and (not _uint_column(index) or max(index) >= len(rows)):
+        raise WireError("bad_attrs", "set index")
+    return list(map(rows.__getitem__, index))
 
 
 def resync_request(host: str, profile_types: Iterable[ProfileType] | None = None, reason: str = "") -> bytes:

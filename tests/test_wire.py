@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import msgpack
 import pytest
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from shared.model import Frame, FrameType, Mapping, Sample
 from shared.profile_types import ProfileType
 from shared.wire import (
+    ATTRIBUTE_SETS_VERSION,
+    PROTOCOL_VERSION,
     StreamDictionary,
     StreamEncoder,
     WireError,
@@ -61,6 +64,76 @@ def test_round_trip_preserves_every_field() -> None:
     assert samples_msg is not None
     _, got = receive(None, dict_msg, samples_msg)
     assert got == batch
+
+
+def test_attributes_travel_as_sets_with_one_index_per_sample() -> None:
+    """Samples of a process share its attributes dict: each distinct list is sent once
+    (equal lists of different dicts too) and every sample carries its list's index."""
+    web, db = {"service.name": "web", "container.id": "c1"}, {"service.name": "db"}
+    web_again = dict(web)  # another object with the same content
+    batch = [sample(1_000 + i, frames("leaf", "main"), attrs=a) for i, a in enumerate([web, db, web, web_again, db])]
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    dict_msg, samples_msg = enc.encode(batch, period=10_101_010)
+    assert samples_msg is not None
+    msg = unpack(samples_msg)
+    assert msg["v"] == ATTRIBUTE_SETS_VERSION and "attrs" not in msg
+    assert len(msg["attr_sets"]) == 2 and msg["attr"] == [0, 1, 0, 0, 1]
+    _, got = receive(None, dict_msg, samples_msg)
+    assert got == batch
+
+
+def test_samples_without_attributes_stay_version_1() -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    _, samples_msg = enc.encode([sample(1_000, frames("leaf", "main"))], period=10_101_010)
+    assert samples_msg is not None
+    msg = unpack(samples_msg)
+    assert msg["v"] == PROTOCOL_VERSION == 1 and not {"attrs", "attr_sets", "attr"} & set(msg)
+
+
+def _as_older_agent(samples_msg: bytes) -> dict:
+    """The message as an older agent sent it: version 1, one attribute list per sample."""
+    msg = unpack(samples_msg)
+    sets, index = msg.pop("attr_sets"), msg.pop("attr")
+    return {**msg, "v": 1, "attrs": [sets[i] for i in index]}
+
+
+def test_older_agents_per_sample_attributes_are_read() -> None:
+    batch = [sample(1_000, frames("leaf", "main"), attrs={"k": "v"}), sample(2_000, frames("leaf", "main")),
+             sample(3_000, frames("other", "main"), attrs={"k": "w", "k2": "v"})]
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    dict_msg, samples_msg = enc.encode(batch, period=10_101_010)
+    assert dict_msg is not None and samples_msg is not None
+    d = unpack(dict_msg)
+    dictionary = StreamDictionary(header(d, "dict")[1])
+    dictionary.apply(d)
+    old = unpack(msgpack.packb(_as_older_agent(samples_msg)))
+    assert decode_samples(old, header(old, "samples")[0], dictionary).samples == batch
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda m: m.update(attrs=[[] for _ in m["attr"]]), "bad_attrs"),       # both forms at once
+    (lambda m: m.pop("attr_sets"), "bad_attrs"),                            # indexes without sets
+    (lambda m: m.update(attr=m["attr"][:-1]), "bad_attrs"),                 # one index short
+    (lambda m: m.update(attr=[*m["attr"][:-1], 2]), "bad_attrs"),           # no set 2
+    (lambda m: m.update(attr=[*m["attr"][:-1], -1]), "bad_attrs"),
+    (lambda m: m["attr_sets"].__setitem__(0, [1]), "bad_attrs"),            # a key without a value
+    (lambda m: m["attr_sets"].__setitem__(0, [1, 10_000]), "unknown_id"),   # a string not sent
+    (lambda m: m.update(attr_sets=[[1, 2]] * 5), "bad_attrs"),              # more sets than samples
+])
+def test_malformed_attribute_sets_are_rejected(edit: Any, reason: str) -> None:
+    enc = StreamEncoder("host-a", ProfileType.CPU, "agent1")
+    batch = [sample(1_000, frames("leaf", "main"), attrs={"k": "v"}), sample(2_000, frames("leaf", "main"))]
+    dict_msg, samples_msg = enc.encode(batch, period=10_101_010)
+    assert dict_msg is not None and samples_msg is not None
+    d = unpack(dict_msg)
+    dictionary = StreamDictionary(header(d, "dict")[1])
+    dictionary.apply(d)
+    msg = unpack(samples_msg)
+    edit(msg)
+    msg = unpack(msgpack.packb(msg))
+    with pytest.raises(WireError) as caught:
+        decode_samples(msg, header(msg, "samples")[0], dictionary)
+    assert caught.value.reason == reason
 
 
 def test_inlined_frames_and_build_ids_round_trip() -> None:
@@ -172,6 +245,8 @@ def test_resync_request_round_trip() -> None:
         b"\xc1",
         msgpack.packb([1, 2, 3]),
         msgpack.packb({"v": 99, "kind": "samples"}),
+        msgpack.packb({"v": 3, "kind": "samples"}),
+        msgpack.packb({"v": True, "kind": "samples"}),
         msgpack.packb({"v": 1, "kind": "samples", "host": "h", "type": "nope", "agent": "a", "epoch": 1, "seq": 1}),
         msgpack.packb({"v": 1, "kind": "samples", "host": "h", "type": "cpu", "agent": "a", "epoch": -1, "seq": 1}),
     ],
@@ -204,7 +279,7 @@ _json = st.recursive(
     ),
     st.fixed_dictionaries(
         {
-            "v": st.just(1),
+            "v": st.sampled_from([PROTOCOL_VERSION, ATTRIBUTE_SETS_VERSION]),
             "kind": st.just("samples"),
             "host": st.just("h"),
             "type": st.just("cpu"),
@@ -214,7 +289,8 @@ _json = st.recursive(
         },
         optional={
             k: _json
-            for k in ("t0", "period", "ts", "cpu", "pid", "tid", "thread", "process", "stack", "values", "attrs")
+            for k in ("t0", "period", "ts", "cpu", "pid", "tid", "thread", "process", "stack", "values", "attrs",
+                      "attr_sets", "attr")
         },
     ),
 )
