@@ -20,6 +20,7 @@ from array import array
 from collections import OrderedDict
 from typing import Any
 
+from agent.symbols.inflate_index import InflateIndex
 from agent.symbols.packed_names import PackedNames
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,12 @@ class CuLineIndex:
     """Lines of a file whose line program is too large to decode whole, one CU at a time.
 
     ``open_dwarf`` gives the file's pyelftools DWARFInfo. It is opened to build the index and
-    again to decode CUs (~0.03-0.08 s), and only the last file's is kept (``_dwarf``): it holds
-    the decompressed debug sections (~10 MB for libc's debug file, 30 MB for a libpython built
-    with -g), and a host maps many such files. A CU whose own line program is over ``MAX_CU_LINE_PROGRAM_BYTES``
+    again to decode CUs, and only the last file's is kept (``_dwarf``): a host maps many such
+    files. Where the debug sections are zlib-compressed (Debian's debug files), the opener
+    reads them through ``inflate_indexes`` (agent/symbols/inflate_index.py), built at the
+    first opening and kept with this index: opening again then costs ~1 ms and a CU's decode
+    inflates only the blocks it reads, where inflating libc's sections whole took ~50 ms and
+    held ~8 MB while the DWARFInfo was kept. A CU whose own line program is over ``MAX_CU_LINE_PROGRAM_BYTES``
     (one-CU "unity" builds such as Cython modules) keeps names only, like a whole file over the
     budget: each decode stays within ~40 ms. Raises ValueError without ``.debug_aranges``.
     """
@@ -92,8 +96,10 @@ class CuLineIndex:
     _recent: tuple[CuLineIndex, Any] | None = None
     _recent_used = 0.0
 
-    def __init__(self, open_dwarf: Any, path: str, cache_rows: int = CU_CACHE_ROWS) -> None:
+    def __init__(self, open_dwarf: Any, path: str, cache_rows: int = CU_CACHE_ROWS,
+                 inflate_indexes: dict[str, InflateIndex] | None = None) -> None:
         self._open_dwarf = open_dwarf
+        self._inflate_indexes = inflate_indexes if inflate_indexes is not None else {}
         self.path = path
         self.cache_rows = cache_rows
         dwarf = open_dwarf()
@@ -169,7 +175,8 @@ class CuLineIndex:
         return True
 
     def nbytes(self) -> int:
-        return 24 * len(self._starts) + sum(t.nbytes() for t in self._tables.values())
+        return (24 * len(self._starts) + sum(t.nbytes() for t in self._tables.values())
+                + sum(index.nbytes for index in self._inflate_indexes.values()))
 
 
 def collect_rows(program: Any, cu: Any, rows: list[tuple[int, str, int]]) -> None:

@@ -35,6 +35,7 @@ from elftools.elf.sections import SymbolTableSection
 from agent.runtimes.go.pclntab import GoSymbolTable, pclntab_section, shared_go_table
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.dwarf_lines import CuLineIndex, LineTable, whole_line_table
+from agent.symbols.inflate_index import InflateIndex
 from agent.symbols.packed_names import PackedNames
 from agent.symbols.section_views import ViewingELFFile
 
@@ -202,7 +203,10 @@ class ElfSymbols:
                 stream = self._debug_stream or self._stream
                 try:
                     # Its debug sections are read in place when a CU is decoded, not copied.
-                    index = CuLineIndex(lambda: ViewingELFFile(stream).get_dwarf_info(), self.path)
+                    # The compressed sections' indexes outlive each opening (section_views.py).
+                    inflate: dict[str, InflateIndex] = {}
+                    index = CuLineIndex(lambda: ViewingELFFile(stream, inflate).get_dwarf_info(), self.path,
+                                        inflate_indexes=inflate)
                     log.info("%s: DWARF line program of %d bytes is over the %d-byte budget: lines are "
                              "decoded per compilation unit", self.path, section.data_size, MAX_LINE_PROGRAM_BYTES)
                     return index

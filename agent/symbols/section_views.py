@@ -9,8 +9,11 @@ file for each section that is stored plainly (not compressed, no relocations to 
 phantom bytes), so those reads go to the file (its page cache) and nothing is copied;
 other sections take pyelftools' own path. pyelftools has no option for this; it reads its
 sections only through ``seek``/``tell``/``read``, which is all the window offers.
-Sections compressed in the file (Debian's debug files) are decompressed as pyelftools does;
-of those, the ones line decoding never reads are not read at all.
+Sections compressed with zlib in the file (Debian's debug files) are read through an
+:class:`~agent.symbols.inflate_index.InflateIndex` given by the caller and kept by it across
+openings: the first opening inflates each such section once to build its index, later ones
+inflate only the blocks that CU decoding reads. The sections line decoding never reads are
+not read at all.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import io
 import os
 from typing import IO, cast
 
+from elftools.common.utils import struct_parse
 from elftools.dwarf.dwarfinfo import DebugSectionDescriptor
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationHandler
 from elftools.elf.sections import Section
+
+from agent.symbols.inflate_index import IndexedInflateStream, InflateIndex
 
 
 class FileWindow(io.RawIOBase):
@@ -80,22 +86,53 @@ NOT_FOR_LINES = frozenset((".debug_loc", ".debug_loclists", ".debug_ranges", ".d
                            ".eh_frame", ".debug_pubnames", ".debug_pubtypes", ".debug_types"))
 
 
+# Compressed sections up to this size are inflated whole, as pyelftools does (libc's
+# abbreviations, strings and address ranges: ~1.3 MB together, ~5 ms): a CU's decode reads
+# from each of them, and through an index that would be one block inflated per section.
+WHOLE_SECTION_MAX_BYTES = 1024 * 1024
+
+
 class ViewingELFFile(ELFFile):
     """An ``ELFFile`` for line decoding: its DWARF sections are windows onto the file where
-    they can be, and the sections lines never need are left out."""
+    they can be (through ``inflate_indexes``, by section name, where zlib compresses them),
+    and the sections lines never need are left out."""
+
+    def __init__(self, stream: IO[bytes], inflate_indexes: dict[str, InflateIndex] | None = None) -> None:
+        super().__init__(stream)
+        self.inflate_indexes = inflate_indexes
 
     def _read_dwarf_section(self, section: Section, relocate_dwarf_sections: bool) -> DebugSectionDescriptor:
         if section.name in NOT_FOR_LINES:
             return None  # type: ignore[return-value]  # pyelftools' value for a missing section
-        plain = (not section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED and section["sh_type"] != "SHT_NOBITS"
-                 and not self.has_phantom_bytes())
-        if plain and relocate_dwarf_sections:
-            plain = RelocationHandler(self).find_relocations_for_section(section) is None
-        if not plain:
+        compressed = bool(section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED)
+        viewable = section["sh_type"] != "SHT_NOBITS" and not self.has_phantom_bytes()
+        if viewable and relocate_dwarf_sections:
+            viewable = RelocationHandler(self).find_relocations_for_section(section) is None
+        stream: IO[bytes] | None = None
+        if viewable and not compressed:
+            stream = cast(IO[bytes], FileWindow(self.stream, section["sh_offset"], section["sh_size"]))
+        elif viewable and self.inflate_indexes is not None:
+            stream = self._indexed_stream(section)
+        if stream is None:
             return super()._read_dwarf_section(section, relocate_dwarf_sections)
         return DebugSectionDescriptor(
-            stream=cast(IO[bytes], FileWindow(self.stream, section["sh_offset"], section["sh_size"])),
+            stream=stream,
             name=section.name,
             global_offset=section["sh_offset"],
-            size=section["sh_size"],
+            size=section.data_size,
             address=section["sh_addr"])
+
+    def _indexed_stream(self, section: Section) -> IO[bytes] | None:
+        """The decompressed view of a zlib-compressed section through its index (built
+        now if the caller has none yet); None for another compression or a small section."""
+        assert self.inflate_indexes is not None
+        header = struct_parse(self.structs.Elf_Chdr, self.stream, stream_pos=section["sh_offset"])
+        if header["ch_type"] != "ELFCOMPRESS_ZLIB" or header["ch_size"] <= WHOLE_SECTION_MAX_BYTES:
+            return None
+        start = section["sh_offset"] + self.structs.Elf_Chdr.sizeof()
+        index = self.inflate_indexes.get(section.name)
+        if index is None:
+            index = InflateIndex.build(self.stream, start, section["sh_size"] - self.structs.Elf_Chdr.sizeof(),
+                                       header["ch_size"])
+            self.inflate_indexes[section.name] = index
+        return cast(IO[bytes], IndexedInflateStream(self.stream, start, index))
