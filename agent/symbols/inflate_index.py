@@ -18,11 +18,11 @@ is written here on ``decompressobj().copy()``.
 from __future__ import annotations
 
 import bisect
-import io
-import os
 import zlib
 from dataclasses import dataclass, field
 from typing import IO
+
+from agent.symbols.section_stream import SectionStream
 
 # Decompressed bytes between two saved states: a read inflates at most this much (~1 ms).
 SPACING = 128 * 1024
@@ -37,13 +37,36 @@ class InflateError(ValueError):
     """The compressed stream is corrupt or does not have the size its header gives."""
 
 
-def _read(base: IO[bytes], at: int, size: int) -> bytes:
-    """``size`` compressed bytes at ``at``; an error if the file ends first (it changed)."""
-    base.seek(at)
-    data = base.read(size)
-    if not data:
-        raise InflateError(f"the file ends before the compressed stream (at {at})")
-    return data
+class _Inflation:
+    """A zlib stream inflated on from one state: reads its input from the file as needed."""
+
+    def __init__(self, base: IO[bytes], start: int, length: int, inflater: zlib._Decompress, consumed: int) -> None:
+        self._base, self._start, self._length = base, start, length
+        self.inflater = inflater
+        self._consumed = consumed  # input read from the file
+        self._pending = b""  # read, not yet taken by the inflater
+        self.done = False
+
+    @property
+    def input_used(self) -> int:
+        """Input bytes the inflater has taken: where a copy of its state resumes reading."""
+        return self._consumed - len(self._pending)
+
+    def step(self, max_out: int) -> bytes:
+        """At most ``max_out`` (>= 1) more bytes of output; sets ``done`` at the stream's end."""
+        if not self._pending and self._consumed < self._length:
+            self._base.seek(self._start + self._consumed)
+            self._pending = self._base.read(min(_READ_CHUNK, self._length - self._consumed))
+            if not self._pending:
+                raise InflateError(f"the file ends before the compressed stream (at {self._start + self._consumed})")
+            self._consumed += len(self._pending)
+        try:
+            out = self.inflater.decompress(self._pending, max_out)
+        except zlib.error as exc:
+            raise InflateError(f"corrupt zlib stream: {exc}") from None
+        self._pending = self.inflater.unconsumed_tail
+        self.done = self.inflater.eof or (not out and not self._pending and self._consumed >= self._length)
+        return out
 
 
 @dataclass(slots=True)
@@ -67,68 +90,48 @@ class InflateIndex:
         give ``size`` bytes), saving a state every ``max(SPACING, size / MAX_CHECKPOINTS)``."""
         spacing = max(SPACING, -(-size // MAX_CHECKPOINTS))
         index = cls(size, length)
-        inflater = zlib.decompressobj()
-        produced = consumed = 0
-        pending = b""
-        next_mark = 0
-        try:
-            while True:
-                if next_mark <= produced < size:
-                    index.outputs.append(produced)
-                    index.inputs.append(consumed - len(pending))
-                    index.states.append(inflater.copy())
-                    next_mark = produced + spacing
-                if not pending and consumed < length:
-                    pending = _read(base, start + consumed, min(_READ_CHUNK, length - consumed))
-                    consumed += len(pending)
-                out = inflater.decompress(pending, max(1, next_mark - produced))
-                pending = inflater.unconsumed_tail
-                produced += len(out)
-                if inflater.eof or (not out and not pending and consumed >= length):
-                    break
-        except zlib.error as exc:
-            raise InflateError(f"corrupt zlib stream: {exc}") from None
+        flow = _Inflation(base, start, length, zlib.decompressobj(), 0)
+        produced = next_mark = 0
+        while not flow.done:
+            if next_mark <= produced < size:
+                index.outputs.append(produced)
+                index.inputs.append(flow.input_used)
+                index.states.append(flow.inflater.copy())
+                next_mark = produced + spacing
+            produced += len(flow.step(max(1, next_mark - produced)))
         if produced != size:
             raise InflateError(f"zlib stream gives {produced} bytes, its header says {size}")
         return index
+
+    def resume(self, base: IO[bytes], start: int, i: int) -> _Inflation:
+        """Inflation from saved state ``i`` (a copy: the saved state stays as it was)."""
+        return _Inflation(base, start, self.length, self.states[i].copy(), self.inputs[i])
+
 
 class _Cursor:
     """Inflation resumed from one saved state: the bytes inflated from it so far, extended
     on demand (a read inflates up to what it needs, not the whole block)."""
 
-    def __init__(self, index: InflateIndex, i: int) -> None:
-        self.index = index
+    def __init__(self, base: IO[bytes], start: int, index: InflateIndex, i: int) -> None:
         self.first = index.outputs[i]
         self.data = bytearray()
-        self._inflater = index.states[i].copy()  # the saved state stays as it was
-        self._consumed = index.inputs[i]
-        self._pending = b""
+        self._size = index.size
+        self._flow = index.resume(base, start, i)
 
     @property
     def end(self) -> int:
         return self.first + len(self.data)
 
-    def extend_to(self, base: IO[bytes], start: int, end: int) -> None:
+    def extend_to(self, end: int) -> None:
         """Inflate until the data reaches ``end`` (at most the section's size)."""
-        index = self.index
-        end = min(end, index.size)
-        try:
-            while self.end < end:
-                if not self._pending and self._consumed < index.length:
-                    self._pending = _read(base, start + self._consumed, min(_READ_CHUNK, index.length - self._consumed))
-                    self._consumed += len(self._pending)
-                out = self._inflater.decompress(self._pending, end - self.end)
-                self._pending = self._inflater.unconsumed_tail
-                self.data += out
-                if self._inflater.eof or (not out and not self._pending and self._consumed >= index.length):
-                    break
-        except zlib.error as exc:
-            raise InflateError(f"corrupt zlib stream: {exc}") from None
+        end = min(end, self._size)
+        while self.end < end and not self._flow.done:
+            self.data += self._flow.step(end - self.end)
         if self.end < end:
             raise InflateError(f"zlib stream ended {end - self.end} bytes early (the file changed?)")
 
 
-class IndexedInflateStream(io.RawIOBase):
+class IndexedInflateStream(SectionStream):
     """A read-only, seekable view of a compressed section's decompressed bytes through its
     :class:`InflateIndex`. A read resumes from the last cursor if that is no further from
     it than the nearest saved state, else from that state, and inflates ``READ_AHEAD``
@@ -138,33 +141,9 @@ class IndexedInflateStream(io.RawIOBase):
     READ_AHEAD = 16 * 1024
 
     def __init__(self, base: IO[bytes], start: int, index: InflateIndex) -> None:
-        super().__init__()
+        super().__init__(index.size)
         self._base, self._start, self._index = base, start, index
-        self._pos = 0
         self._cursor: _Cursor | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            pos = offset
-        elif whence == os.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == os.SEEK_END:
-            pos = self._index.size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
-        self._pos = pos
-        return pos
 
     def _cursor_for(self, pos: int) -> _Cursor:
         index = self._index
@@ -172,22 +151,17 @@ class IndexedInflateStream(io.RawIOBase):
         cursor = self._cursor
         if cursor is None or pos < cursor.first or cursor.end < index.outputs[i] \
                 or len(cursor.data) > 4 * SPACING:  # bounded: a long sequential read starts over
-            cursor = self._cursor = _Cursor(index, i)
+            cursor = self._cursor = _Cursor(self._base, self._start, index, i)
         return cursor
 
     def read(self, size: int | None = -1) -> bytes:
         pos = self._pos
-        end = self._index.size if size is None or size < 0 else min(pos + size, self._index.size)
+        end = self._size if size is None or size < 0 else min(pos + size, self._size)
         if pos >= end:
             return b""
         cursor = self._cursor_for(pos)
         if cursor.end < end:
-            cursor.extend_to(self._base, self._start, max(end, pos + self.READ_AHEAD))
+            cursor.extend_to(max(end, pos + self.READ_AHEAD))
         data = bytes(cursor.data[pos - cursor.first : end - cursor.first])
         self._pos = pos + len(data)
         return data
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)

@@ -18,8 +18,6 @@ not read at all.
 
 from __future__ import annotations
 
-import io
-import os
 from typing import IO, cast
 
 from elftools.common.utils import struct_parse
@@ -30,38 +28,16 @@ from elftools.elf.relocation import RelocationHandler
 from elftools.elf.sections import Section
 
 from agent.symbols.inflate_index import IndexedInflateStream, InflateIndex
+from agent.symbols.section_stream import SectionStream
 
 
-class FileWindow(io.RawIOBase):
+class FileWindow(SectionStream):
     """A read-only stream over ``size`` bytes of ``base`` from ``start``; every read seeks
     ``base`` first, so other users of the same file object may move it in between."""
 
     def __init__(self, base: IO[bytes], start: int, size: int) -> None:
-        super().__init__()
-        self._base, self._start, self._size, self._pos = base, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            pos = offset
-        elif whence == os.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == os.SEEK_END:
-            pos = self._size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
-        self._pos = pos
-        return pos
+        super().__init__(size)
+        self._base, self._start = base, start
 
     def read(self, size: int | None = -1) -> bytes:
         left = max(self._size - self._pos, 0)
@@ -72,11 +48,6 @@ class FileWindow(io.RawIOBase):
         data = self._base.read(count)
         self._pos += len(data)
         return data
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 # Sections line decoding never reads (location and range lists, call frames, name indexes):
@@ -126,13 +97,15 @@ class ViewingELFFile(ELFFile):
         """The decompressed view of a zlib-compressed section through its index (built
         now if the caller has none yet); None for another compression or a small section."""
         assert self.inflate_indexes is not None
-        header = struct_parse(self.structs.Elf_Chdr, self.stream, stream_pos=section["sh_offset"])
-        if header["ch_type"] != "ELFCOMPRESS_ZLIB" or header["ch_size"] <= WHOLE_SECTION_MAX_BYTES:
+        if section.data_size <= WHOLE_SECTION_MAX_BYTES:  # data_size: the size inflated
             return None
-        start = section["sh_offset"] + self.structs.Elf_Chdr.sizeof()
+        header = struct_parse(self.structs.Elf_Chdr, self.stream, stream_pos=section["sh_offset"])
+        if header["ch_type"] != "ELFCOMPRESS_ZLIB":
+            return None
+        header_size = self.structs.Elf_Chdr.sizeof()
+        start = section["sh_offset"] + header_size
         index = self.inflate_indexes.get(section.name)
         if index is None:
-            index = InflateIndex.build(self.stream, start, section["sh_size"] - self.structs.Elf_Chdr.sizeof(),
-                                       header["ch_size"])
+            index = InflateIndex.build(self.stream, start, section["sh_size"] - header_size, section.data_size)
             self.inflate_indexes[section.name] = index
         return cast(IO[bytes], IndexedInflateStream(self.stream, start, index))
