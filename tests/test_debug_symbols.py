@@ -138,6 +138,16 @@ def _libc_truth(libc: str, debug_file: str, name: str) -> tuple[int, int]:
     raise AssertionError(segments)
 
 
+def libc_debug_file(libc: str | None = None) -> str:
+    """libc6-dbg's debug file for ``libc`` (default: the system's), which setup installs."""
+    libc = libc or next(p for p in ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6")
+                        if Path(p).exists())
+    build_id = _build_id(Path(libc))
+    debug_file = f"{DEBUG_DIR}/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    assert Path(debug_file).is_file(), f"libc6-dbg's file for this libc ({debug_file}) is missing: run setup"
+    return debug_file
+
+
 def _libc(pid: int) -> tuple[str, int, int]:
     """(path, start, file offset) of the executable libc mapping of ``pid``."""
     with open(f"/proc/{pid}/maps") as maps:
@@ -153,9 +163,7 @@ def test_libc_local_functions_named_from_distribution_debug_symbols(name: str, t
     t = Target(build(tmp_path))
     try:
         libc, start, map_offset = _libc(t.pid)
-        build_id = _build_id(Path(libc))
-        debug_file = f"{DEBUG_DIR}/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
-        assert Path(debug_file).is_file(), f"libc6-dbg's file for this libc ({debug_file}) is missing: run setup"
+        debug_file = libc_debug_file(libc)
         lo, hi = _libc_truth(libc, debug_file, name)
         address = start + lo - map_offset + (hi - lo) // 2
         (named,) = Symbolizer().symbolize_user(t.pid, [address])
@@ -232,11 +240,7 @@ def test_large_line_program_is_decoded_per_compilation_unit() -> None:
     decoded CUs stay within their row budget."""
     from elftools.elf.elffile import ELFFile
 
-    libc = next(p for p in ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6")
-                if Path(p).exists())
-    build_id = _build_id(Path(libc))
-    debug_file = f"{DEBUG_DIR}/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
-    assert Path(debug_file).is_file(), f"libc6-dbg's file for this libc ({debug_file}) is missing: run setup"
+    debug_file = libc_debug_file()
     with open(debug_file, "rb") as stream:
         elf = ELFFile(stream)
         section = elf.get_section_by_name(".debug_line")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import random
 import zlib
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from agent.symbols import inflate_index
 from agent.symbols.dwarf_lines import CuLineIndex
 from agent.symbols.inflate_index import IndexedInflateStream, InflateError, InflateIndex
 from agent.symbols.section_views import WHOLE_SECTION_MAX_BYTES, ViewingELFFile
-from tests.test_debug_symbols import DEBUG_DIR, _addr2line, _build_id, _nm, _same_source
+from tests.test_debug_symbols import _addr2line, _nm, _same_source, libc_debug_file
 
 PREFIX = b"elf header and other sections"
 
@@ -78,20 +77,11 @@ def test_a_file_truncated_after_the_index_was_built_is_an_error_not_short_data(s
         stream.read(100)
 
 
-def _libc_debug_file() -> str:
-    libc = next(p for p in ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6")
-                if Path(p).exists())
-    build_id = _build_id(Path(libc))
-    debug_file = f"{DEBUG_DIR}/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
-    assert Path(debug_file).is_file(), f"libc6-dbg's file for this libc ({debug_file}) is missing: run setup"
-    return debug_file
-
-
 def test_libc_debug_lines_through_indexes_match_whole_decompression_and_addr2line() -> None:
     """libc6-dbg compresses its DWARF: .debug_info and .debug_line (over
     WHOLE_SECTION_MAX_BYTES) are read through indexes built at the first opening and kept
     across openings; every CU decoded gives the rows whole decompression gives."""
-    debug_file = _libc_debug_file()
+    debug_file = libc_debug_file()
     with open(debug_file, "rb") as indexed_file, open(debug_file, "rb") as whole_file:
         inflate: dict[str, InflateIndex] = {}
         indexed = CuLineIndex(lambda: ViewingELFFile(indexed_file, inflate).get_dwarf_info(), debug_file,
