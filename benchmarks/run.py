@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from benchmarks.measure import (
     process_cpu_s,
     process_rss_bytes,
 )
-from stackfleet.nats_server import NatsServer
+from stackfleet.nats_server import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STACKFLEET = str(Path(sys.executable).parent / "stackfleet")
@@ -74,12 +73,6 @@ def start_agent(nats_url: str, types: str, extra_env: dict[str, str] | None = No
         env["STACKFLEET_METRICS_ADDRESS"] = f"127.0.0.1:{metrics_port}"
     return subprocess.Popen([STACKFLEET, "agent", "--nats", nats_url, "--types", types, "--log-level", "WARNING"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_all_actors(metrics_port: int, types: str, started: float, timeout_s: float = 120) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 
 from benchmarks.measure import Stat, bpf_runtime_ns, enable_bpf_stats, process_cpu_s
 from benchmarks.run import start_agent, stop, wait_first_samples
-from stackfleet.nats_server import NatsServer
+from stackfleet.nats_server import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ROOT / "integration" / "workloads"
@@ -52,12 +51,6 @@ def start_workload(exes: list[Path], seconds: float) -> list[subprocess.Popen[by
     procs = [subprocess.Popen([str(e), str(seconds)], stdout=subprocess.DEVNULL) for e in exes]
     procs.append(subprocess.Popen(["/usr/bin/python3", "-c", PYTHON_LOOP.format(s=seconds)]))
     return procs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unwind_metrics(port: int) -> dict[str, float]:
