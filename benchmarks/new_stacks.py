@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def _spin_self(stop: threading.Event) -> None:
 def capture(seconds: float, hz: int) -> list[bytes]:
     from agent.actors.base import ActorContext, SampleSink
     from agent.actors.cpu import CpuActor
+    from agent.bpf.ring_reader import RingItem, ring_records
     from agent.clock import MonotonicToUnix
     from agent.settings import AgentSettings
     from agent.symbols import Symbolizer
@@ -97,8 +99,8 @@ def capture(seconds: float, hz: int) -> list[bytes]:
             pass
 
     class Actor(CpuActor):
-        def to_samples(self, batch: list[bytes]) -> Any:
-            records.extend(batch)
+        def to_samples(self, batch: Sequence[RingItem]) -> Any:
+            records.extend(ring_records(batch))
             return super().to_samples(batch)
 
     async def main() -> None:

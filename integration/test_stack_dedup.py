@@ -19,7 +19,7 @@ import os
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from agent.actors.cpu import CpuActor
 from agent.bpf.layouts import CpuCounter, DedupFlags
 from agent.bpf.loader import read_percpu_counters
 from agent.bpf.records import parse_stack_event
+from agent.bpf.ring_reader import RingItem, ring_records
 from agent.bpf.sample_records import SAMPLE_RECORD
 from agent.clock import MonotonicToUnix
 from agent.settings import AgentSettings
@@ -39,7 +40,7 @@ from agent.symbols import Symbolizer
 from agent.unwind.sharing import SharedUnwinding
 from integration.harness import build_c
 from shared.counters import Counters
-from shared.model import FrameType, Sample
+from shared.model import FrameType, Sample, SampleColumns
 
 SECONDS, HZ = 4.0, 199
 MIN_ID_RECORDS, MAX_WAIT_S = 50, 30.0
@@ -78,8 +79,8 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
         def bpf_defines(self) -> dict[str, int | str]:
             return {**super().bpf_defines(), **extra_defines}
 
-        def to_samples(self, records: list[bytes]) -> list[Sample]:
-            run.records.extend(records)
+        def to_samples(self, records: Sequence[RingItem]) -> SampleColumns:
+            run.records.extend(ring_records(records))
             return super().to_samples(records)
 
     async def main() -> None:

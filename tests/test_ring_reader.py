@@ -19,7 +19,16 @@ from typing import Any
 
 import pytest
 
-from agent.bpf.ring_reader import BUSY_BIT, DISCARD_BIT, HEADER_BYTES, RingReader, RingView
+from agent.bpf.ring_reader import (
+    BUSY_BIT,
+    DISCARD_BIT,
+    HEADER_BYTES,
+    RingReader,
+    RingView,
+    SlotRun,
+    record_count,
+    ring_records,
+)
 
 RING_BYTES = 4096
 MARKER = 0x5F000000
@@ -317,6 +326,7 @@ def test_drain_batch_gives_what_drain_gives_across_laps(program: tuple[Any, byte
     before = failures(program)
     expected: list[bytes] = []
     got: list[bytes] = []
+    in_runs = 0
     discarded = 0
     for _ in range(8):  # 8 x 40 records, ~2.3 KiB a round: ~5 laps of the 4 KiB ring
         for _ in range(40):
@@ -329,10 +339,16 @@ def test_drain_batch_gives_what_drain_gives_across_laps(program: tuple[Any, byte
             length = 56 if kind < 0.8 else rng.choice([0, 8, 55, 57, 120])
             emit(length, offset)
             expected.append(pattern[offset : offset + length])
-        got.extend(reader.drain_batch(56))
+        items = reader.drain_batch(56)
+        assert record_count(items) == len(ring_records(items))
+        got.extend(ring_records(items))
+        in_runs += sum(item.count for item in items if isinstance(item, SlotRun))
+        # Only 56-byte records come in runs, and every record of a run is one.
+        assert all(item.record_size == 56 and len(item.slots) == 64 * item.count
+                   for item in items if isinstance(item, SlotRun))
     assert failures(program) == before
     assert got == expected
-    assert sum(len(r) == 56 for r in got) > 200  # most came in runs
+    assert in_runs == sum(len(r) == 56 for r in expected) > 200  # all 56-byte ones came in runs
     assert reader.stats.records == len(expected) and reader.stats.discarded == discarded
     assert reader.view.consumer[0] == reader.view.producer[0]
 
@@ -343,38 +359,51 @@ def test_drain_batch_stops_at_a_busy_record_and_drops_a_malformed_one() -> None:
     fake.put(b"b" * 56)
     busy = fake.put(b"c" * 56, BUSY_BIT)
     fake.put(b"d" * 56)
-    assert fake.reader.drain_batch(56) == [b"a" * 56, b"b" * 56]
+    first = fake.reader.drain_batch(56)
+    assert [type(item) for item in first] == [SlotRun] and ring_records(first) == [b"a" * 56, b"b" * 56]
     assert fake.view.consumer[0] == busy
     fake.set_header(busy, 56)  # committed
     fake.put(b"e" * 10)
     bad = fake.put(b"f" * 56)
     fake.put(b"g" * 56)
     fake.set_header(bad, 1 << 29)
-    assert fake.reader.drain_batch(56) == [b"c" * 56, b"d" * 56, b"e" * 10]
+    assert ring_records(fake.reader.drain_batch(56)) == [b"c" * 56, b"d" * 56, b"e" * 10]
     assert fake.reader.stats.malformed == 1
     assert fake.view.consumer[0] == fake.producer_pos
 
 
-def test_a_fixed_size_source_hands_on_every_record_as_bytes() -> None:
-    """The source drained in runs of fixed-size records gives the same records as one by one,
-    bounded and counted as before."""
-    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RingBufferSource
+def test_a_slot_source_hands_on_runs_bounded_in_bytes_and_drops_counted_by_record() -> None:
+    """The source of fixed-size records hands a run on as one item and other records as their
+    bytes, charges the byte bound what it holds, and counts drops in records: the oldest item
+    goes first, a run whole."""
+    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RUN_OVERHEAD_BYTES, SlotRingSource
     from shared.counters import Counters
 
     counters = Counters()
-    seen: list[list[bytes]] = []
-    source = RingBufferSource(ring_pages=1, max_pending_bytes=5 * (56 + RECORD_OVERHEAD_BYTES), counters=counters,
-                              type_name="cpu", on_records=seen.append, fixed_size=56)
+    seen: list[list[bytes | SlotRun]] = []
+    run_charge = 6 * 64 + RUN_OVERHEAD_BYTES
+    source = SlotRingSource(ring_pages=1, max_pending_bytes=run_charge, counters=counters, type_name="cpu",
+                            fixed_size=56, on_records=seen.append)
+    told: list[int] = []
+    source.on_buffered = told.append
     fake = FakeRing(1024)
     fake.put(b"odd")
     for i in range(6):
         fake.put(bytes([i]) * 56)
     fake.put(b"gone", DISCARD_BIT)
     source._take_records(fake.reader)
-    assert seen == [[b"odd"] + [bytes([i]) * 56 for i in range(6)]]
-    assert source.drain() == [bytes([i]) * 56 for i in range(1, 6)]  # the oldest two went
-    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 2
+    [(odd, run)] = seen
+    assert odd == b"odd" and isinstance(run, SlotRun) and run.count == 6
+    assert told == [run_charge]  # b"odd" (charged 3 + RECORD_OVERHEAD_BYTES) went to fit
+    assert ring_records(source.drain()) == [bytes([i]) * 56 for i in range(6)]
+    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 1
     assert counters.get("ring_records_discarded", type="cpu") == 1
+    for i in range(7):  # a run over the bound on its own: dropped whole, each record counted
+        fake.put(bytes([i]) * 56)
+    source._take_records(fake.reader)
+    assert source.drain() == []
+    assert counters.get("events_dropped", type="cpu", reason="agent_queue_full") == 8
+    assert RECORD_OVERHEAD_BYTES < RUN_OVERHEAD_BYTES < 2 * 64
 
 
 def test_the_pending_bound_is_in_bytes_so_small_records_wait_where_large_ones_would_not() -> None:
@@ -385,8 +414,7 @@ def test_the_pending_bound_is_in_bytes_so_small_records_wait_where_large_ones_wo
 
     counters, told = Counters(), []
     bound = 2 * (4096 + RECORD_OVERHEAD_BYTES)
-    source = RingBufferSource(ring_pages=1, max_pending_bytes=bound, counters=counters, type_name="cpu",
-                              fixed_size=56)
+    source = RingBufferSource(ring_pages=1, max_pending_bytes=bound, counters=counters, type_name="cpu")
     source.on_buffered = told.append
     fake = FakeRing(16384)
     small = [i.to_bytes(2, "little") * 28 for i in range(60)]  # 60 x 97 charged bytes fit in 8,274
@@ -433,19 +461,19 @@ def test_interrupt_ends_a_wait_at_once_and_only_that_one(program: tuple[Any, byt
 def test_a_drain_takes_what_the_ring_holds_without_waiting_for_the_poll() -> None:
     """Records submitted without a wakeup are in the flush's drain even when the poll thread
     has not looked since; the flush signal is not told of a backlog the drain takes itself."""
-    from agent.actors.sources import RECORD_OVERHEAD_BYTES, RingBufferSource
+    from agent.actors.sources import RUN_OVERHEAD_BYTES, SlotRingSource
     from shared.counters import Counters
 
     told: list[int] = []
-    source = RingBufferSource(ring_pages=1, max_pending_bytes=1 << 20, counters=Counters(), type_name="cpu",
-                              fixed_size=56)
+    source = SlotRingSource(ring_pages=1, max_pending_bytes=1 << 20, counters=Counters(), type_name="cpu",
+                            fixed_size=56)
     fake = FakeRing(1024)
     source._ring = fake.reader
     source.on_buffered = told.append
     for i in range(3):
         fake.put(bytes([i]) * 56)
-    assert source.drain() == [bytes([i]) * 56 for i in range(3)]
+    assert ring_records(source.drain()) == [bytes([i]) * 56 for i in range(3)]
     assert told == [] and fake.view.consumer[0] == fake.producer_pos
     fake.put(b"\7" * 56)
     source._take_records(fake.reader)  # the poll thread's step tells the flush signal, in bytes
-    assert told == [56 + RECORD_OVERHEAD_BYTES] and source.drain() == [b"\7" * 56]
+    assert told == [64 + RUN_OVERHEAD_BYTES] and ring_records(source.drain()) == [b"\7" * 56]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent.actors.base import ActorContext, SampleSink
 from agent.bpf.layouts import DedupFlags
-from agent.bpf.ring_reader import RingReader, RingView
+from agent.bpf.ring_reader import RingItem, RingReader, RingView, SlotRun, ring_records
 from agent.bpf.sample_records import SAMPLE_RECORD, decode_batch, record_pids
 from agent.clock import MonotonicToUnix
 from agent.metadata.sink import MetadataSink
@@ -31,7 +31,7 @@ from tests.test_stack_dedup import FakeKernelCpuActor, stack_event
 from tests.test_symbols import Target, build
 
 
-def drained(records: list[bytes]) -> list[bytes]:
+def drained(records: list[bytes]) -> list[RingItem]:
     """``records`` written into a ring laid out as the kernel's and drained in runs."""
     view = RingView(memoryview(bytearray(8)), memoryview(bytearray(8)), memoryview(bytearray(2 * 65536)), 65536)
     pos = 0
@@ -55,7 +55,7 @@ def test_id_records_decode_field_by_field_as_struct_unpacks_them() -> None:
     heads = random_headers(300, 1)
     records = [SAMPLE_RECORD.pack(*h) for h in heads]
     from_slots = drained(records[:250])
-    assert from_slots == records[:250]
+    assert [type(item) for item in from_slots] == [SlotRun] and ring_records(from_slots) == records[:250]
     assert list(decode_batch(from_slots).ids) == heads[:250]  # id records only: one block
     mixed = decode_batch([*records[250:], b"\0" * 40])  # and with a malformed one beside them
     assert list(mixed.ids) == heads[250:] and mixed.malformed == 1

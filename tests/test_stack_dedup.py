@@ -20,7 +20,7 @@ import pytest
 
 from agent.actors.base import ActorContext
 from agent.actors.cpu import CpuActor
-from agent.actors.sources import RingBufferSource
+from agent.actors.sources import SlotRingSource
 from agent.bpf.layouts import MAX_STACK_DEPTH, PY_MAX_FRAMES, STACK_COPY_BYTES, DedupFlags, KnownStack, SampleRecord
 from agent.bpf.records import EVENT_SIZE
 from agent.bpf.sample_records import KNOWN_STACK_HEAD, SAMPLE_RECORD, decode_batch
@@ -204,7 +204,7 @@ def test_malformed_records_counted() -> None:
 def _receive(actor: FakeKernelCpuActor, record: bytes) -> None:
     """Hand ``record`` to the actor's ring-buffer source as its poll thread does with a batch."""
     source = actor.source
-    assert isinstance(source, RingBufferSource) and source.on_records is not None
+    assert isinstance(source, SlotRingSource) and source.on_records is not None
     source.on_records([record])
     source._pending.append(record)
 

@@ -23,25 +23,26 @@ at every sample), and symbolizing them was a quarter of the agent's own cost at 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import operator
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, ClassVar, cast
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
-from agent.actors.sources import RingBufferSource, wakeup_bytes
+from agent.actors.sources import SlotRingSource, wakeup_bytes
 from agent.bpf.layouts import CpuCounter, DedupFlags, SampleRecord, StackEvent
 from agent.bpf.records import RawStackEvent
+from agent.bpf.ring_reader import RingItem, SlotRun, ring_records
 from agent.bpf.sample_records import (
     KNOWN_STACK_SIZE,
     SAMPLE_RECORD,
+    STACK_KEY,
     IdColumns,
-    comm_bytes,
     decode_batch,
     parse_known_stack,
     record_pids,
@@ -58,8 +59,6 @@ from shared.profile_types import ProfileType
 _PID_AT = SampleRecord.pid.offset
 if StackEvent.pid.offset != _PID_AT:
     raise ImportError("sample_record and stack_event must keep pid at the same offset")
-
-_U64 = (1 << 64) - 1
 
 # Counter slots folded into ``cpu_stacks{result=...}`` (how well stacks deduplicate).
 _STACK_RESULTS = {
@@ -102,7 +101,7 @@ def _stack_bytes(frames: tuple[Frame, ...], raw: RawStackEvent | None) -> int:
     return nbytes
 
 
-class CpuActor(BpfActor[bytes]):
+class CpuActor(BpfActor[RingItem]):
     """Samples on-CPU stacks with a perf_event BPF program; records through a ring buffer."""
 
     profile_type = ProfileType.CPU
@@ -125,8 +124,8 @@ class CpuActor(BpfActor[bytes]):
 
     def __init__(self, ctx: ActorContext) -> None:
         # Id records are drained in runs (agent/bpf/ring_reader.py drain_batch).
-        source = self._ring = RingBufferSource.of(ctx, self.profile_type, on_records=self._note_processes,
-                                                  fixed_size=SAMPLE_RECORD.size)
+        source = self._ring = SlotRingSource.of(ctx, self.profile_type, SAMPLE_RECORD.size,
+                                                on_records=self._note_processes)
         super().__init__(ctx, source, PythonFrames(ctx, self.profile_type))
         self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
         self.dedup = ctx.settings.cpu_stack_dedup
@@ -145,16 +144,16 @@ class CpuActor(BpfActor[bytes]):
         self._known_buffer = ctypes.create_string_buffer(KNOWN_STACK_SIZE)
         self._own_pid = os.getpid()
 
-    def _note_processes(self, records: list[bytes]) -> None:
+    def _note_processes(self, items: Sequence[RingItem]) -> None:
         # As records leave the ring (poll thread, or a flush's drain). Only whole records (a new
         # stack, a copy, an error) need anything here: an id record's stack came whole before,
         # in this image of its process (an exec or a reused pid starts a new generation of ids,
-        # bpf/cpu.bpf.c).
-        size = SAMPLE_RECORD.size
-        if sum(map(len, records)) == len(records) * size:
+        # bpf/cpu.bpf.c). Id records come in runs (SlotRun); whole ones each as their bytes.
+        whole = [r for r in items if not isinstance(r, SlotRun) and len(r) != SAMPLE_RECORD.size]
+        if not whole:
             return
         # The agent's own records need neither: it is never unwound in BPF and outlives them.
-        pids = record_pids([r for r in records if len(r) != size]) - {self._own_pid}
+        pids = record_pids(whole) - {self._own_pid}
         if not pids:
             return
         # A process not scanned yet is read now, while it lives (the scan may have backed off).
@@ -212,7 +211,7 @@ class CpuActor(BpfActor[bytes]):
                 self.ctx.counters.inc("cpu_stacks", deltas[slot], result=result)
 
     # -- records to samples ---------------------------------------------------------------
-    def to_samples(self, records: list[bytes]) -> SampleColumns:
+    def to_samples(self, records: Sequence[RingItem]) -> SampleColumns:
         """Samples of a drain's records, as columns.
 
         Id records are decoded together and turned into columns without a Python step per
@@ -220,7 +219,7 @@ class CpuActor(BpfActor[bytes]):
         resolved once, and the columns are mapped from those in C. Records with a whole
         stack (new stacks, copies, errors: few) become samples one by one, first."""
         if not self.dedup:
-            return SampleColumns.from_samples(self._whole_records_to_samples(records))
+            return SampleColumns.from_samples(self._whole_records_to_samples(ring_records(records)))
         ctx = self.ctx
         type_name = self.profile_type.value
         batch = decode_batch(records)
@@ -258,46 +257,41 @@ class CpuActor(BpfActor[bytes]):
                     fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int], offset: int,
                     values: tuple[int, ...], weights: dict[int, tuple[int, ...]]) -> None:
         """Append the samples of decoded id records to ``out``, column by column."""
-        pids, stack_ids, serials = ids.pid, ids.stack_id, ids.serial
-        # A serial names one store of one stack of one process ((cpu << 48) | that CPU's store
-        # count, and the store holds the pid: bpf/stack_dedup.h), so it alone keys the batch's
-        # samples; each distinct one is resolved once, through the last record carrying it.
-        last = dict(zip(serials, range(len(serials)), strict=True))
-        at = list(map(last.__getitem__, serials))
-        keys: list[int]
-        if list(map(pids.__getitem__, at)) == pids and list(map(stack_ids.__getitem__, at)) == stack_ids:
-            keys = serials
-            owners = {serial: (pids[i], stack_ids[i], serial) for serial, i in last.items()}
-        else:  # not what the program writes: keyed by all three, no record takes another's stack
-            # One int per sample for (pid, stack id, serial), exact (32 + 64 + 64 bits).
-            keys = list(map(operator.or_, map(operator.or_, map(operator.lshift, pids, repeat(128)),
-                                              map(operator.lshift, stack_ids, repeat(64))), serials))
-            owners = {key: (key >> 128, (key >> 64) & _U64, key & _U64) for key in dict.fromkeys(keys)}
-        stacks: dict[int, tuple[Frame, ...] | None] = {}
-        unknown = 0
-        for key, n in Counter(keys).items():  # each distinct stack of the batch once
-            pid, stack_id, serial = owners[key]
+        keys, pids = ids.stack, ids.pid
+        # A key is a record's (stack id, serial, pid), exact: each distinct one of the batch
+        # is resolved once, and no record can take another process's stack.
+        stacks: dict[bytes, _Stack | None] = {}
+        for key in dict.fromkeys(keys):
+            stack_id, serial, pid = STACK_KEY.unpack(key)
             process_key, _name = processes.get(pid) or self._process(pid, processes)
-            stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
-            if stack is None:
-                stacks[key] = None
-                unknown += n
-            else:
-                stacks[key] = stack.frames
-                if n > 1:  # _stack() counted this key's first sample
+            stacks[key] = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
+        # _stack() counted each key's first sample; the rest are counted only where it matters
+        # (an unknown stack, a Python status other than none), which needs the counts.
+        unknown = 0
+        if None in stacks.values() or (self.python is not None and any(s.py_status for s in stacks.values() if s)):
+            for key, n in Counter(keys).items():
+                stack = stacks[key]
+                if stack is None:
+                    unknown += n
+                elif n > 1:
                     statuses[stack.py_status] += n - 1
-        comms = ids.comm
         known_names = self._thread_names
-        names = {comm: known_names.get(raw) or self._thread_name(raw)
-                 for comm, raw in ((c, comm_bytes(c)) for c in dict.fromkeys(comms))}
-        thread_names = list(map(names.__getitem__, comms))
+        names = {comm: known_names.get(comm) or self._thread_name(comm) for comm in dict.fromkeys(ids.comm)}
+        thread_names = list(map(names.__getitem__, ids.comm))
         process_names = list(map({pid: processes[pid][1] for pid in processes}.__getitem__, pids))
         if not all(process_names):  # a process without a name is named by its thread
             process_names = [p or t for p, t in zip(process_names, thread_names, strict=True)]
-        frames = list(map(stacks.__getitem__, keys))
+        frames = list(map({key: s.frames if s else None for key, s in stacks.items()}.__getitem__, keys))
+        sample_values = [values] * len(pids)
+        for pid, own_values in weights.items():  # the agent's own samples weigh more (_self_values)
+            if pid in processes:
+                at = -1
+                with contextlib.suppress(ValueError):
+                    while True:
+                        at = pids.index(pid, at + 1)
+                        sample_values[at] = own_values
         columns = SampleColumns(list(map(offset.__add__, ids.ts)), ids.cpu, pids, ids.tid,
-                                thread_names, process_names, cast(list[tuple[Frame, ...]], frames),
-                                list(map(weights.get, pids, repeat(values))))
+                                thread_names, process_names, cast(list[tuple[Frame, ...]], frames), sample_values)
         if unknown:
             self.ctx.counters.inc("events_dropped", unknown, type=self.profile_type.value, reason="stack_unknown")
             columns = columns.select([f is not None for f in frames])

@@ -4,11 +4,13 @@ A source is a program part (agent/actors/parts.py) with a life of its own: ``sta
 program is attached, ``drain`` on every flush (on the symbolization thread), ``stop`` when
 the actor stops (blocking; what came in until then is still drained after it).
 
-:class:`RingBufferSource` reads a BPF ring buffer named ``events``: bcc's poll blocks (in
-epoll), so one poll thread per source moves each wakeup's records into a deque bounded in
-bytes, and ``drain`` swaps the deque out. The poll has no timeout: an idle host costs no wake-up. Records are
-taken off the ring by agent/bpf/ring_reader.py (an mmap reader): every committed record of a
-wakeup in one batch, no Python call per record.
+:class:`RingBufferSource` and :class:`SlotRingSource` read a BPF ring buffer named
+``events``: the poll blocks (in epoll), so one poll thread per source moves each wakeup's
+records into a deque bounded in bytes, and ``drain`` swaps the deque out. The poll has no
+timeout: an idle host costs no wake-up. Records are taken off the ring by
+agent/bpf/ring_reader.py (an mmap reader): every committed record of a wakeup in one batch,
+no Python call per record; a :class:`SlotRingSource` keeps runs of fixed-size records as one
+item each, not one per record.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.actors.parts import ProgramPart
 from agent.bpf.records import EVENT_SIZE
-from agent.bpf.ring_reader import RingReader
+from agent.bpf.ring_reader import RingItem, RingReader, SlotRun
 from agent.thread_names import name_os_thread
 from shared.counters import Counters
 
@@ -31,10 +33,14 @@ if TYPE_CHECKING:
     from shared.profile_types import ProfileType
 
 R = TypeVar("R")
+# A ring source's items: records as bytes, or also runs of fixed-size ones.
+_Item = TypeVar("_Item", bytes, RingItem)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-# What a pending record holds beyond its payload: its bytes object's header and its deque slot.
+# What a pending record holds beyond its payload: its bytes object's header and its deque slot;
+# and a pending run of records (its SlotRun, its bytes object's header, its deque slot).
 RECORD_OVERHEAD_BYTES = sys.getsizeof(b"") + 8
+RUN_OVERHEAD_BYTES = sys.getsizeof(SlotRun(b"", 1, 0)) + sys.getsizeof(b"") + 8
 
 
 class RecordSource(ProgramPart, Generic[R]):
@@ -52,15 +58,16 @@ class RecordSource(ProgramPart, Generic[R]):
         raise NotImplementedError
 
 
-class RingBufferSource(RecordSource[bytes]):
+class _RingSource(RecordSource[_Item]):
     """Raw records of the program's ``events`` ring buffer, through a deque bounded in bytes.
 
     The bound is in bytes, not records: a CPU id record is 56 bytes and a whole record ~4 KiB,
     so a count sized for whole records held a few hundred KiB of id records and, halved as the
     early-flush trigger, flushed a busy host's id records every ~2 s instead of every interval
-    (docs/design/overhead.md, "A byte bound for pending records"). Each record is charged its
-    payload plus ``RECORD_OVERHEAD_BYTES``. A batch is appended whole and the oldest records
-    then go until the bound holds, so the deque may exceed it by one batch (at most the ring).
+    (docs/design/overhead.md, "A byte bound for pending records"). Each item is charged its
+    payload plus what holding it costs (:func:`item_charge`). A batch is appended whole and the
+    oldest items then go until the bound holds, so the deque may exceed it by one batch (at
+    most the ring). Subclasses say how a wakeup's records are read (:meth:`_read`).
     """
 
     # The poll waits for the kernel's wakeup with no timeout: BPF wakes it once records fill
@@ -71,17 +78,14 @@ class RingBufferSource(RecordSource[bytes]):
     POLL_TIMEOUT_MS: int | None = None
 
     def __init__(self, ring_pages: int, max_pending_bytes: int, counters: Counters, type_name: str,
-                 on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> None:
+                 on_records: Callable[[list[_Item]], None] | None = None) -> None:
         self.pages = _pow2(ring_pages)
-        # Most records are this size (the CPU profile's 56-byte id records): drained in runs,
-        # without a Python step per record (agent/bpf/ring_reader.py ``drain_batch``).
-        self.fixed_size = fixed_size
         # Called with each batch as it leaves the ring (on the poll thread, or in a flush's drain).
-        self.on_records = on_records
+        self.on_records: Callable[[list[_Item]], None] | None = on_records
         self.counters = counters
         self.type_name = type_name
         self.max_pending_bytes = max_pending_bytes
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[_Item] = deque()
         self._pending_bytes = 0  # what ``_pending`` holds, charged as the bound counts it
         self._stop = threading.Event()
         self._ring: RingReader | None = None
@@ -90,12 +94,9 @@ class RingBufferSource(RecordSource[bytes]):
         self._poller: threading.Thread | None = None
         self.on_buffered: Callable[[int], None] | None = None
 
-    @classmethod
-    def of(cls, ctx: ActorContext, profile_type: ProfileType,
-           on_records: Callable[[list[bytes]], None] | None = None, fixed_size: int | None = None) -> RingBufferSource:
-        """The ring buffer sized and bounded by the agent's settings."""
-        s = ctx.settings
-        return cls(s.ringbuf_pages, s.max_pending_bytes, ctx.counters, profile_type.value, on_records, fixed_size)
+    def _read(self, reader: RingReader) -> list[_Item]:
+        """Every record committed so far, as this source's items."""
+        raise NotImplementedError
 
     def defines(self) -> dict[str, int | str]:
         return {"RINGBUF_PAGES": self.pages, "WAKEUP_EVERY": wakeup_every(self.ring_bytes)}
@@ -126,7 +127,7 @@ class RingBufferSource(RecordSource[bytes]):
         if ring is not None:
             ring.close()
 
-    def drain(self) -> list[bytes]:
+    def drain(self) -> list[_Item]:
         # What the ring holds now is taken first (records that came without a wakeup). The
         # deque is swapped for an empty one under the consumer lock, which the poll thread
         # holds while it extends it: nothing slips between the swap and the copy, and the
@@ -143,12 +144,12 @@ class RingBufferSource(RecordSource[bytes]):
         bound); ``notify``: the flush signal hears of the backlog in bytes (not when a drain
         takes it right away)."""
         with self._consuming:  # the poll thread and a flush's drain (re-entrant: drain holds it)
-            records = reader.drain_batch(self.fixed_size) if self.fixed_size else reader.drain()
+            records = self._read(reader)
             if records:
                 if self.on_records is not None:
                     self.on_records(records)
                 self._pending.extend(records)  # under the lock: a drain swaps the deque out under it too
-                self._pending_bytes += sum(map(len, records)) + RECORD_OVERHEAD_BYTES * len(records)
+                self._pending_bytes += sum(map(item_charge, records))
                 if self._pending_bytes > self.max_pending_bytes:
                     self.counters.inc("events_dropped", self._drop_oldest(), type=self.type_name,
                                       reason="agent_queue_full")
@@ -157,11 +158,12 @@ class RingBufferSource(RecordSource[bytes]):
             self._count_ring_losses(reader)
 
     def _drop_oldest(self) -> int:
-        """Drop the oldest pending records until the byte bound holds; how many went."""
+        """Drop the oldest pending items until the byte bound holds; how many records went."""
         pending, dropped = self._pending, 0
         while pending and self._pending_bytes > self.max_pending_bytes:
-            self._pending_bytes -= len(pending.popleft()) + RECORD_OVERHEAD_BYTES
-            dropped += 1
+            item = pending.popleft()
+            self._pending_bytes -= item_charge(item)
+            dropped += item.count if isinstance(item, SlotRun) else 1
         return dropped
 
     def _count_ring_losses(self, reader: RingReader) -> None:
@@ -184,6 +186,49 @@ class RingBufferSource(RecordSource[bytes]):
         while not self._stop.is_set():
             reader.wait(self.POLL_TIMEOUT_MS)
             self._take_records(reader)
+
+
+class RingBufferSource(_RingSource[bytes]):
+    """A ring of records of any size, each handed on as its own ``bytes``."""
+
+    @classmethod
+    def of(cls, ctx: ActorContext, profile_type: ProfileType,
+           on_records: Callable[[list[bytes]], None] | None = None) -> RingBufferSource:
+        """The ring buffer sized and bounded by the agent's settings."""
+        s = ctx.settings
+        return cls(s.ringbuf_pages, s.max_pending_bytes, ctx.counters, profile_type.value, on_records)
+
+    def _read(self, reader: RingReader) -> list[bytes]:
+        return reader.drain()
+
+
+class SlotRingSource(_RingSource[RingItem]):
+    """A ring whose records are mostly ``fixed_size`` bytes (the CPU profile's 56-byte id
+    records): runs of those come as one :class:`SlotRun` each (agent/bpf/ring_reader.py
+    ``drain_batch``), other records as their own ``bytes``, so no step of the poll thread or
+    of the pending queue is per record."""
+
+    def __init__(self, ring_pages: int, max_pending_bytes: int, counters: Counters, type_name: str,
+                 fixed_size: int, on_records: Callable[[list[RingItem]], None] | None = None) -> None:
+        super().__init__(ring_pages, max_pending_bytes, counters, type_name, on_records)
+        self.fixed_size = fixed_size
+
+    @classmethod
+    def of(cls, ctx: ActorContext, profile_type: ProfileType, fixed_size: int,
+           on_records: Callable[[list[RingItem]], None] | None = None) -> SlotRingSource:
+        """The ring buffer sized and bounded by the agent's settings."""
+        s = ctx.settings
+        return cls(s.ringbuf_pages, s.max_pending_bytes, ctx.counters, profile_type.value, fixed_size, on_records)
+
+    def _read(self, reader: RingReader) -> list[RingItem]:
+        return reader.drain_batch(self.fixed_size)
+
+
+def item_charge(item: bytes | SlotRun) -> int:
+    """What a pending item costs the byte bound: its payload and what holding it costs."""
+    if isinstance(item, SlotRun):
+        return len(item.slots) + RUN_OVERHEAD_BYTES
+    return len(item) + RECORD_OVERHEAD_BYTES
 
 
 def wakeup_bytes(ring_bytes: int, cpus: int | None = None) -> int:

@@ -35,9 +35,8 @@ import mmap
 import os
 import platform
 import select
-import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,51 @@ def _leading_copies(items: bytes, item: bytes) -> int:
         else:
             hi = mid
     return lo
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRun:
+    """``count`` consecutive committed records of one length, as they lay in the ring: each in
+    a ``slot``-byte slot that starts with its 8-byte ring header, the record right after it.
+
+    :meth:`RingReader.drain_batch` hands a run of fixed-size records over as one copy of its
+    slots instead of one ``bytes`` per record: a reader of their fields takes them with
+    strided views over ``slots`` (agent/bpf/sample_records.py), so no step of the poll thread,
+    the pending queue or the decoder is per record."""
+
+    slots: bytes
+    count: int
+    record_size: int
+
+    @property
+    def slot(self) -> int:
+        """Bytes from one record's header to the next one's."""
+        return len(self.slots) // self.count
+
+    def records(self) -> list[bytes]:
+        """The records, each as its own ``bytes`` (for callers that want one per record)."""
+        slot, size = self.slot, self.record_size
+        return [self.slots[at + HEADER_BYTES : at + HEADER_BYTES + size] for at in range(0, len(self.slots), slot)]
+
+
+# What a batch of ring records holds: single records, and runs of fixed-size ones.
+RingItem = bytes | SlotRun
+
+
+def ring_records(items: Sequence[RingItem]) -> list[bytes]:
+    """Every record of ``items`` as its own ``bytes``, in order."""
+    out: list[bytes] = []
+    for item in items:
+        if isinstance(item, SlotRun):
+            out.extend(item.records())
+        else:
+            out.append(item)
+    return out
+
+
+def record_count(items: Sequence[RingItem]) -> int:
+    """How many records ``items`` hold."""
+    return sum(item.count if isinstance(item, SlotRun) else 1 for item in items)
 
 
 class RingReaderUnsupported(RuntimeError):
@@ -230,17 +274,17 @@ class RingReader:
         self.stats.discarded += discarded
         return records
 
-    def drain_batch(self, fixed_size: int) -> list[bytes]:
+    def drain_batch(self, fixed_size: int) -> list[RingItem]:
         """Like :meth:`drain` (the same records, in ring order), for a ring whose records are
-        mostly ``fixed_size`` bytes long, without a Python step per such record.
+        mostly ``fixed_size`` bytes long, without a Python step or object per such record.
 
         Runs of committed records of exactly that length (their headers: the length, neither
         busy nor discarded) are found by comparing the run's header words, read with one
         strided slice of the mapping, against the expected value; a run is copied as one
-        block of ring slots and cut into records by ``struct.iter_unpack`` (a loop in C). Any
-        other header (another length, busy, discarded, malformed) is handled one record at a
-        time exactly as :meth:`drain` does. Headers are read before the data they cover, and
-        the consumer position is stored after the copies.
+        block of ring slots and handed over as one :class:`SlotRun`. Any other header (another
+        length, busy, discarded, malformed) is handled one record at a time exactly as
+        :meth:`drain` does, and such a record comes as its own ``bytes``. Headers are read
+        before the data they cover, and the consumer position is stored after the copies.
         """
         view = self.view
         positions = self._pending()
@@ -249,10 +293,10 @@ class RingReader:
         consumer, producer = positions
         words, mask, size, data = view.words, view.mask, view.size, view.data
         slot = (fixed_size + HEADER_BYTES + 7) & ~7
-        cut = struct.Struct(f"{HEADER_BYTES}x{fixed_size}s{slot - HEADER_BYTES - fixed_size}x")
         header_word = fixed_size.to_bytes(4, "little")
         stride = slot >> 2
-        records: list[bytes] = []
+        items: list[RingItem] = []
+        records = 0
         pos = consumer
         discarded = 0
         while pos < producer:
@@ -263,7 +307,8 @@ class RingReader:
                 heads = words[first : first + fits * stride : stride].tobytes()  # one load per header
                 run = _leading_copies(heads, header_word)
                 if run:
-                    records.extend(map(itemgetter(0), cut.iter_unpack(data[at : at + run * slot])))
+                    items.append(SlotRun(data[at : at + run * slot].tobytes(), run, fixed_size))
+                    records += run
                     pos += run * slot
                     continue
             header = words[at >> 2]
@@ -278,12 +323,13 @@ class RingReader:
             if header & DISCARD_BIT:
                 discarded += 1
             else:
-                records.append(data[at + HEADER_BYTES : at + HEADER_BYTES + length].tobytes())
+                items.append(data[at + HEADER_BYTES : at + HEADER_BYTES + length].tobytes())
+                records += 1
             pos += step
         view.consumer[0] = pos  # release: after the copies above
-        self.stats.records += len(records)
+        self.stats.records += records
         self.stats.discarded += discarded
-        return records
+        return items
 
     def _pending(self) -> tuple[int, int] | None:
         """(consumer, producer) positions when records are waiting, else None. Positions
