@@ -13,7 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import compress
-from typing import overload
+from typing import Any, Generic, TypeVar, overload
+
+T = TypeVar("T")
 
 
 class FrameType(StrEnum):
@@ -124,32 +126,95 @@ class Sample:
 
 
 
+@dataclass(slots=True)
+class Coded(Generic[T]):
+    """A column held dictionary-encoded: sample ``i``'s value is ``values[codes[i]]``.
+
+    A batch's thousands of samples share a few stacks, names and attribute dicts; a reader
+    that maps each value to something (the wire encoder to its ids) does it once per value,
+    then maps the codes, instead of looking every sample's value up.
+
+    Every value is some sample's, and values are in the order of their first samples (what
+    :meth:`of`, :meth:`concat` and :meth:`select` keep): a reader that numbers values as it
+    meets them gives the numbers a pass over the samples would. ``values`` may repeat a
+    value (two batches' values, concatenated): only the mapping's cost depends on it."""
+
+    values: list[T]
+    codes: list[int]
+
+    @classmethod
+    def of(cls, column: list[T]) -> Coded[T]:
+        """``column`` as it is, one value per sample."""
+        return cls(column, list(range(len(column))))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def decoded(self) -> list[T]:
+        """One value per sample (a new list)."""
+        return list(map(self.values.__getitem__, self.codes))
+
+    def concat(self, other: Coded[T]) -> Coded[T]:
+        """This column's samples, then ``other``'s (a new column)."""
+        shift = len(self.values)
+        return Coded(self.values + other.values, self.codes + list(map(shift.__add__, other.codes)))
+
+    def select(self, keep: list[bool]) -> Coded[T]:
+        """The samples whose ``keep`` is true, with only the values they refer to."""
+        codes = list(compress(self.codes, keep))
+        used = dict.fromkeys(codes)  # in order of first use, as the values of a column made anew
+        renumber = numbering(used)
+        return Coded(list(map(self.values.__getitem__, used)), list(map(renumber.__getitem__, codes)))
+
+
+def numbering(values: Iterable[T]) -> dict[T, int]:
+    """Each distinct value of ``values`` numbered 0, 1, ... in order of first appearance."""
+    numbers: dict[T, int] = {}
+    for value in values:
+        numbers.setdefault(value, len(numbers))
+    return numbers
+
+
+# A column of a SampleColumns batch: one value per sample, or dictionary-encoded.
+Column = list[T] | Coded[T]
+
+
+def decoded(column: Column[T]) -> list[T]:
+    """One value per sample: ``column`` itself if it is a list."""
+    return column.decoded() if isinstance(column, Coded) else column
+
+
+def coded(column: Column[T]) -> Coded[T]:
+    """``column`` dictionary-encoded (a list as it is, one value per sample)."""
+    return column if isinstance(column, Coded) else Coded.of(column)
+
+
 class SampleColumns(Sequence[Sample]):
     """A batch of samples held column by column: what the CPU profile's hot path builds.
 
     Thousands of samples a second share a few stacks, threads and processes, so the columns
     hold references to those shared objects (the same frames tuple, the same name, the same
     attributes dict) and no ``Sample`` object exists per sample; the wire encoder reads the
-    columns as they are. Indexing or iterating still yields :class:`Sample` objects, made on
-    demand (copies: changing one does not change the batch). ``attributes`` is None when no
-    sample has any, else one dict per sample (possibly shared; never mutated here).
+    columns as they are. The stack, thread name, process name and attributes columns may be
+    held dictionary-encoded (:class:`Coded`, read as they are with :meth:`column`); their
+    properties give one value per sample either way. Indexing or iterating yields
+    :class:`Sample` objects, made on demand (copies: changing one does not change the batch).
+    ``attributes`` is None when no sample has any, else one dict per sample (possibly shared;
+    never mutated here).
     """
 
     __slots__ = (
-        "attributes",
+        "_columns",
         "cpus",
         "pids",
-        "process_names",
-        "stacks",
-        "thread_names",
         "tids",
         "timestamps",
         "values",
     )
 
     def __init__(self, timestamps: list[int], cpus: list[int], pids: list[int], tids: list[int],
-                 thread_names: list[str], process_names: list[str], stacks: list[tuple[Frame, ...]],
-                 values: list[tuple[int, ...]], attributes: list[dict[str, str]] | None = None) -> None:
+                 thread_names: Column[str], process_names: Column[str], stacks: Column[tuple[Frame, ...]],
+                 values: list[tuple[int, ...]], attributes: Column[dict[str, str]] | None = None) -> None:
         n = len(timestamps)
         if any(len(c) != n for c in (cpus, pids, tids, thread_names, process_names, stacks, values)) or (
                 attributes is not None and len(attributes) != n):
@@ -158,11 +223,38 @@ class SampleColumns(Sequence[Sample]):
         self.cpus = cpus
         self.pids = pids
         self.tids = tids
-        self.thread_names = thread_names
-        self.process_names = process_names
-        self.stacks = stacks
         self.values = values
-        self.attributes = attributes
+        # The columns that may be dictionary-encoded, by name (_CODABLE).
+        self._columns: dict[str, Any] = {"thread_names": thread_names, "process_names": process_names,
+                                         "stacks": stacks, "attributes": attributes}
+
+    def column(self, name: str) -> Any:
+        """The ``thread_names``, ``process_names``, ``stacks`` or ``attributes`` column as it
+        is held: a list, a :class:`Coded` column, or None (``attributes`` only)."""
+        return self._columns[name]
+
+    @property
+    def thread_names(self) -> list[str]:
+        return decoded(self._columns["thread_names"])
+
+    @property
+    def process_names(self) -> list[str]:
+        return decoded(self._columns["process_names"])
+
+    @property
+    def stacks(self) -> list[tuple[Frame, ...]]:
+        return decoded(self._columns["stacks"])
+
+    @property
+    def attributes(self) -> list[dict[str, str]] | None:
+        attributes = self._columns["attributes"]
+        return None if attributes is None else decoded(attributes)
+
+    @attributes.setter
+    def attributes(self, attributes: Column[dict[str, str]] | None) -> None:
+        if attributes is not None and len(attributes) != len(self):
+            raise ValueError("sample columns of different lengths")
+        self._columns["attributes"] = attributes
 
     @classmethod
     def from_samples(cls, samples: Iterable[Sample]) -> SampleColumns:
@@ -172,19 +264,31 @@ class SampleColumns(Sequence[Sample]):
         return columns
 
     def concat(self, other: SampleColumns) -> None:
-        """Append ``other``'s samples (one list extend per column)."""
-        if other.attributes is not None and self.attributes is None:
-            self.attributes = [{} for _ in range(len(self))]
-        if self.attributes is not None:
-            self.attributes.extend(other.attributes if other.attributes is not None else [{}] * len(other))
+        """Append ``other``'s samples (one list extend per column; a column encoded on either
+        side stays encoded)."""
+        n, m = len(self), len(other)
+        mine, theirs = self._columns, other._columns
+        if mine["attributes"] is not None or theirs["attributes"] is not None:
+            mine["attributes"] = self._with_attributes(n)
+            theirs = {**theirs, "attributes": other._with_attributes(m)}
+        for name in _CODABLE:
+            a, b = mine[name], theirs[name]
+            if a is None:
+                continue
+            if isinstance(a, Coded) or isinstance(b, Coded):
+                mine[name] = coded(a).concat(coded(b))
+            else:
+                a.extend(b)
         self.timestamps.extend(other.timestamps)
         self.cpus.extend(other.cpus)
         self.pids.extend(other.pids)
         self.tids.extend(other.tids)
-        self.thread_names.extend(other.thread_names)
-        self.process_names.extend(other.process_names)
-        self.stacks.extend(other.stacks)
         self.values.extend(other.values)
+
+    def _with_attributes(self, n: int) -> Column[dict[str, str]]:
+        """The attributes column, or one empty dict per sample when there is none."""
+        attributes: Column[dict[str, str]] | None = self._columns["attributes"]
+        return Coded([{}], [0] * n) if attributes is None else attributes
 
     def __len__(self) -> int:
         return len(self.timestamps)
@@ -206,36 +310,56 @@ class SampleColumns(Sequence[Sample]):
     def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        attrs = self.attributes[index] if self.attributes is not None else None
+        index = range(len(self))[index]  # negative indexes, and IndexError, as a list gives them
+        thread, process, stack, attributes = (_value_at(self._columns[name], index) for name in _CODABLE)
         return Sample(self.timestamps[index], self.cpus[index], self.pids[index], self.tids[index],
-                      self.thread_names[index], self.process_names[index], self.stacks[index], self.values[index],
-                      dict(attrs) if attrs else {})
+                      thread, process, stack, self.values[index], dict(attributes) if attributes else {})
 
     def extend(self, samples: Iterable[Sample]) -> None:
         """Append ``samples`` (the batch's few samples made one by one) to the columns."""
+        columns = self._columns
+        for name in _CODABLE:  # appended to one by one: held as lists
+            if isinstance(columns[name], Coded):
+                columns[name] = columns[name].decoded()
+        thread_names, process_names, stacks = columns["thread_names"], columns["process_names"], columns["stacks"]
         for s in samples:
             self.timestamps.append(s.timestamp_ns)
             self.cpus.append(s.cpu)
             self.pids.append(s.pid)
             self.tids.append(s.tid)
-            self.thread_names.append(s.thread_name)
-            self.process_names.append(s.process_name)
-            self.stacks.append(s.frames)
+            thread_names.append(s.thread_name)
+            process_names.append(s.process_name)
+            stacks.append(s.frames)
             self.values.append(s.values)
             if s.attributes:
-                if self.attributes is None:
-                    self.attributes = [{} for _ in range(len(self.timestamps) - 1)]
-                self.attributes.append(s.attributes)
-            elif self.attributes is not None:
-                self.attributes.append({})
+                if columns["attributes"] is None:
+                    columns["attributes"] = [{} for _ in range(len(self.timestamps) - 1)]
+                columns["attributes"].append(s.attributes)
+            elif columns["attributes"] is not None:
+                columns["attributes"].append({})
 
     def select(self, keep: list[bool]) -> SampleColumns:
         """The samples whose ``keep`` is true, as new columns."""
-        attrs = list(compress(self.attributes, keep)) if self.attributes is not None else None
+        thread, process, stack, attributes = (_selected(self._columns[name], keep) for name in _CODABLE)
         return SampleColumns(list(compress(self.timestamps, keep)), list(compress(self.cpus, keep)),
                              list(compress(self.pids, keep)), list(compress(self.tids, keep)),
-                             list(compress(self.thread_names, keep)), list(compress(self.process_names, keep)),
-                             list(compress(self.stacks, keep)), list(compress(self.values, keep)), attrs)
+                             thread, process, stack, list(compress(self.values, keep)), attributes)
+
+
+# SampleColumns' columns that may be dictionary-encoded, in Sample's order.
+_CODABLE = ("thread_names", "process_names", "stacks", "attributes")
+
+
+def _value_at(column: Column[Any] | None, index: int) -> Any:
+    if column is None:
+        return None
+    return column.values[column.codes[index]] if isinstance(column, Coded) else column[index]
+
+
+def _selected(column: Column[Any] | None, keep: list[bool]) -> Any:
+    if column is None:
+        return None
+    return column.select(keep) if isinstance(column, Coded) else list(compress(column, keep))
 
 
 def inline_runs(frames: tuple[Frame, ...]) -> list[tuple[Frame, ...]]:

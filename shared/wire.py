@@ -52,7 +52,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar, cast
@@ -60,8 +60,10 @@ from typing import Any, TypeVar, cast
 import msgpack
 import zstandard
 
-from shared.model import Frame, FrameType, Mapping, Sample, SampleColumns
+from shared.model import Coded, Column, Frame, FrameType, Mapping, Sample, SampleColumns, coded
 from shared.profile_types import PROFILE_TYPES, ProfileType
+
+T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 ATTRIBUTE_SETS_VERSION = 2  # samples messages with attr_sets/attr
@@ -287,10 +289,21 @@ class StreamEncoder:
             ids[s] = known.get(s) or self._string(s)  # ids start at 1
         return list(map(ids.__getitem__, strings))
 
-    def _attribute_sets(self, attributes: list[dict[str, str]]) -> tuple[list[list[int]], list[int]]:
+    def _coded_ids(self, column: Column[T], ids_of: Callable[[list[T]], list[int]]) -> list[int]:
+        """Each sample's id of its value in ``column``: an encoded column's values are looked up
+        once each (in their order: that of their first samples), then its codes mapped."""
+        if isinstance(column, Coded):
+            ids = ids_of(column.values)
+            return list(map(ids.__getitem__, column.codes))
+        return ids_of(column)
+
+    def _attribute_sets(self, attributes: Column[dict[str, str]]) -> tuple[list[list[int]], list[int]]:
         """(the batch's distinct ``[key_sid, value_sid, ...]`` lists, each sample's index into
         them): each distinct dict object is flattened once (the samples of a process share its
         dict), equal lists are sent once, in order of first appearance."""
+        if isinstance(attributes, Coded):
+            distinct, index = self._attribute_sets(attributes.values)
+            return distinct, list(map(index.__getitem__, attributes.codes))
         ids = list(map(id, attributes))
         sets: dict[tuple[int, ...], int] = {}
         index_by_dict: dict[int, int] = {}
@@ -310,12 +323,16 @@ class StreamEncoder:
         :class:`SampleColumns` are read as they are, without a ``Sample`` per sample."""
         if any(len(t.rows) > self.max_entries for t in self._tables()):
             self._reset_tables()
-        attributes: list[dict[str, str]] | None
-        if isinstance(samples, SampleColumns):
+        attributes: Column[dict[str, str]] | None
+        thread_names: Column[str]
+        process_names: Column[str]
+        stacks: Column[tuple[Frame, ...]]
+        if isinstance(samples, SampleColumns):  # stack, name and attribute columns possibly encoded
             stamps, cpu, pid, tid = samples.timestamps, samples.cpus, samples.pids, samples.tids
-            thread_names, process_names, stacks = samples.thread_names, samples.process_names, samples.stacks
-            values = samples.values
-            attributes = samples.attributes if samples.attributes is not None and any(samples.attributes) else None
+            thread_names, process_names = samples.column("thread_names"), samples.column("process_names")
+            stacks, values, attributes = samples.column("stacks"), samples.values, samples.column("attributes")
+            if attributes is not None and not any(coded(attributes).values):
+                attributes = None
         else:
             stamps = list(map(_TIMESTAMP, samples))
             cpu = list(map(_CPU, samples))
@@ -328,9 +345,9 @@ class StreamEncoder:
             attributes = list(map(_ATTRIBUTES, samples)) if any(map(_ATTRIBUTES, samples)) else None
         t0 = min(stamps, default=0)
         ts = list(map((-t0).__add__, stamps))
-        thread = self._string_ids(thread_names)
-        process = self._string_ids(process_names)
-        stack = self._stack_ids(stacks)
+        thread = self._coded_ids(thread_names, self._string_ids)
+        process = self._coded_ids(process_names, self._string_ids)
+        stack = self._coded_ids(stacks, self._stack_ids)
         attr_sets, attr = self._attribute_sets(attributes) if attributes is not None else ([], [])
         dict_msg = self._dict_message()
         if not samples:

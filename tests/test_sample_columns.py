@@ -14,6 +14,7 @@ import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from agent.actors.base import ActorContext, SampleSink
 from agent.bpf.layouts import DedupFlags
@@ -24,7 +25,7 @@ from agent.metadata.sink import MetadataSink
 from agent.settings import AgentSettings
 from agent.symbols import Symbolizer
 from shared.counters import Counters
-from shared.model import Frame, FrameType, Sample, SampleColumns
+from shared.model import Coded, Frame, FrameType, Sample, SampleColumns, numbering
 from shared.profile_types import ProfileType
 from shared.wire import StreamDictionary, StreamEncoder, decode_samples, header, unpack
 from tests.test_stack_dedup import FakeKernelCpuActor, stack_event
@@ -203,3 +204,73 @@ def test_the_metadata_sink_treats_columns_as_it_treats_samples() -> None:
     assert results["columns"] == results["samples"]
     assert results["columns"][1] == 11  # pid 12 (10 samples) and the unknown pid 13
     assert results["columns"][2] == [{13: "newproc"}]
+
+
+def encoded(samples: list[Sample]) -> SampleColumns:
+    """``samples`` with their stack, name and attribute columns dictionary-encoded, values in
+    the order of first samples, as the CPU actor and the metadata sink build them."""
+    plain = SampleColumns.from_samples(samples)
+
+    def encode(column: list[Any]) -> Coded[Any]:
+        first: dict[int, int] = {}  # by identity: equal stacks and dicts may be distinct objects
+        values = []
+        for value in column:
+            if id(value) not in first:
+                first[id(value)] = len(values)
+                values.append(value)
+        return Coded(values, [first[id(v)] for v in column])
+
+    attributes = plain.attributes
+    return SampleColumns(plain.timestamps, plain.cpus, plain.pids, plain.tids, encode(plain.thread_names),
+                         encode(plain.process_names), encode(plain.stacks), plain.values,
+                         encode(attributes) if attributes is not None else None)
+
+
+def test_encoded_columns_are_read_and_written_as_plain_ones() -> None:
+    """Known answers from the plain columns: the same samples, the same selections and
+    concatenations, and byte for byte the same wire messages (values numbered in order of
+    first samples, as a pass over the samples numbers them)."""
+    samples = _samples(40)
+    coded_batch = encoded(samples)
+    assert isinstance(coded_batch.column("stacks"), Coded) and len(coded_batch.column("stacks").values) == 4
+    assert coded_batch == samples and coded_batch[-1] == samples[-1] and coded_batch[5:9] == samples[5:9]
+    keep = [i % 4 != 1 for i in range(40)]  # drops every sample of stack 1: its value goes too
+    kept = coded_batch.select(keep)
+    assert kept == [s for s, k in zip(samples, keep, strict=True) if k]
+    assert [f[0].function for f in kept.column("stacks").values] == ["f0_0", "f2_0", "f3_0"]
+    joined = encoded(samples[:25])
+    joined.concat(SampleColumns.from_samples(samples[25:]))  # encoded, then plain: stays encoded
+    assert isinstance(joined.column("stacks"), Coded) and joined == samples
+    by_samples = StreamEncoder("h", ProfileType.CPU, "a")
+    by_codes = StreamEncoder("h", ProfileType.CPU, "a")
+    for batch in (samples[:30], samples[30:]):
+        assert by_codes.encode(encoded(batch), 1) == by_samples.encode(batch, 1)
+
+
+def test_coded_select_and_concat_keep_every_value_used_and_in_first_use_order() -> None:
+    column = Coded(["a", "b", "c"], [0, 1, 0, 2, 1])
+    picked = column.select([False, True, True, False, True])
+    assert picked == Coded(["b", "a"], [0, 1, 0]) and picked.decoded() == ["b", "a", "b"]
+    both = Coded(["x"], [0, 0]).concat(picked)
+    assert both == Coded(["x", "b", "a"], [0, 0, 1, 2, 1]) and both.decoded() == ["x", "x", "b", "a", "b"]
+    assert numbering(["q", "r", "q", "s"]) == {"q": 0, "r": 1, "s": 2}
+
+
+def test_the_metadata_sink_encodes_process_attributes_once_per_process() -> None:
+    """Columns without attributes of their own get one code per sample into one dict per
+    process (first samples' order); the messages are those of the per-sample path."""
+    results = {}
+    for how in ("samples", "columns"):
+        # Fresh samples each time: the per-sample path sets their attributes in place.
+        samples = [Sample(s.timestamp_ns, s.cpu, s.pid, s.tid, s.thread_name, s.process_name, s.frames, s.values)
+                   for s in _samples(30)]
+        sink = MetadataSink(_Encode(), _Resolver(), Counters())  # type: ignore[arg-type]
+        batch: Sequence[Sample] = samples if how == "samples" else encoded(samples)
+        asyncio.run(sink.submit(ProfileType.CPU, batch, 1))
+        results[how] = sink.inner.messages  # type: ignore[attr-defined]
+        if how == "columns":
+            assert isinstance(batch, SampleColumns)
+            attributes = batch.column("attributes")
+            assert isinstance(attributes, Coded) and len(attributes.values) == 3  # pids 10, 11, 12
+            assert [a.get("process.executable.name") for a in attributes.values] == ["spin", None, "x"]
+    assert results["columns"] == results["samples"]

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from agent.actors.base import ActorContext, BpfActor
 from agent.actors.parts import PythonFrames
@@ -51,7 +51,7 @@ from agent.bpf.sample_records import (
 from agent.runtimes.python.frames import PY_STATUS, UNKNOWN_FRAME
 from agent.stacks.assembly import event_frames
 from agent.unwind import ActorUnwinding, chain_stages
-from shared.model import Frame, Sample, SampleColumns
+from shared.model import Coded, Column, Frame, Sample, SampleColumns, numbering
 from shared.profile_types import ProfileType
 
 # Where the pid is in every record: id records and whole stacks alike (bpf/stack_dedup.h,
@@ -245,24 +245,32 @@ class CpuActor(BpfActor[RingItem]):
             name = self._thread_name(comm)
             whole.append(Sample(ts + offset, cpu, pid, tid, name, process_name or name, frames,
                                 weights.get(pid, values)))
-        out = SampleColumns.from_samples(whole)
-        for block in batch.id_blocks:
-            self._id_columns(out, block, processes, fresh, now, statuses, offset, values, weights)
+        # The id records' columns first, the few whole records' samples after them: appending a
+        # block of encoded columns to others renumbers its codes (shared.model.Coded.concat).
+        parts = [self._id_columns(block, processes, fresh, now, statuses, offset, values, weights)
+                 for block in batch.id_blocks]
+        out = parts[0] if parts else SampleColumns.from_samples(whole)
+        for part in parts[1:]:
+            out.concat(part)
+        if parts and whole:
+            out.concat(SampleColumns.from_samples(whole))
         for status, n in statuses.items():
             if status and self.python is not None:
                 ctx.counters.inc("python_stacks", n, type=type_name, status=PY_STATUS.get(status, "other"))
         return out
 
-    def _id_columns(self, out: SampleColumns, ids: IdColumns, processes: dict[int, tuple[Any, str]],
+    def _id_columns(self, ids: IdColumns, processes: dict[int, tuple[Any, str]],
                     fresh: dict[tuple[int, int], RawStackEvent], now: float, statuses: Counter[int], offset: int,
-                    values: tuple[int, ...], weights: dict[int, tuple[int, ...]]) -> None:
-        """Append the samples of decoded id records to ``out``, column by column."""
+                    values: tuple[int, ...], weights: dict[int, tuple[int, ...]]) -> SampleColumns:
+        """The samples of decoded id records, column by column."""
         keys, pids = ids.stack, ids.pid
         # A key is a record's (stack id, serial, pid), exact: each distinct one of the batch
         # is resolved once, and no record can take another process's stack.
         stacks: dict[bytes, _Stack | None] = {}
+        key_pids = []
         for key in dict.fromkeys(keys):
             stack_id, serial, pid = STACK_KEY.unpack(key)
+            key_pids.append(pid)
             process_key, _name = processes.get(pid) or self._process(pid, processes)
             stacks[key] = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
         # _stack() counted each key's first sample; the rest are counted only where it matters
@@ -275,27 +283,40 @@ class CpuActor(BpfActor[RingItem]):
                     unknown += n
                 elif n > 1:
                     statuses[stack.py_status] += n - 1
+        # The stack, thread and process columns dictionary-encoded (shared.model.Coded), their
+        # values in the order of first samples: the encoder looks each value up once.
+        distinct = list(stacks.values())
+        stack_codes = list(map(numbering(stacks).__getitem__, keys))
+        comms = dict.fromkeys(ids.comm)
         known_names = self._thread_names
-        names = {comm: known_names.get(comm) or self._thread_name(comm) for comm in dict.fromkeys(ids.comm)}
-        thread_names = list(map(names.__getitem__, ids.comm))
-        process_names = list(map({pid: processes[pid][1] for pid in processes}.__getitem__, pids))
+        thread_names = [known_names.get(comm) or self._thread_name(comm) for comm in comms]
+        thread_codes = list(map(numbering(comms).__getitem__, ids.comm))
+        # A pid's first sample is its first key's: the keys' pids in order are the pids' order.
+        batch_pids = dict.fromkeys(key_pids)
+        process_names = [processes[pid][1] for pid in batch_pids]
+        process_codes = list(map(numbering(batch_pids).__getitem__, pids))
         if not all(process_names):  # a process without a name is named by its thread
-            process_names = [p or t for p, t in zip(process_names, thread_names, strict=True)]
-        frames = list(map({key: s.frames if s else None for key, s in stacks.items()}.__getitem__, keys))
+            named = [p or t for p, t in zip(map(process_names.__getitem__, process_codes),
+                                            map(thread_names.__getitem__, thread_codes), strict=True)]
+            process_column: Column[str] = named
+        else:
+            process_column = Coded(process_names, process_codes)
         sample_values = [values] * len(pids)
         for pid, own_values in weights.items():  # the agent's own samples weigh more (_self_values)
-            if pid in processes:
+            if pid in batch_pids:
                 at = -1
                 with contextlib.suppress(ValueError):
                     while True:
                         at = pids.index(pid, at + 1)
                         sample_values[at] = own_values
+        frames = Coded([s.frames if s else () for s in distinct], stack_codes)
         columns = SampleColumns(list(map(offset.__add__, ids.ts)), ids.cpu, pids, ids.tid,
-                                thread_names, process_names, cast(list[tuple[Frame, ...]], frames), sample_values)
+                                Coded(thread_names, thread_codes), process_column, frames, sample_values)
         if unknown:
             self.ctx.counters.inc("events_dropped", unknown, type=self.profile_type.value, reason="stack_unknown")
-            columns = columns.select([f is not None for f in frames])
-        out.concat(columns)
+            known = [s is not None for s in distinct]
+            columns = columns.select(list(map(known.__getitem__, stack_codes)))
+        return columns
 
     def _whole_records_to_samples(self, records: list[bytes]) -> list[Sample]:
         """Samples from whole ``struct stack_event`` records (bpf/cpu_records.bpf.c)."""

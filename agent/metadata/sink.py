@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from agent.actors.base import SampleSink
 from agent.metadata.resolver import MetadataResolver
 from shared.counters import Counters
-from shared.model import Sample, SampleColumns
+from shared.model import Coded, Sample, SampleColumns, numbering
 from shared.profile_types import ProfileType
 from shared.tasks import cancel_and_wait
 
@@ -85,7 +85,7 @@ class MetadataSink(SampleSink):
         at once, and every sample of a process refers to that process's one attributes dict
         (CPU samples have no attributes of their own: a sample that has some keeps them, first
         merged over the process's)."""
-        stale = self.resolver.stale(dict.fromkeys(zip(columns.pids, columns.process_names, strict=True)))
+        stale = self.resolver.stale(_processes(columns))
         if stale:
             await asyncio.to_thread(self.resolver.resolve_many, stale)
         if self.own_netns is not None:
@@ -95,11 +95,21 @@ class MetadataSink(SampleSink):
                 self.counters.inc("samples_out_of_scope", len(keep) - sum(keep), type=profile_type.value)
                 columns = columns.select(keep)
         if self.add_attributes:
-            by_pid = {pid: self.resolver.cached(pid) or {} for pid in set(columns.pids)}
-            if any(by_pid.values()):
-                process_attrs = list(map(by_pid.__getitem__, columns.pids))
+            pids = dict.fromkeys(columns.pids)
+            by_pid = [self.resolver.cached(pid) or {} for pid in pids]
+            if any(by_pid):  # encoded: each process's one dict, then a code per sample
+                process_attrs = Coded(by_pid, list(map(numbering(pids).__getitem__, columns.pids)))
                 own = columns.attributes
                 columns.attributes = process_attrs if own is None else [
-                    {**p, **a} if a else p for p, a in zip(process_attrs, own, strict=True)]
+                    {**p, **a} if a else p for p, a in zip(process_attrs.decoded(), own, strict=True)]
         if len(columns):
             await self.inner.submit(profile_type, columns, period)
+
+
+def _processes(columns: SampleColumns) -> list[tuple[int, str]]:
+    """The batch's distinct (pid, process name) pairs, in order: from an encoded name column,
+    the pairs of pids and codes first (few: the CPU profile codes names by process)."""
+    names = columns.column("process_names")
+    if isinstance(names, Coded):
+        return [(pid, names.values[code]) for pid, code in dict.fromkeys(zip(columns.pids, names.codes, strict=True))]
+    return list(dict.fromkeys(zip(columns.pids, names, strict=True)))
