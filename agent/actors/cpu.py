@@ -216,8 +216,10 @@ class CpuActor(BpfActor[RingItem]):
 
         Id records are decoded together and turned into columns without a Python step per
         sample: each distinct (pid, stack id, serial), thread name and pid of the batch is
-        resolved once, and the columns are mapped from those in C. Records with a whole
-        stack (new stacks, copies, errors: few) become samples one by one, first."""
+        resolved once, and the columns are mapped from those in C (stacks, thread and process
+        names dictionary-encoded: shared.model.Coded). Records with a whole stack (new stacks,
+        copies, errors: few) become samples one by one, first, so that id records of their
+        stacks find them; their samples come after the id records' in the batch."""
         if not self.dedup:
             return SampleColumns.from_samples(self._whole_records_to_samples(ring_records(records)))
         ctx = self.ctx
