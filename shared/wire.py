@@ -60,7 +60,7 @@ from typing import Any, TypeVar, cast
 import msgpack
 import zstandard
 
-from shared.model import Coded, Column, Frame, FrameType, Mapping, Sample, SampleColumns, coded
+from shared.model import Coded, Column, Frame, FrameType, Mapping, Sample, SampleColumns
 from shared.profile_types import PROFILE_TYPES, ProfileType
 
 T = TypeVar("T")
@@ -331,7 +331,8 @@ class StreamEncoder:
             stamps, cpu, pid, tid = samples.timestamps, samples.cpus, samples.pids, samples.tids
             thread_names, process_names = samples.column("thread_names"), samples.column("process_names")
             stacks, values, attributes = samples.column("stacks"), samples.values, samples.column("attributes")
-            if attributes is not None and not any(coded(attributes).values):
+            # Any attributes at all: an encoded column's values, a plain one's per sample, as held.
+            if attributes is not None and not any(attributes.values if isinstance(attributes, Coded) else attributes):
                 attributes = None
         else:
             stamps = list(map(_TIMESTAMP, samples))

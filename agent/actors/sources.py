@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.actors.parts import ProgramPart
 from agent.bpf.records import EVENT_SIZE
-from agent.bpf.ring_reader import RingItem, RingReader, SlotRun
+from agent.bpf.ring_reader import RingItem, RingReader, SlotRun, record_count
 from agent.thread_names import name_os_thread
 from shared.counters import Counters
 
@@ -159,12 +159,11 @@ class _RingSource(RecordSource[_Item]):
 
     def _drop_oldest(self) -> int:
         """Drop the oldest pending items until the byte bound holds; how many records went."""
-        pending, dropped = self._pending, 0
+        pending, dropped = self._pending, []
         while pending and self._pending_bytes > self.max_pending_bytes:
-            item = pending.popleft()
-            self._pending_bytes -= item_charge(item)
-            dropped += item.count if isinstance(item, SlotRun) else 1
-        return dropped
+            dropped.append(pending.popleft())
+            self._pending_bytes -= item_charge(dropped[-1])
+        return record_count(dropped)
 
     def _count_ring_losses(self, reader: RingReader) -> None:
         """Count what the reader dropped as malformed and what BPF discarded, since last time."""
