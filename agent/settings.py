@@ -46,9 +46,10 @@ class AgentSettings(BaseSettings):
     # cost (symbolization hop, counters, encoding, one NATS publication): at 99 Hz on a few
     # CPUs it is most of the agent's CPU, so flushes are rare and come early when records pile
     # up (agent/actors/flush.py). Wall and lock drain at least every second (their in-kernel
-    # maps are sized for it). Ten seconds, as continuous profilers commonly report: a CPU
-    # flush costs ~3.5 ms of fixed work, 0.35 ms a second at this interval (docs/design/
-    # overhead.md, "Fixed work per second" and "Wake-ups and the agent's own stacks").
+    # maps are sized for it) and hold the samples to publish them at this interval. Ten
+    # seconds, as continuous profilers commonly report: a CPU flush costs ~3.5 ms of fixed
+    # work, 0.35 ms a second at this interval (docs/design/overhead.md, "Fixed work per
+    # second" and "Wake-ups and the agent's own stacks").
     flush_interval_s: float = Field(default=10.0, gt=0, le=60)
     # Raw records waiting for symbolization per actor, in bytes (each record's payload plus
     # ~41 bytes of Python object): beyond this the oldest are dropped and counted; half of it

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.actors.base import ActorContext, BpfActor, SampleSink
 from agent.actors.cpu import CpuActor
+from agent.actors.flush import PublicationHold
 from agent.actors.sources import RecordSource
 from agent.actors.wall import WallActor
 from agent.clock import MonotonicToUnix
@@ -141,3 +142,70 @@ def test_the_aggregating_actors_drain_at_least_every_second() -> None:
     assert CpuActor(ctx).flush_signal.interval_s == 5.0
     assert WallActor(ctx).flush_signal.interval_s == 1.0
     assert AgentSettings().flush_interval_s == 10.0
+
+
+def _sample(n: int) -> Sample:
+    return Sample(n, 0, 1, 1, "t", "p", (), (n,))
+
+
+def test_a_hold_publishes_a_drain_a_second_at_the_flush_interval() -> None:
+    """Drains every second, a 10 s flush interval: the first drain's samples wait 9 s more,
+    then all ten drains' samples go out together, in order; the next drain starts a new hold."""
+    hold = PublicationHold(flush_interval_s=10.0, drain_interval_s=1.0, max_samples=1000)
+    published = [list(hold.take([_sample(t)], now=float(t))) for t in range(10)]
+    assert published[:9] == [[]] * 9
+    assert [s.values[0] for s in published[9]] == list(range(10))
+    assert list(hold.take([_sample(10)], now=10.0)) == [] and len(hold) == 1
+
+
+def test_a_hold_starts_with_its_first_sample_not_with_empty_drains() -> None:
+    hold = PublicationHold(flush_interval_s=10.0, drain_interval_s=1.0, max_samples=1000)
+    assert list(hold.take([], now=0.0)) == []
+    assert list(hold.take([_sample(1)], now=5.0)) == []
+    assert list(hold.take([], now=13.9)) == []
+    assert [s.values[0] for s in hold.take([], now=14.0)] == [1]
+
+
+def test_a_hold_lets_go_at_its_bound_and_on_the_final_flush() -> None:
+    hold = PublicationHold(flush_interval_s=10.0, drain_interval_s=1.0, max_samples=3)
+    assert list(hold.take([_sample(1), _sample(2)], now=0.0)) == []
+    assert [s.values[0] for s in hold.take([_sample(3)], now=1.0)] == [1, 2, 3]
+    big = [_sample(n) for n in range(3)]
+    assert hold.take(big, now=2.0) is big  # nothing held: a full batch passes as it is
+    assert list(hold.take([_sample(4)], now=3.0)) == []
+    assert [s.values[0] for s in hold.take([], now=3.5, final=True)] == [4]
+    assert len(hold) == 0
+
+
+def test_an_actor_draining_at_the_flush_interval_holds_nothing() -> None:
+    """CPU drains at the flush interval: its batches (columns) go out as they are."""
+    hold = CpuActor(context(Published(), flush_interval_s=5.0)).hold
+    batch = [_sample(1)]
+    assert hold.hold_s == 0 and hold.take(batch, now=0.0) is batch
+
+
+class FastDrainingActor(FedActor):
+    """Drains every 20 ms, as the aggregating actors drain every second."""
+
+    MAX_FLUSH_INTERVAL_S = 0.02
+
+
+async def test_held_samples_go_out_together_and_all_of_them_when_the_actor_stops() -> None:
+    """A 60 s flush interval and drains every 20 ms: five pushes, each drained on its own, are
+    not published while the actor runs; stopping it publishes them in one batch, in order."""
+    sink, source = Published(), FedSource()
+    actor = FastDrainingActor(context(sink, flush_interval_s=60), source)
+    task = asyncio.create_task(actor.run())
+    try:
+        while source.on_buffered is None:
+            await asyncio.sleep(0)
+        for push in range(5):
+            source.push(list(range(push * 10, push * 10 + 10)))
+            while source.waiting:  # drained by the next flush
+                await asyncio.sleep(0.005)
+        while len(actor.hold) < 50:  # the last drain's conversion reached the hold
+            await asyncio.sleep(0.005)
+        assert sink.batches == []
+    finally:
+        await _stop(task)
+    assert sink.batches == [list(range(50))]

@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from agent.actors.flush import FlushSignal
+from agent.actors.flush import FlushSignal, PublicationHold
 from agent.actors.parts import ProgramPart, PythonFrames, TargetFilter
 from agent.actors.sources import RecordSource
 from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
@@ -137,6 +137,9 @@ class BpfActor(ProfileActor, Generic[R]):
     # The longest this actor waits between flushes whatever ``flush_interval_s`` says (None:
     # no cap); programs whose in-kernel maps are sized for a window of this length set it.
     MAX_FLUSH_INTERVAL_S: ClassVar[float | None] = None
+    # Samples such an actor holds for the flush interval at most (agent/actors/flush.py
+    # PublicationHold); more are published at once. ~200 bytes each with their values.
+    HELD_SAMPLES_MAX: ClassVar[int] = 32_768
 
     def __init__(self, ctx: ActorContext, source: RecordSource[R], *parts: ProgramPart) -> None:
         super().__init__(ctx)
@@ -154,6 +157,8 @@ class BpfActor(ProfileActor, Generic[R]):
             interval = min(interval, self.MAX_FLUSH_INTERVAL_S)
         # A flush comes early once records of half the bytes the source may hold are waiting.
         self.flush_signal = FlushSignal(interval, max(1, ctx.settings.max_pending_bytes // 2))
+        # Draining more often than the flush interval, samples still go out at its pace.
+        self.hold = PublicationHold(ctx.settings.flush_interval_s, interval, self.HELD_SAMPLES_MAX)
 
     @property
     def python(self) -> PythonStacks | None:
@@ -310,7 +315,7 @@ class BpfActor(ProfileActor, Generic[R]):
             if flushing is not None and not flushing.done():
                 await asyncio.shield(asyncio.gather(flushing, return_exceptions=True))
             try:
-                await asyncio.shield(self._flush(loop))
+                await asyncio.shield(self._flush(loop, final=True))
             finally:
                 for subscription in self._subscriptions:
                     subscription.close()
@@ -332,11 +337,19 @@ class BpfActor(ProfileActor, Generic[R]):
         for part in self.parts:
             part.close()
 
-    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _flush(self, loop: asyncio.AbstractEventLoop, final: bool = False) -> None:
+        """Drain and convert; publish what the hold lets go (everything on the ``final``
+        flush, even when its own conversion fails)."""
         self.ctx.clock.refresh()
-        samples = await loop.run_in_executor(self.ctx.symbol_executor, self._convert)
-        if samples:
-            await self.ctx.sink.submit(self.profile_type, samples, self.period())
+        try:
+            samples = await loop.run_in_executor(self.ctx.symbol_executor, self._convert)
+        except BaseException:
+            if final and len(self.hold):
+                await self.ctx.sink.submit(self.profile_type, self.hold.release(), self.period())
+            raise
+        batch = self.hold.take(samples, time.monotonic(), final)
+        if batch:
+            await self.ctx.sink.submit(self.profile_type, batch, self.period())
 
     def _convert(self) -> Sequence[Sample]:
         if self.bpf is None:  # stopped before the program was loaded

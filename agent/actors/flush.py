@@ -7,7 +7,9 @@ second"). So the interval is long (``flush_interval_s``, the longest a sample wa
 is published), and a source whose records arrive faster than that asks for an early flush
 once ``backlog`` bytes of records wait, so that the bounded queue in front of the symbolizer never
 fills at high rates and batches stay about the same size. No record is dropped or reordered
-by the policy: it only decides when the next drain happens.
+by the policy: it only decides when the next drain happens. An actor that must drain more
+often than the interval (its in-kernel maps hold less) holds its samples until the interval
+is due and publishes them together (:class:`PublicationHold`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Sequence
+
+from shared.model import Sample
 
 
 class FlushSignal:
@@ -53,3 +58,47 @@ class FlushSignal:
         self._event.clear()
         with self._lock:
             self._requested = False
+
+
+class PublicationHold:
+    """Samples of drains that come more often than the flush interval, held until it is due.
+
+    The aggregating actors (wall, lock) drain their in-kernel maps every second, because the
+    maps are sized for one second of a busy host. Publishing each second's samples on its own
+    paid a publication's fixed cost (the metadata sink, the encoder's per-message work, one
+    NATS message and its acknowledgement) ten times as often as the flush interval asks: on a
+    busy host most of what those actors cost the event loop (docs/design/overhead.md,
+    "Publishing at the flush interval"). Held samples keep their own timestamps; only when they
+    leave the agent changes, and no later than ``flush_interval_s`` after their window opened.
+    At most ``max_samples`` wait: more go out at once.
+    """
+
+    def __init__(self, flush_interval_s: float, drain_interval_s: float, max_samples: int) -> None:
+        # A drained window's samples are up to one drain interval old already.
+        self.hold_s = max(0.0, flush_interval_s - drain_interval_s)
+        self.max_samples = max_samples
+        self._samples: list[Sample] = []
+        self._since = 0.0  # when the oldest held batch was drained
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def take(self, samples: Sequence[Sample], now: float, final: bool = False) -> Sequence[Sample]:
+        """What to publish now: nothing while samples wait for the interval; else the held
+        samples then ``samples`` (a batch passes through as it is when nothing is held)."""
+        if not self._samples:
+            if final or self.hold_s <= 0 or len(samples) >= self.max_samples:
+                return samples
+            if samples:
+                self._since = now
+                self._samples = list(samples)
+            return []
+        self._samples.extend(samples)
+        if final or now - self._since >= self.hold_s or len(self._samples) >= self.max_samples:
+            return self.release()
+        return []
+
+    def release(self) -> list[Sample]:
+        """Every held sample, in the order drained; the hold is empty after."""
+        out, self._samples = self._samples, []
+        return out

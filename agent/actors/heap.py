@@ -247,8 +247,8 @@ class HeapActor(BpfActor[bytes]):
         return self._report() + self.go_heap.collect(time.time_ns())
 
     # -- Go: mutex/block profiles read with the heap go out as the lock type ---------------------
-    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        await super()._flush(loop)
+    async def _flush(self, loop: asyncio.AbstractEventLoop, final: bool = False) -> None:
+        await super()._flush(loop, final)
         lock_samples, self.go_heap.lock_samples = self.go_heap.lock_samples, []
         if lock_samples:
             await self.ctx.sink.submit(ProfileType.LOCK, lock_samples, 1)
