@@ -221,7 +221,7 @@ ALL_EVENT_TYPES = "cpu,wall,lock,goroutine"
 
 def run_mode(args: argparse.Namespace) -> None:
     """One of issue #20's measurements; prints its table and writes its JSON."""
-    from benchmarks import agent_profile, busy_mix, per_sample
+    from benchmarks import agent_profile, busy_mix, machine, per_sample
     from benchmarks.event_mix import build_event_mix
 
     if not enable_bpf_stats():
@@ -229,7 +229,9 @@ def run_mode(args: argparse.Namespace) -> None:
     repeats = 2 if args.repeats is None else args.repeats
     out: dict[str, Any] = {"mode": args.mode, "duration_s": args.duration, "warmup_s": args.warmup,
                            "repeats": repeats, "target_comm": args.target_comm or "(all processes)",
-                           "load_average_at_start": os.getloadavg()}
+                           "load_average_at_start": os.getloadavg(), "machine": machine.describe()}
+    print(f"machine: {out['machine']['cpu'].get('model_name', '?')}, kernel {out['machine']['kernel']}, "
+          f"syscall round trip {out['machine']['syscall_round_trip_ns']:.0f} ns", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.mode == "per-sample":
             rates = [int(r) for r in args.rates.split(",")]
