@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from agent.actors.base import ActorContext, BpfActor, SampleSink
 from agent.actors.cpu import CpuActor
 from agent.actors.flush import PublicationHold
@@ -203,9 +205,41 @@ async def test_held_samples_go_out_together_and_all_of_them_when_the_actor_stops
             source.push(list(range(push * 10, push * 10 + 10)))
             while source.waiting:  # drained by the next flush
                 await asyncio.sleep(0.005)
-        while len(actor.hold) < 50:  # the last drain's conversion reached the hold
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(_until(lambda: len(actor.hold) == 50), 30)  # the last drain's conversion
         assert sink.batches == []
     finally:
         await _stop(task)
     assert sink.batches == [list(range(50))]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+class FailingAtStopActor(FastDrainingActor):
+    """Its conversion fails once ``failing`` is set."""
+
+    failing = False
+
+    def to_samples(self, records: list[int]) -> Sequence[Sample]:
+        if self.failing:
+            raise RuntimeError("conversion failed")
+        return super().to_samples(records)
+
+
+async def test_held_samples_go_out_when_the_final_conversion_fails() -> None:
+    """Ten records held, then the actor stops and its last conversion fails: the ten are
+    published all the same, and the failure is the actor's outcome."""
+    sink, source = Published(), FedSource()
+    actor = FailingAtStopActor(context(sink, flush_interval_s=60), source)
+    task = asyncio.create_task(actor.run())
+    await asyncio.wait_for(_until(lambda: source.on_buffered is not None), 30)
+    source.push(list(range(10)))
+    await asyncio.wait_for(_until(lambda: len(actor.hold) == 10), 30)
+    actor.failing = True
+    source.push([10])  # a record for the failing conversion to take
+    task.cancel()
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        await task
+    assert sink.batches == [list(range(10))]

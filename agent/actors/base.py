@@ -138,8 +138,9 @@ class BpfActor(ProfileActor, Generic[R]):
     # no cap); programs whose in-kernel maps are sized for a window of this length set it.
     MAX_FLUSH_INTERVAL_S: ClassVar[float | None] = None
     # Samples such an actor holds for the flush interval at most (agent/actors/flush.py
-    # PublicationHold); more are published at once. ~200 bytes each with their values.
-    HELD_SAMPLES_MAX: ClassVar[int] = 32_768
+    # PublicationHold); more are published at once. ~600 bytes each with their values and
+    # attributes (tracemalloc, lock samples): ~10 MB at the bound, ~1,000 on the busy mix.
+    HELD_SAMPLES_MAX: ClassVar[int] = 16_384
 
     def __init__(self, ctx: ActorContext, source: RecordSource[R], *parts: ProgramPart) -> None:
         super().__init__(ctx)
@@ -349,7 +350,13 @@ class BpfActor(ProfileActor, Generic[R]):
             raise
         batch = self.hold.take(samples, time.monotonic(), final)
         if batch:
-            await self.ctx.sink.submit(self.profile_type, batch, self.period())
+            try:
+                await self.ctx.sink.submit(self.profile_type, batch, self.period())
+            except Exception:
+                # Not retried (the sink may have taken part of it): counted, and the actor fails.
+                self.ctx.counters.inc("events_dropped", len(batch), type=self.profile_type.value,
+                                      reason="publish_failed")
+                raise
 
     def _convert(self) -> Sequence[Sample]:
         if self.bpf is None:  # stopped before the program was loaded

@@ -69,8 +69,9 @@ class PublicationHold:
     NATS message and its acknowledgement) ten times as often as the flush interval asks: on a
     busy host most of what those actors cost the event loop (docs/design/overhead.md,
     "Publishing at the flush interval"). Held samples keep their own timestamps; only when they
-    leave the agent changes, and no later than ``flush_interval_s`` after their window opened.
-    At most ``max_samples`` wait: more go out at once.
+    leave the agent changes: about ``flush_interval_s`` after their window opened (samples go
+    out at a drain, so an interval that is not a whole number of drain intervals is rounded
+    up to the next drain). At most ``max_samples`` wait: more go out at once.
     """
 
     def __init__(self, flush_interval_s: float, drain_interval_s: float, max_samples: int) -> None:
