@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -89,10 +89,13 @@ def context(sink: SampleSink, **settings: Any) -> ActorContext:
                         MonotonicToUnix())
 
 
-async def _started(**settings: Any) -> tuple[Published, FedSource, FedActor, asyncio.Task[None]]:
+A = TypeVar("A", bound="FedActor")
+
+
+async def _started(actor_type: type[A], **settings: Any) -> tuple[Published, FedSource, A, asyncio.Task[None]]:
     """An actor fed by hand, publishing into a recording sink, running once its source started."""
     sink, source = Published(), FedSource()
-    actor = FedActor(context(sink, **settings), source)
+    actor = actor_type(context(sink, **settings), source)
     task = asyncio.create_task(actor.run())
     while source.on_buffered is None:
         await asyncio.sleep(0)
@@ -109,7 +112,7 @@ async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is
     """2 CPUs at 100 Hz polled every 250 ms: 50 records a poll, 40 polls (10 s of samples).
     With a flush interval far away and a backlog of 100 records' bytes (half of 200's), every second
     poll brings a flush: 20 publications of exactly 100 records, all 2,000 once, in order."""
-    sink, source, actor, task = await _started(flush_interval_s=60, max_pending_bytes=200 * RECORD_BYTES)
+    sink, source, actor, task = await _started(FedActor, flush_interval_s=60, max_pending_bytes=200 * RECORD_BYTES)
     try:
         for poll in range(40):
             arrived = len(sink.batches)
@@ -127,7 +130,7 @@ async def test_records_faster_than_the_interval_flush_at_the_backlog_and_none_is
 
 async def test_records_slower_than_the_interval_wait_for_it() -> None:
     """30 records, far below the backlog: published by the interval's flush, all of them."""
-    sink, source, actor, task = await _started(flush_interval_s=0.05, max_pending_bytes=200 * RECORD_BYTES)
+    sink, source, actor, task = await _started(FedActor, flush_interval_s=0.05, max_pending_bytes=200 * RECORD_BYTES)
     try:
         source.push(list(range(30)))
         await asyncio.wait_for(sink.arrived.wait(), 30)
@@ -195,12 +198,8 @@ class FastDrainingActor(FedActor):
 async def test_held_samples_go_out_together_and_all_of_them_when_the_actor_stops() -> None:
     """A 60 s flush interval and drains every 20 ms: five pushes, each drained on its own, are
     not published while the actor runs; stopping it publishes them in one batch, in order."""
-    sink, source = Published(), FedSource()
-    actor = FastDrainingActor(context(sink, flush_interval_s=60), source)
-    task = asyncio.create_task(actor.run())
+    sink, source, actor, task = await _started(FastDrainingActor, flush_interval_s=60)
     try:
-        while source.on_buffered is None:
-            await asyncio.sleep(0)
         for push in range(5):
             source.push(list(range(push * 10, push * 10 + 10)))
             while source.waiting:  # drained by the next flush
@@ -231,10 +230,7 @@ class FailingAtStopActor(FastDrainingActor):
 async def test_held_samples_go_out_when_the_final_conversion_fails() -> None:
     """Ten records held, then the actor stops and its last conversion fails: the ten are
     published all the same, and the failure is the actor's outcome."""
-    sink, source = Published(), FedSource()
-    actor = FailingAtStopActor(context(sink, flush_interval_s=60), source)
-    task = asyncio.create_task(actor.run())
-    await asyncio.wait_for(_until(lambda: source.on_buffered is not None), 30)
+    sink, source, actor, task = await _started(FailingAtStopActor, flush_interval_s=60)
     source.push(list(range(10)))
     await asyncio.wait_for(_until(lambda: len(actor.hold) == 10), 30)
     actor.failing = True

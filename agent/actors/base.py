@@ -345,18 +345,22 @@ class BpfActor(ProfileActor, Generic[R]):
         try:
             samples = await loop.run_in_executor(self.ctx.symbol_executor, self._convert)
         except BaseException:
-            if final and len(self.hold):
-                await self.ctx.sink.submit(self.profile_type, self.hold.release(), self.period())
+            if final:
+                await self._publish(self.hold.release())
             raise
-        batch = self.hold.take(samples, time.monotonic(), final)
-        if batch:
-            try:
-                await self.ctx.sink.submit(self.profile_type, batch, self.period())
-            except Exception:
-                # Not retried (the sink may have taken part of it): counted, and the actor fails.
-                self.ctx.counters.inc("events_dropped", len(batch), type=self.profile_type.value,
-                                      reason="publish_failed")
-                raise
+        await self._publish(self.hold.take(samples, time.monotonic(), final))
+
+    async def _publish(self, batch: Sequence[Sample]) -> None:
+        """Hand a batch to the sink (nothing if empty)."""
+        if not batch:
+            return
+        try:
+            await self.ctx.sink.submit(self.profile_type, batch, self.period())
+        except Exception:
+            # Not retried (the sink may have taken part of it): counted, and the actor fails.
+            self.ctx.counters.inc("events_dropped", len(batch), type=self.profile_type.value,
+                                  reason="publish_failed")
+            raise
 
     def _convert(self) -> Sequence[Sample]:
         if self.bpf is None:  # stopped before the program was loaded
