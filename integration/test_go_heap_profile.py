@@ -260,7 +260,11 @@ def test_heap_matches_the_programs_own_profile(go_heap_run: Result, variant: str
             assert within(alloc[site], theirs[site][1]), (program.name, site, alloc[site], theirs[site])
             assert within(inuse.get(site, 0), theirs[site][3]) or \
                 abs(inuse.get(site, 0) - theirs[site][3]) <= 256 * 1024, (program.name, site, inuse, theirs[site])
-        assert theirs["main.keepAlive"][3] > 20 << 20  # the 24 MiB live set is there to compare
+        # The live set is in the program's profile at all (not collected before it was written).
+        # Its size there is an estimate: 16 KiB blocks sampled at 64 KiB are ~340 sampled blocks,
+        # whose count varies by ~5% (0.80 - 1.16 of 24 MiB over 180 runs of 1.19 - 1.27); a
+        # bound nearer 24 MiB fails on the runtime's own sampling. Sizes are compared above.
+        assert theirs["main.keepAlive"][3] > 12 << 20
         total_theirs = sum(v[1] for v in theirs.values())
         assert within(sum(alloc.values()), total_theirs), (program.name, sum(alloc.values()), total_theirs)
 
