@@ -71,7 +71,8 @@ async def run_aggregator(
     log.info("aggregator: NATS %s, export every %gs to %s%s", settings.nats.url, settings.export_interval_s,
              settings.otlp_endpoint or "(no OTLP)", f" and {settings.output_dir}" if output.writer else "")
     delivery = ExportThenAck(nc, ledger, output, merger.rotate, counters,
-                             exported if settings.nats.jetstream else None, settings.nats.stream.name, consumers.peers)
+                             exported if settings.nats.jetstream else None, settings.nats.stream.name, consumers.peers,
+                             settings.max_marker_wait_s)
 
     sweep_task = asyncio.create_task(_sweep_forever(intake), name="intake-sweep")
     metrics = await _start_metrics(settings, counters, nc, intake)

@@ -98,6 +98,14 @@ class AggregatorSettings(BaseSettings):
     def effective_ack_wait_s(self) -> float:
         return self.ack_wait_s if self.ack_wait_s is not None else 3 * self.export_interval_s + 30.0
 
+    @property
+    def max_marker_wait_s(self) -> float:
+        """How long merged messages may wait for an unshared export marker before being exported.
+
+        Less than the stream's redelivery: a message is finished up to ``park_timeout_s`` after
+        its delivery, and its export may take an interval to write and ack."""
+        return max(0.0, self.effective_ack_wait_s - self.export_interval_s - self.park_timeout_s)
+
     @classmethod
     def settings_customise_sources(
         cls,

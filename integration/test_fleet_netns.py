@@ -89,7 +89,7 @@ def test_three_hosts_nats_cluster_two_aggregators_with_failures(tmp_path: Path) 
     exe = build_c("cpu_chain.c", tmp_path)
     with NetnsTestBed(n_hosts=3) as bed, NatsCluster(bed.gateway) as cluster:
         outs = [tmp_path / f"aggregator{i}" for i in range(2)]
-        aggregators = [AggregatorProcess(cluster.urls, out, tmp_path / f"aggregator{i}.log", ack_wait_s=10)
+        aggregators = [AggregatorProcess(cluster.urls, out, tmp_path / f"aggregator{i}.log", ack_wait_s=20)
                        for i, out in enumerate(outs)]
         for a in aggregators:
             a.env["STACKFLEET_NATS__STREAM__REPLICAS"] = "3"

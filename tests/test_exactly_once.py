@@ -107,17 +107,45 @@ class _Connection:
         return None
 
 
-def _export_path(output: _SlowOutput, held: list[Msg]) -> tuple[ExportThenAck[str], ExportedMessages, AckLedger]:
-    counters = Counters()
+def _export_path(output: _SlowOutput, held: list[Msg], peers: PeerMarkers | None = None,
+                 max_hold_s: float = 0.0) -> tuple[ExportThenAck[str], ExportedMessages, AckLedger]:
+    counters = peers.counters if peers is not None else Counters()
     ledger = AckLedger(counters)
     for m in held:
         ledger.finished(m)
     fleet = FleetProfiles(start_ns=0, end_ns=1)
     fleet.hosts[("h1", ProfileType.CPU)] = None  # type: ignore[assignment]  # one host: something to export
-    exported = ExportedMessages()
+    exported = peers.exported if peers is not None else ExportedMessages()
     path = ExportThenAck(_Connection(), ledger, output, lambda: fleet, counters,  # type: ignore[arg-type]
-                         exported, "STACKFLEET", None)
+                         exported, "STACKFLEET", peers, max_hold_s)
     return path, exported, ledger
+
+
+class FlakyBucket:
+    """A key-value bucket whose puts fail while ``down`` (JetStream away)."""
+
+    def __init__(self, down: bool = True) -> None:
+        self.down = down
+        self.attempts = 0
+        self.stored: dict[str, bytes] = {}
+
+    async def put(self, key: str, value: bytes) -> int:
+        self.attempts += 1
+        if self.down:
+            raise ConnectionError("JetStream unavailable")
+        self.stored[key] = value
+        return len(self.stored)
+
+
+async def _peers_in_outage() -> tuple[PeerMarkers, FlakyBucket]:
+    """Peer markers whose bucket took one export's marker, then went away during the next."""
+    bucket = FlakyBucket(down=False)
+    peers = PeerMarkers(bucket, ExportedMessages(), Counters(), timeout_s=1.0)  # type: ignore[arg-type]
+    await peers.publish(marker_for([js_msg(1)]))  # type: ignore[arg-type]
+    bucket.down = True
+    await peers.publish(marker_for([js_msg(2)]))  # type: ignore[arg-type]
+    assert peers.in_outage
+    return peers, bucket
 
 
 async def test_a_redelivery_during_the_encoding_of_its_export_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,19 +304,6 @@ async def test_a_redelivery_to_another_replica_is_recognised_from_the_shared_mar
 
 
 async def test_an_unshared_marker_is_counted_and_put_again_after_the_retry_delay() -> None:
-    class FlakyBucket:
-        def __init__(self) -> None:
-            self.down = True
-            self.attempts = 0
-            self.stored: dict[str, bytes] = {}
-
-        async def put(self, key: str, value: bytes) -> int:
-            self.attempts += 1
-            if self.down:
-                raise ConnectionError("JetStream unavailable")
-            self.stored[key] = value
-            return len(self.stored)
-
     bucket, counters = FlakyBucket(), Counters()
     peers = PeerMarkers(bucket, ExportedMessages(), counters, timeout_s=1.0)  # type: ignore[arg-type]
     markers = [marker_for([js_msg(s) for s in seqs]) for seqs in ((1, 2, 3), (4, 5), (6,), (7,))]
@@ -303,3 +318,62 @@ async def test_an_unshared_marker_is_counted_and_put_again_after_the_retry_delay
     await peers.publish(markers[3])  # type: ignore[arg-type]
     assert [ExportMarker.from_json(v) for v in bucket.stored.values()] == markers  # in order, none lost
     assert counters.get("export_markers_shared") == 4
+
+
+async def test_a_bucket_that_never_took_a_put_is_not_an_outage() -> None:
+    peers = PeerMarkers(FlakyBucket(), ExportedMessages(), Counters(), timeout_s=1.0)  # type: ignore[arg-type]
+    await peers.publish(marker_for([js_msg(1)]))  # type: ignore[arg-type]
+    assert not peers.in_outage  # misconfigured rather than away: exports must not wait for it
+    path, _, _ = _export_path(_SlowOutput(), [js_msg(2)], peers, max_hold_s=60.0)
+    path.output.release.set()  # type: ignore[attr-defined]
+    await path.export_interval()
+    assert path.output.written  # type: ignore[attr-defined]
+
+
+async def test_exports_wait_for_an_unshared_marker_and_then_go_out_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    acked = _record_acks(monkeypatch)
+    peers, bucket = await _peers_in_outage()
+    output = _SlowOutput()
+    output.release.set()
+    path, exported, ledger = _export_path(output, [js_msg(3), js_msg(4)], peers, max_hold_s=60.0)
+    await path.export_interval()
+    await path.export_interval()
+    assert output.written == [] and acked == []  # nothing exported or acked while the marker waits
+    assert peers.counters.get("exports_deferred", reason="marker_unshared") == 2
+    assert bucket.attempts == 4  # shared, failed, then tried again at each deferred interval
+    assert not exported.already_exported(js_msg(3, delivered=2)) and ledger.holds(js_msg(3, delivered=2))
+    ledger.finished(js_msg(5))  # the next interval's message
+    bucket.down = False
+    await path.export_interval()
+    assert len(output.written) == 1 and output.written[0] is not None
+    assert output.written[0].ranges == ((3, 5),)  # one export holding everything that waited
+    assert acked == [3, 4, 5]
+    assert [ExportMarker.from_json(v).ranges for v in bucket.stored.values()] == [((1, 1),), ((2, 2),), ((3, 5),)]
+
+
+async def test_an_outage_does_not_hold_messages_until_the_stream_redelivers_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    acked = _record_acks(monkeypatch)
+    peers, _ = await _peers_in_outage()
+    output = _SlowOutput()
+    output.release.set()
+    path, _, ledger = _export_path(output, [js_msg(3)], peers, max_hold_s=60.0)
+    await path.export_interval()
+    assert output.written == []
+    since = ledger.held_since()
+    assert since is not None
+    monkeypatch.setattr(ledger, "_since", since - 60.0)  # held as long as the limit allows
+    await path.export_interval()
+    assert len(output.written) == 1 and acked == [3]
+    assert peers.counters.get("exports_deferred") == 1
+
+
+async def test_the_last_export_at_shutdown_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    acked = _record_acks(monkeypatch)
+    peers, _ = await _peers_in_outage()
+    output = _SlowOutput()
+    output.release.set()
+    path, _, _ = _export_path(output, [js_msg(3)], peers, max_hold_s=60.0)
+    await path.export_interval(final=True)
+    assert len(output.written) == 1 and acked == [3]
+    assert peers.counters.get("exports_deferred") == 0

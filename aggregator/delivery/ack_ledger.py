@@ -8,6 +8,7 @@ JetStream redelivers after ``ack_wait`` even to the replica holding the first de
 from __future__ import annotations
 
 import contextlib
+import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,9 +28,12 @@ class AckLedger:
         self.counters = counters
         self._finished: list[Msg] = []
         self._held: set[int] = set()  # stream sequences of _finished
+        self._since: float | None = None  # time.monotonic() of the oldest in _finished
 
     def finished(self, token: object) -> None:
         if isinstance(token, Msg):
+            if not self._finished:
+                self._since = time.monotonic()
             self._finished.append(token)
             pos = stream_position(token)
             if pos is not None:
@@ -46,9 +50,14 @@ class AckLedger:
         pos = stream_position(msg)
         return pos is not None and pos[1] in self._held
 
+    def held_since(self) -> float | None:
+        """``time.monotonic()`` when the oldest message held was finished; None when none is."""
+        return self._since if self._finished else None
+
     def take(self) -> list[Msg]:
         done, self._finished = self._finished, []
         self._held = set()
+        self._since = None
         return done
 
     async def ack(self, nc: NATS, msgs: list[Msg]) -> None:

@@ -3,6 +3,12 @@
 Every interval (and once more at shutdown) :meth:`ExportThenAck.export_interval` runs these
 steps, and the order is what keeps a samples message from being lost or exported twice:
 
+0. **Wait for the last marker.** While an earlier export's marker cannot be shared (JetStream
+   away: see step 5), the interval is not exported: its samples stay merged and its messages
+   unacked, and the next interval exports them with its own. A replica killed during an outage
+   then leaves one export that peers cannot know about, not one per interval of the outage.
+   The wait ends when the marker is shared, at shutdown, or before the stream would redeliver
+   the held messages to a peer (``max_hold_s``): past that they would be exported twice anyway.
 1. **Rotate and take, in one event-loop step.** ``Merger.rotate`` hands over the interval's
    samples and :meth:`AckLedger.take` the messages they came from, with no ``await``
    between them: the taken messages are exactly those whose samples are in this export.
@@ -29,6 +35,8 @@ in, then export and ack what was merged while the connection is still up.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -41,6 +49,8 @@ from aggregator.delivery.intake import Intake
 from aggregator.delivery.peer_markers import PeerMarkers
 from aggregator.profile import FleetProfiles
 from shared.counters import Counters
+
+log = logging.getLogger(__name__)
 
 Encoded = TypeVar("Encoded")
 
@@ -62,12 +72,13 @@ class ExportThenAck(Generic[Encoded]):
 
     ``exported`` is None on core NATS: nothing is acked or redelivered there, so nothing is
     marked either. ``peers`` is the bucket shared with other replicas (None when it could not
-    be opened, or on core NATS).
+    be opened, or on core NATS). ``max_hold_s``: how long finished messages may wait for an
+    unshared marker (step 0), counted from the oldest one's intake.
     """
 
     def __init__(self, nc: NATS, ledger: AckLedger, output: IntervalOutput[Encoded],
                  rotate: Callable[[], FleetProfiles], counters: Counters, exported: ExportedMessages | None,
-                 stream: str, peers: PeerMarkers | None) -> None:
+                 stream: str, peers: PeerMarkers | None, max_hold_s: float = 0.0) -> None:
         self.nc = nc
         self.ledger = ledger
         self.output = output
@@ -76,9 +87,15 @@ class ExportThenAck(Generic[Encoded]):
         self.exported = exported
         self.stream = stream
         self.peers = peers
+        self.max_hold_s = max_hold_s
+        self._waiting = False
 
-    async def export_interval(self) -> None:
-        """Export what was merged since the last call, then ack the messages it came from."""
+    async def export_interval(self, final: bool = False) -> None:
+        """Export what was merged since the last call, then ack the messages it came from.
+
+        Not final: the export may wait for an unshared marker (step 0) and happen at a later call."""
+        if not final and await self._wait_for_marker():
+            return
         fleet = self.rotate()
         finished = self.ledger.take()  # same loop step as rotate(): exactly the messages in `fleet`
         if not fleet.hosts:
@@ -107,6 +124,27 @@ class ExportThenAck(Generic[Encoded]):
             await self.peers.publish(marker)
         await self.ledger.ack(self.nc, finished)
 
+    async def _wait_for_marker(self) -> bool:
+        """True when this interval waits for an earlier export's marker to be shared (counted)."""
+        if self.peers is None or not self.peers.in_outage:
+            return False
+        if await self.peers.share_pending():
+            self._waiting = False
+            return False
+        since = self.ledger.held_since()
+        if since is not None and time.monotonic() - since >= self.max_hold_s:
+            if self._waiting:
+                log.warning("exporting with an export marker still unshared: the held messages would "
+                            "otherwise be redelivered to another replica (after %gs)", self.max_hold_s)
+            self._waiting = False
+            return False
+        if not self._waiting:
+            log.warning("exports wait while an export marker cannot be shared with other replicas "
+                        "(at most %gs): one unshared export at a time", self.max_hold_s)
+        self._waiting = True
+        self.counters.inc("exports_deferred", reason="marker_unshared")
+        return True
+
     async def stop_and_export_last(self, consumers: Consumers, intake: Intake) -> None:
         """Stop taking messages in, export and ack the last interval, close the connection.
 
@@ -118,7 +156,7 @@ class ExportThenAck(Generic[Encoded]):
         if self.exported is not None:
             await consumers.stop()
             intake.release_parked()
-            await self.export_interval()
+            await self.export_interval(final=True)
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=5)
             await self.nc.close()
@@ -126,4 +164,4 @@ class ExportThenAck(Generic[Encoded]):
             with contextlib.suppress(Exception):
                 await self.nc.drain()
             intake.drop_parked("shutdown_parked")
-            await self.export_interval()
+            await self.export_interval(final=True)

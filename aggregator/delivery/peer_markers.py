@@ -23,8 +23,12 @@ has no marker for looks at its peers' markers first.
   at most once per :data:`REFRESH_INTERVAL_S` — not watched, so an ordinary run makes no
   extra reads.
 
+* While a marker of a bucket that took puts before stays unshared (JetStream away), the
+  replica's next exports wait for it (:mod:`aggregator.delivery.export_then_ack`): one export
+  at a time is unshared, however long the outage.
+
 Limits: a replica killed between writing an export and putting its marker (or while its
-retries still fail) leaves no marker, and its messages can still be exported twice.
+retries still fail) leaves no marker, and that export's messages can still be exported twice.
 
 Hand-written: JetStream has no cross-consumer exactly-once; the bucket is the shared record.
 """
@@ -74,6 +78,7 @@ class PeerMarkers:
         self._last_refresh = 0.0
         self._retry_at = 0.0
         self._failing = False
+        self._shared_once = False  # a put has worked: a failure now means JetStream is away
         self._refresh_lock = asyncio.Lock()
 
     @classmethod
@@ -102,6 +107,24 @@ class PeerMarkers:
         if time.monotonic() < self._retry_at:
             self.counters.inc("export_markers_unshared")
             return
+        await self._put_unshared()
+
+    @property
+    def in_outage(self) -> bool:
+        """True when markers wait to be shared with a bucket that took puts before.
+
+        A bucket that never took a put is misconfigured rather than away (permissions, say):
+        waiting for it would stop exports for good, so that case is left to the retries."""
+        return bool(self._unshared) and self._shared_once
+
+    async def share_pending(self) -> bool:
+        """Put the markers whose put failed, now (not after the retry delay); True when none is left."""
+        if self._unshared:
+            await self._put_unshared()
+        return not self._unshared
+
+    async def _put_unshared(self) -> None:
+        """Put the unshared markers in order, stopping at the first failure (counted, logged once)."""
         while self._unshared:
             key, pending = self._unshared[0]
             try:
@@ -120,6 +143,8 @@ class PeerMarkers:
                 log.info("sharing export markers with other replicas works again")
                 self._failing = False
             self._unshared.popleft()
+            self._shared_once = True
+            self._retry_at = 0.0  # the bucket works: the next export's put need not wait
             self._own.append((key, pending.max_seq))
             self.counters.inc("export_markers_shared")
 
