@@ -6,12 +6,14 @@ host's processes) and its own CPU workload, with a different thread count per ho
 agents get the URLs of all three NATS nodes; the stream is replicated three times; the two
 aggregator replicas share the samples through the durable consumer and write local files.
 
-Mid-run one NATS node and one aggregator replica are killed (SIGKILL). Afterwards the union
-of both replicas' exported files must hold, for every host, exactly the samples its agent got
-JetStream acknowledgements for (identified by pid, tid, timestamp; nothing may be missing; the
-replicas' shared export markers keep the survivor from exporting again what the killed one
-exported, except one interval killed between its write and its marker: at most 10 %), each
-host's workload only under its own host, and no agent may report drops.
+Mid-run the NATS node leading the export-marker bucket is killed (SIGKILL), then one
+aggregator replica: while its exports wait for the bucket's failover, if they do within 5 s.
+Afterwards the union of both replicas' exported files must hold, for every host, exactly the
+samples its agent got JetStream acknowledgements for (identified by pid, tid, timestamp;
+nothing may be missing; the replicas' shared export markers keep the survivor from exporting
+again what the killed one exported, except the one export whose marker the failover kept from
+being shared: at most 10 %), each host's workload only under its own host, and no agent may
+report drops.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import nats
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
 
+from aggregator.delivery.peer_markers import BUCKET as MARKER_BUCKET
 from aggregator.otlp.decode import merge_request
 from aggregator.profile import FleetProfiles
 from integration.durability import AggregatorProcess, wait_consumer_settled
@@ -50,6 +54,27 @@ def _agent_env(cluster: NatsCluster) -> dict[str, str]:
             # Samples are told apart by (pid, tid, timestamp), and a weighted sample is exported
             # as its timestamp repeated once per period: each agent keeps all its own samples.
             "STACKFLEET_CPU_SELF_SAMPLE_ONE_IN": "1"}
+
+
+async def _stream_leader(url: str, stream: str) -> str:
+    """Name of the NATS node leading ``stream``'s replicas."""
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    finally:
+        await nc.close()
+    assert info.cluster is not None and info.cluster.leader, info
+    return info.cluster.leader
+
+
+def _wait_for_line(log: Path, text: str, timeout_s: float) -> bool:
+    """Until ``text`` appears in ``log``; False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _attached(address: str) -> bool:
@@ -111,16 +136,24 @@ def test_three_hosts_nats_cluster_two_aggregators_with_failures(tmp_path: Path) 
             workloads = {h: bed.popen(h, [str(exe), str(WORKLOAD_S), str(i + 1)], stdout=subprocess.DEVNULL)
                          for i, h in enumerate(bed.hosts)}
             time.sleep(7)
-            cluster.kill(cluster.nodes[0])
-            time.sleep(5)
+            # The node leading the export-marker bucket: sharing markers fails until the bucket
+            # has a new leader (seconds, if the samples stream's leader lives on, while samples
+            # keep coming). Aggregator 0 is killed as soon as its exports wait for that, else
+            # 5 s later: the window that used to leave one unshared export per interval.
+            leader = asyncio.run(_stream_leader(cluster.nodes[0].url, f"KV_{MARKER_BUCKET}"))
+            killed = next(n for n in cluster.nodes if n.name == leader)
+            cluster.kill(killed)
+            waiting = _wait_for_line(tmp_path / "aggregator0.log", "exports wait while an export marker", 5)
             aggregators[0].kill()
+            print(f"aggregator 0 killed {'while' if waiting else 'without'} waiting for an unshared marker")
             for w in workloads.values():
                 assert w.wait(WORKLOAD_S + 120) == 0
             for p in agents.values():
                 p.send_signal(signal.SIGINT)
             for p in agents.values():
                 p.wait(90)
-            settled = asyncio.run(wait_consumer_settled(cluster.nodes[1].url, timeout_s=120))
+            settled = asyncio.run(wait_consumer_settled(next(n for n in cluster.nodes if n is not killed).url,
+                                                    timeout_s=120))
             assert settled[:2] == (0, 0), f"samples consumer not settled (pending, ack pending): {settled}"
             print(f"stream redelivered {settled[2]} sample messages after the replica was killed")
         finally:
