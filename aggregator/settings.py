@@ -82,7 +82,8 @@ class AggregatorSettings(BaseSettings):
     # stream redelivers after ack_wait (None = 3 export intervals + 30 s).
     ack_wait_s: float | None = Field(default=None, gt=0)
     # Messages delivered but not yet acked, across all replicas: at least one export interval's
-    # worth of sample messages of the whole fleet (about hosts x types x interval / flush interval).
+    # worth of sample messages of the whole fleet (about hosts x types x interval / flush interval);
+    # a replica waiting for an unshared export marker (max_marker_wait_s) holds several.
     max_ack_pending: int = Field(default=100_000, ge=100)
     # How often the export thread must hand the GIL to intake (aggregator/gil_policy.py).
     gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
@@ -102,9 +103,11 @@ class AggregatorSettings(BaseSettings):
     def max_marker_wait_s(self) -> float:
         """How long merged messages may wait for an unshared export marker before being exported.
 
-        Less than the stream's redelivery: a message is finished up to ``park_timeout_s`` after
-        its delivery, and its export may take an interval to write and ack."""
-        return max(0.0, self.effective_ack_wait_s - self.export_interval_s - self.park_timeout_s)
+        Less than the stream's redelivery (ack_wait after delivery): a message is merged up to
+        ``park_timeout_s`` after its delivery, the wait is checked once an interval, and the
+        export then takes up to an interval and one more marker put (1 s) before its acks."""
+        margin = 2 * self.export_interval_s + self.park_timeout_s + 1.0
+        return max(0.0, self.effective_ack_wait_s - margin)
 
     @classmethod
     def settings_customise_sources(

@@ -366,14 +366,38 @@ async def test_an_outage_does_not_hold_messages_until_the_stream_redelivers_them
     await path.export_interval()
     assert len(output.written) == 1 and acked == [3]
     assert peers.counters.get("exports_deferred") == 1
+    # The bucket is still down: it is now treated as broken, and exports no longer wait for it.
+    ledger.finished(js_msg(4))
+    await path.export_interval()
+    assert len(output.written) == 2 and acked == [3, 4]
+    assert peers.counters.get("exports_deferred") == 1 and not peers.in_outage
+
+
+def test_the_marker_wait_ends_before_the_stream_would_redeliver() -> None:
+    settings = AggregatorSettings(export_interval_s=10.0, park_timeout_s=5.0)  # ack_wait: 3 x 10 + 30 s
+    assert settings.max_marker_wait_s == 60.0 - 2 * 10.0 - 5.0 - 1.0
+    assert AggregatorSettings(export_interval_s=1.0, ack_wait_s=20.0).max_marker_wait_s == 12.0
+    assert AggregatorSettings(export_interval_s=5.0, ack_wait_s=10.0).max_marker_wait_s == 0.0  # no room: no wait
 
 
 async def test_the_last_export_at_shutdown_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     acked = _record_acks(monkeypatch)
-    peers, _ = await _peers_in_outage()
+    peers, bucket = await _peers_in_outage()
     output = _SlowOutput()
     output.release.set()
     path, _, _ = _export_path(output, [js_msg(3)], peers, max_hold_s=60.0)
     await path.export_interval(final=True)
     assert len(output.written) == 1 and acked == [3]
     assert peers.counters.get("exports_deferred") == 0
+    assert bucket.attempts == 3  # the unshared marker was tried once more, then the last export's
+
+
+async def test_the_last_export_shares_what_waited_when_the_bucket_is_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    _record_acks(monkeypatch)
+    peers, bucket = await _peers_in_outage()
+    output = _SlowOutput()
+    output.release.set()
+    path, _, _ = _export_path(output, [js_msg(3)], peers, max_hold_s=60.0)
+    bucket.down = False
+    await path.export_interval(final=True)
+    assert [ExportMarker.from_json(v).ranges for v in bucket.stored.values()] == [((1, 1),), ((2, 2),), ((3, 3),)]

@@ -9,6 +9,8 @@ steps, and the order is what keeps a samples message from being lost or exported
    then leaves one export that peers cannot know about, not one per interval of the outage.
    The wait ends when the marker is shared, at shutdown, or before the stream would redeliver
    the held messages to a peer (``max_hold_s``): past that they would be exported twice anyway.
+   Memory and unacked messages grow while it lasts (bounded by ``max_hold_s`` and the
+   consumer's ``max_ack_pending``).
 1. **Rotate and take, in one event-loop step.** ``Merger.rotate`` hands over the interval's
    samples and :meth:`AckLedger.take` the messages they came from, with no ``await``
    between them: the taken messages are exactly those whose samples are in this export.
@@ -73,7 +75,7 @@ class ExportThenAck(Generic[Encoded]):
     ``exported`` is None on core NATS: nothing is acked or redelivered there, so nothing is
     marked either. ``peers`` is the bucket shared with other replicas (None when it could not
     be opened, or on core NATS). ``max_hold_s``: how long finished messages may wait for an
-    unshared marker (step 0), counted from the oldest one's intake.
+    unshared marker (step 0), counted from when the oldest of them was merged.
     """
 
     def __init__(self, nc: NATS, ledger: AckLedger, output: IntervalOutput[Encoded],
@@ -94,7 +96,7 @@ class ExportThenAck(Generic[Encoded]):
         """Export what was merged since the last call, then ack the messages it came from.
 
         Not final: the export may wait for an unshared marker (step 0) and happen at a later call."""
-        if not final and await self._wait_for_marker():
+        if await self._wait_for_marker(final):
             return
         fleet = self.rotate()
         finished = self.ledger.take()  # same loop step as rotate(): exactly the messages in `fleet`
@@ -124,25 +126,31 @@ class ExportThenAck(Generic[Encoded]):
             await self.peers.publish(marker)
         await self.ledger.ack(self.nc, finished)
 
-    async def _wait_for_marker(self) -> bool:
-        """True when this interval waits for an earlier export's marker to be shared (counted)."""
+    async def _wait_for_marker(self, final: bool) -> bool:
+        """True when this interval waits for an earlier export's marker to be shared (counted).
+
+        The last export never waits, but still tries the put once: the bucket may be back."""
         if self.peers is None or not self.peers.in_outage:
             return False
-        if await self.peers.share_pending():
+        if await self.peers.share_pending() or final:
             self._waiting = False
             return False
         since = self.ledger.held_since()
         if since is not None and time.monotonic() - since >= self.max_hold_s:
-            if self._waiting:
-                log.warning("exporting with an export marker still unshared: the held messages would "
-                            "otherwise be redelivered to another replica (after %gs)", self.max_hold_s)
+            # Waiting longer would let the stream redeliver the held messages to a peer. The
+            # bucket is now treated as broken until a put works again, so a bucket lost for
+            # good costs one wait, not one per max_hold_s.
+            log.warning("exporting with an export marker still unshared after %gs; exports no longer "
+                        "wait for the bucket until a put works again", self.max_hold_s)
+            self.peers.stop_waiting()
             self._waiting = False
             return False
         if not self._waiting:
             log.warning("exports wait while an export marker cannot be shared with other replicas "
                         "(at most %gs): one unshared export at a time", self.max_hold_s)
         self._waiting = True
-        self.counters.inc("exports_deferred", reason="marker_unshared")
+        if since is not None:
+            self.counters.inc("exports_deferred", reason="marker_unshared")
         return True
 
     async def stop_and_export_last(self, consumers: Consumers, intake: Intake) -> None:

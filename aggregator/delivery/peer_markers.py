@@ -16,16 +16,18 @@ has no marker for looks at its peers' markers first.
   floor has passed them.
 * A put that fails (JetStream unavailable) is kept (bounded) and retried with the first
   export at least RETRY_AFTER_S later, so a replica that survives a NATS node failure still
-  shares what it exported while the acks were being lost, and a bucket that stays
-  unreachable delays an export by PUT_TIMEOUT_S at most once per period. Failures are counted
+  shares what it exported while the acks were being lost, and a bucket that never took a put
+  delays an export by PUT_TIMEOUT_S at most once per period. Failures are counted
   (``export_markers_unshared``).
 * Peers' markers are read on demand — only when a redelivered message is not known locally,
   at most once per :data:`REFRESH_INTERVAL_S` — not watched, so an ordinary run makes no
   extra reads.
 
 * While a marker of a bucket that took puts before stays unshared (JetStream away), the
-  replica's next exports wait for it (:mod:`aggregator.delivery.export_then_ack`): one export
-  at a time is unshared, however long the outage.
+  replica's next exports wait for it (:mod:`aggregator.delivery.export_then_ack`), trying the
+  put once an interval (:meth:`PeerMarkers.share_pending`): one export at a time is
+  unshared. A wait that reaches its limit exports anyway and ends waiting for this bucket
+  until a put works again (:meth:`PeerMarkers.stop_waiting`).
 
 Limits: a replica killed between writing an export and putting its marker (or while its
 retries still fail) leaves no marker, and that export's messages can still be exported twice.
@@ -116,6 +118,10 @@ class PeerMarkers:
         A bucket that never took a put is misconfigured rather than away (permissions, say):
         waiting for it would stop exports for good, so that case is left to the retries."""
         return bool(self._unshared) and self._shared_once
+
+    def stop_waiting(self) -> None:
+        """Treat the bucket as broken (not in an outage) until a put works again."""
+        self._shared_once = False
 
     async def share_pending(self) -> bool:
         """Put the markers whose put failed, now (not after the retry delay); True when none is left."""
