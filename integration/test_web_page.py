@@ -115,6 +115,14 @@ def timeline_bars(driver: Any) -> list[tuple[float, float, int]]:
     return [(float(x), float(w), int(v)) for x, w, v in rows]
 
 
+def bar_heights(driver: Any) -> list[float]:
+    """The timeline bars' heights in pixels, in the order of :func:`timeline_bars`."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#timeline .bars rect')).map(r => "
+        "Number(r.getAttribute('height')));")
+    return [float(h) for h in rows]
+
+
 def drag_on_timeline(driver: Any, from_fraction: float, to_fraction: float) -> None:
     """Press at one fraction of the timeline's width, release at another (selenium offsets are from the centre)."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -209,6 +217,11 @@ def drive_page(base: str, shots: Path, workload_s: tuple[float, float]) -> dict[
         seen["range_hot_leaf"] = next(row for row in table(driver) if row[0] == "hot_leaf")
         bars = [bar for bar in timeline_bars(driver) if bar[2] > 0]
         assert len(bars) >= 2, f"cpu_chain's samples in fewer than two exports: {bars}"
+        # CPU time adds up over a bar's span: its height is the value per pixel of width (a
+        # wider bucket is wider, not taller), the same factor for every bar not widened to 1 px.
+        factors = [h * w / v for (_, w, v), h in zip(timeline_bars(driver), bar_heights(driver), strict=True)
+                   if v > 0 and w > 2]
+        assert factors and max(factors) <= 1.01 * min(factors), factors
         # From the middle of the first such bar to the middle of the one after the first half:
         # the exports ending inside (first half) count, the rest do not.
         width = float(driver.find_element(By.CSS_SELECTOR, "#timeline .brush .overlay").get_attribute("width"))
@@ -367,7 +380,8 @@ EXPORT_STEP_S = 60  # one export a minute, the newest a minute ago
 
 def write_fleet_exports(directory: Path, exports: int) -> list[int]:
     """``exports`` exports of HOSTS hosts; in export i every host has ``hot`` i+1 times 3 and
-    ``cold`` i+1 times 1 (in ms of CPU), both under ``main`` of ``app``. Returns their end times."""
+    ``cold`` i+1 times 1 (in ms of CPU), both under ``main`` of ``app``. Returns their end times:
+    one a minute, but two minutes between the second and the third (an export that waited)."""
     from aggregator.exporters.files import LocalFileWriter
     from aggregator.otlp.encode import encode_request
     from aggregator.profile import FleetProfiles, HostProfile
@@ -377,8 +391,8 @@ def write_fleet_exports(directory: Path, exports: int) -> list[int]:
     now = time.time_ns()
     ends = []
     for i in range(exports):
-        end = now - (exports - i) * EXPORT_STEP_S * 10**9
-        fleet = FleetProfiles(end - EXPORT_STEP_S * 10**9, end)
+        end = now - (exports - i + (1 if i < 2 else 0)) * EXPORT_STEP_S * 10**9
+        fleet = FleetProfiles(ends[-1] if i == 2 else end - EXPORT_STEP_S * 10**9, end)
         for h in range(HOSTS):
             host = f"host-{h:04d}"
             cpu = HostProfile(host, ProfileType.CPU, fleet.start_ns, end, 1_000_000)
@@ -456,6 +470,13 @@ def test_page_with_a_thousand_hosts(tmp_path: Path) -> None:
 
         # The timeline: six bars; a drag over the last part selects it, and totals follow.
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#timeline .bars rect")) == 6)
+        # CPU time adds up, so a bar's height is its value per second: the third export, which
+        # covers two minutes, is twice as wide as the others and no taller for it.
+        bars, heights = timeline_bars(driver), bar_heights(driver)
+        assert [v for _, _, v in bars] == [(i + 1) * 4 * ms for i in range(6)]
+        assert abs(bars[2][1] - 2 * bars[3][1]) <= 2, bars
+        factors = [h * w / v for (_, w, v), h in zip(bars, heights, strict=True)]
+        assert max(factors) <= 1.01 * min(factors), (bars, heights)
         svg = driver.find_element(By.CSS_SELECTOR, "#timeline svg")
         since_ns, until_ns = int(svg.get_attribute("data-since-ns")), int(svg.get_attribute("data-until-ns"))
         fraction = (ends[3] - EXPORT_STEP_S * 10**9 / 2 - since_ns) / (until_ns - since_ns)  # mid export 3

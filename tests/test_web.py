@@ -228,7 +228,7 @@ async def test_api_and_downloads_over_http(tmp_path: Path) -> None:
                 line = await r.json()
             # two good exports, then the damaged one of 5 s ago: its interval has no value
             assert [p["value"] for p in line["points"]] == [3 * SAMPLE, 3 * SAMPLE, 0]
-            assert line["unit"] == "nanoseconds"
+            assert line["unit"] == "nanoseconds" and line["gauge"] is False  # CPU time adds up: drawn as a rate
             async with http.get(base + "/api/flamegraph", params={"type": "bogus"}) as r:
                 assert r.status == 400 and "unknown profile type" in (await r.json())["error"]
             async with http.get(base + "/api/download/pprof", params={"type": "cpu", "host": "web-1"}) as r:

@@ -148,8 +148,13 @@ class WebServer:
     async def _timeline(self, request: web.Request) -> web.Response:
         query = self._query(request)
         buckets = await self._in_thread(summaries.timeline, self.store, query)
-        value_type = PROFILE_TYPES[query.profile_type].sample_types[query.column]
+        profile_type = PROFILE_TYPES[query.profile_type]
+        value_type = profile_type.sample_types[query.column]
+        # A delta column's buckets differ in length (exports of uneven intervals), so the page
+        # draws its bars' heights as a rate; a gauge column's value is a level at the bucket's end.
+        gauge = query.column in profile_type.snapshot_columns
         return web.json_response({"since_ns": query.since_ns, "until_ns": query.until_ns, "unit": value_type.unit,
+                                  "gauge": gauge,
                                   "points": [{"start_ns": s, "end_ns": e, "value": v} for s, e, v in buckets]})
 
     async def _download_pprof(self, request: web.Request) -> web.Response:

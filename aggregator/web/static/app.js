@@ -209,17 +209,25 @@ function drawTimeline(data) {
   box.replaceChildren();
   const width = box.clientWidth || 1200, height = 70, axis = 18;
   const x = d3.scaleTime().domain([data.since_ns / 1e6, data.until_ns / 1e6]).range([0, width]);
-  const max = d3.max(data.points, (p) => p.value) || 1;
+  // Delta columns: a bar's height is its value per second of its bucket, so a bucket that holds
+  // several intervals (an export that waited, a replica's uneven exports) is wider, not taller.
+  // Gauge columns (in-use heap, live goroutines): the level at the bucket's end.
+  const seconds = (p) => Math.max(1e-9, (p.end_ns - p.start_ns) / 1e9);
+  const level = data.gauge ? (p) => p.value : (p) => p.value / seconds(p);
+  const max = d3.max(data.points, level) || 1;
   const y = d3.scaleLinear().domain([0, max]).range([height, 4]);
+  const label = data.gauge
+    ? (p) => formatValue(p.value, data.unit)
+    : (p) => `${formatValue(p.value, data.unit)} in ${seconds(p).toFixed(1)} s`;
   const svg = d3.select(box).append("svg").attr("width", width).attr("height", height + axis)
     .attr("data-since-ns", data.since_ns).attr("data-until-ns", data.until_ns);
   svg.append("g").attr("class", "bars").selectAll("rect").data(data.points).join("rect")
     .attr("x", (p) => x(p.start_ns / 1e6))
     .attr("width", (p) => Math.max(1, x(p.end_ns / 1e6) - x(p.start_ns / 1e6)))
-    .attr("y", (p) => y(p.value))
-    .attr("height", (p) => height - y(p.value))
+    .attr("y", (p) => y(level(p)))
+    .attr("height", (p) => height - y(level(p)))
     .attr("data-value", (p) => p.value)
-    .append("title").text((p) => `${new Date(p.end_ns / 1e6).toLocaleTimeString()}: ${formatValue(p.value, data.unit)}`);
+    .append("title").text((p) => `${new Date(p.end_ns / 1e6).toLocaleTimeString()}: ${label(p)}`);
   svg.append("g").attr("class", "axis").attr("transform", `translate(0,${height})`)
     .call(d3.axisBottom(x).ticks(Math.max(2, Math.floor(width / 110))));
   const brush = d3.brushX().extent([[0, 0], [width, height]]).on("end", (event) => {
