@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from aggregator.delivery.peer_markers import PUT_TIMEOUT_S
 from shared.config_file import file_source
 from shared.nats_connection import NatsSettings
 
@@ -105,8 +106,8 @@ class AggregatorSettings(BaseSettings):
 
         Less than the stream's redelivery (ack_wait after delivery): a message is merged up to
         ``park_timeout_s`` after its delivery, the wait is checked once an interval, and the
-        export then takes up to an interval and one more marker put (1 s) before its acks."""
-        margin = 2 * self.export_interval_s + self.park_timeout_s + 1.0
+        export then takes up to an interval and one more marker put before its acks."""
+        margin = 2 * self.export_interval_s + self.park_timeout_s + PUT_TIMEOUT_S
         return max(0.0, self.effective_ack_wait_s - margin)
 
     @classmethod

@@ -107,20 +107,13 @@ def table(driver: Any) -> list[tuple[str, int, int]]:
     return [(str(n), int(s), int(t)) for n, s, t in rows]
 
 
-def timeline_bars(driver: Any) -> list[tuple[float, float, int]]:
-    """The timeline's bars: x and width in pixels, and the value each stands for."""
+def timeline_bars(driver: Any) -> list[tuple[float, float, int, float]]:
+    """The timeline's bars: x and width in pixels, the value each stands for, height in pixels."""
     rows = driver.execute_script(
         "return Array.from(document.querySelectorAll('#timeline .bars rect')).map(r => "
-        "[Number(r.getAttribute('x')), Number(r.getAttribute('width')), Number(r.dataset.value)]);")
-    return [(float(x), float(w), int(v)) for x, w, v in rows]
-
-
-def bar_heights(driver: Any) -> list[float]:
-    """The timeline bars' heights in pixels, in the order of :func:`timeline_bars`."""
-    rows = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#timeline .bars rect')).map(r => "
-        "Number(r.getAttribute('height')));")
-    return [float(h) for h in rows]
+        "[Number(r.getAttribute('x')), Number(r.getAttribute('width')), Number(r.dataset.value), "
+        "Number(r.getAttribute('height'))]);")
+    return [(float(x), float(w), int(v), float(h)) for x, w, v, h in rows]
 
 
 def drag_on_timeline(driver: Any, from_fraction: float, to_fraction: float) -> None:
@@ -219,8 +212,7 @@ def drive_page(base: str, shots: Path, workload_s: tuple[float, float]) -> dict[
         assert len(bars) >= 2, f"cpu_chain's samples in fewer than two exports: {bars}"
         # CPU time adds up over a bar's span: its height is the value per pixel of width (a
         # wider bucket is wider, not taller), the same factor for every bar not widened to 1 px.
-        factors = [h * w / v for (_, w, v), h in zip(timeline_bars(driver), bar_heights(driver), strict=True)
-                   if v > 0 and w > 2]
+        factors = [h * w / v for _, w, v, h in bars if w > 2]
         assert factors and max(factors) <= 1.01 * min(factors), factors
         # From the middle of the first such bar to the middle of the one after the first half:
         # the exports ending inside (first half) count, the rest do not.
@@ -472,11 +464,11 @@ def test_page_with_a_thousand_hosts(tmp_path: Path) -> None:
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#timeline .bars rect")) == 6)
         # CPU time adds up, so a bar's height is its value per second: the third export, which
         # covers two minutes, is twice as wide as the others and no taller for it.
-        bars, heights = timeline_bars(driver), bar_heights(driver)
-        assert [v for _, _, v in bars] == [(i + 1) * 4 * ms for i in range(6)]
+        bars = timeline_bars(driver)
+        assert [v for _, _, v, _ in bars] == [(i + 1) * 4 * ms for i in range(6)]
         assert abs(bars[2][1] - 2 * bars[3][1]) <= 2, bars
-        factors = [h * w / v for (_, w, v), h in zip(bars, heights, strict=True)]
-        assert max(factors) <= 1.01 * min(factors), (bars, heights)
+        factors = [h * w / v for _, w, v, h in bars]
+        assert max(factors) <= 1.01 * min(factors), bars
         svg = driver.find_element(By.CSS_SELECTOR, "#timeline svg")
         since_ns, until_ns = int(svg.get_attribute("data-since-ns")), int(svg.get_attribute("data-until-ns"))
         fraction = (ends[3] - EXPORT_STEP_S * 10**9 / 2 - since_ns) / (until_ns - since_ns)  # mid export 3

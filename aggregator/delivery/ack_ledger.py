@@ -52,7 +52,7 @@ class AckLedger:
 
     def held_since(self) -> float | None:
         """``time.monotonic()`` when the oldest message held was finished; None when none is."""
-        return self._since if self._finished else None
+        return self._since
 
     def take(self) -> list[Msg]:
         done, self._finished = self._finished, []

@@ -22,7 +22,6 @@ has no marker for looks at its peers' markers first.
 * Peers' markers are read on demand — only when a redelivered message is not known locally,
   at most once per :data:`REFRESH_INTERVAL_S` — not watched, so an ordinary run makes no
   extra reads.
-
 * While a marker of a bucket that took puts before stays unshared (JetStream away), the
   replica's next exports wait for it (:mod:`aggregator.delivery.export_then_ack`), trying the
   put once an interval (:meth:`PeerMarkers.share_pending`): one export at a time is
