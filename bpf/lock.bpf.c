@@ -98,7 +98,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
         bits |= WAIT_REALTIME;
     if (cmd == FUTEX_WAIT_BITSET && (u32)args->val3 == FUTEX_BITSET_MATCH_ANY)
         bits |= WAIT_MATCH_ANY;
-    if ((cmd == FUTEX_WAIT || cmd == FUTEX_WAIT_BITSET) && is_thread_tid_word(uaddr))
+    /* The kernel wakes a thread-id word with a shared wake (CLONE_CHILD_CLEARTID), which
+     * wakes shared waits only: a private wait (every default mutex, condition, rwlock) is
+     * never a join, and is not read. */
+    if ((cmd == FUTEX_WAIT || cmd == FUTEX_WAIT_BITSET) && !(args->op & FUTEX_PRIVATE_FLAG) &&
+        is_thread_tid_word(uaddr))
         bits |= WAIT_THREAD_TID;
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     struct lock_thread *t = lock_threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
