@@ -92,6 +92,7 @@ def child(extra_defines: list[str]) -> None:
     after = snapshot(os.getpid(), labelled=True)
     counts_after = [counter_sums(bpf) for bpf in bpfs]
     stop.set()
+    drainer.join()  # a daemon thread left inside a bcc call can hang the interpreter's exit
     deltas = program_deltas(before.programs, after.programs, {**before.labels, **after.labels})
     print(json.dumps({"seconds": after.monotonic_s - before.monotonic_s,
                       "programs": [{"label": d.label or d.type_name, "runs": d.runs, "ns": d.run_time_ns}
