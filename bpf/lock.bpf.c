@@ -11,6 +11,9 @@
  * the captured stacks of the same thread and label (agent/actors/lock.py). Syscall
  * tracepoints, not kprobes (unavailable here).
  *
+ * Lock stacks are user stacks: the kernel's stack at sys_exit_futex is the system-call exit
+ * path, never where the thread waited.
+ *
  * The label is the lock address (user addresses fit in 56 bits, also with 5-level paging)
  * with WAIT_BITS in its top byte: the futex command and flags, and whether the futex word
  * is the thread-id field of a glibc thread descriptor (what pthread_join waits on). The
@@ -175,7 +178,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
     struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
-    fill_stack_event(args, ev, pid_tgid);
+    /* User stack only: at sys_exit the kernel stack is the system-call exit path
+     * (syscall_exit_work, do_syscall_64, the entry), whatever the wait was, so it would put
+     * three frames that never waited at every lock stack's leaf, for a kernel unwind each. */
+    fill_stack_event_parts(args, ev, pid_tgid, 0);
     ev->ts_ns = started;
     ev->value = delay;
     ev->aux = label;

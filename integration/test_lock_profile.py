@@ -33,6 +33,7 @@ from aggregator.web import query as q
 from aggregator.web.store import RetainedExports
 from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.lock_waits import LOCK_WAIT_KIND
+from shared.model import FrameType
 from shared.profile_types import ProfileType
 from stackfleet.nats_server import NatsServer
 from tests.otlp_server import protoc_decode
@@ -132,6 +133,17 @@ def test_a_thread_waiting_once_has_its_wait_on_its_stack(lock_run: LockRun) -> N
     for tid in waited:  # the futex wait lies within the thread's own measurement of it
         delay = sum(s.values[1] for s in samples if s.tid == tid)
         assert 0 < delay <= lock_run.once[tid], (tid, delay, lock_run.once[tid])
+
+
+def test_lock_stacks_start_in_user_space(lock_run: LockRun) -> None:
+    """A wait is captured at sys_exit_futex, where the kernel's stack is the system-call exit
+    path whatever the wait was: no lock stack carries kernel frames (before, every one ended
+    in syscall_exit_work, do_syscall_64, entry_SYSCALL_64_after_hwframe)."""
+    samples = [s for s in lock_run.samples() if s.frames]
+    assert samples
+    kernel = [names(s) for s in samples if any(f.frame_type == FrameType.KERNEL for f in s.frames)]
+    assert not kernel, kernel[:3]
+    assert all(s.frames[0].frame_type == FrameType.NATIVE for s in samples), [names(s)[:3] for s in samples]
 
 
 def test_waits_that_are_not_contention_are_labelled_with_their_kind(lock_run: LockRun) -> None:
