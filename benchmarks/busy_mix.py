@@ -31,7 +31,7 @@ from typing import Any
 
 from benchmarks.cost import WindowCost, snapshot, window_cost
 from benchmarks.event_mix import SPINNERS_ONLY, EventMix, MixRates, MixShape, mix_rates
-from benchmarks.measure import process_tree_rss_bytes
+from benchmarks.measure import host_processes_started, process_tree_rss_bytes
 from benchmarks.memory_breakdown import KINDS, rss_breakdown
 from benchmarks.run import free_port, start_agent, stop, wait_all_actors
 from stackfleet.nats_server import NatsServer
@@ -57,17 +57,23 @@ class Window:
     # The agent process's resident memory by kind of mapping at the window's end, MB
     # (benchmarks/memory_breakdown.py).
     rss_parts_mb: dict[str, float] = field(default_factory=dict)
+    # Processes and threads the host created during the window (/proc/stat): the agent reads
+    # and symbolizes each new program it samples, so a window that held some (another job's,
+    # a shell's) costs the agent more than the mix does.
+    processes_started: int = 0
 
 
 def measure_window(agent_pid: int, mix: EventMix, duration_s: float) -> Window:
     counts0, ctxt0 = mix.reading()
+    started0 = host_processes_started()
     before = snapshot(agent_pid)
     time.sleep(duration_s)
     after = snapshot(agent_pid, labelled=True)
+    started1 = host_processes_started()
     counts1, ctxt1 = mix.reading()
     parts = {kind: value / 2**20 for kind, value in rss_breakdown(agent_pid).items()}
     return Window(window_cost(before, after), mix_rates(counts0, counts1, ctxt0, ctxt1),
-                  process_tree_rss_bytes(agent_pid) / 2**20, parts)
+                  process_tree_rss_bytes(agent_pid) / 2**20, parts, started1 - started0)
 
 
 def mix_is_busy(rates: MixRates) -> bool:
@@ -98,7 +104,8 @@ def busy(exe: Path, type_sets: list[str], repeats: int, warmup_s: float, duratio
                 windows[types].append(w)
                 print(f"  {types}: {w.cost.total_pct:.2f} % of a core, {w.rss_mb:.0f} MB; "
                       f"{w.rates.host_context_switches_per_s:,.0f} switches/s, "
-                      f"{w.rates.futex_waits_per_s:,.0f} futex waits/s", flush=True)
+                      f"{w.rates.futex_waits_per_s:,.0f} futex waits/s, "
+                      f"{w.processes_started} processes started", flush=True)
         mix.stop()
     return windows
 
@@ -125,7 +132,8 @@ def storm(exe: Path, types: str, factor: float, repeats: int, warmup_s: float, s
                     windows[name].append(w)
                     print(f"  {name}: {w.cost.total_pct:.2f} % of a core; "
                           f"{w.rates.host_context_switches_per_s:,.0f} switches/s, "
-                          f"{w.rates.futex_waits_per_s:,.0f} futex waits/s", flush=True)
+                          f"{w.rates.futex_waits_per_s:,.0f} futex waits/s, "
+                      f"{w.processes_started} processes started", flush=True)
         finally:
             stop(agent)
     return windows
@@ -142,7 +150,7 @@ def window_fields(w: Window) -> dict[str, Any]:
             "rss_parts_mb": {k: round(v, 1) for k, v in w.rss_parts_mb.items()},
             "host_context_switches_per_s": round(r.host_context_switches_per_s),
             "futex_waits_per_s": round(r.futex_waits_per_s), "contended_per_s": round(r.contended_per_s),
-            "wakeups_per_s": round(r.wakeups_per_s),
+            "wakeups_per_s": round(r.wakeups_per_s), "processes_started": w.processes_started,
             "programs": [{"id": p.prog_id, "program": p.label or p.type_name, "runs_per_s": round(p.runs / c.seconds),
                           "us_per_run": round(p.us_per_run, 2),
                           "pct_of_core": round(100 * p.run_time_ns / 1e9 / c.seconds, 2)}

@@ -187,6 +187,19 @@ def host_context_switches() -> int:
     return parse_context_switches(Path("/proc/stat").read_text())
 
 
+def parse_processes_started(proc_stat_text: str) -> int:
+    """Processes and threads the host has created since boot: the ``processes`` line of
+    ``/proc/stat`` (forks and clones alike)."""
+    for line in proc_stat_text.splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    raise ValueError("no processes line in /proc/stat")
+
+
+def host_processes_started() -> int:
+    return parse_processes_started(Path("/proc/stat").read_text())
+
+
 def enable_bpf_stats() -> bool:
     try:
         Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")

@@ -25,6 +25,7 @@ from benchmarks.measure import (
     parse_context_switches,
     parse_cpu_ticks,
     parse_ppid,
+    parse_processes_started,
     process_cpu_clock_s,
     process_tree,
     process_tree_cpu_s,
@@ -83,8 +84,11 @@ def test_stat_fields_after_a_comm_with_spaces_and_parens() -> None:
 def test_context_switches_from_proc_stat() -> None:
     text = "cpu  1 2 3 4\nintr 99 1 2\nctxt 123456789\nbtime 1700000000\nprocesses 42\n"
     assert parse_context_switches(text) == 123456789
+    assert parse_processes_started(text) == 42
     with pytest.raises(ValueError):
         parse_context_switches("cpu 1 2 3\n")
+    with pytest.raises(ValueError):
+        parse_processes_started("cpu 1 2 3\nprocs_running 3\n")
 
 
 def test_process_tree_holds_a_live_child() -> None:
