@@ -133,7 +133,7 @@ def storm(exe: Path, types: str, factor: float, repeats: int, warmup_s: float, s
                     print(f"  {name}: {w.cost.total_pct:.2f} % of a core; "
                           f"{w.rates.host_context_switches_per_s:,.0f} switches/s, "
                           f"{w.rates.futex_waits_per_s:,.0f} futex waits/s, "
-                      f"{w.processes_started} processes started", flush=True)
+                          f"{w.processes_started} processes started", flush=True)
         finally:
             stop(agent)
     return windows

@@ -197,6 +197,7 @@ def parse_processes_started(proc_stat_text: str) -> int:
 
 
 def host_processes_started() -> int:
+    """Processes and threads created on this host since boot."""
     return parse_processes_started(Path("/proc/stat").read_text())
 
 

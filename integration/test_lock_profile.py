@@ -139,7 +139,8 @@ def test_lock_stacks_start_in_user_space(lock_run: LockRun) -> None:
     """A wait is captured at sys_exit_futex, where the kernel's stack is the system-call exit
     path whatever the wait was: no lock stack carries kernel frames (before, every one ended
     in syscall_exit_work, do_syscall_64, entry_SYSCALL_64_after_hwframe)."""
-    samples = [s for s in lock_run.samples() if s.frames]
+    samples = [s for pid in (lock_run.pid, lock_run.once_pid) for s in lock_run.run.samples(ProfileType.LOCK, pid)
+               if s.frames]
     assert samples
     kernel = [names(s) for s in samples if any(f.frame_type == FrameType.KERNEL for f in s.frames)]
     assert not kernel, kernel[:3]
