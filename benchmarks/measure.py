@@ -175,12 +175,17 @@ def process_tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def proc_stat_counter(proc_stat_text: str, name: str) -> int:
+    """The value of the one-number line ``name`` of ``/proc/stat`` (``ctxt``, ``processes``)."""
+    for line in proc_stat_text.splitlines():
+        if line.startswith(name + " "):
+            return int(line.split()[1])
+    raise ValueError(f"no {name} line in /proc/stat")
+
+
 def parse_context_switches(proc_stat_text: str) -> int:
     """The host's context switches since boot: the ``ctxt`` line of ``/proc/stat``."""
-    for line in proc_stat_text.splitlines():
-        if line.startswith("ctxt "):
-            return int(line.split()[1])
-    raise ValueError("no ctxt line in /proc/stat")
+    return proc_stat_counter(proc_stat_text, "ctxt")
 
 
 def host_context_switches() -> int:
@@ -190,10 +195,7 @@ def host_context_switches() -> int:
 def parse_processes_started(proc_stat_text: str) -> int:
     """Processes and threads the host has created since boot: the ``processes`` line of
     ``/proc/stat`` (forks and clones alike)."""
-    for line in proc_stat_text.splitlines():
-        if line.startswith("processes "):
-            return int(line.split()[1])
-    raise ValueError("no processes line in /proc/stat")
+    return proc_stat_counter(proc_stat_text, "processes")
 
 
 def host_processes_started() -> int:
@@ -201,9 +203,17 @@ def host_processes_started() -> int:
     return parse_processes_started(Path("/proc/stat").read_text())
 
 
+BPF_STATS_ENABLED = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def set_bpf_stats(on: bool) -> None:
+    """Turn the kernel's per-program run time and run count on or off (root only)."""
+    BPF_STATS_ENABLED.write_text("1" if on else "0")
+
+
 def enable_bpf_stats() -> bool:
     try:
-        Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+        set_bpf_stats(True)
         return True
     except OSError:
         return False

@@ -34,11 +34,10 @@ from pathlib import Path
 
 from benchmarks.cost import program_deltas, snapshot
 from benchmarks.machine import describe as describe_machine
-from benchmarks.measure import enable_bpf_stats
+from benchmarks.measure import BPF_STATS_ENABLED, enable_bpf_stats, set_bpf_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "benchmarks" / "workloads" / "event_tax.c"
-BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 LOOP_TIMEOUT_S = 120  # a loop takes 1 - 2 s; a hung one (event_tax.c exits on a failed step) stops the run
 
 
@@ -109,10 +108,6 @@ def time_events(exe: Path, hook: Hook) -> float:
     return float(out.stdout)
 
 
-def set_bpf_stats(on: bool) -> None:
-    Path(BPF_STATS).write_text("1" if on else "0")
-
-
 def with_hook(exe: Path, hook: Hook) -> tuple[float, float | None]:
     """ns per event with the hook's empty programs attached (bpf_stats off), then their
     counted run time per run over a second loop with bpf_stats on."""
@@ -172,13 +167,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    stats_were = Path(BPF_STATS).read_text().strip()
+    stats_were = BPF_STATS_ENABLED.read_text().strip()
     if not enable_bpf_stats():
         sys.exit("cannot enable kernel.bpf_stats_enabled (root needed)")
     try:
         results = measure(args.rounds)
     finally:
-        Path(BPF_STATS).write_text(stats_were)
+        BPF_STATS_ENABLED.write_text(stats_were)
     report(results)
     if args.json:
         args.json.write_text(json.dumps({"machine": describe_machine(),
