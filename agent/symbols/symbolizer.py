@@ -27,6 +27,7 @@ import bisect
 import io
 import logging
 import os
+import struct
 import time
 import weakref
 from collections import OrderedDict
@@ -51,6 +52,7 @@ from agent.process.procmaps import (
     root_view_path,
     stat_identity,
 )
+from agent.runtimes.go.pclntab import GoFrame
 from agent.symbols.debuginfo import DEFAULT_DEBUG_DIRECTORIES, DebugFileFinder
 from agent.symbols.dwarf_lines import CuLineIndex
 from agent.symbols.elf import ElfSymbols
@@ -223,7 +225,7 @@ class Symbolizer:
         self.captures: ProcessCaptures | None = ProcessCaptures()
         self._stats = dict.fromkeys(
             ("lookups", "unknown_frames", "unreadable_processes", "exited_before_read", "read_from_capture",
-             "elf_errors", "file_cache_hits",
+             "elf_errors", "go_table_errors", "file_cache_hits",
              "file_cache_misses", "maps_reads", "build_id_shares"), 0)
 
     # -- public API ----------------------------------------------------------------------
@@ -567,8 +569,7 @@ class Symbolizer:
         key = (region.file_key, vaddr)
         resolved = self._addresses.hit(key)
         if resolved is None:
-            go = elf.go_table()
-            go_frames = go.lookup_inline(vaddr) if go is not None else ()
+            go_frames = self._go_frames(elf, vaddr)
             if go_frames:
                 resolved = tuple((g.function, g.file, g.line, FrameType.GO) for g in go_frames)
             else:
@@ -582,6 +583,20 @@ class Symbolizer:
         last = len(rows) - 1  # rows before the last are inlined into the one after them
         return tuple(Frame(function, filename, line, file_offset, frame_type, mapping, i < last)
                      for i, (function, filename, line, frame_type) in enumerate(rows))
+
+    def _go_frames(self, elf: ElfSymbols, vaddr: int) -> tuple[GoFrame, ...]:
+        """Go frames for ``vaddr`` from the file's pclntab; () for other files, and (counted,
+        logged) when the pclntab cannot be read there: the table reads the file as it goes,
+        and a file rewritten in place since, or a corrupt table, falls back to ELF symbols."""
+        go = elf.go_table()
+        if go is None:
+            return ()
+        try:
+            return go.lookup_inline(vaddr)
+        except (OSError, ValueError, IndexError, struct.error) as exc:
+            self._stats["go_table_errors"] += 1
+            log.warning("%s: cannot read the Go symbol table at %#x: %s", elf.path, vaddr, exc)
+            return ()
 
     def _ids_of(self, pid: int, region: _Region) -> tuple[str, str]:
         """(Go build id, htlhash) of a region's file: computed when the file was opened, read

@@ -46,8 +46,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
+
+from agent.file_region import BytesRegion, FileRegion, Region
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -69,6 +72,12 @@ MODULEDATA_SECTIONS = (".go.module", ".noptrdata", ".data")
 MODULEDATA_MINPC_WORD = 20  # minpc = text + the first function's entry offset: checks ``text``
 MODULEDATA_TEXT_WORD = 22
 MODULEDATA_GOFUNC_WORDS = {MAGIC_118: (38,), MAGIC_120: (40, 43)}
+# Bytes of a pc-value table read at a time: most functions' tables are shorter.
+PC_VALUE_CHUNK = 256
+_U32 = struct.Struct("<I")
+# A _func's first nine fields: entryOff, nameOff, args, deferreturn, pcsp, pcfile, pcln,
+# npcdata, cuOffset.
+_FUNC_HEAD = struct.Struct("<IiiIIIIII")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,26 +96,31 @@ class GoSymbolTable:
     frame, like ``lookup``).
     """
 
-    def __init__(self, data: bytes, gofunc: bytes | None = None, text_start: int | None = None) -> None:
-        magic, _pad, self.min_lc, self.ptr_size = struct.unpack_from("<IHBB", data, 0)
+    def __init__(self, data: bytes | Region, gofunc: bytes | Region | None = None,
+                 text_start: int | None = None) -> None:
+        data = BytesRegion(data) if isinstance(data, bytes) else data
+        header = data.read(0, 72)
+        if len(header) < 72:
+            raise ValueError(f"pclntab of {len(header)} bytes, shorter than its header")
+        magic, _pad, self.min_lc, self.ptr_size = struct.unpack_from("<IHBB", header, 0)
         if magic not in (MAGIC_118, MAGIC_120) or self.ptr_size != 8:
             raise ValueError(f"unsupported pclntab (magic {magic:#x}, pointer size {self.ptr_size})")
         self.go120 = magic == MAGIC_120
-        fields = struct.unpack_from("<8Q", data, 8)
+        fields = struct.unpack_from("<8Q", header, 8)
         nfunc, _nfiles, header_text, funcname, cu, filetab, pctab, pcln = fields
         # The header's textStart is 0 from Go 1.26 on: callers pass runtime.text (load_go_table).
         self.text_start = header_text if text_start is None else text_start
         if not self.text_start:
             raise ValueError("pclntab text start unknown (header field 0 and none given)")
-        self.data = data
+        self.data: Region = data
         self.funcname_off, self.cu_off, self.filetab_off = funcname, cu, filetab
         self.pctab_off, self.pcln_off = pctab, pcln
-        table = struct.unpack_from(f"<{2 * (nfunc + 1)}I", data, pcln)
+        table = struct.unpack(f"<{2 * (nfunc + 1)}I", data.read(pcln, 8 * (nfunc + 1)))
         # Arrays, not lists: a Go binary has tens of thousands of functions, and a list costs
         # ~36 B per int where an array costs 8 (entries) or 4 (offsets).
         self.entries = array("Q", (self.text_start + table[2 * i] for i in range(nfunc + 1)))
         self.func_offsets = array("I", (table[2 * i + 1] for i in range(nfunc)))
-        self.gofunc = gofunc
+        self.gofunc: Region | None = BytesRegion(gofunc) if isinstance(gofunc, bytes) else gofunc
         self._func_size = 44 if self.go120 else 40
         self._inl_entry = struct.Struct("<BxxxiiI" if self.go120 else "<hBxiiiI")
         # Frames per (function, pc), kept with the table (at most LOOKUP_CACHE_ENTRIES each,
@@ -115,10 +129,18 @@ class GoSymbolTable:
         # process had gone.
         self._frame_cache: dict[tuple[int, int], GoFrame] = {}
         self._inline_cache: dict[tuple[int, int], tuple[GoFrame, ...]] = {}
+        # SP deltas per pc (-1: none): the goroutine reader asks for every frame of every
+        # goroutine at each collection, and goroutine stacks repeat the same return addresses.
+        self._sp_cache: dict[int, int] = {}
 
     def nbytes(self) -> int:
-        """Memory held: the pclntab and funcdata copies and the two arrays."""
-        return len(self.data) + len(self.gofunc or b"") + 8 * len(self.entries) + 4 * len(self.func_offsets)
+        """Memory held: the pclntab and funcdata bytes in memory (a file's: its cached blocks)
+        and the two arrays."""
+        held = self.data.resident_bytes() + (self.gofunc.resident_bytes() if self.gofunc is not None else 0)
+        return held + 8 * len(self.entries) + 4 * len(self.func_offsets)
+
+    def _u32(self, pos: int) -> int:
+        return int(_U32.unpack(self.data.read(pos, 4))[0])
 
     @classmethod
     def from_elf(cls, path: str) -> GoSymbolTable | None:
@@ -128,42 +150,44 @@ class GoSymbolTable:
     def _func(self, index: int) -> tuple[int, int, int, int]:
         """(name offset, pcfile, pcln, cuOffset) of function ``index``."""
         base = self.pcln_off + self.func_offsets[index]
-        _entry, name_off, _args, _defer, _pcsp, pcfile, pcln, _npcdata, cu = struct.unpack_from(
-            "<IiiIIIIII", self.data, base)
+        _entry, name_off, _args, _defer, _pcsp, pcfile, pcln, _npcdata, cu = _FUNC_HEAD.unpack(
+            self.data.read(base, _FUNC_HEAD.size))
         return name_off, pcfile, pcln, cu
 
     def pcsp(self, index: int) -> int:
         """Offset of function ``index``'s SP-delta pc-value table (0: none)."""
-        return int(struct.unpack_from("<I", self.data, self.pcln_off + self.func_offsets[index] + 16)[0])
+        return self._u32(self.pcln_off + self.func_offsets[index] + 16)
 
     def _pcdata(self, index: int, table: int) -> int:
         """Offset of pc-value table PCDATA ``table`` of function ``index`` (0: none)."""
         base = self.pcln_off + self.func_offsets[index]
-        (npcdata,) = struct.unpack_from("<I", self.data, base + 28)
-        if table >= npcdata:
+        if table >= self._u32(base + 28):  # npcdata
             return 0
-        return int(struct.unpack_from("<I", self.data, base + self._func_size + 4 * table)[0])
+        return self._u32(base + self._func_size + 4 * table)
 
     def _funcdata(self, index: int, slot: int) -> int | None:
         """Offset from gofunc of FUNCDATA ``slot`` of function ``index`` (None: absent)."""
         base = self.pcln_off + self.func_offsets[index]
-        (npcdata,) = struct.unpack_from("<I", self.data, base + 28)
-        nfuncdata = self.data[base + self._func_size - 1]
+        npcdata = self._u32(base + 28)
+        nfuncdata = self.data.read(base + self._func_size - 1, 1)[0]
         if slot >= nfuncdata:
             return None
-        (off,) = struct.unpack_from("<I", self.data, base + self._func_size + 4 * (npcdata + slot))
-        return None if off == NO_FUNCDATA else int(off)
+        off = self._u32(base + self._func_size + 4 * (npcdata + slot))
+        return None if off == NO_FUNCDATA else off
 
     def sp_delta(self, pc: int) -> int | None:
         """Bytes the function containing ``pc`` has pushed below its return address at ``pc``."""
+        delta = _cached(self._sp_cache, pc, lambda: self._sp_delta(pc))
+        return delta if delta >= 0 else None
+
+    def _sp_delta(self, pc: int) -> int:
         i = self.function_index(pc)
         if i is None:
-            return None
+            return -1
         table = self.pcsp(i)
         if not table:
-            return None
-        value = self._pc_value(table, self.entries[i], pc)
-        return value if value >= 0 else None
+            return -1
+        return max(self._pc_value(table, self.entries[i], pc), -1)
 
     def _file_line(self, i: int, pc: int) -> tuple[str, int]:
         _name_off, pcfile, pcln, cu = self._func(i)
@@ -172,7 +196,7 @@ class GoSymbolTable:
         file = ""
         file_index = self._pc_value(pcfile, entry, pc) if pcfile else -1
         if file_index >= 0:
-            (file_off,) = struct.unpack_from("<I", self.data, self.cu_off + 4 * (cu + file_index))
+            file_off = self._u32(self.cu_off + 4 * (cu + file_index))
             if file_off != 0xFFFFFFFF:
                 file = self._cstring(self.filetab_off + file_off)
         return file, max(line, 0)
@@ -186,9 +210,10 @@ class GoSymbolTable:
 
     def _lookup_inline(self, i: int, pc: int) -> tuple[GoFrame, ...]:
         outer = self._lookup(i, pc)
-        tree = self._funcdata(i, FUNCDATA_INL_TREE) if self.gofunc is not None else None
+        gofunc = self.gofunc
+        tree = self._funcdata(i, FUNCDATA_INL_TREE) if gofunc is not None else None
         index_table = self._pcdata(i, PCDATA_INL_TREE_INDEX)
-        if tree is None or not index_table:
+        if gofunc is None or tree is None or not index_table:
             return (outer,)
         entry, frames = self.entries[i], []
         file, line = outer.file, outer.line
@@ -197,7 +222,7 @@ class GoSymbolTable:
         for _ in range(64):
             if ix < 0:
                 break
-            fields = self._inl_entry.unpack_from(self.gofunc, tree + ix * self._inl_entry.size)  # type: ignore[arg-type]
+            fields = self._inl_entry.unpack(gofunc.read(tree + ix * self._inl_entry.size, self._inl_entry.size))
             name_off, parent_pc = (fields[1], fields[2]) if self.go120 else (fields[4], fields[5])
             frames.append(GoFrame(self._cstring(self.funcname_off + name_off), file, line, entry))
             caller_pc = entry + parent_pc
@@ -207,19 +232,26 @@ class GoSymbolTable:
         return tuple(frames)
 
     def _cstring(self, offset: int) -> str:
-        end = self.data.index(b"\0", offset)
-        return self.data[offset:end].decode("utf-8", "replace")
+        return self.data.cstring(offset).decode("utf-8", "replace")
 
     def _pc_value(self, table_off: int, entry: int, target: int) -> int:
-        """Value of a pc-value table at ``target`` (-1 when not covered)."""
-        data, pos = self.data, self.pctab_off + table_off
-        pc, value, first = entry, -1, True
+        """Value of a pc-value table at ``target`` (-1 when not covered).
+
+        The table is read in chunks (``PC_VALUE_CHUNK``): a step is two varints of at most
+        10 bytes each, so a chunk with fewer than 20 bytes left is read again from there,
+        unless it already ends where the pclntab ends (a varint cut there: IndexError)."""
+        base = self.pctab_off + table_off
+        chunk = self.data.read(base, PC_VALUE_CHUNK)
+        pos, pc, value, first = 0, entry, -1, True
         while True:
-            delta, pos = uvarint(data, pos)
+            if pos + 20 > len(chunk) and len(chunk) == PC_VALUE_CHUNK:
+                base += pos
+                chunk, pos = self.data.read(base, PC_VALUE_CHUNK), 0
+            delta, pos = uvarint(chunk, pos)
             if delta == 0 and not first:
                 return -1
             value += -(delta >> 1) - 1 if delta & 1 else delta >> 1  # zig-zag
-            pc_delta, pos = uvarint(data, pos)
+            pc_delta, pos = uvarint(chunk, pos)
             pc += pc_delta * self.min_lc
             first = False
             if target < pc:
@@ -259,7 +291,7 @@ class GoSymbolTable:
         for i in range(len(self.func_offsets)):
             name_off, *_ = self._func(i)
             start = self.funcname_off + name_off
-            raw = self.data[start:self.data.index(b"\0", start)]
+            raw = self.data.cstring(start)
             if raw in wanted:
                 found[wanted[raw]] = self.entries[i]
                 if len(found) == len(wanted):
@@ -287,9 +319,9 @@ class ModuleData:
 
 
 # One table per Go binary for the whole agent: the goroutine actor and the symbolizer both
-# read a running Go binary's pclntab, and each table holds a copy of the section (5.8 MB
-# seen twice for one binary in a census of the agent). Weak values: a table lives while one
-# of its users keeps it. Keyed by the opened file's identity (device, inode, size, mtime).
+# read a running Go binary's pclntab (each table with its own descriptor, arrays and frame
+# caches). Weak values: a table lives while one of its users keeps it. Keyed by the opened
+# file's identity (device, inode, size, mtime).
 _SHARED_TABLES: weakref.WeakValueDictionary[tuple[int, int, int, int], GoSymbolTable] = (
     weakref.WeakValueDictionary())
 
@@ -313,8 +345,23 @@ def shared_go_table(elf: ELFFile) -> GoSymbolTable | None:
     return table
 
 
+def section_region(elf: ELFFile, section: Section, start: int = 0) -> Region:
+    """The bytes of ``section`` from ``start``: read from the file on demand when they are
+    stored plainly in a file (agent/file_region.py), else copied (an in-memory image,
+    a compressed section)."""
+    size = section["sh_size"] - start
+    try:
+        fd = elf.stream.fileno()
+    except (AttributeError, OSError, ValueError):  # in-memory images (the vDSO, tests' BytesIO)
+        fd = -1
+    if fd >= 0 and section["sh_type"] == "SHT_PROGBITS" and not section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED:
+        return FileRegion(fd, section["sh_offset"] + start, size)
+    return BytesRegion(section.data()[start:])
+
+
 def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
     """The pclntab of ``elf`` with its funcdata area (for inlining), or None for non-Go files.
+    Both are read from the file as lookups need them, not copied (``section_region``).
 
     Function entries are offsets from ``runtime.text``. The header's textStart gives it up to
     Go 1.25; Go 1.26 stopped filling it (0), so it is read from the module data, else the
@@ -324,9 +371,10 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
     section = pclntab_section(elf)
     if section is None:
         return None
-    data = section.data()
+    data = section_region(elf, section)
     module = find_moduledata(elf, section["sh_addr"], data)
-    (header_text,) = struct.unpack_from("<Q", data, 24) if len(data) >= 32 else (0,)
+    head = data.read(0, 32)
+    (header_text,) = struct.unpack_from("<Q", head, 24) if len(head) >= 32 else (0,)
     if module is not None:
         text_start = module.text
     elif header_text:
@@ -335,12 +383,12 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
         text_start = _symbol_value(elf, "runtime.text")
         if not text_start:
             raise ValueError("pclntab text start unknown: no module data found, header field 0, no runtime.text")
-    funcdata = None
+    funcdata: Region | None = None
     if module is not None and module.gofunc is not None:
         for sec in elf.iter_sections():
             start, size = sec["sh_addr"], sec["sh_size"]
             if sec["sh_type"] == "SHT_PROGBITS" and start <= module.gofunc < start + size:
-                funcdata = sec.data()[module.gofunc - start:]
+                funcdata = section_region(elf, sec, module.gofunc - start)
                 break
     return GoSymbolTable(data, funcdata, text_start)
 
@@ -354,7 +402,7 @@ def _symbol_value(elf: ELFFile, name: str) -> int:
     return int(found[0]["st_value"]) if found else 0
 
 
-def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> ModuleData | None:
+def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: Region) -> ModuleData | None:
     """``runtime.firstmoduledata``, read from the file so stripped binaries work too.
 
     It starts with a pointer to the pclntab header followed by the ``funcnametab`` slice,
@@ -366,17 +414,18 @@ def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: bytes) -> ModuleDa
     struct (see MODULEDATA_GOFUNC_WORDS); the word before it is always ``rodata``, which must
     equal the start of ``.rodata``. (``types`` may equal it too, so candidates are per pclntab
     magic, and an ambiguous fit is not used.)"""
-    if len(pclntab) < 72:
+    header = pclntab.read(0, 72)
+    if len(header) < 72:
         return None
-    (funcname_off,) = struct.unpack_from("<Q", pclntab, 32)
-    (pcln_off,) = struct.unpack_from("<Q", pclntab, 64)
+    (funcname_off,) = struct.unpack_from("<Q", header, 32)
+    (pcln_off,) = struct.unpack_from("<Q", header, 64)
     if pcln_off + 4 > len(pclntab):
         return None
-    (first_entry,) = struct.unpack_from("<I", pclntab, pcln_off)  # functab[0].entryoff
+    (first_entry,) = struct.unpack_from("<I", pclntab.read(pcln_off, 4))  # functab[0].entryoff
     needle = struct.pack("<QQ", pclntab_addr, pclntab_addr + funcname_off)
     rodata = elf.get_section_by_name(".rodata")
     rodata_start = rodata["sh_addr"] if rodata is not None else None
-    candidates = MODULEDATA_GOFUNC_WORDS.get(struct.unpack_from("<I", pclntab, 0)[0], ())
+    candidates = MODULEDATA_GOFUNC_WORDS.get(struct.unpack_from("<I", header, 0)[0], ())
     words_needed = max(candidates, default=MODULEDATA_TEXT_WORD) + 1
     for name in MODULEDATA_SECTIONS:
         sec = elf.get_section_by_name(name)
