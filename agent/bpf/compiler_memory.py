@@ -90,17 +90,20 @@ def trim_heap() -> None:
 
 
 def release_compiler_memory() -> int:
-    """Trim the heap and drop compiler library pages; returns how many mappings were advised."""
-    trim_heap()
+    """Drop compiler library pages and trim the heap; returns how many mappings were advised.
+
+    The trim comes last: reading ``/proc/self/smaps`` (~100 KB of text per 100 mappings,
+    and its parse) frees blocks that would otherwise stay resident until the next trim."""
+    advised = 0
     try:
         with open("/proc/self/smaps") as f:
             mappings = parse_smaps(f.read())
     except OSError:
-        return 0
-    advised = 0
+        mappings = []
     for m in mappings:
         advice = MADV_DONTNEED if m.file_view else MADV_PAGEOUT
         if _libc.madvise(m.start, m.end - m.start, advice) == 0:
             advised += 1
+    trim_heap()
     log.debug("dropped the pages of %d compiler library mappings", advised)
     return advised
