@@ -7,11 +7,18 @@ is asked for with ``pread`` (no shared file position, so threads may share a reg
 through a small cache of fixed-size blocks that is emptied when full. ``BytesRegion`` offers
 the same reads over bytes already in memory (an in-memory image, such as the vDSO's).
 
-Not ``mmap``: a file rewritten in place (truncated) under a mapping makes the next access
-to a page past its new end a SIGBUS, which kills the process; ``pread`` returns a short read
-instead, reported here as ``RegionChanged`` (an OSError, as for any failed read). No library
-offers a block-cached ``pread`` view with these reads (``struct`` needs a buffer, and the
-NUL search spans blocks), so it is written here.
+The file is the one opened, whatever happens to its path since (``OpenedFile``: a duplicate
+descriptor, shared by the regions of one file). Its content is trusted only while its size
+and modification time are those seen at the opening, checked at every block read from the
+file: a file rewritten in place (a reinstall over a binary whose processes have gone) gives
+``RegionChanged`` (an OSError, as for any failed read) from then on, never the new
+content's bytes read as the old layout's. Blocks cached before the change are the old
+content, consistent with what was loaded at the opening.
+
+Not ``mmap``: a file truncated under a mapping makes the next access to a page past its new
+end a SIGBUS, which kills the process. No library offers a block-cached ``pread`` view with
+these reads (``struct`` needs a buffer, and the NUL search spans blocks), so it is written
+here.
 """
 
 from __future__ import annotations
@@ -28,7 +35,33 @@ _CSTRING_STEP = 128
 
 
 class RegionChanged(OSError):
-    """The file is shorter than the region it was opened with (rewritten in place)."""
+    """The file is no longer what it was when opened (rewritten in place, cut short)."""
+
+
+class OpenedFile:
+    """A file as opened: a duplicate of the caller's descriptor (closed with this object)
+    and the size and modification time it had then."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)  # not inheritable; pread ignores the offset it shares
+        weakref.finalize(self, os.close, self.fd)
+        st = os.fstat(self.fd)
+        self._identity = (st.st_size, st.st_mtime_ns)
+        self.changed = False
+
+    def pread(self, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset``; RegionChanged when the file changed since it was
+        opened (also for every read after that) or is too short for them."""
+        if not self.changed:
+            st = os.fstat(self.fd)
+            self.changed = (st.st_size, st.st_mtime_ns) != self._identity
+        if self.changed:
+            raise RegionChanged("the file changed since it was opened")
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            self.changed = True
+            raise RegionChanged(f"file shorter than expected at offset {offset}")
+        return data
 
 
 class Region(Protocol):
@@ -59,9 +92,16 @@ class BytesRegion:
         return len(self._data)
 
     def read(self, pos: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``pos``; ValueError for a negative one (a corrupt
+        offset), which slicing would take from the end."""
+        if pos < 0 or size < 0:
+            raise ValueError(f"negative read ({pos}, {size})")
         return self._data[pos:pos + size]
 
     def cstring(self, pos: int) -> bytes:
+        """The bytes from ``pos`` up to the next NUL (ValueError when there is none)."""
+        if pos < 0:
+            raise ValueError(f"negative offset {pos}")
         return self._data[pos:self._data.index(b"\0", pos)]
 
     def resident_bytes(self) -> int:
@@ -69,13 +109,11 @@ class BytesRegion:
 
 
 class FileRegion:
-    """``Region`` over ``size`` bytes of a file from ``offset``, with its own descriptor
-    (opened from ``fd`` through /proc/self/fd, so it outlives the caller's file object and
-    still reads a file deleted or replaced since; closed with the region)."""
+    """``Region`` over ``size`` bytes of an opened file from ``offset`` (it outlives the
+    caller's file object, and still reads a file deleted or replaced by rename since)."""
 
-    def __init__(self, fd: int, offset: int, size: int) -> None:
-        self._fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-        weakref.finalize(self, os.close, self._fd)
+    def __init__(self, file: OpenedFile, offset: int, size: int) -> None:
+        self._file = file
         self._offset, self._size = offset, size
         self._blocks: dict[int, bytes] = {}
 
@@ -89,16 +127,14 @@ class FileRegion:
         block = self._blocks.get(index)
         if block is None:
             start = index * BLOCK_BYTES
-            want = min(BLOCK_BYTES, self._size - start)
-            block = os.pread(self._fd, want, self._offset + start)
-            if len(block) != want:
-                raise RegionChanged(f"file shorter than expected at offset {self._offset + start}")
+            block = self._file.pread(min(BLOCK_BYTES, self._size - start), self._offset + start)
             if len(self._blocks) >= CACHED_BLOCKS:
                 self._blocks.clear()  # a dict's get and set are atomic; an LRU's reordering is not
             self._blocks[index] = block
         return block
 
     def read(self, pos: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``pos`` (fewer only at the region's end)."""
         if pos < 0 or size < 0:
             raise ValueError(f"negative read ({pos}, {size})")
         end = min(pos + size, self._size)
@@ -112,6 +148,7 @@ class FileRegion:
         return joined[skip:skip + end - pos]
 
     def cstring(self, pos: int) -> bytes:
+        """The bytes from ``pos`` up to the next NUL (ValueError when there is none)."""
         parts: list[bytes] = []
         while True:
             piece = self.read(pos, _CSTRING_STEP)

@@ -8,10 +8,12 @@ import os
 import weakref
 from pathlib import Path
 
+import pytest
 from elftools.elf.elffile import ELFFile
 
 from agent.file_region import BLOCK_BYTES, CACHED_BLOCKS, FileRegion
-from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, shared_go_table
+from agent.runtimes.go import pclntab
+from agent.runtimes.go.pclntab import GoSymbolTable, load_go_table, pclntab_section, shared_go_table, uvarint
 from agent.symbols.elf import ElfSymbols
 
 
@@ -64,15 +66,21 @@ def test_a_table_read_from_its_file_answers_as_the_copied_section_does(binaries:
     assert 0 < held <= CACHED_BLOCKS * BLOCK_BYTES < len(copied.data) == copied.data.resident_bytes()
 
 
+@pytest.mark.parametrize("rewrite", ["cut_short", "same_size"])
 def test_a_go_binary_rewritten_in_place_falls_back_to_elf_symbols_counted(binaries: tuple[Path, Path],
-                                                                          tmp_path: Path) -> None:
-    """The table reads its file as lookups come: a binary cut short in place afterwards (an
-    in-place reinstall once its processes have gone) is a counted, logged fallback for the
-    addresses not decoded yet, never a crash (a mapped file would SIGBUS there)."""
+                                                                          tmp_path: Path, rewrite: str) -> None:
+    """The table reads its file as lookups come: a binary rewritten in place afterwards (an
+    in-place reinstall once its processes have gone), cut short or at the same size, is a
+    counted, logged fallback to the file's ELF symbols for the addresses not decoded yet,
+    never a crash (a mapped file would SIGBUS) and never the new bytes read as the old
+    table."""
     from agent.symbols import Symbolizer
 
     copy = tmp_path / "goroutines"
-    copy.write_bytes(binaries[0].read_bytes())
+    image = binaries[0].read_bytes()
+    copy.write_bytes(image)
+    copied = load_go_table(ELFFile(io.BytesIO(image)))
+    assert copied is not None
     symbolizer = Symbolizer()
     with open(copy, "rb") as f:
         elf = ElfSymbols(f, str(copy))
@@ -80,8 +88,74 @@ def test_a_go_binary_rewritten_in_place_falls_back_to_elf_symbols_counted(binari
         assert table is not None
         main = table.function_entry("main.main")
         assert main is not None and symbolizer._go_frames(elf, main)[-1].function == "main.main"
-        other = table.entries[len(table.func_offsets) // 2]  # in the runtime, far from main.main
-        os.truncate(copy, 4096)
+        other = table.entries[len(table.func_offsets) // 2] + 1  # in the runtime, far from main.main
+        if rewrite == "cut_short":
+            os.truncate(copy, 4096)
+        else:
+            stat = copy.stat()
+            with open(copy, "r+b") as w:
+                w.seek(table.data._offset + 4096)  # type: ignore[attr-defined]
+                w.write(bytes(len(image) - table.data._offset - 4096))  # type: ignore[attr-defined]
+            os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
         assert symbolizer._go_frames(elf, other) == ()
         assert symbolizer.stats["go_table_errors"] == 1
-        assert symbolizer._go_frames(elf, main)[-1].function == "main.main"  # decoded before: kept
+        assert elf.go_table() is None  # dropped: named from the ELF symbols read at the opening
+        expected = copied.lookup(other)
+        assert expected is not None and elf.function(other) == expected.function
+        assert symbolizer._go_frames(elf, main) == () and symbolizer.stats["go_table_errors"] == 1  # logged once
+
+
+def test_one_descriptor_per_go_table(binaries: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "goroutines"
+    copy.write_bytes(binaries[0].read_bytes())
+    before = len(os.listdir("/proc/self/fd"))
+    table = GoSymbolTable.from_elf(str(copy))
+    assert table is not None and table.gofunc is not None  # pclntab and funcdata both read from it
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    del table
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _pc_value_whole(data: bytes, pctab: int, table_off: int, entry: int, target: int, min_lc: int) -> int:
+    """A pc-value table's value at ``target`` decoded over the whole pclntab in one piece."""
+    pos, pc, value, first = pctab + table_off, entry, -1, True
+    while True:
+        delta, pos = uvarint(data, pos)
+        if delta == 0 and not first:
+            return -1
+        value += -(delta >> 1) - 1 if delta & 1 else delta >> 1
+        pc_delta, pos = uvarint(data, pos)
+        pc += pc_delta * min_lc
+        first = False
+        if target < pc:
+            return value
+
+
+@pytest.mark.parametrize("chunk", [21, 23, 37])
+def test_pc_value_tables_read_in_small_chunks_equal_the_whole_decode(binaries: tuple[Path, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     chunk: int) -> None:
+    """Tables are read PC_VALUE_CHUNK bytes at a time and read again across a chunk's end:
+    with chunks a little over the 20 bytes a step can take, nearly every table is refilled,
+    and every value equals the decode over the whole pclntab."""
+    image = binaries[0].read_bytes()
+    with open(binaries[0], "rb") as f:
+        table = load_go_table(ELFFile(f))
+    assert table is not None
+    section = pclntab_section(ELFFile(io.BytesIO(image)))
+    assert section is not None
+    whole = section.data()
+    monkeypatch.setattr(pclntab, "PC_VALUE_CHUNK", chunk)
+    checked = 0
+    for i in range(0, len(table.func_offsets), 3):
+        entry, end = table.entries[i], table.entries[i + 1]
+        _name, pcfile, pcln, _cu = table._func(i)
+        for off in (pcln, pcfile, table.pcsp(i)):
+            if not off:
+                continue
+            for pc in (entry, (entry + end) // 2, end - 1):
+                ours = table._pc_value(off, entry, pc)
+                assert ours == _pc_value_whole(whole, table.pctab_off, off, entry, pc, table.min_lc), (i, off, pc)
+                checked += 1
+    assert checked > 3000

@@ -94,8 +94,8 @@ class GoroutineActor(BpfActor[bytes]):
         self._not_go: set[FileKey] = set()
         self._discovered = 0.0
         self._scanned = 0.0
-        # Symbol tables of Go binaries with a live process (a table can be megabytes: dropped
-        # with the binary's last process).
+        # Symbol tables of Go binaries with a live process (each holds a descriptor, arrays of
+        # hundreds of KB and caches: dropped with the binary's last process).
         self._tables: dict[FileKey, GoSymbolTable | None] = {}
         # Each symbolized frame's Go form, by the frame object's identity (the symbolizer hands
         # out the same object for an address it resolved before): the current-stack scan turns

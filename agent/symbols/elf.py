@@ -34,7 +34,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from agent.runtimes.go.pclntab import GoSymbolTable, pclntab_section, shared_go_table
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
-from agent.symbols.dwarf_lines import CuLineIndex, LineTable, whole_line_table
+from agent.symbols.dwarf_lines import CuLineIndex, LineTable, release_dwarf, whole_line_table
 from agent.symbols.inflate_index import InflateIndex
 from agent.symbols.packed_names import PackedNames
 from agent.symbols.section_views import ViewingELFFile
@@ -93,7 +93,7 @@ class ElfSymbols:
         """Rough memory this file's tables hold, for the symbolizer's byte-bounded file cache.
 
         Function symbols: 16 B of start/end plus their packed names; a Go table what it holds
-        (its pclntab copy: megabytes for a large Go binary); line rows 16 B each plus their
+        (its arrays and cached blocks of the pclntab); line rows 16 B each plus their
         file names; the open file's buffer, segments and the object itself are the fixed part.
         """
         go_table = self._go_table.nbytes() if self._go_table is not None else 0
@@ -168,7 +168,15 @@ class ElfSymbols:
                 log.warning("%s: unusable .gopclntab: %s", self.path, exc)
                 self._is_go = False
                 return None
+            # OSError (no descriptor left for the table's reads) goes to the caller, which
+            # counts it and calls drop_go_table.
         return self._go_table
+
+    def drop_go_table(self) -> None:
+        """Name this file's addresses from its ELF symbols from now on: its Go table could not
+        be loaded or read (agent/symbols/symbolizer.py ``_go_frames``)."""
+        self._go_table = None
+        self._is_go = False
 
     def function_start(self, vaddr: int) -> int | None:
         """Start address of the function symbol containing ``vaddr``."""
@@ -216,7 +224,11 @@ class ElfSymbols:
                                 "read per compilation unit (%s): functions only, no line numbers",
                                 self.path, section.data_size, MAX_LINE_PROGRAM_BYTES, exc)
                     return LineTable([])
-            return whole_line_table(elf.get_dwarf_info())
+            dwarf = elf.get_dwarf_info()
+            try:
+                return whole_line_table(dwarf)
+            finally:
+                release_dwarf(dwarf)  # freed now, not at the next whole-heap collection
         except (ELFError, KeyError, ValueError, AttributeError, AssertionError) as exc:
             log.warning("%s: cannot read DWARF line info: %s", self.path, exc)
             return LineTable([])

@@ -585,17 +585,18 @@ class Symbolizer:
                      for i, (function, filename, line, frame_type) in enumerate(rows))
 
     def _go_frames(self, elf: ElfSymbols, vaddr: int) -> tuple[GoFrame, ...]:
-        """Go frames for ``vaddr`` from the file's pclntab; () for other files, and (counted,
-        logged) when the pclntab cannot be read there: the table reads the file as it goes,
-        and a file rewritten in place since, or a corrupt table, falls back to ELF symbols."""
-        go = elf.go_table()
-        if go is None:
-            return ()
+        """Go frames for ``vaddr`` from the file's pclntab; () for other files. The table reads
+        the file as lookups need it: when that fails (the file rewritten in place since, no
+        descriptor left, a corrupt table), the failure is counted and logged, and the file
+        drops its table and is named from its ELF symbols from then on."""
         try:
-            return go.lookup_inline(vaddr)
+            go = elf.go_table()
+            return go.lookup_inline(vaddr) if go is not None else ()
         except (OSError, ValueError, IndexError, struct.error) as exc:
             self._stats["go_table_errors"] += 1
-            log.warning("%s: cannot read the Go symbol table at %#x: %s", elf.path, vaddr, exc)
+            log.warning("%s: cannot read its Go symbol table (at %#x): %s; ELF symbols from now on",
+                        elf.path, vaddr, exc)
+            elf.drop_go_table()
             return ()
 
     def _ids_of(self, pid: int, region: _Region) -> tuple[str, str]:

@@ -96,7 +96,8 @@ class GoroutineReader:
         return None
 
     def read(self, stats: ReadStats) -> list[Goroutine]:
-        """Every counted goroutine now; raises OSError only if the process is gone or allgs unknown."""
+        """Every counted goroutine now; raises OSError only if the process is gone, allgs is
+        unknown, or its binary changed under its Go table (agent/file_region.py)."""
         allgs = self.locate_allgs()
         if allgs is None:
             raise OSError("runtime.allgs not found")
@@ -110,7 +111,11 @@ class GoroutineReader:
         pointers = struct.unpack(f"<{length}Q", self._memory.read(ptr, 8 * length))
         out = []
         for gp in pointers:
-            g = self._goroutine(gp, stats)
+            try:
+                g = self._goroutine(gp, stats)
+            except (ValueError, IndexError, struct.error):  # its pcs met a corrupt part of the Go table
+                stats.unreadable += 1
+                continue
             if g is not None:
                 out.append(g)
         return out

@@ -50,7 +50,7 @@ from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
 
-from agent.file_region import BytesRegion, FileRegion, Region
+from agent.file_region import BytesRegion, FileRegion, OpenedFile, Region
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -91,9 +91,10 @@ class GoFrame:
 class GoSymbolTable:
     """Function, file and line for any PC of a Go binary, from its pclntab.
 
-    ``gofunc`` is the funcdata area (bytes from ``moduledata.gofunc`` to the end of its
-    section); without it inlined calls are not expanded (``lookup_inline`` then gives one
-    frame, like ``lookup``).
+    ``data`` is the pclntab and ``gofunc`` the funcdata area (from ``moduledata.gofunc`` to
+    the end of its section), each read from the binary on demand or, for in-memory images,
+    from bytes (agent/file_region.py); without ``gofunc`` inlined calls are not expanded
+    (``lookup_inline`` then gives one frame, like ``lookup``).
     """
 
     def __init__(self, data: bytes | Region, gofunc: bytes | Region | None = None,
@@ -125,7 +126,7 @@ class GoSymbolTable:
         self._inl_entry = struct.Struct("<BxxxiiI" if self.go120 else "<hBxiiiI")
         # Frames per (function, pc), kept with the table (at most LOOKUP_CACHE_ENTRIES each,
         # then started over): a cache on the class (functools' lru_cache on a method) would
-        # keep every table it saw alive, pclntab copy included, after its binary's last
+        # keep every table it saw alive, its descriptor included, after its binary's last
         # process had gone.
         self._frame_cache: dict[tuple[int, int], GoFrame] = {}
         self._inline_cache: dict[tuple[int, int], tuple[GoFrame, ...]] = {}
@@ -140,6 +141,7 @@ class GoSymbolTable:
         return held + 8 * len(self.entries) + 4 * len(self.func_offsets)
 
     def _u32(self, pos: int) -> int:
+        """The little-endian u32 at ``pos`` of the pclntab."""
         return int(_U32.unpack(self.data.read(pos, 4))[0])
 
     @classmethod
@@ -345,17 +347,23 @@ def shared_go_table(elf: ELFFile) -> GoSymbolTable | None:
     return table
 
 
-def section_region(elf: ELFFile, section: Section, start: int = 0) -> Region:
-    """The bytes of ``section`` from ``start``: read from the file on demand when they are
-    stored plainly in a file (agent/file_region.py), else copied (an in-memory image,
-    a compressed section)."""
-    size = section["sh_size"] - start
+def opened_file(elf: ELFFile) -> OpenedFile | None:
+    """The file ``elf`` was read from, as opened now (None for an in-memory image: the vDSO,
+    tests' BytesIO). OSError when the descriptor cannot be duplicated (the agent's limit)."""
     try:
         fd = elf.stream.fileno()
-    except (AttributeError, OSError, ValueError):  # in-memory images (the vDSO, tests' BytesIO)
-        fd = -1
-    if fd >= 0 and section["sh_type"] == "SHT_PROGBITS" and not section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED:
-        return FileRegion(fd, section["sh_offset"] + start, size)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return OpenedFile(fd)
+
+
+def section_region(elf: ELFFile, section: Section, opened: OpenedFile | None, start: int = 0) -> Region:
+    """The bytes of ``section`` from ``start``: read from ``opened`` on demand when they are
+    stored plainly in it (agent/file_region.py), else copied (no file, a compressed
+    section)."""
+    plain = section["sh_type"] == "SHT_PROGBITS" and not section["sh_flags"] & SH_FLAGS.SHF_COMPRESSED
+    if opened is not None and plain:
+        return FileRegion(opened, section["sh_offset"] + start, section["sh_size"] - start)
     return BytesRegion(section.data()[start:])
 
 
@@ -371,7 +379,8 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
     section = pclntab_section(elf)
     if section is None:
         return None
-    data = section_region(elf, section)
+    opened = opened_file(elf)  # one descriptor for both regions
+    data = section_region(elf, section, opened)
     module = find_moduledata(elf, section["sh_addr"], data)
     head = data.read(0, 32)
     (header_text,) = struct.unpack_from("<Q", head, 24) if len(head) >= 32 else (0,)
@@ -388,7 +397,7 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
         for sec in elf.iter_sections():
             start, size = sec["sh_addr"], sec["sh_size"]
             if sec["sh_type"] == "SHT_PROGBITS" and start <= module.gofunc < start + size:
-                funcdata = section_region(elf, sec, module.gofunc - start)
+                funcdata = section_region(elf, sec, opened, module.gofunc - start)
                 break
     return GoSymbolTable(data, funcdata, text_start)
 
