@@ -97,9 +97,7 @@ class GoSymbolTable:
     (``lookup_inline`` then gives one frame, like ``lookup``).
     """
 
-    def __init__(self, data: bytes | Region, gofunc: bytes | Region | None = None,
-                 text_start: int | None = None) -> None:
-        data = BytesRegion(data) if isinstance(data, bytes) else data
+    def __init__(self, data: Region, gofunc: Region | None = None, text_start: int | None = None) -> None:
         header = data.read(0, 72)
         if len(header) < 72:
             raise ValueError(f"pclntab of {len(header)} bytes, shorter than its header")
@@ -121,7 +119,7 @@ class GoSymbolTable:
         # ~36 B per int where an array costs 8 (entries) or 4 (offsets).
         self.entries = array("Q", (self.text_start + table[2 * i] for i in range(nfunc + 1)))
         self.func_offsets = array("I", (table[2 * i + 1] for i in range(nfunc)))
-        self.gofunc: Region | None = BytesRegion(gofunc) if isinstance(gofunc, bytes) else gofunc
+        self.gofunc = gofunc
         self._func_size = 44 if self.go120 else 40
         self._inl_entry = struct.Struct("<BxxxiiI" if self.go120 else "<hBxiiiI")
         # Frames per (function, pc), kept with the table (at most LOOKUP_CACHE_ENTRIES each,
