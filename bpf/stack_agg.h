@@ -168,15 +168,13 @@ static __always_inline u64 agg_store_stack(struct stack_event *ev)
     return id;
 }
 
-/* Add one event of `ns` to the current generation's entry for this key, with its weights
- * (bpf/event_capture.h: ns and 1 divided by the probability it was captured; 0 if it was not),
- * and `on_cpu_ns` > 0 of on-CPU time that started at `on_cpu_ts` carried along (wall). */
-static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
-                                             u64 ts, u64 on_cpu_ns, u64 on_cpu_ts)
+/* The current generation's entry for this key, made with `first_ts` if new; 0 if the map is
+ * full (counted, with the `lost_ns` the caller was adding). */
+static __always_inline struct agg_value *agg_entry(struct agg_key *key, u64 first_ts, u64 lost_ns)
 {
     u32 zero = 0;
     u32 *gen = agg_generation.lookup(&zero);
-    struct agg_value init = {.first_ts = ts};
+    struct agg_value init = {.first_ts = first_ts};
     struct agg_value *v;
     if (gen && (*gen & 1))
         v = agg1.lookup_or_try_init(key, &init);
@@ -184,9 +182,20 @@ static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 we
         v = agg0.lookup_or_try_init(key, &init);
     if (!v) {
         count(AGG_MAP_FULL);
-        count_add(AGG_MAP_FULL_NS, ns + on_cpu_ns);
-        return;
+        count_add(AGG_MAP_FULL_NS, lost_ns);
     }
+    return v;
+}
+
+/* Add one event of `ns` to the current generation's entry for this key, with its weights
+ * (bpf/event_capture.h: ns and 1 divided by the probability it was captured; 0 if it was not),
+ * and `on_cpu_ns` > 0 of on-CPU time that started at `on_cpu_ts` carried along (wall). */
+static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
+                                             u64 ts, u64 on_cpu_ns, u64 on_cpu_ts)
+{
+    struct agg_value *v = agg_entry(key, ts, ns + on_cpu_ns);
+    if (!v)
+        return;
     __sync_fetch_and_add(&v->count, 1);
     __sync_fetch_and_add(&v->total_ns, ns);
     if (weighted_count) {
@@ -205,6 +214,43 @@ static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 we
             v->on_cpu_first_ts = on_cpu_ts;
         if (on_cpu_ts > v->on_cpu_last_ts)
             v->on_cpu_last_ts = on_cpu_ts;
+    }
+}
+
+/* Events summed before they reach the map (wall: a thread's short blocks and on-CPU spans,
+ * kept in its task storage): how many, their ns, the first and last one's start, and on-CPU
+ * spans carried along as in agg_add_carrying. */
+struct agg_sums {
+    u64 count;
+    u64 ns;
+    u64 first_ts;
+    u64 last_ts;
+    u64 on_cpu_count;
+    u64 on_cpu_ns;
+    u64 on_cpu_first_ts;
+    u64 on_cpu_last_ts;
+};
+
+/* Add summed events (not captured: no weights) to the current generation's entry for this key. */
+static __always_inline void agg_add_sums(struct agg_key *key, const struct agg_sums *s)
+{
+    struct agg_value *v = agg_entry(key, s->first_ts, s->ns + s->on_cpu_ns);
+    if (!v)
+        return;
+    __sync_fetch_and_add(&v->count, s->count);
+    __sync_fetch_and_add(&v->total_ns, s->ns);
+    if (s->first_ts < v->first_ts)
+        v->first_ts = s->first_ts;
+    if (s->last_ts > v->last_ts)
+        v->last_ts = s->last_ts;
+    v->cpu = bpf_get_smp_processor_id();
+    if (s->on_cpu_ns) {
+        __sync_fetch_and_add(&v->on_cpu_ns, s->on_cpu_ns);
+        __sync_fetch_and_add(&v->on_cpu_count, (u32)s->on_cpu_count);
+        if (!v->on_cpu_first_ts || s->on_cpu_first_ts < v->on_cpu_first_ts)
+            v->on_cpu_first_ts = s->on_cpu_first_ts;
+        if (s->on_cpu_last_ts > v->on_cpu_last_ts)
+            v->on_cpu_last_ts = s->on_cpu_last_ts;
     }
 }
 

@@ -16,10 +16,13 @@
  *   switch-out is captured (bpf/event_capture.h: probability p x q, per-thread rate and
  *   per-CPU budget; the stack capture is most of the program's cost).
  * Blocks shorter than MIN_BLOCK_NS are summed per thread without a stack (label
- * SHORT_OFF_CPU_LABEL); long blocks whose switch-out was not captured are summed per (thread,
- * task state) under UNCAPTURED_LABEL | state, and the agent shares them out over that thread and state's
- * captured stacks by their inverse-probability weights (agent/actors/aggregated.py): per-thread
- * and per-state totals stay exact, the split between stacks is estimated without bias.
+ * SHORT_OFF_CPU_LABEL), first in the thread's storage together with its on-CPU spans; both
+ * reach the map once the oldest is PENDING_FLUSH_NS old, or at the thread's exit, so a
+ * switch-out costs a map update only when it closes a long block. Long blocks whose
+ * switch-out was not captured are summed per (thread, task state) under UNCAPTURED_LABEL |
+ * state, and the agent shares them out over that thread and state's captured stacks by their
+ * inverse-probability weights (agent/actors/aggregated.py): per-thread and per-state totals
+ * stay exact, the split between stacks is estimated without bias.
  * Kernel threads (no user stack, found once per thread) and threads of processes nobody
  * selected are marked in their storage and cost one storage lookup per switch.
  * Labels: ON_CPU_LABEL for on-CPU samples, ON_CPU_TIME_LABEL for the per-thread sum of exact
@@ -49,6 +52,12 @@
 /* sched_switch's prev_state of a task that has exited (EXIT_DEAD, EXIT_ZOMBIE): no interval */
 #define EXITED_STATES 0x30
 #define TARGET_RECHECK_NS 1000000000ULL  /* selection re-checked per thread every second */
+/* A thread's short blocks and on-CPU spans are summed in its storage and reach the map when
+ * the oldest of them is this old (at its next switch-out or on-CPU sample after that), or at
+ * its exit: one map update per thread per PENDING_FLUSH_NS instead of one per switch-out. */
+#ifndef PENDING_FLUSH_NS
+#define PENDING_FLUSH_NS 10000000ULL
+#endif
 
 #define THREAD_TRACED 1
 #define THREAD_KERNEL 2
@@ -63,6 +72,8 @@ struct wall_thread {
     u64 checked_ts;     /* when the process selection was last checked */
     u32 tgid;
     u32 flags;          /* THREAD_TRACED, THREAD_KERNEL */
+    u64 pending_since;  /* when the oldest pending sum began, 0: nothing pending */
+    struct agg_sums pending;  /* short blocks (count, ns, starts) and on-CPU spans not in the map yet */
 };
 
 /* The thread switched in on this CPU and when: the next switch here switches it out. Its
@@ -77,6 +88,60 @@ struct switched_in {
 BPF_TASK_STORAGE(threads, struct wall_thread);
 BPF_PERCPU_ARRAY(cpu_current, struct switched_in, 1);
 
+/* The thread's pending sums into the map: under SHORT_OFF_CPU_LABEL carrying the on-CPU
+ * spans, or under ON_CPU_TIME_LABEL when no short block is pending. */
+static __always_inline void flush_pending(struct wall_thread *t, u32 tid)
+{
+    if (!t->pending_since)
+        return;
+    struct agg_sums *s = &t->pending;
+    struct agg_key key = {.pid = t->tgid, .tid = tid, .stack_id = 0, .label = SHORT_OFF_CPU_LABEL};
+    if (s->count) {
+        agg_add_sums(&key, s);
+    } else {
+        struct agg_sums on_cpu = {.count = s->on_cpu_count, .ns = s->on_cpu_ns,
+                                  .first_ts = s->on_cpu_first_ts, .last_ts = s->on_cpu_last_ts};
+        key.label = ON_CPU_TIME_LABEL;
+        agg_add_sums(&key, &on_cpu);
+    }
+    __builtin_memset(s, 0, sizeof(*s));
+    t->pending_since = 0;
+}
+
+static __always_inline void flush_if_due(struct wall_thread *t, u32 tid, u64 now)
+{
+    if (t->pending_since && now - t->pending_since >= PENDING_FLUSH_NS)
+        flush_pending(t, tid);
+}
+
+/* An on-CPU span of `ns` that started at `ts`, added to the thread's pending sums. */
+static __always_inline void pend_on_cpu(struct wall_thread *t, u64 ns, u64 ts, u64 now)
+{
+    struct agg_sums *s = &t->pending;
+    if (!t->pending_since)
+        t->pending_since = now;
+    s->on_cpu_count++;
+    s->on_cpu_ns += ns;
+    if (!s->on_cpu_first_ts || ts < s->on_cpu_first_ts)
+        s->on_cpu_first_ts = ts;
+    if (ts > s->on_cpu_last_ts)
+        s->on_cpu_last_ts = ts;
+}
+
+/* A short block of `ns` that started at `ts`, added to the thread's pending sums. */
+static __always_inline void pend_short(struct wall_thread *t, u64 ns, u64 ts, u64 now)
+{
+    struct agg_sums *s = &t->pending;
+    if (!t->pending_since)
+        t->pending_since = now;
+    s->count++;
+    s->ns += ns;
+    if (!s->first_ts || ts < s->first_ts)
+        s->first_ts = ts;
+    if (ts > s->last_ts)
+        s->last_ts = ts;
+}
+
 /* With native unwinding each event takes three programs, each within the verifier's budget:
  * stage 1 (below) captures the stacks and CPython frames into agg_scratch, stage 2 (slot 0)
  * unwinds the user stack from CFI tables, stage 3 (slot 1) hashes, stores and aggregates. A
@@ -87,14 +152,15 @@ BPF_PROG_ARRAY(on_cpu_stages, 2);
 BPF_PROG_ARRAY(switch_out_stages, 2);
 
 /* The current thread's on-CPU time since it was last accounted on this CPU (its switch-in or
- * its previous sample), added to its exact on-CPU sum; nothing if this CPU's slot does not know it
- * (switched in before the program was attached). */
-static __always_inline void account_on_cpu(struct switched_in *cpu, u32 pid, u32 tid, u64 now)
+ * its previous sample), added to its exact on-CPU sum (pending, flushed when due); nothing if
+ * this CPU's slot does not know it (switched in before the program was attached). */
+static __always_inline void account_on_cpu(struct switched_in *cpu, struct wall_thread *t, u32 tid, u64 now)
 {
     if (cpu->tid != tid || !cpu->accounted_ts || now <= cpu->accounted_ts)
         return;
-    record_event(pid, tid, 0, ON_CPU_TIME_LABEL, now - cpu->accounted_ts, 0, cpu->accounted_ts);
+    pend_on_cpu(t, now - cpu->accounted_ts, cpu->accounted_ts, now);
     cpu->accounted_ts = now;
+    flush_if_due(t, tid, now);
 }
 
 static __always_inline void record_on_cpu(struct stack_event *ev)
@@ -124,7 +190,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     u32 zero = 0;
     struct switched_in *cpu = cpu_current.lookup(&zero);
     if (t && (t->flags & THREAD_TRACED) && cpu)
-        account_on_cpu(cpu, t->tgid, (u32)pid_tgid, bpf_ktime_get_ns());
+        account_on_cpu(cpu, t, (u32)pid_tgid, bpf_ktime_get_ns());
     struct stack_event *ev = capture_scratch();
     if (!ev)
         return 0;
@@ -202,14 +268,18 @@ static __always_inline struct wall_thread *new_thread(struct task_struct *task, 
     return t;
 }
 
-/* The thread's off-CPU interval that ended at `in_ts`, added to its aggregate, carrying the
- * on-CPU time that followed it (`on_cpu_ns` from `on_cpu_ts`: one map update for both). */
-static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 in_ts, u64 on_cpu_ns, u64 on_cpu_ts)
+/* The thread's off-CPU interval that ended at `in_ts` with the on-CPU time that followed it
+ * (`on_cpu_ns` from `on_cpu_ts`): a short one joins the thread's pending sums, a long one
+ * goes to its aggregate carrying the on-CPU time (one map update for both). */
+static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 in_ts, u64 on_cpu_ns, u64 on_cpu_ts,
+                                           u64 now)
 {
     u64 start = t->out_ts;
     u64 duration = in_ts - start;
     if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
-        record_event_carrying(t->tgid, tid, 0, SHORT_OFF_CPU_LABEL, duration, 0, start, on_cpu_ns, on_cpu_ts);
+        pend_short(t, duration, start, now);
+        if (on_cpu_ns)
+            pend_on_cpu(t, on_cpu_ns, on_cpu_ts, now);
     } else {
         u64 label = t->state;
         if (!t->stack_id) {     /* long but not captured: summed per thread and state */
@@ -253,17 +323,18 @@ TRACEPOINT_PROBE(sched, sched_switch)
     }
 #endif
     if (!(t->flags & THREAD_TRACED)) {
+        flush_pending(t, tid);  /* its process is no longer selected */
         t->out_ts = 0;
         return 0;
     }
     /* The on-CPU time that ends now (the rest since its switch-in or last sample), carried
-     * by the interval that ended when this thread was switched in here, else alone. */
+     * by the interval that ended when this thread was switched in here, else pending. */
     u64 on_cpu_ns = 0;
     if (out.tid == tid && out.accounted_ts && now > out.accounted_ts)
         on_cpu_ns = now - out.accounted_ts;
     if (t->out_ts) {
         if (in_ts > t->out_ts) {
-            close_interval(t, tid, in_ts, on_cpu_ns, out.accounted_ts);
+            close_interval(t, tid, in_ts, on_cpu_ns, out.accounted_ts, now);
             on_cpu_ns = 0;
         } else {
             count(WALL_INTERVAL_END_UNSEEN);
@@ -271,10 +342,13 @@ TRACEPOINT_PROBE(sched, sched_switch)
         t->out_ts = 0;
     }
     if (on_cpu_ns)
-        record_event(t->tgid, tid, 0, ON_CPU_TIME_LABEL, on_cpu_ns, 0, out.accounted_ts);
+        pend_on_cpu(t, on_cpu_ns, out.accounted_ts, now);
     u64 state = (u64)args->prev_state;
-    if (state & EXITED_STATES)
+    if (state & EXITED_STATES) {
+        flush_pending(t, tid);  /* its last switch-out */
         return 0;
+    }
+    flush_if_due(t, tid, now);
     /* The next one, from now on. */
     u64 pi = capture_probability(&t->last_capture, now, 0, 0);  /* its length is not known yet */
     t->out_ts = now;

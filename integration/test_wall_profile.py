@@ -189,3 +189,67 @@ def test_fast_switchers_are_sampled_and_weighted(fast_switch_run: WallRun) -> No
         total = sum(s.values[0] for s in samples)
         stackless = sum(s.values[0] for s in samples if dict(s.attributes)["wall.state"] == "off-cpu-not-captured")
         assert stackless < 0.01 * total, (stackless, total)
+
+
+@dataclass
+class ShortBlocksRun:
+    run: PipelineRun
+    own: dict[int, dict[int, Own]]  # by pid, then worker tid
+
+
+SHORT_BLOCK_SHAPES = {"brief": 0.008, "steady": 1.0}  # seconds each process's workers live
+
+
+@pytest.fixture(scope="module")
+def short_blocks_run(tmp_path_factory: pytest.TempPathFactory) -> ShortBlocksRun:
+    """Two wall_split processes whose workers spin 100 us and sleep 200 us (blocks far shorter
+    than wall_min_block_ns): one whose workers live 8 ms, less than the kernel keeps a thread's
+    short blocks and on-CPU spans pending before they reach the map, one whose workers live
+    1 s, many such periods."""
+    tmp = tmp_path_factory.mktemp("wall-short")
+    exe = build_c("wall_split.c", tmp)
+    outputs: dict[int, str] = {}
+
+    async def one(seconds: float) -> None:
+        proc = await asyncio.create_subprocess_exec(str(exe), str(seconds), str(THREADS), "100", "200", "0", "us",
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        await asyncio.sleep(2.0)  # selected by the 1 s /proc scan before its threads start
+        out, _ = await proc.communicate(b"go\n")
+        assert proc.returncode == 0
+        outputs[proc.pid] = out.decode()
+
+    async def workload(run: PipelineRun) -> None:
+        await asyncio.gather(*(one(seconds) for seconds in SHORT_BLOCK_SHAPES.values()))
+
+    with NatsServer() as nats:
+        run = asyncio.run(run_pipeline(nats.url, [ProfileType.WALL], workload, export_interval_s=2.0,
+                                       agent_overrides={"target_comm": "^wall_split$"}))
+    own: dict[int, dict[int, Own]] = {}
+    for pid, output in outputs.items():
+        for words in (line.split() for line in output.splitlines()):
+            if words[0] == "worker":
+                own.setdefault(pid, {})[int(words[1])] = Own(int(words[3]), int(words[5]), int(words[7]),
+                                                              int(words[9]))
+    assert sorted(len(workers) for workers in own.values()) == [THREADS, THREADS], outputs
+    return ShortBlocksRun(run, own)
+
+
+def test_short_blocks_and_on_cpu_time_reach_the_profile_whole(short_blocks_run: ShortBlocksRun) -> None:
+    """Every short sleep is one short off-CPU block, and each worker's elapsed time is all
+    there: also for workers that exit before their pending sums were ever due (what a
+    thread has pending goes to the map at its exit)."""
+    run = short_blocks_run.run
+    for pid, workers in short_blocks_run.own.items():
+        for tid, own in workers.items():
+            samples = [s for s in run.samples(ProfileType.WALL, pid) if s.tid == tid]
+            short = [s for s in samples if dict(s.attributes)["wall.state"] == "short-off-cpu"]
+            blocks = sum(int(dict(s.attributes)["wall.blocks"]) for s in short)
+            # One block per sleep (a sleep stretched past 1 ms on a loaded host is a long block),
+            # and more where the four workers on two CPUs preempt each other (waits for a CPU,
+            # which the workers' own clocks count as busy).
+            assert blocks >= 0.9 * own.cycles, (pid, tid, blocks, own)
+            off_cpu = sum(s.values[0] for s in short)
+            assert 0.8 * own.sleep_ns <= off_cpu <= own.sleep_ns + own.busy_ns, (pid, tid, off_cpu, own)
+            total = sum(s.values[0] for s in samples)
+            # Thread start and exit lie outside the worker's own clock: 0.5 ms of slack.
+            assert abs(total - own.life_ns) <= 0.05 * own.life_ns + 500_000, (pid, tid, total, own)

@@ -6,7 +6,8 @@
  * sleep_part() (CLOCK_MONOTONIC, so time preempted or waiting for a CPU counts where the
  * thread was), and its lifetime from its first instruction to its last. At the end it prints
  * one line per worker: "worker <tid> busy_ns <n> sleep_ns <n> life_ns <n> cycles <n>".
- * Usage: wall_split SECONDS THREADS BUSY_MS SLEEP_MS [SPINNERS]. Prints "ready <pid>", then
+ * Usage: wall_split SECONDS THREADS BUSY_MS SLEEP_MS [SPINNERS [us]] ("us": BUSY and SLEEP are
+ * microseconds, for blocks shorter than the wall profile's 1 ms). Prints "ready <pid>", then
  * waits for a line on stdin before starting the threads (so a profiler can select it first). */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -24,7 +25,7 @@ struct worker {
 };
 
 static double seconds;
-static int busy_ms, sleep_ms;
+static unsigned long long busy_ns, sleep_ns;
 static volatile unsigned long sink;
 
 static unsigned long long now_ns(void)
@@ -36,14 +37,14 @@ static unsigned long long now_ns(void)
 
 __attribute__((noinline)) void busy_part(void)
 {
-    unsigned long long end = now_ns() + busy_ms * 1000000ull;
+    unsigned long long end = now_ns() + busy_ns;
     while (now_ns() < end)
         sink++;
 }
 
 __attribute__((noinline)) void sleep_part(void)
 {
-    struct timespec ts = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
+    struct timespec ts = {sleep_ns / 1000000000ull, sleep_ns % 1000000000ull};
     nanosleep(&ts, NULL);
 }
 
@@ -82,8 +83,9 @@ int main(int argc, char **argv)
 {
     seconds = argc > 1 ? atof(argv[1]) : 5;
     int threads = argc > 2 ? atoi(argv[2]) : 2;
-    busy_ms = argc > 3 ? atoi(argv[3]) : 30;
-    sleep_ms = argc > 4 ? atoi(argv[4]) : 70;
+    unsigned long long unit = argc > 6 && argv[6][0] == 'u' ? 1000ull : 1000000ull;
+    busy_ns = (argc > 3 ? atoi(argv[3]) : 30) * unit;
+    sleep_ns = (argc > 4 ? atoi(argv[4]) : 70) * unit;
     int spinners = argc > 5 ? atoi(argv[5]) : 0;
     if (threads + spinners > MAX_THREADS)
         return 2;
