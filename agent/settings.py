@@ -106,8 +106,10 @@ class AgentSettings(BaseSettings):
     lock_capture_rate_hz: int = Field(default=99, ge=0, le=40_000)
     # Wall and lock, each: stack captures per CPU per second, whatever the number of threads
     # (bpf/event_capture.h: a per-CPU probability from the last 100 ms's demand, hard cap at
-    # twice the budget per 100 ms). Bounds the BPF cost under event storms. 0: no budget.
-    capture_budget_per_cpu_hz: int = Field(default=100, ge=0, le=100_000)
+    # twice the budget per 100 ms). Bounds the BPF cost under event storms; a lower budget costs
+    # less and leaves more of each thread's time estimated (per-thread totals stay exact:
+    # docs/design/wall-and-lock.md). 0: no budget.
+    capture_budget_per_cpu_hz: int = Field(default=50, ge=0, le=100_000)
     # Wall and lock aggregate in BPF (bpf/stack_agg.h): entries per flush window in each of
     # the two aggregation maps, and distinct stacks kept (LRU, ~4.2 KiB each in the kernel).
     agg_map_entries: int = Field(default=16384, ge=16, le=1 << 20)
