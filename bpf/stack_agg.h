@@ -57,10 +57,11 @@ struct agg_value {
     u64 weighted_ns;    /* captured events: sum of ns / (probability the event was captured);
                            0 for the per-(thread, label) sums of events not captured */
     u64 weighted_count; /* captured events: sum of 1 / that probability, in 1/2^16ths */
-    /* wall: the thread's exact on-CPU time that ended at the switch-outs whose closed
-     * interval this entry took (one map update for both, bpf/wall.bpf.c), their ns and the
-     * first and last span's start; 0 in other entries and programs. The agent adds them to
-     * the thread's on-CPU time of the same window. */
+    /* wall: the thread's exact on-CPU spans carried by this entry's updates (a long block's
+     * update carries the span ending at its switch-out; a flush of the thread's pending sums,
+     * the spans summed with its short blocks: bpf/wall.bpf.c), their count, ns and the first
+     * and last span's start; 0 in other entries and programs. The agent adds them to the
+     * thread's on-CPU time of the same window. */
     u64 on_cpu_ns;
     u64 on_cpu_first_ts;
     u64 on_cpu_last_ts;
@@ -169,8 +170,9 @@ static __always_inline u64 agg_store_stack(struct stack_event *ev)
 }
 
 /* The current generation's entry for this key, made with `first_ts` if new; 0 if the map is
- * full (counted, with the `lost_ns` the caller was adding). */
-static __always_inline struct agg_value *agg_entry(struct agg_key *key, u64 first_ts, u64 lost_ns)
+ * full (counted: the `lost_events` and `lost_ns` the caller was adding). */
+static __always_inline struct agg_value *agg_entry(struct agg_key *key, u64 first_ts, u64 lost_events,
+                                                   u64 lost_ns)
 {
     u32 zero = 0;
     u32 *gen = agg_generation.lookup(&zero);
@@ -181,7 +183,7 @@ static __always_inline struct agg_value *agg_entry(struct agg_key *key, u64 firs
     else
         v = agg0.lookup_or_try_init(key, &init);
     if (!v) {
-        count(AGG_MAP_FULL);
+        count_add(AGG_MAP_FULL, lost_events);
         count_add(AGG_MAP_FULL_NS, lost_ns);
     }
     return v;
@@ -193,7 +195,7 @@ static __always_inline struct agg_value *agg_entry(struct agg_key *key, u64 firs
 static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
                                              u64 ts, u64 on_cpu_ns, u64 on_cpu_ts)
 {
-    struct agg_value *v = agg_entry(key, ts, ns + on_cpu_ns);
+    struct agg_value *v = agg_entry(key, ts, 1, ns + on_cpu_ns);
     if (!v)
         return;
     __sync_fetch_and_add(&v->count, 1);
@@ -234,7 +236,7 @@ struct agg_sums {
 /* Add summed events (not captured: no weights) to the current generation's entry for this key. */
 static __always_inline void agg_add_sums(struct agg_key *key, const struct agg_sums *s)
 {
-    struct agg_value *v = agg_entry(key, s->first_ts, s->ns + s->on_cpu_ns);
+    struct agg_value *v = agg_entry(key, s->first_ts, s->count, s->ns + s->on_cpu_ns);
     if (!v)
         return;
     __sync_fetch_and_add(&v->count, s->count);

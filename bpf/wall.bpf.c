@@ -16,9 +16,12 @@
  *   switch-out is captured (bpf/event_capture.h: probability p x q, per-thread rate and
  *   per-CPU budget; the stack capture is most of the program's cost).
  * Blocks shorter than MIN_BLOCK_NS are summed per thread without a stack (label
- * SHORT_OFF_CPU_LABEL), first in the thread's storage together with its on-CPU spans; both
- * reach the map once the oldest is PENDING_FLUSH_NS old, or at the thread's exit, so a
- * switch-out costs a map update only when it closes a long block. Long blocks whose
+ * SHORT_OFF_CPU_LABEL), first in the thread's storage together with its on-CPU spans: both
+ * reach the map at the thread's next on-CPU sample, at its first switch-out PENDING_FLUSH_NS
+ * after the first of them, at its exit, or when its process is deselected, so most
+ * switch-outs closing a short block make no map update. (A thread that blocks for long right
+ * after has its last short blocks and on-CPU spans, less than PENDING_FLUSH_NS of them
+ * reported when it next switches out, in a later window.) Long blocks whose
  * switch-out was not captured are summed per (thread, task state) under UNCAPTURED_LABEL |
  * state, and the agent shares them out over that thread and state's captured stacks by their
  * inverse-probability weights (agent/actors/aggregated.py): per-thread and per-state totals
@@ -27,8 +30,9 @@
  * selected are marked in their storage and cost one storage lookup per switch.
  * Labels: ON_CPU_LABEL for on-CPU samples, ON_CPU_TIME_LABEL for the per-thread sum of exact
  * on-CPU time (no stack: the agent shares it out over the thread's on-CPU samples of the same
- * window by their counts; the span ending at a switch-out is carried in the update of the
- * interval that switch-out closes, agg_value's on_cpu_* fields), SHORT_OFF_CPU_LABEL for the
+ * window by their counts; a long block's update carries the span ending at the switch-out
+ * that closes it, a pending flush the spans summed with the short blocks: agg_value's
+ * on_cpu_* fields), SHORT_OFF_CPU_LABEL for the
  * per-thread sum of short blocks, else the task state at switch-out. A thread rescheduled on
  * its way back to user space (prev_state 0) is recorded without its kernel stack, which would
  * only show that return path.
@@ -52,9 +56,10 @@
 /* sched_switch's prev_state of a task that has exited (EXIT_DEAD, EXIT_ZOMBIE): no interval */
 #define EXITED_STATES 0x30
 #define TARGET_RECHECK_NS 1000000000ULL  /* selection re-checked per thread every second */
-/* A thread's short blocks and on-CPU spans are summed in its storage and reach the map when
- * the oldest of them is this old (at its next switch-out or on-CPU sample after that), or at
- * its exit: one map update per thread per PENDING_FLUSH_NS instead of one per switch-out. */
+/* A thread's short blocks and on-CPU spans are summed in its storage and reach the map at its
+ * first switch-out after the first of them was added this long ago, at its next on-CPU sample,
+ * at its exit, or when its process is no longer selected: about one map update per busy thread
+ * per PENDING_FLUSH_NS instead of one per switch-out. */
 #ifndef PENDING_FLUSH_NS
 #define PENDING_FLUSH_NS 10000000ULL
 #endif
@@ -72,7 +77,7 @@ struct wall_thread {
     u64 checked_ts;     /* when the process selection was last checked */
     u32 tgid;
     u32 flags;          /* THREAD_TRACED, THREAD_KERNEL */
-    u64 pending_since;  /* when the oldest pending sum began, 0: nothing pending */
+    u64 pending_since;  /* when the first of the pending sums was added, 0: nothing pending */
     struct agg_sums pending;  /* short blocks (count, ns, starts) and on-CPU spans not in the map yet */
 };
 
@@ -89,7 +94,8 @@ BPF_TASK_STORAGE(threads, struct wall_thread);
 BPF_PERCPU_ARRAY(cpu_current, struct switched_in, 1);
 
 /* The thread's pending sums into the map: under SHORT_OFF_CPU_LABEL carrying the on-CPU
- * spans, or under ON_CPU_TIME_LABEL when no short block is pending. */
+ * spans, or under ON_CPU_TIME_LABEL when no short block is pending. What is pending when the
+ * program is detached is lost with the storage (as the open off-CPU intervals are). */
 static __always_inline void flush_pending(struct wall_thread *t, u32 tid)
 {
     if (!t->pending_since)
@@ -152,15 +158,19 @@ BPF_PROG_ARRAY(on_cpu_stages, 2);
 BPF_PROG_ARRAY(switch_out_stages, 2);
 
 /* The current thread's on-CPU time since it was last accounted on this CPU (its switch-in or
- * its previous sample), added to its exact on-CPU sum (pending, flushed when due); nothing if
- * this CPU's slot does not know it (switched in before the program was attached). */
+ * its previous sample), added to its exact on-CPU sum; nothing if this CPU's slot does not know
+ * it (switched in before the program was attached). Its pending sums go to the map with it, at
+ * every sample: the agent replaces a window's samples of a thread by the thread's measured
+ * on-CPU time of that window, so the time up to a sample must be in the sample's window (a
+ * window holding samples without it keeps their count x period, and the time arriving later
+ * would be counted twice). */
 static __always_inline void account_on_cpu(struct switched_in *cpu, struct wall_thread *t, u32 tid, u64 now)
 {
     if (cpu->tid != tid || !cpu->accounted_ts || now <= cpu->accounted_ts)
         return;
     pend_on_cpu(t, now - cpu->accounted_ts, cpu->accounted_ts, now);
     cpu->accounted_ts = now;
-    flush_if_due(t, tid, now);
+    flush_pending(t, tid);
 }
 
 static __always_inline void record_on_cpu(struct stack_event *ev)

@@ -202,10 +202,10 @@ SHORT_BLOCK_SHAPES = {"brief": 0.008, "steady": 1.0}  # seconds each process's w
 
 @pytest.fixture(scope="module")
 def short_blocks_run(tmp_path_factory: pytest.TempPathFactory) -> ShortBlocksRun:
-    """Two wall_split processes whose workers spin 100 us and sleep 200 us (blocks far shorter
-    than wall_min_block_ns): one whose workers live 8 ms, less than the kernel keeps a thread's
-    short blocks and on-CPU spans pending before they reach the map, one whose workers live
-    1 s, many such periods."""
+    """Two wall_split processes whose workers spin 100 us and sleep 200 us: one whose workers
+    live 8 ms, less than the kernel keeps a thread's short blocks and on-CPU spans pending
+    before they reach the map, one whose workers live 1 s, many such periods. Blocks up to
+    20 ms count as short here, so that a sleep stretched by a loaded host is still one."""
     tmp = tmp_path_factory.mktemp("wall-short")
     exe = build_c("wall_split.c", tmp)
     outputs: dict[int, str] = {}
@@ -223,7 +223,8 @@ def short_blocks_run(tmp_path_factory: pytest.TempPathFactory) -> ShortBlocksRun
 
     with NatsServer() as nats:
         run = asyncio.run(run_pipeline(nats.url, [ProfileType.WALL], workload, export_interval_s=2.0,
-                                       agent_overrides={"target_comm": "^wall_split$"}))
+                                       agent_overrides={"target_comm": "^wall_split$",
+                                                        "wall_min_block_ns": 20_000_000}))
     own: dict[int, dict[int, Own]] = {}
     for pid, output in outputs.items():
         for words in (line.split() for line in output.splitlines()):
@@ -244,10 +245,9 @@ def test_short_blocks_and_on_cpu_time_reach_the_profile_whole(short_blocks_run: 
             samples = [s for s in run.samples(ProfileType.WALL, pid) if s.tid == tid]
             short = [s for s in samples if dict(s.attributes)["wall.state"] == "short-off-cpu"]
             blocks = sum(int(dict(s.attributes)["wall.blocks"]) for s in short)
-            # One block per sleep (a sleep stretched past 1 ms on a loaded host is a long block),
-            # and more where the four workers on two CPUs preempt each other (waits for a CPU,
-            # which the workers' own clocks count as busy).
-            assert blocks >= 0.9 * own.cycles, (pid, tid, blocks, own)
+            # One block per sleep, and more where the workers preempt each other (waits for a
+            # CPU, which the workers' own clocks count as busy).
+            assert blocks >= own.cycles, (pid, tid, blocks, own)
             off_cpu = sum(s.values[0] for s in short)
             assert 0.8 * own.sleep_ns <= off_cpu <= own.sleep_ns + own.busy_ns, (pid, tid, off_cpu, own)
             total = sum(s.values[0] for s in samples)

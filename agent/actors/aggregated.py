@@ -219,8 +219,9 @@ Carried = list[int]
 
 def fold_carried_on_cpu(entries: list[AggregatedEntry], carried: dict[tuple[int, int], Carried],
                         label: int) -> list[AggregatedEntry]:
-    """Each thread's on-CPU spans that other entries carried (bpf/wall.bpf.c records the span
-    ending at a switch-out in the map update of the interval that switch-out closes) added to
+    """Each thread's on-CPU spans that other entries carried (bpf/wall.bpf.c puts the span ending
+    at a switch-out in the update of the long block it closes, and a thread's pending spans in
+    the update of its short blocks' sum) added to
     its own ``label`` entry (pid, tid, stack 0) of the window, made if the window has none: one
     entry per thread, with the sum BPF measured, stamped with the first and last span's start."""
     out = list(entries)
@@ -261,7 +262,9 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
         self._bpf = bpf
 
     def stop(self) -> None:
-        self.stopped = True  # what BPF adds until the program is detached is read by the last drain
+        # What BPF adds to the maps until the program is detached is read by the last drain (not
+        # what a wall thread still has pending in its task storage: bpf/wall.bpf.c).
+        self.stopped = True
 
     def drain(self) -> list[AggregatedEntry]:
         """Swap the aggregation maps and read the one BPF just stopped writing."""
