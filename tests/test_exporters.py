@@ -100,6 +100,26 @@ def test_pprof_names_the_process_executable_when_no_frame_lies_in_it(tmp_path: P
     assert "compile" in top and "libclang-cpp.so.14+0x1000" in top, top
 
 
+def test_pprof_names_an_executable_run_from_a_deleted_file_or_memfd(tmp_path: Path) -> None:
+    """A program run from a memfd (runc re-executes itself so; this machine's own tooling runs
+    so) maps its code from ``/memfd:NAME (deleted)``, and its executable name has no
+    " (deleted)": its own mapping is still the main binary. pprof drops a mapping name with a
+    colon that is not a path, so an addressless stand-in named after the executable would
+    leave the profile unnamed."""
+    memfd = Mapping(0xA000, 0xDD000, 0xA000, "/memfd:sealed-91173221a7ea (deleted)")
+    f = FleetProfiles(0, 10_000)
+    hp = HostProfile("h", ProfileType.CPU, 1_000, 9_000, 10)
+    stack = (Frame("recv_timeout", "", 0, 0xB000, FrameType.NATIVE, memfd),
+             Frame("main", "", 0, 0xC000, FrameType.NATIVE, memfd))
+    hp.add(stack, 7, 7, "memfd:sealed-91", "memfd:sealed-91", 0,
+           (("process.executable.name", "memfd:sealed-91173221a7ea"),), (10,), 5_000)
+    f.hosts[("h", ProfileType.CPU)] = hp
+    path = tmp_path / "cpu.pb.gz"
+    write_pprof(str(path), f, ProfileType.CPU)
+    top = pprof_top(path)
+    assert top.splitlines()[0] == "File: memfd:sealed-91173221a7ea (deleted)", top
+
+
 def test_local_writer_is_atomic_and_bounded(tmp_path: Path) -> None:
     writer = LocalFileWriter(tmp_path, keep=2)
     f = fleet()

@@ -223,7 +223,9 @@ def encode_pprof(fleet: FleetProfiles, profile_type: ProfileType, contention_onl
 def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMapping | None:
     """The mapping of the executable with the most weight in the profile: a frame's mapping
     whose file is the sample's process executable (``process.executable.name``, else the
-    process name, as the OTLP resource names it), counted once per sample.
+    process name, as the OTLP resource names it), counted once per sample. A file deleted or
+    never linked (``/memfd:NAME (deleted)``: runc and other tools run from memfd) keeps the
+    kernel's " (deleted)" in its mapping, not in the executable's name.
 
     When no sample has a frame in its own executable (a process whose stacks hold only a
     library leaf and interpreted frames, or kernel threads), the heaviest process executable
@@ -247,8 +249,7 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
             key = (id(s.frames), executable)
             if key not in found:
                 found[key] = next((f.mapping for f in reversed(s.frames)  # the executable is at the root end
-                                   if f.mapping is not None and f.mapping.filename.rsplit("/", 1)[-1] == executable),
-                                  None)
+                                   if f.mapping is not None and _file_name(f.mapping) == executable), None)
             m = found[key]
             if m is not None:
                 weights[m] = weights.get(m, 0) + weight
@@ -259,6 +260,11 @@ def _main_binary(fleet: FleetProfiles, profile_type: ProfileType) -> ModelMappin
     if by_executable:
         return ModelMapping(start=0, limit=0, offset=0, filename=max(by_executable, key=lambda e: by_executable[e]))
     return None
+
+
+def _file_name(mapping: ModelMapping) -> str:
+    """A mapping's file name as ``process.executable.name`` gives it (agent/metadata/resolver.py)."""
+    return mapping.filename.removesuffix(" (deleted)").rsplit("/", 1)[-1]
 
 
 def unknown_frame_label(f: Frame) -> str:
