@@ -214,7 +214,9 @@ def test_pprof_names_a_process_executable_as_main_binary_and_shows_python_module
         if not first.startswith("File: "):
             assert "Total samples = 0" in top, top  # only an interval without CPU samples names no binary
             continue
-        main_binary = first.removeprefix("File: ")
+        # A program run from a deleted file or a memfd is named after its mapping, which keeps
+        # the kernel's " (deleted)"; its executable name does not.
+        main_binary = first.removeprefix("File: ").removesuffix(" (deleted)")
         assert main_binary in executables, (main_binary, sorted(executables))
         if "<module>" in top:
             assert "<unknown>" not in top, top
