@@ -220,23 +220,31 @@ static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 we
 }
 
 /* Events summed before they reach the map (wall: a thread's short blocks and on-CPU spans,
- * kept in its task storage): how many, their ns, the first and last one's start, and on-CPU
- * spans carried along as in agg_add_carrying. */
-struct agg_sums {
+ * kept in its task storage): how many, their ns, and the first and last one's start. */
+struct event_sum {
     u64 count;
     u64 ns;
     u64 first_ts;
     u64 last_ts;
-    u64 on_cpu_count;
-    u64 on_cpu_ns;
-    u64 on_cpu_first_ts;
-    u64 on_cpu_last_ts;
 };
 
-/* Add summed events (not captured: no weights) to the current generation's entry for this key. */
-static __always_inline void agg_add_sums(struct agg_key *key, const struct agg_sums *s)
+static __always_inline void event_sum_add(struct event_sum *s, u64 ns, u64 ts)
 {
-    struct agg_value *v = agg_entry(key, s->first_ts, s->count, s->ns + s->on_cpu_ns);
+    s->count++;
+    s->ns += ns;
+    if (!s->first_ts || ts < s->first_ts)
+        s->first_ts = ts;
+    if (ts > s->last_ts)
+        s->last_ts = ts;
+}
+
+/* Add summed events (not captured: no weights) to the current generation's entry for this key,
+ * with on-CPU spans (`on_cpu`, may be 0) carried along as in agg_add_carrying. */
+static __always_inline void agg_add_sums(struct agg_key *key, const struct event_sum *s,
+                                         const struct event_sum *on_cpu)
+{
+    u64 on_cpu_ns = on_cpu ? on_cpu->ns : 0;
+    struct agg_value *v = agg_entry(key, s->first_ts, s->count, s->ns + on_cpu_ns);
     if (!v)
         return;
     __sync_fetch_and_add(&v->count, s->count);
@@ -246,20 +254,14 @@ static __always_inline void agg_add_sums(struct agg_key *key, const struct agg_s
     if (s->last_ts > v->last_ts)
         v->last_ts = s->last_ts;
     v->cpu = bpf_get_smp_processor_id();
-    if (s->on_cpu_ns) {
-        __sync_fetch_and_add(&v->on_cpu_ns, s->on_cpu_ns);
-        __sync_fetch_and_add(&v->on_cpu_count, (u32)s->on_cpu_count);
-        if (!v->on_cpu_first_ts || s->on_cpu_first_ts < v->on_cpu_first_ts)
-            v->on_cpu_first_ts = s->on_cpu_first_ts;
-        if (s->on_cpu_last_ts > v->on_cpu_last_ts)
-            v->on_cpu_last_ts = s->on_cpu_last_ts;
+    if (on_cpu && on_cpu_ns) {
+        __sync_fetch_and_add(&v->on_cpu_ns, on_cpu_ns);
+        __sync_fetch_and_add(&v->on_cpu_count, (u32)on_cpu->count);
+        if (!v->on_cpu_first_ts || on_cpu->first_ts < v->on_cpu_first_ts)
+            v->on_cpu_first_ts = on_cpu->first_ts;
+        if (on_cpu->last_ts > v->on_cpu_last_ts)
+            v->on_cpu_last_ts = on_cpu->last_ts;
     }
-}
-
-static __always_inline void agg_add_weighted(struct agg_key *key, u64 ns, u64 weighted, u64 weighted_count,
-                                             u64 ts)
-{
-    agg_add_carrying(key, ns, weighted, weighted_count, ts, 0, 0);
 }
 
 #endif

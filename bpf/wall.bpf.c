@@ -78,7 +78,8 @@ struct wall_thread {
     u32 tgid;
     u32 flags;          /* THREAD_TRACED, THREAD_KERNEL */
     u64 pending_since;  /* when the first of the pending sums was added, 0: nothing pending */
-    struct agg_sums pending;  /* short blocks (count, ns, starts) and on-CPU spans not in the map yet */
+    struct event_sum short_blocks;  /* pending: short blocks not in the map yet */
+    struct event_sum on_cpu;        /* pending: on-CPU spans not in the map yet */
 };
 
 /* The thread switched in on this CPU and when: the next switch here switches it out. Its
@@ -100,17 +101,15 @@ static __always_inline void flush_pending(struct wall_thread *t, u32 tid)
 {
     if (!t->pending_since)
         return;
-    struct agg_sums *s = &t->pending;
     struct agg_key key = {.pid = t->tgid, .tid = tid, .stack_id = 0, .label = SHORT_OFF_CPU_LABEL};
-    if (s->count) {
-        agg_add_sums(&key, s);
+    if (t->short_blocks.count) {
+        agg_add_sums(&key, &t->short_blocks, &t->on_cpu);
     } else {
-        struct agg_sums on_cpu = {.count = s->on_cpu_count, .ns = s->on_cpu_ns,
-                                  .first_ts = s->on_cpu_first_ts, .last_ts = s->on_cpu_last_ts};
         key.label = ON_CPU_TIME_LABEL;
-        agg_add_sums(&key, &on_cpu);
+        agg_add_sums(&key, &t->on_cpu, 0);
     }
-    __builtin_memset(s, 0, sizeof(*s));
+    __builtin_memset(&t->short_blocks, 0, sizeof(t->short_blocks));
+    __builtin_memset(&t->on_cpu, 0, sizeof(t->on_cpu));
     t->pending_since = 0;
 }
 
@@ -120,32 +119,13 @@ static __always_inline void flush_if_due(struct wall_thread *t, u32 tid, u64 now
         flush_pending(t, tid);
 }
 
-/* An on-CPU span of `ns` that started at `ts`, added to the thread's pending sums. */
-static __always_inline void pend_on_cpu(struct wall_thread *t, u64 ns, u64 ts, u64 now)
+/* An event of `ns` that started at `ts` (a short block or an on-CPU span), added to one of
+ * the thread's pending sums. */
+static __always_inline void pend(struct wall_thread *t, struct event_sum *sum, u64 ns, u64 ts, u64 now)
 {
-    struct agg_sums *s = &t->pending;
     if (!t->pending_since)
         t->pending_since = now;
-    s->on_cpu_count++;
-    s->on_cpu_ns += ns;
-    if (!s->on_cpu_first_ts || ts < s->on_cpu_first_ts)
-        s->on_cpu_first_ts = ts;
-    if (ts > s->on_cpu_last_ts)
-        s->on_cpu_last_ts = ts;
-}
-
-/* A short block of `ns` that started at `ts`, added to the thread's pending sums. */
-static __always_inline void pend_short(struct wall_thread *t, u64 ns, u64 ts, u64 now)
-{
-    struct agg_sums *s = &t->pending;
-    if (!t->pending_since)
-        t->pending_since = now;
-    s->count++;
-    s->ns += ns;
-    if (!s->first_ts || ts < s->first_ts)
-        s->first_ts = ts;
-    if (ts > s->last_ts)
-        s->last_ts = ts;
+    event_sum_add(sum, ns, ts);
 }
 
 /* With native unwinding each event takes three programs, each within the verifier's budget:
@@ -168,7 +148,7 @@ static __always_inline void account_on_cpu(struct switched_in *cpu, struct wall_
 {
     if (cpu->tid != tid || !cpu->accounted_ts || now <= cpu->accounted_ts)
         return;
-    pend_on_cpu(t, now - cpu->accounted_ts, cpu->accounted_ts, now);
+    pend(t, &t->on_cpu, now - cpu->accounted_ts, cpu->accounted_ts, now);
     cpu->accounted_ts = now;
     flush_pending(t, tid);
 }
@@ -287,9 +267,9 @@ static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 i
     u64 start = t->out_ts;
     u64 duration = in_ts - start;
     if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
-        pend_short(t, duration, start, now);
+        pend(t, &t->short_blocks, duration, start, now);
         if (on_cpu_ns)
-            pend_on_cpu(t, on_cpu_ns, on_cpu_ts, now);
+            pend(t, &t->on_cpu, on_cpu_ns, on_cpu_ts, now);
     } else {
         u64 label = t->state;
         if (!t->stack_id) {     /* long but not captured: summed per thread and state */
@@ -352,7 +332,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         t->out_ts = 0;
     }
     if (on_cpu_ns)
-        pend_on_cpu(t, on_cpu_ns, out.accounted_ts, now);
+        pend(t, &t->on_cpu, on_cpu_ns, out.accounted_ts, now);
     u64 state = (u64)args->prev_state;
     if (state & EXITED_STATES) {
         flush_pending(t, tid);  /* its last switch-out */
