@@ -92,6 +92,12 @@ class AgentSettings(BaseSettings):
     heap_go_interval_s: float = Field(default=5.0, gt=0, le=3600)
     # Futex waits shorter than this are only counted (no stack): uncontended fast paths.
     lock_min_wait_ns: int = Field(default=10_000, ge=0)
+    # With the wall profile on too, lock waits are taken from the wall program's switch-outs
+    # (bpf/lock_from_switch.h: no futex system-call tracepoints, which cost every futex call and,
+    # while enabled, every system call of the host); their stacks then follow the wall's capture
+    # rate and budget. Off: the lock program's own tracepoints (bpf/lock.bpf.c), which also see
+    # waits that never sleep.
+    lock_waits_from_wall: bool = True
     # Off-CPU periods shorter than this are summed per thread without a stack.
     wall_min_block_ns: int = Field(default=1_000_000, ge=0)
     # Off-CPU stacks: a thread switching out more often than this many times a second has its

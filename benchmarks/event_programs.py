@@ -4,10 +4,12 @@
 
 DIR is another checkout of the project (``git archive COMMIT | tar -x -C DIR``). Each round
 starts one process per tree (``--child``) that compiles bpf/wall.bpf.c and bpf/lock.bpf.c
-with the defines their actors use (native unwinding off, every process traced), attaches
-them, drains their aggregation maps once a second as the agent does, and reports each
-program's runs and run time (``kernel.bpf_stats_enabled``) over the same window: both trees
-see exactly the same events. Programs attached to one tracepoint run one after the other and
+with the defines their actors use with both types on (native unwinding off, every process
+traced; in trees where the wall program takes the lock waits from its switch-outs, the wall
+program and the lock maps: agent/actors/lock_maps.py), attaches them, drains their
+aggregation maps once a second as the agent does, and reports each program's runs and run
+time (``kernel.bpf_stats_enabled``) over the same window: both trees see exactly the same
+events. Programs attached to one tracepoint run one after the other and
 the first pays for the cold cache, so the attach order alternates round by round. The busy
 mix (benchmarks/event_mix.py) runs throughout; the machine's load average is printed, since
 everything else the host runs is in the events too.
@@ -34,20 +36,53 @@ from benchmarks.event_mix import EventMix, MixShape, build_event_mix, mix_rates
 from benchmarks.measure import enable_bpf_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = ("wall.bpf.c", "lock.bpf.c")
+LOCK_MAPS = "lock maps (written by wall.bpf.c)"
+
+
+def both_types() -> Any:
+    """The agent's settings with the wall and lock profiles on."""
+    from agent.settings import AgentSettings
+    from shared.profile_types import ProfileType
+
+    return AgentSettings(types=[ProfileType.WALL, ProfileType.LOCK])
 
 
 def actor_defines(program: str) -> dict[str, int | str]:
     """The defines the program's actor compiles it with (native unwinding off)."""
     from agent.actors.lock import LockActor
     from agent.actors.wall import WallActor
-    from agent.settings import AgentSettings
     from shared.counters import Counters
 
     actors = {"wall.bpf.c": WallActor, "lock.bpf.c": LockActor}
-    ctx = SimpleNamespace(settings=AgentSettings(), counters=Counters(), symbolizer=None, python=None,
+    ctx = SimpleNamespace(settings=both_types(), counters=Counters(), symbolizer=None, python=None,
                           unwinding=None, processes=None)
     return actors[program](ctx).bpf_defines()  # type: ignore[arg-type]
+
+
+def load_programs(extra_defines: list[str]) -> dict[str, Any]:
+    """The wall and lock programs as their actors load them, by name: bcc modules, or the
+    shared lock maps when the wall program writes the lock waits."""
+    from bcc import PerfSWConfig, PerfType
+
+    from agent.actors.lock_maps import LockMapsView, lock_waits_from_switches, shared_lock_maps
+    from agent.bpf.loader import load_program
+
+    settings = both_types()
+    from_switches = lock_waits_from_switches(settings)
+    loaded: dict[str, Any] = {}
+    if from_switches:
+        loaded[LOCK_MAPS] = LockMapsView(shared_lock_maps(settings))
+    for program in ("wall.bpf.c",) if from_switches else ("wall.bpf.c", "lock.bpf.c"):
+        defines = actor_defines(program)
+        for item in extra_defines:
+            name, _, value = item.partition("=")
+            defines[name] = value or 1
+        bpf = load_program(program, defines)  # tracepoint probes attach on load
+        if program == "wall.bpf.c":
+            bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
+                                  fn_name="on_cpu_sample", sample_freq=99)
+        loaded[program] = bpf
+    return loaded
 
 
 def drain_forever(bpfs: list[Any], stop: threading.Event) -> None:
@@ -66,21 +101,8 @@ def drain_forever(bpfs: list[Any], stop: threading.Event) -> None:
 def child(extra_defines: list[str]) -> None:
     """Load and attach both programs, then answer ``go`` and ``stop`` lines on stdin with
     snapshots; print the window's per-program deltas as one JSON line."""
-    from bcc import PerfSWConfig, PerfType
-
-    from agent.bpf.loader import load_program
-
-    bpfs = []
-    for program in PROGRAMS:
-        defines = actor_defines(program)
-        for item in extra_defines:
-            name, _, value = item.partition("=")
-            defines[name] = value or 1
-        bpf = load_program(program, defines)  # tracepoint probes attach on load
-        if program == "wall.bpf.c":
-            bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
-                                  fn_name="on_cpu_sample", sample_freq=99)
-        bpfs.append(bpf)
+    loaded = load_programs(extra_defines)
+    bpfs = list(loaded.values())
     stop = threading.Event()
     drainer = threading.Thread(target=drain_forever, args=(bpfs, stop), daemon=True)
     drainer.start()
@@ -98,7 +120,7 @@ def child(extra_defines: list[str]) -> None:
                       "programs": [{"label": d.label or d.type_name, "runs": d.runs, "ns": d.run_time_ns}
                                    for d in deltas if d.runs],
                       "counters": {program: [b - a for a, b in zip(c0, c1, strict=True)]
-                                   for program, c0, c1 in zip(PROGRAMS, counts_before, counts_after, strict=True)}}),
+                                   for program, c0, c1 in zip(loaded, counts_before, counts_after, strict=True)}}),
           flush=True)
 
 

@@ -90,9 +90,9 @@ static __always_inline struct capture_budget *capture_window(u64 now)
 
 /* Whether to capture this event: its probability pi (1/P_ONE ths, > 0) if captured, else 0.
  * `last_capture` is the thread's last capture time (0: never), updated on capture;
- * `event_ns` the event's length when known at the draw, else 0; `first_certain`: a thread
- * never captured yet is captured for certain, like a long event. */
-static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 event_ns, int first_certain)
+ * `event_ns` the event's length when known at the draw, else 0; `certain`: the caller wants this
+ * event for certain, like a long one (a thread's first lock wait). */
+static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 event_ns, int certain)
 {
     u64 p = P_ONE;
     u64 last = *last_capture;
@@ -110,12 +110,11 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
             /* An event at least 1/CAPTURE_RATE_HZ long is wanted for certain by its own
              * length: it skips the factor q and has a cap of its own above the hard cap, so
              * a burst of short waits cannot leave a long one (a join, a long lock wait)
-             * without its stack. So is a thread's first capture with `first_certain`: drawn
-             * at q, a thread's only few waits on a lock could all be drawn out, and their
-             * (thread, lock) stratum had no stack to be shared over (reported stackless).
-             * Bounded still: at most LONG_EVENT_CAP captures a window. */
-            int certain = (CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL) ||
-                          (first_certain && !last);
+             * without its stack. So is an event the caller wants for certain (a thread's first
+             * lock wait: drawn at q, a thread's only few waits on a lock could all be drawn
+             * out, and their (thread, lock) stratum had no stack to be shared over, reported
+             * stackless). Bounded still: at most LONG_EVENT_CAP captures a window. */
+            certain = certain || (CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL);
             if (b->taken >= (certain ? LONG_EVENT_CAP : BUDGET_HARD_CAP)) {
                 count(AGG_CAPPED);
                 return 0;
@@ -129,9 +128,13 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
             }
             b->taken++;
         }
-    } else if (pi < P_ONE && (u64)bpf_get_prandom_u32() >= pi) {
-        count(AGG_SAMPLED_OUT);
-        return 0;
+    } else {
+        if (certain)
+            pi = P_ONE;
+        if (pi < P_ONE && (u64)bpf_get_prandom_u32() >= pi) {
+            count(AGG_SAMPLED_OUT);
+            return 0;
+        }
     }
     *last_capture = now;
     count(AGG_CAPTURED);

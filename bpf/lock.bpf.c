@@ -14,11 +14,9 @@
  * Lock stacks are user stacks: the kernel's stack at sys_exit_futex is the system-call exit
  * path, never where the thread waited.
  *
- * The label is the lock address (user addresses fit in 56 bits, also with 5-level paging)
- * with WAIT_BITS in its top byte: the futex command and flags, and whether the futex word
- * is the thread-id field of a glibc thread descriptor (what pthread_join waits on). The
- * agent tells mutex, rwlock, condition, join and semaphore waits apart from these and the
- * waiting stack (agent/actors/lock_waits.py).
+ * Which calls wait and the label of a wait (lock address and wait bits): bpf/futex_wait.h.
+ * When the wall profile runs too, this program is not loaded: the wall program takes the
+ * waits from its switch-outs (bpf/lock_from_switch.h).
  */
 #include <uapi/linux/ptrace.h>
 #define COUNTER_SLOTS LOCK_COUNTER_SLOTS
@@ -27,47 +25,10 @@
 #include "stack_agg.h"
 #include "event_capture.h"
 #include "targets.h"
+#include "futex_wait.h"
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
 #include "unwind.h"
 #endif
-
-#define FUTEX_CMD_MASK 0x7f /* strips FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256) */
-#define FUTEX_WAIT 0
-#define FUTEX_LOCK_PI 6
-#define FUTEX_WAIT_BITSET 9
-#define FUTEX_WAIT_REQUEUE_PI 11
-#define FUTEX_LOCK_PI2 13
-#define FUTEX_PRIVATE_FLAG 128
-#define FUTEX_CLOCK_REALTIME 256
-#define FUTEX_BITSET_MATCH_ANY 0xffffffff
-
-/* WAIT_BITS (agent/bpf/layouts.py LOCK_WAIT_*, checked at compile): bits 0-3 the command, then flags. */
-#define WAIT_PRIVATE 0x10
-#define WAIT_REALTIME 0x20
-#define WAIT_MATCH_ANY 0x40
-#define WAIT_THREAD_TID 0x80
-#define LABEL_ADDRESS_BITS 56
-
-/* glibc (x86-64) keeps a thread's id at this offset in its descriptor, struct pthread,
- * which starts with tcbhead_t {tcb, dtv, self}: tcb and self point at the descriptor
- * itself. pthread_join waits on the joined thread's id field until the kernel clears it.
- * Checked by integration/test_lock_profile.py on the machine's glibc. */
-#ifndef GLIBC_PTHREAD_TID_OFFSET
-#define GLIBC_PTHREAD_TID_OFFSET 0x2d0
-#endif
-
-/* 1 if uaddr is the tid field of a glibc thread descriptor: the words at its start
- * point at the descriptor (tcbhead_t's tcb and self). Reads user memory only. */
-static __always_inline int is_thread_tid_word(u64 uaddr)
-{
-    if (uaddr < GLIBC_PTHREAD_TID_OFFSET)
-        return 0;
-    u64 pd = uaddr - GLIBC_PTHREAD_TID_OFFSET;
-    u64 head[3] = {};
-    if (bpf_probe_read_user(head, sizeof(head), (void *)pd) != 0)
-        return 0;
-    return head[0] == pd && head[2] == pd;
-}
 
 /* Per thread, in task-local storage (freed by the kernel with the task). */
 struct lock_thread {
@@ -84,29 +45,14 @@ BPF_PROG_ARRAY(lock_stages, 2);
 
 TRACEPOINT_PROBE(syscalls, sys_enter_futex)
 {
-    int cmd = args->op & FUTEX_CMD_MASK;
-    if (cmd != FUTEX_WAIT && cmd != FUTEX_WAIT_BITSET && cmd != FUTEX_LOCK_PI &&
-        cmd != FUTEX_WAIT_REQUEUE_PI && cmd != FUTEX_LOCK_PI2)
+    if (!futex_op_waits(args->op))
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    u64 uaddr = (u64)args->uaddr;
-    if (uaddr >> LABEL_ADDRESS_BITS)
+    u64 label = futex_wait_label((u64)args->uaddr, args->op, args->val3);
+    if (!label)
         return 0;   /* not a user address: the wait fails at once */
-    u64 bits = cmd;
-    if (args->op & FUTEX_PRIVATE_FLAG)
-        bits |= WAIT_PRIVATE;
-    if (args->op & FUTEX_CLOCK_REALTIME)
-        bits |= WAIT_REALTIME;
-    if (cmd == FUTEX_WAIT_BITSET && (u32)args->val3 == FUTEX_BITSET_MATCH_ANY)
-        bits |= WAIT_MATCH_ANY;
-    /* The kernel wakes a thread-id word with a shared wake (CLONE_CHILD_CLEARTID), which
-     * wakes shared waits only: a private wait (every default mutex, condition, rwlock) is
-     * never a join, and is not read. */
-    if ((cmd == FUTEX_WAIT || cmd == FUTEX_WAIT_BITSET) && !(args->op & FUTEX_PRIVATE_FLAG) &&
-        is_thread_tid_word(uaddr))
-        bits |= WAIT_THREAD_TID;
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     struct lock_thread *t = lock_threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!t) {
@@ -114,7 +60,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_futex)
         return 0;
     }
     t->ts_ns = bpf_ktime_get_ns();
-    t->label = uaddr | (bits << LABEL_ADDRESS_BITS);
+    t->label = label;
     return 0;
 }
 
@@ -168,7 +114,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_futex)
         return 0;
     }
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 pi = capture_probability(&t->last_capture, now, delay, 1);  /* a thread's first wait: certain */
+    u64 pi = capture_probability(&t->last_capture, now, delay, !t->last_capture);  /* a thread's first wait: certain */
     if (!pi) {
         count(LOCK_NOT_CAPTURED);
         record_event(pid_tgid >> 32, (u32)pid_tgid, 0, label, delay, 0, started);

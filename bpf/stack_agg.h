@@ -30,7 +30,9 @@
 #ifndef STACKFLEET_STACK_AGG_H
 #define STACKFLEET_STACK_AGG_H
 
+#ifndef AGG_LAYOUTS_ONLY   /* bpf/lock_maps.bpf.c: the key and value layouts, no maps */
 #include "counters.h"   /* the program's counters start with enum agg_counter's slots */
+#endif
 
 #ifndef AGG_ENTRIES
 #define AGG_ENTRIES 16384
@@ -67,6 +69,7 @@ struct agg_value {
     u64 on_cpu_last_ts;
 };
 
+#ifndef AGG_LAYOUTS_ONLY
 BPF_HASH(agg0, struct agg_key, struct agg_value, AGG_ENTRIES);
 BPF_HASH(agg1, struct agg_key, struct agg_value, AGG_ENTRIES);
 BPF_ARRAY(agg_generation, u32, 1);
@@ -169,6 +172,22 @@ static __always_inline u64 agg_store_stack(struct stack_event *ev)
     return id;
 }
 
+/* One event of `ns` at `ts` added to an entry, with its weights (0: not captured). */
+static __always_inline void agg_value_add(struct agg_value *v, u64 ns, u64 weighted, u64 weighted_count, u64 ts)
+{
+    __sync_fetch_and_add(&v->count, 1);
+    __sync_fetch_and_add(&v->total_ns, ns);
+    if (weighted_count) {
+        __sync_fetch_and_add(&v->weighted_ns, weighted);
+        __sync_fetch_and_add(&v->weighted_count, weighted_count);
+    }
+    if (ts < v->first_ts)
+        v->first_ts = ts;
+    if (ts > v->last_ts)
+        v->last_ts = ts;
+    v->cpu = bpf_get_smp_processor_id();
+}
+
 /* The current generation's entry for this key, made with `first_ts` if new; 0 if the map is
  * full (counted: the `lost_events` and `lost_ns` the caller was adding). */
 static __always_inline struct agg_value *agg_entry(struct agg_key *key, u64 first_ts, u64 lost_events,
@@ -198,17 +217,7 @@ static __always_inline void agg_add_carrying(struct agg_key *key, u64 ns, u64 we
     struct agg_value *v = agg_entry(key, ts, 1, ns + on_cpu_ns);
     if (!v)
         return;
-    __sync_fetch_and_add(&v->count, 1);
-    __sync_fetch_and_add(&v->total_ns, ns);
-    if (weighted_count) {
-        __sync_fetch_and_add(&v->weighted_ns, weighted);
-        __sync_fetch_and_add(&v->weighted_count, weighted_count);
-    }
-    if (ts < v->first_ts)
-        v->first_ts = ts;
-    if (ts > v->last_ts)
-        v->last_ts = ts;
-    v->cpu = bpf_get_smp_processor_id();
+    agg_value_add(v, ns, weighted, weighted_count, ts);
     if (on_cpu_ns) {
         __sync_fetch_and_add(&v->on_cpu_ns, on_cpu_ns);
         __sync_fetch_and_add(&v->on_cpu_count, 1);
@@ -238,6 +247,18 @@ static __always_inline void event_sum_add(struct event_sum *s, u64 ns, u64 ts)
         s->last_ts = ts;
 }
 
+/* Summed events (not captured: no weights) added to an entry. */
+static __always_inline void agg_value_add_sum(struct agg_value *v, const struct event_sum *s)
+{
+    __sync_fetch_and_add(&v->count, s->count);
+    __sync_fetch_and_add(&v->total_ns, s->ns);
+    if (s->first_ts < v->first_ts)
+        v->first_ts = s->first_ts;
+    if (s->last_ts > v->last_ts)
+        v->last_ts = s->last_ts;
+    v->cpu = bpf_get_smp_processor_id();
+}
+
 /* Add summed events (not captured: no weights) to the current generation's entry for this key,
  * with on-CPU spans (`on_cpu`, may be 0) carried along as in agg_add_carrying. */
 static __always_inline void agg_add_sums(struct agg_key *key, const struct event_sum *s,
@@ -247,13 +268,7 @@ static __always_inline void agg_add_sums(struct agg_key *key, const struct event
     struct agg_value *v = agg_entry(key, s->first_ts, s->count, s->ns + on_cpu_ns);
     if (!v)
         return;
-    __sync_fetch_and_add(&v->count, s->count);
-    __sync_fetch_and_add(&v->total_ns, s->ns);
-    if (s->first_ts < v->first_ts)
-        v->first_ts = s->first_ts;
-    if (s->last_ts > v->last_ts)
-        v->last_ts = s->last_ts;
-    v->cpu = bpf_get_smp_processor_id();
+    agg_value_add_sum(v, s);
     if (on_cpu && on_cpu_ns) {
         __sync_fetch_and_add(&v->on_cpu_ns, on_cpu_ns);
         __sync_fetch_and_add(&v->on_cpu_count, (u32)on_cpu->count);
@@ -263,5 +278,7 @@ static __always_inline void agg_add_sums(struct agg_key *key, const struct event
             v->on_cpu_last_ts = on_cpu->last_ts;
     }
 }
+
+#endif   /* AGG_LAYOUTS_ONLY */
 
 #endif

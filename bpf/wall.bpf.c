@@ -26,6 +26,8 @@
  * state, and the agent shares them out over that thread and state's captured stacks by their
  * inverse-probability weights (agent/actors/aggregated.py): per-thread and per-state totals
  * stay exact, the split between stacks is estimated without bias.
+ * With LOCK_FROM_SWITCH (the lock profile on too) the switch-outs also give the lock profile's
+ * futex waits (bpf/lock_from_switch.h).
  * Kernel threads (no user stack, found once per thread) and threads of processes nobody
  * selected are marked in their storage and cost one storage lookup per switch.
  * Labels: ON_CPU_LABEL for on-CPU samples, ON_CPU_TIME_LABEL for the per-thread sum of exact
@@ -45,6 +47,9 @@
 #include "stack_agg.h"
 #include "event_capture.h"
 #include "targets.h"
+#ifdef LOCK_FROM_SWITCH   /* lock waits from this program's switch-outs */
+#include "lock_from_switch.h"
+#endif
 #ifdef NATIVE_UNWINDING   /* CFI unwinding for code without frame pointers */
 #include "unwind.h"
 #endif
@@ -80,6 +85,9 @@ struct wall_thread {
     u64 pending_since;  /* when the first of the pending sums was added, 0: nothing pending */
     struct event_sum short_blocks;  /* pending: short blocks not in the map yet */
     struct event_sum on_cpu;        /* pending: on-CPU spans not in the map yet */
+#ifdef LOCK_FROM_SWITCH
+    struct lock_switch_state lock;  /* its futex waits (bpf/lock_from_switch.h) */
+#endif
 };
 
 /* The thread switched in on this CPU and when: the next switch here switches it out. Its
@@ -95,16 +103,20 @@ BPF_TASK_STORAGE(threads, struct wall_thread);
 BPF_PERCPU_ARRAY(cpu_current, struct switched_in, 1);
 
 /* The thread's pending sums into the map: under SHORT_OFF_CPU_LABEL carrying the on-CPU
- * spans, or under ON_CPU_TIME_LABEL when no short block is pending. What is pending when the
- * program is detached is lost with the storage (as the open off-CPU intervals are). */
+ * spans, or under ON_CPU_TIME_LABEL when no short block is pending; with LOCK_FROM_SWITCH its
+ * summed lock waits into the lock maps. What is pending when the program is detached is lost
+ * with the storage (as the open off-CPU intervals are). */
 static __always_inline void flush_pending(struct wall_thread *t, u32 tid)
 {
     if (!t->pending_since)
         return;
+#ifdef LOCK_FROM_SWITCH
+    lock_flush(&t->lock, t->tgid, tid);
+#endif
     struct agg_key key = {.pid = t->tgid, .tid = tid, .stack_id = 0, .label = SHORT_OFF_CPU_LABEL};
     if (t->short_blocks.count) {
         agg_add_sums(&key, &t->short_blocks, &t->on_cpu);
-    } else {
+    } else if (t->on_cpu.count) {   /* (only lock waits may be pending) */
         key.label = ON_CPU_TIME_LABEL;
         agg_add_sums(&key, &t->on_cpu, 0);
     }
@@ -164,8 +176,15 @@ static __always_inline void record_switch_out(struct stack_event *ev)
 {
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     struct wall_thread *t = threads.task_storage_get(task, 0, 0);
-    if (t && t->out_ts == ev->ts_ns)
-        t->stack_id = agg_store_stack(ev);
+    if (!t || t->out_ts != ev->ts_ns)
+        return;
+    t->stack_id = agg_store_stack(ev);
+#ifdef LOCK_FROM_SWITCH
+    if (t->lock.label) {
+        t->lock.stack_id = lock_store_user_stack(ev);
+        lock_label_captured(t->lock.recent, t->lock.label, ev->ts_ns);
+    }
+#endif
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -266,6 +285,11 @@ static __always_inline void close_interval(struct wall_thread *t, u32 tid, u64 i
 {
     u64 start = t->out_ts;
     u64 duration = in_ts - start;
+#ifdef LOCK_FROM_SWITCH
+    if (t->lock.label && lock_wait_ended(&t->lock, t->tgid, tid, t->inverse_p, start, duration) &&
+        !t->pending_since)
+        t->pending_since = now;     /* flushed with the thread's pending sums */
+#endif
     if (duration < MIN_BLOCK_NS) {  /* summed per thread, without its stack */
         pend(t, &t->short_blocks, duration, start, now);
         if (on_cpu_ns)
@@ -339,8 +363,14 @@ TRACEPOINT_PROBE(sched, sched_switch)
         return 0;
     }
     flush_if_due(t, tid, now);
-    /* The next one, from now on. */
-    u64 pi = capture_probability(&t->last_capture, now, 0, 0);  /* its length is not known yet */
+    /* The next one, from now on (its length is not known yet). */
+    int certain = 0;
+#ifdef LOCK_FROM_SWITCH
+    t->lock.label = state == STATE_SLEEPING ? switch_out_futex_wait(task) : 0;
+    t->lock.stack_id = 0;
+    certain = t->lock.label && lock_label_is_new(t->lock.recent, t->lock.label, now);
+#endif
+    u64 pi = capture_probability(&t->last_capture, now, 0, certain);
     t->out_ts = now;
     t->state = state;
     t->stack_id = 0;

@@ -13,6 +13,9 @@ variable, one on a semaphore, and the main thread in pthread_join, until the loc
   wait is ``other``, never a wrong kind).
 - The default lock views, the pprof file and the web query, show mutex and rwlock only; the
   web query's label filter brings the other waits back.
+- Every test runs twice: with the lock profile alone (its futex system-call tracepoints,
+  bpf/lock.bpf.c) and with the wall profile on too (the waits from the wall program's
+  switch-outs, bpf/lock_from_switch.h).
 - lock_once runs alongside: 8 threads, one after another, each waiting once (~1 ms) for a mutex.
   With lock_contention's waits keeping the per-CPU capture budget engaged, each of these waits
   has its stack (a thread's first wait is captured for certain): none is left stackless.
@@ -54,8 +57,12 @@ class LockRun:
         return self.run.samples(ProfileType.LOCK, self.pid)
 
 
-@pytest.fixture(scope="module")
-def lock_run(tmp_path_factory: pytest.TempPathFactory) -> LockRun:
+# Where the agent takes lock waits from: the lock program's tracepoints, or the wall program's switch-outs.
+WAIT_SOURCES = {"tracepoints": [ProfileType.LOCK], "switch-outs": [ProfileType.WALL, ProfileType.LOCK]}
+
+
+@pytest.fixture(scope="module", params=list(WAIT_SOURCES))
+def lock_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LockRun:
     tmp = tmp_path_factory.mktemp("lock")
     exe, once_exe = build_c("lock_contention.c", tmp), build_c("lock_once.c", tmp)
     out_dir = tmp / "profiles"
@@ -86,7 +93,7 @@ def lock_run(tmp_path_factory: pytest.TempPathFactory) -> LockRun:
         once_output.append(once_out.decode())
 
     with NatsServer() as nats:
-        run = asyncio.run(run_pipeline(nats.url, [ProfileType.LOCK], workload, output_dir=out_dir,
+        run = asyncio.run(run_pipeline(nats.url, WAIT_SOURCES[request.param], workload, output_dir=out_dir,
                                        export_interval_s=2.0,
                                        agent_overrides={"target_comm": "^(lock_contention|lock_once)$"}))
     own = {name: int(value) for name, value in (line.split() for line in run.workload_output.splitlines())}

@@ -29,7 +29,7 @@ from agent.actors.flush import FlushSignal, PublicationHold
 from agent.actors.parts import ProgramPart, PythonFrames, TargetFilter
 from agent.actors.sources import RecordSource
 from agent.bpf.compiler_memory import TRIM_INTERVAL_S, release_compiler_memory
-from agent.bpf.loader import BCC_LOCK, cleanup_program, load_program, read_percpu_counters
+from agent.bpf.loader import BCC_LOCK, load_program, read_percpu_counters
 from agent.bpf.records import RawStackEvent, parse_stack_event
 from agent.clock import MonotonicToUnix
 from agent.memory_budget import MemoryBudget
@@ -173,6 +173,19 @@ class BpfActor(ProfileActor, Generic[R]):
             defines |= part.defines()
         return defines | self.unwinding.defines()
 
+    def load(self) -> Any:
+        """Compile and load the actor's program (blocking; ``BCC_LOCK`` held): the bcc module
+        whose maps the parts open."""
+        return load_program(self.bpf_source, self.bpf_defines())
+
+    def program_name(self) -> str:
+        """What ``load`` loads, for the log."""
+        return f"BPF program {self.bpf_source}"
+
+    def unload(self, bpf: Any) -> None:
+        """Detach and close what ``load`` returned (blocking; ``BCC_LOCK`` held)."""
+        bpf.cleanup()
+
     @abstractmethod
     def attach(self, bpf: Any) -> None:
         """Attach the loaded program's events (blocking; runs in a worker thread)."""
@@ -268,14 +281,14 @@ class BpfActor(ProfileActor, Generic[R]):
     def _load_and_attach_once(self) -> None:
         with BCC_LOCK:
             self.unwinding.hold()  # the shared unwind maps exist before a program declares them extern
-            bpf = load_program(self.bpf_source, self.bpf_defines())
+            bpf = self.load()
             try:
                 for part in self.parts:
                     part.open(bpf)
                 self.attach(bpf)
             except Exception:
                 self._close_parts()
-                bpf.cleanup()
+                self.unload(bpf)
                 raise
             # Under the lock: a concurrent compile would fault the pages straight back in.
             release_compiler_memory()
@@ -284,7 +297,8 @@ class BpfActor(ProfileActor, Generic[R]):
                 part.ready(bpf)
         except Exception:  # e.g. a map layout the agent does not expect: detach before failing
             self._close_parts()
-            bpf.cleanup()
+            with BCC_LOCK:
+                self.unload(bpf)
             raise
         self.bpf = bpf
 
@@ -299,7 +313,7 @@ class BpfActor(ProfileActor, Generic[R]):
             await asyncio.gather(load, return_exceptions=True)
             await asyncio.shield(asyncio.to_thread(self._teardown, self.bpf))
             raise
-        log.info("%s actor: BPF program %s attached", name, self.bpf_source)
+        log.info("%s actor: %s attached", name, self.program_name())
         self.ctx.counters.inc("actor_started", type=name)
         self.flush_signal.bind(loop)
         self.source.start(self.flush_signal.note_buffered)
@@ -330,7 +344,8 @@ class BpfActor(ProfileActor, Generic[R]):
         try:
             self._close_parts()
             if bpf is not None:
-                cleanup_program(bpf)
+                with BCC_LOCK:  # bcc's teardown is not safe against a parallel compile or teardown
+                    self.unload(bpf)
         finally:
             self.unwinding.drop()
 

@@ -15,6 +15,11 @@ sample without a stack, ``lock.stack=not-captured``. Every sample carries
 agent/actors/lock_waits.py); the aggregator's default lock views show the contention kinds only
 (shared/lock_waits.py).
 
+With the wall profile on too (``lock_waits_from_wall``), no lock program is loaded: the wall
+program takes the waits from its switch-outs and records them in the same maps' layouts
+(bpf/lock_from_switch.h, agent/actors/lock_maps.py), which this actor drains the same way; the
+stacks then follow the wall's capture rate and budget, and waits that never sleep are not seen.
+
 Coverage: glibc/musl pthread mutexes, rwlocks, condition variables and anything else that
 parks on a futex. Go's sync.Mutex parks goroutines inside the Go runtime scheduler without
 a futex per wait (only idle Ms sleep on futexes), so Go lock contention is *not* seen here;
@@ -28,9 +33,11 @@ from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor, spread_uncaptured_by
 from agent.actors.base import ActorContext
+from agent.actors.lock_maps import LockMapsView, lock_waits_from_switches, shared_lock_maps
 from agent.actors.lock_waits import futex_address, wait_bits, wait_kind
 from agent.actors.parts import PythonFrames, TargetFilter
 from agent.bpf.layouts import AggCounter, LockCounter
+from agent.bpf.loader import read_percpu_counters
 from agent.unwind import ActorUnwinding, chain_stages
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import Sample
@@ -52,14 +59,36 @@ def spread_uncaptured(entries: list[AggregatedEntry],
 
 
 class LockActor(AggregatingActor):
-    """Futex wait tracing via syscall tracepoints, aggregated in BPF."""
+    """Futex waits aggregated in BPF: from the lock program's system-call tracepoints, or from
+    the wall program's switch-outs when the wall profile runs too."""
 
     profile_type = ProfileType.LOCK
     bpf_source = "lock.bpf.c"
 
     def __init__(self, ctx: ActorContext) -> None:
-        super().__init__(ctx, TargetFilter(ctx), PythonFrames(ctx, self.profile_type))
-        self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+        self.from_switches = lock_waits_from_switches(ctx.settings)
+        if self.from_switches:  # the wall program's process selection and CPython frames
+            super().__init__(ctx, PythonFrames(ctx, self.profile_type, own_program=False))
+        else:
+            super().__init__(ctx, TargetFilter(ctx), PythonFrames(ctx, self.profile_type))
+            self.unwinding = ActorUnwinding(ctx.unwinding, ctx.counters, self.profile_type.value)
+
+    def load(self) -> Any:
+        if not self.from_switches:
+            return super().load()
+        view = LockMapsView(shared_lock_maps(self.ctx.settings))
+        # The maps outlive an actor: count from what they hold now, not from their creation.
+        self._counters_seen = read_percpu_counters(view["counters"])
+        return view
+
+    def program_name(self) -> str:
+        if self.from_switches:
+            return "the lock maps the wall program writes (lock_waits_from_wall)"
+        return super().program_name()
+
+    def unload(self, bpf: Any) -> None:
+        if not self.from_switches:  # the shared lock maps stay for the process's lifetime
+            super().unload(bpf)
 
     def period(self) -> int:
         return 1  # values are exact counts of waits, not sampled
@@ -71,6 +100,8 @@ class LockActor(AggregatingActor):
         return self.ctx.settings.lock_capture_rate_hz
 
     def attach(self, bpf: Any) -> None:
+        if self.from_switches:
+            return  # the wall actor's program writes the maps
         # TRACEPOINT_PROBE programs are attached by bcc when loaded; with unwinding, stages 2
         # and 3 of each wait (bpf/lock.bpf.c) go into the program array.
         if self.unwinding.active:

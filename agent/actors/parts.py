@@ -89,15 +89,21 @@ class TargetFilter(ProgramPart):
 
 
 class PythonFrames(ProgramPart):
-    """Programs whose stacks get CPython frames (bpf/python.h through bpf/stack_event.h)."""
+    """Programs whose stacks get CPython frames (bpf/python.h through bpf/stack_event.h).
 
-    def __init__(self, ctx: ActorContext, profile_type: ProfileType) -> None:
+    ``own_program`` False: the stacks come from another actor's program, which reads the frames
+    with its own ``py_procs`` map (the lock profile's waits taken by the wall program): this actor
+    only splices them."""
+
+    def __init__(self, ctx: ActorContext, profile_type: ProfileType, own_program: bool = True) -> None:
         self.ctx = ctx
         self.profile_type = profile_type
+        self.own_program = own_program
         self.stacks: PythonStacks | None = None  # once the program is loaded
 
     def defines(self) -> dict[str, int | str]:
-        return {"PYTHON_FRAMES": 1}
+        return {"PYTHON_FRAMES": 1} if self.own_program else {}
 
     def ready(self, bpf: Any) -> None:
-        self.stacks = PythonStacks(self.ctx.python, bpf["py_procs"], self.ctx.counters, self.profile_type.value)
+        table = bpf["py_procs"] if self.own_program else None
+        self.stacks = PythonStacks(self.ctx.python, table, self.ctx.counters, self.profile_type.value)

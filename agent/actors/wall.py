@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.actors.aggregated import AggregatedEntry, AggregatingActor, shares, spread_uncaptured_by
 from agent.actors.base import ActorContext
+from agent.actors.lock_maps import lock_maps_defines, lock_waits_from_switches, shared_lock_maps
 from agent.actors.parts import PythonFrames, TargetFilter
 from agent.bpf.layouts import (
     WALL_ON_CPU_LABEL,
@@ -155,8 +156,18 @@ class WallActor(AggregatingActor):
         return 1_000_000_000 // self.ctx.settings.frequency_hz
 
     def bpf_defines(self) -> dict[str, int | str]:
-        return {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
-                "MIN_BLOCK_NS": self.ctx.settings.wall_min_block_ns}
+        settings = self.ctx.settings
+        defines = {**super().bpf_defines(), "SAMPLE_PERIOD_NS": self.period(),
+                   "MIN_BLOCK_NS": settings.wall_min_block_ns}
+        if lock_waits_from_switches(settings):  # bpf/lock_from_switch.h
+            defines |= {"LOCK_FROM_SWITCH": 1, "LOCK_MIN_WAIT_NS": settings.lock_min_wait_ns,
+                        **lock_maps_defines(settings)}
+        return defines
+
+    def load(self) -> Any:
+        if lock_waits_from_switches(self.ctx.settings):
+            shared_lock_maps(self.ctx.settings)  # exported before the program declares them extern
+        return super().load()
 
     def capture_rate_hz(self) -> int:
         return self.ctx.settings.wall_capture_rate_hz

@@ -41,7 +41,7 @@ WALL_ON_CPU_LABEL = 1 << 63
 WALL_SHORT_OFF_CPU_LABEL = (1 << 63) | 1
 WALL_ON_CPU_TIME_LABEL = (1 << 63) | 2
 WALL_UNCAPTURED_LABEL = (1 << 63) | (1 << 62)
-# bpf/lock.bpf.c: the futex address below LABEL_ADDRESS_BITS, WAIT_BITS in the top byte
+# bpf/futex_wait.h: the futex address below LABEL_ADDRESS_BITS, WAIT_BITS in the top byte
 # (bits 0-3 the futex command, then these flags).
 LOCK_LABEL_ADDRESS_BITS = 56
 # 1 / capture probability is kept in 1/2^WEIGHT_SHIFT ths (bpf/event_capture.h).
@@ -369,11 +369,11 @@ C_CONSTANTS: tuple[tuple[str, int, str], ...] = (
     ("SHORT_OFF_CPU_LABEL", WALL_SHORT_OFF_CPU_LABEL, "wall.bpf.c"),
     ("ON_CPU_TIME_LABEL", WALL_ON_CPU_TIME_LABEL, "wall.bpf.c"),
     ("UNCAPTURED_LABEL", WALL_UNCAPTURED_LABEL, "wall.bpf.c"),
-    ("LABEL_ADDRESS_BITS", LOCK_LABEL_ADDRESS_BITS, "lock.bpf.c"),
-    ("WAIT_PRIVATE", LOCK_WAIT_PRIVATE, "lock.bpf.c"),
-    ("WAIT_REALTIME", LOCK_WAIT_REALTIME, "lock.bpf.c"),
-    ("WAIT_MATCH_ANY", LOCK_WAIT_MATCH_ANY, "lock.bpf.c"),
-    ("WAIT_THREAD_TID", LOCK_WAIT_THREAD_TID, "lock.bpf.c"),
+    ("LABEL_ADDRESS_BITS", LOCK_LABEL_ADDRESS_BITS, "futex_wait.h"),
+    ("WAIT_PRIVATE", LOCK_WAIT_PRIVATE, "futex_wait.h"),
+    ("WAIT_REALTIME", LOCK_WAIT_REALTIME, "futex_wait.h"),
+    ("WAIT_MATCH_ANY", LOCK_WAIT_MATCH_ANY, "futex_wait.h"),
+    ("WAIT_THREAD_TID", LOCK_WAIT_THREAD_TID, "futex_wait.h"),
     ("NEG_LOG_ENTRIES", HEAP_NEG_LOG_ENTRIES, "heap.bpf.c"),
 )
 
