@@ -33,7 +33,7 @@ from benchmarks.cost import WindowCost, snapshot, window_cost
 from benchmarks.event_mix import SPINNERS_ONLY, EventMix, MixRates, MixShape, mix_rates
 from benchmarks.measure import host_processes_started, process_tree_rss_bytes
 from benchmarks.memory_breakdown import KINDS, rss_breakdown
-from benchmarks.run import free_port, start_agent, stop, wait_all_actors
+from benchmarks.run import free_port, require_running, start_agent, stop, wait_all_actors
 from stackfleet.nats_server import NatsServer
 
 MIN_CONTEXT_SWITCHES_PER_S = 15_000
@@ -98,7 +98,9 @@ def busy(exe: Path, type_sets: list[str], repeats: int, warmup_s: float, duratio
                 try:
                     wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
                     time.sleep(warmup_s)
+                    require_running(agent)
                     w = measure_window(agent.pid, mix, duration_s)
+                    require_running(agent)
                 finally:
                     stop(agent)
                 windows[types].append(w)
@@ -127,7 +129,9 @@ def storm(exe: Path, types: str, factor: float, repeats: int, warmup_s: float, s
                 for name, shape in shapes.items():
                     with EventMix(exe, shape) as mix:
                         time.sleep(settle_s)
+                        require_running(agent)
                         w = measure_window(agent.pid, mix, duration_s)
+                        require_running(agent)
                         mix.stop()
                     windows[name].append(w)
                     print(f"  {name}: {w.cost.total_pct:.2f} % of a core; "

@@ -66,13 +66,32 @@ def run_workload(exe: Path, seconds: float) -> int:
     return int(out.split()[-1])
 
 
+# Each started agent's log (warnings and errors), by pid: what ``require_running`` shows when
+# an agent has exited under a benchmark.
+AGENT_LOGS: dict[int, Path] = {}
+LOG_TAIL_LINES = 30
+
+
 def start_agent(nats_url: str, types: str, extra_env: dict[str, str] | None = None,
                 metrics_port: int = 0) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "STACKFLEET_HOST_NAME": "bench-host", **(extra_env or {})}
+    env = {**os.environ, "STACKFLEET_HOST_NAME": "bench-host", "PYTHONFAULTHANDLER": "1", **(extra_env or {})}
     if metrics_port:
         env["STACKFLEET_METRICS_ADDRESS"] = f"127.0.0.1:{metrics_port}"
-    return subprocess.Popen([STACKFLEET, "agent", "--nats", nats_url, "--types", types, "--log-level", "WARNING"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with tempfile.NamedTemporaryFile(prefix="stackfleet-agent-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen([STACKFLEET, "agent", "--nats", nats_url, "--types", types, "--log-level", "WARNING"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    AGENT_LOGS[proc.pid] = Path(log.name)
+    return proc
+
+
+def require_running(agent: subprocess.Popen[bytes]) -> None:
+    """Raise, with the end of its log, if the agent has exited: a window of a dead agent would
+    read as no cost at all."""
+    if agent.poll() is None:
+        return
+    log = AGENT_LOGS.get(agent.pid)
+    tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if log and log.exists() else []
+    raise RuntimeError(f"the agent exited with {agent.returncode} ({log}):\n" + "\n".join(tail))
 
 
 def wait_all_actors(metrics_port: int, types: str, started: float, timeout_s: float = 120) -> float:

@@ -24,6 +24,7 @@ variable, one on a semaphore, and the main thread in pthread_join, until the loc
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from aggregator.otlp.encode import validate_request
 from aggregator.profile import AggregatedSample
 from aggregator.web import query as q
 from aggregator.web.store import RetainedExports
+from benchmarks.bpf_attach import attach_points
 from integration.harness import PipelineRun, build_c, run_pipeline
 from shared.lock_waits import LOCK_WAIT_KIND
 from shared.model import FrameType
@@ -52,6 +54,8 @@ class LockRun:
     out_dir: Path
     once_pid: int
     once: dict[int, int]  # lock_once's threads: tid -> its own wait (ns)
+    source: str  # WAIT_SOURCES key
+    attached: set[str]  # the agent's attach points during the workload (the agent runs in this process)
 
     def samples(self) -> list[AggregatedSample]:
         return self.run.samples(ProfileType.LOCK, self.pid)
@@ -68,6 +72,7 @@ def lock_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     out_dir = tmp / "profiles"
     box: list[int] = []
     once_output: list[str] = []
+    attached: set[str] = set()
 
     async def workload(run: PipelineRun) -> None:
         # Warm-up waits until "go": the name selector's scan (1 s) puts both processes in the BPF
@@ -83,6 +88,7 @@ def lock_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         while not run.samples(ProfileType.LOCK, proc.pid):
             assert asyncio.get_running_loop().time() < deadline, run.agent_counters.snapshot()
             await asyncio.sleep(0.1)
+        attached.update(attach_points(os.getpid()).values())
         assert once.stdin is not None
         once.stdin.write(b"go\n")  # lock_once exits when its stdin ends: after lock_contention
         out, _ = await proc.communicate(b"go\n")
@@ -98,7 +104,7 @@ def lock_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                                        agent_overrides={"target_comm": "^(lock_contention|lock_once)$"}))
     own = {name: int(value) for name, value in (line.split() for line in run.workload_output.splitlines())}
     once = {int(tid): int(wait_ns) for _, tid, wait_ns in (line.split() for line in once_output[0].splitlines())}
-    return LockRun(run, box[0], own, out_dir, box[1], once)
+    return LockRun(run, box[0], own, out_dir, box[1], once, request.param, attached)
 
 
 def kind(s: AggregatedSample) -> str:
@@ -107,6 +113,16 @@ def kind(s: AggregatedSample) -> str:
 
 def names(s: AggregatedSample) -> list[str]:
     return [f.function for f in s.frames]
+
+
+# The futex tracepoints the agent attaches, by wait source: none when the wall program takes the waits.
+FUTEX_TRACEPOINTS = {"tracepoints": {"tracepoint sys_enter_futex", "tracepoint sys_exit_futex"}, "switch-outs": set()}
+
+
+def test_futex_tracepoints_are_attached_only_without_the_wall_profile(lock_run: LockRun) -> None:
+    futex = {point for point in lock_run.attached if "futex" in point}
+    assert futex == FUTEX_TRACEPOINTS[lock_run.source], lock_run.attached
+    assert ("tracepoint sched_switch" in lock_run.attached) == (lock_run.source == "switch-outs")
 
 
 def test_mutex_and_rwlock_delay_match_the_programs_own_measurement(lock_run: LockRun) -> None:
