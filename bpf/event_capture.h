@@ -18,9 +18,10 @@
  *      BUDGET_WINDOW_NS on this CPU and budget CAPTURE_BUDGET_HZ's share of a window: about
  *      `budget` captures a window whatever the number of threads.
  *
- * Events at least 1/CAPTURE_RATE_HZ long (known at the draw) skip q: pi = 1 for them. So does a
- * thread's first capture when the caller asks for it (`first_certain`: lock waits), so that a
- * thread with only a few waits is not left without any stack for them.
+ * Events at least 1/CAPTURE_RATE_HZ long (known at the draw) skip q: pi = 1 for them. So do
+ * events the caller wants for certain (`certain`: a thread's first lock wait, or its first on a
+ * lock when the waits come from the wall program), so that a thread with only a few waits is
+ * not left without any stack for them.
  * A window whose demand jumps past the estimate is stopped at BUDGET_HARD_CAP captures
  * (LONG_EVENT_CAP for those certain ones): events after that are not drawn (pi = 0 for them),
  * counted as capped. That is the one place the estimate can lean (towards stacks early in a
@@ -55,7 +56,7 @@
 #define BUDGET_WINDOW_NS 100000000ULL
 #define BUDGET_PER_WINDOW ((CAPTURE_BUDGET_HZ * BUDGET_WINDOW_NS + 999999999ULL) / 1000000000ULL)
 #define BUDGET_HARD_CAP (2 * BUDGET_PER_WINDOW)
-#define LONG_EVENT_CAP (2 * BUDGET_HARD_CAP)   /* events wanted for certain (long, or a first capture) */
+#define LONG_EVENT_CAP (2 * BUDGET_HARD_CAP)   /* events wanted for certain (long, or `certain`) */
 
 struct capture_budget {
     u64 window;         /* ktime / BUDGET_WINDOW_NS of the current window */
@@ -90,8 +91,9 @@ static __always_inline struct capture_budget *capture_window(u64 now)
 
 /* Whether to capture this event: its probability pi (1/P_ONE ths, > 0) if captured, else 0.
  * `last_capture` is the thread's last capture time (0: never), updated on capture;
- * `event_ns` the event's length when known at the draw, else 0; `certain`: the caller wants this
- * event for certain, like a long one (a thread's first lock wait). */
+ * `event_ns` the event's length when known at the draw, else 0; `certain`: with a budget, the
+ * caller wants this event for certain, like a long one (a thread's first lock wait); without a
+ * budget the per-thread rate alone decides. */
 static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 event_ns, int certain)
 {
     u64 p = P_ONE;
@@ -106,6 +108,9 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
     if (CAPTURE_BUDGET_HZ) {
         struct capture_budget *b = capture_window(now);
         if (b) {
+            certain = certain || (CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL);
+            if (certain)
+                p = P_ONE;  /* in the window's demand as what it is: wanted for certain */
             b->wanted += p;
             /* An event at least 1/CAPTURE_RATE_HZ long is wanted for certain by its own
              * length: it skips the factor q and has a cap of its own above the hard cap, so
@@ -114,7 +119,6 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
              * lock wait: drawn at q, a thread's only few waits on a lock could all be drawn
              * out, and their (thread, lock) stratum had no stack to be shared over, reported
              * stackless). Bounded still: at most LONG_EVENT_CAP captures a window. */
-            certain = certain || (CAPTURE_RATE_HZ && event_ns * CAPTURE_RATE_HZ >= 1000000000ULL);
             if (b->taken >= (certain ? LONG_EVENT_CAP : BUDGET_HARD_CAP)) {
                 count(AGG_CAPPED);
                 return 0;
@@ -128,13 +132,9 @@ static __always_inline u64 capture_probability(u64 *last_capture, u64 now, u64 e
             }
             b->taken++;
         }
-    } else {
-        if (certain)
-            pi = P_ONE;
-        if (pi < P_ONE && (u64)bpf_get_prandom_u32() >= pi) {
-            count(AGG_SAMPLED_OUT);
-            return 0;
-        }
+    } else if (pi < P_ONE && (u64)bpf_get_prandom_u32() >= pi) {   /* no budget: the rate alone */
+        count(AGG_SAMPLED_OUT);
+        return 0;
     }
     *last_capture = now;
     count(AGG_CAPTURED);

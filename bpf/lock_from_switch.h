@@ -11,8 +11,10 @@
  * when the wall program closes the interval. Waits shorter than LOCK_MIN_WAIT_NS are counted
  * only, as in the lock program. Short waits and long waits not captured are summed in the
  * thread's storage (the latter per lock, one lock at a time) and reach the maps and counters
- * with the wall program's pending sums (bpf/wall.bpf.c flush_pending): a thread handing a
- * mutex back and forth makes one map update per flush instead of one per wait.
+ * with the wall program's pending sums (bpf/wall.bpf.c flush_pending), and whenever the
+ * thread blocks on anything but that lock: a thread handing a mutex back and forth makes one
+ * map update per flush instead of one per wait (a thread alternating between two locks, one
+ * per wait).
  *
  * The waiting stack is the switch-out's user stack, the one the thread will return to from the
  * system call. When the wall's draw captures the switch-out, its stack is stored a second time
@@ -21,8 +23,8 @@
  * adds its exact delay and count to (thread, stack id 0, label), shared out by the agent as in
  * the lock program. The rate and budget are the wall's. The draw is made when the wait starts,
  * so, unlike the lock program, it cannot take a long wait for certain by its length: instead a
- * thread's wait on a lock none of its last LOCK_RECENT captured waits (within LOCK_RECENT_NS) was
- * on is drawn for certain (within the budget's cap for such events), so that each (thread, lock)
+ * thread's wait on a lock none of its last LOCK_RECENT captured long waits (within
+ * LOCK_RECENT_NS) was on is drawn for certain (with a budget, within its cap for such events), so that each (thread, lock)
  * the agent shares uncaptured waits over has a stack (a one-off wait, a join, drawn at the
  * budget's factor would mostly be left stackless).
  *
@@ -47,6 +49,7 @@
  * agent's EARLIER_MAX_AGE_S (agent/actors/aggregated.py). */
 #define LOCK_RECENT_NS 60000000000ULL
 #define STATE_SLEEPING 1            /* sched_switch's prev_state for TASK_INTERRUPTIBLE */
+#define BLOCKED_STATES 0xff         /* prev_state bits of a blocked task (0, 0x100: preempted) */
 
 /* The label of the futex wait the outgoing thread (`task`, current) is blocking in; 0 if it is
  * not in one. The registers are read straight from the BTF-typed pointer the helper returns
@@ -183,6 +186,7 @@ static __always_inline int lock_wait_ended(struct lock_switch_state *l, u32 pid,
         return 1;
     }
     if (l->stack_id) {
+        lock_label_captured(l->recent, l->label, start);
         struct agg_key key = {.pid = pid, .tid = tid, .stack_id = l->stack_id, .label = l->label};
         struct agg_value *v = lock_agg_entry(&key, start, 1, ns);
         if (v)

@@ -1,5 +1,5 @@
 /* The lock profile's maps when its waits come from the wall program (bpf/lock_maps.h), defined
- * once per agent process (agent/actors/lock_source.py) and exported to the wall program. No
+ * once per agent process (agent/actors/lock_maps.py) and exported to the wall program. No
  * programs. */
 #include <uapi/linux/ptrace.h>
 #define COUNTER_SLOTS 1     /* counters.h's own array, unused here: enum lock_counter sizes lock_counters */

@@ -4,7 +4,7 @@
  * counters) under names of their own: bpf/lock_maps.bpf.c defines them once per agent process
  * (LOCK_MAPS_OWNER) and exports them by name, the wall program declares them extern and writes
  * them, and the lock actor drains them as it drains its own program's maps
- * (agent/actors/lock_source.py). Include after stack_agg.h and counters.h.
+ * (agent/actors/lock_maps.py). Include after stack_agg.h and counters.h.
  */
 #ifndef STACKFLEET_LOCK_MAPS_H
 #define STACKFLEET_LOCK_MAPS_H

@@ -180,10 +180,8 @@ static __always_inline void record_switch_out(struct stack_event *ev)
         return;
     t->stack_id = agg_store_stack(ev);
 #ifdef LOCK_FROM_SWITCH
-    if (t->lock.label) {
+    if (t->lock.label)
         t->lock.stack_id = lock_store_user_stack(ev);
-        lock_label_captured(t->lock.recent, t->lock.label, ev->ts_ns);
-    }
 #endif
 }
 
@@ -368,6 +366,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
 #ifdef LOCK_FROM_SWITCH
     t->lock.label = state == STATE_SLEEPING ? switch_out_futex_wait(task) : 0;
     t->lock.stack_id = 0;
+    if ((state & BLOCKED_STATES) && t->lock.label != t->lock.pending_label)
+        lock_flush(&t->lock, t->tgid, tid);     /* it may sleep long: not holding them back */
     certain = t->lock.label && lock_label_is_new(t->lock.recent, t->lock.label, now);
 #endif
     u64 pi = capture_probability(&t->last_capture, now, 0, certain);

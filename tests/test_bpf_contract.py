@@ -151,6 +151,37 @@ def test_real_program_compiles_with_the_contract_and_bcc_agrees(program: str) ->
                 bpf.cleanup()
 
 
+def test_wall_program_taking_lock_waits_compiles_against_the_shared_lock_maps() -> None:
+    """With wall and lock on, the wall program declares the lock maps extern: it compiles against
+    the module that exports them, and they have the lock program's layouts and counter slots."""
+    pytest.importorskip("bcc")
+    from agent.actors.lock_maps import LockMapsView, shared_lock_maps
+    from agent.actors.wall import WallActor
+    from agent.bpf.loader import BCC_LOCK, load_program
+    from agent.memory_budget import MemoryBudget
+    from agent.settings import AgentSettings
+    from shared.counters import Counters
+    from shared.profile_types import ProfileType
+
+    settings = AgentSettings(types=[ProfileType.WALL, ProfileType.LOCK])
+    ctx = SimpleNamespace(settings=settings, counters=Counters(), symbolizer=None, python=None,
+                          unwinding=None, processes=None, budget=MemoryBudget())
+    defines = WallActor(ctx).bpf_defines()  # type: ignore[arg-type]
+    assert defines["LOCK_FROM_SWITCH"] == 1
+    with BCC_LOCK:
+        view = LockMapsView(shared_lock_maps(settings))  # once per process, as the agent makes it
+        bpf = load_program("wall.bpf.c", defines)
+    try:
+        for map_name, side, ours in MAP_TYPES["lock.bpf.c"][:3]:
+            theirs = getattr(view[map_name], side)
+            assert ctypes.sizeof(theirs) == ctypes.sizeof(ours), (map_name, side)
+            assert _fields(theirs) == _fields(ours), (map_name, side)
+        assert view["counters"].max_entries == max(layouts.LockCounter) + 1
+    finally:
+        with BCC_LOCK:
+            bpf.cleanup()
+
+
 # -- deliberately wrong descriptions fail the load, naming what differs -----------------------
 
 

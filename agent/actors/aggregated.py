@@ -261,6 +261,11 @@ class AggregationMaps(RecordSource[AggregatedEntry]):
             raise RuntimeError(f"stacks map value is {stack_leaf} bytes, agent expects {EVENT_SIZE}")
         self._bpf = bpf
 
+    def resume(self, bpf: Any) -> None:
+        """Continue from the generation BPF writes now, for maps that outlive this source (the
+        lock maps the wall program writes): the first drain then reads the map being written."""
+        self._generation = int(bpf["agg_generation"][ctypes.c_int(0)].value)
+
     def stop(self) -> None:
         # What BPF adds to the maps until the program is detached is read by the last drain (not
         # what a wall thread still has pending in its task storage: bpf/wall.bpf.c).

@@ -77,7 +77,9 @@ class LockActor(AggregatingActor):
         if not self.from_switches:
             return super().load()
         view = LockMapsView(shared_lock_maps(self.ctx.settings))
-        # The maps outlive an actor: count from what they hold now, not from their creation.
+        # The maps outlive an actor (a restarted one continues where its predecessor left off):
+        # drain from the generation being written, count from what the counters hold now.
+        self._maps.resume(view)
         self._counters_seen = read_percpu_counters(view["counters"])
         return view
 
