@@ -183,7 +183,9 @@ class BpfActor(ProfileActor, Generic[R]):
         return f"BPF program {self.bpf_source}"
 
     def unload(self, bpf: Any) -> None:
-        """Detach and close what ``load`` returned (blocking; ``BCC_LOCK`` held)."""
+        """Detach and close what ``load`` returned (blocking; ``BCC_LOCK`` held: bcc's module
+        teardown is not safe against another teardown or a compile in a parallel thread, which
+        crashes the process)."""
         bpf.cleanup()
 
     @abstractmethod

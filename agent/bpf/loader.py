@@ -88,16 +88,6 @@ def expand_local_includes(text: str, seen: set[str] | None = None) -> str:
 BCC_LOCK = threading.Lock()
 
 
-def cleanup_program(bpf: Any) -> None:
-    """Detach and close a program, under ``BCC_LOCK``. Blocking.
-
-    bcc's module teardown is not safe against another teardown or a compile running in a
-    parallel thread (it crashes the process), so all of them hold the one lock.
-    """
-    with BCC_LOCK:
-        bpf.cleanup()
-
-
 def load_program(name: str, defines: dict[str, int | str]) -> Any:
     """Compile ``bpf/<name>`` with ``-D`` defines and the C<->Python contract's assertions
     (agent/bpf/contract.py). Raises ContractMismatch, naming the struct and field, when the C
