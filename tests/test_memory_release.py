@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-from agent.bpf.compiler_memory import LibraryMapping, parse_smaps
+import pytest
+
+from agent.actors.base import ActorContext, SampleSink
+from agent.bpf.compiler_memory import TRIM_INTERVAL_S, LibraryMapping, parse_smaps
+from agent.clock import MonotonicToUnix
+from agent.settings import AgentSettings
+from agent.symbols import Symbolizer
+from shared.counters import Counters
 
 PROBE = r"""
 from bcc import BPF
@@ -85,3 +94,28 @@ def test_only_unwritten_views_of_the_file_count_as_droppable() -> None:
         (0x7F0000500000, "rw-p", False),  # writable data, even while unwritten
     ]
     assert all(isinstance(m, LibraryMapping) and "libLLVM" in m.path for m in mappings)  # libc, anonymous left alone
+
+
+def test_heap_trims_come_early_then_every_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up leaves freed heap behind: the first trims come 10, 20 and 40 s apart, then
+    every TRIM_INTERVAL_S; a sweep between them does not trim."""
+    import agent.actors.base as base
+
+    ctx = ActorContext(AgentSettings(), Symbolizer(), ThreadPoolExecutor(1), SampleSink(), Counters(),
+                       MonotonicToUnix())
+    start = time.monotonic()  # the context's clocks started a moment ago
+    clock = [start]
+    trims: list[float] = []
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+
+    def release() -> int:
+        trims.append(clock[0])
+        return 0
+
+    monkeypatch.setattr(base, "release_compiler_memory", release)
+    for _ in range(300):  # a sweep every second for five minutes
+        clock[0] += 1.0
+        ctx.sweep_exited_processes(interval_s=1.0)
+    assert [round(t - start) for t in trims] == [10, 30, 70, 130, 190, 250]
+    assert TRIM_INTERVAL_S == 60.0
+    assert ctx.counters.get("heap_trims") == len(trims)

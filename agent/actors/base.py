@@ -80,6 +80,10 @@ class ActorContext:
     budget: MemoryBudget = field(default_factory=MemoryBudget)
     _swept: float = field(default_factory=time.monotonic)
     _trimmed: float = field(default_factory=time.monotonic)
+    # Seconds from one periodic heap trim to the next: short at first, when start-up work
+    # (the first scan of every process, the first symbolizations, the unwind tables) leaves
+    # tens of MB of freed heap behind, doubling up to TRIM_INTERVAL_S.
+    _trim_after: float = SWEEP_INTERVAL_S
     # Scans /proc for every actor; the supervisor runs its periodic scan (ProcessWatcher.run).
     # Made from the settings unless given (the agent shares its watcher with the metadata resolver).
     watcher: InitVar[ProcessWatcher | None] = None
@@ -102,8 +106,9 @@ class ActorContext:
         idle = self.symbolizer.sweep_idle_files()
         if idle:
             self.counters.inc("symbol_files_closed_idle", idle)
-        if now - self._trimmed >= TRIM_INTERVAL_S:  # what the caches freed, back to the system
+        if now - self._trimmed >= self._trim_after:  # what the caches freed, back to the system
             self._trimmed = now
+            self._trim_after = min(2 * self._trim_after, TRIM_INTERVAL_S)
             release_compiler_memory()
             self.counters.inc("heap_trims")
 

@@ -17,7 +17,9 @@ mapping):
 - any other mapping (relocated data, written data) gets ``MADV_PAGEOUT`` (Linux >= 5.4),
   which reclaims what it can and never loses data.
 
-Periodically, both again (every ``TRIM_INTERVAL_S`` from the agent's cache sweep):
+Periodically, both again (from the agent's cache sweep: 10, 20 and 40 s apart after
+start-up, whose first scans and symbolizations leave tens of MB of freed heap, then every
+``TRIM_INTERVAL_S``):
 - the symbolizer's caches free what they drop in many small blocks, which glibc keeps
   resident inside its arenas; only ``malloc_trim`` hands whole free pages inside the arenas
   back (``MADV_DONTNEED``).
