@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cost import WindowCost, snapshot, window_cost
+from benchmarks.cost import WindowCost, acquaint, snapshot, window_cost
 from benchmarks.event_mix import SPINNERS_ONLY, EventMix, MixRates, MixShape, mix_rates
 from benchmarks.measure import host_processes_started, process_tree_rss_bytes
 from benchmarks.memory_breakdown import KINDS, rss_breakdown
@@ -97,6 +97,7 @@ def busy(exe: Path, type_sets: list[str], repeats: int, warmup_s: float, duratio
                 agent = start_agent(nats.url, types, agent_env(target_comm), port)
                 try:
                     wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
+                    acquaint(agent.pid)
                     time.sleep(warmup_s)
                     require_running(agent)
                     w = measure_window(agent.pid, mix, duration_s)
@@ -122,6 +123,7 @@ def storm(exe: Path, types: str, factor: float, repeats: int, warmup_s: float, s
         agent = start_agent(nats.url, types, agent_env(target_comm), port)
         try:
             wait_all_actors(port, types, time.monotonic(), ACTORS_START_TIMEOUT_S)
+            acquaint(agent.pid)
             with EventMix(exe, MixShape()) as warm:
                 time.sleep(warmup_s)
                 warm.stop()

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cost import Comparison, CostSnapshot, WindowCost, snapshot, window_cost
+from benchmarks.cost import Comparison, CostSnapshot, WindowCost, acquaint, snapshot, window_cost
 from benchmarks.event_mix import SPINNERS_ONLY, EventMix, build_event_mix
 from benchmarks.measure import BPF_PROG_TYPE_PERF_EVENT, bpf_programs
 from benchmarks.run import free_port, start_agent, stop, wait_all_actors
@@ -54,6 +54,7 @@ def agent_arm(nats_url: str, hz: int, warmup_s: float, duration_s: float) -> Win
     agent = start_agent(nats_url, "cpu", {"STACKFLEET_FREQUENCY_HZ": str(hz)}, port)
     try:
         wait_all_actors(port, "cpu", time.monotonic())
+        acquaint(agent.pid)
         time.sleep(warmup_s)
         before = snapshot(agent.pid)
         time.sleep(duration_s)
