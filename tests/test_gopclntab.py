@@ -23,8 +23,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
-from agent.runtimes.go.pclntab import GoSymbolTable
+from agent.runtimes.go.pclntab import (
+    FRAME_ENTRY_BYTES,
+    INLINE_ENTRY_BYTES,
+    SP_ENTRY_BYTES,
+    GoSymbolTable,
+    load_go_table,
+)
 from integration.go_toolchains import GoToolchain
 from tests.conftest import GO_CACHE, TOOLCHAINS, VARIANTS, GoBuilds
 
@@ -173,3 +180,25 @@ def test_function_entry_and_non_go_file(binaries: tuple[Path, Path]) -> None:
     entry = table.function_entry("main.worker")
     assert entry is not None and table.lookup(entry).function == "main.worker"  # type: ignore[union-attr]
     assert GoSymbolTable.from_elf("/bin/true") is None
+
+
+def test_memory_held_counts_the_lookup_caches(binaries: tuple[Path, Path]) -> None:
+    """What the symbolizer's file cache is told a table holds grows with its lookup caches,
+    by each cache's measured bytes an entry, besides the pclntab blocks the lookups read."""
+    _, stripped = binaries
+    with open(stripped, "rb") as f:
+        table = load_go_table(ELFFile(f))  # its own table, not the one shared with other tests
+        assert table is not None
+
+        def blocks() -> int:
+            return table.data.resident_bytes() + (table.gofunc.resident_bytes() if table.gofunc else 0)
+
+        before, blocks_before = table.nbytes(), blocks()
+        pcs = [table.entries[i] + 1 for i in range(0, len(table.func_offsets), 7)]
+        assert len(pcs) > 100
+        for pc in pcs:
+            table.sp_delta(pc)
+            table.lookup_inline(pc)  # the frame cache too: the physical function's frame
+            table.lookup_inline(pc)  # cached: no second entry
+        grown = table.nbytes() - before - (blocks() - blocks_before)
+    assert grown == (SP_ENTRY_BYTES + FRAME_ENTRY_BYTES + INLINE_ENTRY_BYTES) * len(pcs)
