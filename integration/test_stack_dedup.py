@@ -35,6 +35,7 @@ from agent.bpf.records import parse_stack_event
 from agent.bpf.ring_reader import RingItem, ring_records
 from agent.bpf.sample_records import SAMPLE_RECORD
 from agent.clock import MonotonicToUnix
+from agent.runtimes.python.frames import PythonProcesses
 from agent.settings import AgentSettings
 from agent.symbols import Symbolizer
 from agent.unwind.sharing import SharedUnwinding
@@ -87,7 +88,8 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
         settings = AgentSettings(**{"frequency_hz": HZ, "flush_interval_s": 0.5, "cpu_stack_dedup": True,
                                     **settings_overrides})
         ctx = ActorContext(settings, Symbolizer(), ThreadPoolExecutor(1), _Sink(run), run.counters,
-                           MonotonicToUnix(), unwinding=SharedUnwinding(run.counters, settings.unwind_table_rows))
+                           MonotonicToUnix(), python=PythonProcesses(run.counters),  # its counts in the run's
+                           unwinding=SharedUnwinding(run.counters, settings.unwind_table_rows))
         actor = Actor(ctx)
         task = asyncio.ensure_future(actor.run())
         while actor.bpf is None and not task.done():

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,6 +142,32 @@ def test_runtime_and_evaluation_loop_found_in_debians_stripped_interpreter() -> 
     assert info is not None and info.version == (3, 11)
     (start, end), = info.eval_ranges
     assert 20_000 < end - start < 200_000
+
+
+def test_an_interpreter_unreadable_for_a_moment_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError opening the interpreter (a descriptor limit, say) is not remembered as "no
+    runtime in this file": find_python raises it (counted unreadable, looked at again after
+    NEGATIVE_TTL_S) and the next look finds the runtime. It used to be kept as None for the
+    file, which made the process's interpreter "unsupported" for an hour."""
+    import builtins
+
+    import agent.runtimes.python.process as process_module
+
+    real_open = builtins.open
+    failing = [True]
+
+    def flaky_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if failing[0] and args[:1] == ("rb",):
+            raise OSError(24, "Too many open files")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(process_module, "open", flaky_open, raising=False)
+    files = FileCache()
+    with pytest.raises(OSError):
+        find_python(os.getpid(), files)
+    failing[0] = False
+    found = find_python(os.getpid(), files)
+    assert found is not None and found.version == sys.version_info[:2]
 
 
 _LIBS = [p for v in OFFSETS for p in sorted(PYENV.glob(f"{v[0]}.{v[1]}.*/lib/libpython{v[0]}.{v[1]}.so.1.0"))] \

@@ -113,7 +113,11 @@ class FileCache:
 
 
 def read_interpreter_file(path: str, display: str) -> InterpreterFile | None:
-    """Version, ``_PyRuntime`` and evaluation-loop range of an ELF file; None without a runtime."""
+    """Version, ``_PyRuntime`` and evaluation-loop range of an ELF file; None without a runtime.
+
+    OSError (the file unreadable now: a descriptor limit, a mount going away) is raised, not
+    answered None: FileCache keeps a None for the file's identity, and find_python then
+    called the process's interpreter unsupported for an hour."""
     try:
         with open(path, "rb") as stream:
             elf = ELFFile(stream)
@@ -133,7 +137,7 @@ def read_interpreter_file(path: str, display: str) -> InterpreterFile | None:
                 stream.seek(0)
                 ranges = _largest_function(stream)
             return InterpreterFile(version, runtime[0], ranges, exec_segment["p_vaddr"], exec_segment["p_offset"])
-    except (OSError, ELFError, ValueError, struct.error) as exc:
+    except (ELFError, ValueError, struct.error) as exc:  # a malformed file: no runtime to read
         log.info("cannot read interpreter %s: %s", display, exc)
         return None
 
