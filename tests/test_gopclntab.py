@@ -189,16 +189,12 @@ def test_memory_held_counts_the_lookup_caches(binaries: tuple[Path, Path]) -> No
     with open(stripped, "rb") as f:
         table = load_go_table(ELFFile(f))  # its own table, not the one shared with other tests
         assert table is not None
-
-        def blocks() -> int:
-            return table.data.resident_bytes() + (table.gofunc.resident_bytes() if table.gofunc else 0)
-
-        before, blocks_before = table.nbytes(), blocks()
+        before, blocks_before = table.nbytes(), table.block_bytes()
         pcs = [table.entries[i] + 1 for i in range(0, len(table.func_offsets), 7)]
         assert len(pcs) > 100
         for pc in pcs:
             table.sp_delta(pc)
             table.lookup_inline(pc)  # the frame cache too: the physical function's frame
             table.lookup_inline(pc)  # cached: no second entry
-        grown = table.nbytes() - before - (blocks() - blocks_before)
+        grown = table.nbytes() - before - (table.block_bytes() - blocks_before)
     assert grown == (SP_ENTRY_BYTES + FRAME_ENTRY_BYTES + INLINE_ENTRY_BYTES) * len(pcs)

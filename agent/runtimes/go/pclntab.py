@@ -140,10 +140,13 @@ class GoSymbolTable:
         """Memory held: the pclntab and funcdata bytes in memory (a file's: its cached blocks),
         the two arrays and the lookup caches (up to ~47 MB when all three are full: the
         symbolizer's file cache, which sums this at every insert, must see them)."""
-        held = self.data.resident_bytes() + (self.gofunc.resident_bytes() if self.gofunc is not None else 0)
         caches = (SP_ENTRY_BYTES * len(self._sp_cache) + FRAME_ENTRY_BYTES * len(self._frame_cache)
                   + INLINE_ENTRY_BYTES * len(self._inline_cache))
-        return held + 8 * len(self.entries) + 4 * len(self.func_offsets) + caches
+        return self.block_bytes() + 8 * len(self.entries) + 4 * len(self.func_offsets) + caches
+
+    def block_bytes(self) -> int:
+        """The pclntab and funcdata bytes in memory (a file's: the blocks read so far)."""
+        return self.data.resident_bytes() + (self.gofunc.resident_bytes() if self.gofunc is not None else 0)
 
     def _u32(self, pos: int) -> int:
         """The little-endian u32 at ``pos`` of the pclntab."""
