@@ -32,6 +32,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent.elf_symbols import SYM64
 from agent.runtimes.go.pclntab import GoSymbolTable, pclntab_section, shared_go_table
 from agent.symbols.debuginfo import DebugLink, gnu_build_id, read_debuglink
 from agent.symbols.dwarf_lines import CuLineIndex, LineTable, release_dwarf, whole_line_table
@@ -248,7 +249,6 @@ class ElfSymbols:
         return self._stream.closed
 
 
-_SYM64 = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
@@ -272,9 +272,9 @@ def _function_symbols(elf: ELFFile) -> tuple[array[int], array[int], PackedNames
             continue
         strtab = elf.get_section(section["sh_link"]).data()
         data = section.data()
-        usable = len(data) - len(data) % _SYM64.size
+        usable = len(data) - len(data) % SYM64.size
         values, sizes, name_offsets = array("Q"), array("Q"), array("I")
-        for st_name, st_info, _other, shndx, value, size in _SYM64.iter_unpack(data[:usable]):
+        for st_name, st_info, _other, shndx, value, size in SYM64.iter_unpack(data[:usable]):
             if (st_info & 0xF) not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0 or not value:
                 continue
             values.append(value)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
+from agent.elf_symbols import find_symbols
 from agent.process.memory import ProcessMemory
 from agent.runtimes.go.buildinfo import go_version, is_go_binary
 from agent.runtimes.go.heap_code import CHECKED_MINORS, NotFoundInCode, find_from_code
@@ -132,25 +133,8 @@ def scale_heap_sample(count: int, nbytes: int, rate: int) -> tuple[int, int]:
 
 def find_runtime_symbols(elf: ELFFile) -> dict[str, int]:
     """Addresses (link-time) of the runtime variables in ``SYMBOLS`` from ``.symtab``; {} when
-    stripped. Reads the table with struct, not pyelftools' symbol objects: a Go binary has
-    tens of thousands of symbols and only six names matter."""
-    symtab = elf.get_section_by_name(".symtab")
-    if symtab is None or symtab["sh_entsize"] != 24:
-        return {}
-    strtab = elf.get_section(symtab["sh_link"]).data()
-    offsets: dict[int, str] = {}
-    name: str | None
-    for name in SYMBOLS:
-        encoded = b"\0" + name.encode() + b"\0"
-        pos = strtab.find(encoded)
-        if pos >= 0:
-            offsets[pos + 1] = name
-    found: dict[str, int] = {}
-    for st_name, _info, _other, _shndx, value, _size in struct.iter_unpack("<IBBHQQ", symtab.data()):
-        name = offsets.get(st_name)
-        if name is not None:
-            found[name] = value
-    return found
+    stripped. A Go binary has tens of thousands of symbols and only six names matter."""
+    return {name: value for name, (value, _size) in find_symbols(elf, SYMBOLS, (".symtab",)).items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,8 +48,9 @@ from typing import TypeVar
 
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import Section, SymbolTableSection
+from elftools.elf.sections import Section
 
+from agent.elf_symbols import find_symbols
 from agent.file_region import BytesRegion, FileRegion, OpenedFile, Region
 
 K = TypeVar("K")
@@ -411,12 +412,9 @@ def load_go_table(elf: ELFFile) -> GoSymbolTable | None:
 
 
 def _symbol_value(elf: ELFFile, name: str) -> int:
-    """Value of symbol ``name`` in .symtab (0: none; slow on big tables, used only as a fallback)."""
-    symtab = elf.get_section_by_name(".symtab")
-    if not isinstance(symtab, SymbolTableSection):
-        return 0
-    found = symtab.get_symbol_by_name(name)
-    return int(found[0]["st_value"]) if found else 0
+    """Value of symbol ``name`` in .symtab (0: none)."""
+    found = find_symbols(elf, (name,), (".symtab",)).get(name)
+    return found[0] if found else 0
 
 
 def find_moduledata(elf: ELFFile, pclntab_addr: int, pclntab: Region) -> ModuleData | None:

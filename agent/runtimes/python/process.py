@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
+from agent.elf_symbols import find_symbols
 from agent.process.procmaps import FileKey, MapEntry, file_key, map_files_path, read_maps, root_view_path
 from agent.runtimes.python.offsets import OFFSETS, PythonOffsets
 from agent.unwind.cfi import parse_cfi
@@ -121,7 +121,7 @@ def read_interpreter_file(path: str, display: str) -> InterpreterFile | None:
     try:
         with open(path, "rb") as stream:
             elf = ELFFile(stream)
-            symbols = _symbols(elf, ("_PyRuntime", "Py_Version", EVAL_FUNCTION))
+            symbols = find_symbols(elf, ("_PyRuntime", "Py_Version", EVAL_FUNCTION), (".dynsym", ".symtab"))
             runtime = symbols.get("_PyRuntime")
             if runtime is None:
                 return None
@@ -140,22 +140,6 @@ def read_interpreter_file(path: str, display: str) -> InterpreterFile | None:
     except (ELFError, ValueError, struct.error) as exc:  # a malformed file: no runtime to read
         log.info("cannot read interpreter %s: %s", display, exc)
         return None
-
-
-def _symbols(elf: ELFFile, names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    found: dict[str, tuple[int, int]] = {}
-    for section_name in (".dynsym", ".symtab"):
-        section = elf.get_section_by_name(section_name)
-        if not isinstance(section, SymbolTableSection):
-            continue
-        for name in names:
-            if name in found:
-                continue
-            matches = section.get_symbol_by_name(name)
-            if matches:
-                symbol = matches[0]
-                found[name] = (symbol["st_value"], symbol["st_size"])
-    return found
 
 
 def _version(elf: ELFFile, py_version: tuple[int, int] | None, display: str) -> tuple[int, int]:
