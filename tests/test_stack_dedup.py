@@ -25,6 +25,7 @@ from agent.bpf.layouts import MAX_STACK_DEPTH, PY_MAX_FRAMES, STACK_COPY_BYTES, 
 from agent.bpf.records import EVENT_SIZE
 from agent.bpf.sample_records import KNOWN_STACK_HEAD, SAMPLE_RECORD, decode_batch
 from agent.clock import MonotonicToUnix
+from agent.runtimes.python.frames import PythonProcesses, PythonStacks
 from agent.settings import AgentSettings
 from agent.symbols import Symbolizer
 from shared.counters import Counters
@@ -298,3 +299,39 @@ def test_only_whole_records_make_the_poll_thread_read_their_processes(actor: Fak
     own = os.getpid()  # the agent itself: never unwound in BPF, and it outlives its records
     actor._note_processes([header(3, 7, 1, own, own, 0, DedupFlags.NEW, b"t") + stack_event(own, own, [0x1000])])
     assert noted == [200] and nudges == [True]
+
+
+def test_every_process_of_a_batch_is_announced_before_any_stack_is_symbolized(
+        target: Target, actor: FakeKernelCpuActor) -> None:
+    """BPF reads a CPython process's frames only once the actor has announced it (py_procs),
+    and a first batch can take seconds to symbolize: so the batch's processes are all
+    announced first, the one whose only record comes last included."""
+    leaf, _ = target.truth["leaf_function"]
+    own, other = os.getpid(), target.pid
+    events: list[tuple[str, int]] = []
+
+    class RecordingStacks(PythonStacks):
+        def announce(self, pid: int) -> None:
+            events.append(("announce", pid))
+            super().announce(pid)
+
+    assert actor.python_frames is not None
+    actor.python_frames.stacks = RecordingStacks(PythonProcesses(actor.ctx.counters), None, actor.ctx.counters, "cpu")
+    symbolizer = actor.ctx.symbolizer
+    symbolize_user = symbolizer.symbolize_user
+
+    def recording_symbolize_user(pid: int, addresses: Any) -> Any:
+        events.append(("symbolize", pid))
+        return symbolize_user(pid, addresses)
+
+    symbolizer.symbolize_user = recording_symbolize_user  # type: ignore[method-assign]
+    actor.known[31] = KNOWN_STACK_HEAD.pack(2, 0) + stack_event(own, own, [leaf])
+    whole = header(1, 30, 1, other, other, 0, DedupFlags.NEW, b"it") + stack_event(other, other, [leaf])
+    samples = actor.to_samples([whole, header(2, 31, 2, own, own, 0, DedupFlags.ID_ONLY, b"me")])
+    assert len(samples) == 2
+    first_symbolized = events.index(("symbolize", other))
+    assert {pid for kind, pid in events[:first_symbolized] if kind == "announce"} == {own, other}, events
+    # And the announcement took: this process runs CPython, the target does not.
+    python = actor.python_frames.stacks.processes
+    assert python.lookup(own) is not None and python.lookup(own).process is not None  # type: ignore[union-attr]
+    assert python.lookup(other) is not None and python.lookup(other).process is None  # type: ignore[union-attr]

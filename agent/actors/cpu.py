@@ -231,13 +231,13 @@ class CpuActor(BpfActor[RingItem]):
         values = (self.period(),)
         weights = self._self_values()
         now = time.monotonic()
-        processes: dict[int, tuple[Any, str]] = {}
+        processes = self._processes(batch.pids())
         fresh: dict[tuple[int, int], RawStackEvent] = {}
         statuses: Counter[int] = Counter()
         whole: list[Sample] = []
         for head, ev in batch.full:
             ts, stack_id, serial, pid, tid, cpu, flags, comm = head
-            process_key, process_name = processes.get(pid) or self._process(pid, processes)
+            process_key, process_name = processes[pid]
             if flags == DedupFlags.NEW:
                 fresh[(stack_id, serial)] = ev
                 stack = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
@@ -273,7 +273,7 @@ class CpuActor(BpfActor[RingItem]):
         for key in dict.fromkeys(keys):
             stack_id, serial, pid = STACK_KEY.unpack(key)
             key_pids.append(pid)
-            process_key, _name = processes.get(pid) or self._process(pid, processes)
+            process_key, _name = processes[pid]
             stacks[key] = self._stack(process_key, pid, stack_id, serial, fresh, now, statuses)
         # _stack() counted each key's first sample; the rest are counted only where it matters
         # (an unknown stack, a Python status other than none), which needs the counts.
@@ -342,13 +342,16 @@ class CpuActor(BpfActor[RingItem]):
         ``cpu_self_sample_one_in`` and which weigh that many periods (bpf/cpu_sample_entry.h)."""
         return {self._own_pid: (self.period() * self.ctx.settings.cpu_self_sample_one_in,)}
 
-    def _process(self, pid: int, processes: dict[int, tuple[Any, str]]) -> tuple[Any, str]:
-        """(ProcessKey, name) of ``pid``, looked up once per batch; CPython processes announced."""
-        symbolizer = self.ctx.symbolizer
-        found = processes[pid] = (symbolizer.process_key(pid), symbolizer.process_name(pid))
+    def _processes(self, pids: list[int]) -> dict[int, tuple[Any, str]]:
+        """{pid: (ProcessKey, name)} of a batch's processes, the CPython ones announced to BPF
+        first: a process's Python frames are read only from its announcement on, and a first
+        batch on a host can take seconds to symbolize (and the symbolizer's look at a process,
+        a stat of every mapped file, tens of ms on a loaded host)."""
         if self.python is not None:
-            self.python.announce(pid)
-        return found
+            for pid in pids:
+                self.python.announce(pid)
+        symbolizer = self.ctx.symbolizer
+        return {pid: (symbolizer.process_key(pid), symbolizer.process_name(pid)) for pid in pids}
 
     def _thread_name(self, comm: bytes) -> str:
         names = self._thread_names

@@ -119,6 +119,13 @@ class SampleBatch:
         """The id records as header tuples (for callers that want one per record)."""
         return chain.from_iterable(block.headers() for block in self.id_blocks)
 
+    def pids(self) -> list[int]:
+        """The batch's distinct pids, whole records' first (each list is walked in C)."""
+        found = dict.fromkeys(head[3] for head, _ev in self.full)
+        for block in self.id_blocks:
+            found.update(dict.fromkeys(block.pid))
+        return list(found)
+
 
 def decode_batch(items: Sequence[RingItem]) -> SampleBatch:
     """Split and decode a batch: runs of id records (:class:`SlotRun`) and single records;
