@@ -55,6 +55,7 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     bpf_counters: list[int] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
+    py_procs: list[int] = field(default_factory=list)  # the program's py_procs pids at the end
 
 
 class _Sink(SampleSink):
@@ -70,10 +71,13 @@ def _id_records(run: Run, pid: int) -> int:
 
 
 def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of: int = 0,
-               **settings_overrides: Any) -> Run:
+               after_python_of: int = 0, **settings_overrides: Any) -> Run:
     """Run the actor for ``seconds``, then (up to MAX_WAIT_S) until ``until_ids_of``'s stacks
     come as id records: a process's first samples come whole, with their stack copy, until the
-    unwinder has read its maps (seconds on a loaded machine)."""
+    unwinder has read its maps (seconds on a loaded machine). With ``after_python_of``, the
+    ``seconds`` start once the actor has announced that CPython process to BPF (up to
+    MAX_WAIT_S): its samples before carry no Python frames, and on a loaded machine the first
+    batch can take seconds."""
     run = Run()
 
     class Actor(CpuActor):
@@ -94,6 +98,10 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
         task = asyncio.ensure_future(actor.run())
         while actor.bpf is None and not task.done():
             await asyncio.sleep(0.05)
+        waited = 0.0
+        while after_python_of and not _announced(actor, after_python_of) and waited < MAX_WAIT_S:
+            await asyncio.sleep(0.1)
+            waited += 0.1
         await asyncio.sleep(seconds)
         waited = 0.0
         while until_ids_of and _id_records(run, until_ids_of) < MIN_ID_RECORDS and waited < MAX_WAIT_S:
@@ -101,11 +109,18 @@ def _run_actor(extra_defines: dict[str, int | str], seconds: float, until_ids_of
             waited += 0.5
         if actor.bpf is not None:
             run.bpf_counters = read_percpu_counters(actor.bpf["counters"])
+            run.py_procs = sorted(k.value for k in actor.bpf["py_procs"])
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
     return run
+
+
+def _announced(actor: CpuActor, pid: int) -> bool:
+    """Whether ``pid`` is in the program's ``py_procs`` map (BPF reads its Python frames)."""
+    bpf = actor.bpf
+    return bpf is not None and bpf["py_procs"].Key(pid) in bpf["py_procs"]
 
 
 def _has_chain(sample: Sample, chain: list[str]) -> bool:
@@ -194,12 +209,13 @@ def test_the_agents_own_samples_keep_their_leaf_and_python_frames() -> None:
     """The agent (this process) is not unwound and its interpreter has no frame pointers: its
     samples carry the exact native leaf and its CPython frames, never the stack words a
     frame-pointer walk would take for return addresses. A thread of this process spinning in
-    ``_agent_spin`` is sampled with that function as a CPython frame, at one of its lines."""
+    ``_agent_spin`` is sampled with that function as a CPython frame, at one of its lines,
+    once the actor has announced this process to BPF."""
     stop, tids = threading.Event(), list[int]()
     spinner = threading.Thread(target=_agent_spin, args=(stop, tids), daemon=True)
     spinner.start()
     try:
-        run = _run_actor({}, SECONDS)
+        run = _run_actor({}, SECONDS, after_python_of=os.getpid())
     finally:
         stop.set()
         spinner.join()
@@ -217,7 +233,8 @@ def test_the_agents_own_samples_keep_their_leaf_and_python_frames() -> None:
     # What the spinner's samples held, for a failure to say why (one CI run had no such frame).
     seen = [[(str(f.frame_type), f.function) for f in s.frames][:6] for s in spinner_samples[:4]]
     python = {k: v for k, v in run.counters.snapshot().items() if "python" in str(k)}
-    assert spins, (len(spinner_samples), len(samples), seen, python)
+    statuses = Counter((ev.py_status, len(ev.python)) for ev in own)
+    assert spins, (len(spinner_samples), len(samples), seen, python, statuses, me in run.py_procs)
     assert all(f.line in lines and f.filename == code.co_filename for f in spins)
 
 
