@@ -120,7 +120,7 @@ class SampleBatch:
         return chain.from_iterable(block.headers() for block in self.id_blocks)
 
     def pids(self) -> list[int]:
-        """The batch's distinct pids, whole records' first (each list is walked in C)."""
+        """The batch's distinct pids, whole records' first (the id records' pid columns read in C)."""
         found = dict.fromkeys(head[3] for head, _ev in self.full)
         for block in self.id_blocks:
             found.update(dict.fromkeys(block.pid))
