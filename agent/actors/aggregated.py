@@ -345,7 +345,8 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
 
     # -- draining ------------------------------------------------------------------------
     def prepare(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:
-        """The drained entries, spread, with the stacks not symbolized yet copied out."""
+        """The drained entries, spread, with the stacks not symbolized yet copied out and their
+        processes announced (announce_python)."""
         if self.bpf is None:
             return []
         self._stack_frames.expire_if_due()  # before any id is looked up in this window
@@ -354,6 +355,7 @@ class AggregatingActor(BpfActor[AggregatedEntry]):
         last = self._maps.stopped or len(self._waiting) > self.STACK_CACHE_ENTRIES
         entries += release_waiting(self._waiting, time.monotonic_ns(), int(self.WAITING_MAX_S * 1e9), everything=last)
         self._fetch_new_stacks(entries)
+        self.announce_python(dict.fromkeys(pid for pid, _stack_id in self._raw_stacks))
         return entries
 
     def spread(self, entries: list[AggregatedEntry]) -> list[AggregatedEntry]:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -237,6 +237,14 @@ class BpfActor(ProfileActor, Generic[R]):
         for slot, reason in reasons.items():
             if slot < len(deltas) and deltas[slot]:
                 self.ctx.counters.inc("events_dropped", deltas[slot], type=self.profile_type.value, reason=reason)
+
+    def announce_python(self, pids: Iterable[int]) -> None:
+        """Tell the program about a batch's CPython processes before any of its stacks is
+        symbolized: BPF reads a process's Python frames only from its announcement on, and a
+        first batch on a host can take seconds to symbolize."""
+        if self.python is not None:
+            for pid in pids:
+                self.python.announce(pid)
 
     def frames(self, ev: RawStackEvent) -> tuple[Frame, ...]:
         """The event's symbolized stack, leaf first, with Python frames spliced in.

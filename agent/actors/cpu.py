@@ -343,13 +343,10 @@ class CpuActor(BpfActor[RingItem]):
         return {self._own_pid: (self.period() * self.ctx.settings.cpu_self_sample_one_in,)}
 
     def _processes(self, pids: list[int]) -> dict[int, tuple[Any, str]]:
-        """{pid: (ProcessKey, name)} of a batch's processes, the CPython ones announced to BPF
-        first: a process's Python frames are read only from its announcement on, and a first
-        batch on a host can take seconds to symbolize (and the symbolizer's look at a process,
-        a stat of every mapped file, tens of ms on a loaded host)."""
-        if self.python is not None:
-            for pid in pids:
-                self.python.announce(pid)
+        """{pid: (ProcessKey, name)} of a batch's processes, the CPython ones announced first
+        (announce_python; the symbolizer's look at a process is a stat of every mapped file,
+        tens of ms on a loaded host)."""
+        self.announce_python(pids)
         symbolizer = self.ctx.symbolizer
         return {pid: (symbolizer.process_key(pid), symbolizer.process_name(pid)) for pid in pids}
 
